@@ -1,0 +1,39 @@
+# cotune developer entry points. Every target creates .venv on first use.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.cotune-installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test lint demo tiny clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, as exactly this version: it resolves to the local CPU build (any other spec pulls CUDA wheels)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+demo: $(STAMP)
+	$(BIN)/cotune assets fetch smollm2-135m-instruct
+	$(BIN)/cotune assets fetch bbc-news
+	$(BIN)/cotune assets fetch wikipedia-vital
+	$(BIN)/cotune run examples/quickstart.yaml
+
+tiny: $(STAMP)
+	$(BIN)/cotune run examples/tiny-personalized.yaml
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Pure algorithm code: trust matrices, aggregation, the personalized and FedCoLLM rounds."""

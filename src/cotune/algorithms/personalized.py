@@ -1,0 +1,82 @@
+"""Personalized collaborative fine-tuning (SPEC B): which evidence a trust strategy needs,
+and how it turns that evidence into a trust matrix and new client adapters.
+
+Pure: the runtime (embedded or Flower) gathers the evidence, this module decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cotune.algorithms.aggregation import mix_adapters
+from cotune.algorithms.trust import (
+    identity_trust,
+    oracle_trust,
+    prediction_scores,
+    similarity_scores,
+    trust_from_scores,
+    uniform_trust,
+    validation_scores,
+    weight_similarity,
+)
+from cotune.config.schema import StrategyConfig
+
+AdapterState = dict[str, torch.Tensor]
+
+# What each strategy needs the runtime to measure before an aggregation.
+REQUIRED_EVIDENCE: dict[str, frozenset[str]] = {
+    "local": frozenset(),
+    "fedavg": frozenset(),
+    "weight": frozenset({"adapters"}),
+    "validation": frozenset({"perplexity"}),
+    "prediction": frozenset({"prediction_distance"}),
+    "oracle": frozenset({"mixtures"}),
+}
+
+
+@dataclass
+class TrustEvidence:
+    n_clients: int
+    adapters: Sequence[AdapterState] | None = None
+    perplexity: torch.Tensor | None = None  # [i, j]: ppl of client j's model on client i's validation data
+    prediction_distance: torch.Tensor | None = None  # d_ij, already divided by batches x batch size
+    mixtures: torch.Tensor | None = None  # clients x labels
+
+
+def _need(value, name: str, strategy: str):
+    if value is None:
+        raise ValueError(f"strategy '{strategy}' needs '{name}' evidence, which the runtime did not provide")
+    return value
+
+
+def trust_matrix(cfg: StrategyConfig, evidence: TrustEvidence) -> torch.Tensor:
+    n, name = evidence.n_clients, cfg.name
+    if name == "local":
+        return identity_trust(n)
+    if name == "fedavg":
+        return uniform_trust(n)
+    if name == "oracle":
+        return oracle_trust(_need(evidence.mixtures, "mixtures", name))
+    if name == "weight":
+        scores = similarity_scores(weight_similarity(_need(evidence.adapters, "adapters", name)), cfg.temperature)
+    elif name == "validation":
+        scores = validation_scores(_need(evidence.perplexity, "perplexity", name), cfg.temperature)
+    elif name == "prediction":
+        dist = _need(evidence.prediction_distance, "prediction_distance", name)
+        scores = prediction_scores(dist, cfg.temperature)
+    else:
+        raise ValueError(f"unknown trust strategy {name!r}")
+    return trust_from_scores(scores, cfg.selection, k=cfg.topk, threshold=cfg.score_threshold)
+
+
+def aggregate(
+    cfg: StrategyConfig, adapters: Sequence[AdapterState], evidence: TrustEvidence
+) -> tuple[torch.Tensor, list[AdapterState]]:
+    """One aggregation: theta_i <- sum_j W_ij theta_j, with W recomputed from scratch."""
+    if evidence.adapters is None:
+        evidence.adapters = adapters
+    trust = trust_matrix(cfg, evidence)
+    return trust, mix_adapters(adapters, trust)

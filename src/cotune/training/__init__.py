@@ -1,0 +1,1 @@
+"""Local training: optimizer, schedule, the training step."""

@@ -1,0 +1,67 @@
+"""The local training step: AdamW, warmup + cosine schedule, gradient accumulation, clipping.
+
+Kept deliberately plain (one forward/backward per micro-batch, nothing hidden) so its
+throughput can be compared head to head with a minimal PyTorch + peft loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from cotune.config.schema import TrainConfig
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(list(params), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    """lr multiplier: linear warmup, then cosine decay to min_lr_ratio (a one-cycle schedule)."""
+    warmup = max(0, round(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+    )
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, labels=input_ids).loss
+
+
+def train_step(
+    model: nn.Module,
+    micro_batches: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_grad_norm: float | None,
+) -> float:
+    """One optimizer step over `micro_batches` (gradient accumulation); returns the mean loss."""
+    model.train()
+    total = 0.0
+    for ids in micro_batches:
+        loss = lm_loss(model, ids) / len(micro_batches)
+        loss.backward()
+        total += loss.item()
+    if max_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
