@@ -61,7 +61,9 @@ def trust_matrix(cfg: StrategyConfig, evidence: TrustEvidence) -> torch.Tensor:
     if name == "oracle":
         return oracle_trust(_need(evidence.mixtures, "mixtures", name))
     if name == "weight":
-        scores = similarity_scores(weight_similarity(_need(evidence.adapters, "adapters", name)), cfg.temperature)
+        scores = similarity_scores(
+            weight_similarity(_need(evidence.adapters, "adapters", name)), cfg.temperature
+        )
     elif name == "validation":
         scores = validation_scores(_need(evidence.perplexity, "perplexity", name), cfg.temperature)
     elif name == "prediction":

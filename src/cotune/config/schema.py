@@ -30,7 +30,7 @@ class TinyModelConfig(Section):
 class ModelConfig(Section):
     name: str = Field(
         "tiny",
-        description="'tiny', a built-in asset name (cotune assets list), a hub id, a local directory or a .gguf file",
+        description="'tiny', an asset name (cotune assets list), a hub id, a local directory or a .gguf file",
     )
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -103,7 +103,9 @@ class TrainConfig(Section):
 class FederationConfig(Section):
     clients: PositiveInt = 4
     rounds: PositiveInt = 16
-    local_steps: PositiveInt = Field(25, description="local optimizer steps between aggregations (trust_every)")
+    local_steps: PositiveInt = Field(
+        25, description="local optimizer steps between aggregations (trust_every)"
+    )
     warmup_steps: int = Field(100, ge=0, description="local-only steps before the first aggregation")
 
     @property
@@ -116,7 +118,9 @@ StrategyName = Literal["local", "fedavg", "weight", "validation", "prediction", 
 
 class StrategyConfig(Section):
     name: StrategyName = "fedavg"
-    tau: PositiveFloat | None = Field(None, description="softmax temperature (default: 0.1 prediction, else 1)")
+    tau: PositiveFloat | None = Field(
+        None, description="softmax temperature (default: 0.1 prediction, else 1)"
+    )
     selection: Literal["all", "topk", "threshold"] = "all"
     topk: PositiveInt = 3
     threshold: float | None = Field(

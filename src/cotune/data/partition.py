@@ -38,7 +38,9 @@ def _split_by_weights(items: list[int], weights: Sequence[float]) -> list[list[i
     return [items[bounds[i] : bounds[i + 1]] for i in range(len(w))]
 
 
-def _label_weights(cfg: PartitionConfig, n_clients: int, n_labels: int, rng: np.random.Generator) -> np.ndarray:
+def _label_weights(
+    cfg: PartitionConfig, n_clients: int, n_labels: int, rng: np.random.Generator
+) -> np.ndarray:
     """labels x clients: how each label's items are shared among the clients."""
     weights = np.zeros((n_labels, n_clients))
     if cfg.kind == "one_label":
@@ -61,7 +63,9 @@ def partition(
     names = list(cfg.labels) if cfg.labels is not None else sorted(set(labels))
     missing = [n for n in names if n not in set(labels)]
     if missing:
-        raise ValueError(f"partition.labels {missing} do not occur in the data (labels: {sorted(set(labels))})")
+        raise ValueError(
+            f"partition.labels {missing} do not occur in the data (labels: {sorted(set(labels))})"
+        )
     by_label = {n: [i for i, lab in enumerate(labels) if lab == n] for n in names}
     for items in by_label.values():
         rng.shuffle(items)

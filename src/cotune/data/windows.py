@@ -42,7 +42,9 @@ def tokenize(docs: Sequence[Document], tokenizer: PreTrainedTokenizerBase) -> li
     return ids
 
 
-def pack_windows(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int, limit: int | None) -> torch.Tensor:
+def pack_windows(
+    token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int, limit: int | None
+) -> torch.Tensor:
     """Concatenate documents (EOS-separated) and cut into non-overlapping seq_len windows."""
     stream: list[int] = []
     need = None if limit is None else limit * seq_len

@@ -36,7 +36,9 @@ def evaluate_lm(
         ids = windows[b * batch_size : (b + 1) * batch_size].to(device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         target = ids[:, 1:]
-        loss_sum += F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum").item()
+        loss_sum += F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
+        ).item()
         correct += (logits.argmax(-1) == target).sum().item()
         count += target.numel()
     if count == 0:

@@ -26,7 +26,9 @@ class LoraTargetError(ValueError):
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    )
 
 
 def lora_config(settings: LoraSettings) -> LoraConfig:
@@ -44,7 +46,8 @@ def check_targets(model: nn.Module, settings: LoraSettings) -> None:
     missing = [t for t in settings.target_modules if t not in available]
     if missing:
         raise LoraTargetError(
-            f"lora.target_modules {missing} are not linear layers of this model; it has: {', '.join(available)}"
+            f"lora.target_modules {missing} are not linear layers of this model; "
+            f"it has: {', '.join(available)}"
         )
 
 

@@ -82,7 +82,9 @@ class PersonalizedRuntime:
             name = pool.names[i]
             opt = make_optimizer(pool.parameters(name), train)
             sched = make_scheduler(opt, fed.total_steps, train)
-            sampler = WindowSampler(len(cd.train), train.batch_size * train.grad_accum, cfg.run.seed * 1000 + i)
+            sampler = WindowSampler(
+                len(cd.train), train.batch_size * train.grad_accum, cfg.run.seed * 1000 + i
+            )
             self.clients.append(SimClient(i, name, cd, sampler, opt, sched))
 
     # ---- schedule -------------------------------------------------------------------------
@@ -102,14 +104,26 @@ class PersonalizedRuntime:
             start = self.restore() + 1
             self.console.print(f"[bold]resuming[/] {self.run_dir} after round {start - 1}")
         else:
-            self.log({"type": "run", "event": "start", "strategy": self.cfg.strategy.name,
-                      "algorithm": self.cfg.algorithm, "clients": fed.clients, "time": time.time()})
+            self.log(
+                {
+                    "type": "run",
+                    "event": "start",
+                    "strategy": self.cfg.strategy.name,
+                    "algorithm": self.cfg.algorithm,
+                    "clients": fed.clients,
+                    "time": time.time(),
+                }
+            )
             self.evaluate(0)
             self.checkpoint(0)
         total = sum(self.steps_in_round(r) for r in range(start, fed.rounds + 1)) * len(self.clients)
         with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=self.console, transient=True,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
         ) as progress:
             task = progress.add_task("training", total=total)
             for r in range(start, fed.rounds + 1):
@@ -119,10 +133,20 @@ class PersonalizedRuntime:
                 self.aggregate(r)
                 mean_ppl = self.evaluate(r) if self.is_eval_round(r) else None
                 wall = time.perf_counter() - t0
-                self.log({"type": "round", "round": r, "step": self.step_at_end(r), "wall_s": wall,
-                          "train_s": t_train, "mean_val_ppl": mean_ppl})
+                self.log(
+                    {
+                        "type": "round",
+                        "round": r,
+                        "step": self.step_at_end(r),
+                        "wall_s": wall,
+                        "train_s": t_train,
+                        "mean_val_ppl": mean_ppl,
+                    }
+                )
                 shown = f"mean val ppl {mean_ppl:.2f}" if mean_ppl is not None else ""
-                progress.console.print(f"round {r}/{fed.rounds}  step {self.step_at_end(r)}  {shown}  ({wall:.1f}s)")
+                progress.console.print(
+                    f"round {r}/{fed.rounds}  step {self.step_at_end(r)}  {shown}  ({wall:.1f}s)"
+                )
                 self.checkpoint(r)
         self.log({"type": "run", "event": "end", "strategy": self.cfg.strategy.name, "time": time.time()})
 
@@ -138,13 +162,24 @@ class PersonalizedRuntime:
                 idx = c.sampler.next_indices()
                 ids = c.data.train[idx].to(self.device)
                 micro = list(ids.split(tcfg.batch_size))
-                losses.append(train_step(self.pool.model, micro, c.optimizer, c.scheduler, tcfg.max_grad_norm))
+                losses.append(
+                    train_step(self.pool.model, micro, c.optimizer, c.scheduler, tcfg.max_grad_norm)
+                )
                 tokens += ids.numel()
                 progress.update(task, advance=1, description=f"round {r} · {c.name} · loss {losses[-1]:.3f}")
             dt = time.perf_counter() - t0
-            self.log({"type": "train", "round": r, "client": c.index, "step": self.step_at_end(r),
-                      "loss": sum(losses) / len(losses), "last_loss": losses[-1],
-                      "lr": c.scheduler.get_last_lr()[0], "tokens_per_s": tokens / dt if dt else None})
+            self.log(
+                {
+                    "type": "train",
+                    "round": r,
+                    "client": c.index,
+                    "step": self.step_at_end(r),
+                    "loss": sum(losses) / len(losses),
+                    "last_loss": losses[-1],
+                    "lr": c.scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens / dt if dt else None,
+                }
+            )
 
     # ---- aggregation -----------------------------------------------------------------------
     def gather_evidence(self) -> TrustEvidence:
@@ -168,7 +203,9 @@ class PersonalizedRuntime:
         for j, model_owner in enumerate(self.clients):
             self.pool.activate(model_owner.name)
             for i, data_owner in enumerate(self.clients):
-                res = evaluate_lm(self.pool.model, data_owner.data.val, self.cfg.train.eval_batch_size, s.val_batches)
+                res = evaluate_lm(
+                    self.pool.model, data_owner.data.val, self.cfg.train.eval_batch_size, s.val_batches
+                )
                 ppl[i, j] = res.ppl
         return ppl
 
@@ -195,8 +232,15 @@ class PersonalizedRuntime:
         trust, mixed = aggregate(self.cfg.strategy, adapters, self.gather_evidence())
         for c, state in zip(self.clients, mixed, strict=True):
             self.pool.load_state(c.name, state)
-        self.log({"type": "trust", "round": r, "step": self.step_at_end(r), "strategy": self.cfg.strategy.name,
-                  "matrix": [[round(float(x), 6) for x in row] for row in trust]})
+        self.log(
+            {
+                "type": "trust",
+                "round": r,
+                "step": self.step_at_end(r),
+                "strategy": self.cfg.strategy.name,
+                "matrix": [[round(float(x), 6) for x in row] for row in trust],
+            }
+        )
 
     # ---- evaluation ------------------------------------------------------------------------
     def evaluate(self, r: int) -> float:
@@ -205,8 +249,16 @@ class PersonalizedRuntime:
             self.pool.activate(c.name)
             res = evaluate_lm(self.pool.model, c.data.val, self.cfg.train.eval_batch_size)
             ppls.append(res.ppl)
-            self.log({"type": "eval", "round": r, "step": self.step_at_end(r), "client": c.index,
-                      "split": "val", **res.as_dict()})
+            self.log(
+                {
+                    "type": "eval",
+                    "round": r,
+                    "step": self.step_at_end(r),
+                    "client": c.index,
+                    "split": "val",
+                    **res.as_dict(),
+                }
+            )
         return sum(ppls) / len(ppls)
 
     # ---- state -----------------------------------------------------------------------------
@@ -217,17 +269,23 @@ class PersonalizedRuntime:
         def contents(tmp: Path) -> None:
             for c in self.clients:
                 self.pool.save(c.name, tmp / c.name)
-            save_state(tmp / "state.pt", {
-                "round": r,
-                "step": self.step_at_end(r),
-                "fingerprint": config_fingerprint(self.cfg),
-                "rng": rng_state(),
-                "clients": [
-                    {"optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict(),
-                     "sampler": c.sampler.state_dict()}
-                    for c in self.clients
-                ],
-            })
+            save_state(
+                tmp / "state.pt",
+                {
+                    "round": r,
+                    "step": self.step_at_end(r),
+                    "fingerprint": config_fingerprint(self.cfg),
+                    "rng": rng_state(),
+                    "clients": [
+                        {
+                            "optimizer": c.optimizer.state_dict(),
+                            "scheduler": c.scheduler.state_dict(),
+                            "sampler": c.sampler.state_dict(),
+                        }
+                        for c in self.clients
+                    ],
+                },
+            )
 
         write_checkpoint(self.run_dir, r, contents)
 
@@ -248,9 +306,11 @@ class PersonalizedRuntime:
             c.sampler.load_state_dict(cs["sampler"])
         restore_rng(state["rng"])
         # Drop records of the round that was in progress when the run stopped.
-        kept = [m for m in read_metrics(self.metrics_path) if m.get("type") == "run" or m.get("round", 0) <= r]
+        kept = [
+            m for m in read_metrics(self.metrics_path) if m.get("type") == "run" or m.get("round", 0) <= r
+        ]
         tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        tmp.write_text("".join(json.dumps(m, separators=(",", ":")) + "\n" for m in kept))
         tmp.replace(self.metrics_path)
         self.log({"type": "run", "event": "resume", "after_round": r, "time": time.time()})
         return r

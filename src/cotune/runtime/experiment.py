@@ -41,7 +41,9 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
 
 def init_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run directory {run_dir} is not empty; use --resume {run_dir} or another --out")
+        raise FileExistsError(
+            f"run directory {run_dir} is not empty; use --resume {run_dir} or another --out"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
 

@@ -1,0 +1,57 @@
+"""Shared fixtures: a synthetic labelled corpus on disk and tiny configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = {
+    "alpha": ["apple", "apricot", "avocado", "almond", "anchovy", "artichoke", "arugula"],
+    "beta": ["banana", "blueberry", "broccoli", "basil", "barley", "beetroot", "brioche"],
+    "gamma": ["grape", "guava", "garlic", "ginger", "gnocchi", "gouda", "granola"],
+    "delta": ["date", "dill", "donut", "dumpling", "durian", "dal", "daikon"],
+}
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Four labels, each a directory of small text files with its own vocabulary."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for label, words in WORDS.items():
+        (root / label).mkdir()
+        for i in range(12):
+            text = " ".join(rng.choice(words) for _ in range(60))
+            (root / label / f"{i:03d}.txt").write_text(text)
+    return root
+
+
+def tiny_tree(corpus_dir: Path, tmp_path: Path, **sections) -> dict:
+    tree = {
+        "model": {
+            "name": "tiny",
+            "tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        },
+        "lora": {"r": 2, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "data": {
+            "path": str(corpus_dir),
+            "seq_len": 32,
+            "max_train_windows": 16,
+            "max_val_windows": 4,
+            "public_windows": 4,
+        },
+        "train": {"lr": 1e-2, "batch_size": 4, "eval_batch_size": 4},
+        "federation": {"clients": 4, "rounds": 2, "local_steps": 2, "warmup_steps": 2},
+        "strategy": {"name": "fedavg"},
+        "run": {"seed": 0, "out_dir": str(tmp_path / "runs"), "name": "t"},
+        "device": "cpu",
+    }
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    return tree

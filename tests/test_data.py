@@ -1,0 +1,90 @@
+"""Partitioners give the configured label proportions; train and validation never share text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cotune.config.schema import DataConfig, PartitionConfig
+from cotune.data.corpora import DataError
+from cotune.data.partition import partition
+from cotune.data.windows import WindowSampler, build_federated_data, pack_windows
+from cotune.models.tiny import byte_tokenizer
+
+LABELS = ["a"] * 40 + ["b"] * 40 + ["c"] * 40 + ["d"] * 40
+
+
+def test_one_label_gives_each_client_one_label():
+    p = partition(LABELS, 4, PartitionConfig(kind="one_label"), np.random.default_rng(0))
+    assert p.label_names == ["a", "b", "c", "d"]
+    np.testing.assert_allclose(p.mixtures, np.eye(4))
+    assert [len(ix) for ix in p.indices] == [40, 40, 40, 40]
+
+
+def test_one_label_shares_a_label_between_clients():
+    p = partition(LABELS, 8, PartitionConfig(kind="one_label"), np.random.default_rng(0))
+    assert [len(ix) for ix in p.indices] == [20] * 8
+    assert set(p.indices[0]).isdisjoint(p.indices[4])
+
+
+def test_mixed_is_three_quarters_one_quarter():
+    p = partition(LABELS, 4, PartitionConfig(kind="mixed", major_fraction=0.75), np.random.default_rng(0))
+    for c in range(4):
+        assert p.mixtures[c, c] == pytest.approx(0.75)
+        assert p.mixtures[c, (c + 1) % 4] == pytest.approx(0.25)
+    all_items = [i for ix in p.indices for i in ix]
+    assert len(all_items) == len(set(all_items)) == 160
+
+
+def test_iid_clients_see_every_label_about_equally():
+    p = partition(LABELS, 4, PartitionConfig(kind="iid"), np.random.default_rng(0))
+    assert [len(ix) for ix in p.indices] == [40] * 4
+    assert (p.mixtures > 0.1).all()
+
+
+def test_dirichlet_small_alpha_is_skewed_large_alpha_is_even():
+    skewed = partition(LABELS * 5, 4, PartitionConfig(kind="dirichlet", alpha=0.05), np.random.default_rng(1))
+    even = partition(LABELS * 5, 4, PartitionConfig(kind="dirichlet", alpha=1000.0), np.random.default_rng(1))
+    assert skewed.mixtures.max(axis=1).mean() > 0.7
+    assert np.abs(even.mixtures - 0.25).max() < 0.1
+
+
+def test_partition_rejects_unknown_labels():
+    with pytest.raises(ValueError, match="do not occur"):
+        partition(LABELS, 2, PartitionConfig(labels=["zzz"]), np.random.default_rng(0))
+
+
+def test_pack_windows_separates_documents_with_eos():
+    w = pack_windows([[1, 2, 3], [4, 5]], seq_len=3, eos_id=9, limit=None)
+    assert w.tolist() == [[1, 2, 3], [9, 4, 5]]
+
+
+def test_no_window_shared_between_train_and_val(corpus_dir):
+    cfg = DataConfig(path=corpus_dir, seq_len=96, max_val_windows=100, public_windows=2)
+    data = build_federated_data(cfg, 4, byte_tokenizer(), seed=0)
+    public = {tuple(w.tolist()) for w in data.public}
+    for c in data.clients:
+        train = {tuple(w.tolist()) for w in c.train}
+        val = {tuple(w.tolist()) for w in c.val}
+        assert train and val
+        assert train.isdisjoint(val)
+        assert public.isdisjoint(train | val)
+        assert len(c.label_counts) == 1
+    torch.testing.assert_close(data.mixtures, torch.eye(4))
+
+
+def test_too_little_text_is_a_clear_error(corpus_dir):
+    cfg = DataConfig(path=corpus_dir, seq_len=100_000, public_windows=0)
+    with pytest.raises(DataError, match="too little text"):
+        build_federated_data(cfg, 4, byte_tokenizer(), seed=0)
+
+
+def test_sampler_resumes_exactly():
+    a = WindowSampler(10, 4, seed=3)
+    for _ in range(4):
+        a.next_indices()
+    b = WindowSampler(10, 4, seed=3)
+    b.load_state_dict(a.state_dict())
+    for _ in range(5):
+        assert torch.equal(a.next_indices(), b.next_indices())

@@ -1,0 +1,149 @@
+"""The embedded runtime: one shared base, aggregation invariants, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from tests.conftest import tiny_tree
+
+from cotune.config import config_from_dict
+from cotune.models.lora import AdapterPool
+from cotune.models.tiny import build_tiny_model, byte_tokenizer
+from cotune.reporting.metrics import read_metrics
+from cotune.runtime.checkpoint import latest_checkpoint
+from cotune.runtime.experiment import resume_experiment, run_experiment
+
+
+def _adapters(run_dir):
+    _, path = latest_checkpoint(run_dir)
+    return {p.name: load_file(str(p / "adapter_model.safetensors")) for p in sorted(path.glob("client-*"))}
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def test_sixteen_clients_share_one_base_model():
+    cfg = config_from_dict({"model": {"name": "tiny"}})
+    base = build_tiny_model(cfg.model.tiny, len(byte_tokenizer()))
+    base_bytes = _tensor_bytes(base.state_dict().values())
+    ptrs = {n: p.data_ptr() for n, p in base.named_parameters()}
+
+    pool = AdapterPool(base, cfg.lora, [f"c{i}" for i in range(16)])
+    optims = [torch.optim.AdamW(pool.parameters(f"c{i}")) for i in range(16)]
+    ids = torch.randint(0, 200, (2, 16))
+    for i, opt in enumerate(optims):  # a step for every client creates every optimizer state
+        pool.activate(f"c{i}")
+        pool.model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    adapter = pool.adapter_bytes()
+    model_bytes = _tensor_bytes(pool.model.state_dict().values())
+    optim_bytes = _tensor_bytes(
+        t for o in optims for s in o.state.values() for t in s.values() if t.dim() > 0
+    )
+    assert model_bytes == base_bytes + 16 * adapter  # no copy of the base, exactly one adapter each
+    assert optim_bytes == 16 * 2 * adapter  # AdamW: two moments per adapter weight
+    base_now = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p.data_ptr()
+        for n, p in pool.model.named_parameters()
+        if "lora_" not in n
+    }
+    assert all(base_now[n] == ptr for n, ptr in ptrs.items())  # switching clients never moved base weights
+
+
+def _run(corpus_dir, tmp_path, name, **sections):
+    tree = tiny_tree(corpus_dir, tmp_path, **sections)
+    tree["run"] = {**tree["run"], "name": name}
+    cfg = config_from_dict(tree)
+    return run_experiment(cfg)
+
+
+def test_local_strategy_changes_nothing_but_local_training(corpus_dir, tmp_path):
+    (run_dir,) = _run(corpus_dir, tmp_path, "local", strategy={"name": "local"})
+    trust = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    matrices = [r["matrix"] for r in trust if r["type"] == "trust"]
+    assert len(matrices) == 2 and all(m == torch.eye(4).tolist() for m in matrices)
+    adapters = _adapters(run_dir)
+    a, b = adapters["client-00"], adapters["client-01"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # each trained on its own data
+
+
+def test_fedavg_makes_all_clients_equal_and_leaves_the_base_untouched(corpus_dir, tmp_path):
+    base_before = build_tiny_model(
+        config_from_dict(tiny_tree(corpus_dir, tmp_path)).model.tiny, 258
+    ).state_dict()
+    (run_dir,) = _run(corpus_dir, tmp_path, "fedavg", strategy={"name": "fedavg"})
+    adapters = list(_adapters(run_dir).values())
+    for other in adapters[1:]:
+        for k in adapters[0]:
+            torch.testing.assert_close(adapters[0][k], other[k], rtol=0, atol=1e-7)
+    # checkpoints are PEFT adapters that load onto a fresh, identical base
+    fresh = build_tiny_model(config_from_dict(tiny_tree(corpus_dir, tmp_path)).model.tiny, 258)
+    peft_model = PeftModel.from_pretrained(fresh, latest_checkpoint(run_dir)[1] / "client-00")
+    merged = peft_model.merge_and_unload()
+    changed = [n for n, t in merged.state_dict().items() if not torch.equal(t, base_before[n])]
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)
+
+
+@pytest.mark.parametrize("strategy", ["weight", "validation", "prediction", "oracle"])
+def test_every_trust_strategy_runs_and_logs_stochastic_matrices(corpus_dir, tmp_path, strategy):
+    (run_dir,) = _run(
+        corpus_dir, tmp_path, strategy, strategy={"name": strategy, "selection": "topk", "topk": 2}
+    )
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    matrices = [torch.tensor(r["matrix"]) for r in records if r["type"] == "trust"]
+    assert len(matrices) == 2
+    for w in matrices:
+        torch.testing.assert_close(w.sum(1), torch.ones(4), atol=1e-5, rtol=0)
+        assert ((w > 0).sum(1) <= 2).all()
+    evals = [r for r in records if r["type"] == "eval"]
+    assert {(r["round"], r["client"]) for r in evals} == {(r, c) for r in range(3) for c in range(4)}
+    if strategy == "oracle":  # one label per client: no one shares data, so no one is trusted
+        assert torch.equal(matrices[-1], torch.eye(4))
+
+
+def test_resume_ends_with_the_same_adapters(corpus_dir, tmp_path):
+    sections = {"strategy": {"name": "validation"}, "federation": {"rounds": 3}, "lora": {"dropout": 0.1}}
+    (full,) = _run(corpus_dir, tmp_path, "full", **sections)
+
+    (partial,) = _run(corpus_dir, tmp_path, "partial", **sections)
+    # simulate a crash after round 1: drop later checkpoints and append a half-written record
+    for name in ("round-0002", "round-0003"):
+        shutil.rmtree(partial / "checkpoints" / name)
+    with (partial / "metrics.jsonl").open("a") as f:
+        f.write('{"type": "eval", "round": 2, "cli')
+    resume_experiment(partial)
+
+    a, b = _adapters(full), _adapters(partial)
+    assert a.keys() == b.keys()
+    for name in a:
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), (name, k)
+
+    def evals(run_dir):
+        return [m for m in read_metrics(run_dir / "metrics.jsonl") if m["type"] == "eval"]
+
+    assert evals(full) == evals(partial)
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(corpus_dir, tmp_path):
+    from cotune.runtime.embedded import ResumeError
+
+    (run_dir,) = _run(corpus_dir, tmp_path, "x", federation={"rounds": 1})
+    cfg_path = run_dir / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace("lr: 0.01", "lr: 0.02"))
+    with pytest.raises(ResumeError, match="different config"):
+        resume_experiment(run_dir)
