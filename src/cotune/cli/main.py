@@ -59,6 +59,7 @@ def run(
     resume: Annotated[Path | None, typer.Option("--resume", help="continue this run directory")] = None,
 ) -> None:
     """Run an experiment (or --resume one) and write its run directory."""
+    from cotune.assets import AssetError
     from cotune.config import ConfigError, load_config
     from cotune.data.corpora import DataError
     from cotune.models.lora import LoraTargetError
@@ -80,7 +81,9 @@ def run(
                 _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
             cfg = load_config(config, overrides or [])
             dirs = run_experiment(cfg, out_dir, err)
-    except (ConfigError, DataError, LoraTargetError, ResumeError, FileExistsError, FileNotFoundError) as e:
+    except (
+        AssetError, ConfigError, DataError, LoraTargetError, ResumeError, FileExistsError, FileNotFoundError
+    ) as e:
         _fail(str(e))
     report = write_report(dirs)
     print_comparison(dirs)

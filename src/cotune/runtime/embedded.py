@@ -128,7 +128,7 @@ class PersonalizedRuntime:
             task = progress.add_task("training", total=total)
             for r in range(start, fed.rounds + 1):
                 t0 = time.perf_counter()
-                self.train_round(r, progress, task)
+                train_loss = self.train_round(r, progress, task)
                 t_train = time.perf_counter() - t0
                 self.aggregate(r)
                 mean_ppl = self.evaluate(r) if self.is_eval_round(r) else None
@@ -143,7 +143,8 @@ class PersonalizedRuntime:
                         "mean_val_ppl": mean_ppl,
                     }
                 )
-                shown = f"mean val ppl {mean_ppl:.2f}" if mean_ppl is not None else ""
+                shown = f"train loss {train_loss:.3f}"
+                shown += f"  mean val ppl {mean_ppl:.2f}" if mean_ppl is not None else ""
                 progress.console.print(
                     f"round {r}/{fed.rounds}  step {self.step_at_end(r)}  {shown}  ({wall:.1f}s)"
                 )
@@ -153,8 +154,10 @@ class PersonalizedRuntime:
     def is_eval_round(self, r: int) -> bool:
         return r % self.cfg.run.eval_every == 0 or r == self.cfg.federation.rounds
 
-    def train_round(self, r: int, progress: Progress, task) -> None:
+    def train_round(self, r: int, progress: Progress, task) -> float:
+        """Every client trains its own adapter; returns the mean training loss of the round."""
         tcfg = self.cfg.train
+        round_losses = []
         for c in self.clients:
             self.pool.activate(c.name)
             losses, tokens, t0 = [], 0, time.perf_counter()
@@ -168,6 +171,7 @@ class PersonalizedRuntime:
                 tokens += ids.numel()
                 progress.update(task, advance=1, description=f"round {r} · {c.name} · loss {losses[-1]:.3f}")
             dt = time.perf_counter() - t0
+            round_losses.append(sum(losses) / len(losses))
             self.log(
                 {
                     "type": "train",
@@ -180,6 +184,7 @@ class PersonalizedRuntime:
                     "tokens_per_s": tokens / dt if dt else None,
                 }
             )
+        return sum(round_losses) / len(round_losses)
 
     # ---- aggregation -----------------------------------------------------------------------
     def gather_evidence(self) -> TrustEvidence:

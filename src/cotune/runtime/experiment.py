@@ -29,11 +29,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def baseline_strategies(cfg: ExperimentConfig) -> list[str]:
+    return [s for s in dict.fromkeys(cfg.run.compare) if s != cfg.strategy.name]
+
+
+def comparison_dirs(run_dir: Path, cfg: ExperimentConfig) -> list[Path]:
+    """The main run directory, then one sibling `<run_dir>.<strategy>` per `run.compare` strategy."""
+    return [run_dir] + [run_dir.with_name(f"{run_dir.name}.{s}") for s in baseline_strategies(cfg)]
+
+
 def default_run_dir(cfg: ExperimentConfig) -> Path:
     """runs/<name>, or runs/<name>-2, -3... so a rerun never overwrites an earlier run."""
     base = cfg.run.out_dir / (cfg.run.name or "run")
     candidate, n = base, 1
-    while candidate.exists():
+    while any(d.exists() for d in comparison_dirs(candidate, cfg)):
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
@@ -67,8 +76,8 @@ def run_experiment(
     """
     console = console or Console(stderr=True)
     run_dir = run_dir or default_run_dir(cfg)
-    variants = [cfg] + [strategy_variant(cfg, s) for s in cfg.run.compare if s != cfg.strategy.name]
-    dirs = [run_dir] + [run_dir.with_name(f"{run_dir.name}.{v.strategy.name}") for v in variants[1:]]
+    dirs = comparison_dirs(run_dir, cfg)
+    variants = [cfg] + [strategy_variant(cfg, s) for s in baseline_strategies(cfg)]
     for d, v in zip(dirs, variants, strict=True):
         init_run_dir(d, v)
 
