@@ -82,7 +82,13 @@ def run(
             cfg = load_config(config, overrides or [])
             dirs = run_experiment(cfg, out_dir, err)
     except (
-        AssetError, ConfigError, DataError, LoraTargetError, ResumeError, FileExistsError, FileNotFoundError
+        AssetError,
+        ConfigError,
+        DataError,
+        LoraTargetError,
+        ResumeError,
+        FileExistsError,
+        FileNotFoundError,
     ) as e:
         _fail(str(e))
     report = write_report(dirs)
