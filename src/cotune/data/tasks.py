@@ -1,0 +1,338 @@
+"""Multiple-choice tasks for FedCoLLM: topic classification from labelled documents or the user's JSONL.
+
+A task is a list of `TaskExample`s (the evaluator's `MCExample` plus a label). Training teaches the model
+to continue the prompt with the correct choice (answer-only loss); evaluation scores every choice's
+log-likelihood, so the prompt/answer token boundary is the evaluator's own (lm-eval-harness rule).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from cotune.config.schema import PartitionConfig, SourceConfig
+from cotune.data.corpora import DataError, Document, load_source
+from cotune.data.partition import partition as label_partition
+from cotune.evaluation.multiple_choice import MCExample, encode_pair
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF models) skip
+
+
+@dataclass(frozen=True)
+class TaskExample(MCExample):
+    """The evaluator's MCExample plus the label that stratified splits and label partitions group by.
+
+    A subclass, so task examples go straight to `evaluate_multiple_choice`. `label` defaults to the
+    correct choice without surrounding whitespace, so a task without explicit labels splits by answer.
+    """
+
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.choices, tuple):
+            object.__setattr__(self, "choices", tuple(self.choices))
+        if len(self.choices) < 2:
+            raise ValueError(f"a multiple-choice example needs at least 2 choices, got {len(self.choices)}")
+        if not 0 <= self.answer < len(self.choices):
+            raise ValueError(f"answer index {self.answer} is out of range for {len(self.choices)} choices")
+        if not self.label:
+            object.__setattr__(self, "label", self.choices[self.answer].strip())
+
+
+def example_label(example: MCExample) -> str:
+    """The example's label; a plain MCExample (no label) is labelled by its stripped answer choice."""
+    label = getattr(example, "label", "")
+    return label if isinstance(label, str) and label else example.choices[example.answer].strip()
+
+
+# --- topic classification -------------------------------------------------------------------------
+
+# The one place the topic prompt is written. The instruction language is independent of the article's
+# language: fr/es Wikipedia text with the English template is the default.
+TOPIC_TEMPLATES: dict[str, str] = {
+    "en": "Article: {text}\nQuestion: Which topic is this article about? Options: {options}.\nAnswer:",
+    "fr": "Article : {text}\nQuestion : De quel sujet parle cet article ? Options : {options}.\nRéponse :",
+    "es": "Artículo: {text}\nPregunta: ¿De qué tema trata este artículo? Opciones: {options}.\nRespuesta:",
+}
+TOPIC_TEMPLATE = TOPIC_TEMPLATES["en"]
+
+
+def truncate_words(text: str, max_chars: int | None) -> str:
+    """Whitespace-normalised text cut to at most max_chars on a word boundary (hard cut for one long word).
+
+    Newlines are collapsed so the article stays on the template's "Article:" line.
+    """
+    text = " ".join(text.split())
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    cut = text[: max_chars + 1]  # one extra char tells whether the cut falls on a word boundary
+    space = cut.rfind(" ")
+    return (cut[:space] if space > 0 else text[:max_chars]).rstrip()
+
+
+def topic_task(
+    docs: Sequence[Document],
+    labels: Sequence[str] | None = None,
+    max_chars: int | None = 600,
+    template: str = TOPIC_TEMPLATE,
+) -> list[TaskExample]:
+    """One example per document: "which topic?" with every label of the task as a choice.
+
+    Choices are `labels` in the given order (default: the sorted label set of `docs`), each with a leading
+    space so they continue the prompt's "Answer:" as words. Documents whose label is not among `labels`
+    are left out (a way to restrict the task); the template needs `{text}` and `{options}`.
+    """
+    names = list(labels) if labels is not None else sorted({d.label for d in docs})
+    if len(names) < 2:
+        raise DataError(f"a topic task needs at least 2 labels, got {names}")
+    if len(set(names)) != len(names):
+        raise DataError(f"topic labels must be distinct, got {names}")
+    index = {name: i for i, name in enumerate(names)}
+    choices = tuple(f" {name}" for name in names)
+    options = ", ".join(names)
+    examples = [
+        TaskExample(
+            prompt=template.format(text=truncate_words(d.text, max_chars), options=options),
+            choices=choices,
+            answer=index[d.label],
+            label=d.label,
+        )
+        for d in docs
+        if d.label in index
+    ]
+    if not examples:
+        raise DataError(f"no document has one of the labels {names}")
+    return examples
+
+
+# --- user JSONL -----------------------------------------------------------------------------------
+
+
+def _parse_row(row: Any, where: str) -> TaskExample:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    prompt, choices, answer = row.get("prompt"), row.get("choices"), row.get("answer")
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: 'prompt' must be a string")
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where}: 'choices' must be a list of strings")
+    if len(choices) < 2:
+        raise DataError(f"{where}: 'choices' needs at least 2 entries, got {len(choices)}")
+    if len(set(choices)) != len(choices):
+        raise DataError(f"{where}: 'choices' must be distinct")
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(choices):
+            raise DataError(f"{where}: 'answer' {answer} is out of range for {len(choices)} choices")
+        index = answer
+    elif isinstance(answer, str):
+        # the exact choice string, or else the one choice equal to it up to surrounding whitespace
+        matches = [i for i, c in enumerate(choices) if c == answer] or [
+            i for i, c in enumerate(choices) if c.strip() == answer.strip()
+        ]
+        if len(matches) != 1:
+            found = "is not one of" if not matches else "matches several of"
+            raise DataError(f"{where}: 'answer' {answer!r} {found} the choices {choices}")
+        index = matches[0]
+    else:
+        raise DataError(f"{where}: 'answer' must be a choice index (int) or a choice string")
+    label = row.get("label")
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise DataError(f"{where}: 'label' must be a non-empty string")
+    return TaskExample(prompt=prompt, choices=tuple(choices), answer=index, label=label or "")
+
+
+def load_jsonl_task(path: Path) -> list[TaskExample]:
+    """Read `{"prompt", "choices", "answer", "label"?}` lines; errors name file:line.
+
+    Choices are used verbatim (write the leading space yourself, e.g. " Paris"); blank lines are skipped
+    and other keys are ignored.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"task file {str(path)!r} does not exist")
+    examples = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: invalid JSON ({err.msg})") from None
+        examples.append(_parse_row(row, where))
+    if not examples:
+        raise DataError(f"task file {str(path)!r} has no examples")
+    return examples
+
+
+def build_task(
+    source: SourceConfig | None = None,
+    path: Path | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    max_chars: int | None = 600,
+    prompt_language: str = "en",
+) -> list[TaskExample]:
+    """A topic task from a corpus source, or a user task from a JSONL file (exactly one of the two)."""
+    if (source is None) == (path is None):
+        raise ValueError("build_task needs exactly one of 'source' (topic task) or 'path' (JSONL task)")
+    if path is not None:
+        return load_jsonl_task(path)
+    assert source is not None
+    if prompt_language not in TOPIC_TEMPLATES:
+        raise ValueError(f"no topic template for {prompt_language!r} (have {sorted(TOPIC_TEMPLATES)})")
+    docs = load_source(source)
+    return topic_task(docs, labels=labels, max_chars=max_chars, template=TOPIC_TEMPLATES[prompt_language])
+
+
+# --- splits ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskSplits:
+    public: list[MCExample]  # the server's labelled public set
+    clients: list[list[MCExample]]  # each client's private training set
+    test: list[MCExample]  # stratified held-out set, seen by nobody during training
+    labels: list[str]  # sorted label set of the whole task
+
+    @property
+    def mixtures(self) -> np.ndarray:
+        """clients x labels: each client's label proportions (for oracle trust and reports)."""
+        col = {name: j for j, name in enumerate(self.labels)}
+        m = np.zeros((len(self.clients), len(self.labels)))
+        for c, examples in enumerate(self.clients):
+            for ex in examples:
+                m[c, col[example_label(ex)]] += 1
+        totals = m.sum(axis=1, keepdims=True)
+        return np.divide(m, totals, out=np.zeros_like(m), where=totals > 0)
+
+
+def _n_test(n: int, fraction: float) -> int:
+    """Per-label test count: rounded, but at least one when possible and never the whole label."""
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, int(np.floor(fraction * n + 0.5))))
+
+
+def split_task(
+    examples: Sequence[MCExample],
+    n_clients: int,
+    test_fraction: float,
+    partition: PartitionConfig | None,
+    rng: np.random.Generator,
+    public_share: float | None = None,
+) -> TaskSplits:
+    """Stratified test hold-out, then the FedCoLLM split of the rest into a public set and K clients.
+
+    IID (partition None or kind "iid"): the shuffled training set is cut into K+1 equal parts, part 0 the
+    server's public set. Non-IID: the public set is still an IID 1/(K+1) share (or `public_share`) and the
+    rest is spread over the clients by label with `cotune.data.partition.partition`. Every example lands in
+    at most one split; only a label that the label partition gives to no client (`partition.labels`, or
+    fewer clients than labels with one_label/mixed) is left out of the training splits.
+    """
+    if n_clients < 1:
+        raise ValueError(f"n_clients must be >= 1, got {n_clients}")
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if public_share is not None and not 0 < public_share < 1:
+        raise ValueError(f"public_share must be in (0, 1), got {public_share}")
+    labels = [example_label(ex) for ex in examples]
+    names = sorted(set(labels))
+
+    test_idx: list[int] = []
+    for name in names:
+        idx = np.array([i for i, lab in enumerate(labels) if lab == name])
+        test_idx.extend(int(i) for i in idx[rng.permutation(len(idx))[: _n_test(len(idx), test_fraction)]])
+    held = set(test_idx)
+    train = np.array([i for i in range(len(examples)) if i not in held], dtype=int)
+    order = train[rng.permutation(len(train))]
+    if len(order) < n_clients + 1:
+        raise DataError(
+            f"{len(order)} training examples cannot make a public set and {n_clients} clients"
+            f" ({len(examples)} examples, test_fraction {test_fraction})"
+        )
+
+    iid = partition is None or partition.kind == "iid"
+    client_idx: list[list[int]] | None
+    if public_share is None:
+        parts = np.array_split(order, n_clients + 1)
+        public_idx, rest = parts[0], order[len(parts[0]) :]
+        client_idx = [[int(i) for i in p] for p in parts[1:]] if iid else None
+    else:
+        n_public = min(len(order) - n_clients, max(1, int(np.floor(public_share * len(order) + 0.5))))
+        public_idx, rest = order[:n_public], order[n_public:]
+        client_idx = [[int(i) for i in p] for p in np.array_split(rest, n_clients)] if iid else None
+    if client_idx is None:
+        assert partition is not None
+        split = label_partition([labels[i] for i in rest], n_clients=n_clients, cfg=partition, rng=rng)
+        client_idx = [[int(rest[j]) for j in ix] for ix in split.indices]
+    empty = [c for c, ix in enumerate(client_idx) if not ix]
+    if empty:
+        raise DataError(f"clients {empty} got no training examples; use more data or fewer clients")
+
+    def pick(ix: Sequence[int]) -> list[MCExample]:
+        return [examples[int(i)] for i in ix]
+
+    return TaskSplits(
+        public=pick(public_idx),
+        clients=[pick(ix) for ix in client_idx],
+        test=pick(sorted(test_idx)),
+        labels=names,
+    )
+
+
+# --- tokenisation ---------------------------------------------------------------------------------
+
+
+def encode_for_training(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[MCExample],
+    max_length: int,
+    add_eos: bool = True,
+    add_bos: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each (N, L): the loss falls on the correct answer only.
+
+    The prompt/answer split is the evaluator's own `encode_pair` (lm-eval-harness rule: the prompt's
+    trailing whitespace moves to the answer; answer = tokens of prompt+answer after the prompt's), so
+    training teaches exactly the tokens that evaluation scores; pass the evaluator's `add_bos` too. The
+    prompt is cut from the left so the answer (+ EOS) always fits; rows are right-padded with the pad
+    token (EOS if the tokenizer has none) and L is the longest row.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
+    eos_id = tokenizer.eos_token_id
+    if add_eos and eos_id is None:
+        raise ValueError("add_eos=True but the tokenizer has no EOS token")
+
+    rows: list[tuple[list[int], list[int]]] = []
+    for n, ex in enumerate(examples):
+        prompt_ids, answer_ids = encode_pair(tokenizer, ex.prompt, ex.choices[ex.answer], add_bos=add_bos)
+        if add_eos and eos_id is not None:  # (checked above: add_eos implies an EOS token)
+            answer_ids = [*answer_ids, eos_id]
+        keep = max_length - len(answer_ids)
+        if keep < 1:  # the first answer token must be predicted from at least one prompt token
+            raise ValueError(
+                f"example {n}: the answer needs {len(answer_ids)} tokens, max_length {max_length} leaves"
+                " no room for the prompt"
+            )
+        rows.append((prompt_ids[-keep:], answer_ids))
+
+    width = max((len(p) + len(a) for p, a in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for r, (prompt_ids, answer_ids) in enumerate(rows):
+        n_prompt, n_all = len(prompt_ids), len(prompt_ids) + len(answer_ids)
+        input_ids[r, :n_all] = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)
+        attention_mask[r, :n_all] = 1
+        labels[r, n_prompt:n_all] = torch.tensor(answer_ids, dtype=torch.long)
+    return input_ids, attention_mask, labels

@@ -1,0 +1,225 @@
+"""Multiple-choice evaluation by log-likelihood, the way lm-evaluation-harness scores it.
+
+Each choice is a continuation of the prompt; its score is the summed log-probability of the
+continuation tokens given the prompt. ``acc`` picks the highest total, ``acc_norm`` the highest
+total per UTF-8 byte of the choice, so long answers are not penalised just for having more tokens.
+Tokenisation, left truncation and batching follow the harness so numbers are comparable with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+Request = tuple[list[int], list[int]]
+
+
+class Encoder(Protocol):
+    """The part of a Hugging Face tokenizer used here, so tests can pass a small fake."""
+
+    @property
+    def bos_token_id(self) -> int | None: ...
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    def encode(self, text: str, *, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class MCExample:
+    """A prompt, its candidate continuations (usually with a leading space) and the right one's index."""
+
+    prompt: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+@dataclass(frozen=True)
+class MCResult:
+    """Accuracies over ``n`` examples; ``logliks[i][j]`` is the score of choice j of example i."""
+
+    acc: float
+    acc_norm: float
+    n: int
+    logliks: list[list[float]]
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"acc": self.acc, "acc_norm": self.acc_norm, "n": self.n}
+
+
+def _prefix_token_id(tokenizer: Encoder) -> int:
+    """BOS, else EOS, as the harness's ``prefix_token_id``: some token must precede the first scored one."""
+    token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token_id is None:
+        raise ValueError("tokenizer has neither a BOS nor an EOS token to start the context with")
+    return int(token_id)
+
+
+def encode_pair(tokenizer: Encoder, prompt: str, choice: str, add_bos: bool = False) -> Request:
+    """Token ids of (context, continuation), split as lm-evaluation-harness does.
+
+    Trailing whitespace of the prompt moves to the start of the continuation (so " Paris" is
+    tokenised as a word with its space). The continuation is the tail of ``encode(prompt + choice)``
+    after ``encode(prompt)``, which keeps the tokenisation the model saw in training; if the joint
+    encoding does not start with the prompt's (a merge across the boundary) the choice is encoded
+    on its own instead. ``add_bos`` prepends BOS (EOS if there is none) for models that need it;
+    an empty context also gets that token, since the first continuation token needs something to
+    be predicted from.
+    """
+    n_spaces = len(prompt) - len(prompt.rstrip())
+    if n_spaces:
+        choice = prompt[-n_spaces:] + choice
+        prompt = prompt[:-n_spaces]
+    context = list(tokenizer.encode(prompt, add_special_tokens=False)) if prompt else []
+    whole = list(tokenizer.encode(prompt + choice, add_special_tokens=False))
+    if whole[: len(context)] == context:
+        continuation = whole[len(context) :]
+    else:
+        continuation = list(tokenizer.encode(choice, add_special_tokens=False))
+    if not continuation:
+        raise ValueError(f"choice {choice!r} encodes to no tokens after prompt {prompt!r}")
+    if add_bos or not context:
+        context = [_prefix_token_id(tokenizer), *context]
+    return context, continuation
+
+
+def _window(request: Request, max_length: int, index: int) -> tuple[list[int], list[int]]:
+    """The model input for one request: context + continuation minus its last token, left-truncated."""
+    context, continuation = request
+    if not context:
+        raise ValueError(f"request {index} has no context tokens: nothing predicts its first token")
+    if not continuation:
+        raise ValueError(f"request {index} has an empty continuation")
+    if len(continuation) > max_length:
+        raise ValueError(
+            f"request {index} has {len(continuation)} continuation tokens, more than max_length={max_length}"
+        )
+    full = [*context, *continuation]
+    return full[-(max_length + 1) :][:-1], list(continuation)
+
+
+@torch.no_grad()
+def score_requests(
+    model: nn.Module,
+    requests: Sequence[Request],
+    batch_size: int = 8,
+    max_length: int = 512,
+    pad_id: int = 0,
+) -> list[float]:
+    """Summed log-probability of each continuation given its context, in the order of ``requests``.
+
+    Requests are batched longest first so each batch pads little, and right-padded so real
+    positions keep their position ids and never attend to padding. Log-softmax runs only on the
+    continuation rows of one batch's logits, never on the full (B, T, V) tensor. Inputs longer
+    than ``max_length`` lose context tokens from the left; continuation tokens are always kept.
+    The model is put in eval mode (no dropout) and its previous mode restored afterwards.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    windows = [_window(req, max_length, i) for i, req in enumerate(requests)]
+    order = sorted(range(len(windows)), key=lambda i: (-len(windows[i][0]), i))
+    device = next(model.parameters()).device
+    scores: list[float] = [0.0] * len(windows)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = len(windows[batch[0]][0])
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                inp = windows[i][0]
+                ids[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+                mask[row, : len(inp)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            sums = []
+            for row, i in enumerate(batch):
+                inp, continuation = windows[i]
+                rows = logits[row, len(inp) - len(continuation) : len(inp)].float()
+                target = torch.tensor(continuation, dtype=torch.long, device=rows.device)
+                sums.append(torch.log_softmax(rows, dim=-1).gather(-1, target[:, None]).sum())
+            del logits
+            for i, value in zip(batch, torch.stack(sums).tolist(), strict=True):
+                scores[i] = float(value)
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """Index of the first maximum: ties go to the earlier choice, deterministically (as numpy.argmax)."""
+    best = 0
+    for i in range(1, len(values)):
+        if values[i] > values[best]:
+            best = i
+    return best
+
+
+def choose(logliks: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
+    """(pred, pred_norm): argmax of the log-likelihood, and of log-likelihood per UTF-8 byte of the choice.
+
+    Ties go to the first maximal index. Byte length is measured on the choice string as given
+    (leading space included), matching lm-evaluation-harness's byte-length normalisation.
+    """
+    if len(logliks) != len(choices):
+        raise ValueError(f"{len(logliks)} log-likelihoods for {len(choices)} choices")
+    if not choices:
+        raise ValueError("no choices to choose from")
+    lengths = [len(c.encode("utf-8")) for c in choices]
+    if min(lengths) == 0:
+        raise ValueError("an empty choice has no byte length to normalise by")
+    return _argmax(logliks), _argmax([ll / n for ll, n in zip(logliks, lengths, strict=True)])
+
+
+def _check_example(example: MCExample, index: int) -> None:
+    """Reject examples whose accuracy would be meaningless, naming the example so data bugs are findable."""
+    if len(example.choices) < 2:
+        raise ValueError(f"example {index} has {len(example.choices)} choice(s); at least 2 are needed")
+    if not 0 <= example.answer < len(example.choices):
+        raise ValueError(
+            f"example {index} has answer index {example.answer}, "
+            f"outside 0..{len(example.choices) - 1} for its {len(example.choices)} choices"
+        )
+    for j, choice in enumerate(example.choices):
+        if not choice:
+            raise ValueError(f"example {index} choice {j} is an empty continuation")
+
+
+def evaluate_multiple_choice(
+    model: nn.Module,
+    tokenizer: Encoder,
+    examples: Sequence[MCExample],
+    batch_size: int = 8,
+    max_length: int = 512,
+    add_bos: bool = False,
+) -> MCResult:
+    """acc and acc_norm over ``examples``; every choice of every example is scored in one batched pass."""
+    if not examples:
+        raise ValueError("nothing to evaluate: no multiple-choice examples")
+    for i, example in enumerate(examples):
+        _check_example(example, i)
+    requests = [encode_pair(tokenizer, ex.prompt, c, add_bos=add_bos) for ex in examples for c in ex.choices]
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    flat = score_requests(model, requests, batch_size=batch_size, max_length=max_length, pad_id=pad_id)
+    logliks: list[list[float]] = []
+    correct = correct_norm = 0
+    offset = 0
+    for example in examples:
+        scores = flat[offset : offset + len(example.choices)]
+        offset += len(example.choices)
+        logliks.append(scores)
+        pred, pred_norm = choose(scores, example.choices)
+        correct += pred == example.answer
+        correct_norm += pred_norm == example.answer
+    n = len(examples)
+    return MCResult(acc=correct / n, acc_norm=correct_norm / n, n=n, logliks=logliks)
