@@ -65,3 +65,26 @@ def test_run_into_a_non_empty_directory_is_refused(corpus_dir, tmp_path):
     result = runner.invoke(app, ["run", str(cfg_path), "--out", str(out)])
     assert result.exit_code == 2
     assert "not empty" in result.output
+
+
+def test_fedcollm_tiny_example_runs_every_algorithm(tmp_path):
+    out = tmp_path / "fc"
+    every = "run.compare=[zero_shot,standalone,fedavg,centralized]"
+    result = runner.invoke(app, ["run", str(ROOT / "examples/fedcollm-tiny.yaml"), every, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    runs = {d.name: load_run(d) for d in tmp_path.iterdir()}
+    assert set(runs) == {"fc", "fc.zero_shot", "fc.standalone", "fc.fedavg", "fc.centralized"}
+    assert runs["fc"].algorithm == "fedcollm" and runs["fc"].final_mc("llm") is not None
+    assert runs["fc.centralized"].final_mc("llm") is not None
+    assert runs["fc.standalone"].final_mc("slm")[2] is not None  # a spread over clients
+    text = (out / "report.md").read_text()
+    for row in (
+        "SLM zero-shot",
+        "SLM standalone",
+        "SLM FedAvg",
+        "SLM FedCoLLM",
+        "LLM centralized",
+        "LLM FedCoLLM",
+    ):
+        assert row in text
+    assert (out / "plots" / "accuracy_per_round.png").is_file()

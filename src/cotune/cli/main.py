@@ -37,16 +37,16 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug lo
 
 
 def print_comparison(run_dirs: list[Path]) -> None:
-    from cotune.reporting.metrics import load_run
-    from cotune.reporting.report import comparison_rows
+    from cotune.reporting.metrics import load_runs
+    from cotune.reporting.report import print_rows_for_cli
 
-    header, rows = comparison_rows([load_run(d) for d in run_dirs])
-    table = Table(title="final validation perplexity per client (lower is better)")
-    for h in header:
-        table.add_column(h, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
+    for title, header, rows in print_rows_for_cli(load_runs(run_dirs)):
+        table = Table(title=title)
+        for h in header:
+            table.add_column(h, justify="right")
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
 
 
 @app.command()
@@ -62,6 +62,7 @@ def run(
     from cotune.assets import AssetError
     from cotune.config import ConfigError, load_config
     from cotune.data.corpora import DataError
+    from cotune.models.compat import TokenizerMismatchError
     from cotune.models.lora import LoraTargetError
     from cotune.reporting.report import write_report
     from cotune.runtime.embedded import ResumeError
@@ -83,6 +84,7 @@ def run(
             dirs = run_experiment(cfg, out_dir, err)
     except (
         AssetError,
+        TokenizerMismatchError,
         ConfigError,
         DataError,
         LoraTargetError,

@@ -97,9 +97,19 @@ def check_paths(cfg: ExperimentConfig) -> None:
     for i, src in enumerate(cfg.data.sources if cfg.data.path is None else []):
         if src.path is not None and not src.path.expanduser().exists():
             problems.append(f"'data.sources.{i}.path': the path {str(src.path)!r} does not exist")
-    name = cfg.model.name
-    if _looks_like_path(name) and not Path(name).expanduser().exists():
-        problems.append(f"'model.name': the path {name!r} does not exist")
+    models = [("model.name", cfg.model.name)]
+    if cfg.llm is not None:
+        models.append(("llm.model.name", cfg.llm.model.name))
+    for key, name in models:
+        if _looks_like_path(name) and not Path(name).expanduser().exists():
+            problems.append(f"'{key}': the path {name!r} does not exist")
+    if cfg.task is not None:
+        task_paths = [("task.path", cfg.task.path)]
+        if cfg.task.source is not None:
+            task_paths.append(("task.source.path", cfg.task.source.path))
+        for key, path in task_paths:
+            if path is not None and not path.expanduser().exists():
+                problems.append(f"'{key}': the path {str(path)!r} does not exist")
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
 

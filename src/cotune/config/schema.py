@@ -106,7 +106,15 @@ class FederationConfig(Section):
     local_steps: PositiveInt = Field(
         25, description="local optimizer steps between aggregations (trust_every)"
     )
-    warmup_steps: int = Field(100, ge=0, description="local-only steps before the first aggregation")
+    warmup_steps: int = Field(
+        100, ge=0, description="personalized: local-only steps before the first aggregation"
+    )
+    local_epochs: PositiveInt | None = Field(
+        None, description="fedcollm family: local epochs per round (overrides local_steps when set)"
+    )
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples", description="fedcollm family: FedAvg weights n_k (local examples) or uniform"
+    )
 
     @property
     def total_steps(self) -> int:
@@ -114,6 +122,8 @@ class FederationConfig(Section):
 
 
 StrategyName = Literal["local", "fedavg", "weight", "validation", "prediction", "oracle"]
+STRATEGIES = ("local", "fedavg", "weight", "validation", "prediction", "oracle")
+COTUNING_ALGORITHMS = ("fedcollm", "fedavg", "standalone", "centralized", "zero_shot")
 
 
 class StrategyConfig(Section):
@@ -147,15 +157,60 @@ class RunConfig(Section):
     seed: int = 0
     out_dir: Path = Path("runs")
     name: str | None = Field(None, description="run directory name (default: the config file's stem)")
-    compare: list[StrategyName] = Field(
-        default_factory=list, description="also run these strategies on identical data, for comparison"
+    compare: list[str] = Field(
+        default_factory=list,
+        description="also run these on identical data: strategies (personalized) or algorithms (fedcollm)",
     )
     threads: PositiveInt | None = Field(None, description="torch CPU threads (default: torch's choice)")
     eval_every: PositiveInt = Field(1, description="evaluate every this many rounds (and always at the end)")
 
 
+class LLMConfig(Section):
+    """The server's large model (FedCoLLM): its frozen base and its server-only LoRA."""
+
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    lr: PositiveFloat | None = Field(None, description="LLM learning rate (default: train.lr)")
+
+
+class TaskConfig(Section):
+    """A multiple-choice task: a topic task from a corpus source, or the user's JSONL."""
+
+    source: SourceConfig | None = Field(None, description="topic task from a corpus (e.g. corpus: bbc)")
+    path: Path | None = Field(None, description='JSONL: {"prompt": ..., "choices": [...], "answer": ...}')
+    labels: list[str] | None = Field(None, description="choices of a topic task (default: every label)")
+    max_chars: PositiveInt = Field(600, description="topic task: article text cut to this many characters")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    max_test_examples: PositiveInt | None = Field(None, description="evaluate on at most this many")
+    partition: PartitionConfig | None = Field(
+        None, description="None/iid: the paper's split (train set into 1 public + K client parts)"
+    )
+    max_length: PositiveInt = Field(512, description="tokens per example (prompt cut from the left)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskConfig:
+        if (self.source is None) == (self.path is None):
+            raise ValueError("task needs exactly one of 'source' (a corpus topic task) or 'path' (JSONL)")
+        return self
+
+
+class DistillConfig(Section):
+    """Server-side mutual knowledge distillation (FedCoLLM step 4)."""
+
+    lam: float = Field(1.0, ge=0.0, description="weight of the KL term")
+    temperature: PositiveFloat = 1.0
+    topk: PositiveInt | None = Field(None, description="keep only the teacher's top-k logits (ref: 128)")
+    epochs: PositiveInt = Field(1, description="passes over the public set per round")
+    max_steps: PositiveInt | None = Field(None, description="cap distillation batches per pass")
+    order: Literal["batch", "epoch"] = Field(
+        "batch", description="batch: SLM step then LLM step on each batch; epoch: alternate by epoch"
+    )
+
+
 class ExperimentConfig(Section):
-    algorithm: Literal["personalized"] = "personalized"
+    algorithm: Literal["personalized", "fedcollm", "fedavg", "standalone", "centralized", "zero_shot"] = (
+        "personalized"
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     model: ModelConfig = ModelConfig()
     lora: LoraSettings = LoraSettings()
@@ -164,3 +219,25 @@ class ExperimentConfig(Section):
     federation: FederationConfig = FederationConfig()
     strategy: StrategyConfig = StrategyConfig()
     run: RunConfig = RunConfig()
+    llm: LLMConfig | None = None
+    task: TaskConfig | None = None
+    distill: DistillConfig = DistillConfig()
+
+    @property
+    def is_cotuning(self) -> bool:
+        """The FedCoLLM family (SPEC A) rather than personalized fine-tuning (SPEC B)."""
+        return self.algorithm != "personalized"
+
+    @model_validator(mode="after")
+    def _sections_for_algorithm(self) -> ExperimentConfig:
+        if self.is_cotuning and self.task is None:
+            raise ValueError(f"algorithm '{self.algorithm}' needs a 'task' section (a multiple-choice task)")
+        family = COTUNING_ALGORITHMS if self.is_cotuning else STRATEGIES
+        wrong = [c for c in self.run.compare if c not in family]
+        if wrong:
+            kind = "algorithms" if self.is_cotuning else "strategies"
+            raise ValueError(f"run.compare {wrong}: expected {kind} from {list(family)}")
+        needs_llm = [a for a in [self.algorithm, *self.run.compare] if a in ("fedcollm", "centralized")]
+        if needs_llm and self.llm is None:
+            raise ValueError(f"algorithm '{needs_llm[0]}' needs an 'llm' section (the server's model)")
+        return self

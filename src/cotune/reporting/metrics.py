@@ -3,6 +3,9 @@
 A run appends one JSON object per line while it trains and may be killed at any moment, so the
 writer fsyncs every line and the reader drops a line that does not parse instead of failing. Record
 types and fields the reader does not know are ignored, so that later features can add their own.
+
+Two algorithm families write here: the personalized one (val perplexity "eval" and "trust" records)
+and the FedCoLLM family (multiple-choice accuracy "mc" and communication "comm" records).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import yaml
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+PERSONALIZED = "personalized"
+# algorithms of the FedCoLLM family (SPEC section A): evaluated by multiple-choice accuracy, not perplexity
+COTUNING_ALGORITHMS = ("zero_shot", "standalone", "fedavg", "fedcollm", "centralized")
 
 
 def _json_default(obj: Any) -> Any:
@@ -126,7 +132,10 @@ def config_value(config: Mapping[str, Any], dotted: str, default: Any = None) ->
 
 @dataclass
 class RunSummary:
-    """What the report needs from one run directory: its config, val perplexities and trust matrices."""
+    """What the report needs from one run directory: its config, val perplexities and trust matrices.
+
+    FedCoLLM-family runs add multiple-choice accuracies (mc) and per-client traffic (comm).
+    """
 
     run_dir: Path
     label: str
@@ -134,6 +143,17 @@ class RunSummary:
     ppl_by_round: dict[int, dict[int, float]] = field(default_factory=dict)
     trust: list[tuple[int, list[list[float]]]] = field(default_factory=list)
     ended: bool = False  # a {"type": "run", "event": "end"} record was seen (False for a killed run)
+    algorithm: str = PERSONALIZED
+    # model ("slm" | "llm") -> round -> records {"client": int | None, "acc", "acc_norm", "n"}; one
+    # record per client (client None = the global/server model), sorted with the global one first
+    mc: dict[str, dict[int, list[dict[str, Any]]]] = field(default_factory=dict)
+    # {"round", "client", "bytes_up", "bytes_down", "full_slm_bytes", "ratio"}, sorted by (round, client)
+    comm: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def is_cotuning(self) -> bool:
+        """A FedCoLLM-family run, whose report is accuracy-based rather than perplexity-based."""
+        return self.algorithm in COTUNING_ALGORITHMS
 
     @property
     def clients(self) -> list[int]:
@@ -170,9 +190,134 @@ class RunSummary:
         """The trust matrix of the latest aggregation, or None for strategies that record none."""
         return self.trust[-1] if self.trust else None
 
+    # ------------------------------------------------------------------ multiple-choice accuracy
+
+    def mc_rounds(self, model: str) -> list[int]:
+        """Rounds with a usable accuracy figure for model ("slm" | "llm").
+
+        A round counts when it has a global record (client None) or a record for every client seen for
+        that model, so a run killed mid-evaluation does not report a mean over some clients only; if no
+        round qualifies, every round with records counts (as for complete_rounds).
+        """
+        by_round = self.mc.get(model, {})
+        everyone = {r["client"] for recs in by_round.values() for r in recs if r["client"] is not None}
+        complete = [
+            rnd
+            for rnd, recs in by_round.items()
+            if any(r["client"] is None for r in recs)
+            or (everyone and {r["client"] for r in recs} >= everyone)
+        ]
+        return sorted(complete) if complete else sorted(by_round)
+
+    def mc_at(self, model: str, rnd: int) -> list[dict[str, Any]]:
+        """The records behind model's figure at rnd: the global one if logged, else the per-client ones."""
+        recs = self.mc.get(model, {}).get(rnd, [])
+        global_recs = [r for r in recs if r["client"] is None]
+        return global_recs[-1:] if global_recs else recs
+
+    def mc_summary(self, model: str, rnd: int) -> tuple[float, float, float | None] | None:
+        """(mean acc, mean acc_norm, population std of acc over clients or None for a global model) at rnd."""
+        recs = self.mc_at(model, rnd)
+        if not recs:
+            return None
+        accs = [r["acc"] for r in recs]
+        std = None if recs[0]["client"] is None else _pstdev(accs)
+        return _mean(accs), _mean([r["acc_norm"] for r in recs]), std
+
+    def final_mc_round(self, model: str | None = None) -> int | None:
+        """The last usable accuracy round of model (of any model when None); None without mc records."""
+        models = [model] if model is not None else list(self.mc)
+        rounds = [rnd for m in models for rnd in self.mc_rounds(m)]
+        return max(rounds) if rounds else None
+
+    def final_mc(self, model: str) -> tuple[float, float, float | None] | None:
+        """(mean acc, mean acc_norm, std of acc over clients or None) at model's final usable round."""
+        last = self.final_mc_round(model)
+        return None if last is None else self.mc_summary(model, last)
+
+    def zero_shot_mc(self, model: str) -> tuple[float, float, float | None] | None:
+        """Like final_mc, at round 0 (evaluated before any training, i.e. the zero-shot model)."""
+        return self.mc_summary(model, 0) if 0 in self.mc.get(model, {}) else None
+
+    def mc_curve(self, model: str) -> list[tuple[int, float]]:
+        """(round, mean acc over clients, or the global model's acc) for each usable round of model."""
+        out: list[tuple[int, float]] = []
+        for rnd in self.mc_rounds(model):
+            summary = self.mc_summary(model, rnd)
+            if summary is not None:
+                out.append((rnd, summary[0]))
+        return out
+
+    def comm_per_round(self) -> list[dict[str, Any]]:
+        """Per round: client count and means over clients of bytes_up, bytes_down, full_slm_bytes, ratio."""
+        by_round: dict[int, list[dict[str, Any]]] = {}
+        for rec in self.comm:
+            by_round.setdefault(rec["round"], []).append(rec)
+        return [
+            {
+                "round": rnd,
+                "clients": len(recs),
+                "bytes_up": _mean([r["bytes_up"] for r in recs]),
+                "bytes_down": _mean([r["bytes_down"] for r in recs]),
+                "full_slm_bytes": _mean([r["full_slm_bytes"] for r in recs]),
+                "ratio": _mean([r["ratio"] for r in recs]),
+            }
+            for rnd, recs in sorted(by_round.items())
+        ]
+
 
 def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else math.nan
+
+
+def _pstdev(values: Sequence[float]) -> float:
+    """Population std (ddof=0): the clients are all of them, not a sample."""
+    if not values:
+        return math.nan
+    mean = _mean(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+
+
+def _mc_record(rec: Mapping[str, Any]) -> tuple[str, int, dict[str, Any]] | None:
+    """(model, round, normalised record) of an "mc" record, or None when malformed (ignored, not fatal)."""
+    model, rnd, acc = rec.get("model"), _as_int(rec.get("round")), _as_float(rec.get("acc"))
+    client = rec.get("client")
+    if not isinstance(model, str) or not model or rnd is None or acc is None:
+        return None
+    if client is not None:
+        client = _as_int(client)
+        if client is None:
+            return None
+    acc_norm = _as_float(rec.get("acc_norm"))
+    return (
+        model,
+        rnd,
+        {
+            "client": client,
+            "acc": acc,
+            "acc_norm": math.nan if acc_norm is None else acc_norm,
+            "n": _as_int(rec.get("n")),
+        },
+    )
+
+
+def _comm_record(rec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A "comm" record with every field numeric, or None when malformed."""
+    rnd, client = _as_int(rec.get("round")), _as_int(rec.get("client"))
+    up, down, full = (_as_float(rec.get(k)) for k in ("bytes_up", "bytes_down", "full_slm_bytes"))
+    if rnd is None or client is None or up is None or down is None or full is None:
+        return None
+    ratio = _as_float(rec.get("ratio"))
+    if ratio is None:
+        ratio = up / full if full > 0 else math.nan
+    return {
+        "round": rnd,
+        "client": client,
+        "bytes_up": up,
+        "bytes_down": down,
+        "full_slm_bytes": full,
+        "ratio": ratio,
+    }
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -193,9 +338,11 @@ def _read_config(path: Path) -> dict[str, Any]:
 def load_run(run_dir: Path) -> RunSummary:
     """Summarise one run directory (config.yaml + metrics.jsonl).
 
-    The label is the config's strategy.name, else the strategy of the run's start record, else the
-    directory name. Raises FileNotFoundError naming the path when the directory or its metrics.jsonl
-    is missing.
+    The algorithm is the config's top-level algorithm, else that of the run's start record, else
+    "personalized". A personalized run's label is the config's strategy.name, else the strategy of the
+    run's start record, else the directory name; any other algorithm's label is the algorithm name
+    (its strategy, if any, would not tell FedCoLLM from its baselines). Raises FileNotFoundError naming
+    the path when the directory or its metrics.jsonl is missing.
     """
     run_dir = Path(run_dir)
     if not run_dir.exists():
@@ -213,7 +360,10 @@ def load_run(run_dir: Path) -> RunSummary:
 
     ppl_by_round: dict[int, dict[int, float]] = {}
     trust: list[tuple[int, list[list[float]]]] = []
+    mc: dict[str, dict[int, dict[int | None, dict[str, Any]]]] = {}
+    comm: dict[tuple[int, int], dict[str, Any]] = {}
     run_strategy: str | None = None
+    run_algorithm: str | None = None
     ended = False
     for rec in records:
         kind = rec.get("type")
@@ -232,14 +382,30 @@ def load_run(run_dir: Path) -> RunSummary:
             rnd, matrix = _as_int(rec.get("round")), _as_matrix(rec.get("matrix"))
             if rnd is not None and matrix is not None:
                 trust.append((rnd, matrix))
+        elif kind == "mc":
+            parsed = _mc_record(rec)
+            if parsed is not None:
+                model, rnd, mc_rec = parsed
+                mc.setdefault(model, {}).setdefault(rnd, {})[mc_rec["client"]] = mc_rec  # later one wins
+        elif kind == "comm":
+            comm_rec = _comm_record(rec)
+            if comm_rec is not None:
+                comm[(comm_rec["round"], comm_rec["client"])] = comm_rec  # a repeated record: later wins
         elif kind == "run":
-            if rec.get("event") == "start" and isinstance(rec.get("strategy"), str):
-                run_strategy = run_strategy or rec["strategy"]
+            if rec.get("event") == "start":
+                if isinstance(rec.get("strategy"), str):
+                    run_strategy = run_strategy or rec["strategy"]
+                if isinstance(rec.get("algorithm"), str):
+                    run_algorithm = run_algorithm or rec["algorithm"]
             elif rec.get("event") == "end":
                 ended = True
 
-    strategy = config_value(config, "strategy.name")
-    label = str(strategy) if strategy else (run_strategy or run_dir.resolve().name)
+    algorithm = str(config_value(config, "algorithm") or run_algorithm or PERSONALIZED)
+    if algorithm == PERSONALIZED:
+        strategy = config_value(config, "strategy.name")
+        label = str(strategy) if strategy else (run_strategy or run_dir.resolve().name)
+    else:
+        label = algorithm
     return RunSummary(
         run_dir=run_dir,
         label=label,
@@ -247,6 +413,15 @@ def load_run(run_dir: Path) -> RunSummary:
         ppl_by_round={r: dict(sorted(ppl_by_round[r].items())) for r in sorted(ppl_by_round)},
         trust=sorted(trust, key=lambda item: item[0]),
         ended=ended,
+        algorithm=algorithm,
+        mc={
+            model: {
+                rnd: sorted(per_client.values(), key=lambda r: (r["client"] is not None, r["client"] or 0))
+                for rnd, per_client in sorted(by_round.items())
+            }
+            for model, by_round in sorted(mc.items())
+        },
+        comm=[comm[key] for key in sorted(comm)],
     )
 
 

@@ -4,6 +4,10 @@ Only numbers read from the runs' metrics go in: no interpretation. Plots use mat
 object-oriented API on an Agg canvas, so no display is needed and the global pyplot backend of
 whoever imports this module is left alone; matplotlib is imported only when plots are drawn, which
 keeps `cotune` commands that just print comparison_rows fast.
+
+Personalized runs are compared by validation perplexity (and trust matrices); FedCoLLM-family runs by
+multiple-choice test accuracy (cotuning_rows) and adapter traffic (comm_rows). A report over a mix of
+both has the sections of each, each over the runs it applies to.
 """
 
 from __future__ import annotations
@@ -72,6 +76,175 @@ def round_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
     rounds = sorted({r for curve in curves for r in curve})
     header = ["round", *unique_labels(runs)]
     return header, [[str(r), *(_fmt(curve.get(r)) for curve in curves)] for r in rounds]
+
+
+# ------------------------------------------------------------------------------- FedCoLLM family
+
+PPL_TITLE = "final validation perplexity per client (lower is better)"
+COTUNING_TITLE = "multiple-choice test accuracy, % (higher is better)"
+COMM_TITLE = "adapter traffic per client per round (% of the full SLM)"
+COTUNING_HEADER = ["setting", "acc (%)", "acc_norm (%)", "run"]
+COMM_HEADER = ["run", "rounds", "clients", "up / client / round", "down / client / round", "total up + down"]
+# (setting, model, algorithm whose final round gives the figure); zero-shot rows are filled separately
+_TRAINED_ROWS = (
+    ("SLM standalone", "slm", "standalone"),
+    ("SLM FedAvg", "slm", "fedavg"),
+    ("SLM FedCoLLM", "slm", "fedcollm"),
+    ("LLM centralized", "llm", "centralized"),
+    ("LLM FedCoLLM", "llm", "fedcollm"),
+)
+
+
+def _pct(value: float, std: float | None = None) -> str:
+    """An accuracy fraction as a percentage, with ± std over clients when there is one."""
+    text = _fmt(100.0 * value)
+    return text if std is None else f"{text} ± {_fmt(100.0 * std)}"
+
+
+def _ppl_runs(runs: Sequence[RunSummary]) -> list[RunSummary]:
+    """Runs the perplexity sections apply to: personalized ones, and any other that logged val perplexity."""
+    return [run for run in runs if not run.is_cotuning or run.ppl_by_round]
+
+
+def _cotuning_runs(runs: Sequence[RunSummary]) -> list[RunSummary]:
+    return [run for run in runs if run.is_cotuning]
+
+
+def _mc_cells(run: RunSummary, model: str, rnd: int) -> tuple[str, str]:
+    """acc and acc_norm cells at rnd; std over clients goes on acc_norm too, it spreads the same way."""
+    recs = run.mc_at(model, rnd)
+    summary = run.mc_summary(model, rnd)
+    if summary is None:
+        return MISSING, MISSING
+    acc, acc_norm, std = summary
+    std_norm = None if std is None else mean_std([r["acc_norm"] for r in recs])[1]
+    return _pct(acc, std), _pct(acc_norm, std_norm)
+
+
+def _zero_shot_row(setting: str, model: str, runs: Sequence[RunSummary], labels: Sequence[str]) -> list[str]:
+    """From a zero_shot run if there is one, else from round 0 (before training) of another run.
+
+    Among other runs, one whose round 0 is a single global-model record is preferred over per-client
+    records (the same base model scored once, rather than a mean ± 0 over identical copies); then run order.
+    """
+    candidates = [(run, label) for run, label in zip(runs, labels, strict=True) if 0 in run.mc.get(model, {})]
+
+    def rank(item: tuple[RunSummary, str]) -> int:
+        run = item[0]
+        if run.algorithm == "zero_shot":
+            return 0
+        return 1 if run.mc_at(model, 0)[0]["client"] is None else 2
+
+    if not candidates:
+        return [setting, MISSING, MISSING, MISSING]
+    run, label = min(candidates, key=rank)  # min keeps the first of equal rank: run order breaks ties
+    source = label if run.algorithm == "zero_shot" else f"{label}, round 0"
+    return [setting, *_mc_cells(run, model, 0), source]
+
+
+def cotuning_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the FedCoLLM paper's table: test accuracy of each model under each setting.
+
+    Figures are percentages at each run's final usable round (RunSummary.final_mc); a setting with
+    several runs gets a row per run, a missing one a row of "—". Zero-shot comes from a zero_shot run,
+    else from round 0 of another run (named in the run column). Per-client figures (standalone) are
+    mean ± population std over clients. When FedCoLLM and centralized LLM figures both exist, a last row
+    gives FedCoLLM's LLM accuracy as a percent of centralized's (the paper's 97–99% claim).
+    """
+    runs = _cotuning_runs(runs)
+    labels = unique_labels(runs)
+    rows: list[list[str]] = [_zero_shot_row("SLM zero-shot", "slm", runs, labels)]
+    for setting, model, algorithm in _TRAINED_ROWS:
+        if setting == "LLM centralized":
+            rows.append(_zero_shot_row("LLM zero-shot", "llm", runs, labels))
+        found = False
+        for run, label in zip(runs, labels, strict=True):
+            last = run.final_mc_round(model)
+            if run.algorithm != algorithm or last is None:
+                continue
+            rows.append([setting, *_mc_cells(run, model, last), label])
+            found = True
+        if not found:
+            rows.append([setting, MISSING, MISSING, MISSING])
+
+    fedcollm = [(r, lab) for r, lab in zip(runs, labels, strict=True) if r.algorithm == "fedcollm"]
+    central = [(r, lab) for r, lab in zip(runs, labels, strict=True) if r.algorithm == "centralized"]
+    for fed_run, fed_label in fedcollm:
+        fed = fed_run.final_mc("llm")
+        for cen_run, cen_label in central:
+            cen = cen_run.final_mc("llm")
+            if fed is None or cen is None:
+                continue
+            acc, acc_norm = (
+                f"{_fmt(100.0 * f / c)}%" if c else MISSING for f, c in zip(fed[:2], cen[:2], strict=True)
+            )
+            rows.append(["LLM FedCoLLM / centralized", acc, acc_norm, f"{fed_label} / {cen_label}"])
+    return list(COTUNING_HEADER), rows
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units (kB = 1000 B), three significant digits: "1.2 MB" reads faster than 1200000."""
+    if not math.isfinite(n):
+        return _fmt(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 999.5 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000.0
+    raise AssertionError("unreachable")
+
+
+def _bytes_and_share(n: float, full: float) -> str:
+    return f"{human_bytes(n)} ({100.0 * n / full:.3g}%)" if full > 0 else human_bytes(n)
+
+
+def comm_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the traffic table: one row per FedCoLLM-family run.
+
+    Up/down are mean bytes one client sends/receives in one round (over all comm records), with the
+    share of the full SLM in brackets; runs that log no traffic (standalone, centralized, zero-shot)
+    show "—".
+    """
+    runs = _cotuning_runs(runs)
+    rows: list[list[str]] = []
+    for run, label in zip(runs, unique_labels(runs), strict=True):
+        if not run.comm:
+            rows.append([label, MISSING, MISSING, MISSING, MISSING, MISSING])
+            continue
+        rounds = {r["round"] for r in run.comm}
+        clients = {r["client"] for r in run.comm}
+        full = math.fsum(r["full_slm_bytes"] for r in run.comm) / len(run.comm)
+        up = math.fsum(r["bytes_up"] for r in run.comm)
+        down = math.fsum(r["bytes_down"] for r in run.comm)
+        rows.append(
+            [
+                label,
+                str(len(rounds)),
+                str(len(clients)),
+                _bytes_and_share(up / len(run.comm), full),
+                _bytes_and_share(down / len(run.comm), full),
+                human_bytes(up + down),
+            ]
+        )
+    return list(COMM_HEADER), rows
+
+
+def print_rows_for_cli(runs: Sequence[RunSummary]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of each table the CLI should print for these runs, in order.
+
+    The perplexity comparison when there are personalized runs, the co-tuning accuracy table and the
+    traffic table (when any run logged traffic) when there are FedCoLLM-family runs; each over the
+    runs it applies to, so a mixed set prints both without columns of "—".
+    """
+    tables: list[tuple[str, list[str], list[list[str]]]] = []
+    ppl_runs = _ppl_runs(runs)
+    if ppl_runs:
+        tables.append((PPL_TITLE, *comparison_rows(ppl_runs)))
+    cot_runs = _cotuning_runs(runs)
+    if cot_runs:
+        tables.append((COTUNING_TITLE, *cotuning_rows(cot_runs)))
+        if any(run.comm for run in cot_runs):
+            tables.append((COMM_TITLE, *comm_rows(cot_runs)))
+    return tables
 
 
 def _md_cell(text: str) -> str:
@@ -201,6 +374,58 @@ def _plot_trust(matrix: list[list[float]], title: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _accuracy_series(run: RunSummary) -> list[tuple[str, list[tuple[int, float]]]]:
+    """(model, accuracy curve) for each model worth a curve: not one only evaluated at round 0 while the
+    run trained something else (e.g. FedAvg's untouched LLM), whose single point is just its zero-shot figure.
+    """
+    trained = any(r > 0 for by_round in run.mc.values() for r in by_round)
+    out: list[tuple[str, list[tuple[int, float]]]] = []
+    for model in ("slm", "llm"):
+        curve = run.mc_curve(model)
+        if curve and (not trained or any(r > 0 for r, _ in curve)):
+            out.append((model, curve))
+    return out
+
+
+def _plot_accuracy_per_round(runs: Sequence[RunSummary], labels: Sequence[str], path: Path) -> bool:
+    """SLM accuracy per round (solid) and LLM accuracy per round (dashed), one colour per run.
+
+    A run evaluated only at round 0 (zero_shot) is drawn as horizontal lines across the rounds (SLM dotted,
+    LLM dash-dot).
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    series: list[tuple[int, str, str, list[tuple[int, float]]]] = []
+    for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
+        for model, curve in _accuracy_series(run):
+            finite = [(r, 100.0 * v) for r, v in curve if math.isfinite(v)]
+            if finite:
+                series.append((i, model, label, finite))
+    if not series:
+        return False
+    fig = _new_figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    any_trained = any(r > 0 for _, _, _, curve in series for r, _ in curve)
+    for i, model, label, curve in series:
+        xs, ys = zip(*curve, strict=True)
+        colour, name = f"C{i % 10}", f"{label} ({model.upper()})"
+        if any_trained and max(xs) == 0:  # a zero-shot run: a reference level, not a point under the others
+            ax.axhline(
+                ys[-1], linestyle=":" if model == "slm" else "-.", color=colour, label=f"{name}, round 0"
+            )
+            continue
+        style, marker = ("-", "o") if model == "slm" else ("--", "s")
+        ax.plot(xs, ys, style, marker=marker, color=colour, label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round (0 = before training)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Multiple-choice test accuracy per round (SLM solid, LLM dashed)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return True
+
+
 # -------------------------------------------------------------------------------------------- report
 
 
@@ -218,8 +443,16 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
     plots = out / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
 
-    has_round_plot = _plot_ppl_per_round(runs, labels, plots / "ppl_per_round.png")
-    has_client_plot = _plot_ppl_per_client(runs, labels, plots / "ppl_per_client.png")
+    ppl_runs = _ppl_runs(runs)
+    ppl_labels = [run.label for run in ppl_runs]
+    has_round_plot = bool(ppl_runs) and _plot_ppl_per_round(ppl_runs, ppl_labels, plots / "ppl_per_round.png")
+    has_client_plot = bool(ppl_runs) and _plot_ppl_per_client(
+        ppl_runs, ppl_labels, plots / "ppl_per_client.png"
+    )
+    cot_runs = _cotuning_runs(runs)
+    has_acc_plot = bool(cot_runs) and _plot_accuracy_per_round(
+        cot_runs, [run.label for run in cot_runs], plots / "accuracy_per_round.png"
+    )
     trust_plots: dict[int, str] = {}
     used: set[str] = set()
     for i, run in enumerate(runs):
@@ -233,7 +466,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
         _plot_trust(last[1], f"Trust matrix: {run.label}, round {last[0]}", plots / name)
         trust_plots[i] = f"{PLOTS_DIR}/{name}"
 
-    md = _report_markdown(runs, labels, has_round_plot, has_client_plot, trust_plots)
+    md = _report_markdown(runs, labels, has_round_plot, has_client_plot, trust_plots, has_acc_plot)
     path = out / REPORT_FILE
     path.write_text(md, encoding="utf-8")
     return path
@@ -245,13 +478,16 @@ def _report_markdown(
     has_round_plot: bool,
     has_client_plot: bool,
     trust_plots: dict[int, str],
+    has_acc_plot: bool = False,
 ) -> str:
+    any_cotuning = any(run.is_cotuning for run in runs)
     parts: list[str] = [f"# cotune report: {', '.join(labels)}", "", "## Runs compared", ""]
     run_header = [
         "run",
         "strategy",
         "algorithm",
         "model",
+        *(["LLM"] if any_cotuning else []),
         "clients",
         "rounds",
         "seed",
@@ -265,10 +501,11 @@ def _report_markdown(
             _setting(run, "strategy.name"),
             _setting(run, "algorithm"),
             _setting(run, "model.name"),
+            *([_setting(run, "llm.model.name")] if any_cotuning else []),
             _setting(run, "federation.clients"),
             _setting(run, "federation.rounds"),
             _setting(run, "run.seed"),
-            MISSING if run.final_round() is None else str(run.final_round()),
+            _final_eval_round(run),
             "yes" if run.ended else "no",
             f"`{run.run_dir.resolve()}`",
         ]
@@ -280,6 +517,44 @@ def _report_markdown(
         '"end recorded" is whether the run logged its end event.',
         "",
     ]
+    if any_cotuning:
+        parts[-1:] = [
+            "For FedCoLLM-family runs it is the last round with a multiple-choice accuracy for every "
+            "client (or for the global model).",
+            "",
+        ]
+
+    ppl_idx = [i for i, run in enumerate(runs) if not run.is_cotuning or run.ppl_by_round]
+    if ppl_idx:
+        parts += _ppl_markdown(
+            [runs[i] for i in ppl_idx],
+            [labels[i] for i in ppl_idx],
+            has_round_plot,
+            has_client_plot,
+            [trust_plots.get(i) for i in ppl_idx],
+        )
+    if any_cotuning:
+        parts += _cotuning_markdown([run for run in runs if run.is_cotuning], has_acc_plot)
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _final_eval_round(run: RunSummary) -> str:
+    """The perplexity final round; for a FedCoLLM-family run, its last usable accuracy round."""
+    last = run.final_round()
+    if last is None and run.is_cotuning:
+        last = run.final_mc_round()
+    return MISSING if last is None else str(last)
+
+
+def _ppl_markdown(
+    runs: Sequence[RunSummary],
+    labels: Sequence[str],
+    has_round_plot: bool,
+    has_client_plot: bool,
+    trust_plots: Sequence[str | None],
+) -> list[str]:
+    """The perplexity and trust sections (everything a personalized-only report had after the runs table)."""
+    parts: list[str] = []
 
     parts += ["## Final validation perplexity per client", ""]
     parts += [
@@ -319,4 +594,59 @@ def _report_markdown(
         rows = [[str(r), *(_fmt(v, 3) for v in row)] for r, row in enumerate(matrix)]
         parts += [f"### {label} (round {rnd})", "", _md_table(header, rows), ""]
         parts += [f"![Trust matrix of {label}]({trust_plots[i]})", ""]
-    return "\n".join(parts).rstrip() + "\n"
+    return parts
+
+
+def _cotuning_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[str]:
+    """The FedCoLLM sections: the paper's accuracy table, accuracy per round, and adapter traffic."""
+    parts: list[str] = ["## Co-tuning: multiple-choice test accuracy", ""]
+    parts += [
+        "Accuracy (%) on the held-out test split at each run's final eval round; acc_norm normalises "
+        "each choice's log-likelihood by its length. Standalone figures are mean ± std over clients "
+        "(population std, ddof=0). Zero-shot rows come from a zero_shot run, or else from round 0 "
+        '(before training) of the run named. "LLM FedCoLLM / centralized" is FedCoLLM\'s LLM accuracy '
+        "as a percent of the centralized LLM's.",
+        "",
+    ]
+    header, rows = cotuning_rows(runs)
+    parts += [_md_table(header, rows, align_right_from=1), ""]
+
+    parts += ["## Co-tuning: accuracy per round", ""]
+    curve_rows = _accuracy_round_rows(runs)
+    if curve_rows[1]:
+        parts += [
+            "Test accuracy (%) per round: the global model's, or the mean over clients for per-client "
+            "runs; round 0 is the evaluation before any training.",
+            "",
+            _md_table(*curve_rows),
+            "",
+        ]
+    else:
+        parts += ["No multiple-choice evaluations recorded.", ""]
+    if has_acc_plot:
+        parts += ["![Test accuracy per round](plots/accuracy_per_round.png)", ""]
+
+    parts += ["## Co-tuning: communication", ""]
+    parts += [
+        "Bytes one client sends (up) or receives (down) per round, mean over rounds and clients, with "
+        "the share of the full SLM's size in brackets; total is over all clients and rounds. "
+        "Units are decimal (1 MB = 10^6 bytes).",
+        "",
+    ]
+    header, rows = comm_rows(runs)
+    parts += [_md_table(header, rows), ""]
+    return parts
+
+
+def _accuracy_round_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """Round-by-round accuracy (%), a column per (run, model) curve that the plot also draws."""
+    columns: list[tuple[str, dict[int, float]]] = []
+    for run, label in zip(runs, unique_labels(runs), strict=True):
+        for model, curve in _accuracy_series(run):
+            columns.append((f"{label} {model.upper()}", dict(curve)))
+    rounds = sorted({r for _, curve in columns for r in curve})
+    header = ["round", *(name for name, _ in columns)]
+    rows = [
+        [str(r), *(MISSING if r not in curve else _pct(curve[r]) for _, curve in columns)] for r in rounds
+    ]
+    return header, rows

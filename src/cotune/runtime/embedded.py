@@ -8,8 +8,6 @@ algorithm code returns the trust matrix and the new adapters.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cotune.algorithms.personalized import REQUIRED_EVIDENCE, TrustEvidence, aggregate
 from cotune.algorithms.trust import PredictionDistance
-from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
 from cotune.data.windows import ClientData, FederatedData, WindowSampler
 from cotune.evaluation.lm import evaluate_lm
 from cotune.models.lora import AdapterPool
-from cotune.reporting.metrics import append_metrics, read_metrics
+from cotune.reporting.metrics import append_metrics
 from cotune.runtime.checkpoint import (
     latest_checkpoint,
     load_state,
@@ -34,21 +31,10 @@ from cotune.runtime.checkpoint import (
     save_state,
     write_checkpoint,
 )
+from cotune.runtime.common import ResumeError, client_name, config_fingerprint, truncate_metrics
 from cotune.training.loop import make_optimizer, make_scheduler, train_step
 
-
-class ResumeError(RuntimeError):
-    """A run directory that cannot be resumed with this config."""
-
-
-def config_fingerprint(cfg: ExperimentConfig) -> str:
-    """What must match for a checkpoint to be resumed (everything but the run's bookkeeping)."""
-    text = dump_config(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": None})}))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def client_name(index: int) -> str:
-    return f"client-{index:02d}"
+__all__ = ["PersonalizedRuntime", "ResumeError", "client_name", "config_fingerprint"]
 
 
 @dataclass
@@ -310,12 +296,6 @@ class PersonalizedRuntime:
             c.scheduler.load_state_dict(cs["scheduler"])
             c.sampler.load_state_dict(cs["sampler"])
         restore_rng(state["rng"])
-        # Drop records of the round that was in progress when the run stopped.
-        kept = [
-            m for m in read_metrics(self.metrics_path) if m.get("type") == "run" or m.get("round", 0) <= r
-        ]
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(m, separators=(",", ":")) + "\n" for m in kept))
-        tmp.replace(self.metrics_path)
+        truncate_metrics(self.metrics_path, r)
         self.log({"type": "run", "event": "resume", "after_round": r, "time": time.time()})
         return r

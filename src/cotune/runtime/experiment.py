@@ -13,11 +13,15 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from cotune.algorithms.fedcollm import PLANS
 from cotune.config.loader import dump_config, load_config
 from cotune.config.schema import ExperimentConfig
+from cotune.data.task_data import build_task_data
 from cotune.data.windows import build_federated_data
+from cotune.models.compat import check_same_tokenizer
 from cotune.models.loader import load_base_model, resolve_device, resolve_dtype
 from cotune.models.lora import AdapterPool
+from cotune.runtime.cotuning import LLM_ADAPTER, SERVER, CoTuningRuntime
 from cotune.runtime.embedded import PersonalizedRuntime, ResumeError, client_name
 
 log = logging.getLogger("cotune")
@@ -29,22 +33,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def baseline_strategies(cfg: ExperimentConfig) -> list[str]:
-    return [s for s in dict.fromkeys(cfg.run.compare) if s != cfg.strategy.name]
+def baseline_names(cfg: ExperimentConfig) -> list[str]:
+    """What `run.compare` adds: strategies (personalized) or algorithms (FedCoLLM family)."""
+    main = cfg.algorithm if cfg.is_cotuning else cfg.strategy.name
+    return [s for s in dict.fromkeys(cfg.run.compare) if s != main]
 
 
 def comparison_dirs(run_dir: Path, cfg: ExperimentConfig) -> list[Path]:
-    """The main run directory, then one sibling `<run_dir>.<strategy>` per `run.compare` strategy."""
-    return [run_dir] + [run_dir.with_name(f"{run_dir.name}.{s}") for s in baseline_strategies(cfg)]
+    """The main run directory, then one sibling `<run_dir>.<name>` per `run.compare` entry."""
+    return [run_dir] + [run_dir.with_name(f"{run_dir.name}.{s}") for s in baseline_names(cfg)]
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
-    """runs/<name>, or runs/<name>-2, -3... so a rerun never overwrites an earlier run."""
-    base = cfg.run.out_dir / (cfg.run.name or "run")
-    candidate, n = base, 1
+    """runs/<name> (runs/<name>.<algorithm> for the FedCoLLM family); -2, -3... if taken."""
+    name = cfg.run.name or "run"
+    suffix = f".{cfg.algorithm}" if cfg.is_cotuning else ""
+    candidate, n = cfg.run.out_dir / f"{name}{suffix}", 1
     while any(d.exists() for d in comparison_dirs(candidate, cfg)):
         n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
+        candidate = cfg.run.out_dir / f"{name}-{n}{suffix}"
     return candidate
 
 
@@ -57,29 +64,32 @@ def init_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
     (run_dir / "config.yaml").write_text(dump_config(cfg))
 
 
-def strategy_variant(cfg: ExperimentConfig, strategy: str) -> ExperimentConfig:
-    return cfg.model_copy(
-        update={
-            "strategy": cfg.strategy.model_copy(update={"name": strategy}),
-            "run": cfg.run.model_copy(update={"compare": []}),
-        },
-        deep=True,
-    )
+def variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
+    """The same experiment with another strategy (personalized) or algorithm (FedCoLLM family)."""
+    update: dict = {"run": cfg.run.model_copy(update={"compare": []})}
+    if cfg.is_cotuning:
+        update["algorithm"] = name
+    else:
+        update["strategy"] = cfg.strategy.model_copy(update={"name": name})
+    return cfg.model_copy(update=update, deep=True)
 
 
 def run_experiment(
     cfg: ExperimentConfig, run_dir: Path | None = None, console: Console | None = None
 ) -> list[Path]:
-    """Run the configured strategy, then each `run.compare` strategy on identical data and init.
+    """Run the configured experiment, then each `run.compare` entry on identical data and init.
 
     Returns the run directories, the main run first.
     """
     console = console or Console(stderr=True)
     run_dir = run_dir or default_run_dir(cfg)
     dirs = comparison_dirs(run_dir, cfg)
-    variants = [cfg] + [strategy_variant(cfg, s) for s in baseline_strategies(cfg)]
+    variants = [cfg] + [variant(cfg, s) for s in baseline_names(cfg)]
     for d, v in zip(dirs, variants, strict=True):
         init_run_dir(d, v)
+    if cfg.is_cotuning:
+        _run_cotuning(variants, dirs, console)
+        return dirs
 
     base, tokenizer, device = _load_model(cfg, console)
     data = _load_data(cfg, tokenizer, console)
@@ -99,12 +109,51 @@ def resume_experiment(run_dir: Path, console: Console | None = None) -> Path:
         raise ResumeError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(config_path)
     cfg.run.name = run_dir.name
+    if cfg.is_cotuning:
+        _run_cotuning([cfg], [run_dir], console, resume=True)
+        return run_dir
     base, tokenizer, device = _load_model(cfg, console)
     data = _load_data(cfg, tokenizer, console)
     seed_everything(cfg.run.seed)
     pool = AdapterPool(base, cfg.lora, [client_name(i) for i in range(cfg.federation.clients)])
     PersonalizedRuntime(cfg, pool, data, run_dir, device, console).run(resume=True)
     return run_dir
+
+
+def _needs_llm(cfg: ExperimentConfig) -> bool:
+    return cfg.llm is not None and (PLANS[cfg.algorithm].uses_llm or cfg.algorithm == "zero_shot")
+
+
+def _run_cotuning(
+    variants: list[ExperimentConfig], dirs: list[Path], console: Console, resume: bool = False
+) -> None:
+    """FedCoLLM and its baselines: load the SLM (and the LLM once, if any variant needs it)."""
+    cfg = variants[0]
+    slm_base, tokenizer, device = _load_model(cfg, console)
+    llm_base = None
+    if any(_needs_llm(v) for v in variants):
+        assert cfg.llm is not None
+        llm_cfg = cfg.model_copy(update={"model": cfg.llm.model})
+        llm_base, llm_tokenizer, _ = _load_model(llm_cfg, console)
+        check_same_tokenizer(tokenizer, llm_tokenizer, (cfg.model.name, cfg.llm.model.name))
+    assert cfg.task is not None
+    with console.status("building the task splits"):
+        task = build_task_data(cfg.task, cfg.federation.clients, tokenizer, cfg.run.seed)
+    sizes = ", ".join(str(n) for n in task.client_sizes)
+    console.print(f"  task: {len(task.public)} public, clients [{sizes}], {len(task.test)} test examples")
+    for d, v in zip(dirs, variants, strict=True):
+        console.print(f"[bold]algorithm {v.algorithm}[/] -> {d}")
+        seed_everything(v.run.seed)
+        names = [client_name(i) for i in range(v.federation.clients)] + [SERVER]
+        slm = AdapterPool(slm_base, v.lora, names)
+        llm = None
+        if _needs_llm(v):
+            assert v.llm is not None and llm_base is not None
+            llm = AdapterPool(llm_base, v.llm.lora, [LLM_ADAPTER])
+        CoTuningRuntime(v, slm, llm, task, tokenizer, d, device, console).run(resume=resume)
+        slm_base = slm.unload()
+        if llm is not None:
+            llm_base = llm.unload()
 
 
 def _load_model(cfg: ExperimentConfig, console: Console):

@@ -7,7 +7,7 @@ throughput can be compared head to head with a minimal PyTorch + peft loop.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,13 +40,19 @@ def make_scheduler(
     )
 
 
-def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids, labels=input_ids).loss
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Next-token loss on a window of ids, or answer-only loss on a batch dict with labels."""
+    if isinstance(batch, torch.Tensor):
+        return model(input_ids=batch, labels=batch).loss
+    return model(**batch).loss
 
 
 def train_step(
     model: nn.Module,
-    micro_batches: Sequence[torch.Tensor],
+    micro_batches: Sequence[Batch],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     max_grad_norm: float | None,

@@ -1,0 +1,88 @@
+"""FedCoLLM (SPEC A): what each algorithm of the family does in a round, and its pure parts.
+
+The family shares one round skeleton (broadcast, local training, aggregation, server-side
+mutual distillation, evaluation); each algorithm switches steps on or off, so the baselines
+run through exactly the same code as FedCoLLM itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from cotune.algorithms.aggregation import weighted_average
+
+AdapterState = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    broadcast: bool  # server sends the SLM adapter to every client before local training
+    local_training: bool  # clients train their SLM adapter on private data
+    aggregate: bool  # server averages the uploaded SLM adapters
+    distill: bool  # server runs mutual distillation SLM <-> LLM on the public set
+    central_llm: bool  # the LLM adapter trains directly on all data (the centralized upper bound)
+    trains: bool = True
+
+    @property
+    def uses_llm(self) -> bool:
+        return self.distill or self.central_llm
+
+
+PLANS: dict[str, RoundPlan] = {
+    "fedcollm": RoundPlan(
+        broadcast=True, local_training=True, aggregate=True, distill=True, central_llm=False
+    ),
+    "fedavg": RoundPlan(
+        broadcast=True, local_training=True, aggregate=True, distill=False, central_llm=False
+    ),
+    "standalone": RoundPlan(
+        broadcast=False, local_training=True, aggregate=False, distill=False, central_llm=False
+    ),
+    "centralized": RoundPlan(
+        broadcast=False, local_training=False, aggregate=False, distill=False, central_llm=True
+    ),
+    "zero_shot": RoundPlan(
+        broadcast=False, local_training=False, aggregate=False, distill=False, central_llm=False, trains=False
+    ),
+}
+
+
+def aggregate_slm(
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    n_examples: Sequence[int],
+    weighting: Literal["examples", "uniform"] = "examples",
+) -> AdapterState:
+    """theta^{t,0} = sum_k n_k theta_k / sum_k n_k (or the uniform mean), element-wise on A and B."""
+    if len(updates) != len(n_examples):
+        raise ValueError(f"{len(updates)} updates but {len(n_examples)} example counts")
+    return weighted_average(updates, list(map(float, n_examples)) if weighting == "examples" else None)
+
+
+def check_payload(payload: Mapping[str, torch.Tensor], slm_shapes: Mapping[str, torch.Size]) -> None:
+    """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA).
+
+    Keys alone cannot tell the two apart when LLM and SLM share an architecture family (peft
+    names the modules identically), so the tensor shapes must match the SLM adapter's too.
+    """
+    extra = sorted(set(payload) - set(slm_shapes))
+    missing = sorted(set(slm_shapes) - set(payload))
+    if extra or missing:
+        raise ValueError(
+            f"payload is not exactly the SLM adapter: extra keys {extra[:3]}, missing {missing[:3]}"
+        )
+    wrong = [k for k, t in payload.items() if t.shape != slm_shapes[k]]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(
+            f"payload is not exactly the SLM adapter: {k} has shape {tuple(payload[k].shape)}, "
+            f"the SLM adapter's is {tuple(slm_shapes[k])}"
+        )
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes on the wire for a state dict (raw tensor data)."""
+    return sum(t.numel() * t.element_size() for t in state.values())

@@ -1,0 +1,77 @@
+"""A multiple-choice task made ready for federated co-tuning: splits, tokenized sets, batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from cotune.config.schema import TaskConfig
+from cotune.data.corpora import DataError
+from cotune.data.tasks import TaskSplits, build_task, encode_for_training, split_task
+from cotune.evaluation.multiple_choice import MCExample
+
+
+@dataclass
+class EncodedSet:
+    """Prompt/answer examples as right-padded tensors; labels are -100 except on the answer."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """Rows `idx`, with the padding columns that no row of this batch uses trimmed off."""
+        mask = self.attention_mask[idx]
+        width = int(mask.sum(1).max())
+        return {
+            "input_ids": self.input_ids[idx, :width].to(device),
+            "attention_mask": mask[:, :width].to(device),
+            "labels": self.labels[idx, :width].to(device),
+        }
+
+
+@dataclass
+class TaskData:
+    splits: TaskSplits
+    public: EncodedSet  # the server's public set D_a
+    clients: list[EncodedSet]  # private sets D_k
+    union: EncodedSet  # all client data + D_a: the centralized baseline's training set
+    test: list[MCExample]  # held-out multiple-choice evaluation set
+
+    @property
+    def client_sizes(self) -> list[int]:
+        return [len(c) for c in self.clients]
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[MCExample], max_length: int) -> EncodedSet:
+    ids, mask, labels = encode_for_training(tokenizer, examples, max_length)
+    return EncodedSet(ids, mask, labels)
+
+
+def build_task_data(
+    cfg: TaskConfig, n_clients: int, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> TaskData:
+    examples = build_task(cfg.source, cfg.path, labels=cfg.labels, max_chars=cfg.max_chars)
+    rng = np.random.default_rng(seed)
+    splits = split_task(examples, n_clients, cfg.test_fraction, cfg.partition, rng)
+    if not splits.public:
+        raise DataError("the public set D_a is empty: FedCoLLM's server needs labelled public examples")
+    test = list(splits.test)
+    if cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
+        keep = sorted(rng.permutation(len(test))[: cfg.max_test_examples].tolist())
+        test = [test[i] for i in keep]
+    union = [ex for part in [splits.public, *splits.clients] for ex in part]
+    return TaskData(
+        splits=splits,
+        public=encode(tokenizer, splits.public, cfg.max_length),
+        clients=[encode(tokenizer, part, cfg.max_length) for part in splits.clients],
+        union=encode(tokenizer, union, cfg.max_length),
+        test=test,
+    )

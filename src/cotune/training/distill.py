@@ -1,0 +1,84 @@
+"""Server-side mutual knowledge distillation between the LLM and the SLM (FedCoLLM step 4).
+
+On each public batch: the SLM learns from CE + lambda*KL(p_LLM || p_SLM) with the LLM as a
+detached teacher, then the LLM learns from CE + lambda*KL(p_SLM || p_LLM) with the (just
+updated) SLM as a detached teacher. Teacher logits exist for one micro-batch at a time and,
+with `topk`, only the teacher's k largest logits per position are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cotune.algorithms.distillation import (
+    kd_kl,
+    kd_kl_from_topk,
+    shift_for_causal_lm,
+    supervised_mask,
+    task_ce,
+    teacher_topk,
+)
+from cotune.config.schema import DistillConfig
+
+
+@dataclass
+class TeacherSignal:
+    """What the student sees of the teacher: full logits, or (values, indices) of its top-k."""
+
+    logits: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        held = [t for t in (self.logits, self.values, self.indices) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+@torch.no_grad()
+def teacher_signal(
+    teacher: nn.Module, batch: Mapping[str, torch.Tensor], vocab_size: int, topk: int | None
+) -> TeacherSignal:
+    teacher.eval()
+    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1, :vocab_size]
+    if topk is None:
+        return TeacherSignal(logits=logits)
+    values, indices = teacher_topk(logits, topk)
+    return TeacherSignal(values=values, indices=indices)
+
+
+def student_step(
+    student: nn.Module,
+    teacher: TeacherSignal,
+    batch: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: DistillConfig,
+    vocab_size: int,
+    max_grad_norm: float | None,
+) -> tuple[float, float]:
+    """One optimizer step of CE + lambda*KL(teacher || student); returns (ce, kd)."""
+    student.train()
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[..., :vocab_size]
+    ce = task_ce(logits, batch["labels"])
+    shifted, labels = shift_for_causal_lm(logits, batch["labels"])
+    mask = supervised_mask(labels)
+    if teacher.logits is not None:
+        kd = kd_kl(shifted, teacher.logits, mask, temperature=cfg.temperature)
+    else:
+        kd = kd_kl_from_topk(shifted, teacher.values, teacher.indices, mask, temperature=cfg.temperature)
+    loss = ce + cfg.lam * kd
+    loss.backward()
+    if max_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ce.item(), kd.item()

@@ -1,0 +1,236 @@
+"""FedCoLLM and its baselines through the embedded runtime (tiny models, synthetic task)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from cotune.algorithms.fedcollm import aggregate_slm, check_payload
+from cotune.config import ConfigError, config_from_dict
+from cotune.data.corpora import DataError
+from cotune.models.compat import TokenizerMismatchError, check_same_tokenizer
+from cotune.models.tiny import byte_tokenizer
+from cotune.reporting.metrics import read_metrics
+from cotune.runtime import cotuning
+from cotune.runtime.experiment import resume_experiment, run_experiment
+
+ALGORITHMS = ["fedcollm", "fedavg", "standalone", "centralized", "zero_shot"]
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory):
+    """A 3-way task whose answer is spelled out in the prompt: learnable by a tiny model."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("task") / "task.jsonl"
+    words = ["red", "green", "blue"]
+    rows = []
+    for i in range(90):
+        answer = i % 3
+        noise = " ".join(rng.choice(["a", "b", "c", "d"]) for _ in range(6))
+        rows.append(
+            {
+                "prompt": f"{noise} colour {words[answer]}. Which colour?",
+                "choices": [" red", " green", " blue"],
+                "answer": answer,
+            }
+        )
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def tree(task_file, tmp_path, algorithm="fedcollm", **extra):
+    small = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+    t = {
+        "algorithm": algorithm,
+        "device": "cpu",
+        "model": {"name": "tiny", "tiny": {**small, "seed": 1}},
+        "lora": {"r": 2, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "llm": {
+            "model": {
+                "name": "tiny",
+                "tiny": {
+                    "hidden_size": 48,
+                    "num_layers": 2,
+                    "num_heads": 2,
+                    "intermediate_size": 96,
+                    "seed": 2,
+                },
+            },
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        },
+        "task": {"path": str(task_file), "test_fraction": 0.2, "max_length": 96},
+        "train": {"lr": 1e-2, "batch_size": 6, "eval_batch_size": 16},
+        "federation": {"clients": 3, "rounds": 2, "local_steps": 2},
+        "run": {"seed": 0, "out_dir": str(tmp_path / "runs"), "name": "t"},
+    }
+    for key, value in extra.items():
+        t[key] = {**t.get(key, {}), **value} if isinstance(value, dict) else value
+    return t
+
+
+def records(run_dir, kind):
+    return [m for m in read_metrics(run_dir / "metrics.jsonl") if m["type"] == kind]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_runs_through_the_same_round(task_file, tmp_path, algorithm):
+    (run_dir,) = run_experiment(config_from_dict(tree(task_file, tmp_path, algorithm)))
+    mc = records(run_dir, "mc")
+    rounds = {m["round"] for m in mc}
+    assert rounds == ({0} if algorithm == "zero_shot" else {0, 1, 2})
+    assert {m["model"] for m in mc if m["round"] == 0} == (
+        {"slm"} if algorithm in ("fedavg", "standalone") else {"slm", "llm"}
+    )
+    assert bool(records(run_dir, "distill")) == (algorithm == "fedcollm")
+    assert bool(records(run_dir, "comm")) == (algorithm in ("fedcollm", "fedavg"))
+    final = [m for m in mc if m["round"] == 2]
+    if algorithm == "standalone":
+        assert sorted(m["client"] for m in final) == [0, 1, 2]
+    if algorithm == "centralized":
+        assert [m["model"] for m in final] == ["llm"]
+    for m in mc:
+        assert 0.0 <= m["acc"] <= 1.0 and m["n"] > 0
+
+
+class Spy(cotuning.CoTuningRuntime):
+    """Records the adapters at the moments the round hands them on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.starts, self.averages, self.distilled, self.uploads = [], [], [], []
+
+    def train_learner(self, pool, learner, steps):
+        if learner.name.startswith("client"):
+            self.starts.append(pool.state(learner.name))
+        return super().train_learner(pool, learner, steps)
+
+    def run_round(self, r):
+        super().run_round(r)
+        self.uploads.append([self.slm.state(c.name) for c in self.clients])
+        self.averages.append(self.slm.state(cotuning.SERVER)) if not self.plan.distill else None
+
+    def distill(self, r):
+        self.averages.append(self.slm.state(cotuning.SERVER))
+        super().distill(r)
+        self.distilled.append(self.slm.state(cotuning.SERVER))
+        self.llm_state = self.llm.state(cotuning.LLM_ADAPTER)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    made = []
+
+    def factory(*args, **kwargs):
+        made.append(Spy(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr("cotune.runtime.experiment.CoTuningRuntime", factory)
+    return made
+
+
+def test_clients_start_the_next_round_from_the_distilled_adapter(task_file, tmp_path, spy):
+    run_experiment(config_from_dict(tree(task_file, tmp_path)))
+    rt = spy[0]
+    n = len(rt.clients)
+    round2_starts = rt.starts[n : 2 * n]
+    for start in round2_starts:
+        for key, value in rt.distilled[0].items():
+            assert torch.equal(start[key], value)
+    assert any(not torch.equal(rt.distilled[0][k], rt.averages[0][k]) for k in rt.averages[0])
+
+
+def test_server_average_is_weighted_by_client_examples(task_file, tmp_path, spy):
+    run_experiment(config_from_dict(tree(task_file, tmp_path, "fedavg")))
+    rt = spy[0]
+    expected = aggregate_slm(rt.uploads[-1], rt.task.client_sizes)
+    server = rt.averages[-1]
+    for key in expected:
+        torch.testing.assert_close(server[key], expected[key])
+
+
+def test_payload_holds_the_slm_adapter_only(task_file, tmp_path, spy):
+    run_experiment(config_from_dict(tree(task_file, tmp_path)))
+    rt = spy[0]
+    payload = rt.distilled[-1]  # what is broadcast next round
+    check_payload(payload, rt.slm_shapes)
+    assert all("lora_" in k for k in payload)
+    # the starts of round 2 are exactly that payload: nothing of the LLM's LoRA reached a client
+    llm_state = rt.llm_state
+    for start in rt.starts[len(rt.clients) :]:
+        assert start.keys() == payload.keys()
+        assert all(start[k].shape != llm_state[k].shape for k in start)
+    with pytest.raises(ValueError, match="not exactly the SLM adapter"):
+        check_payload(llm_state, rt.slm_shapes)  # same key names, other shapes: refused
+    with pytest.raises(ValueError, match="extra keys"):
+        check_payload({**payload, "server.lora_A.weight": torch.zeros(1)}, rt.slm_shapes)
+
+
+def test_communication_is_the_adapter_size(task_file, tmp_path):
+    (run_dir,) = run_experiment(config_from_dict(tree(task_file, tmp_path, "fedavg")))
+    comm = records(run_dir, "comm")
+    assert len(comm) == 2 * 3
+    # r=2 on q_proj and v_proj of one layer of width 32: 2 modules x (2x32 + 32x2) fp32 values
+    assert {c["bytes_up"] for c in comm} == {c["bytes_down"] for c in comm} == {2 * (64 + 64) * 4}
+    assert all(0 < c["ratio"] < 0.1 for c in comm)
+
+
+def test_distillation_trains_the_llm_only_on_the_server(task_file, tmp_path, spy):
+    run_experiment(config_from_dict(tree(task_file, tmp_path, distill={"topk": 8})))
+    rt = spy[0]
+    d = records(rt.run_dir, "distill")
+    assert [r["round"] for r in d] == [1, 2] and all(r["topk"] == 8 for r in d)
+    # top-k teacher signal: (values fp32 + indices int64) for k=8 per position, far below the full vocabulary
+    assert all(0 < r["teacher_bytes"] < 8 * 12 * 96 * 258 for r in d)
+    ckpt = rt.run_dir / "checkpoints" / "round-0002" / cotuning.LLM_ADAPTER / "adapter_model.safetensors"
+    assert ckpt.is_file()
+
+
+def test_cotuning_resume_ends_with_the_same_adapters(task_file, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    (full,) = run_experiment(config_from_dict(tree(task_file, tmp_path, run={"name": "full"})))
+    (part,) = run_experiment(config_from_dict(tree(task_file, tmp_path, run={"name": "part"})))
+    shutil.rmtree(part / "checkpoints" / "round-0002")
+    resume_experiment(part)
+    for sub in (cotuning.SERVER, cotuning.LLM_ADAPTER):
+        a = load_file(str(full / "checkpoints" / "round-0002" / sub / "adapter_model.safetensors"))
+        b = load_file(str(part / "checkpoints" / "round-0002" / sub / "adapter_model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_llm_section_and_task_are_config_errors(task_file, tmp_path):
+    t = tree(task_file, tmp_path)
+    del t["llm"]
+    with pytest.raises(ConfigError, match="needs an 'llm' section"):
+        config_from_dict(t)
+    t = tree(task_file, tmp_path, "fedavg")
+    del t["task"]
+    with pytest.raises(ConfigError, match="needs a 'task' section"):
+        config_from_dict(t)
+    with pytest.raises(ConfigError, match="expected algorithms"):
+        config_from_dict(tree(task_file, tmp_path, run={"compare": ["validation"]}))
+
+
+def test_too_few_examples_for_a_public_set_stop_before_training(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"prompt": f"q{i}", "choices": [" a", " b"], "answer": i % 2}) for i in range(4))
+    )
+    cfg = config_from_dict(tree(path, tmp_path, federation={"clients": 3}))
+    with pytest.raises(DataError):
+        run_experiment(cfg)
+    assert not list((tmp_path / "runs" / "t.fedcollm").glob("metrics.jsonl"))
+
+
+def test_different_tokenizers_are_refused():
+    a = byte_tokenizer()
+    b = byte_tokenizer()
+    b.add_tokens(["<extra>"])
+    check_same_tokenizer(a, byte_tokenizer(), ("slm", "llm"))
+    with pytest.raises(TokenizerMismatchError, match="different tokenizers"):
+        check_same_tokenizer(a, b, ("slm", "llm"))
