@@ -5,10 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
 
 from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
 from cotune.reporting.metrics import read_metrics
+from cotune.runtime.checkpoint import latest_checkpoint, load_state
 
 
 class ResumeError(RuntimeError):
@@ -23,6 +28,23 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
 
 def client_name(index: int) -> str:
     return f"client-{index:02d}"
+
+
+def open_latest_checkpoint(run_dir: Path, cfg: ExperimentConfig) -> tuple[int, Path, dict[str, Any]]:
+    """The last completed round's checkpoint and its state, refused if another config wrote it."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise ResumeError(f"{run_dir} has no completed checkpoint to resume from")
+    r, path = found
+    state = load_state(path / "state.pt")
+    if state["fingerprint"] != config_fingerprint(cfg):
+        raise ResumeError(f"the checkpoint in {path} was written by a different config; cannot resume")
+    return r, path, state
+
+
+def load_adapter(directory: Path) -> dict[str, torch.Tensor]:
+    """An adapter saved in PEFT format by `AdapterPool.save`."""
+    return load_file(str(directory / "adapter_model.safetensors"))
 
 
 def truncate_metrics(path: Path, last_round: int) -> None:

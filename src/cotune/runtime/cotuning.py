@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from cotune.algorithms.fedcollm import PLANS, aggregate_slm, check_payload, state_bytes
@@ -25,14 +24,17 @@ from cotune.evaluation.multiple_choice import evaluate_multiple_choice
 from cotune.models.lora import AdapterPool
 from cotune.reporting.metrics import append_metrics
 from cotune.runtime.checkpoint import (
-    latest_checkpoint,
-    load_state,
     restore_rng,
     rng_state,
     save_state,
     write_checkpoint,
 )
-from cotune.runtime.common import ResumeError, config_fingerprint, truncate_metrics
+from cotune.runtime.common import (
+    config_fingerprint,
+    load_adapter,
+    open_latest_checkpoint,
+    truncate_metrics,
+)
 from cotune.training.distill import student_step, teacher_signal
 from cotune.training.loop import make_optimizer, make_scheduler, train_step
 
@@ -265,37 +267,27 @@ class CoTuningRuntime:
         sums = {"slm_ce": 0.0, "slm_kd": 0.0, "llm_ce": 0.0, "llm_kd": 0.0}
         teacher_bytes, n, t0 = 0, 0, time.perf_counter()
 
-        def slm_step(batch):
-            teacher = teacher_signal(llm_model, batch, self.vocab_size, d.topk)
+        def step(student, teacher, learner: Learner, prefix: str, batch) -> int:
+            signal = teacher_signal(teacher, batch, self.vocab_size, d.topk)
             ce, kd = student_step(
-                slm_model,
-                teacher,
+                student,
+                signal,
                 batch,
-                self.server_slm.optimizer,
-                self.server_slm.scheduler,
+                learner.optimizer,
+                learner.scheduler,
                 d,
                 self.vocab_size,
                 t.max_grad_norm,
             )
-            sums["slm_ce"] += ce
-            sums["slm_kd"] += kd
-            return teacher.nbytes
+            sums[f"{prefix}_ce"] += ce
+            sums[f"{prefix}_kd"] += kd
+            return signal.nbytes
 
-        def llm_step(batch):
-            teacher = teacher_signal(slm_model, batch, self.vocab_size, d.topk)
-            ce, kd = student_step(
-                llm_model,
-                teacher,
-                batch,
-                self.server_llm.optimizer,
-                self.server_llm.scheduler,
-                d,
-                self.vocab_size,
-                t.max_grad_norm,
-            )
-            sums["llm_ce"] += ce
-            sums["llm_kd"] += kd
-            return teacher.nbytes
+        def slm_step(batch) -> int:  # the LLM teaches the SLM
+            return step(slm_model, llm_model, self.server_slm, "slm", batch)
+
+        def llm_step(batch) -> int:  # the SLM teaches the LLM
+            return step(llm_model, slm_model, self.server_llm, "llm", batch)
 
         steps = self.distill_batches()
         for _ in range(d.epochs):
@@ -376,15 +368,9 @@ class CoTuningRuntime:
         write_checkpoint(self.run_dir, r, contents)
 
     def restore(self) -> int:
-        found = latest_checkpoint(self.run_dir)
-        if found is None:
-            raise ResumeError(f"{self.run_dir} has no completed checkpoint to resume from")
-        r, path = found
-        state = load_state(path / "state.pt")
-        if state["fingerprint"] != config_fingerprint(self.cfg):
-            raise ResumeError(f"the checkpoint in {path} was written by a different config; cannot resume")
+        r, path, state = open_latest_checkpoint(self.run_dir, self.cfg)
         for pool, learner in self.learners():
-            pool.load_state(learner.name, load_file(str(path / learner.name / "adapter_model.safetensors")))
+            pool.load_state(learner.name, load_adapter(path / learner.name))
             learner.load_state_dict(state["learners"][learner.name])
         restore_rng(state["rng"])
         truncate_metrics(self.metrics_path, r)

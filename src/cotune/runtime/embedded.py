@@ -24,14 +24,19 @@ from cotune.evaluation.lm import evaluate_lm
 from cotune.models.lora import AdapterPool
 from cotune.reporting.metrics import append_metrics
 from cotune.runtime.checkpoint import (
-    latest_checkpoint,
-    load_state,
     restore_rng,
     rng_state,
     save_state,
     write_checkpoint,
 )
-from cotune.runtime.common import ResumeError, client_name, config_fingerprint, truncate_metrics
+from cotune.runtime.common import (
+    ResumeError,
+    client_name,
+    config_fingerprint,
+    load_adapter,
+    open_latest_checkpoint,
+    truncate_metrics,
+)
 from cotune.training.loop import make_optimizer, make_scheduler, train_step
 
 __all__ = ["PersonalizedRuntime", "ResumeError", "client_name", "config_fingerprint"]
@@ -281,17 +286,9 @@ class PersonalizedRuntime:
         write_checkpoint(self.run_dir, r, contents)
 
     def restore(self) -> int:
-        from safetensors.torch import load_file
-
-        found = latest_checkpoint(self.run_dir)
-        if found is None:
-            raise ResumeError(f"{self.run_dir} has no completed checkpoint to resume from")
-        r, path = found
-        state = load_state(path / "state.pt")
-        if state["fingerprint"] != config_fingerprint(self.cfg):
-            raise ResumeError(f"the checkpoint in {path} was written by a different config; cannot resume")
+        r, path, state = open_latest_checkpoint(self.run_dir, self.cfg)
         for c, cs in zip(self.clients, state["clients"], strict=True):
-            self.pool.load_state(c.name, load_file(str(path / c.name / "adapter_model.safetensors")))
+            self.pool.load_state(c.name, load_adapter(path / c.name))
             c.optimizer.load_state_dict(cs["optimizer"])
             c.scheduler.load_state_dict(cs["scheduler"])
             c.sampler.load_state_dict(cs["sampler"])

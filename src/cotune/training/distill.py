@@ -23,6 +23,7 @@ from cotune.algorithms.distillation import (
     teacher_topk,
 )
 from cotune.config.schema import DistillConfig
+from cotune.training.loop import optimizer_step
 
 
 @dataclass
@@ -73,12 +74,6 @@ def student_step(
         kd = kd_kl(shifted, teacher.logits, mask, temperature=cfg.temperature)
     else:
         kd = kd_kl_from_topk(shifted, teacher.values, teacher.indices, mask, temperature=cfg.temperature)
-    loss = ce + cfg.lam * kd
-    loss.backward()
-    if max_grad_norm is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    (ce + cfg.lam * kd).backward()
+    optimizer_step(optimizer, scheduler, max_grad_norm)
     return ce.item(), kd.item()

@@ -64,10 +64,19 @@ def train_step(
         loss = lm_loss(model, ids) / len(micro_batches)
         loss.backward()
         total += loss.item()
+    optimizer_step(optimizer, scheduler, max_grad_norm)
+    return total
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_grad_norm: float | None,
+) -> None:
+    """Clip the accumulated gradients, step the optimizer and the schedule, clear the gradients."""
     if max_grad_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
