@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from cotune.algorithms.aggregation import mix_adapters
+from cotune.algorithms.robust import Aggregator, robust_average
 from cotune.algorithms.trust import (
     identity_trust,
     oracle_trust,
@@ -75,10 +76,22 @@ def trust_matrix(cfg: StrategyConfig, evidence: TrustEvidence) -> torch.Tensor:
 
 
 def aggregate(
-    cfg: StrategyConfig, adapters: Sequence[AdapterState], evidence: TrustEvidence
+    cfg: StrategyConfig,
+    adapters: Sequence[AdapterState],
+    evidence: TrustEvidence,
+    aggregator: Aggregator = "mean",
+    trim_fraction: float = 0.1,
 ) -> tuple[torch.Tensor, list[AdapterState]]:
-    """One aggregation: theta_i <- sum_j W_ij theta_j, with W recomputed from scratch."""
+    """One aggregation: theta_i <- sum_j W_ij theta_j, with W recomputed from scratch.
+
+    For `fedavg`, `aggregator` median / trimmed_mean replaces the uniform mean by the robust
+    coordinate-wise statistic (every client gets it; the logged W stays uniform). Trust-weighted
+    strategies ignore it: their defence is the trust matrix itself.
+    """
     if evidence.adapters is None:
         evidence.adapters = adapters
     trust = trust_matrix(cfg, evidence)
+    if cfg.name == "fedavg" and aggregator != "mean":
+        shared = robust_average(adapters, aggregator, trim_fraction)
+        return trust, [{k: v.clone() for k, v in shared.items()} for _ in adapters]
     return trust, mix_adapters(adapters, trust)

@@ -57,6 +57,18 @@ def run(
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<name>)")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue this run directory")] = None,
+    backend: Annotated[
+        str, typer.Option("--backend", help="embedded (one process) or flower (SuperLink + SuperNodes)")
+    ] = "embedded",
+    superlink: Annotated[
+        str | None,
+        typer.Option(
+            "--superlink", help="flower: HOST:PORT of a running SuperLink (default: start a local one)"
+        ),
+    ] = None,
+    root_certificates: Annotated[
+        Path | None, typer.Option("--root-certificates", help="flower: CA certificate, TLS to --superlink")
+    ] = None,
 ) -> None:
     """Run an experiment (or --resume one) and write its run directory."""
     from cotune.assets import AssetError
@@ -67,9 +79,19 @@ def run(
     from cotune.reporting.report import write_report
     from cotune.runtime.embedded import ResumeError
     from cotune.runtime.experiment import resume_experiment, run_experiment
+    from cotune.runtime.flower import FlowerRunError, run_flower  # importable without the flower extra
+    from cotune.runtime.guard import TooFewClients
 
+    if backend not in ("embedded", "flower"):
+        _fail(f"unknown --backend {backend!r}: embedded or flower")
+    if backend != "flower" and (superlink is not None or root_certificates is not None):
+        _fail("--superlink and --root-certificates need --backend flower")
     try:
         if resume is not None:
+            if backend == "flower":
+                _fail(
+                    "a Flower run cannot be resumed (its clients' optimizer states lived on the SuperNodes)"
+                )
             if (
                 config is not None
                 and config.is_file()
@@ -81,7 +103,10 @@ def run(
             if config is None:
                 _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
             cfg = load_config(config, overrides or [])
-            dirs = run_experiment(cfg, out_dir, err)
+            if backend == "flower":
+                dirs = run_flower(cfg, out_dir, err, superlink=superlink, root_certificates=root_certificates)
+            else:
+                dirs = run_experiment(cfg, out_dir, err)
     except (
         AssetError,
         TokenizerMismatchError,
@@ -91,8 +116,12 @@ def run(
         ResumeError,
         FileExistsError,
         FileNotFoundError,
+        FlowerRunError,
+        TimeoutError,
     ) as e:
         _fail(str(e))
+    except TooFewClients as e:  # too few clients left: stopped cleanly, last checkpoint intact
+        _fail(str(e), code=3)
     report = write_report(dirs)
     print_comparison(dirs)
     out.print(f"run directory: {dirs[0]}\nreport: {report}")

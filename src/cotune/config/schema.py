@@ -115,6 +115,19 @@ class FederationConfig(Section):
     weighting: Literal["examples", "uniform"] = Field(
         "examples", description="fedcollm family: FedAvg weights n_k (local examples) or uniform"
     )
+    min_clients: PositiveInt | None = Field(
+        None,
+        description="an aggregation goes on when at least this many clients answered (default: all); "
+        "fewer stops the run cleanly with the last checkpoint intact",
+    )
+    client_timeout: float | None = Field(
+        None, gt=0, description="seconds a client may spend on one round's work before it is dropped"
+    )
+    secure_aggregation: bool = Field(
+        False,
+        description="flower backend, fedcollm/fedavg algorithms: the FedAvg step runs SecAgg+ (the server "
+        "sees only the weighted mean of the uploads); the embedded runtime computes the same mean in clear",
+    )
 
     @property
     def total_steps(self) -> int:
@@ -207,6 +220,68 @@ class DistillConfig(Section):
     )
 
 
+class RobustnessConfig(Section):
+    """Screening of client uploads and the aggregator of the FedAvg step (defaults change nothing)."""
+
+    max_update_norm: PositiveFloat | None = Field(
+        None, description="reject an upload whose update (upload - round's reference) has a larger L2 norm"
+    )
+    aggregator: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean",
+        description="the FedAvg step (strategy fedavg; FedCoLLM-family SLM average): weighted mean, "
+        "coordinate-wise median or trimmed mean",
+    )
+    trim_fraction: float = Field(
+        0.1, ge=0.0, lt=0.5, description="trimmed_mean: share of clients dropped at each end, per coordinate"
+    )
+
+
+class PrivacyConfig(Section):
+    """Client-level differential privacy: per-client update clipping + Gaussian noise (DP-FedAvg)."""
+
+    clip_norm: PositiveFloat | None = Field(None, description="L2 bound C on each client's update; None: off")
+    noise_multiplier: float = Field(0.0, ge=0.0, description="noise std = noise_multiplier x C (per sum)")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="epsilon is reported at this delta")
+    seed: int | None = Field(
+        None, description="seed of the noise (reproducible runs); None: fresh OS entropy every round"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_norm is not None
+
+    @model_validator(mode="after")
+    def _noise_needs_clipping(self) -> PrivacyConfig:
+        if self.noise_multiplier > 0 and self.clip_norm is None:
+            raise ValueError(
+                "privacy.noise_multiplier needs privacy.clip_norm (the noise is calibrated to it)"
+            )
+        return self
+
+
+class AttackConfig(Section):
+    """Simulated malicious clients (embedded runtimes only)."""
+
+    clients: list[int] = Field(default_factory=list, description="indices of the attacking clients")
+    kind: Literal["noise", "sign_flip", "scale", "nan", "garbage_data"] = "noise"
+    scale: PositiveFloat = Field(10.0, description="noise: RMS relative to the honest update; others: factor")
+    start_round: PositiveInt = Field(1, description="first round in which the attackers attack")
+
+
+class FaultConfig(Section):
+    """An injected fault (embedded runtimes only): the client raises, or takes `seconds` longer."""
+
+    client: int = Field(ge=0)
+    rounds: list[PositiveInt] | None = Field(None, description="rounds it happens in (None: every round)")
+    kind: Literal["error", "delay"] = "error"
+    seconds: float = Field(0.0, ge=0.0, description="delay: extra seconds of the client's round work")
+
+
+class SimulationConfig(Section):
+    attack: AttackConfig = AttackConfig()
+    faults: list[FaultConfig] = Field(default_factory=list)
+
+
 class ExperimentConfig(Section):
     algorithm: Literal["personalized", "fedcollm", "fedavg", "standalone", "centralized", "zero_shot"] = (
         "personalized"
@@ -222,6 +297,9 @@ class ExperimentConfig(Section):
     llm: LLMConfig | None = None
     task: TaskConfig | None = None
     distill: DistillConfig = DistillConfig()
+    robustness: RobustnessConfig = RobustnessConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    simulation: SimulationConfig = SimulationConfig()
 
     @property
     def is_cotuning(self) -> bool:
@@ -240,4 +318,16 @@ class ExperimentConfig(Section):
         needs_llm = [a for a in [self.algorithm, *self.run.compare] if a in ("fedcollm", "centralized")]
         if needs_llm and self.llm is None:
             raise ValueError(f"algorithm '{needs_llm[0]}' needs an 'llm' section (the server's model)")
+        n = self.federation.clients
+        sim = self.simulation
+        wrong_clients = [c for c in [*sim.attack.clients, *(f.client for f in sim.faults)] if c >= n]
+        if wrong_clients:
+            raise ValueError(f"simulation: client {wrong_clients[0]} does not exist (clients are 0..{n - 1})")
+        if self.privacy.enabled and self.robustness.aggregator != "mean":
+            raise ValueError(
+                "privacy.clip_norm (differential privacy) needs robustness.aggregator 'mean': the noise is "
+                "calibrated to the sensitivity of a (weighted) mean"
+            )
+        if self.federation.min_clients is not None and self.federation.min_clients > n:
+            raise ValueError(f"federation.min_clients {self.federation.min_clients} > federation.clients {n}")
         return self

@@ -43,9 +43,9 @@ def write_checkpoint(run_dir: Path, round_: int, write_contents, keep_last: int 
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / round_dir_name(round_)
+    for stale in root.glob(f".tmp-{round_dir_name(round_)}-*"):  # left by a killed process
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{round_dir_name(round_)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     write_contents(tmp)
     for f in tmp.rglob("*"):

@@ -16,13 +16,16 @@ import torch
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
-from cotune.algorithms.fedcollm import PLANS, aggregate_slm, check_payload, state_bytes
+from cotune.algorithms.attacks import garbage_tokens
+from cotune.algorithms.fedcollm import PLANS, check_payload, state_bytes
+from cotune.algorithms.robust import robust_average
 from cotune.config.schema import ExperimentConfig
 from cotune.data.task_data import EncodedSet, TaskData
 from cotune.data.windows import WindowSampler
 from cotune.evaluation.multiple_choice import evaluate_multiple_choice
 from cotune.models.lora import AdapterPool
 from cotune.reporting.metrics import append_metrics
+from cotune.runtime import guard
 from cotune.runtime.checkpoint import (
     restore_rng,
     rng_state,
@@ -101,6 +104,13 @@ class CoTuningRuntime:
             )
             for k, data in enumerate(task.clients)
         ]
+        if cfg.simulation.attack.kind == "garbage_data":  # simulated attackers train on random tokens
+            for k in cfg.simulation.attack.clients:
+                d = self.clients[k].data
+                g = guard.generator("garbage", seed, k)
+                ids = garbage_tokens(d.input_ids, self.vocab_size, g, mask=d.attention_mask)
+                labels = torch.where(d.labels != -100, ids, d.labels)
+                self.clients[k].data = EncodedSet(ids, d.attention_mask, labels)
         self.distill_steps = self.distill_batches() * cfg.distill.epochs
         self.server_slm = self._learner(
             slm, SERVER, task.public, self.distill_steps * rounds, t.lr, seed * 1000 + 999, accumulate=False
@@ -195,25 +205,13 @@ class CoTuningRuntime:
             check_payload(payload, self.slm_shapes)  # 1. broadcast theta^t: SLM adapter keys only
             for c in self.clients:
                 self.slm.load_state(c.name, payload)
-        updates = []
-        if plan.local_training:  # 2. local training on private data, answer-only loss
-            for k, c in enumerate(self.clients):
-                loss = self.train_learner(self.slm, c, self.local_steps(len(c.data)))
-                self.log(
-                    {
-                        "type": "train",
-                        "model": "slm",
-                        "round": r,
-                        "client": k,
-                        "loss": loss,
-                        "lr": c.scheduler.get_last_lr()[0],
-                    }
-                )
-                if plan.aggregate:
-                    updates.append(self.slm.state(c.name))
+        # 2. local training on private data, answer-only loss: {client index: its trained adapter}
+        updates = self.train_clients(r) if plan.local_training else {}
+        if plan.local_training:
+            guard.require(self.cfg, self.log, r, len(updates), len(self.clients), "answered")
         if plan.aggregate:  # 3. upload + weighted FedAvg -> theta^{t,0}
-            for k, u in enumerate(updates):
-                check_payload(u, self.slm_shapes)
+            assert payload is not None
+            for k, u in updates.items():
                 self.log(
                     {
                         "type": "comm",
@@ -225,8 +223,7 @@ class CoTuningRuntime:
                         "ratio": state_bytes(u) / self.full_slm_bytes,
                     }
                 )
-            averaged = aggregate_slm(updates, self.task.client_sizes, self.cfg.federation.weighting)
-            self.slm.load_state(SERVER, averaged)
+            self.slm.load_state(SERVER, self.aggregate_updates(r, updates, payload))
         if plan.distill:  # 4. mutual distillation on D_a; 5. the distilled theta is broadcast next round
             self.distill(r)
         if plan.central_llm:
@@ -242,6 +239,63 @@ class CoTuningRuntime:
                     "lr": self.server_llm.scheduler.get_last_lr()[0],
                 }
             )
+
+    def train_clients(self, r: int) -> dict[int, dict[str, torch.Tensor]]:
+        """Every client trains the SLM adapter in its slot on its own data; their adapters by client.
+
+        The Flower runtime (cotune.runtime.flower) overrides this to train on the SuperNodes.
+        """
+        updates = {}
+        for k, c in enumerate(self.clients):
+            before = self.slm.state(c.name)
+            outcome = guard.run_client(
+                self.cfg, r, k, lambda c=c: self.train_learner(self.slm, c, self.local_steps(len(c.data)))
+            )
+            if not outcome.ok:  # dropped from this round: its slot goes back to what it started with
+                self.slm.load_state(c.name, before)
+                guard.log_dropped(self.log, r, k, outcome.reason or "")
+                continue
+            self.log(
+                {
+                    "type": "train",
+                    "model": "slm",
+                    "round": r,
+                    "client": k,
+                    "loss": outcome.value,
+                    "lr": c.scheduler.get_last_lr()[0],
+                }
+            )
+            updates[k] = self.slm.state(c.name)
+            if guard.is_attacker(self.cfg, k, r) and self.cfg.simulation.attack.kind != "garbage_data":
+                updates[k] = guard.attacked(self.cfg, r, k, updates[k], before)
+        return updates
+
+    def aggregate_updates(
+        self, r: int, updates: dict[int, dict[str, torch.Tensor]], payload: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Screen the uploads against the broadcast theta, then FedAvg (robust / DP when configured)."""
+        ks = sorted(updates)
+        accepted, kept = guard.screen_and_clip(
+            self.cfg, self.log, r, ks, [updates[k] for k in ks], [payload] * len(ks)
+        )
+        guard.require(
+            self.cfg, self.log, r, len(accepted), len(self.clients), "sent an acceptable update", default=1
+        )
+        for u in kept:
+            check_payload(u, self.slm_shapes)
+        sizes = self.client_sizes()
+        weights = [float(sizes[k]) for k in accepted] if self.cfg.federation.weighting == "examples" else None
+        rob = self.cfg.robustness
+        averaged = robust_average(kept, rob.aggregator, rob.trim_fraction, weights)
+        if self.cfg.privacy.enabled:
+            w = [1.0] * len(kept) if weights is None else weights
+            averaged = guard.dp_noise(self.cfg, r, averaged, max(w) / sum(w))
+            guard.log_privacy(self.cfg, self.log, r, "central: on the (weighted) mean of clipped updates")
+        return averaged
+
+    def client_sizes(self) -> list[int]:
+        """n_k, the FedAvg weights (on Flower: what each SuperNode reports)."""
+        return self.task.client_sizes
 
     def next_batches(self, learner: Learner) -> list[dict[str, torch.Tensor]]:
         idx = learner.sampler.next_indices()

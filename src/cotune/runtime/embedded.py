@@ -9,20 +9,22 @@ algorithm code returns the trust matrix and the new adapters.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cotune.algorithms.personalized import REQUIRED_EVIDENCE, TrustEvidence, aggregate
+from cotune.algorithms.attacks import garbage_tokens
+from cotune.algorithms.personalized import REQUIRED_EVIDENCE, TrustEvidence
 from cotune.algorithms.trust import PredictionDistance
 from cotune.config.schema import ExperimentConfig
 from cotune.data.windows import ClientData, FederatedData, WindowSampler
 from cotune.evaluation.lm import evaluate_lm
-from cotune.models.lora import AdapterPool
+from cotune.models.lora import AdapterPool, AdapterState
 from cotune.reporting.metrics import append_metrics
+from cotune.runtime import guard
 from cotune.runtime.checkpoint import (
     restore_rng,
     rng_state,
@@ -77,6 +79,15 @@ class PersonalizedRuntime:
                 len(cd.train), train.batch_size * train.grad_accum, cfg.run.seed * 1000 + i
             )
             self.clients.append(SimClient(i, name, cd, sampler, opt, sched))
+        if cfg.simulation.attack.kind == "garbage_data":  # simulated attackers train on random tokens
+            vocab = pool.model.get_input_embeddings().num_embeddings
+            for i in cfg.simulation.attack.clients:
+                c = self.clients[i]
+                g = guard.generator("garbage", cfg.run.seed, i)
+                c.data = replace(c.data, train=garbage_tokens(c.data.train, vocab, g))
+        self.round_start: dict[int, dict[str, torch.Tensor]] = {}  # adapters at the start of the round
+        self.dropped: set[int] = set()  # clients dropped from the round in progress
+        self.uploads: dict[int, dict[str, torch.Tensor]] = {}  # what attackers upload instead
 
     # ---- schedule -------------------------------------------------------------------------
     def steps_in_round(self, round_: int) -> int:
@@ -149,19 +160,40 @@ class PersonalizedRuntime:
         """Every client trains its own adapter; returns the mean training loss of the round."""
         tcfg = self.cfg.train
         round_losses = []
+        self.round_start = {c.index: self.pool.state(c.name) for c in self.clients}
+        self.dropped, self.uploads = set(), {}
         for c in self.clients:
-            self.pool.activate(c.name)
-            losses, tokens, t0 = [], 0, time.perf_counter()
-            for _ in range(self.steps_in_round(r)):
-                idx = c.sampler.next_indices()
-                ids = c.data.train[idx].to(self.device)
-                micro = list(ids.split(tcfg.batch_size))
-                losses.append(
-                    train_step(self.pool.model, micro, c.optimizer, c.scheduler, tcfg.max_grad_norm)
+
+            def work(c: SimClient = c) -> tuple[list[float], int, float]:
+                self.pool.activate(c.name)
+                losses, tokens, t0 = [], 0, time.perf_counter()
+                for _ in range(self.steps_in_round(r)):
+                    idx = c.sampler.next_indices()
+                    ids = c.data.train[idx].to(self.device)
+                    micro = list(ids.split(tcfg.batch_size))
+                    losses.append(
+                        train_step(self.pool.model, micro, c.optimizer, c.scheduler, tcfg.max_grad_norm)
+                    )
+                    tokens += ids.numel()
+                    progress.update(
+                        task, advance=1, description=f"round {r} · {c.name} · loss {losses[-1]:.3f}"
+                    )
+                return losses, tokens, time.perf_counter() - t0
+
+            outcome = guard.run_client(self.cfg, r, c.index, work)
+            if not outcome.ok:  # dropped from this round: it keeps the adapter it started with
+                self.pool.load_state(c.name, self.round_start[c.index])
+                self.dropped.add(c.index)
+                guard.log_dropped(self.log, r, c.index, outcome.reason or "")
+                progress.console.print(
+                    f"[yellow]client {c.index} dropped from round {r}:[/] {outcome.reason}"
                 )
-                tokens += ids.numel()
-                progress.update(task, advance=1, description=f"round {r} · {c.name} · loss {losses[-1]:.3f}")
-            dt = time.perf_counter() - t0
+                continue
+            losses, tokens, dt = outcome.value
+            if guard.is_attacker(self.cfg, c.index, r) and self.cfg.simulation.attack.kind != "garbage_data":
+                self.uploads[c.index] = guard.attacked(
+                    self.cfg, r, c.index, self.pool.state(c.name), self.round_start[c.index]
+                )
             round_losses.append(sum(losses) / len(losses))
             self.log(
                 {
@@ -175,30 +207,35 @@ class PersonalizedRuntime:
                     "tokens_per_s": tokens / dt if dt else None,
                 }
             )
-        return sum(round_losses) / len(round_losses)
+        n = len(self.clients)
+        guard.require(self.cfg, self.log, r, n - len(self.dropped), n, "answered")
+        return sum(round_losses) / max(1, len(round_losses))
 
     # ---- aggregation -----------------------------------------------------------------------
-    def gather_evidence(self) -> TrustEvidence:
+    def gather_evidence(self, clients: list[SimClient] | None = None) -> TrustEvidence:
+        """What the strategy needs, about `clients` (default: all) in that order."""
+        clients = self.clients if clients is None else clients
         need = REQUIRED_EVIDENCE[self.cfg.strategy.name]
-        ev = TrustEvidence(n_clients=len(self.clients))
+        ev = TrustEvidence(n_clients=len(clients))
         if "adapters" in need:
-            ev.adapters = [self.pool.state(c.name) for c in self.clients]
+            ev.adapters = [self.pool.state(c.name) for c in clients]
         if "perplexity" in need:
-            ev.perplexity = self.peer_perplexity()
+            ev.perplexity = self.peer_perplexity(clients)
         if "prediction_distance" in need:
-            ev.prediction_distance = self.prediction_distance()
+            ev.prediction_distance = self.prediction_distance(clients)
         if "mixtures" in need:
-            ev.mixtures = self.data.mixtures
+            ev.mixtures = self.data.mixtures[[c.index for c in clients]]
         return ev
 
-    def peer_perplexity(self) -> torch.Tensor:
+    def peer_perplexity(self, clients: list[SimClient] | None = None) -> torch.Tensor:
         """P[i, j]: perplexity of client j's model on client i's validation windows."""
+        clients = self.clients if clients is None else clients
         s = self.cfg.strategy
-        n = len(self.clients)
+        n = len(clients)
         ppl = torch.zeros(n, n)
-        for j, model_owner in enumerate(self.clients):
+        for j, model_owner in enumerate(clients):
             self.pool.activate(model_owner.name)
-            for i, data_owner in enumerate(self.clients):
+            for i, data_owner in enumerate(clients):
                 res = evaluate_lm(
                     self.pool.model, data_owner.data.val, self.cfg.train.eval_batch_size, s.val_batches
                 )
@@ -206,37 +243,60 @@ class PersonalizedRuntime:
         return ppl
 
     @torch.no_grad()
-    def prediction_distance(self) -> torch.Tensor:
+    def prediction_distance(self, clients: list[SimClient] | None = None) -> torch.Tensor:
         """Every model predicts the same public batches; distances accumulate batch by batch."""
+        clients = self.clients if clients is None else clients
         s, bs = self.cfg.strategy, self.cfg.train.eval_batch_size
         public = self.data.public
         if len(public) == 0:
             raise ValueError("prediction trust needs a public reference set: set data.public_windows > 0")
-        dist = PredictionDistance(len(self.clients), k=s.logits_topk)
+        dist = PredictionDistance(len(clients), k=s.logits_topk)
         self.pool.model.eval()
         for b in range(min(s.public_batches, -(-len(public) // bs))):
             ids = public[b * bs : (b + 1) * bs].to(self.device)
             logits = []
-            for c in self.clients:
+            for c in clients:
                 self.pool.activate(c.name)
                 logits.append(self.pool.model(input_ids=ids).logits.float())
             dist.add_batch(logits)
         return dist.distances()
 
     def aggregate(self, r: int) -> None:
-        adapters = [self.pool.state(c.name) for c in self.clients]
-        trust, mixed = aggregate(self.cfg.strategy, adapters, self.gather_evidence())
-        for c, state in zip(self.clients, mixed, strict=True):
-            self.pool.load_state(c.name, state)
-        self.log(
-            {
-                "type": "trust",
-                "round": r,
-                "step": self.step_at_end(r),
-                "strategy": self.cfg.strategy.name,
-                "matrix": [[round(float(x), 6) for x in row] for row in trust],
-            }
+        """Screen the uploads, mix the accepted ones; the others keep their adapter (identity rows)."""
+        cfg, n = self.cfg, len(self.clients)
+        answered = [c.index for c in self.clients if c.index not in self.dropped]
+        uploads = [self.uploads.get(i) or self.pool.state(self.clients[i].name) for i in answered]
+        refs = [self.round_start[i] for i in answered]
+        for i in answered:  # a rejected update is discarded: start from the round's adapter
+            self.pool.load_state(self.clients[i].name, self.round_start[i])
+
+        def evidence(accepted: list[int], adapters: list[AdapterState]) -> tuple[list[int], TrustEvidence]:
+            for i, state in zip(accepted, adapters, strict=True):  # evidence is taken on what was uploaded
+                self.pool.load_state(self.clients[i].name, state)
+            return accepted, self.gather_evidence([self.clients[i] for i in accepted])
+
+        accepted, trust, mixed = guard.screened_aggregate(
+            cfg, self.log, r, n, answered, uploads, refs, evidence
         )
+        members = [self.clients[i] for i in accepted]
+        for c, state in zip(members, mixed, strict=True):
+            self.pool.load_state(c.name, state)
+        full = torch.eye(n)
+        if accepted:
+            idx = torch.tensor(accepted)
+            full[idx.unsqueeze(1), idx.unsqueeze(0)] = trust.to(full.dtype)
+        record = {
+            "type": "trust",
+            "round": r,
+            "step": self.step_at_end(r),
+            "strategy": cfg.strategy.name,
+            "matrix": [[round(float(x), 6) for x in row] for row in full],
+        }
+        if len(accepted) < n:
+            record["participants"] = accepted
+        if cfg.strategy.name == "fedavg" and cfg.robustness.aggregator != "mean":
+            record["aggregator"] = cfg.robustness.aggregator
+        self.log(record)
 
     # ---- evaluation ------------------------------------------------------------------------
     def evaluate(self, r: int) -> float:

@@ -21,6 +21,7 @@ from cotune.data.windows import build_federated_data
 from cotune.models.compat import check_same_tokenizer
 from cotune.models.loader import load_base_model, resolve_device, resolve_dtype
 from cotune.models.lora import AdapterPool
+from cotune.runtime.common import open_latest_checkpoint
 from cotune.runtime.cotuning import LLM_ADAPTER, SERVER, CoTuningRuntime
 from cotune.runtime.embedded import PersonalizedRuntime, ResumeError, client_name
 
@@ -85,12 +86,33 @@ def run_experiment(
     run_dir = run_dir or default_run_dir(cfg)
     dirs = comparison_dirs(run_dir, cfg)
     variants = [cfg] + [variant(cfg, s) for s in baseline_names(cfg)]
+    created = [d for d in dirs if not d.exists()]
     for d, v in zip(dirs, variants, strict=True):
         init_run_dir(d, v)
+    try:
+        _run_variants(variants, dirs, console)
+    except BaseException:
+        discard_unstarted(created)
+        raise
+    return dirs
+
+
+def discard_unstarted(dirs: list[Path]) -> None:
+    """Remove run directories this call created that hold nothing but their config.yaml.
+
+    A model, data or LoRA-target error found while loading then leaves no half-made run behind.
+    """
+    for d in dirs:
+        if d.is_dir() and [p.name for p in d.iterdir()] == ["config.yaml"]:
+            (d / "config.yaml").unlink()
+            d.rmdir()
+
+
+def _run_variants(variants: list[ExperimentConfig], dirs: list[Path], console: Console) -> None:
+    cfg = variants[0]
     if cfg.is_cotuning:
         _run_cotuning(variants, dirs, console)
-        return dirs
-
+        return
     base, tokenizer, device = _load_model(cfg, console)
     data = _load_data(cfg, tokenizer, console)
     for d, v in zip(dirs, variants, strict=True):
@@ -99,7 +121,6 @@ def run_experiment(
         pool = AdapterPool(base, v.lora, [client_name(i) for i in range(v.federation.clients)])
         PersonalizedRuntime(v, pool, data, d, device, console).run()
         base = pool.unload()
-    return dirs
 
 
 def resume_experiment(run_dir: Path, console: Console | None = None) -> Path:
@@ -107,8 +128,16 @@ def resume_experiment(run_dir: Path, console: Console | None = None) -> Path:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ResumeError(f"{run_dir} is not a run directory (no config.yaml)")
+    from cotune.runtime.flower import is_flower_run  # no flwr import: works without the flower extra
+
+    if is_flower_run(run_dir):
+        raise ResumeError(
+            f"{run_dir} is a Flower run: it cannot be resumed (its clients' optimizer states lived on the "
+            "SuperNodes); start a new run"
+        )
     cfg = load_config(config_path)
     cfg.run.name = run_dir.name
+    open_latest_checkpoint(run_dir, cfg)  # refuse another config's checkpoint before loading anything
     if cfg.is_cotuning:
         _run_cotuning([cfg], [run_dir], console, resume=True)
         return run_dir

@@ -1,0 +1,457 @@
+"""Launching cotune on a Flower federation: the Flower App, `flwr run`, and a local demo federation.
+
+- `write_app_dir` writes the Flower App (a pyproject.toml naming the installed cotune ServerApp and
+  ClientApp): the FAB that `flwr run` ships carries no code, every machine runs its installed cotune.
+- `submit` starts one run on a SuperLink through the Control API (`flwr run ... --stream`), with a
+  private FLWR_HOME so the user's own Flower configuration is never read or written.
+- `LocalFederation` starts a SuperLink and N SuperNodes on 127.0.0.1 (insecure, no runtime
+  dependency installation) and stops every process it started, children included.
+- `run_flower` is what `cotune run CONFIG --backend flower` calls: prepare the run directories, run
+  the experiment and its `run.compare` baselines, and raise if the server stopped or failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+import tomli_w
+from rich.console import Console
+
+from cotune.config.loader import dump_config
+from cotune.config.schema import ExperimentConfig
+from cotune.reporting.metrics import read_metrics
+from cotune.runtime.experiment import (
+    baseline_names,
+    comparison_dirs,
+    default_run_dir,
+    init_run_dir,
+    run_experiment,
+    variant,
+)
+from cotune.runtime.flower import FLOWER_ENV, FlowerRunError
+
+# FedCoLLM-family algorithms whose rounds have no client step: `run_flower` runs them embedded.
+SERVER_ONLY = ("centralized", "zero_shot")
+
+CONNECTION = "cotune"  # the SuperLink connection name in the private FLWR_HOME
+APP_NAME = "cotune-flower"
+
+# The [tool.flwr.app] of the Flower App; pyproject.toml carries the same tables (tests check they agree).
+APP_COMPONENTS = {
+    "serverapp": "cotune.runtime.flower.server_app:app",
+    "clientapp": "cotune.runtime.flower.client_app:app",
+}
+APP_CONFIG: dict[str, str | int | float] = {
+    "config": "",
+    "config-yaml": "",
+    "overrides": "",
+    "run-dir": "",
+    "min-clients": 0,  # 0: federation.min_clients (default all)
+    "round-timeout": 0.0,  # 0: federation.client_timeout (default 600 s)
+    "connect-timeout": 120.0,
+}
+
+
+def with_run_settings(cfg: ExperimentConfig, run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """The config with the run config's min-clients / round-timeout (when > 0) as federation settings."""
+    update: dict[str, Any] = {}
+    if int(run_config.get("min-clients", 0) or 0) > 0:
+        update["min_clients"] = int(run_config["min-clients"])
+    if float(run_config.get("round-timeout", 0) or 0) > 0:
+        update["client_timeout"] = float(run_config["round-timeout"])
+    if not update:
+        return cfg
+    fed = cfg.federation.model_copy(update=update)
+    return cfg.model_copy(update={"federation": type(cfg.federation).model_validate(fed.model_dump())})
+
+
+def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every Flower process: no telemetry, offline, this venv's commands first."""
+    env = dict(os.environ if base is None else base)
+    env.update(FLOWER_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    # flower-superlink / -supernode start flower-superexec, flwr-serverapp and flwr-clientapp by name.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def write_app_dir(path: Path) -> Path:
+    """A Flower App directory for `flwr run PATH <connection>`: the installed cotune's apps."""
+    path.mkdir(parents=True, exist_ok=True)
+    tree = {
+        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
+        "project": {
+            "name": APP_NAME,
+            "version": "0.1.0",
+            "description": "cotune on Flower: the ServerApp and ClientApp of the installed cotune package",
+            "license": {"text": "Apache-2.0"},
+            # Installed on every machine beforehand; Flower must not install anything (no network).
+            "dependencies": ["flwr>=1.41,<1.42"],
+        },
+        "tool": {
+            "flwr": {"app": {"publisher": "cotune", "components": APP_COMPONENTS, "config": APP_CONFIG}}
+        },
+    }
+    (path / "pyproject.toml").write_text(tomli_w.dumps(tree))
+    return path
+
+
+def write_connection(
+    flwr_home: Path, address: str, *, insecure: bool = True, root_certificates: Path | None = None
+) -> None:
+    """The private Flower configuration ($FLWR_HOME/config.toml) with one SuperLink connection."""
+    conn: dict[str, Any] = {"address": address}
+    if root_certificates is not None:
+        conn["root-certificates"] = str(Path(root_certificates).resolve())
+    else:
+        conn["insecure"] = insecure
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}})
+    )
+
+
+def submit(
+    app_dir: Path,
+    flwr_home: Path,
+    run_config: Mapping[str, str | int | float],
+    log_path: Path,
+    timeout: float | None = None,
+    echo: IO[str] | None = None,
+) -> int:
+    """`flwr run APP cotune --run-config FILE --stream`: start the run and follow its log until it ends."""
+    overrides = log_path.with_suffix(".run-config.toml")
+    overrides.write_text(tomli_w.dumps(dict(run_config)))
+    cmd = ["flwr", "run", str(app_dir), CONNECTION, "--run-config", str(overrides), "--stream"]
+    with log_path.open("a") as log:
+        proc = subprocess.Popen(
+            cmd, env=flower_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+        def copy() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if echo is not None:
+                    echo.write(line)
+
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"flwr run did not finish within {timeout:g}s (log: {log_path})") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            reader.join(5)
+        return code
+
+
+OUTCOME_MARK = "cotune-outcome: "  # the ServerApp's last line, for runs whose directory is on another machine
+
+
+def run_outcome(run_dir: Path, log_path: Path | None = None) -> dict[str, Any]:
+    """The last run event the ServerApp wrote (end, stopped, failed), from metrics.jsonl or else its log."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        events = [m for m in read_metrics(path) if m.get("type") == "run"]
+        if events:
+            return events[-1]
+    if log_path is not None and log_path.exists():
+        marks = [
+            ln.split(OUTCOME_MARK, 1)[1] for ln in log_path.read_text().splitlines() if OUTCOME_MARK in ln
+        ]
+        for text in reversed(marks):
+            try:
+                outcome = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if outcome.get("run_dir") == str(run_dir):
+                return outcome
+    return {"event": None}
+
+
+def check_outcome(run_dir: Path, log_path: Path | None = None) -> None:
+    outcome = run_outcome(run_dir, log_path)
+    event = outcome.get("event")
+    if event == "end":
+        return
+    where = f" (log: {log_path})" if log_path else ""
+    if event == "stopped":
+        raise FlowerRunError(
+            f"{run_dir}: the run stopped: {outcome.get('reason')}; "
+            f"last complete checkpoint: round {outcome.get('last_checkpoint')}"
+        )
+    if event == "failed":
+        raise FlowerRunError(f"{run_dir}: the ServerApp failed: {outcome.get('error')}{where}")
+    raise FlowerRunError(f"{run_dir}: the ServerApp did not complete the run{where}")
+
+
+# ---- a local federation ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float, alive: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the process meant to listen on 127.0.0.1:{port} exited")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:g}s")
+
+
+@dataclass
+class _Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and `n_nodes` SuperNodes on 127.0.0.1, for the demo and the tests.
+
+    Insecure mode (no TLS, no node authentication) and no runtime dependency installation: every
+    process uses this Python environment. Node i gets `partition-id=i num-partitions=n_nodes`
+    plus `node_config(i)`. Use as a context manager: every process it started, and every child
+    those started (SuperExec, ServerApp, ClientApp), is stopped on exit, also after a failure.
+    """
+
+    n_nodes: int
+    work_dir: Path
+    node_config: Callable[[int], Mapping[str, str | int]] | None = None
+    port: int = 0
+    processes: dict[str, _Process] = field(default_factory=dict)
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.work_dir / "flwr-home"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _spawn(self, name: str, cmd: Sequence[str]) -> _Process:
+        log_path = self.work_dir / f"{name}.log"
+        with log_path.open("ab") as log:
+            popen = subprocess.Popen(
+                list(cmd),
+                cwd=self.work_dir,
+                env=flower_env(self.flwr_home),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: signals to the test never reach it
+            )
+        proc = _Process(name, popen, log_path)
+        self.processes[name] = proc
+        return proc
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        write_connection(self.flwr_home, self.address, insecure=True)
+        link = self._spawn(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        wait_for_port(self.port, timeout, lambda: link.popen.poll() is None)
+        for i in range(self.n_nodes):
+            self.start_node(i)
+
+    def start_node(self, i: int) -> None:
+        cfg: dict[str, str | int] = {"partition-id": i, "num-partitions": self.n_nodes}
+        cfg.update(self.node_config(i) if self.node_config else {})
+        pairs = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in cfg.items())
+        self._spawn(
+            f"supernode-{i}",
+            [
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                self.address,
+                "--port",
+                str(free_port()),  # the node's own Runtime API, where its ClientApp processes connect
+                "--node-config",
+                pairs,
+            ],
+        )
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        """Stop one process (e.g. "supernode-1") and everything it started."""
+        proc = self.processes.pop(name, None)
+        if proc is not None:
+            _terminate_tree(proc.popen.pid, sig, timeout)
+            proc.popen.wait()
+
+    def pids(self) -> set[int]:
+        """Every live process this federation started, and their children (SuperExec, apps)."""
+        found: set[int] = set()
+        for proc in self.processes.values():
+            try:
+                root = psutil.Process(proc.popen.pid)
+                found |= {root.pid, *(c.pid for c in root.children(recursive=True))}
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    def close(self) -> None:
+        for name in sorted(self.processes, key=lambda n: n == "superlink"):  # nodes first, then the link
+            self.stop(name)
+
+    def run(
+        self,
+        app_dir: Path,
+        run_config: Mapping[str, str | int | float],
+        timeout: float | None = None,
+        echo: IO[str] | None = None,
+    ) -> int:
+        return submit(app_dir, self.flwr_home, run_config, self.work_dir / "flwr-run.log", timeout, echo)
+
+    def logs(self) -> str:
+        """The tail of every log, for a failure message."""
+        parts = []
+        for path in sorted(self.work_dir.glob("*.log")):
+            parts.append(
+                f"==> {path.name} <==\n" + "\n".join(path.read_text(errors="replace").splitlines()[-40:])
+            )
+        return "\n".join(parts)
+
+
+def _terminate_tree(pid: int, sig: int, timeout: float) -> None:
+    """Signal a process and all its descendants (found before any dies), then SIGKILL what is left."""
+    try:
+        root = psutil.Process(pid)
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+# ---- the entry point for `--backend flower` ---------------------------------------------------------------
+def run_flower(
+    cfg: ExperimentConfig,
+    run_dir: Path | None = None,
+    console: Console | None = None,
+    *,
+    superlink: str | None = None,
+    root_certificates: Path | None = None,
+    min_clients: int | None = None,
+    round_timeout: float | None = None,
+    connect_timeout: float = 120.0,
+    timeout: float | None = None,
+) -> list[Path]:
+    """Run the configured strategy, then each `run.compare` strategy, on Flower; like `run_experiment`.
+
+    `min_clients` and `round_timeout` (seconds per exchange), when given, replace the config's
+    `federation.min_clients` and `federation.client_timeout` (defaults: all clients, 600 s).
+    With `superlink` (host:port of a running SuperLink's Control API), the runs go to that
+    federation: TLS with `root_certificates`, insecure without. Without it, a LocalFederation of
+    `federation.clients` SuperNodes on 127.0.0.1 is started for the duration (the demo). Run
+    directories are paths on the SuperLink's machine. Returns them, the main run first.
+    """
+    console = console or Console(stderr=True)
+    cfg = with_run_settings(cfg, {"min-clients": min_clients or 0, "round-timeout": round_timeout or 0})
+    if cfg.federation.secure_aggregation:  # refuse before any process starts
+        from cotune.runtime.flower.server import check_secure_aggregation
+
+        try:
+            check_secure_aggregation(cfg)
+        except ValueError as e:
+            raise FlowerRunError(str(e)) from None
+    run_dir = (run_dir or default_run_dir(cfg)).resolve()
+    dirs = comparison_dirs(run_dir, cfg)
+    variants = [cfg] + [variant(cfg, s) for s in baseline_names(cfg)]
+    federated = [(d, v) for d, v in zip(dirs, variants, strict=True) if v.algorithm not in SERVER_ONLY]
+    local = [(d, v) for d, v in zip(dirs, variants, strict=True) if v.algorithm in SERVER_ONLY]
+    for d, _ in local:
+        if d.exists() and any(d.iterdir()):
+            raise FileExistsError(f"run directory {d} is not empty; use another --out")
+    for d, v in federated:
+        init_run_dir(d, v)
+    for d, v in local:  # centralized / zero_shot: no client step, nothing for SuperNodes to do
+        console.print(f"[bold]algorithm {v.algorithm}[/] has no client step: embedded runtime -> {d}")
+        run_experiment(variant(v, v.algorithm), d, console)
+    if not federated:
+        return dirs
+    with tempfile.TemporaryDirectory(prefix="cotune-flower-") as tmp:
+        work = run_dir / "flower"  # logs of the federation and of `flwr run` stay with the run
+        work.mkdir(exist_ok=True)
+        app_dir = write_app_dir(Path(tmp) / APP_NAME)
+        settings = {"connect-timeout": connect_timeout}  # min-clients, round-timeout: in the config
+        if superlink is None:
+            with LocalFederation(cfg.federation.clients, work) as fed:
+                console.print(f"local Flower federation: SuperLink {fed.address}, {fed.n_nodes} SuperNodes")
+                for d, v in federated:
+                    console.print(f"[bold]{_label(v)}[/] on Flower -> {d}")
+                    fed.run(app_dir, {"config-yaml": dump_config(v), "run-dir": str(d), **settings}, timeout)
+                    check_outcome(d, work / "flwr-run.log")
+        else:
+            home = Path(tmp) / "flwr-home"
+            write_connection(
+                home, superlink, insecure=root_certificates is None, root_certificates=root_certificates
+            )
+            for d, v in federated:
+                console.print(f"[bold]{_label(v)}[/] on Flower ({superlink}) -> {d}")
+                log = work / "flwr-run.log"
+                submit(
+                    app_dir,
+                    home,
+                    {"config-yaml": dump_config(v), "run-dir": str(d), **settings},
+                    log,
+                    timeout,
+                )
+                check_outcome(d, log)
+    return dirs
+
+
+def _label(cfg: ExperimentConfig) -> str:
+    return f"algorithm {cfg.algorithm}" if cfg.is_cotuning else f"strategy {cfg.strategy.name}"

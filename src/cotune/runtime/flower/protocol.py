@@ -1,0 +1,194 @@
+"""What travels between the cotune ServerApp and ClientApp: message types, record keys and codecs.
+
+Adapters and any tensor state travel as Flower ``ArrayRecord`` s (one ``Array`` per tensor, numpy
+serialised, never pickled); everything else is a ``ConfigRecord`` or ``MetricRecord``. Keeping the
+wire format in one module means a new algorithm family adds message types here and nothing else
+changes shape (FedCoLLM needed none: `query.describe` and `train` cover its rounds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+# ---- message types: "<category>" or "<category>.<action>" (Flower routes on both) ------------------
+DESCRIBE = "query.describe"  # who are you: partition id, data summary, public-set hash, label mixture
+TRAIN = "train"  # adopt this adapter, train `steps` local steps, send the adapter back
+EVALUATE = "evaluate"  # adopt this (aggregated) adapter and evaluate it on local validation data
+EVALUATE_PEERS = "evaluate.peers"  # validation trust: perplexity of each peer adapter on local val data
+PREDICT = "query.predict"  # prediction trust: top-k logits of the local adapter on the public set
+
+# ---- record keys ------------------------------------------------------------------------------------
+JOB = "cotune.job"  # ConfigRecord: algorithm family, config YAML + fingerprint, round, action arguments
+ADAPTER = "cotune.adapter"  # ArrayRecord: one adapter, keyed as a saved peft adapter
+PEER_PREFIX = "cotune.peer."  # ArrayRecord per peer adapter: cotune.peer.<client index>
+METRICS = "cotune.metrics"  # MetricRecord: losses, perplexities, throughput
+INFO = "cotune.info"  # ConfigRecord: a node's description (describe reply)
+LOGITS = "cotune.logits"  # ArrayRecord: <batch>.values / <batch>.indices of the top-k logits
+
+# Node-side state kept in Context.state between messages of one run.
+STATE_ADAPTER = "cotune.state.adapter"
+STATE_TENSORS = "cotune.state.tensors"
+STATE_META = "cotune.state.meta"
+
+# numpy has no bfloat16: such tensors travel as their int16 bit pattern under a marked key.
+_BF16_SUFFIX = "::bfloat16"
+
+
+# ---- tensors <-> ArrayRecord ---------------------------------------------------------------------------
+def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Exact (bitwise) encoding of named tensors; key order is kept."""
+    record = ArrayRecord()
+    for key, tensor in tensors.items():
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            key, t = key + _BF16_SUFFIX, t.view(torch.int16)
+        record[key] = Array.from_numpy_ndarray(t.numpy())
+    return record
+
+
+def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, array in record.items():
+        t = torch.from_numpy(array.numpy())
+        if key.endswith(_BF16_SUFFIX):
+            key, t = key.removesuffix(_BF16_SUFFIX), t.view(torch.bfloat16)
+        out[key] = t
+    return out
+
+
+# ---- nested state (optimizer, scheduler, sampler, RNG) <-> ArrayRecord + JSON ---------------------------
+def pack_tree(obj: Any) -> tuple[ArrayRecord, str]:
+    """Split a nested state (dicts with str/int keys, lists, tuples, scalars, tensors) into tensors + JSON.
+
+    Used for optimizer and scheduler state dicts, whose tensors must round-trip exactly and whose
+    int keys (parameter indices) and tuples (AdamW betas) must come back as they were.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x
+            return {"t": path}
+        if isinstance(x, dict):
+            for k in x:
+                if not isinstance(k, str | int) or isinstance(k, bool):
+                    raise TypeError(f"{path}: only str/int keys can be packed, got {type(k).__name__}")
+            return {"d": [[k, enc(v, f"{path}/{k}")] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"u": [enc(v, f"{path}/{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return {"l": [enc(v, f"{path}/{i}") for i, v in enumerate(x)]}
+        if x is None or isinstance(x, bool | int | float | str):
+            return {"v": x}
+        raise TypeError(f"{path}: cannot pack a value of type {type(x).__name__}")
+
+    structure = enc(obj, "")
+    return tensors_to_record(tensors), json.dumps(structure)
+
+
+def unpack_tree(record: ArrayRecord, structure: str) -> Any:
+    tensors = record_to_tensors(record)
+
+    def dec(node: dict[str, Any]) -> Any:
+        ((kind, value),) = node.items()
+        if kind == "t":
+            return tensors[value]
+        if kind == "d":
+            return {k: dec(v) for k, v in value}
+        if kind == "u":
+            return tuple(dec(v) for v in value)
+        if kind == "l":
+            return [dec(v) for v in value]
+        return value
+
+    return dec(json.loads(structure))
+
+
+# ---- prediction trust: top-k logits ---------------------------------------------------------------------
+def topk_to_record(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> ArrayRecord:
+    """Per public batch, the (values, indices) of torch.topk over the vocabulary."""
+    tensors: dict[str, torch.Tensor] = {}
+    for b, (values, indices) in enumerate(batches):
+        tensors[f"{b}.values"] = values
+        tensors[f"{b}.indices"] = indices.to(torch.int32 if indices.max() < 2**31 else torch.int64)
+    return tensors_to_record(tensors)
+
+
+def record_to_topk(record: ArrayRecord) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    tensors = record_to_tensors(record)
+    n = len(tensors) // 2
+    return [(tensors[f"{b}.values"], tensors[f"{b}.indices"].long()) for b in range(n)]
+
+
+def dense_from_topk(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Logits whose top-k is exactly (values, indices): -inf everywhere else.
+
+    PredictionDistance only looks at each client's top-k values and their positions, so this
+    gives the distances the embedded runtime computes from the full logits, while a node sends
+    k instead of V numbers per position (tests/test_flower.py checks the equality).
+    """
+    dense = torch.full((*values.shape[:-1], vocab), float("-inf"), dtype=values.dtype)
+    return dense.scatter_(-1, indices, values)
+
+
+def windows_hash(windows: torch.Tensor) -> str:
+    """Identifies a set of token windows, so the server can check every node has the same public set."""
+    h = hashlib.sha256(str(tuple(windows.shape)).encode())
+    h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- the job record: what every message to a node carries ------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """The header of a message to a node: which experiment, which round, and the action's arguments."""
+
+    family: str  # algorithm family: "personalized" or "fedcollm"
+    config_yaml: str  # the resolved experiment config, as `cotune run` would write config.yaml
+    fingerprint: str  # config_fingerprint(cfg): a node refuses to mix state from two configs
+    round: int
+    args: Mapping[str, Any]
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "family": self.family,
+                "config": self.config_yaml,
+                "fingerprint": self.fingerprint,
+                "round": self.round,
+                "args": json.dumps(dict(self.args)),
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> Job:
+        return cls(
+            family=str(record["family"]),
+            config_yaml=str(record["config"]),
+            fingerprint=str(record["fingerprint"]),
+            round=int(record["round"]),  # type: ignore[arg-type]
+            args=json.loads(str(record["args"])),
+        )
+
+
+def job_of(message: Message) -> Job:
+    if JOB not in message.content:
+        raise ValueError(f"message {message.metadata.message_type!r} has no {JOB!r} record")
+    return Job.from_record(message.content.config_records[JOB])
+
+
+def content(
+    job: Job, records: Mapping[str, ArrayRecord | ConfigRecord | MetricRecord] | None = None
+) -> RecordDict:
+    """A message body: the job header plus named records."""
+    body = RecordDict({JOB: job.to_record()})
+    for key, record in (records or {}).items():
+        body[key] = record
+    return body

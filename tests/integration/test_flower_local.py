@@ -1,0 +1,184 @@
+"""A real Flower deployment on 127.0.0.1: one SuperLink and two SuperNodes (free ports, insecure mode,
+no runtime dependency installation), the tiny personalized config for two rounds (fedavg and
+validation trust) and the tiny FedCoLLM config for one round, compared with the embedded runtime;
+then a SuperNode is stopped mid-run. Every process started here (and every child
+Flower started: SuperExec, ServerApp, ClientApp) is stopped at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+# Before flwr is first imported (it reads these at import time): no telemetry, no update check.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+pytest.importorskip("flwr")
+
+from tests.conftest import tiny_tree
+from tests.test_flower import _adapters, _records, max_adapter_diff
+
+from cotune.config import config_from_dict, dump_config, load_config
+from cotune.runtime.checkpoint import list_checkpoints
+from cotune.runtime.experiment import run_experiment
+from cotune.runtime.flower import FlowerRunError, run_flower
+from cotune.runtime.flower.deploy import LocalFederation, check_outcome, run_outcome, write_app_dir
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CLIENTS = 2
+# Max |adapter difference| allowed between Flower and embedded (observed: 0.0, bit-identical, with
+# lora.dropout 0 and one torch thread in every process).
+TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    fed = LocalFederation(CLIENTS, tmp_path_factory.mktemp("federation"))
+    seen: set[int] = set()
+    try:
+        fed.start()
+        yield fed
+        seen = fed.pids()
+    finally:
+        seen |= fed.pids()
+        fed.close()
+    assert not _alive(seen), f"processes left running: {_alive(seen)}"
+
+
+def _alive(pids: set[int]) -> list[int]:
+    left = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                left.append(pid)
+    return left
+
+
+def test_every_process_is_stopped_also_when_the_test_fails(tmp_path):
+    seen: set[int] = set()
+    with pytest.raises(RuntimeError, match="a failing test"), LocalFederation(1, tmp_path) as fed:
+        deadline = time.monotonic() + 60
+        while len(seen := fed.pids()) < 4 and time.monotonic() < deadline:  # + their SuperExec children
+            time.sleep(0.5)
+        raise RuntimeError("a failing test")
+    assert len(seen) >= 4
+    assert not _alive(seen)
+
+
+def _cfg(corpus_dir: Path, tmp_path: Path, strategy: str):
+    tree = tiny_tree(
+        corpus_dir,
+        tmp_path,
+        federation={"clients": CLIENTS},
+        strategy={"name": strategy},
+        run={"threads": 1, "eval_every": 2},  # rounds 0 and 2 evaluated: one exchange less per run
+    )
+    return config_from_dict(tree)
+
+
+def _run(fed: LocalFederation, cfg, tmp_path: Path, **settings) -> Path:
+    run_dir = tmp_path / "flower"
+    run_config = {
+        "config-yaml": dump_config(cfg),
+        "run-dir": str(run_dir),
+        "round-timeout": 300.0,
+        **settings,
+    }
+    code = fed.run(write_app_dir(tmp_path / "cotune-flower"), run_config, timeout=900)
+    if code != 0 or run_outcome(run_dir).get("event") is None:
+        pytest.fail(f"flwr run exited {code}, outcome {run_outcome(run_dir)}\n{fed.logs()}")
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    ("strategy", "via"),
+    [("fedavg", "run_flower"), ("validation", "flwr run")],  # both ways of starting a run
+)
+def test_two_supernodes_give_the_embedded_adapters(federation, corpus_dir, tmp_path, strategy, via):
+    cfg = _cfg(corpus_dir, tmp_path, strategy)
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    t0 = time.perf_counter()
+    if via == "run_flower":  # what `cotune run CONFIG --backend flower --superlink HOST:PORT` calls
+        try:
+            (run_dir,) = run_flower(cfg, tmp_path / "flower", superlink=federation.address, timeout=900)
+        except FlowerRunError as e:
+            pytest.fail(f"{e}\n{federation.logs()}")
+    else:
+        run_dir = _run(federation, cfg, tmp_path)
+        check_outcome(run_dir)
+    diff = max_adapter_diff(_adapters(embedded), _adapters(run_dir))
+    print(
+        f"\n{strategy}: Flower run {time.perf_counter() - t0:.0f}s, max |adapter diff| vs embedded {diff:.3g}"
+    )
+    assert diff <= TOLERANCE
+    for a, b in zip(_records(embedded, "trust"), _records(run_dir, "trust"), strict=True):
+        torch.testing.assert_close(torch.tensor(a["matrix"]), torch.tensor(b["matrix"]), atol=1e-6, rtol=0)
+    ppl = [[r["ppl"] for r in _records(d, "eval")] for d in (embedded, run_dir)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
+
+
+def test_fedcollm_on_two_supernodes_gives_the_embedded_adapters(federation, tmp_path):
+    """One round of examples/fedcollm-tiny.yaml (2 clients), through `cotune run --backend flower`:
+    the LLM and its LoRA stay in the ServerApp."""
+    from typer.testing import CliRunner
+
+    from cotune.cli.main import app
+
+    config = str(ROOT / "examples" / "fedcollm-tiny.yaml")
+    overrides = ["federation.clients=2", "federation.rounds=1", "run.threads=1", "device=cpu"]
+    (embedded,) = run_experiment(load_config(config, overrides), tmp_path / "embedded")
+    t0 = time.perf_counter()
+    run_dir = tmp_path / "flower"
+    args = ["run", config, *overrides, "--out", str(run_dir), "--backend", "flower"]
+    result = CliRunner().invoke(app, [*args, "--superlink", federation.address])
+    if result.exit_code != 0:
+        pytest.fail(f"cotune run exited {result.exit_code}: {result.output}\n{federation.logs()}")
+    assert (run_dir / "report.md").is_file()
+    ours, theirs = _adapters(embedded, pattern="*"), _adapters(run_dir, pattern="*")
+    assert {"client-00", "client-01", "server", "server-llm"} <= set(theirs)
+    diff = max_adapter_diff(ours, theirs)
+    print(
+        f"\nfedcollm: Flower run {time.perf_counter() - t0:.0f}s, max |adapter diff| vs embedded {diff:.3g}"
+    )
+    assert diff <= TOLERANCE
+    keys = ("round", "model", "client", "acc", "acc_norm")
+    mc = [[{k: r[k] for k in keys} for r in _records(d, "mc")] for d in (embedded, run_dir)]
+    assert mc[0] == mc[1]
+    assert len(_records(run_dir, "distill")) == 1 and len(_records(run_dir, "comm")) == 2
+
+
+def test_a_supernode_that_disconnects_stops_the_run_with_the_last_checkpoint_intact(
+    federation, corpus_dir, tmp_path
+):
+    """Runs last: it stops supernode-1. With min_clients = all, round 1 cannot go on."""
+    cfg = _cfg(corpus_dir, tmp_path, "fedavg")
+    run_dir = tmp_path / "flower"
+
+    def disconnect() -> None:
+        deadline = time.monotonic() + 600
+        while not (run_dir / "checkpoints" / "round-0000").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        federation.stop("supernode-1")
+
+    killer = threading.Thread(target=disconnect, daemon=True)
+    killer.start()
+    _run(federation, cfg, tmp_path, **{"round-timeout": 120.0})
+    killer.join(5)
+    outcome = run_outcome(run_dir)
+    assert outcome["event"] == "stopped" and outcome["last_checkpoint"] == 0, outcome
+    (fault,) = _records(run_dir, "fault")
+    assert (fault["round"], fault["client"]) == (1, 1)
+    assert [r for r, _ in list_checkpoints(run_dir)] == [0]
+    assert len(_adapters(run_dir)) == CLIENTS
+    with pytest.raises(FlowerRunError, match="stopped"):
+        check_outcome(run_dir)

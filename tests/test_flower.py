@@ -1,0 +1,676 @@
+"""cotune on Flower, in process: the wire codecs, the ServerApp/ClientApp protocol against the embedded
+runtime (bit for bit), and fault handling. A fake Grid hands each message straight to the real
+ClientApp with one Context per simulated SuperNode; the process-level deployment (SuperLink +
+SuperNodes) is tests/integration/test_flower_local.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tomllib
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+
+# Before flwr is first imported (it reads these at import time): no telemetry, no update check.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+pytest.importorskip("flwr")
+
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+from tests.conftest import tiny_tree
+from tests.test_cotuning import task_file, tree  # noqa: F401  (task_file: the FedCoLLM task fixture)
+
+from cotune.algorithms.trust import PredictionDistance
+from cotune.config import config_from_dict, dump_config
+from cotune.reporting.metrics import read_metrics
+from cotune.runtime.checkpoint import latest_checkpoint, list_checkpoints
+from cotune.runtime.experiment import run_experiment
+from cotune.runtime.flower import FlowerRunError, is_flower_run
+from cotune.runtime.flower import protocol as p
+from cotune.runtime.flower.client_app import app as client_app
+from cotune.runtime.flower.deploy import (
+    APP_COMPONENTS,
+    APP_CONFIG,
+    check_outcome,
+    with_run_settings,
+    write_app_dir,
+)
+from cotune.runtime.flower.node import NodeSettings, node_config
+from cotune.runtime.flower.server import SERVERS, FedCoLLMServer, ServerSettings, server_for
+from cotune.runtime.flower.server_app import experiment_config, prepare_run_dir
+from cotune.training.loop import make_optimizer, make_scheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A node's fate: given (client index, message), return None to answer normally, "silent" to never
+# answer (a disconnected SuperNode), "error" to raise in the ClientApp (Flower's error reply), or
+# "nan" to answer with an adapter full of NaN (a broken or malicious node).
+Fate = Callable[[int, Message], str | None]
+
+
+class InProcessGrid(Grid):
+    """SuperNodes in this process: the real ClientApp, one Context (state) per node, no network."""
+
+    def __init__(self, n_nodes: int, fate: Fate | None = None) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+        # node ids deliberately unrelated to partition ids: the server must ask
+        self.contexts = {
+            9000 - 7 * i: Context(
+                run_id=7,
+                node_id=9000 - 7 * i,
+                node_config={"partition-id": i, "num-partitions": n_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(n_nodes)
+        }
+        self.fate = fate or (lambda i, m: None)
+        self.sent: list[tuple[int, str]] = []
+        self.replies: list[Message] = []
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        pass
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ctx = self.contexts[msg.metadata.dst_node_id]
+            index = int(ctx.node_config["partition-id"])
+            self.sent.append((index, msg.metadata.message_type))
+            fate = self.fate(index, msg)
+            if fate == "silent":
+                continue
+            try:
+                if fate == "error":
+                    raise RuntimeError("simulated ClientApp crash")
+                # a copy, as the wire would deliver it (SecAgg+ messages share one content object)
+                reply = client_app(copy.deepcopy(msg), ctx)
+                if fate == "nan" and p.ADAPTER in reply.content.array_records:
+                    sent = p.record_to_tensors(reply.content.array_records[p.ADAPTER])
+                    poisoned = {k: torch.full_like(v, float("nan")) for k, v in sent.items()}
+                    reply.content.array_records[p.ADAPTER] = p.tensors_to_record(poisoned)
+                replies.append(reply)
+                self.replies.append(replies[-1])
+            except Exception as exc:  # what Flower does with a ClientApp exception
+                replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        return replies
+
+
+def _cfg(corpus_dir: Path, tmp_path: Path, **sections):
+    return config_from_dict(tiny_tree(corpus_dir, tmp_path, run={"threads": 1}, **sections))
+
+
+def _run_flower_in_process(
+    cfg, run_dir: Path, grid: InProcessGrid, settings: ServerSettings | None = None
+) -> str:
+    prepare_run_dir(run_dir, cfg)
+    settings = settings or ServerSettings.from_config(cfg)
+    return server_for(cfg, run_dir, grid, settings, say=lambda s: None).run()
+
+
+def _adapters(
+    run_dir: Path, round_: int | None = None, pattern: str = "client-*"
+) -> dict[str, dict[str, torch.Tensor]]:
+    found = dict(list_checkpoints(run_dir))
+    path = found[round_] if round_ is not None else latest_checkpoint(run_dir)[1]
+    dirs = [d for d in sorted(path.glob(pattern)) if d.is_dir()]
+    return {d.name: load_file(str(d / "adapter_model.safetensors")) for d in dirs}
+
+
+def max_adapter_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[c][k] - b[c][k]).abs().max()) for c in a for k in a[c])
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    return [m for m in read_metrics(run_dir / "metrics.jsonl") if m["type"] == kind]
+
+
+# ---- codecs ----------------------------------------------------------------------------------------
+def test_tensors_travel_bit_exactly_including_bfloat16():
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(2, 2).to(torch.bfloat16),
+        "c": torch.tensor(5.0),
+        "d": torch.arange(6, dtype=torch.int64).view(2, 3),
+    }
+    back = p.record_to_tensors(p.tensors_to_record(tensors))
+    assert list(back) == list(tensors)
+    for k in tensors:
+        assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k])
+
+
+def test_optimizer_and_schedule_state_survive_the_trip(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path)
+    torch.manual_seed(0)
+
+    def make():
+        lin = torch.nn.Linear(4, 3)
+        opt = make_optimizer(lin.parameters(), cfg.train)
+        return lin, opt, make_scheduler(opt, 10, cfg.train)
+
+    def step(lin, opt, sched):
+        lin(torch.ones(2, 4)).pow(2).sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+    lin, opt, sched = make()
+    for _ in range(3):
+        step(lin, opt, sched)
+    tensors, tree = p.pack_tree({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+    state = p.unpack_tree(tensors, tree)
+    lin2, opt2, sched2 = make()
+    lin2.load_state_dict(lin.state_dict())
+    opt2.load_state_dict(state["optimizer"])
+    sched2.load_state_dict(state["scheduler"])
+    assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]  # a tuple again
+    step(lin, opt, sched)
+    step(lin2, opt2, sched2)
+    for a, b in zip(lin.parameters(), lin2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_top_k_logits_give_the_distances_of_the_full_logits():
+    torch.manual_seed(0)
+    batches = [[torch.randn(2, 5, 50) for _ in range(3)] for _ in range(2)]
+    full, sent = PredictionDistance(3, k=7), PredictionDistance(3, k=7)
+    for logits in batches:
+        full.add_batch(logits)
+        topk = [p.record_to_topk(p.topk_to_record([x.topk(7, dim=-1)]))[0] for x in logits]
+        sent.add_batch([p.dense_from_topk(v, i, 50) for v, i in topk])
+    assert torch.equal(full.distances(), sent.distances())
+
+
+# ---- the protocol against the embedded runtime -----------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["fedavg", "local", "weight", "validation", "prediction", "oracle"])
+def test_flower_protocol_gives_the_embedded_results_bit_for_bit(corpus_dir, tmp_path, strategy):
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": strategy})
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+
+    flower = tmp_path / "flower"
+    assert max_adapter_diff(_adapters(embedded), _adapters(flower)) == 0.0
+    assert [r["matrix"] for r in _records(embedded, "trust")] == [
+        r["matrix"] for r in _records(flower, "trust")
+    ]
+    keys = ("round", "client", "loss", "ppl", "acc", "tokens")
+    evals = [[{k: r[k] for k in keys} for r in _records(d, "eval")] for d in (embedded, flower)]
+    assert evals[0] == evals[1]
+    assert [r["loss"] for r in _records(embedded, "train")] == [r["loss"] for r in _records(flower, "train")]
+    # the named actions carry the evidence, and only the strategy that needs it asks for it
+    types = {t for _, t in grid.sent}
+    assert (p.EVALUATE_PEERS in types) == (strategy == "validation")
+    assert (p.PREDICT in types) == (strategy == "prediction")
+
+
+def test_a_nan_upload_from_a_supernode_is_rejected_as_in_the_embedded_runtime(corpus_dir, tmp_path):
+    """Flower's personalized server screens uploads with the embedded code: same rejections, same result."""
+    sections = {"strategy": {"name": "validation"}, "federation": {"min_clients": 3}}
+    cfg = _cfg(corpus_dir, tmp_path, **sections)
+    attacked = _cfg(corpus_dir, tmp_path, **sections, simulation={"attack": {"clients": [3], "kind": "nan"}})
+    (embedded,) = run_experiment(attacked, tmp_path / "embedded")
+
+    def fate(i: int, msg: Message) -> str | None:
+        return "nan" if i == 3 and msg.metadata.message_type == p.TRAIN else None
+
+    flower = tmp_path / "flower"
+    assert _run_flower_in_process(cfg, flower, InProcessGrid(4, fate)) == "completed"
+    rejected = [
+        (r["round"], r["client"]) for r in _records(flower, "fault") if r["event"] == "update_rejected"
+    ]
+    assert rejected == [(r, 3) for r in range(1, cfg.federation.rounds + 1)]
+    assert all("NaN" in r["reason"] or "nan" in r["reason"] for r in _records(flower, "fault"))
+    assert max_adapter_diff(_adapters(embedded), _adapters(flower)) == 0.0
+    assert all(not torch.isnan(t).any() for a in _adapters(flower).values() for t in a.values())
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"robustness": {"aggregator": "median"}},
+        {"privacy": {"clip_norm": 0.05, "noise_multiplier": 1.0, "seed": 3}},
+    ],
+    ids=["median", "dp"],
+)
+def test_robust_and_private_fedavg_on_flower_match_the_embedded_runtime(corpus_dir, tmp_path, sections):
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "fedavg"}, **sections)
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    flower = tmp_path / "flower"
+    assert _run_flower_in_process(cfg, flower, InProcessGrid(cfg.federation.clients)) == "completed"
+    assert max_adapter_diff(_adapters(embedded), _adapters(flower)) == 0.0
+    assert len(_records(flower, "privacy")) == len(_records(embedded, "privacy"))
+
+
+def test_each_node_keeps_its_optimizer_state_in_its_context(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path, federation={"rounds": 1})
+    grid = InProcessGrid(cfg.federation.clients)
+    _run_flower_in_process(cfg, tmp_path / "run", grid)
+    for ctx in grid.contexts.values():
+        meta = ctx.state.config_records[p.STATE_META]
+        tree = p.unpack_tree(ctx.state.array_records[p.STATE_TENSORS], str(meta["tree"]))
+        steps = {float(s["step"]) for s in tree["optimizer"]["state"].values()}
+        assert steps == {cfg.federation.warmup_steps + cfg.federation.local_steps}
+        assert tree["scheduler"]["last_epoch"] == cfg.federation.warmup_steps + cfg.federation.local_steps
+
+
+def test_state_of_another_config_is_never_reused(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path, federation={"rounds": 1})
+    grid = InProcessGrid(cfg.federation.clients)
+    _run_flower_in_process(cfg, tmp_path / "a", grid)
+    other = _cfg(corpus_dir, tmp_path, federation={"rounds": 1}, train={"lr": 5e-3})
+    _run_flower_in_process(other, tmp_path / "b", grid)  # same nodes, same run id, other config
+    (fresh,) = run_experiment(other, tmp_path / "embedded")
+    assert max_adapter_diff(_adapters(fresh), _adapters(tmp_path / "b")) == 0.0
+
+
+# ---- faults ----------------------------------------------------------------------------------------
+def test_a_client_that_disconnects_is_reported_and_the_round_goes_on(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "validation"})
+
+    def fate(i: int, msg: Message) -> str | None:
+        gone = i == 3 and p.job_of(msg).round >= 2
+        return "silent" if gone else None
+
+    run_dir = tmp_path / "run"
+    status = _run_flower_in_process(cfg, run_dir, InProcessGrid(4, fate), ServerSettings(min_clients=3))
+    assert status == "completed"
+    (fault,) = _records(run_dir, "fault")
+    assert (fault["round"], fault["phase"], fault["client"]) == (2, "train", 3)
+    assert "no reply" in fault["reason"]
+    last = _records(run_dir, "trust")[-1]
+    assert last["participants"] == [0, 1, 2]
+    assert last["matrix"][3] == [0.0, 0.0, 0.0, 1.0]  # the absent client keeps its own adapter
+    assert {r["client"] for r in _records(run_dir, "eval") if r["round"] == 2} == {0, 1, 2}
+    round1, final = _adapters(run_dir, 1), _adapters(run_dir)
+    assert max_adapter_diff({"c": round1["client-03"]}, {"c": final["client-03"]}) == 0.0
+    assert max_adapter_diff({"c": round1["client-00"]}, {"c": final["client-00"]}) > 0.0
+
+
+def test_too_few_clients_stop_the_run_cleanly_with_the_last_checkpoint_intact(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "prediction"})
+
+    def fate(i: int, msg: Message) -> str | None:
+        return (
+            "error"
+            if i == 1 and msg.metadata.message_type == p.PREDICT and p.job_of(msg).round == 2
+            else None
+        )
+
+    run_dir = tmp_path / "run"
+    assert _run_flower_in_process(cfg, run_dir, InProcessGrid(4, fate)) == "stopped"
+    (fault,) = _records(run_dir, "fault")
+    assert (fault["round"], fault["phase"], fault["client"]) == (2, "evidence", 1)
+    assert "simulated ClientApp crash" in fault["reason"]
+    stopped = _records(run_dir, "run")[-1]
+    assert stopped["event"] == "stopped" and stopped["last_checkpoint"] == 1
+    assert "min_clients is 4" in stopped["reason"]
+    assert [r for r, _ in list_checkpoints(run_dir)] == [0, 1]
+    assert len(_adapters(run_dir)) == 4  # round 1's adapters, complete and loadable
+    with pytest.raises(FlowerRunError, match="stopped"):
+        check_outcome(run_dir)
+    assert is_flower_run(run_dir)
+
+
+def test_a_missing_supernode_at_the_start_counts_against_min_clients(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path, federation={"clients": 4, "rounds": 1})
+    grid = InProcessGrid(4, lambda i, m: "silent" if i == 2 else None)
+    settings = ServerSettings(min_clients=3, connect_timeout=0)
+    assert _run_flower_in_process(cfg, tmp_path / "run", grid, settings) == "completed"
+    faults = _records(tmp_path / "run", "fault")
+    assert [(f["round"], f["phase"]) for f in faults] == [(0, "connect")]
+    assert {r["client"] for r in _records(tmp_path / "run", "eval")} == {0, 1, 3}
+
+
+def test_two_supernodes_with_one_partition_id_are_refused(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path, federation={"clients": 2, "rounds": 1})
+    grid = InProcessGrid(2)
+    for ctx in grid.contexts.values():
+        ctx.node_config["partition-id"] = 0
+    with pytest.raises(ValueError, match="both have partition-id 0"):
+        _run_flower_in_process(cfg, tmp_path / "run", grid)
+    assert _records(tmp_path / "run", "run")[-1]["event"] == "failed"
+
+
+def test_data_owners_can_bring_their_own_files(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path, federation={"clients": 2, "rounds": 1}, strategy={"name": "prediction"})
+
+    def owners(public: bool) -> InProcessGrid:
+        grid = InProcessGrid(2)
+        for ctx, label in zip(grid.contexts.values(), ["alpha", "beta"], strict=True):
+            ctx.node_config["data-path"] = str(corpus_dir / label)
+            if public:  # prediction trust compares predictions on the same public files everywhere
+                ctx.node_config["public-path"] = str(corpus_dir / "gamma")
+        return grid
+
+    assert _run_flower_in_process(cfg, tmp_path / "own", owners(public=True)) == "completed"
+    assert len(_records(tmp_path / "own", "trust")) == 1
+    assert _run_flower_in_process(cfg, tmp_path / "nopublic", owners(public=False)) == "stopped"
+    assert all("public-path" in f["reason"] for f in _records(tmp_path / "nopublic", "fault"))
+
+
+# ---- configuration -----------------------------------------------------------------------------------------
+def test_node_settings_come_from_the_node_config(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path)
+    with pytest.raises(ValueError, match="partition-id"):
+        NodeSettings.from_node_config({})
+    settings = NodeSettings.from_node_config({"partition-id": 1, "num-partitions": 3})
+    with pytest.raises(ValueError, match="num-partitions=3"):
+        node_config(dump_config(cfg), settings)
+    with pytest.raises(ValueError, match="does not exist"):
+        node_config(dump_config(cfg), NodeSettings(0, data_path=str(tmp_path / "nowhere")))
+    own = NodeSettings(0, data_path=str(corpus_dir / "alpha"))
+    assert node_config(dump_config(cfg), own).data.path == corpus_dir / "alpha"
+
+
+def test_run_config_gives_the_experiment_and_a_fresh_run_dir(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path)
+    text = dump_config(cfg)
+    got = experiment_config({"config-yaml": text, "overrides": "federation.rounds=5 train.lr=0.5"})
+    assert got.federation.rounds == 5 and got.train.lr == 0.5
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    assert experiment_config({"config": str(path)}).federation == cfg.federation
+    with pytest.raises(ValueError, match="config-yaml"):
+        experiment_config({})
+    prepare_run_dir(tmp_path / "r", cfg)
+    prepare_run_dir(tmp_path / "r", cfg)  # prepared by run_flower for this config: fine
+    with pytest.raises(FileExistsError, match="another config"):
+        prepare_run_dir(tmp_path / "r", got)
+    (tmp_path / "r" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        prepare_run_dir(tmp_path / "r", cfg)
+    assert ServerSettings.from_config(cfg).required(4) == 4
+    assert ServerSettings.from_config(cfg).round_timeout == 600.0
+    two = with_run_settings(cfg, {"min-clients": 2, "round-timeout": 30})
+    assert two.federation.min_clients == 2 and two.federation.client_timeout == 30.0
+    assert (
+        ServerSettings.from_config(two).required(4) == 2
+        and ServerSettings.from_config(two).round_timeout == 30
+    )
+    assert with_run_settings(cfg, {"min-clients": 0, "round-timeout": 0}) == cfg  # 0: the config's own
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # flwr's FAB builder uses a deprecated pathspec API
+def test_the_flower_app_is_a_valid_fab_and_matches_pyproject(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.config_utils import load_and_validate
+
+    app_dir = write_app_dir(tmp_path / "cotune-flower")
+    config, _ = load_and_validate(app_dir / "pyproject.toml")
+    assert config["tool"]["flwr"]["app"]["components"] == APP_COMPONENTS
+    assert build_fab_from_disk(app_dir)
+    repo = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    flwr_app = repo["tool"]["flwr"]["app"]
+    assert flwr_app["components"] == APP_COMPONENTS and flwr_app["config"] == APP_CONFIG
+    assert any(d.startswith("flwr>=1.41,<1.42") for d in repo["project"]["optional-dependencies"]["flower"])
+
+
+def test_outcome_reads_the_marker_line_of_a_remote_run(tmp_path):
+    log = tmp_path / "flwr-run.log"
+    remote = tmp_path / "elsewhere"
+    log.write_text("noise\ncotune-outcome: " + json.dumps({"event": "end", "run_dir": str(remote)}) + "\n")
+    check_outcome(remote, log)
+    with pytest.raises(FlowerRunError, match="did not complete"):
+        check_outcome(tmp_path / "other", log)
+
+
+# ---- FedCoLLM ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["fedcollm", "fedavg", "standalone"])
+def test_fedcollm_family_on_flower_gives_the_embedded_results_bit_for_bit(task_file, tmp_path, algorithm):  # noqa: F811
+    cfg = config_from_dict(tree(task_file, tmp_path, algorithm, run={"threads": 1}))
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients)
+    assert isinstance(server_for(cfg, tmp_path / "x", grid), FedCoLLMServer)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    flower = tmp_path / "flower"
+    # every adapter: the clients' SLM LoRA, the server's theta and (fedcollm) the LLM's omega
+    ours, theirs = _adapters(embedded, pattern="*"), _adapters(flower, pattern="*")
+    assert set(ours) >= {"client-00", "server"} and ("server-llm" in ours) == (algorithm == "fedcollm")
+    assert max_adapter_diff(ours, theirs) == 0.0
+    for kind, keys in [
+        ("mc", ("round", "model", "client", "acc", "acc_norm")),
+        ("train", ("round", "client", "loss", "lr")),
+        ("distill", ("round", "slm_kd", "llm_kd")),
+        ("comm", ("round", "client", "bytes_up", "bytes_down")),
+    ]:
+        rows = [[{k: r[k] for k in keys} for r in _records(d, kind)] for d in (embedded, flower)]
+        assert rows[0] == rows[1], kind
+    # only training travels: one describe and one train message per client and round, no LLM anywhere
+    assert sorted({t for _, t in grid.sent}) == [p.DESCRIBE, p.TRAIN]
+    assert sum(t == p.TRAIN for _, t in grid.sent) == cfg.federation.clients * cfg.federation.rounds
+    for ctx in grid.contexts.values():
+        for key in ctx.state.array_records:
+            assert "server" not in key
+
+
+def test_fedcollm_nodes_hold_the_slm_only_and_refuse_other_payloads(task_file, tmp_path):  # noqa: F811
+    from cotune.runtime.flower.node import FedCoLLMNode, NodeSettings
+
+    cfg = config_from_dict(tree(task_file, tmp_path, "fedcollm", run={"threads": 1}))
+    node = FedCoLLMNode(cfg, NodeSettings(1, 3))
+    assert node.pool.names == ["client-01"]  # its own SLM adapter: no server slot, no LLM
+    assert node.pool.model.config.hidden_size == cfg.model.tiny.hidden_size != cfg.llm.model.tiny.hidden_size
+    assert node.describe()["examples"] == len(node.data) > 0
+    wrong = {k: torch.zeros(*v[:-1], v[-1] + 1) for k, v in node.shapes.items()}
+    with pytest.raises(ValueError, match="not exactly the SLM adapter"):
+        node.set_adapter(wrong)
+
+
+def test_a_fedcollm_client_that_fails_is_dropped_and_fedavg_uses_the_others(task_file, tmp_path):  # noqa: F811
+    cfg = config_from_dict(tree(task_file, tmp_path, "fedavg", run={"threads": 1}))
+
+    def fate(i: int, msg: Message) -> str | None:
+        return (
+            "error" if i == 2 and msg.metadata.message_type == p.TRAIN and p.job_of(msg).round == 2 else None
+        )
+
+    run_dir = tmp_path / "run"
+    two = with_run_settings(cfg, {"min-clients": 2})  # federation.min_clients = 2, as run_flower sets it
+    assert _run_flower_in_process(two, run_dir, InProcessGrid(3, fate)) == "completed"
+    (fault,) = _records(run_dir, "fault")
+    assert (fault["round"], fault["phase"], fault["client"]) == (2, "train", 2)
+    assert [r["client"] for r in _records(run_dir, "comm") if r["round"] == 2] == [0, 1]
+    # with min_clients = all, the same failure stops the run after round 1, checkpoint intact
+    stop_dir = tmp_path / "stop"
+    assert _run_flower_in_process(cfg, stop_dir, InProcessGrid(3, fate)) == "stopped"
+    assert [r for r, _ in list_checkpoints(stop_dir)] == [0, 1] and is_flower_run(stop_dir)
+
+
+def test_server_only_algorithms_are_not_sent_to_supernodes(task_file, tmp_path):  # noqa: F811
+    assert set(SERVERS) == {"personalized", "fedcollm"}
+    for algorithm in ("centralized", "zero_shot"):
+        cfg = config_from_dict(tree(task_file, tmp_path, algorithm))
+        with pytest.raises(ValueError, match="no client step"):
+            server_for(cfg, tmp_path / "x", InProcessGrid(3))
+
+
+# ---- the command line ----------------------------------------------------------------------------------
+def test_cli_backend_flower_runs_reports_and_refuses_resume(corpus_dir, tmp_path, monkeypatch):
+    """`cotune run CONFIG --backend flower`: the CLI hands the config to run_flower, whose federation is
+    replaced by the in-process grid here (the real processes: tests/integration/test_flower_local.py)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    import cotune.runtime.flower as flower
+    from cotune.cli.main import app
+    from cotune.runtime.experiment import init_run_dir
+
+    calls = []
+
+    def fake_run_flower(cfg, run_dir, console, **kwargs):
+        calls.append(kwargs)
+        init_run_dir(run_dir, cfg)
+        server = server_for(
+            cfg, run_dir, InProcessGrid(cfg.federation.clients), ServerSettings.from_config(cfg)
+        )
+        server.say = lambda s: None
+        server.run()
+        check_outcome(run_dir)
+        return [run_dir]
+
+    monkeypatch.setattr(flower, "run_flower", fake_run_flower)
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_tree(corpus_dir, tmp_path, federation={"rounds": 1})))
+    out = tmp_path / "run"
+    runner = CliRunner()
+    args = ["run", str(cfg_path), "--out", str(out), "--backend", "flower", "--superlink", "10.0.0.1:8000"]
+    result = runner.invoke(app, [*args, "--root-certificates", str(cfg_path)])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"superlink": "10.0.0.1:8000", "root_certificates": cfg_path}]
+    assert (out / "report.md").is_file() and is_flower_run(out)
+
+    def said(result) -> str:  # rich wraps long lines
+        return " ".join(result.output.split())
+
+    result = runner.invoke(app, ["run", "--resume", str(out)])
+    assert result.exit_code == 2 and "is a Flower run: it cannot be resumed" in said(result)
+    assert runner.invoke(app, ["run", "--resume", str(out), "--backend", "flower"]).exit_code == 2
+
+    def stopped(cfg, run_dir, console, **kwargs):
+        raise FlowerRunError(f"{run_dir}: the run stopped: 1 of 2 clients left; last complete checkpoint: 0")
+
+    monkeypatch.setattr(flower, "run_flower", stopped)
+    result = runner.invoke(app, ["run", str(cfg_path), "--out", str(tmp_path / "x"), "--backend", "flower"])
+    assert result.exit_code == 2 and "the run stopped" in said(result)
+    result = runner.invoke(app, ["run", str(cfg_path), "--backend", "nope"])
+    assert result.exit_code == 2 and "unknown --backend" in said(result)
+    result = runner.invoke(app, ["run", str(cfg_path), "--superlink", "h:1"])
+    assert result.exit_code == 2 and "need --backend flower" in said(result)
+
+
+def test_run_flower_without_flwr_says_how_to_install(monkeypatch, corpus_dir, tmp_path):
+    import importlib.util
+
+    import cotune.runtime.flower as flower
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else real(name, *a)
+    )
+    with pytest.raises(FlowerRunError, match=r"pip install -e '\.\[flower\]'"):
+        flower.run_flower(_cfg(corpus_dir, tmp_path), tmp_path / "r")
+
+
+def test_a_client_dropped_from_one_round_is_asked_again_in_the_next(corpus_dir, tmp_path):
+    """federation.client_timeout on Flower: no reply in time drops the client from that round only."""
+    cfg = _cfg(
+        corpus_dir,
+        tmp_path,
+        strategy={"name": "validation"},
+        federation={"min_clients": 3, "client_timeout": 5},
+    )
+    assert ServerSettings.from_config(cfg).round_timeout == 5.0
+
+    def fate(i: int, msg: Message) -> str | None:
+        return (
+            "silent" if i == 3 and p.job_of(msg).round == 1 and msg.metadata.message_type == p.TRAIN else None
+        )
+
+    run_dir = tmp_path / "run"
+    assert _run_flower_in_process(cfg, run_dir, InProcessGrid(4, fate)) == "completed"
+    (fault,) = _records(run_dir, "fault")
+    assert (fault["round"], fault["phase"], fault["client"], fault["event"]) == (
+        1,
+        "train",
+        3,
+        "client_dropped",
+    )
+    assert [r["participants"] for r in _records(run_dir, "trust")] == [[0, 1, 2], [0, 1, 2, 3]]
+    assert [r["participants"] for r in _records(run_dir, "round")] == [[0, 1, 2], [0, 1, 2, 3]]
+
+
+# ---- SecAgg+ ---------------------------------------------------------------------------------------------
+# SecAgg+ quantizes values to steps of 16 / 2**22 ~ 3.8e-6 (stochastic rounding), the weights likewise:
+# with equal weights the secure mean is within one step of the plain one.
+SECAGG_TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedcollm"])
+def test_secure_aggregation_gives_the_plain_weighted_mean(task_file, tmp_path, algorithm):  # noqa: F811
+    tree_ = tree(task_file, tmp_path, algorithm, run={"threads": 1}, federation={"rounds": 1})
+    plain = config_from_dict(tree_)
+    secure = config_from_dict({**tree_, "federation": {**tree_["federation"], "secure_aggregation": True}})
+    (embedded,) = run_experiment(plain, tmp_path / "embedded")
+    grid = InProcessGrid(plain.federation.clients)
+    assert _run_flower_in_process(secure, tmp_path / "flower", grid) == "completed"
+    ours, theirs = _adapters(embedded, pattern="*"), _adapters(tmp_path / "flower", pattern="*")
+    diff = max_adapter_diff({"s": ours["server"]}, {"s": theirs["server"]})
+    print(f"\nSecAgg+ {algorithm}: max |secure - plain| server adapter = {diff:.3g}")
+    # quantized (stochastic rounding), so not bit-exact, but the same weighted mean: fedavg's server
+    # adapter is the mean itself; fedcollm's has been distilled from it since (a few AdamW steps)
+    assert 0 < diff <= (SECAGG_TOLERANCE if algorithm == "fedavg" else 5 * SECAGG_TOLERANCE)
+    if algorithm == "fedcollm":
+        assert max_adapter_diff({"l": ours["server-llm"]}, {"l": theirs["server-llm"]}) <= 1e-4
+    # four SecAgg+ stages per round; the nodes' masked uploads carry no adapter in the clear
+    assert sum(t == p.TRAIN for _, t in grid.sent) == 4 * plain.federation.clients
+    collected = [m for m in grid.replies if "fitres.parameters" in m.content.array_records]
+    assert len(collected) == plain.federation.clients
+    assert all(len(m.content.array_records["fitres.parameters"]) == 0 for m in collected)
+    assert [r["client"] for r in _records(tmp_path / "flower", "train")] == [0, 1, 2]
+
+
+def test_secure_aggregation_is_refused_where_it_cannot_apply(task_file, corpus_dir, tmp_path):  # noqa: F811
+    standalone = config_from_dict(
+        tree(task_file, tmp_path, "standalone", federation={"secure_aggregation": True})
+    )
+    with pytest.raises(ValueError, match="secure_aggregation is implemented for"):
+        server_for(standalone, tmp_path / "x", InProcessGrid(3))
+    from cotune.runtime.flower import run_flower
+
+    with pytest.raises(FlowerRunError, match="secure_aggregation is implemented for"):
+        run_flower(standalone, tmp_path / "never")  # refused before any process starts
+    assert not (tmp_path / "never").exists()
+    personalized = _cfg(corpus_dir, tmp_path, federation={"secure_aggregation": True})
+    with pytest.raises(ValueError, match="secure_aggregation is implemented for"):
+        server_for(personalized, tmp_path / "x", InProcessGrid(4))
+    screened = config_from_dict(
+        tree(
+            task_file,
+            tmp_path,
+            "fedavg",
+            federation={"secure_aggregation": True},
+            robustness={"max_update_norm": 1.0},
+        )
+    )
+    with pytest.raises(ValueError, match="cannot be screened"):
+        server_for(screened, tmp_path / "x", InProcessGrid(3))
+
+
+def test_fedcollm_data_owners_can_bring_their_own_task_file(task_file, tmp_path):  # noqa: F811
+    cfg = config_from_dict(tree(task_file, tmp_path, "fedavg", run={"threads": 1}, federation={"rounds": 1}))
+    grid = InProcessGrid(3)
+    for ctx in grid.contexts.values():
+        ctx.node_config["data-path"] = str(task_file)  # all of it is this node's private set D_k
+    server = server_for(cfg, tmp_path / "run", grid, ServerSettings.from_config(cfg), say=lambda s: None)
+    prepare_run_dir(tmp_path / "run", cfg)
+    assert server.run() == "completed"
+    assert server.client_sizes() == [90, 90, 90]  # n_k as the nodes report them, not the config's split
+    assert len(_records(tmp_path / "run", "comm")) == 3
