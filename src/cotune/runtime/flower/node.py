@@ -94,8 +94,8 @@ def node_config(config_yaml: str, settings: NodeSettings) -> ExperimentConfig:
     return cfg
 
 
-class PersonalizedNode:
-    """A client of personalized fine-tuning: its adapter, optimizer + schedule, data cursor and data."""
+class _Node:
+    """What every SuperNode holds: its config, its partition, the base model and its one adapter."""
 
     def __init__(self, cfg: ExperimentConfig, settings: NodeSettings) -> None:
         self.cfg, self.settings = cfg, settings
@@ -109,6 +109,13 @@ class PersonalizedNode:
             cfg.model, self.device, resolve_dtype(cfg.model.dtype, self.device)
         )
         self.pool = AdapterPool(base, cfg.lora, [self.name])
+
+
+class PersonalizedNode(_Node):
+    """A client of personalized fine-tuning: its adapter, optimizer + schedule, data cursor and data."""
+
+    def __init__(self, cfg: ExperimentConfig, settings: NodeSettings) -> None:
+        super().__init__(cfg, settings)
         self.optimizer = make_optimizer(self.pool.parameters(self.name), cfg.train)
         self.scheduler = make_scheduler(self.optimizer, cfg.federation.total_steps, cfg.train)
         self._sampler: WindowSampler | None = None
@@ -263,7 +270,7 @@ class PersonalizedNode:
         }
 
 
-class FedCoLLMNode:
+class FedCoLLMNode(_Node):
     """A client of FedCoLLM (and its fedavg / standalone baselines): only the SLM, its LoRA and its shard.
 
     The LLM and its LoRA never exist here. Local training is the embedded runtime's own code: the
@@ -277,17 +284,7 @@ class FedCoLLMNode:
     train_learner = CoTuningRuntime.train_learner
 
     def __init__(self, cfg: ExperimentConfig, settings: NodeSettings) -> None:
-        self.cfg, self.settings = cfg, settings
-        self.index = settings.partition
-        self.name = client_name(self.index)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        seed_everything(cfg.run.seed)
-        self.device = resolve_device(cfg.device)
-        base, self.tokenizer = load_base_model(
-            cfg.model, self.device, resolve_dtype(cfg.model.dtype, self.device)
-        )
-        self.pool = AdapterPool(base, cfg.lora, [self.name])
+        super().__init__(cfg, settings)
         self.shapes = {k: v.shape for k, v in self.pool.state(self.name).items()}
         steps = self.local_steps(len(self.data)) * cfg.federation.rounds
         seed = cfg.run.seed * 1000 + self.index
