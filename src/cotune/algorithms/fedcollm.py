@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from cotune.algorithms.aggregation import weighted_average
+from cotune.algorithms.robust import Aggregator, robust_average
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -51,15 +51,28 @@ PLANS: dict[str, RoundPlan] = {
 }
 
 
+def fedavg_weights(
+    n_examples: Sequence[int], weighting: Literal["examples", "uniform"] = "examples"
+) -> list[float]:
+    """The FedAvg weights: n_k, or 1 for every client."""
+    return list(map(float, n_examples)) if weighting == "examples" else [1.0] * len(n_examples)
+
+
 def aggregate_slm(
     updates: Sequence[Mapping[str, torch.Tensor]],
     n_examples: Sequence[int],
     weighting: Literal["examples", "uniform"] = "examples",
+    aggregator: Aggregator = "mean",
+    trim_fraction: float = 0.1,
 ) -> AdapterState:
-    """theta^{t,0} = sum_k n_k theta_k / sum_k n_k (or the uniform mean), element-wise on A and B."""
+    """theta^{t,0} = sum_k n_k theta_k / sum_k n_k (or the uniform mean), element-wise on A and B.
+
+    `aggregator` median / trimmed_mean replace the mean (robust FedAvg; they ignore the weights).
+    """
     if len(updates) != len(n_examples):
         raise ValueError(f"{len(updates)} updates but {len(n_examples)} example counts")
-    return weighted_average(updates, list(map(float, n_examples)) if weighting == "examples" else None)
+    weights = list(map(float, n_examples)) if weighting == "examples" else None
+    return robust_average(updates, aggregator, trim_fraction, weights)
 
 
 def check_payload(payload: Mapping[str, torch.Tensor], slm_shapes: Mapping[str, torch.Size]) -> None:

@@ -17,8 +17,7 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
 from cotune.algorithms.attacks import garbage_tokens
-from cotune.algorithms.fedcollm import PLANS, check_payload, state_bytes
-from cotune.algorithms.robust import robust_average
+from cotune.algorithms.fedcollm import PLANS, aggregate_slm, check_payload, fedavg_weights, state_bytes
 from cotune.config.schema import ExperimentConfig
 from cotune.data.task_data import EncodedSet, TaskData
 from cotune.data.windows import WindowSampler
@@ -283,12 +282,11 @@ class CoTuningRuntime:
         )
         for u in kept:
             check_payload(u, self.slm_shapes)
-        sizes = self.client_sizes()
-        weights = [float(sizes[k]) for k in accepted] if self.cfg.federation.weighting == "examples" else None
-        rob = self.cfg.robustness
-        averaged = robust_average(kept, rob.aggregator, rob.trim_fraction, weights)
+        sizes = [self.client_sizes()[k] for k in accepted]
+        weighting, rob = self.cfg.federation.weighting, self.cfg.robustness
+        averaged = aggregate_slm(kept, sizes, weighting, rob.aggregator, rob.trim_fraction)
         if self.cfg.privacy.enabled:
-            w = [1.0] * len(kept) if weights is None else weights
+            w = fedavg_weights(sizes, weighting)
             averaged = guard.dp_noise(self.cfg, r, averaged, max(w) / sum(w))
             guard.log_privacy(self.cfg, self.log, r, "central: on the (weighted) mean of clipped updates")
         return averaged
