@@ -39,7 +39,7 @@ from cotune.runtime.common import (
     open_latest_checkpoint,
     truncate_metrics,
 )
-from cotune.training.loop import make_optimizer, make_scheduler, train_step
+from cotune.training.loop import make_optimizer, make_scheduler, train_windows
 
 __all__ = ["PersonalizedRuntime", "ResumeError", "client_name", "config_fingerprint"]
 
@@ -166,19 +166,21 @@ class PersonalizedRuntime:
 
             def work(c: SimClient = c) -> tuple[list[float], int, float]:
                 self.pool.activate(c.name)
-                losses, tokens, t0 = [], 0, time.perf_counter()
-                for _ in range(self.steps_in_round(r)):
-                    idx = c.sampler.next_indices()
-                    ids = c.data.train[idx].to(self.device)
-                    micro = list(ids.split(tcfg.batch_size))
-                    losses.append(
-                        train_step(self.pool.model, micro, c.optimizer, c.scheduler, tcfg.max_grad_norm)
-                    )
-                    tokens += ids.numel()
-                    progress.update(
-                        task, advance=1, description=f"round {r} · {c.name} · loss {losses[-1]:.3f}"
-                    )
-                return losses, tokens, time.perf_counter() - t0
+
+                def shown(loss: float, c: SimClient = c) -> None:
+                    progress.update(task, advance=1, description=f"round {r} · {c.name} · loss {loss:.3f}")
+
+                return train_windows(
+                    self.pool.model,
+                    c.data.train,
+                    c.sampler.next_indices,
+                    self.steps_in_round(r),
+                    c.optimizer,
+                    c.scheduler,
+                    tcfg,
+                    self.device,
+                    shown,
+                )
 
             outcome = guard.run_client(self.cfg, r, c.index, work)
             if not outcome.ok:  # dropped from this round: it keeps the adapter it started with

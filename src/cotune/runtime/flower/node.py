@@ -1,7 +1,7 @@
 """One data owner's side of personalized fine-tuning: what a SuperNode computes for each message.
 
 This is the embedded runtime's per-client work (PersonalizedRuntime.train_round / peer_perplexity /
-prediction_distance / evaluate) for a single client, built from the same pieces: `train_step`,
+prediction_distance / evaluate) for a single client, built from the same pieces: `train_windows`,
 `evaluate_lm`, `make_optimizer`, `make_scheduler`, `WindowSampler`, `AdapterPool`. It has no Flower
 dependency: the ClientApp decodes a message, calls one method, and encodes the answer, so the same
 class can serve any transport.
@@ -44,7 +44,7 @@ from cotune.models.lora import AdapterPool, AdapterState
 from cotune.runtime.cotuning import CoTuningRuntime
 from cotune.runtime.embedded import client_name
 from cotune.runtime.experiment import seed_everything
-from cotune.training.loop import make_optimizer, make_scheduler, train_step
+from cotune.training.loop import make_optimizer, make_scheduler, train_windows
 
 
 @dataclass(frozen=True)
@@ -192,19 +192,17 @@ class PersonalizedNode(_Node):
         if not self._rng_restored:  # first round: this node's own dropout stream
             torch.manual_seed(self.cfg.run.seed * 1000 + self.index)
             self._rng_restored = True
-        tcfg = self.cfg.train
         self.pool.activate(self.name)
-        losses: list[float] = []
-        tokens, t0 = 0, time.perf_counter()
-        for _ in range(steps):
-            idx = self.sampler.next_indices()
-            ids = self.data.train[idx].to(self.device)
-            micro = list(ids.split(tcfg.batch_size))
-            losses.append(
-                train_step(self.pool.model, micro, self.optimizer, self.scheduler, tcfg.max_grad_norm)
-            )
-            tokens += ids.numel()
-        dt = time.perf_counter() - t0
+        losses, tokens, dt = train_windows(
+            self.pool.model,
+            self.data.train,
+            self.sampler.next_indices,
+            steps,
+            self.optimizer,
+            self.scheduler,
+            self.cfg.train,
+            self.device,
+        )
         return {
             "loss": sum(losses) / len(losses),
             "last_loss": losses[-1],
