@@ -123,7 +123,12 @@ def main() -> None:
     for r in runs:
         for recs in r.mc.get("slm", {}).values():
             n_test = n_test or next((x["n"] for x in recs if x.get("n")), None)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores (shared), CPU, fp32, torch threads=1"
+    threads = cfg.get("run", {}).get("threads") or "default"
+    import torch
+
+    on_gpu = cfg.get("device") != "cpu" and torch.cuda.is_available()
+    where = f"CUDA {torch.cuda.get_device_name()}" if on_gpu else "CPU, fp32"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores (shared), {where}, torch threads={threads}"
     with tempfile.TemporaryDirectory() as tmp:
         write_report(dirs, Path(tmp))
         plots = sorted(Path(tmp).glob("plots/*accuracy*.png")) + sorted(Path(tmp).glob("*accuracy*.png"))

@@ -234,3 +234,30 @@ def test_different_tokenizers_are_refused():
     check_same_tokenizer(a, byte_tokenizer(), ("slm", "llm"))
     with pytest.raises(TokenizerMismatchError, match="different tokenizers"):
         check_same_tokenizer(a, b, ("slm", "llm"))
+
+
+def test_compare_variants_score_the_zero_shot_models_once(task_file, tmp_path, monkeypatch):
+    """Every variant starts from the same base + fresh adapter: its round-0 accuracy is computed once."""
+    calls = []
+    real = cotuning.evaluate_multiple_choice
+
+    def counting(model, *args, **kwargs):
+        calls.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(cotuning, "evaluate_multiple_choice", counting)
+    compare = {"compare": ["zero_shot", "fedavg", "centralized"]}
+    dirs = run_experiment(config_from_dict(tree(task_file, tmp_path, run=compare)))
+    round0 = [
+        {(m["model"], m["acc"], m["acc_norm"]) for m in records(d, "mc") if m["round"] == 0} for d in dirs
+    ]
+    assert round0[0] == round0[1] and {r[0] for r in round0[0]} == {"slm", "llm"}
+    assert round0[2] <= round0[0] and round0[3] <= round0[0]  # fedavg: SLM only; centralized: both
+    # fedcollm: 2 zero-shot + 2 rounds x (SLM + LLM); fedavg: 2 SLM rounds; centralized: 2 LLM rounds.
+    assert len(calls) == 2 + 4 + 2 + 2
+    # The same numbers as a variant run on its own, which scores its zero-shot models itself.
+    calls.clear()
+    (alone,) = run_experiment(config_from_dict(tree(task_file, tmp_path / "alone", "fedavg")))
+    alone0 = {(m["model"], m["acc"], m["acc_norm"]) for m in records(alone, "mc") if m["round"] == 0}
+    assert alone0 == round0[2]
+    assert len(calls) == 3

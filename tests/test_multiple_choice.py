@@ -74,6 +74,33 @@ def test_batch_size_does_not_change_scores_or_order(tok, model):
     torch.testing.assert_close(torch.tensor(rev[::-1]), torch.tensor(one), atol=1e-5, rtol=0)
 
 
+class CountingModel(nn.Module):
+    """Wraps a model and counts the sequences it is asked to run."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.rows += input_ids.shape[0]
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_requests_with_identical_inputs_share_one_forward(tok, model):
+    """Single-token choices of one question, and a request whose input equals another's, run once."""
+    questions = ["Which letter comes first?\nAnswer:", "Pick the vowel:"]
+    requests = [encode_pair(tok, q, c) for q in questions for c in ["A", "B", "C", "D"]]
+    assert all(len(k) == 1 for _, k in requests)
+    context, continuation = encode_pair(tok, "Hello", " there")
+    shifted = (context + continuation[:-1], continuation[-1:])  # same model input, shorter span
+    requests += [(context, continuation), shifted, encode_pair(tok, "Other", " one")]
+    counting = CountingModel(model)
+    scores = score_requests(counting, requests, batch_size=2)
+    assert counting.rows == 4  # 2 questions + the shared "Hello there" input + "Other one"
+    for (ctx, cont), score in zip(requests, scores, strict=True):
+        torch.testing.assert_close(torch.tensor(score), _manual_loglik(model, ctx, cont))
+
+
 def test_score_requests_restores_training_mode(tok):
     model = build_tiny_model(TinyModelConfig(), len(tok)).train()
     score_requests(model, _requests(tok)[:2])

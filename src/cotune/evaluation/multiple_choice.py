@@ -113,41 +113,52 @@ def score_requests(
 ) -> list[float]:
     """Summed log-probability of each continuation given its context, in the order of ``requests``.
 
-    Requests are batched longest first so each batch pads little, and right-padded so real
-    positions keep their position ids and never attend to padding. Log-softmax runs only on the
-    continuation rows of one batch's logits, never on the full (B, T, V) tensor. Inputs longer
-    than ``max_length`` lose context tokens from the left; continuation tokens are always kept.
-    The model is put in eval mode (no dropout) and its previous mode restored afterwards.
+    Requests whose model inputs are identical share one forward pass: the choices of one question
+    that are a single token each (topic labels, A/B/C/D) differ only in the token scored at the
+    last position, so a k-way question costs one forward instead of k (the harness's one-token
+    continuation trick). Inputs are batched longest first so each batch pads little, and
+    right-padded so real positions keep their position ids and never attend to padding.
+    Log-softmax runs only on the continuation rows of one batch's logits, never on the full
+    (B, T, V) tensor. Inputs longer than ``max_length`` lose context tokens from the left;
+    continuation tokens are always kept. The model is put in eval mode (no dropout) and its
+    previous mode restored afterwards.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     windows = [_window(req, max_length, i) for i, req in enumerate(requests)]
-    order = sorted(range(len(windows)), key=lambda i: (-len(windows[i][0]), i))
+    inputs: dict[tuple[int, ...], list[int]] = {}  # distinct model input -> the requests it serves
+    for i, (inp, _) in enumerate(windows):
+        inputs.setdefault(tuple(inp), []).append(i)
+    distinct = list(inputs.items())
+    order = sorted(range(len(distinct)), key=lambda u: (-len(distinct[u][0]), u))
     device = next(model.parameters()).device
     scores: list[float] = [0.0] * len(windows)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            width = len(windows[batch[0]][0])
+            batch = [distinct[u] for u in order[start : start + batch_size]]
+            width = len(batch[0][0])
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                inp = windows[i][0]
+            for row, (inp, _) in enumerate(batch):
                 ids[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
                 mask[row, : len(inp)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            sums = []
-            for row, i in enumerate(batch):
-                inp, continuation = windows[i]
-                rows = logits[row, len(inp) - len(continuation) : len(inp)].float()
-                target = torch.tensor(continuation, dtype=torch.long, device=rows.device)
-                sums.append(torch.log_softmax(rows, dim=-1).gather(-1, target[:, None]).sum())
+            served, sums = [], []
+            for row, (inp, users) in enumerate(batch):
+                span = max(len(windows[i][1]) for i in users)
+                logprobs = torch.log_softmax(logits[row, len(inp) - span : len(inp)].float(), dim=-1)
+                for i in users:
+                    continuation = windows[i][1]
+                    target = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
+                    rows = logprobs[span - len(continuation) :]
+                    sums.append(rows.gather(-1, target[:, None]).sum())
+                    served.append(i)
             del logits
-            for i, value in zip(batch, torch.stack(sums).tolist(), strict=True):
+            for i, value in zip(served, torch.stack(sums).tolist(), strict=True):
                 scores[i] = float(value)
     finally:
         model.train(was_training)
@@ -201,7 +212,10 @@ def evaluate_multiple_choice(
     max_length: int = 512,
     add_bos: bool = False,
 ) -> MCResult:
-    """acc and acc_norm over ``examples``; every choice of every example is scored in one batched pass."""
+    """acc and acc_norm over ``examples``; every choice of every example is scored in one batched pass.
+
+    Single-token choices of one example share a forward pass (see `score_requests`).
+    """
     if not examples:
         raise ValueError("nothing to evaluate: no multiple-choice examples")
     for i, example in enumerate(examples):

@@ -7,6 +7,7 @@ Every algorithm of the family walks the same round; `PLANS` switches its steps o
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -72,6 +73,15 @@ def base_model_bytes(pool: AdapterPool) -> int:
     return sum(p.numel() * p.element_size() for n, p in pool.model.named_parameters() if "lora_" not in n)
 
 
+def adapter_digest(pool: AdapterPool, name: str) -> str:
+    """A fingerprint of one adapter's weights (bit-exact: two adapters match only if every value does)."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(pool.state(name).items()):
+        h.update(key.encode())
+        h.update(tensor.float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 class CoTuningRuntime:
     def __init__(
         self,
@@ -83,8 +93,12 @@ class CoTuningRuntime:
         run_dir: Path,
         device: torch.device,
         console: Console | None = None,
+        eval_cache: dict | None = None,
     ) -> None:
         self.cfg, self.slm, self.llm, self.task = cfg, slm, llm, task
+        # Test accuracy by (model, adapter weights, eval settings): run.compare variants share one
+        # so the zero-shot evaluation that every variant starts with runs once, not once each.
+        self.eval_cache = eval_cache if eval_cache is not None else {}
         self.tokenizer, self.run_dir, self.device = tokenizer, run_dir, device
         self.console = console or Console(stderr=True)
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -383,15 +397,24 @@ class CoTuningRuntime:
         return "  ".join(shown)
 
     def mc(self, pool: AdapterPool, name: str):
-        pool.activate(name)
+        """Accuracy of adapter ``name``; an adapter whose weights were already scored is not rescored."""
         t = self.cfg.train
-        return evaluate_multiple_choice(
-            pool.model,
-            self.tokenizer,
-            self.task.test,
-            batch_size=t.eval_batch_size,
-            max_length=self.cfg.task.max_length,
+        key = (
+            "llm" if pool is self.llm else "slm",
+            adapter_digest(pool, name),
+            self.cfg.task.max_length,
+            t.eval_batch_size,
         )
+        if key not in self.eval_cache:
+            pool.activate(name)
+            self.eval_cache[key] = evaluate_multiple_choice(
+                pool.model,
+                self.tokenizer,
+                self.task.test,
+                batch_size=t.eval_batch_size,
+                max_length=self.cfg.task.max_length,
+            )
+        return self.eval_cache[key]
 
     # ---- state -----------------------------------------------------------------------------
     def log(self, record: dict) -> None:

@@ -170,6 +170,7 @@ def _run_cotuning(
         task = build_task_data(cfg.task, cfg.federation.clients, tokenizer, cfg.run.seed)
     sizes = ", ".join(str(n) for n in task.client_sizes)
     console.print(f"  task: {len(task.public)} public, clients [{sizes}], {len(task.test)} test examples")
+    eval_cache: dict = {}  # one base model per role and one test split: scores carry across variants
     for d, v in zip(dirs, variants, strict=True):
         console.print(f"[bold]algorithm {v.algorithm}[/] -> {d}")
         seed_everything(v.run.seed)
@@ -179,7 +180,7 @@ def _run_cotuning(
         if _needs_llm(v):
             assert v.llm is not None and llm_base is not None
             llm = AdapterPool(llm_base, v.llm.lora, [LLM_ADAPTER])
-        CoTuningRuntime(v, slm, llm, task, tokenizer, d, device, console).run(resume=resume)
+        CoTuningRuntime(v, slm, llm, task, tokenizer, d, device, console, eval_cache).run(resume=resume)
         slm_base = slm.unload()
         if llm is not None:
             llm_base = llm.unload()
