@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 from cotune.config.loader import dump_config
@@ -53,3 +55,41 @@ def truncate_metrics(path: Path, last_round: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(m, separators=(",", ":")) + "\n" for m in kept))
     tmp.replace(path)
+
+
+class RoundRuntime(Protocol):
+    """What `start_or_resume` needs of a runtime (both families have it)."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    console: Console
+
+    def log(self, record: dict) -> None: ...
+    def evaluate(self, r: int) -> Any: ...
+    def checkpoint(self, r: int) -> None: ...
+    def restore(self) -> int: ...
+
+
+def start_or_resume(rt: RoundRuntime, resume: bool, strategy: str, clients: int) -> int:
+    """The first round to run: after the last checkpoint when resuming, else 1 once round 0 is scored.
+
+    A fresh run logs its start, evaluates the untrained models (round 0, the zero-shot reference)
+    and checkpoints them, so even a run killed in round 1 resumes without re-scoring them.
+    """
+    if resume:
+        last = rt.restore()
+        rt.console.print(f"[bold]resuming[/] {rt.run_dir} after round {last}")
+        return last + 1
+    rt.log(
+        {
+            "type": "run",
+            "event": "start",
+            "algorithm": rt.cfg.algorithm,
+            "strategy": strategy,
+            "clients": clients,
+            "time": time.time(),
+        }
+    )
+    rt.evaluate(0)
+    rt.checkpoint(0)
+    return 1

@@ -36,6 +36,7 @@ from cotune.runtime.common import (
     config_fingerprint,
     load_adapter,
     open_latest_checkpoint,
+    start_or_resume,
     truncate_metrics,
 )
 from cotune.training.distill import student_step, teacher_signal
@@ -178,23 +179,7 @@ class CoTuningRuntime:
 
     # ---- the round -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> None:
-        start = 1
-        if resume:
-            start = self.restore() + 1
-            self.console.print(f"[bold]resuming[/] {self.run_dir} after round {start - 1}")
-        else:
-            self.log(
-                {
-                    "type": "run",
-                    "event": "start",
-                    "algorithm": self.cfg.algorithm,
-                    "strategy": self.cfg.algorithm,
-                    "clients": len(self.clients),
-                    "time": time.time(),
-                }
-            )
-            self.evaluate(0)
-            self.checkpoint(0)
+        start = start_or_resume(self, resume, self.cfg.algorithm, len(self.clients))
         rounds = self.cfg.federation.rounds if self.plan.trains else 0
         for r in range(start, rounds + 1):
             t0 = time.perf_counter()

@@ -37,6 +37,7 @@ from cotune.runtime.common import (
     config_fingerprint,
     load_adapter,
     open_latest_checkpoint,
+    start_or_resume,
     truncate_metrics,
 )
 from cotune.training.loop import make_optimizer, make_scheduler, train_windows
@@ -101,23 +102,7 @@ class PersonalizedRuntime:
     # ---- the loop --------------------------------------------------------------------------
     def run(self, resume: bool = False) -> None:
         fed = self.cfg.federation
-        start = 1
-        if resume:
-            start = self.restore() + 1
-            self.console.print(f"[bold]resuming[/] {self.run_dir} after round {start - 1}")
-        else:
-            self.log(
-                {
-                    "type": "run",
-                    "event": "start",
-                    "strategy": self.cfg.strategy.name,
-                    "algorithm": self.cfg.algorithm,
-                    "clients": fed.clients,
-                    "time": time.time(),
-                }
-            )
-            self.evaluate(0)
-            self.checkpoint(0)
+        start = start_or_resume(self, resume, self.cfg.strategy.name, fed.clients)
         total = sum(self.steps_in_round(r) for r in range(start, fed.rounds + 1)) * len(self.clients)
         with Progress(
             TextColumn("{task.description}"),
