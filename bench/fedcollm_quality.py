@@ -9,7 +9,7 @@ centralized. The test split is only ever evaluated, never used to choose anythin
 
     .venv/bin/python bench/fedcollm_quality.py                                   # SmolLM2 fast variant
     .venv/bin/python bench/fedcollm_quality.py --config examples/fedcollm-qwen.yaml \\
-        task.max_test_examples=40 federation.rounds=1                            # the Qwen pair
+        task.max_test_examples=100 train.lr=1.0e-3 run.threads=2                 # the Qwen pair (52 min)
     .venv/bin/python bench/fedcollm_quality.py --collect-only [--config ...]
 """
 
