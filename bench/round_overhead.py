@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -65,6 +67,19 @@ class Timer:
 
         setattr(cls, method, wrapper)
         return orig
+
+    @contextmanager
+    def timing(self, cls, parts: dict[str, str], begins: str, ends: str) -> Iterator[None]:
+        """Time `cls`'s methods (method -> part) inside the block; `begins`/`ends` bound a round."""
+        saved = {
+            m: self.wrap(cls, m, part, begins_round=m == begins, ends_round=m == ends)
+            for m, part in parts.items()
+        }
+        try:
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(cls, name, fn)
 
     def rows(self, work: list[str]) -> list[dict]:
         out = []
@@ -121,19 +136,15 @@ def personalized(tmp: Path, quick: bool, tiny: bool) -> list[dict]:
             }
         )
         t = Timer()
-        R = embedded.PersonalizedRuntime
-        saved = {
-            "train_round": t.wrap(R, "train_round", "training", begins_round=True),
-            "gather_evidence": t.wrap(R, "gather_evidence", "trust_evidence"),
-            "evaluate": t.wrap(R, "evaluate", "evaluation"),
-            "checkpoint": t.wrap(R, "checkpoint", "checkpoint", ends_round=True),
+        parts = {
+            "train_round": "training",
+            "gather_evidence": "trust_evidence",
+            "evaluate": "evaluation",
+            "checkpoint": "checkpoint",
         }
-        try:
-            with open(os.devnull, "w") as devnull:
-                experiment.run_experiment(cfg, tmp / f"ro-{strategy}", Console(file=devnull))
-        finally:
-            for name, fn in saved.items():
-                setattr(R, name, fn)
+        R = embedded.PersonalizedRuntime
+        with t.timing(R, parts, begins="train_round", ends="checkpoint"), open(os.devnull, "w") as devnull:
+            experiment.run_experiment(cfg, tmp / f"ro-{strategy}", Console(file=devnull))
         for row in t.rows(["training", "trust_evidence"]):
             results.append({"family": "personalized", "algorithm": strategy, "model": cfg.model.name, **row})
     return results
@@ -163,20 +174,16 @@ def cotuning(tmp: Path, quick: bool, tiny: bool) -> list[dict]:
         )
         cfg = load_config(path, [*overrides, f"algorithm={algorithm}"])
         t = Timer()
-        R = ct.CoTuningRuntime
-        saved = {
-            "run_round": t.wrap(R, "run_round", "", begins_round=True),
-            "train_learner": t.wrap(R, "train_learner", "training"),
-            "distill": t.wrap(R, "distill", "distillation"),
-            "evaluate": t.wrap(R, "evaluate", "evaluation"),
-            "checkpoint": t.wrap(R, "checkpoint", "checkpoint", ends_round=True),
+        parts = {
+            "run_round": "",
+            "train_learner": "training",
+            "distill": "distillation",
+            "evaluate": "evaluation",
+            "checkpoint": "checkpoint",
         }
-        try:
-            with open(os.devnull, "w") as devnull:
-                experiment.run_experiment(cfg, tmp / f"ro-{algorithm}.{algorithm}", Console(file=devnull))
-        finally:
-            for name, fn in saved.items():
-                setattr(R, name, fn)
+        R = ct.CoTuningRuntime
+        with t.timing(R, parts, begins="run_round", ends="checkpoint"), open(os.devnull, "w") as devnull:
+            experiment.run_experiment(cfg, tmp / f"ro-{algorithm}.{algorithm}", Console(file=devnull))
         for row in t.rows(["training", "distillation"]):
             results.append(
                 {
