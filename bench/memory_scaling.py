@@ -1,7 +1,7 @@
 """Memory scaling of the embedded personalized runtime: peak RSS with N simulated clients.
 
 Each (model, N) runs in a fresh subprocess: load the model, build N clients' data (BBC, one topic
-per client, the same number of windows per client whatever N), run `PersonalizedRuntime` for one
+per client, the same number of windows per client whatever N), run `PersonalizedLoop` for one
 round of one local step per client (so every client's AdamW state exists) with fedavg aggregation,
 evaluation and checkpointing, then report ru_maxrss. The figure is peak(N)/peak(1), and the bytes
 each extra client adds, (peak(N) - peak(1)) / (N - 1), against adapter + AdamW state
@@ -53,29 +53,27 @@ def one(model: str, n: int) -> dict:
     from rich.console import Console
 
     from cotune.config.schema import ExperimentConfig
-    from cotune.runtime import embedded, experiment
+    from cotune.runtime import experiment, personalized
 
     sizes: dict[str, int] = {}
-    R = embedded.PersonalizedRuntime
-    orig_init, orig_run = R.__init__, R.run
-
-    def init(self, cfg, pool, *a, **k):  # the pool the runtime gets: its adapter size
-        sizes["adapter_bytes"] = pool.adapter_bytes()
-        sizes["rss_before_runtime"] = _vm("VmRSS")
-        orig_init(self, cfg, pool, *a, **k)
+    R = personalized.PersonalizedLoop
+    orig_run = R.run
 
     def run(self, *a, **k):  # resident memory with every client's adapter + AdamW state alive
+        sizes["rss_before_runtime"] = _vm("VmRSS")
         orig_run(self, *a, **k)
         sizes["rss_after_round"] = _vm("VmRSS")
 
-    R.__init__, R.run = init, run
-    orig_pool = experiment.AdapterPool
+    R.run = run
+    orig_pool = experiment.adapter_pool
 
-    def pool(*a, **k):  # resident memory before any client's adapter exists
+    def pool(*a, **k):  # resident memory before any client's adapter exists; the adapter's size
         sizes.setdefault("rss_before_pool", _vm("VmRSS"))
-        return orig_pool(*a, **k)
+        made = orig_pool(*a, **k)
+        sizes["adapter_bytes"] = made.adapter_bytes()
+        return made
 
-    experiment.AdapterPool = pool
+    experiment.adapter_pool = pool
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ExperimentConfig.model_validate(config(model, n, Path(tmp)))
         t0 = time.perf_counter()

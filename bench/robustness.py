@@ -114,32 +114,30 @@ class Runner:
         from rich.console import Console
 
         from cotune.config import config_from_dict
-        from cotune.runtime.experiment import _load_data, _load_model
+        from cotune.runtime.setup import load_model, load_windows
 
         self.out, self.console = out, Console(stderr=True, quiet=True)
         cfg = config_from_dict(tree)
-        self.base, tokenizer, self.device = _load_model(cfg, self.console)
-        self.data = _load_data(cfg, tokenizer, self.console)
+        self.base, tokenizer, self.device = load_model(cfg, console=self.console)
+        self.data = load_windows(cfg, tokenizer, self.console)
 
     def run(self, tree: dict, name: str) -> tuple[Path, str]:
         """Returns the run directory and how it ended (completed / the error)."""
         from cotune.config import config_from_dict
-        from cotune.models.lora import AdapterPool
-        from cotune.runtime.embedded import PersonalizedRuntime, client_name
-        from cotune.runtime.experiment import init_run_dir, seed_everything
+        from cotune.runtime.experiment import run_personalized_variant
+        from cotune.runtime.rundir import init_run_dir
 
         cfg = config_from_dict(tree)
         cfg.run.name = name
         run_dir = self.out / name
         init_run_dir(run_dir, cfg)
-        seed_everything(cfg.run.seed)
-        pool = AdapterPool(self.base, cfg.lora, [client_name(i) for i in range(cfg.federation.clients)])
         ended = "completed"
         try:
-            PersonalizedRuntime(cfg, pool, self.data, run_dir, self.device, self.console).run()
+            self.base = run_personalized_variant(
+                cfg, run_dir, self.base, self.data, self.device, self.console
+            )
         except Exception as exc:
             ended = f"{type(exc).__name__}: {exc}"
-        self.base = pool.unload()
         return run_dir, ended
 
 

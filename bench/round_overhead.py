@@ -3,11 +3,11 @@
 Runs the embedded runtimes unchanged and times their phases from outside, by wrapping the runtime
 classes' methods in this process (no change to cotune):
 
-personalized (PersonalizedRuntime): round = train_round start .. checkpoint end;
-  training = train_round; trust evidence = gather_evidence (peer perplexities / public-set
+personalized (PersonalizedLoop): round = train start .. checkpoint end;
+  training = train; trust evidence = gather_evidence (peer perplexities / public-set
   predictions: model forward passes the strategy needs); evaluation = evaluate;
   overhead = the rest (adapter state copies, trust + mixing, logging, checkpoint).
-FedCoLLM family (CoTuningRuntime): round = run_round start .. checkpoint end;
+FedCoLLM family (FedCoLLMLoop): round = run_round start .. checkpoint end;
   training = train_learner (client SLM steps, and the LLM's steps for centralized);
   distillation = distill; evaluation = evaluate; overhead = the rest (broadcast, payload checks,
   FedAvg, logging, checkpoint).
@@ -99,7 +99,7 @@ def personalized(tmp: Path, quick: bool, tiny: bool) -> list[dict]:
     from rich.console import Console
 
     from cotune.config.schema import ExperimentConfig
-    from cotune.runtime import embedded, experiment
+    from cotune.runtime import experiment, personalized
 
     results = []
     for strategy in ["fedavg", "weight", "validation", "prediction"]:
@@ -137,13 +137,13 @@ def personalized(tmp: Path, quick: bool, tiny: bool) -> list[dict]:
         )
         t = Timer()
         parts = {
-            "train_round": "training",
+            "train": "training",
             "gather_evidence": "trust_evidence",
             "evaluate": "evaluation",
             "checkpoint": "checkpoint",
         }
-        R = embedded.PersonalizedRuntime
-        with t.timing(R, parts, begins="train_round", ends="checkpoint"), open(os.devnull, "w") as devnull:
+        R = personalized.PersonalizedLoop
+        with t.timing(R, parts, begins="train", ends="checkpoint"), open(os.devnull, "w") as devnull:
             experiment.run_experiment(cfg, tmp / f"ro-{strategy}", Console(file=devnull))
         for row in t.rows(["training", "trust_evidence"]):
             results.append({"family": "personalized", "algorithm": strategy, "model": cfg.model.name, **row})
@@ -154,8 +154,8 @@ def cotuning(tmp: Path, quick: bool, tiny: bool) -> list[dict]:
     from rich.console import Console
 
     from cotune.config.loader import load_config
-    from cotune.runtime import cotuning as ct
     from cotune.runtime import experiment
+    from cotune.runtime import fedcollm as ct
 
     results = []
     overrides = [
@@ -176,12 +176,12 @@ def cotuning(tmp: Path, quick: bool, tiny: bool) -> list[dict]:
         t = Timer()
         parts = {
             "run_round": "",
-            "train_learner": "training",
+            "train_clients": "training",
             "distill": "distillation",
             "evaluate": "evaluation",
             "checkpoint": "checkpoint",
         }
-        R = ct.CoTuningRuntime
+        R = ct.FedCoLLMLoop
         with t.timing(R, parts, begins="run_round", ends="checkpoint"), open(os.devnull, "w") as devnull:
             experiment.run_experiment(cfg, tmp / f"ro-{algorithm}.{algorithm}", Console(file=devnull))
         for row in t.rows(["training", "distillation"]):

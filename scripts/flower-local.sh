@@ -105,5 +105,5 @@ tail -n +1 -f --pid="$RUN" "$WORK/flwr-run.log" &
 PIDS+=($!)
 wait "$RUN"
 
-"$PYTHON" -m cotune.runtime.flower outcome "$RUN_DIR"
+"$(dirname "$PYTHON")/cotune" flower outcome "$RUN_DIR"
 "$(dirname "$PYTHON")/cotune" report "$RUN_DIR"

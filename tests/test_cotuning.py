@@ -14,7 +14,8 @@ from cotune.data.corpora import DataError
 from cotune.models.compat import TokenizerMismatchError, check_same_tokenizer
 from cotune.models.tiny import byte_tokenizer
 from cotune.reporting.metrics import read_metrics
-from cotune.runtime import cotuning
+from cotune.runtime import fedcollm
+from cotune.runtime.client import ClientWork
 from cotune.runtime.experiment import resume_experiment, run_experiment
 
 ALGORITHMS = ["fedcollm", "fedavg", "standalone", "centralized", "zero_shot"]
@@ -95,46 +96,52 @@ def test_every_algorithm_runs_through_the_same_round(task_file, tmp_path, algori
         assert 0.0 <= m["acc"] <= 1.0 and m["n"] > 0
 
 
-class Spy(cotuning.CoTuningRuntime):
+class Spy(fedcollm.FedCoLLMLoop):
     """Records the adapters at the moments the round hands them on."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.starts, self.averages, self.distilled, self.uploads = [], [], [], []
 
-    def train_learner(self, pool, learner, steps):
-        if learner.name.startswith("client"):
-            self.starts.append(pool.state(learner.name))
-        return super().train_learner(pool, learner, steps)
+    def train_clients(self, r, payload):
+        updates, mean = super().train_clients(r, payload)
+        self.uploads.append([updates[k] for k in sorted(updates)])
+        return updates, mean
 
     def run_round(self, r):
         super().run_round(r)
-        self.uploads.append([self.slm.state(c.name) for c in self.clients])
-        self.averages.append(self.slm.state(cotuning.SERVER)) if not self.plan.distill else None
+        self.averages.append(self.server.slm.state(fedcollm.SERVER)) if not self.plan.distill else None
 
     def distill(self, r):
-        self.averages.append(self.slm.state(cotuning.SERVER))
+        self.averages.append(self.server.slm.state(fedcollm.SERVER))
         super().distill(r)
-        self.distilled.append(self.slm.state(cotuning.SERVER))
-        self.llm_state = self.llm.state(cotuning.LLM_ADAPTER)
+        self.distilled.append(self.server.slm.state(fedcollm.SERVER))
+        self.llm_state = self.server.llm.state(fedcollm.LLM_ADAPTER)
 
 
 @pytest.fixture
 def spy(monkeypatch):
+    """The loops built by run_experiment, with `starts`: each client's adapter as its training begins."""
     made = []
+    real_train = ClientWork.train
 
     def factory(*args, **kwargs):
         made.append(Spy(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr("cotune.runtime.experiment.CoTuningRuntime", factory)
+    def train(work, *args, **kwargs):
+        made[-1].starts.append(work.adapter())
+        return real_train(work, *args, **kwargs)
+
+    monkeypatch.setattr("cotune.runtime.experiment.FedCoLLMLoop", factory)
+    monkeypatch.setattr(ClientWork, "train", train)
     return made
 
 
 def test_clients_start_the_next_round_from_the_distilled_adapter(task_file, tmp_path, spy):
     run_experiment(config_from_dict(tree(task_file, tmp_path)))
     rt = spy[0]
-    n = len(rt.clients)
+    n = rt.n
     round2_starts = rt.starts[n : 2 * n]
     for start in round2_starts:
         for key, value in rt.distilled[0].items():
@@ -159,7 +166,7 @@ def test_payload_holds_the_slm_adapter_only(task_file, tmp_path, spy):
     assert all("lora_" in k for k in payload)
     # the starts of round 2 are exactly that payload: nothing of the LLM's LoRA reached a client
     llm_state = rt.llm_state
-    for start in rt.starts[len(rt.clients) :]:
+    for start in rt.starts[rt.n :]:
         assert start.keys() == payload.keys()
         assert all(start[k].shape != llm_state[k].shape for k in start)
     with pytest.raises(ValueError, match="not exactly the SLM adapter"):
@@ -180,11 +187,13 @@ def test_communication_is_the_adapter_size(task_file, tmp_path):
 def test_distillation_trains_the_llm_only_on_the_server(task_file, tmp_path, spy):
     run_experiment(config_from_dict(tree(task_file, tmp_path, distill={"topk": 8})))
     rt = spy[0]
-    d = records(rt.run_dir, "distill")
+    d = records(rt.files.run_dir, "distill")
     assert [r["round"] for r in d] == [1, 2] and all(r["topk"] == 8 for r in d)
     # top-k teacher signal: (values fp32 + indices int64) for k=8 per position, far below the full vocabulary
     assert all(0 < r["teacher_bytes"] < 8 * 12 * 96 * 258 for r in d)
-    ckpt = rt.run_dir / "checkpoints" / "round-0002" / cotuning.LLM_ADAPTER / "adapter_model.safetensors"
+    ckpt = (
+        rt.files.run_dir / "checkpoints" / "round-0002" / fedcollm.LLM_ADAPTER / "adapter_model.safetensors"
+    )
     assert ckpt.is_file()
 
 
@@ -197,7 +206,7 @@ def test_cotuning_resume_ends_with_the_same_adapters(task_file, tmp_path):
     (part,) = run_experiment(config_from_dict(tree(task_file, tmp_path, run={"name": "part"})))
     shutil.rmtree(part / "checkpoints" / "round-0002")
     resume_experiment(part)
-    for sub in (cotuning.SERVER, cotuning.LLM_ADAPTER):
+    for sub in (fedcollm.SERVER, fedcollm.LLM_ADAPTER):
         a = load_file(str(full / "checkpoints" / "round-0002" / sub / "adapter_model.safetensors"))
         b = load_file(str(part / "checkpoints" / "round-0002" / sub / "adapter_model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -239,13 +248,13 @@ def test_different_tokenizers_are_refused():
 def test_compare_variants_score_the_zero_shot_models_once(task_file, tmp_path, monkeypatch):
     """Every variant starts from the same base + fresh adapter: its round-0 accuracy is computed once."""
     calls = []
-    real = cotuning.evaluate_multiple_choice
+    real = fedcollm.evaluate_multiple_choice
 
     def counting(model, *args, **kwargs):
         calls.append(model)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(cotuning, "evaluate_multiple_choice", counting)
+    monkeypatch.setattr(fedcollm, "evaluate_multiple_choice", counting)
     compare = {"compare": ["zero_shot", "fedavg", "centralized"]}
     dirs = run_experiment(config_from_dict(tree(task_file, tmp_path, run=compare)))
     round0 = [

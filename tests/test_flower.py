@@ -34,9 +34,10 @@ from cotune.config import config_from_dict, dump_config
 from cotune.reporting.metrics import read_metrics
 from cotune.runtime.checkpoint import latest_checkpoint, list_checkpoints
 from cotune.runtime.experiment import run_experiment
-from cotune.runtime.flower import FlowerRunError, is_flower_run
+from cotune.runtime.flower import FlowerRunError
 from cotune.runtime.flower import protocol as p
 from cotune.runtime.flower.client_app import app as client_app
+from cotune.runtime.flower.clients import FlowerClients, ServerSettings
 from cotune.runtime.flower.deploy import (
     APP_COMPONENTS,
     APP_CONFIG,
@@ -45,8 +46,9 @@ from cotune.runtime.flower.deploy import (
     write_app_dir,
 )
 from cotune.runtime.flower.node import NodeSettings, node_config
-from cotune.runtime.flower.server import SERVERS, FedCoLLMServer, ServerSettings, server_for
-from cotune.runtime.flower.server_app import experiment_config, prepare_run_dir
+from cotune.runtime.flower.server_app import experiment_config, prepare_run_dir, run_server
+from cotune.runtime.personalized import dense_from_topk
+from cotune.runtime.rundir import is_flower_run
 from cotune.training.loop import make_optimizer, make_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +133,7 @@ def _run_flower_in_process(
 ) -> str:
     prepare_run_dir(run_dir, cfg)
     settings = settings or ServerSettings.from_config(cfg)
-    return server_for(cfg, run_dir, grid, settings, say=lambda s: None).run()
+    return run_server(cfg, run_dir, grid, settings, say=lambda s: None)
 
 
 def _adapters(
@@ -204,7 +206,7 @@ def test_top_k_logits_give_the_distances_of_the_full_logits():
     for logits in batches:
         full.add_batch(logits)
         topk = [p.record_to_topk(p.topk_to_record([x.topk(7, dim=-1)]))[0] for x in logits]
-        sent.add_batch([p.dense_from_topk(v, i, 50) for v, i in topk])
+        sent.add_batch([dense_from_topk(v, i, 50) for v, i in topk])
     assert torch.equal(full.distances(), sent.distances())
 
 
@@ -293,14 +295,14 @@ def test_state_of_another_config_is_never_reused(corpus_dir, tmp_path):
 
 # ---- faults ----------------------------------------------------------------------------------------
 def test_a_client_that_disconnects_is_reported_and_the_round_goes_on(corpus_dir, tmp_path):
-    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "validation"})
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "validation"}, federation={"min_clients": 3})
 
     def fate(i: int, msg: Message) -> str | None:
         gone = i == 3 and p.job_of(msg).round >= 2
         return "silent" if gone else None
 
     run_dir = tmp_path / "run"
-    status = _run_flower_in_process(cfg, run_dir, InProcessGrid(4, fate), ServerSettings(min_clients=3))
+    status = _run_flower_in_process(cfg, run_dir, InProcessGrid(4, fate))
     assert status == "completed"
     (fault,) = _records(run_dir, "fault")
     assert (fault["round"], fault["phase"], fault["client"]) == (2, "train", 3)
@@ -331,7 +333,7 @@ def test_too_few_clients_stop_the_run_cleanly_with_the_last_checkpoint_intact(co
     assert "simulated ClientApp crash" in fault["reason"]
     stopped = _records(run_dir, "run")[-1]
     assert stopped["event"] == "stopped" and stopped["last_checkpoint"] == 1
-    assert "min_clients is 4" in stopped["reason"]
+    assert "min_clients is unset (needs 4)" in stopped["reason"]
     assert [r for r, _ in list_checkpoints(run_dir)] == [0, 1]
     assert len(_adapters(run_dir)) == 4  # round 1's adapters, complete and loadable
     with pytest.raises(FlowerRunError, match="stopped"):
@@ -340,9 +342,9 @@ def test_too_few_clients_stop_the_run_cleanly_with_the_last_checkpoint_intact(co
 
 
 def test_a_missing_supernode_at_the_start_counts_against_min_clients(corpus_dir, tmp_path):
-    cfg = _cfg(corpus_dir, tmp_path, federation={"clients": 4, "rounds": 1})
+    cfg = _cfg(corpus_dir, tmp_path, federation={"clients": 4, "rounds": 1, "min_clients": 3})
     grid = InProcessGrid(4, lambda i, m: "silent" if i == 2 else None)
-    settings = ServerSettings(min_clients=3, connect_timeout=0)
+    settings = ServerSettings(connect_timeout=0)
     assert _run_flower_in_process(cfg, tmp_path / "run", grid, settings) == "completed"
     faults = _records(tmp_path / "run", "fault")
     assert [(f["round"], f["phase"]) for f in faults] == [(0, "connect")]
@@ -407,14 +409,10 @@ def test_run_config_gives_the_experiment_and_a_fresh_run_dir(corpus_dir, tmp_pat
     (tmp_path / "r" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(FileExistsError, match="already holds a run"):
         prepare_run_dir(tmp_path / "r", cfg)
-    assert ServerSettings.from_config(cfg).required(4) == 4
     assert ServerSettings.from_config(cfg).round_timeout == 600.0
     two = with_run_settings(cfg, {"min-clients": 2, "round-timeout": 30})
     assert two.federation.min_clients == 2 and two.federation.client_timeout == 30.0
-    assert (
-        ServerSettings.from_config(two).required(4) == 2
-        and ServerSettings.from_config(two).round_timeout == 30
-    )
+    assert ServerSettings.from_config(two).round_timeout == 30
     assert with_run_settings(cfg, {"min-clients": 0, "round-timeout": 0}) == cfg  # 0: the config's own
 
 
@@ -448,7 +446,6 @@ def test_fedcollm_family_on_flower_gives_the_embedded_results_bit_for_bit(task_f
     cfg = config_from_dict(tree(task_file, tmp_path, algorithm, run={"threads": 1}))
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
     grid = InProcessGrid(cfg.federation.clients)
-    assert isinstance(server_for(cfg, tmp_path / "x", grid), FedCoLLMServer)
     assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
     flower = tmp_path / "flower"
     # every adapter: the clients' SLM LoRA, the server's theta and (fedcollm) the LLM's omega
@@ -472,16 +469,16 @@ def test_fedcollm_family_on_flower_gives_the_embedded_results_bit_for_bit(task_f
 
 
 def test_fedcollm_nodes_hold_the_slm_only_and_refuse_other_payloads(task_file, tmp_path):  # noqa: F811
-    from cotune.runtime.flower.node import FedCoLLMNode, NodeSettings
+    from cotune.runtime.flower.node import Node, NodeSettings
 
     cfg = config_from_dict(tree(task_file, tmp_path, "fedcollm", run={"threads": 1}))
-    node = FedCoLLMNode(cfg, NodeSettings(1, 3))
+    node = Node("fedcollm", cfg, NodeSettings(1, 3))
     assert node.pool.names == ["client-01"]  # its own SLM adapter: no server slot, no LLM
     assert node.pool.model.config.hidden_size == cfg.model.tiny.hidden_size != cfg.llm.model.tiny.hidden_size
-    assert node.describe()["examples"] == len(node.data) > 0
+    assert node.work.describe()["examples"] == len(node.task_data) > 0
     wrong = {k: torch.zeros(*v[:-1], v[-1] + 1) for k, v in node.shapes.items()}
     with pytest.raises(ValueError, match="not exactly the SLM adapter"):
-        node.set_adapter(wrong)
+        node.adopt(wrong)
 
 
 def test_a_fedcollm_client_that_fails_is_dropped_and_fedavg_uses_the_others(task_file, tmp_path):  # noqa: F811
@@ -505,11 +502,10 @@ def test_a_fedcollm_client_that_fails_is_dropped_and_fedavg_uses_the_others(task
 
 
 def test_server_only_algorithms_are_not_sent_to_supernodes(task_file, tmp_path):  # noqa: F811
-    assert set(SERVERS) == {"personalized", "fedcollm"}
     for algorithm in ("centralized", "zero_shot"):
         cfg = config_from_dict(tree(task_file, tmp_path, algorithm))
         with pytest.raises(ValueError, match="no client step"):
-            server_for(cfg, tmp_path / "x", InProcessGrid(3))
+            run_server(cfg, tmp_path / "x", InProcessGrid(3))
 
 
 # ---- the command line ----------------------------------------------------------------------------------
@@ -519,24 +515,19 @@ def test_cli_backend_flower_runs_reports_and_refuses_resume(corpus_dir, tmp_path
     import yaml
     from typer.testing import CliRunner
 
-    import cotune.runtime.flower as flower
+    import cotune.runtime.flower.deploy as deploy
     from cotune.cli.main import app
-    from cotune.runtime.experiment import init_run_dir
 
     calls = []
 
-    def fake_run_flower(cfg, run_dir, console, **kwargs):
+    def fake_run_on_flower(runs, console, **kwargs):
         calls.append(kwargs)
-        init_run_dir(run_dir, cfg)
-        server = server_for(
-            cfg, run_dir, InProcessGrid(cfg.federation.clients), ServerSettings.from_config(cfg)
-        )
-        server.say = lambda s: None
-        server.run()
-        check_outcome(run_dir)
-        return [run_dir]
+        for run_dir, cfg in runs:
+            grid = InProcessGrid(cfg.federation.clients)
+            run_server(cfg, run_dir, grid, ServerSettings.from_config(cfg), say=lambda s: None)
+            check_outcome(run_dir)
 
-    monkeypatch.setattr(flower, "run_flower", fake_run_flower)
+    monkeypatch.setattr(deploy, "run_on_flower", fake_run_on_flower)
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_tree(corpus_dir, tmp_path, federation={"rounds": 1})))
     out = tmp_path / "run"
@@ -544,7 +535,7 @@ def test_cli_backend_flower_runs_reports_and_refuses_resume(corpus_dir, tmp_path
     args = ["run", str(cfg_path), "--out", str(out), "--backend", "flower", "--superlink", "10.0.0.1:8000"]
     result = runner.invoke(app, [*args, "--root-certificates", str(cfg_path)])
     assert result.exit_code == 0, result.output
-    assert calls == [{"superlink": "10.0.0.1:8000", "root_certificates": cfg_path}]
+    assert calls == [{"superlink": "10.0.0.1:8000", "root_certificates": cfg_path, "connect_timeout": 120.0}]
     assert (out / "report.md").is_file() and is_flower_run(out)
 
     def said(result) -> str:  # rich wraps long lines
@@ -554,10 +545,12 @@ def test_cli_backend_flower_runs_reports_and_refuses_resume(corpus_dir, tmp_path
     assert result.exit_code == 2 and "is a Flower run: it cannot be resumed" in said(result)
     assert runner.invoke(app, ["run", "--resume", str(out), "--backend", "flower"]).exit_code == 2
 
-    def stopped(cfg, run_dir, console, **kwargs):
-        raise FlowerRunError(f"{run_dir}: the run stopped: 1 of 2 clients left; last complete checkpoint: 0")
+    def stopped(runs, console, **kwargs):
+        raise FlowerRunError(
+            f"{runs[0][0]}: the run stopped: 1 of 2 clients left; last complete checkpoint: 0"
+        )
 
-    monkeypatch.setattr(flower, "run_flower", stopped)
+    monkeypatch.setattr(deploy, "run_on_flower", stopped)
     result = runner.invoke(app, ["run", str(cfg_path), "--out", str(tmp_path / "x"), "--backend", "flower"])
     assert result.exit_code == 2 and "the run stopped" in said(result)
     result = runner.invoke(app, ["run", str(cfg_path), "--backend", "nope"])
@@ -569,14 +562,13 @@ def test_cli_backend_flower_runs_reports_and_refuses_resume(corpus_dir, tmp_path
 def test_run_flower_without_flwr_says_how_to_install(monkeypatch, corpus_dir, tmp_path):
     import importlib.util
 
-    import cotune.runtime.flower as flower
-
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else real(name, *a)
     )
     with pytest.raises(FlowerRunError, match=r"pip install -e '\.\[flower\]'"):
-        flower.run_flower(_cfg(corpus_dir, tmp_path), tmp_path / "r")
+        run_experiment(_cfg(corpus_dir, tmp_path), tmp_path / "r", backend="flower")
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_client_dropped_from_one_round_is_asked_again_in_the_next(corpus_dir, tmp_path):
@@ -641,16 +633,14 @@ def test_secure_aggregation_is_refused_where_it_cannot_apply(task_file, corpus_d
     standalone = config_from_dict(
         tree(task_file, tmp_path, "standalone", federation={"secure_aggregation": True})
     )
-    with pytest.raises(ValueError, match="secure_aggregation is implemented for"):
-        server_for(standalone, tmp_path / "x", InProcessGrid(3))
-    from cotune.runtime.flower import run_flower
-
     with pytest.raises(FlowerRunError, match="secure_aggregation is implemented for"):
-        run_flower(standalone, tmp_path / "never")  # refused before any process starts
+        run_server(standalone, tmp_path / "x", InProcessGrid(3))
+    with pytest.raises(FlowerRunError, match="secure_aggregation is implemented for"):
+        run_experiment(standalone, tmp_path / "never", backend="flower")  # refused before any process starts
     assert not (tmp_path / "never").exists()
     personalized = _cfg(corpus_dir, tmp_path, federation={"secure_aggregation": True})
-    with pytest.raises(ValueError, match="secure_aggregation is implemented for"):
-        server_for(personalized, tmp_path / "x", InProcessGrid(4))
+    with pytest.raises(FlowerRunError, match="secure_aggregation is implemented for"):
+        run_server(personalized, tmp_path / "x", InProcessGrid(4))
     screened = config_from_dict(
         tree(
             task_file,
@@ -660,8 +650,8 @@ def test_secure_aggregation_is_refused_where_it_cannot_apply(task_file, corpus_d
             robustness={"max_update_norm": 1.0},
         )
     )
-    with pytest.raises(ValueError, match="cannot be screened"):
-        server_for(screened, tmp_path / "x", InProcessGrid(3))
+    with pytest.raises(FlowerRunError, match="cannot be screened"):
+        run_server(screened, tmp_path / "x", InProcessGrid(3))
 
 
 def test_fedcollm_data_owners_can_bring_their_own_task_file(task_file, tmp_path):  # noqa: F811
@@ -669,8 +659,9 @@ def test_fedcollm_data_owners_can_bring_their_own_task_file(task_file, tmp_path)
     grid = InProcessGrid(3)
     for ctx in grid.contexts.values():
         ctx.node_config["data-path"] = str(task_file)  # all of it is this node's private set D_k
-    server = server_for(cfg, tmp_path / "run", grid, ServerSettings.from_config(cfg), say=lambda s: None)
-    prepare_run_dir(tmp_path / "run", cfg)
-    assert server.run() == "completed"
-    assert server.client_sizes() == [90, 90, 90]  # n_k as the nodes report them, not the config's split
+    clients = FlowerClients(cfg, grid, "fedcollm", say=lambda s: None)
+    described = clients.describe()
+    # n_k as the nodes report them, not the config's split
+    assert {i: info["examples"] for i, info in described.ok.items()} == {0: 90, 1: 90, 2: 90}
+    assert _run_flower_in_process(cfg, tmp_path / "run", grid) == "completed"
     assert len(_records(tmp_path / "run", "comm")) == 3

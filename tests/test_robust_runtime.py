@@ -96,7 +96,12 @@ def test_a_client_that_raises_is_dropped_and_the_round_proceeds_above_min_client
     assert [(m["round"], m["client"]) for m in dropped] == [(1, 2)]
     assert "SimulatedFault" in dropped[0]["reason"]
     trust = _records(run_dir, "trust")
-    assert trust[0]["participants"] == [0, 1, 3] and "participants" not in trust[1]  # back in round 2
+    assert trust[0]["participants"] == [0, 1, 3] and trust[1]["participants"] == [
+        0,
+        1,
+        2,
+        3,
+    ]  # back in round 2
     assert {m["client"] for m in _records(run_dir, "train", round=1)} == {0, 1, 3}
     assert _records(run_dir, "run", event="end")
 
@@ -149,26 +154,26 @@ def test_robust_aggregators_resist_a_scaled_attacker(corpus_dir, tmp_path, aggre
 
 def test_garbage_data_attacker_trains_on_random_tokens(corpus_dir, tmp_path, monkeypatch):
     from cotune.runtime import experiment
-    from cotune.runtime.embedded import PersonalizedRuntime
 
     made = []
+    real = experiment.personalized_works
 
-    def factory(*args, **kwargs):
-        made.append(PersonalizedRuntime(*args, **kwargs))
-        return made[-1]
+    def factory(cfg, pool, data, device):
+        made.append((real(cfg, pool, data, device), data))
+        return made[-1][0]
 
-    monkeypatch.setattr(experiment, "PersonalizedRuntime", factory)
+    monkeypatch.setattr(experiment, "personalized_works", factory)
     run_dir = _run(
         corpus_dir,
         tmp_path,
         strategy={"name": "local"},
         simulation={"attack": {"clients": [2], "kind": "garbage_data"}},
     )
-    rt = made[0]
-    vocab = {c.index: len(torch.unique(c.data.train)) for c in rt.clients}
+    works, data = made[0]
+    vocab = {w.index: len(torch.unique(w.learner.data)) for w in works}
     assert vocab[2] > 200 and all(vocab[c] < 40 for c in (0, 1, 3))  # random ids vs a few letters
-    assert torch.equal(rt.clients[2].data.val, rt.data.clients[2].val)  # its validation data is clean
-    assert len(torch.unique(rt.data.clients[2].train)) < 40  # the shared dataset was not modified
+    assert torch.equal(works[2].val, data.clients[2].val)  # its validation data is clean
+    assert len(torch.unique(data.clients[2].train)) < 40  # the shared dataset was not modified
     loss = {m["client"]: m["loss"] for m in _records(run_dir, "train", round=2)}
     assert loss[2] > max(loss[c] for c in (0, 1, 3))
 

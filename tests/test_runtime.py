@@ -140,7 +140,7 @@ def test_resume_ends_with_the_same_adapters(corpus_dir, tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(corpus_dir, tmp_path):
-    from cotune.runtime.embedded import ResumeError
+    from cotune.runtime.rundir import ResumeError
 
     (run_dir,) = _run(corpus_dir, tmp_path, "x", federation={"rounds": 1})
     cfg_path = run_dir / "config.yaml"

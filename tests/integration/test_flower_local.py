@@ -28,7 +28,7 @@ from tests.test_flower import _adapters, _records, max_adapter_diff
 from cotune.config import config_from_dict, dump_config, load_config
 from cotune.runtime.checkpoint import list_checkpoints
 from cotune.runtime.experiment import run_experiment
-from cotune.runtime.flower import FlowerRunError, run_flower
+from cotune.runtime.flower import FlowerRunError
 from cotune.runtime.flower.deploy import LocalFederation, check_outcome, run_outcome, write_app_dir
 
 pytestmark = pytest.mark.slow
@@ -110,7 +110,9 @@ def test_two_supernodes_give_the_embedded_adapters(federation, corpus_dir, tmp_p
     t0 = time.perf_counter()
     if via == "run_flower":  # what `cotune run CONFIG --backend flower --superlink HOST:PORT` calls
         try:
-            (run_dir,) = run_flower(cfg, tmp_path / "flower", superlink=federation.address, timeout=900)
+            (run_dir,) = run_experiment(
+                cfg, tmp_path / "flower", backend="flower", superlink=federation.address, timeout=900
+            )
         except FlowerRunError as e:
             pytest.fail(f"{e}\n{federation.logs()}")
     else:

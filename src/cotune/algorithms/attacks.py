@@ -20,8 +20,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from cotune.state import AdapterState
+
 AttackKind = Literal["noise", "sign_flip", "scale", "nan", "garbage_data"]
-AdapterState = dict[str, Tensor]
 
 __all__ = ["attack_upload", "garbage_tokens"]
 

@@ -7,6 +7,7 @@ run through exactly the same code as FedCoLLM itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -14,8 +15,7 @@ from typing import Literal
 import torch
 
 from cotune.algorithms.robust import Aggregator, robust_average
-
-AdapterState = dict[str, torch.Tensor]
+from cotune.state import AdapterState
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,16 @@ def check_payload(payload: Mapping[str, torch.Tensor], slm_shapes: Mapping[str, 
         )
 
 
-def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Bytes on the wire for a state dict (raw tensor data)."""
-    return sum(t.numel() * t.element_size() for t in state.values())
+def local_steps(
+    local_epochs: int | None, steps: int, n_examples: int, batch_size: int, grad_accum: int
+) -> int:
+    """A client's optimizer steps per round: `steps`, or `local_epochs` passes over its n_k examples."""
+    if local_epochs is None:
+        return steps
+    return local_epochs * math.ceil(n_examples / (batch_size * grad_accum))
+
+
+def distill_batches(n_public: int, batch_size: int, max_steps: int | None) -> int:
+    """Distillation batches per pass over D_a (one optimizer step each, no accumulation)."""
+    n = math.ceil(n_public / batch_size)
+    return min(n, max_steps) if max_steps else n

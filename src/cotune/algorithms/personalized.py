@@ -24,8 +24,7 @@ from cotune.algorithms.trust import (
     weight_similarity,
 )
 from cotune.config.schema import StrategyConfig
-
-AdapterState = dict[str, torch.Tensor]
+from cotune.state import AdapterState
 
 # What each strategy needs the runtime to measure before an aggregation.
 REQUIRED_EVIDENCE: dict[str, frozenset[str]] = {

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from cotune.algorithms.robust import state_norm, update_delta
-
-AdapterState = dict[str, Tensor]
+from cotune.state import AdapterState
 
 __all__ = [
     "add_gaussian_noise",

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from cotune.algorithms.aggregation import check_same_layout, weighted_average
+from cotune.state import AdapterState
 
-AdapterState = dict[str, Tensor]
 Aggregator = Literal["mean", "median", "trimmed_mean"]
 
 __all__ = [

@@ -18,6 +18,10 @@ assets_app = typer.Typer(
     no_args_is_help=True, help="Offline models and corpora that ship inside PyPI wheels."
 )
 app.add_typer(assets_app, name="assets")
+flower_app = typer.Typer(
+    no_args_is_help=True, help="Flower deployment helpers (runs themselves: cotune run --backend flower)."
+)
+app.add_typer(flower_app, name="flower")
 
 out = Console()
 err = Console(stderr=True)
@@ -69,6 +73,9 @@ def run(
     root_certificates: Annotated[
         Path | None, typer.Option("--root-certificates", help="flower: CA certificate, TLS to --superlink")
     ] = None,
+    connect_timeout: Annotated[
+        float, typer.Option("--connect-timeout", help="flower: seconds to wait for the SuperNodes")
+    ] = 120.0,
 ) -> None:
     """Run an experiment (or --resume one) and write its run directory."""
     from cotune.assets import AssetError
@@ -77,10 +84,10 @@ def run(
     from cotune.models.compat import TokenizerMismatchError
     from cotune.models.lora import LoraTargetError
     from cotune.reporting.report import write_report
-    from cotune.runtime.embedded import ResumeError
     from cotune.runtime.experiment import resume_experiment, run_experiment
-    from cotune.runtime.flower import FlowerRunError, run_flower  # importable without the flower extra
+    from cotune.runtime.flower import FlowerRunError  # importable without the flower extra
     from cotune.runtime.guard import TooFewClients
+    from cotune.runtime.rundir import ResumeError
 
     if backend not in ("embedded", "flower"):
         _fail(f"unknown --backend {backend!r}: embedded or flower")
@@ -103,10 +110,14 @@ def run(
             if config is None:
                 _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
             cfg = load_config(config, overrides or [])
+            flower = {}
             if backend == "flower":
-                dirs = run_flower(cfg, out_dir, err, superlink=superlink, root_certificates=root_certificates)
-            else:
-                dirs = run_experiment(cfg, out_dir, err)
+                flower = {
+                    "superlink": superlink,
+                    "root_certificates": root_certificates,
+                    "connect_timeout": connect_timeout,
+                }
+            dirs = run_experiment(cfg, out_dir, err, backend, **flower)
     except (
         AssetError,
         TokenizerMismatchError,
@@ -143,6 +154,41 @@ def report(
         _fail(str(e))
     print_comparison(run_dirs)
     out.print(f"report: {path}")
+
+
+@flower_app.command("app-dir")
+def flower_app_dir(path: Annotated[Path, typer.Argument(help="directory to write")]) -> None:
+    """Write the Flower App (pyproject.toml) for `flwr run DIR <connection>` against your own SuperLink."""
+    from cotune.runtime.flower import FlowerRunError, require_flwr
+
+    try:
+        require_flwr()
+    except FlowerRunError as e:
+        _fail(str(e))
+    from cotune.runtime.flower.deploy import write_app_dir
+
+    out.print(str(write_app_dir(path)))
+
+
+@flower_app.command("outcome")
+def flower_outcome(
+    run_dir: Annotated[Path, typer.Argument(help="the run directory of a Flower run")],
+    log: Annotated[
+        Path | None, typer.Option("--log", help="the `flwr run --stream` log, if the run was remote")
+    ] = None,
+) -> None:
+    """How a Flower run ended: exit 0 if it completed, 1 if it stopped or failed."""
+    from cotune.runtime.flower import FlowerRunError, require_flwr
+
+    try:
+        require_flwr()
+        from cotune.runtime.flower.deploy import check_outcome
+
+        check_outcome(run_dir.resolve(), log)
+    except FlowerRunError as e:
+        err.print(f"[bold red]{e}[/]", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"{run_dir}: completed")
 
 
 @assets_app.command("list")

@@ -17,8 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cotune.config.schema import LoraSettings
-
-AdapterState = dict[str, torch.Tensor]
+from cotune.state import AdapterState
 
 
 class LoraTargetError(ValueError):
@@ -90,10 +89,15 @@ class AdapterPool:
         if unexpected:
             raise KeyError(f"adapter state has keys this model does not: {unexpected[:3]}")
 
-    def save(self, name: str, directory: Path) -> None:
-        """Write one adapter in PEFT format (loadable with PeftModel.from_pretrained)."""
+    def save(self, name: str, directory: Path, state: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write adapter `name` (or `state`, with `name`'s config) in PEFT format.
+
+        The result loads with PeftModel.from_pretrained; `state` lets a round loop save the
+        adapters it holds without loading them into a slot first.
+        """
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous().cpu() for k, v in self.state(name).items()}
+        weights = self.state(name) if state is None else state
+        tensors = {k: v.contiguous().cpu() for k, v in weights.items()}
         save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
         config = self.model.peft_config[name].to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}

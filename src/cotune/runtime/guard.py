@@ -5,34 +5,26 @@
   when its work returns: a client whose work took longer (wall time, plus any injected delay) is
   dropped from that round exactly as if it had not answered. A dropped client keeps the adapter it
   started the round with and is asked again next round.
-* `screen_and_clip`: the server's checks on uploads (`robustness.max_update_norm`, keys, shapes,
-  NaN/Inf; see `cotune.algorithms.robust`), then DP clipping (`privacy.clip_norm`). Rejections are
-  logged to metrics.jsonl as `{"type": "fault", "event": "update_rejected", "client", "reason"}`.
 * `require`: too few clients left stops the run cleanly (`TooFewClients`) before anything of the
   round is checkpointed, so the last checkpoint stays the resumable state.
 
-* `screened_aggregate`: the whole personalized aggregation point (screen, clip, noise, mix); the
-  embedded runtime and the Flower server both call it, so neither has its own copy.
+The aggregation point itself (screening, clipping, noise, aggregators) is `runtime.pipeline`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cotune.algorithms.attacks import attack_upload
-from cotune.algorithms.personalized import TrustEvidence, aggregate
-from cotune.algorithms.privacy import add_gaussian_noise, clip_uploads, epsilon_spent, noise_std
-from cotune.algorithms.robust import screen_updates
 from cotune.config.schema import ExperimentConfig
+from cotune.state import AdapterState
 
-AdapterState = dict[str, torch.Tensor]
 Log = Callable[[dict[str, Any]], None]
 
 
@@ -130,120 +122,3 @@ def attacked(
     a = cfg.simulation.attack
     g = generator("attack", cfg.run.seed, round_, client)
     return attack_upload(a.kind, upload, reference, a.scale, g)
-
-
-def screen_and_clip(
-    cfg: ExperimentConfig,
-    log: Log,
-    round_: int,
-    clients: Sequence[int],
-    uploads: Sequence[Mapping[str, torch.Tensor]],
-    references: Sequence[Mapping[str, torch.Tensor]],
-) -> tuple[list[int], list[AdapterState]]:
-    """The clients whose upload is accepted and their uploads (DP-clipped when privacy is on)."""
-    positions, rejected = screen_updates(uploads, references, cfg.robustness.max_update_norm)
-    for pos, reason in rejected:
-        log(
-            {
-                "type": "fault",
-                "event": "update_rejected",
-                "round": round_,
-                "phase": "aggregate",
-                "client": clients[pos],
-                "reason": reason,
-                "time": time.time(),
-            }
-        )
-    accepted = [clients[p] for p in positions]
-    kept = [dict(uploads[p]) for p in positions]
-    p = cfg.privacy
-    if p.enabled and kept:
-        assert p.clip_norm is not None
-        kept, norms = clip_uploads(kept, [references[q] for q in positions], p.clip_norm)
-        log(
-            {
-                "type": "privacy",
-                "event": "clip",
-                "round": round_,
-                "clients": accepted,
-                "update_norms": [round(x, 6) for x in norms],
-                "clipped": sum(x > p.clip_norm for x in norms),
-                "clip_norm": p.clip_norm,
-            }
-        )
-    return accepted, kept
-
-
-def privacy_generator(cfg: ExperimentConfig, round_: int, stream: object = 0) -> torch.Generator:
-    seed = cfg.privacy.seed
-    if seed is None:
-        return torch.Generator().manual_seed(secrets.randbits(63))
-    return generator("privacy", seed, round_, stream)
-
-
-def dp_noise(
-    cfg: ExperimentConfig,
-    round_: int,
-    state: Mapping[str, torch.Tensor],
-    max_weight: float,
-    stream: object = 0,
-) -> AdapterState:
-    """state + N(0, (noise_multiplier * clip_norm * max_weight)^2): Gaussian mechanism on a weighted sum."""
-    p = cfg.privacy
-    assert p.clip_norm is not None
-    std = noise_std(p.clip_norm, p.noise_multiplier, max_weight)
-    return add_gaussian_noise(state, std, privacy_generator(cfg, round_, stream))
-
-
-def log_privacy(cfg: ExperimentConfig, log: Log, round_: int, noise: str) -> None:
-    """Epsilon spent after `round_` aggregations at privacy.delta (q = 1: every client asked every round)."""
-    p = cfg.privacy
-    eps = epsilon_spent(p.noise_multiplier, 1.0, round_, p.delta)
-    log(
-        {
-            "type": "privacy",
-            "event": "spent",
-            "round": round_,
-            "epsilon": eps if eps != float("inf") else None,
-            "delta": p.delta,
-            "noise_multiplier": p.noise_multiplier,
-            "clip_norm": p.clip_norm,
-            "sample_rate": 1.0,
-            "noise": noise,
-        }
-    )
-
-
-def screened_aggregate(
-    cfg: ExperimentConfig,
-    log: Log,
-    round_: int,
-    n_clients: int,
-    clients: Sequence[int],
-    uploads: Sequence[Mapping[str, torch.Tensor]],
-    references: Sequence[Mapping[str, torch.Tensor]],
-    evidence: Callable[[list[int], list[AdapterState]], tuple[list[int], TrustEvidence]],
-) -> tuple[list[int], torch.Tensor, list[AdapterState]]:
-    """Screen and clip `uploads`, add DP noise, then mix with the configured strategy.
-
-    `evidence(accepted, adapters)` gathers the strategy's evidence on what was uploaded (after
-    clipping and per-upload noise) and returns the clients it could gather it from (a subset of
-    `accepted`, in order) with the evidence about them. Returns those members, the trust matrix among
-    them and their mixed adapters; a client left out keeps its own adapter (the caller's business).
-    """
-    accepted, adapters = screen_and_clip(cfg, log, round_, clients, uploads, references)
-    require(cfg, log, round_, len(accepted), n_clients, "sent an acceptable update", default=1)
-    central = cfg.strategy.name == "fedavg"  # a mean: one noise draw on it; else noise on each upload
-    if cfg.privacy.enabled and not central:
-        adapters = [dp_noise(cfg, round_, a, 1.0, stream=i) for i, a in zip(accepted, adapters, strict=True)]
-    members, ev = evidence(accepted, adapters)
-    kept = [adapters[accepted.index(i)] for i in members]
-    rob = cfg.robustness
-    trust, mixed = aggregate(cfg.strategy, kept, ev, rob.aggregator, rob.trim_fraction)
-    if cfg.privacy.enabled and central:
-        noised = dp_noise(cfg, round_, mixed[0], 1.0 / len(mixed))
-        mixed = [{k: v.clone() for k, v in noised.items()} for _ in mixed]
-    if cfg.privacy.enabled:
-        where = "central: on the mean of clipped updates" if central else "on each clipped upload"
-        log_privacy(cfg, log, round_, where)
-    return members, trust, mixed

@@ -7,8 +7,7 @@ throughput can be compared head to head with a minimal PyTorch + peft loop.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -81,32 +80,3 @@ def optimizer_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def train_windows(
-    model: nn.Module,
-    windows: torch.Tensor,
-    next_indices: Callable[[], torch.Tensor],
-    steps: int,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    cfg: TrainConfig,
-    device: torch.device | str,
-    on_step: Callable[[float], None] | None = None,
-) -> tuple[list[float], int, float]:
-    """`steps` optimizer steps on token windows picked by `next_indices` (a client's data cursor).
-
-    One loop for every place a personalized client trains (embedded runtime, Flower SuperNode), so
-    they stay step-for-step identical. Returns the step losses, the tokens seen and the seconds taken.
-    """
-    losses: list[float] = []
-    tokens, t0 = 0, time.perf_counter()
-    for _ in range(steps):
-        ids = windows[next_indices()].to(device)
-        losses.append(
-            train_step(model, list(ids.split(cfg.batch_size)), optimizer, scheduler, cfg.max_grad_norm)
-        )
-        tokens += ids.numel()
-        if on_step is not None:
-            on_step(losses[-1])
-    return losses, tokens, time.perf_counter() - t0

@@ -6,8 +6,8 @@
   private FLWR_HOME so the user's own Flower configuration is never read or written.
 - `LocalFederation` starts a SuperLink and N SuperNodes on 127.0.0.1 (insecure, no runtime
   dependency installation) and stops every process it started, children included.
-- `run_flower` is what `cotune run CONFIG --backend flower` calls: prepare the run directories, run
-  the experiment and its `run.compare` baselines, and raise if the server stopped or failed.
+- `run_on_flower` is what `cotune run CONFIG --backend flower` calls (through the orchestrator, which
+  prepares the run directories): run each variant, and raise if the server stopped or failed.
 """
 
 from __future__ import annotations
@@ -34,18 +34,7 @@ from rich.console import Console
 from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
 from cotune.reporting.metrics import read_metrics
-from cotune.runtime.experiment import (
-    baseline_names,
-    comparison_dirs,
-    default_run_dir,
-    init_run_dir,
-    run_experiment,
-    variant,
-)
 from cotune.runtime.flower import FLOWER_ENV, FlowerRunError
-
-# FedCoLLM-family algorithms whose rounds have no client step: `run_flower` runs them embedded.
-SERVER_ONLY = ("centralized", "zero_shot")
 
 CONNECTION = "cotune"  # the SuperLink connection name in the private FLWR_HOME
 APP_NAME = "cotune-flower"
@@ -376,81 +365,68 @@ def _terminate_tree(pid: int, sig: int, timeout: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-# ---- the entry point for `--backend flower` ---------------------------------------------------------------
-def run_flower(
-    cfg: ExperimentConfig,
-    run_dir: Path | None = None,
-    console: Console | None = None,
+# ---- the entry point for `cotune run --backend flower` ---------------------------------------------------
+def check_flower_config(cfg: ExperimentConfig) -> None:
+    """Refuse, before any process starts, what cannot run on SuperNodes (SecAgg+ where it cannot apply)."""
+    if not cfg.federation.secure_aggregation:
+        return
+    if not cfg.is_cotuning or cfg.algorithm not in ("fedcollm", "fedavg"):
+        raise FlowerRunError(
+            "federation.secure_aggregation is implemented for the FedAvg step of algorithm fedcollm or "
+            f"fedavg (FedCoLLM family), not for {cfg.algorithm}/{cfg.strategy.name}"
+        )
+    rob = cfg.robustness
+    if rob.max_update_norm is not None or rob.aggregator != "mean" or cfg.privacy.enabled:
+        raise FlowerRunError(
+            "federation.secure_aggregation hides the individual uploads, so they cannot be screened "
+            "(robustness.max_update_norm), robustly aggregated (robustness.aggregator) or clipped "
+            "(privacy.clip_norm): turn those off"
+        )
+
+
+def run_on_flower(
+    runs: Sequence[tuple[Path, ExperimentConfig]],
+    console: Console,
     *,
     superlink: str | None = None,
     root_certificates: Path | None = None,
-    min_clients: int | None = None,
-    round_timeout: float | None = None,
     connect_timeout: float = 120.0,
     timeout: float | None = None,
-) -> list[Path]:
-    """Run the configured strategy, then each `run.compare` strategy, on Flower; like `run_experiment`.
+) -> None:
+    """Run each (run directory, config) on Flower, one after the other; raise if one did not complete.
 
-    `min_clients` and `round_timeout` (seconds per exchange), when given, replace the config's
-    `federation.min_clients` and `federation.client_timeout` (defaults: all clients, 600 s).
-    With `superlink` (host:port of a running SuperLink's Control API), the runs go to that
-    federation: TLS with `root_certificates`, insecure without. Without it, a LocalFederation of
+    With `superlink` (host:port of a running SuperLink's Control API), the runs go to that federation:
+    TLS with `root_certificates`, insecure without. Without it, a LocalFederation of
     `federation.clients` SuperNodes on 127.0.0.1 is started for the duration (the demo). Run
-    directories are paths on the SuperLink's machine. Returns them, the main run first.
+    directories are paths on the SuperLink's machine.
     """
-    console = console or Console(stderr=True)
-    cfg = with_run_settings(cfg, {"min-clients": min_clients or 0, "round-timeout": round_timeout or 0})
-    if cfg.federation.secure_aggregation:  # refuse before any process starts
-        from cotune.runtime.flower.server import check_secure_aggregation
-
-        try:
-            check_secure_aggregation(cfg)
-        except ValueError as e:
-            raise FlowerRunError(str(e)) from None
-    run_dir = (run_dir or default_run_dir(cfg)).resolve()
-    dirs = comparison_dirs(run_dir, cfg)
-    variants = [cfg] + [variant(cfg, s) for s in baseline_names(cfg)]
-    federated = [(d, v) for d, v in zip(dirs, variants, strict=True) if v.algorithm not in SERVER_ONLY]
-    local = [(d, v) for d, v in zip(dirs, variants, strict=True) if v.algorithm in SERVER_ONLY]
-    for d, _ in local:
-        if d.exists() and any(d.iterdir()):
-            raise FileExistsError(f"run directory {d} is not empty; use another --out")
-    for d, v in federated:
-        init_run_dir(d, v)
-    for d, v in local:  # centralized / zero_shot: no client step, nothing for SuperNodes to do
-        console.print(f"[bold]algorithm {v.algorithm}[/] has no client step: embedded runtime -> {d}")
-        run_experiment(variant(v, v.algorithm), d, console)
-    if not federated:
-        return dirs
+    if not runs:
+        return
+    run_dir, cfg = runs[0]
     with tempfile.TemporaryDirectory(prefix="cotune-flower-") as tmp:
         work = run_dir / "flower"  # logs of the federation and of `flwr run` stay with the run
-        work.mkdir(exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
         app_dir = write_app_dir(Path(tmp) / APP_NAME)
         settings = {"connect-timeout": connect_timeout}  # min-clients, round-timeout: in the config
+        log = work / "flwr-run.log"
         if superlink is None:
             with LocalFederation(cfg.federation.clients, work) as fed:
                 console.print(f"local Flower federation: SuperLink {fed.address}, {fed.n_nodes} SuperNodes")
-                for d, v in federated:
+                for d, v in runs:
                     console.print(f"[bold]{_label(v)}[/] on Flower -> {d}")
                     fed.run(app_dir, {"config-yaml": dump_config(v), "run-dir": str(d), **settings}, timeout)
-                    check_outcome(d, work / "flwr-run.log")
-        else:
-            home = Path(tmp) / "flwr-home"
-            write_connection(
-                home, superlink, insecure=root_certificates is None, root_certificates=root_certificates
+                    check_outcome(d, log)
+            return
+        home = Path(tmp) / "flwr-home"
+        write_connection(
+            home, superlink, insecure=root_certificates is None, root_certificates=root_certificates
+        )
+        for d, v in runs:
+            console.print(f"[bold]{_label(v)}[/] on Flower ({superlink}) -> {d}")
+            submit(
+                app_dir, home, {"config-yaml": dump_config(v), "run-dir": str(d), **settings}, log, timeout
             )
-            for d, v in federated:
-                console.print(f"[bold]{_label(v)}[/] on Flower ({superlink}) -> {d}")
-                log = work / "flwr-run.log"
-                submit(
-                    app_dir,
-                    home,
-                    {"config-yaml": dump_config(v), "run-dir": str(d), **settings},
-                    log,
-                    timeout,
-                )
-                check_outcome(d, log)
-    return dirs
+            check_outcome(d, log)
 
 
 def _label(cfg: ExperimentConfig) -> str:

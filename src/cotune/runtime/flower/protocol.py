@@ -8,7 +8,6 @@ changes shape (FedCoLLM needed none: `query.describe` and `train` cover its roun
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -125,24 +124,6 @@ def record_to_topk(record: ArrayRecord) -> list[tuple[torch.Tensor, torch.Tensor
     tensors = record_to_tensors(record)
     n = len(tensors) // 2
     return [(tensors[f"{b}.values"], tensors[f"{b}.indices"].long()) for b in range(n)]
-
-
-def dense_from_topk(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Logits whose top-k is exactly (values, indices): -inf everywhere else.
-
-    PredictionDistance only looks at each client's top-k values and their positions, so this
-    gives the distances the embedded runtime computes from the full logits, while a node sends
-    k instead of V numbers per position (tests/test_flower.py checks the equality).
-    """
-    dense = torch.full((*values.shape[:-1], vocab), float("-inf"), dtype=values.dtype)
-    return dense.scatter_(-1, indices, values)
-
-
-def windows_hash(windows: torch.Tensor) -> str:
-    """Identifies a set of token windows, so the server can check every node has the same public set."""
-    h = hashlib.sha256(str(tuple(windows.shape)).encode())
-    h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # ---- the job record: what every message to a node carries ------------------------------------------------

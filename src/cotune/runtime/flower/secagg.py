@@ -51,13 +51,13 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from cotune.state import AdapterState
+
 CLIPPING_RANGE = (
     8.0  # adapter values are clipped to [-8, 8] before quantization (LoRA weights are far smaller)
 )
 QUANTIZATION_RANGE = 2**22  # levels over [-8, 8]: a step of 16 / 2**22 ~ 3.8e-6
 MODULUS_RANGE = 2**32
-
-AdapterState = dict[str, torch.Tensor]
 
 
 # ---- server ----------------------------------------------------------------------------------------------

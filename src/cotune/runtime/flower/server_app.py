@@ -1,33 +1,51 @@
-"""The cotune ServerApp: reads the experiment from the run config and drives the round loop.
+"""The cotune ServerApp: reads the experiment from the run config and runs its family's round loop,
+with the SuperNodes as its clients (`FlowerClients`).
 
 Run config keys (`[tool.flwr.app.config]`, overridable with `flwr run ... --run-config`):
 
 - ``config``: path of the experiment YAML, as the ServerApp process sees it (relative to where the
-  SuperLink was started), or ``config-yaml``: the YAML text itself (what `run_flower` sends, so the
-  config travels with the run to a remote SuperLink);
+  SuperLink was started), or ``config-yaml``: the YAML text itself (what `cotune run --backend flower`
+  sends, so the config travels with the run to a remote SuperLink);
 - ``overrides``: space-separated dotted overrides, as on the `cotune run` command line;
 - ``run-dir``: where the run directory is written (default: ``run.out_dir/<name>`` as `cotune run`);
 - ``min-clients`` and ``round-timeout`` (seconds): when > 0, they replace ``federation.min_clients`` and
   ``federation.client_timeout`` of the config (0: the config's, whose defaults are all clients and 600 s);
-  ``connect-timeout``: seconds to wait for the SuperNodes at the start. See ServerSettings.
+  ``connect-timeout``: seconds to wait for the SuperNodes at the start.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
 
+from cotune.algorithms.fedcollm import PLANS
 from cotune.config.loader import apply_overrides, config_from_dict, dump_config, load_config
 from cotune.config.schema import ExperimentConfig
-from cotune.runtime.experiment import default_run_dir
-from cotune.runtime.flower.deploy import OUTCOME_MARK, run_outcome, with_run_settings
-from cotune.runtime.flower.server import ServerSettings, server_for
+from cotune.runtime.checkpoint import latest_checkpoint
+from cotune.runtime.fedcollm import FedCoLLMLoop
+from cotune.runtime.flower.clients import FlowerClients, ServerSettings
+from cotune.runtime.flower.deploy import OUTCOME_MARK, check_flower_config, run_outcome, with_run_settings
+from cotune.runtime.guard import TooFewClients
+from cotune.runtime.personalized import PersonalizedLoop
+from cotune.runtime.rundir import RunFiles, client_name, default_run_dir
+from cotune.runtime.setup import (
+    adapter_pool,
+    fedcollm_pools,
+    fedcollm_server,
+    load_fedcollm_models,
+    load_model,
+    load_task,
+    needs_llm,
+)
 
 app = ServerApp()
 
@@ -54,6 +72,70 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
     config_file.write_text(dump_config(cfg))
 
 
+def build_loop(
+    cfg: ExperimentConfig, run_dir: Path, clients: FlowerClients, console: Console
+) -> PersonalizedLoop | FedCoLLMLoop:
+    """The family's round loop with the SuperNodes as its clients; the models are built as in-process."""
+    files = RunFiles(run_dir, cfg, backend="flower")
+    if cfg.is_cotuning:  # the LLM and its LoRA only ever exist here, in the ServerApp
+        slm_base, llm_base, tokenizer, device = load_fedcollm_models(cfg, console, needs_llm(cfg))
+        task = load_task(cfg, tokenizer, console)
+        slm, llm = fedcollm_pools(cfg, slm_base, llm_base)
+        return FedCoLLMLoop(
+            cfg, clients, fedcollm_server(cfg, slm, llm, task, tokenizer, device), task, files, console
+        )
+    # personalized: the server only needs the initial adapter every client starts from (on its CPU)
+    base, _, _ = load_model(cfg, console=console, device=torch.device("cpu"))
+    pool = adapter_pool(cfg, base, [client_name(0)])
+    slot = pool.names[0]
+    return PersonalizedLoop(
+        cfg, clients, pool.state(slot), lambda s, d: pool.save(slot, d, s), files, console
+    )
+
+
+def run_server(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    grid: Grid,
+    settings: ServerSettings | None = None,
+    say: Callable[[str], None] | None = None,
+) -> str:
+    """Run the rounds; "completed", "stopped" (too few clients left) or "failed", as metrics.jsonl says."""
+    check_flower_config(cfg)
+    if cfg.is_cotuning and not PLANS[cfg.algorithm].local_training:
+        raise ValueError(
+            f"algorithm {cfg.algorithm!r} has no client step, so nothing runs on the SuperNodes: run it "
+            "with the embedded runtime (`cotune run CONFIG`; `cotune run --backend flower` does so for it)"
+        )
+    say = say or (lambda text: print(text, flush=True))
+    files = RunFiles(run_dir, cfg, backend="flower")
+    family = "fedcollm" if cfg.is_cotuning else "personalized"
+    console = Console(stderr=True)
+    try:
+        clients = FlowerClients(cfg, grid, family, settings, say)
+        build_loop(cfg, run_dir, clients, console).run()
+    except TooFewClients as stop:
+        last = latest_checkpoint(run_dir)
+        files.log(
+            {
+                "type": "run",
+                "event": "stopped",
+                "reason": str(stop),
+                "last_checkpoint": last[0] if last else None,
+                "time": time.time(),
+            }
+        )
+        say(f"STOPPED {stop}; last complete checkpoint: {f'round {last[0]}' if last else 'none written'}")
+        return "stopped"
+    except Exception as exc:
+        files.log(
+            {"type": "run", "event": "failed", "error": f"{type(exc).__name__}: {exc}", "time": time.time()}
+        )
+        say(f"FAILED {type(exc).__name__}: {exc}")
+        raise
+    return "completed"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = with_run_settings(experiment_config(context.run_config), context.run_config)
@@ -63,8 +145,7 @@ def main(grid: Grid, context: Context) -> None:
     what = cfg.algorithm if cfg.is_cotuning else f"{cfg.algorithm}/{cfg.strategy.name}"
     print(f"cotune {what} on Flower -> {run_dir.resolve()}", flush=True)
     try:
-        settings = ServerSettings.from_config(cfg, context.run_config)
-        server_for(cfg, run_dir, grid, settings).run()
+        run_server(cfg, run_dir, grid, ServerSettings.from_config(cfg, context.run_config))
     finally:
         outcome = run_outcome(run_dir)
         print(OUTCOME_MARK + json.dumps({**outcome, "run_dir": str(run_dir)}), flush=True)

@@ -1,0 +1,143 @@
+"""What ONE client does, whatever carries its messages: train, evaluate, rate peers, predict.
+
+`InProcessClients` holds one `ClientWork` per simulated client (all on one shared base model); a
+Flower SuperNode's ClientApp builds one for its data owner. Both call the same methods, so a client
+computes the same thing in a simulation and in a deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from cotune.evaluation.lm import evaluate_lm
+from cotune.runtime.port import Prediction
+from cotune.state import AdapterState
+from cotune.training.learner import Learner
+
+
+def windows_hash(windows: torch.Tensor) -> str:
+    """Identifies a set of token windows, so the server can check every client has the same public set."""
+    h = hashlib.sha256(str(tuple(windows.shape)).encode())
+    h.update(windows.to(torch.int64).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class ClientWork:
+    """One client: its Learner (adapter slot, optimizer, schedule, data cursor) and its other data.
+
+    `val` (token windows) is what `evaluate` and `evaluate_peers` score; `public` gives the shared
+    reference set for prediction trust when asked (built lazily: only that strategy needs it);
+    `budget` is the client's own steps per round where it decides them (FedCoLLM's local_epochs
+    depend on its data); `info` is its description for the server.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        learner: Learner,
+        *,
+        val: torch.Tensor | None = None,
+        public: Callable[[], torch.Tensor] | None = None,
+        eval_batch_size: int = 8,
+        budget: int | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.index, self.learner, self.val = index, learner, val
+        self._public = public
+        self.eval_batch_size, self.budget = eval_batch_size, budget
+        self.info = dict(info or {})
+
+    @property
+    def pool(self):  # the AdapterPool holding this client's slot
+        return self.learner.pool
+
+    @cached_property
+    def public(self) -> torch.Tensor:
+        windows = self._public() if self._public is not None else None
+        if windows is None or len(windows) == 0:
+            raise ValueError("prediction trust needs a public reference set: set data.public_windows > 0")
+        return windows
+
+    # ---- the adapter ------------------------------------------------------------------------------
+    def adapter(self) -> AdapterState:
+        return self.pool.state(self.learner.slot)
+
+    def adopt(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load `state` in place (the optimizer keeps pointing at the same parameters)."""
+        device = self.learner.device
+        self.pool.load_state(self.learner.slot, {k: v.to(device) for k, v in state.items()})
+
+    # ---- the work ---------------------------------------------------------------------------------
+    def train(
+        self, steps: int | None = None, on_step: Callable[[float], None] | None = None
+    ) -> dict[str, float]:
+        """Local steps on its own data (`steps`, else its own budget); the round's training metrics."""
+        n = self.budget if steps is None else steps
+        if n is None:
+            raise ValueError("this client has no step budget of its own: the round must give `steps`")
+        log = self.learner.train(n, on_step)
+        return {
+            "loss": log.mean_loss,
+            "last_loss": log.losses[-1] if log.losses else float("nan"),
+            "lr": self.learner.lr,
+            "tokens_per_s": log.tokens / log.seconds if log.seconds else 0.0,
+            "steps": float(n),
+            "wall_s": log.seconds,
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss, perplexity and next-token accuracy of its adapter on its validation windows."""
+        self.pool.activate(self.learner.slot)
+        res = evaluate_lm(self.pool.model, self._val(), self.eval_batch_size)
+        return {k: float(v) for k, v in res.as_dict().items()}
+
+    def peer_perplexity(
+        self, adapters: Sequence[Mapping[str, torch.Tensor]], val_batches: int
+    ) -> list[float]:
+        """Its row of P: the perplexity of each given adapter on its own validation windows."""
+        own = self.adapter()
+        self.pool.activate(self.learner.slot)
+        row = []
+        for state in adapters:
+            self.adopt(state)
+            res = evaluate_lm(self.pool.model, self._val(), self.eval_batch_size, val_batches)
+            row.append(res.ppl)
+        self.adopt(own)
+        return row
+
+    @torch.no_grad()
+    def predict(self, batches: int, batch_size: int, k: int) -> Prediction:
+        """Top-k logits of its adapter on the first `batches` public batches (lean trust evidence)."""
+        public = self.public
+        self.pool.activate(self.learner.slot)
+        model = self.pool.model
+        model.eval()
+        out, vocab = [], 0
+        for b in range(min(batches, math.ceil(len(public) / batch_size))):
+            ids = public[b * batch_size : (b + 1) * batch_size].to(self.learner.device)
+            logits = model(input_ids=ids).logits.float()
+            vocab = logits.shape[-1]
+            values, indices = logits.topk(min(k, vocab), dim=-1)
+            out.append((values.cpu(), indices.cpu()))
+        return Prediction(out, vocab, windows_hash(public))
+
+    def describe(self) -> dict[str, Any]:
+        return {"partition": self.index, **self.info, "device": str(self.learner.device)}
+
+    # ---- trainer state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state)
+
+    def _val(self) -> torch.Tensor:
+        if self.val is None:
+            raise ValueError("this client has no validation windows to evaluate on")
+        return self.val

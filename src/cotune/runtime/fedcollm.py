@@ -1,0 +1,352 @@
+"""The round loop of FedCoLLM and its baselines (SPEC A), written once for every transport.
+
+The server holds the SLM with its copy of the clients' adapter theta (slot `SERVER`) and, when the
+algorithm needs it, the LLM with its server-only LoRA omega (`LLM_ADAPTER`); the clients hold the
+SLM and their private data. Every algorithm of the family walks the same round; `PLANS` switches
+its steps on or off: 1. broadcast theta; 2. local training on the clients (the `Clients` port);
+3. FedAvg of the uploads (the aggregation pipeline); 4. mutual distillation on D_a; or the
+centralized LLM baseline. Evaluation is multiple-choice accuracy on the held-out test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rich.console import Console
+from transformers import PreTrainedTokenizerBase
+
+from cotune.algorithms.fedcollm import PLANS, check_payload, fedavg_weights
+from cotune.config.schema import ExperimentConfig
+from cotune.data.task_data import TaskData
+from cotune.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
+from cotune.models.lora import AdapterPool
+from cotune.runtime import guard
+from cotune.runtime.pipeline import AggregationPipeline
+from cotune.runtime.port import Clients, Replies
+from cotune.runtime.rundir import RunFiles, client_name, load_adapter, log_start
+from cotune.state import AdapterState, state_bytes
+from cotune.training.distill import student_step, teacher_signal
+from cotune.training.learner import Learner
+
+SERVER = "server"  # the server's copy of the SLM adapter (theta), inside the SLM pool
+LLM_ADAPTER = "server-llm"  # the LLM's server-only LoRA (omega); never leaves the server
+
+
+def base_model_bytes(pool: AdapterPool) -> int:
+    """Size of the full model without any adapter: what FedCoLLM's payload is compared to."""
+    return sum(p.numel() * p.element_size() for n, p in pool.model.named_parameters() if "lora_" not in n)
+
+
+def adapter_digest(pool: AdapterPool, name: str) -> str:
+    """A fingerprint of one adapter's weights (bit-exact: two adapters match only if every value does)."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(pool.state(name).items()):
+        h.update(key.encode())
+        h.update(tensor.float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Server:
+    """What only the server holds: the SLM pool (theta and a slot per client, for evaluating their
+    adapters), the LLM pool, and the learners that train theta and omega on the server."""
+
+    slm: AdapterPool
+    llm: AdapterPool | None
+    theta: Learner  # the SLM adapter on D_a (distillation)
+    omega: Learner | None  # the LLM adapter on D_a (distillation) or on all data (centralized)
+    tokenizer: PreTrainedTokenizerBase
+    central_steps: int  # the centralized baseline's LLM steps per round
+    distill_batches: int  # distillation batches per pass over D_a
+
+
+class FedCoLLMLoop:
+    """FedCoLLM's rounds (or a baseline's) over any `Clients` transport."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        clients: Clients,
+        server: Server,
+        task: TaskData,
+        files: RunFiles,
+        console: Console | None = None,
+        eval_cache: dict[Any, MCResult] | None = None,
+    ) -> None:
+        self.cfg, self.clients, self.server, self.task, self.files = cfg, clients, server, task, files
+        self.console = console or Console(stderr=True)
+        # Test accuracy by (model, adapter weights, eval settings): run.compare variants share one,
+        # so the zero-shot evaluation that every variant starts with runs once, not once each.
+        self.eval_cache = eval_cache if eval_cache is not None else {}
+        self.plan = PLANS[cfg.algorithm]
+        if self.plan.uses_llm and (server.llm is None or server.omega is None):
+            raise ValueError(f"algorithm '{cfg.algorithm}' needs the server LLM")
+        self.n = cfg.federation.clients
+        self.vocab_size = len(server.tokenizer)
+        self.full_slm_bytes = base_model_bytes(server.slm)
+        initial = server.slm.state(SERVER)
+        self.slm_shapes = {k: v.shape for k, v in initial.items()}
+        self.client_adapters: dict[int, AdapterState] = {k: dict(initial) for k in range(self.n)}
+        self.pipeline = AggregationPipeline(cfg, files.log)
+        self.sizes: list[int] = [0] * self.n  # n_k as each client described itself
+        self.joined: list[int] = []
+        self.dropped: set[int] = set()
+
+    def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
+        """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA)."""
+        check_payload(payload, self.slm_shapes)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> None:
+        self.join()
+        if resume:
+            start = self.restore() + 1
+            self.console.print(f"[bold]resuming[/] {self.files.run_dir} after round {start - 1}")
+        else:
+            log_start(self.files, self.cfg, self.n)
+            self.evaluate(0)
+            self.checkpoint(0)
+            start = 1
+        rounds = self.cfg.federation.rounds if self.plan.trains else 0
+        for r in range(start, rounds + 1):
+            t0 = time.perf_counter()
+            self.dropped = set()
+            self.run_round(r)
+            t_work = time.perf_counter() - t0
+            shown = self.evaluate(r) if self.is_eval_round(r) else ""
+            wall = time.perf_counter() - t0
+            self.files.log({"type": "round", "round": r, "step": r, "wall_s": wall, "train_s": t_work})
+            self.console.print(f"round {r}/{rounds}  {shown}  ({wall:.1f}s)")
+            self.checkpoint(r)
+        self.files.log({"type": "run", "event": "end", "algorithm": self.cfg.algorithm, "time": time.time()})
+
+    def is_eval_round(self, r: int) -> bool:
+        return r % self.cfg.run.eval_every == 0 or r == self.cfg.federation.rounds
+
+    def join(self) -> None:
+        replies = self.clients.describe()
+        for k, info in replies.ok.items():
+            self.sizes[k] = int(info.get("examples", 0))
+        self.joined = sorted(replies.ok)
+        self.note_failures(0, "connect", replies)
+
+    def active(self) -> list[int]:
+        return [k for k in self.joined if k not in self.dropped]
+
+    def note_failures(self, r: int, phase: str, replies: Replies[Any]) -> None:
+        for k, reason in sorted(replies.failed.items()):
+            self.dropped.add(k)
+            guard.log_dropped(self.files.log, r, k, reason, phase)
+            self.console.print(f"[yellow]client {k} dropped from round {r} ({phase}):[/] {reason}")
+        guard.require(self.cfg, self.files.log, r, len(self.active()), self.n, "answered")
+
+    # ---- the round ------------------------------------------------------------------------------------
+    def run_round(self, r: int) -> None:
+        plan, slm = self.plan, self.server.slm
+        payload = slm.state(SERVER) if plan.broadcast else None
+        if payload is not None:
+            self.check(payload)  # 1. broadcast theta^t: SLM adapter keys only
+        if plan.local_training:  # 2. local training on private data, answer-only loss
+            updates, mean = self.train_clients(r, payload)
+            if plan.aggregate:  # 3. upload + weighted FedAvg -> theta^{t,0}
+                assert payload is not None
+                self.log_traffic(r, updates, state_bytes(payload))
+                if mean is None:
+                    ks = sorted(updates)
+                    mean = self.pipeline.fedavg(
+                        r, self.n, ks, [updates[k] for k in ks], payload, self.sizes, self.check
+                    )
+                self.check(mean)
+                slm.load_state(SERVER, mean)
+        if plan.distill:  # 4. mutual distillation on D_a; 5. the distilled theta is broadcast next round
+            self.distill(r)
+        if plan.central_llm:
+            omega = self.server.omega
+            assert omega is not None
+            loss = omega.train(self.server.central_steps).mean_loss
+            self.files.log(
+                {"type": "train", "model": "llm", "round": r, "client": None, "loss": loss, "lr": omega.lr}
+            )
+
+    def train_clients(
+        self, r: int, payload: AdapterState | None
+    ) -> tuple[dict[int, AdapterState], AdapterState | None]:
+        """Each client trains theta (or, standalone, its own adapter); their checked uploads by client."""
+        sent = {k: payload if payload is not None else self.client_adapters[k] for k in self.active()}
+        secure = None
+        if self.cfg.federation.secure_aggregation and self.plan.aggregate:
+            w = fedavg_weights([self.sizes[k] for k in sent], self.cfg.federation.weighting)
+            secure = dict(zip(sent, w, strict=True))
+        replies = self.clients.train(r, sent, None, secure_weights=secure)
+        for k, up in list(replies.ok.items()):
+            try:
+                self.check(up.adapter)
+            except ValueError as e:
+                del replies.ok[k]
+                replies.failed[k] = f"refused upload: {e}"
+        self.note_failures(r, "train", replies)
+        self.client_adapters.update(sent)  # a dropped client keeps what it was sent
+        updates = {}
+        for k, up in sorted(replies.ok.items()):
+            self.client_adapters[k] = up.adapter
+            updates[k] = up.adapter
+            m = up.metrics
+            self.files.log(
+                {"type": "train", "model": "slm", "round": r, "client": k, "loss": m["loss"], "lr": m["lr"]}
+            )
+        return updates, replies.mean
+
+    def log_traffic(self, r: int, updates: dict[int, AdapterState], down: int) -> None:
+        for k, u in updates.items():
+            self.files.log(
+                {
+                    "type": "comm",
+                    "round": r,
+                    "client": k,
+                    "bytes_up": state_bytes(u),
+                    "bytes_down": down,
+                    "full_slm_bytes": self.full_slm_bytes,
+                    "ratio": state_bytes(u) / self.full_slm_bytes,
+                }
+            )
+
+    def distill(self, r: int) -> None:
+        """Mutual distillation on D_a: per batch an SLM step (the LLM teaches), then an LLM step."""
+        s = self.server
+        assert s.llm is not None and s.omega is not None
+        d, t = self.cfg.distill, self.cfg.train
+        slm_model, llm_model = s.slm.model, s.llm.model
+        s.slm.activate(SERVER)
+        s.llm.activate(LLM_ADAPTER)
+        sums = {"slm_ce": 0.0, "slm_kd": 0.0, "llm_ce": 0.0, "llm_kd": 0.0}
+        teacher_bytes, n, t0 = 0, 0, time.perf_counter()
+
+        def step(student, teacher, learner: Learner, prefix: str, batch) -> int:
+            signal = teacher_signal(teacher, batch, self.vocab_size, d.topk)
+            ce, kd = student_step(
+                student,
+                signal,
+                batch,
+                learner.optimizer,
+                learner.scheduler,
+                d,
+                self.vocab_size,
+                t.max_grad_norm,
+            )
+            sums[f"{prefix}_ce"] += ce
+            sums[f"{prefix}_kd"] += kd
+            return signal.nbytes
+
+        def slm_step(batch) -> int:  # the LLM teaches the SLM
+            return step(slm_model, llm_model, s.theta, "slm", batch)
+
+        def llm_step(batch) -> int:  # the SLM teaches the LLM
+            return step(llm_model, slm_model, s.omega, "llm", batch)
+
+        steps = s.distill_batches
+        for _ in range(d.epochs):
+            batches = [b for _ in range(steps) for b in s.theta.next_batches()[0]]
+            if d.order == "batch":  # SLM step then LLM step on each batch
+                for batch in batches:
+                    teacher_bytes = max(teacher_bytes, slm_step(batch), llm_step(batch))
+            else:  # alternate by epoch: a full SLM pass, then a full LLM pass
+                teacher_bytes = max([teacher_bytes] + [slm_step(b) for b in batches])
+                teacher_bytes = max([teacher_bytes] + [llm_step(b) for b in batches])
+            n += len(batches)
+        self.files.log(
+            {
+                "type": "distill",
+                "round": r,
+                "step": n,
+                **{k: v / max(1, n) for k, v in sums.items()},
+                "teacher_bytes": teacher_bytes,
+                "topk": d.topk,
+                "wall_s": time.perf_counter() - t0,
+            }
+        )
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    def evaluate(self, r: int) -> str:
+        """Multiple-choice accuracy on the held-out test split of whatever this algorithm trains."""
+        plan, s, shown = self.plan, self.server, []
+        if r == 0 or plan.local_training:
+            per_client = plan.local_training and not plan.aggregate and r > 0  # standalone
+            accs = []
+            for client in range(self.n) if per_client else [None]:
+                if client is None:
+                    name = SERVER
+                else:
+                    name = client_name(client)
+                    s.slm.load_state(name, self.client_adapters[client])
+                res = self.mc(s.slm, name)
+                self.files.log({"type": "mc", "round": r, "model": "slm", "client": client, **res.as_dict()})
+                accs.append(res.acc)
+            shown.append(f"SLM acc {sum(accs) / len(accs):.3f}")
+        if s.llm is not None and (r == 0 or plan.uses_llm):
+            res = self.mc(s.llm, LLM_ADAPTER)
+            self.files.log({"type": "mc", "round": r, "model": "llm", "client": None, **res.as_dict()})
+            shown.append(f"LLM acc {res.acc:.3f}")
+        return "  ".join(shown)
+
+    def mc(self, pool: AdapterPool, name: str) -> MCResult:
+        """Accuracy of adapter `name`; an adapter whose weights were already scored is not rescored."""
+        t, task = self.cfg.train, self.cfg.task
+        assert task is not None
+        key = (
+            "llm" if pool is self.server.llm else "slm",
+            adapter_digest(pool, name),
+            task.max_length,
+            t.eval_batch_size,
+        )
+        if key not in self.eval_cache:
+            pool.activate(name)
+            self.eval_cache[key] = evaluate_multiple_choice(
+                pool.model,
+                self.server.tokenizer,
+                self.task.test,
+                batch_size=t.eval_batch_size,
+                max_length=task.max_length,
+            )
+        return self.eval_cache[key]
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def checkpoint(self, r: int) -> None:
+        s = self.server
+        writers = {
+            client_name(k): (lambda d, k=k: s.slm.save(client_name(k), d, self.client_adapters[k]))
+            for k in range(self.n)
+        }
+        writers[SERVER] = lambda d: s.slm.save(SERVER, d)
+        if s.llm is not None:
+            llm = s.llm
+            writers[LLM_ADAPTER] = lambda d: llm.save(LLM_ADAPTER, d)
+        learners = {"theta": s.theta.state_dict()}
+        if s.omega is not None:
+            learners["omega"] = s.omega.state_dict()
+        state = {
+            "step": r,
+            "clients": self.clients.state_dict(),
+            "server": learners,
+            "participants": self.active(),
+        }
+        self.files.checkpoint(r, writers, state)
+
+    def restore(self) -> int:
+        r, path, state = self.files.resume()
+        s = self.server
+        device = s.theta.device
+        for k in range(self.n):
+            self.client_adapters[k] = {
+                key: v.to(device) for key, v in load_adapter(path / client_name(k)).items()
+            }
+        s.slm.load_state(SERVER, load_adapter(path / SERVER))
+        s.theta.load_state_dict(state["server"]["theta"])
+        if s.llm is not None and s.omega is not None:
+            s.llm.load_state(LLM_ADAPTER, load_adapter(path / LLM_ADAPTER))
+            s.omega.load_state_dict(state["server"]["omega"])
+        self.clients.load_state_dict(state["clients"])
+        return r

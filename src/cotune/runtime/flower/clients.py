@@ -1,0 +1,228 @@
+"""The Flower transport: the clients port as messages to SuperNodes through a ServerApp's Grid.
+
+It only moves state and messages: it finds the SuperNodes and which client (partition-id) each one
+is, sends one message per client and waits with a timeout, and reports a client that errs or stays
+silent as failed (the round loop drops it from that round and asks it again in the next). Every
+computation happens in the loops (ServerApp) or in `ClientWork` (the ClientApp).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from cotune.config.loader import dump_config
+from cotune.config.schema import ExperimentConfig
+from cotune.runtime.flower import protocol as p
+from cotune.runtime.flower import secagg
+from cotune.runtime.port import OnStep, Prediction, Replies, TrainReplies, Upload
+from cotune.runtime.rundir import config_fingerprint
+from cotune.state import AdapterState
+
+DEFAULT_ROUND_TIMEOUT = 600.0  # seconds per exchange when federation.client_timeout is not set
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How long the server waits: for one exchange (federation.client_timeout) and for the nodes."""
+
+    round_timeout: float = DEFAULT_ROUND_TIMEOUT
+    connect_timeout: float = 120.0
+
+    @classmethod
+    def from_config(
+        cls, cfg: ExperimentConfig, run_config: Mapping[str, Any] | None = None
+    ) -> ServerSettings:
+        return cls(
+            round_timeout=float(cfg.federation.client_timeout or DEFAULT_ROUND_TIMEOUT),
+            connect_timeout=float((run_config or {}).get("connect-timeout", 120.0) or 120.0),
+        )
+
+
+class FlowerClients:
+    """The clients port over a Flower Grid: one message per SuperNode and exchange."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        grid: Grid,
+        family: str,
+        settings: ServerSettings | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg, self.grid, self.family = cfg, grid, family
+        self.settings = settings or ServerSettings.from_config(cfg)
+        self.say = say or (lambda text: print(text, flush=True))
+        self.config_yaml = dump_config(cfg)
+        self.fingerprint = config_fingerprint(cfg)
+        self.nodes: dict[int, int] = {}  # client index -> SuperNode id
+
+    @property
+    def n(self) -> int:
+        return self.cfg.federation.clients
+
+    def job(self, round_: int, **args: Any) -> p.Job:
+        return p.Job(self.family, self.config_yaml, self.fingerprint, round_, args)
+
+    # ---- exchanges --------------------------------------------------------------------------------------
+    def exchange(
+        self, round_: int, message_type: str, bodies: Mapping[int, RecordDict]
+    ) -> Replies[RecordDict]:
+        """One message per client; replies by client, and why the others gave none."""
+        messages = {
+            i: Message(body, dst_node_id=self.nodes[i], message_type=message_type, group_id=str(round_))
+            for i, body in bodies.items()
+        }
+        replies = self.grid.send_and_receive(list(messages.values()), timeout=self.settings.round_timeout)
+        # By the message replied to, not the sender: the SuperLink itself answers for an unavailable node.
+        by_id = {m.metadata.message_id: i for i, m in messages.items()}
+        out: Replies[RecordDict] = Replies()
+        for reply in replies:
+            i = by_id.get(reply.metadata.reply_to_message_id)
+            if i is None or i in out.ok or i in out.failed:
+                continue
+            if reply.has_error():
+                out.failed[i] = (
+                    f"SuperNode {self.nodes[i]}: error reply (code {reply.error.code}): {reply.error.reason}"
+                )
+            else:
+                out.ok[i] = reply.content
+        for i in bodies:
+            if i not in out.ok and i not in out.failed:
+                wait = self.settings.round_timeout
+                out.failed[i] = f"SuperNode {self.nodes[i]}: no reply within {wait:g}s (disconnected?)"
+        return out
+
+    def describe(self) -> Replies[dict[str, Any]]:
+        """Wait for the SuperNodes, ask each which client (partition-id) it is, map clients to nodes."""
+        deadline = time.monotonic() + self.settings.connect_timeout
+        node_ids = list(self.grid.get_node_ids())
+        while len(node_ids) < self.n and time.monotonic() < deadline:
+            time.sleep(1.0)
+            node_ids = list(self.grid.get_node_ids())
+        self.say(f"{len(node_ids)} SuperNode(s) connected; asking which client each one is")
+        messages = [Message(p.content(self.job(0)), dst_node_id=n, message_type=p.DESCRIBE) for n in node_ids]
+        replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout)
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        out: Replies[dict[str, Any]] = Replies()
+        for reply in replies:
+            node = node_of.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                continue
+            if reply.has_error():
+                self.say(f"WARNING SuperNode {node} could not join: {reply.error.reason}")
+                continue
+            record = reply.content.config_records[p.INFO]
+            info = {k: record[k] for k in record}
+            info["label_names"] = json.loads(str(info["label_names"]))
+            info["mixture"] = json.loads(str(info["mixture"]))
+            i = int(info["partition"])  # type: ignore[arg-type]
+            if i in self.nodes:
+                raise ValueError(f"SuperNodes {self.nodes[i]} and {node} both have partition-id {i}")
+            self.nodes[i], out.ok[i] = node, info
+        for i in range(self.n):
+            if i not in self.nodes:
+                out.failed[i] = f"no SuperNode with partition-id {i} joined"
+        for i in sorted(out.ok):
+            inf = out.ok[i]
+            holds = (
+                f"{inf['examples']} examples"
+                if "examples" in inf
+                else f"{inf['train_windows']} train / {inf['val_windows']} val windows"
+            )
+            self.say(f"  client {i}: SuperNode {self.nodes[i]}, {holds}")
+        return out
+
+    def train(
+        self,
+        round_: int,
+        adapters: Mapping[int, AdapterState],
+        steps: int | None,
+        on_step: OnStep | None = None,
+        secure_weights: Mapping[int, float] | None = None,
+    ) -> TrainReplies:
+        if secure_weights is not None:
+            return self.secure_train(round_, adapters, secure_weights)
+        job = self.job(round_) if steps is None else self.job(round_, steps=steps)
+        bodies = {i: p.content(job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        got = self.exchange(round_, p.TRAIN, bodies)
+        out = TrainReplies(failed=got.failed)
+        for i, body in got.ok.items():
+            device = next(iter(adapters[i].values())).device
+            state = {k: v.to(device) for k, v in p.record_to_tensors(body.array_records[p.ADAPTER]).items()}
+            out.ok[i] = Upload(state, metrics(body))
+        return out
+
+    def secure_train(
+        self, round_: int, adapters: Mapping[int, AdapterState], weights: Mapping[int, float]
+    ) -> TrainReplies:
+        """Local training and the FedAvg mean as one SecAgg+ round: the server learns only the mean."""
+        clients = sorted(adapters)
+        payload = adapters[clients[0]]  # theta, the same for every client
+        client_of = {self.nodes[i]: i for i in clients}
+        record = self.job(round_).to_record()
+        result = secagg.secure_average(
+            self.grid,
+            [self.nodes[i] for i in clients],
+            {k: record[k] for k in record},
+            payload,
+            round_=round_,
+            max_weight=float(max(weights.values())),
+            min_nodes=1,
+            timeout=self.settings.round_timeout,
+        )
+        out = TrainReplies(mean=result.average)
+        for node, m in result.metrics.items():
+            if node in client_of and result.average is not None:
+                # The individual uploads are never seen; comm accounting counts the same-sized masked vectors.
+                out.ok[client_of[node]] = Upload(payload, {k: float(v) for k, v in m.items()})
+        for i in clients:
+            if i not in out.ok:
+                out.failed[i] = "did not complete the SecAgg+ round"
+        return out
+
+    def evaluate(self, round_: int, adapters: Mapping[int, AdapterState]) -> Replies[dict[str, float]]:
+        job = self.job(round_)
+        bodies = {i: p.content(job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        got = self.exchange(round_, p.EVALUATE, bodies)
+        return Replies({i: metrics(body) for i, body in got.ok.items()}, got.failed)
+
+    def evaluate_peers(
+        self, round_: int, adapters: Mapping[int, AdapterState], val_batches: int
+    ) -> Replies[list[float]]:
+        peers = {f"{p.PEER_PREFIX}{j}": p.tensors_to_record(a) for j, a in adapters.items()}
+        job = self.job(round_, peers=list(adapters), val_batches=val_batches)
+        got = self.exchange(round_, p.EVALUATE_PEERS, {i: p.content(job, peers) for i in adapters})
+        rows = {i: [float(x) for x in body.metric_records[p.METRICS]["ppl"]] for i, body in got.ok.items()}  # type: ignore[union-attr]
+        return Replies(rows, got.failed)
+
+    def predict(
+        self, round_: int, adapters: Mapping[int, AdapterState], batches: int, batch_size: int, k: int
+    ) -> Replies[Prediction]:
+        """A node predicts with the adapter it holds, which is the one the loop holds for it."""
+        job = self.job(round_, public_batches=batches, batch_size=batch_size, k=k)
+        bodies = {i: p.content(job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        got = self.exchange(round_, p.PREDICT, bodies)
+        out: Replies[Prediction] = Replies(failed=got.failed)
+        for i, body in got.ok.items():
+            info = body.config_records[p.INFO]
+            topk = p.record_to_topk(body.array_records[p.LOGITS])
+            out.ok[i] = Prediction(topk, int(info["vocab"]), str(info["public_hash"]))  # type: ignore[arg-type]
+        return out
+
+    def state_dict(self) -> list[dict[str, Any]] | None:
+        return None  # the trainer states live in the SuperNodes' contexts
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        raise NotImplementedError("a Flower run's trainer states live on the SuperNodes")
+
+
+def metrics(body: RecordDict) -> dict[str, float]:
+    m = body.metric_records[p.METRICS]
+    return {k: float(m[k]) for k in m if not isinstance(m[k], list)}  # type: ignore[arg-type]

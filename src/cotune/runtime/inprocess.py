@@ -1,0 +1,93 @@
+"""The in-process transport: simulated clients in this process, one `ClientWork` each.
+
+All clients' adapters are slots of one AdapterPool on one frozen base model, so N clients cost N
+adapters + optimizer states, not N models. Simulation features live here because they are about
+simulated clients: injected faults and `federation.client_timeout` (`guard.run_client`) and
+malicious uploads (`simulation.attack`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cotune.config.schema import ExperimentConfig
+from cotune.runtime import guard
+from cotune.runtime.client import ClientWork
+from cotune.runtime.port import OnStep, Prediction, Replies, TrainReplies, Upload
+from cotune.state import AdapterState
+
+
+class InProcessClients:
+    """The clients port over `ClientWork` objects that share one base model."""
+
+    def __init__(self, cfg: ExperimentConfig, works: Sequence[ClientWork]) -> None:
+        self.cfg, self.works = cfg, list(works)
+
+    @property
+    def n(self) -> int:
+        return len(self.works)
+
+    def describe(self) -> Replies[dict[str, Any]]:
+        return Replies(ok={w.index: w.describe() for w in self.works})
+
+    def train(
+        self,
+        round_: int,
+        adapters: Mapping[int, AdapterState],
+        steps: int | None,
+        on_step: OnStep | None = None,
+        secure_weights: Mapping[int, float] | None = None,
+    ) -> TrainReplies:
+        """Each client trains in turn; a fault or timeout drops it, an attacker's upload is replaced.
+
+        Secure aggregation has nothing to hide in one process: the uploads are returned in clear and
+        the loop computes the same weighted mean.
+        """
+        replies = TrainReplies()
+        for i, sent in adapters.items():
+            work = self.works[i]
+
+            def job(work: ClientWork = work, i: int = i, sent: AdapterState = sent) -> dict[str, float]:
+                work.adopt(sent)
+                shown = None if on_step is None else (lambda loss: on_step(i, loss))
+                return work.train(steps, shown)
+
+            outcome = guard.run_client(self.cfg, round_, i, job)
+            if not outcome.ok:
+                replies.failed[i] = outcome.reason or "failed"
+                continue
+            upload = work.adapter()
+            if guard.is_attacker(self.cfg, i, round_) and self.cfg.simulation.attack.kind != "garbage_data":
+                upload = guard.attacked(self.cfg, round_, i, upload, sent)
+            replies.ok[i] = Upload(upload, outcome.value)
+        return replies
+
+    def evaluate(self, round_: int, adapters: Mapping[int, AdapterState]) -> Replies[dict[str, float]]:
+        replies: Replies[dict[str, float]] = Replies()
+        for i, state in adapters.items():
+            self.works[i].adopt(state)
+            replies.ok[i] = self.works[i].evaluate()
+        return replies
+
+    def evaluate_peers(
+        self, round_: int, adapters: Mapping[int, AdapterState], val_batches: int
+    ) -> Replies[list[float]]:
+        peers = list(adapters.values())
+        return Replies(ok={i: self.works[i].peer_perplexity(peers, val_batches) for i in adapters})
+
+    def predict(
+        self, round_: int, adapters: Mapping[int, AdapterState], batches: int, batch_size: int, k: int
+    ) -> Replies[Prediction]:
+        replies: Replies[Prediction] = Replies()
+        for i, state in adapters.items():
+            self.works[i].adopt(state)
+            replies.ok[i] = self.works[i].predict(batches, batch_size, k)
+        return replies
+
+    def state_dict(self) -> list[dict[str, Any]] | None:
+        return [w.state_dict() for w in self.works]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        for w, s in zip(self.works, state, strict=True):
+            w.load_state_dict(s)

@@ -1,0 +1,315 @@
+"""The round loop of personalized collaborative fine-tuning (SPEC B), written once for every transport.
+
+Every client keeps its own LoRA. Each round: every client trains its adapter locally; the loop
+gathers the evidence its trust strategy needs (the adapters, peers' perplexity on each client's
+validation data, or top-k predictions on a shared public set); the aggregation pipeline screens the
+uploads and mixes them with the trust matrix; the clients evaluate; a checkpoint is written.
+The loop owns every client's adapter and asks its `Clients` port for the work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cotune.algorithms.personalized import REQUIRED_EVIDENCE, TrustEvidence
+from cotune.algorithms.trust import PredictionDistance
+from cotune.config.schema import ExperimentConfig
+from cotune.runtime import guard
+from cotune.runtime.pipeline import AggregationPipeline
+from cotune.runtime.port import Clients, Prediction, Replies
+from cotune.runtime.rundir import RunFiles, client_name, load_adapter, log_start
+from cotune.state import AdapterState
+
+SaveAdapter = Callable[[AdapterState, Path], None]  # writes one adapter in PEFT format
+
+
+def dense_from_topk(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Logits whose top-k is exactly (values, indices), -inf elsewhere: what PredictionDistance needs.
+
+    PredictionDistance only looks at each client's top-k values and their positions, so this gives
+    the distances of the full logits while a client sends k instead of V numbers per position.
+    """
+    dense = torch.full((*values.shape[:-1], vocab), float("-inf"), dtype=values.dtype)
+    return dense.scatter_(-1, indices, values)
+
+
+def prediction_distance(predictions: list[Prediction], k: int) -> torch.Tensor:
+    """D[i, j] from the clients' top-k logits on the same public batches, batch by batch."""
+    if len({p.public_hash for p in predictions}) > 1:
+        raise ValueError(
+            "the clients do not have the same public reference set, so their predictions cannot be "
+            "compared: build it from the same config (or give every node the same public-path)"
+        )
+    dist = PredictionDistance(len(predictions), k=k)
+    vocab = predictions[0].vocab
+    for b in range(len(predictions[0].topk)):
+        dist.add_batch([dense_from_topk(*p.topk[b], vocab) for p in predictions])
+    return dist.distances()
+
+
+def label_mixtures(infos: list[dict[str, Any]]) -> torch.Tensor:
+    """Clients x labels, from each client's (label_names, mixture) description (the oracle's evidence)."""
+    names: list[str] = []
+    for info in infos:
+        names += [n for n in info["label_names"] if n not in names]
+    m = torch.zeros(len(infos), len(names))
+    for a, info in enumerate(infos):
+        for name, x in zip(info["label_names"], info["mixture"], strict=True):
+            m[a, names.index(name)] = x
+    return m
+
+
+class PersonalizedLoop:
+    """Rounds of local training and trust-weighted aggregation over any `Clients` transport."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        clients: Clients,
+        initial: AdapterState,
+        save_adapter: SaveAdapter,
+        files: RunFiles,
+        console: Console | None = None,
+    ) -> None:
+        self.cfg, self.clients, self.files = cfg, clients, files
+        self.save_adapter = save_adapter
+        self.console = console or Console(stderr=True)
+        self.n = cfg.federation.clients
+        self.adapters: list[AdapterState] = [dict(initial) for _ in range(self.n)]
+        self.pipeline = AggregationPipeline(cfg, files.log)
+        self.joined: dict[int, dict[str, Any]] = {}  # client -> its description, for those that answered
+        self.dropped: set[int] = set()  # clients dropped from the round in progress
+
+    # ---- schedule -------------------------------------------------------------------------------------
+    def steps_in_round(self, round_: int) -> int:
+        fed = self.cfg.federation
+        return fed.local_steps + (fed.warmup_steps if round_ == 1 else 0)
+
+    def step_at_end(self, round_: int) -> int:
+        fed = self.cfg.federation
+        return 0 if round_ == 0 else fed.warmup_steps + round_ * fed.local_steps
+
+    def is_eval_round(self, r: int) -> bool:
+        return r % self.cfg.run.eval_every == 0 or r == self.cfg.federation.rounds
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> None:
+        fed = self.cfg.federation
+        self.join()
+        if resume:
+            start = self.restore() + 1
+            self.console.print(f"[bold]resuming[/] {self.files.run_dir} after round {start - 1}")
+        else:
+            log_start(self.files, self.cfg, self.n)
+            self.evaluate(0)
+            self.checkpoint(0)
+            start = 1
+        total = sum(self.steps_in_round(r) for r in range(start, fed.rounds + 1)) * self.n
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("training", total=total)
+            for r in range(start, fed.rounds + 1):
+                self.run_round(r, progress, task)
+        self.files.log(
+            {"type": "run", "event": "end", "strategy": self.cfg.strategy.name, "time": time.time()}
+        )
+
+    def run_round(self, r: int, progress: Progress, task: Any) -> None:
+        t0 = time.perf_counter()
+        self.dropped = set()
+
+        def shown(client: int, loss: float) -> None:
+            progress.update(
+                task, advance=1, description=f"round {r} · {client_name(client)} · loss {loss:.3f}"
+            )
+
+        train_loss, round_start = self.train(r, shown)
+        t_train = time.perf_counter() - t0
+        self.aggregate(r, round_start)
+        mean_ppl = self.evaluate(r) if self.is_eval_round(r) else None
+        wall = time.perf_counter() - t0
+        self.files.log(
+            {
+                "type": "round",
+                "round": r,
+                "step": self.step_at_end(r),
+                "wall_s": wall,
+                "train_s": t_train,
+                "mean_val_ppl": mean_ppl,
+                "participants": self.active(),
+            }
+        )
+        text = f"train loss {train_loss:.3f}"
+        text += f"  mean val ppl {mean_ppl:.2f}" if mean_ppl is not None else ""
+        progress.console.print(
+            f"round {r}/{self.cfg.federation.rounds}  step {self.step_at_end(r)}  {text}  ({wall:.1f}s)"
+        )
+        self.checkpoint(r)
+
+    # ---- membership -----------------------------------------------------------------------------------
+    def join(self) -> None:
+        replies = self.clients.describe()
+        self.joined = dict(sorted(replies.ok.items()))
+        self.note_failures(0, "connect", replies)
+
+    def active(self) -> list[int]:
+        """The clients in the round in progress: joined and not dropped from it."""
+        return [i for i in self.joined if i not in self.dropped]
+
+    def note_failures(self, r: int, phase: str, replies: Replies[Any]) -> None:
+        """Log every client that gave no answer, drop it from this round, stop if too few are left."""
+        for i, reason in sorted(replies.failed.items()):
+            self.dropped.add(i)
+            guard.log_dropped(self.files.log, r, i, reason, phase)
+            self.console.print(f"[yellow]client {i} dropped from round {r} ({phase}):[/] {reason}")
+        guard.require(self.cfg, self.files.log, r, len(self.active()), self.n, "answered")
+
+    # ---- phases ---------------------------------------------------------------------------------------
+    def train(self, r: int, on_step: Callable[[int, float], None]) -> tuple[float, list[AdapterState]]:
+        """Every active client trains its adapter; their uploads replace the loop's copies for now."""
+        round_start = list(self.adapters)
+        replies = self.clients.train(
+            r, {i: self.adapters[i] for i in self.active()}, self.steps_in_round(r), on_step
+        )
+        self.note_failures(r, "train", replies)
+        losses = []
+        for i, up in sorted(replies.ok.items()):
+            self.adapters[i] = up.adapter
+            m = up.metrics
+            losses.append(float(m["loss"]))
+            self.files.log(
+                {
+                    "type": "train",
+                    "round": r,
+                    "client": i,
+                    "step": self.step_at_end(r),
+                    "loss": m["loss"],
+                    "last_loss": m["last_loss"],
+                    "lr": m["lr"],
+                    "tokens_per_s": m["tokens_per_s"],
+                }
+            )
+        return sum(losses) / max(1, len(losses)), round_start
+
+    def gather_evidence(self, r: int, members: list[int]) -> tuple[list[int], TrustEvidence]:
+        """What the strategy needs about `members`, from those still in the round; returns them and it."""
+        s = self.cfg.strategy
+        need = REQUIRED_EVIDENCE[s.name]
+        sent = [i for i in members if i in self.active()]
+        rows: dict[int, list[float]] | None = None
+        predictions: dict[int, Prediction] | None = None
+        if "perplexity" in need:
+            replies = self.clients.evaluate_peers(r, {i: self.adapters[i] for i in sent}, s.val_batches)
+            self.note_failures(r, "evidence", replies)
+            rows = replies.ok
+        if "prediction_distance" in need:
+            bs = self.cfg.train.eval_batch_size
+            got = self.clients.predict(
+                r, {i: self.adapters[i] for i in sent}, s.public_batches, bs, s.logits_topk
+            )
+            self.note_failures(r, "evidence", got)
+            predictions = got.ok
+        members = [i for i in sent if i in self.active()]
+        ev = TrustEvidence(n_clients=len(members))
+        if "adapters" in need:
+            ev.adapters = [self.adapters[i] for i in members]
+        if rows is not None:
+            column = {j: c for c, j in enumerate(sent)}
+            ev.perplexity = torch.tensor(
+                [[rows[i][column[j]] for j in members] for i in members], dtype=torch.float32
+            )
+        if predictions is not None:
+            ev.prediction_distance = prediction_distance([predictions[i] for i in members], s.logits_topk)
+        if "mixtures" in need:
+            ev.mixtures = label_mixtures([self.joined[i] for i in members])
+        return members, ev
+
+    def aggregate(self, r: int, round_start: list[AdapterState]) -> None:
+        """Screen the uploads, mix the accepted ones; the others keep their round-start adapter."""
+        answered = self.active()
+        uploads = [self.adapters[i] for i in answered]
+        for i in answered:  # a rejected update is discarded: start from the round's adapter
+            self.adapters[i] = round_start[i]
+
+        def evidence(accepted: list[int], adapters: list[AdapterState]) -> tuple[list[int], TrustEvidence]:
+            for i, state in zip(accepted, adapters, strict=True):  # evidence is taken on what was uploaded
+                self.adapters[i] = state
+            return self.gather_evidence(r, accepted)
+
+        mixed = self.pipeline.personalized(
+            r, self.n, answered, uploads, [round_start[i] for i in answered], evidence
+        )
+        for i, state in zip(mixed.members, mixed.adapters, strict=True):
+            self.adapters[i] = state
+        full = torch.eye(self.n)  # clients left out keep their own adapter: identity rows
+        if mixed.members:
+            idx = torch.tensor(mixed.members)
+            full[idx.unsqueeze(1), idx.unsqueeze(0)] = mixed.trust.to(full.dtype)
+        self.files.log(
+            {
+                "type": "trust",
+                "round": r,
+                "step": self.step_at_end(r),
+                "strategy": self.cfg.strategy.name,
+                "aggregator": self.cfg.robustness.aggregator,
+                "matrix": [[round(float(x), 6) for x in row] for row in full],
+                "participants": mixed.members,
+            }
+        )
+
+    def evaluate(self, r: int) -> float:
+        """Each active client's validation loss and perplexity; returns their mean perplexity."""
+        replies = self.clients.evaluate(r, {i: self.adapters[i] for i in self.active()})
+        self.note_failures(r, "evaluate", replies)
+        ppls = []
+        for i, m in sorted(replies.ok.items()):
+            ppls.append(float(m["ppl"]))
+            self.files.log(
+                {
+                    "type": "eval",
+                    "round": r,
+                    "step": self.step_at_end(r),
+                    "client": i,
+                    "split": "val",
+                    "loss": m["loss"],
+                    "ppl": m["ppl"],
+                    "acc": m["acc"],
+                    "tokens": int(m["tokens"]),
+                }
+            )
+        return sum(ppls) / max(1, len(ppls))
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def checkpoint(self, r: int) -> None:
+        writers = {
+            client_name(i): (lambda d, s=state: self.save_adapter(s, d))
+            for i, state in enumerate(self.adapters)
+        }
+        state = {
+            "step": self.step_at_end(r),
+            "clients": self.clients.state_dict(),
+            "participants": self.active(),
+        }
+        self.files.checkpoint(r, writers, state)
+
+    def restore(self) -> int:
+        r, path, state = self.files.resume()
+        device = self.adapters[0][next(iter(self.adapters[0]))].device
+        self.adapters = [
+            {k: v.to(device) for k, v in load_adapter(path / client_name(i)).items()} for i in range(self.n)
+        ]
+        self.clients.load_state_dict(state["clients"])
+        return r

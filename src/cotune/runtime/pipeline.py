@@ -1,0 +1,191 @@
+"""The aggregation point, built once from the config: screening, clipping, DP noise, the aggregator.
+
+Both families' round loops call one `AggregationPipeline` whatever transport carried the uploads:
+`personalized` (trust-weighted mixing, SPEC B) and `fedavg` (FedCoLLM's step 3, SPEC A). What the
+config switches on (robustness.max_update_norm, privacy.clip_norm / noise_multiplier,
+robustness.aggregator) is decided here, not by flags tested inside the loops.
+
+* Screening (`cotune.algorithms.robust`): an upload with NaN/Inf, wrong keys or shapes, or an update
+  larger than `robustness.max_update_norm` is rejected and logged as
+  `{"type": "fault", "event": "update_rejected", "client", "reason"}`.
+* Client-level DP: every accepted update is clipped to `privacy.clip_norm`; Gaussian noise goes on
+  the mean (fedavg, where one draw covers everyone) or on each upload (trust mixing, where clients
+  take different weighted sums); epsilon is logged after each aggregation.
+* `require`: too few accepted uploads stops the run cleanly (`guard.TooFewClients`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cotune.algorithms.fedcollm import aggregate_slm, fedavg_weights
+from cotune.algorithms.personalized import TrustEvidence, aggregate
+from cotune.algorithms.privacy import add_gaussian_noise, clip_uploads, epsilon_spent, noise_std
+from cotune.algorithms.robust import screen_updates
+from cotune.config.schema import ExperimentConfig
+from cotune.runtime import guard
+from cotune.runtime.guard import Log
+from cotune.state import AdapterState
+
+# evidence(accepted, adapters) -> (the members it could be gathered from, evidence about them)
+Evidence = Callable[[list[int], list[AdapterState]], tuple[list[int], TrustEvidence]]
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """A personalized aggregation: its members, the trust matrix among them and their new adapters."""
+
+    members: list[int]
+    trust: torch.Tensor
+    adapters: list[AdapterState]
+
+
+class AggregationPipeline:
+    """Screen -> clip -> noise -> aggregate, as the config says; one object per run."""
+
+    def __init__(self, cfg: ExperimentConfig, log: Log) -> None:
+        self.cfg, self.log = cfg, log
+        self.privacy = cfg.privacy
+        self.robustness = cfg.robustness
+
+    # ---- the shared front: screening and clipping ---------------------------------------------------
+    def screen(
+        self,
+        round_: int,
+        clients: Sequence[int],
+        uploads: Sequence[Mapping[str, torch.Tensor]],
+        references: Sequence[Mapping[str, torch.Tensor]],
+        n_clients: int,
+    ) -> tuple[list[int], list[AdapterState]]:
+        """The clients whose upload is accepted and their uploads (DP-clipped when privacy is on)."""
+        positions, rejected = screen_updates(uploads, references, self.robustness.max_update_norm)
+        for pos, reason in rejected:
+            self.log(
+                {
+                    "type": "fault",
+                    "event": "update_rejected",
+                    "round": round_,
+                    "phase": "aggregate",
+                    "client": clients[pos],
+                    "reason": reason,
+                    "time": time.time(),
+                }
+            )
+        accepted = [clients[p] for p in positions]
+        kept = [dict(uploads[p]) for p in positions]
+        p = self.privacy
+        if p.enabled and kept:
+            assert p.clip_norm is not None
+            kept, norms = clip_uploads(kept, [references[q] for q in positions], p.clip_norm)
+            self.log(
+                {
+                    "type": "privacy",
+                    "event": "clip",
+                    "round": round_,
+                    "clients": accepted,
+                    "update_norms": [round(x, 6) for x in norms],
+                    "clipped": sum(x > p.clip_norm for x in norms),
+                    "clip_norm": p.clip_norm,
+                }
+            )
+        guard.require(
+            self.cfg, self.log, round_, len(accepted), n_clients, "sent an acceptable update", default=1
+        )
+        return accepted, kept
+
+    # ---- personalized: trust mixing ------------------------------------------------------------------
+    def personalized(
+        self,
+        round_: int,
+        n_clients: int,
+        clients: Sequence[int],
+        uploads: Sequence[Mapping[str, torch.Tensor]],
+        references: Sequence[Mapping[str, torch.Tensor]],
+        evidence: Evidence,
+    ) -> Mixed:
+        """Screen and clip, add DP noise, gather the strategy's evidence on what was uploaded, mix.
+
+        A client left out (rejected, or lost while the evidence was gathered) keeps its own adapter:
+        that is the caller's business.
+        """
+        accepted, adapters = self.screen(round_, clients, uploads, references, n_clients)
+        central = self.cfg.strategy.name == "fedavg"  # a mean: one noise draw on it; else one per upload
+        if self.privacy.enabled and not central:
+            adapters = [self.noise(round_, a, 1.0, stream=i) for i, a in zip(accepted, adapters, strict=True)]
+        members, ev = evidence(accepted, adapters)
+        kept = [adapters[accepted.index(i)] for i in members]
+        rob = self.robustness
+        trust, mixed = aggregate(self.cfg.strategy, kept, ev, rob.aggregator, rob.trim_fraction)
+        if self.privacy.enabled and central:
+            noised = self.noise(round_, mixed[0], 1.0 / len(mixed))
+            mixed = [{k: v.clone() for k, v in noised.items()} for _ in mixed]
+        if self.privacy.enabled:
+            where = "central: on the mean of clipped updates" if central else "on each clipped upload"
+            self.log_spent(round_, where)
+        return Mixed(members, trust, mixed)
+
+    # ---- FedCoLLM: the FedAvg step -------------------------------------------------------------------
+    def fedavg(
+        self,
+        round_: int,
+        n_clients: int,
+        clients: Sequence[int],
+        uploads: Sequence[Mapping[str, torch.Tensor]],
+        reference: Mapping[str, torch.Tensor],
+        sizes: Sequence[int],
+        check: Callable[[Mapping[str, torch.Tensor]], None],
+    ) -> AdapterState:
+        """Screen the uploads against the broadcast theta, then the (weighted, robust, private) mean.
+
+        `sizes[k]` is client k's n_k; `check` refuses an accepted upload that is not the SLM adapter.
+        """
+        accepted, kept = self.screen(round_, clients, uploads, [reference] * len(clients), n_clients)
+        for u in kept:
+            check(u)
+        weights = [sizes[k] for k in accepted]
+        weighting, rob = self.cfg.federation.weighting, self.robustness
+        averaged = aggregate_slm(kept, weights, weighting, rob.aggregator, rob.trim_fraction)
+        if self.privacy.enabled:
+            w = fedavg_weights(weights, weighting)
+            averaged = self.noise(round_, averaged, max(w) / sum(w))
+            self.log_spent(round_, "central: on the (weighted) mean of clipped updates")
+        return averaged
+
+    # ---- differential privacy ------------------------------------------------------------------------
+    def generator(self, round_: int, stream: object = 0) -> torch.Generator:
+        seed = self.privacy.seed
+        if seed is None:
+            return torch.Generator().manual_seed(secrets.randbits(63))
+        return guard.generator("privacy", seed, round_, stream)
+
+    def noise(
+        self, round_: int, state: Mapping[str, torch.Tensor], max_weight: float, stream: object = 0
+    ) -> AdapterState:
+        """state + N(0, (noise_multiplier * clip_norm * max_weight)^2): the Gaussian mechanism on a sum."""
+        p = self.privacy
+        assert p.clip_norm is not None
+        std = noise_std(p.clip_norm, p.noise_multiplier, max_weight)
+        return add_gaussian_noise(state, std, self.generator(round_, stream))
+
+    def log_spent(self, round_: int, noise: str) -> None:
+        """Epsilon after `round_` aggregations at privacy.delta (q = 1: every client asked every round)."""
+        p = self.privacy
+        eps = epsilon_spent(p.noise_multiplier, 1.0, round_, p.delta)
+        self.log(
+            {
+                "type": "privacy",
+                "event": "spent",
+                "round": round_,
+                "epsilon": eps if eps != float("inf") else None,
+                "delta": p.delta,
+                "noise_multiplier": p.noise_multiplier,
+                "clip_norm": p.clip_norm,
+                "sample_rate": 1.0,
+                "noise": noise,
+            }
+        )

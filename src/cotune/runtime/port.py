@@ -1,0 +1,104 @@
+"""The clients port: what a round loop asks of its clients, whatever carries the messages.
+
+The loops of both families (`runtime.personalized`, `runtime.fedcollm`) are written once against
+`Clients`; its implementations only move state and messages: `runtime.inprocess.InProcessClients`
+(simulated clients around one shared base model) and `runtime.flower.clients.FlowerClients`
+(one message per SuperNode). The loop owns every adapter it sends; a client answers with what it
+computed, or fails (raised, timed out, disconnected) and is named in `Replies.failed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+
+from cotune.state import AdapterState
+
+T = TypeVar("T")
+
+# Per public batch, the top-k logits of one client: (values, indices), each (batch, seq, k).
+TopK = list[tuple[torch.Tensor, torch.Tensor]]
+OnStep = Callable[[int, float], None]  # (client, loss) after each local optimizer step
+
+
+@dataclass
+class Replies(Generic[T]):
+    """The answers of one exchange by client index, and why the others gave none."""
+
+    ok: dict[int, T] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A client's answer to `train`: its adapter after local training, and how training went."""
+
+    adapter: AdapterState
+    metrics: Mapping[str, float]
+
+
+@dataclass
+class TrainReplies(Replies[Upload]):
+    """`train`'s answers; `mean` is set when the transport aggregated securely (SecAgg+) instead."""
+
+    mean: AdapterState | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A client's top-k logits on the shared public batches, the vocabulary size, and a set digest."""
+
+    topk: TopK
+    vocab: int
+    public_hash: str
+
+
+class Clients(Protocol):
+    """The operations the round loops need; see InProcessClients and FlowerClients."""
+
+    @property
+    def n(self) -> int: ...
+
+    def describe(self) -> Replies[dict[str, Any]]:
+        """Who takes part: each client's description (examples, windows, label mixture)."""
+        ...
+
+    def train(
+        self,
+        round_: int,
+        adapters: Mapping[int, AdapterState],
+        steps: int | None,
+        on_step: OnStep | None = None,
+        secure_weights: Mapping[int, float] | None = None,
+    ) -> TrainReplies:
+        """Client i adopts adapters[i] and trains `steps` local steps (None: its own round budget).
+
+        `secure_weights`, where the transport supports secure aggregation, asks for the weighted mean
+        of the uploads instead of the uploads themselves (`TrainReplies.mean`).
+        """
+        ...
+
+    def evaluate(self, round_: int, adapters: Mapping[int, AdapterState]) -> Replies[dict[str, float]]:
+        """Client i evaluates adapters[i] on its own validation data."""
+        ...
+
+    def evaluate_peers(
+        self, round_: int, adapters: Mapping[int, AdapterState], val_batches: int
+    ) -> Replies[list[float]]:
+        """Client i's row of P: the perplexity of every given adapter (in key order) on its data."""
+        ...
+
+    def predict(
+        self, round_: int, adapters: Mapping[int, AdapterState], batches: int, batch_size: int, k: int
+    ) -> Replies[Prediction]:
+        """Client i's top-k logits with adapters[i] on the shared public reference set."""
+        ...
+
+    def state_dict(self) -> list[dict[str, Any]] | None:
+        """The clients' trainer states for a checkpoint; None where they live elsewhere (SuperNodes)."""
+        ...
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None: ...

@@ -1,0 +1,246 @@
+"""Setup shared by the orchestrator and the transports: seeding, device and model, the federated
+data or task, the adapter pools, and the ClientWork of each client.
+
+The in-process simulation and a Flower SuperNode build a client with the same functions here, and
+the FedCoLLM server is built the same way in one process and in a ServerApp, so both transports
+start from the same initial adapters and trainer states.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from rich.console import Console
+from transformers import PreTrainedTokenizerBase
+
+from cotune.algorithms.attacks import garbage_tokens
+from cotune.algorithms.fedcollm import PLANS, distill_batches, local_steps
+from cotune.config.schema import ExperimentConfig, ModelConfig
+from cotune.data.task_data import EncodedSet, TaskData, build_task_data
+from cotune.data.windows import ClientData, FederatedData, build_federated_data
+from cotune.models.compat import check_same_tokenizer
+from cotune.models.loader import load_base_model, resolve_device, resolve_dtype
+from cotune.models.lora import AdapterPool
+from cotune.runtime import guard
+from cotune.runtime.client import ClientWork
+from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER, Server
+from cotune.runtime.rundir import client_name
+from cotune.training.learner import Learner
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(
+    cfg: ExperimentConfig,
+    model: ModelConfig | None = None,
+    console: Console | None = None,
+    device: torch.device | None = None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, torch.device]:
+    """`model` (default: cfg.model) on the configured device and dtype, after seeding the run."""
+    console = console or Console(stderr=True)
+    model = model or cfg.model
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
+    device = device or resolve_device(cfg.device)
+    dtype = resolve_dtype(model.dtype, device)
+    with console.status(f"loading model {model.name} on {device} ({dtype})"):
+        base, tokenizer = load_base_model(model, device, dtype)
+    n_params = sum(p.numel() for p in base.parameters())
+    console.print(f"model {model.name}: {n_params / 1e6:.1f}M parameters on {device} ({dtype})")
+    return base, tokenizer, device
+
+
+def needs_llm(cfg: ExperimentConfig) -> bool:
+    """Whether this run loads the server's LLM (zero_shot scores it too, when configured)."""
+    return cfg.llm is not None and (PLANS[cfg.algorithm].uses_llm or cfg.algorithm == "zero_shot")
+
+
+# ---- personalized -------------------------------------------------------------------------------------
+def load_windows(
+    cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, console: Console
+) -> FederatedData:
+    with console.status("building client datasets"):
+        data = build_federated_data(cfg.data, cfg.federation.clients, tokenizer, cfg.run.seed)
+    for i, c in enumerate(data.clients):
+        labels = ", ".join(f"{k}:{v}" for k, v in sorted(c.label_counts.items()))
+        console.print(f"  client {i}: {len(c.train)} train / {len(c.val)} val windows  ({labels})")
+    console.print(f"  public reference set: {len(data.public)} windows of {cfg.data.seq_len} tokens")
+    return data
+
+
+def adapter_pool(cfg: ExperimentConfig, base: torch.nn.Module, names: list[str] | None = None) -> AdapterPool:
+    """Adapters `names` (default: one per client) on one base, seeded: every transport starts from the
+    same LoRA initialisation."""
+    seed_everything(cfg.run.seed)
+    return AdapterPool(base, cfg.lora, names or [client_name(i) for i in range(cfg.federation.clients)])
+
+
+def personalized_work(
+    cfg: ExperimentConfig,
+    index: int,
+    pool: AdapterPool,
+    data: ClientData,
+    public: Callable[[], torch.Tensor],
+    device: torch.device,
+    info: dict,
+    slot: str | None = None,
+) -> ClientWork:
+    """Client `index` of personalized fine-tuning: its windows, its learner, its description."""
+    train = data.train
+    if is_garbage_attacker(cfg, index):  # a simulated attacker trains on random tokens
+        vocab = pool.model.get_input_embeddings().num_embeddings
+        train = garbage_tokens(train, vocab, guard.generator("garbage", cfg.run.seed, index))
+    tcfg = cfg.train
+    learner = Learner(
+        pool,
+        slot or client_name(index),
+        train,
+        tcfg,
+        cfg.federation.total_steps,
+        cfg.run.seed * 1000 + index,
+        device,
+    )
+    info = {"train_windows": len(data.train), "val_windows": len(data.val), **info}
+    return ClientWork(
+        index, learner, val=data.val, public=public, eval_batch_size=tcfg.eval_batch_size, info=info
+    )
+
+
+def personalized_works(
+    cfg: ExperimentConfig, pool: AdapterPool, data: FederatedData, device: torch.device
+) -> list[ClientWork]:
+    """Every client of the federated split as a ClientWork on `pool`'s slots."""
+    if len(data.clients) != cfg.federation.clients:
+        raise ValueError(f"data has {len(data.clients)} clients, config asks for {cfg.federation.clients}")
+    return [
+        personalized_work(
+            cfg,
+            i,
+            pool,
+            c,
+            lambda: data.public,
+            device,
+            {"label_names": list(data.label_names), "mixture": [float(x) for x in data.mixtures[i]]},
+        )
+        for i, c in enumerate(data.clients)
+    ]
+
+
+def is_garbage_attacker(cfg: ExperimentConfig, index: int) -> bool:
+    a = cfg.simulation.attack
+    return a.kind == "garbage_data" and index in a.clients
+
+
+# ---- FedCoLLM family ----------------------------------------------------------------------------------
+def load_task(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, console: Console) -> TaskData:
+    assert cfg.task is not None
+    with console.status("building the task splits"):
+        task = build_task_data(cfg.task, cfg.federation.clients, tokenizer, cfg.run.seed)
+    sizes = ", ".join(str(n) for n in task.client_sizes)
+    console.print(f"  task: {len(task.public)} public, clients [{sizes}], {len(task.test)} test examples")
+    return task
+
+
+def load_fedcollm_models(
+    cfg: ExperimentConfig, console: Console, with_llm: bool
+) -> tuple[torch.nn.Module, torch.nn.Module | None, PreTrainedTokenizerBase, torch.device]:
+    """The SLM base and, when asked, the LLM base (checked to share the SLM's tokenizer)."""
+    slm_base, tokenizer, device = load_model(cfg, console=console)
+    llm_base = None
+    if with_llm:
+        assert cfg.llm is not None
+        llm_base, llm_tokenizer, _ = load_model(cfg, cfg.llm.model, console)
+        check_same_tokenizer(tokenizer, llm_tokenizer, (cfg.model.name, cfg.llm.model.name))
+    return slm_base, llm_base, tokenizer, device
+
+
+def client_budget(cfg: ExperimentConfig, n_examples: int) -> int:
+    fed, t = cfg.federation, cfg.train
+    return local_steps(fed.local_epochs, fed.local_steps, n_examples, t.batch_size, t.grad_accum)
+
+
+def fedcollm_pools(
+    cfg: ExperimentConfig, slm_base: torch.nn.Module, llm_base: torch.nn.Module | None
+) -> tuple[AdapterPool, AdapterPool | None]:
+    """The SLM pool (a slot per client, then theta) and the LLM pool (omega), seeded as every
+    transport seeds them: the LLM's LoRA init depends on how many SLM adapters were made first."""
+    seed_everything(cfg.run.seed)
+    names = [client_name(i) for i in range(cfg.federation.clients)] + [SERVER]
+    slm = AdapterPool(slm_base, cfg.lora, names)
+    llm = None
+    if llm_base is not None and needs_llm(cfg):
+        assert cfg.llm is not None
+        llm = AdapterPool(llm_base, cfg.llm.lora, [LLM_ADAPTER])
+    return slm, llm
+
+
+def fedcollm_work(
+    cfg: ExperimentConfig, index: int, pool: AdapterPool, data: EncodedSet, device: torch.device, vocab: int
+) -> ClientWork:
+    """Client `index` of the FedCoLLM family: its SLM slot, its private set D_k, its own budget."""
+    if is_garbage_attacker(cfg, index):  # a simulated attacker trains on random answers
+        ids = garbage_tokens(
+            data.input_ids, vocab, guard.generator("garbage", cfg.run.seed, index), mask=data.attention_mask
+        )
+        data = EncodedSet(ids, data.attention_mask, torch.where(data.labels != -100, ids, data.labels))
+    budget = client_budget(cfg, len(data))
+    learner = Learner(
+        pool,
+        client_name(index),
+        data,
+        cfg.train,
+        budget * cfg.federation.rounds,
+        cfg.run.seed * 1000 + index,
+        device,
+    )
+    return ClientWork(index, learner, budget=budget, info={"examples": len(data)})
+
+
+def fedcollm_works(
+    cfg: ExperimentConfig, slm: AdapterPool, task: TaskData, device: torch.device, vocab: int
+) -> list[ClientWork]:
+    """Every client of the task split as a ClientWork on the SLM pool's client slots."""
+    return [fedcollm_work(cfg, k, slm, data, device, vocab) for k, data in enumerate(task.clients)]
+
+
+def fedcollm_server(
+    cfg: ExperimentConfig,
+    slm: AdapterPool,
+    llm: AdapterPool | None,
+    task: TaskData,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+) -> Server:
+    """The server's learners: theta on D_a, and omega on D_a (distillation) or on all data (centralized)."""
+    t, seed, rounds = cfg.train, cfg.run.seed, cfg.federation.rounds
+    batches = distill_batches(len(task.public), t.batch_size, cfg.distill.max_steps)
+    per_round = batches * cfg.distill.epochs
+    theta = Learner(
+        slm, SERVER, task.public, t, per_round * rounds, seed * 1000 + 999, device, accumulate=False
+    )
+    omega, central = None, sum(client_budget(cfg, len(d)) for d in task.clients)
+    if llm is not None:
+        llm_lr = cfg.llm.lr if cfg.llm is not None and cfg.llm.lr is not None else t.lr
+        lt = t.model_copy(update={"lr": llm_lr})
+        if PLANS[cfg.algorithm].central_llm:
+            omega = Learner(llm, LLM_ADAPTER, task.union, lt, central * rounds, seed * 1000 + 998, device)
+        else:
+            omega = Learner(
+                llm,
+                LLM_ADAPTER,
+                task.public,
+                lt,
+                per_round * rounds,
+                seed * 1000 + 999,
+                device,
+                accumulate=False,
+            )
+    return Server(slm, llm, theta, omega, tokenizer, central, batches)

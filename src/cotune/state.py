@@ -1,0 +1,18 @@
+"""The exchange unit of every method: an adapter's weights as a state dict (peft's saved-adapter keys).
+
+Defined once here, at the bottom of the package, so algorithms, models, training and transports
+all speak of the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+AdapterState = dict[str, torch.Tensor]
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes on the wire for a state dict (raw tensor data)."""
+    return sum(t.numel() * t.element_size() for t in state.values())

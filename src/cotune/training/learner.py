@@ -1,0 +1,104 @@
+"""One adapter under training: its slot in an AdapterPool, its AdamW + schedule, and its data cursor.
+
+Every adapter cotune trains is a Learner: a personalized client's LoRA, a FedCoLLM client's SLM
+adapter, and the FedCoLLM server's two (theta on D_a, the LLM's omega). One class, so the local
+step of every method and every transport is the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cotune.config.schema import TrainConfig
+from cotune.data.task_data import EncodedSet
+from cotune.data.windows import WindowSampler
+from cotune.models.lora import AdapterPool
+from cotune.training.loop import Batch, make_optimizer, make_scheduler, train_step
+
+# Token windows (language modelling, n x seq_len) or prompt/answer examples (answer-only loss).
+TrainData = torch.Tensor | EncodedSet
+
+
+def micro_batches(
+    data: TrainData, indices: torch.Tensor, batch_size: int, device: torch.device | str
+) -> tuple[list[Batch], int]:
+    """The rows `indices` of `data` on `device`, split into micro-batches; and the tokens they hold."""
+    if isinstance(data, torch.Tensor):
+        ids = data[indices].to(device)
+        return list(ids.split(batch_size)), ids.numel()
+    parts = [data.batch(part, device) for part in indices.split(batch_size)]
+    return list(parts), sum(int(b["attention_mask"].sum()) for b in parts)
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """What `Learner.train` did: one loss per optimizer step, tokens seen, seconds taken."""
+
+    losses: list[float]
+    tokens: int
+    seconds: float
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / max(1, len(self.losses))
+
+
+class Learner:
+    """An adapter slot with its optimizer, schedule and data cursor (a WindowSampler)."""
+
+    def __init__(
+        self,
+        pool: AdapterPool,
+        slot: str,
+        data: TrainData,
+        train: TrainConfig,
+        total_steps: int,
+        seed: int,
+        device: torch.device | str,
+        accumulate: bool = True,
+    ) -> None:
+        self.pool, self.slot, self.data, self.cfg, self.device = pool, slot, data, train, device
+        self.optimizer = make_optimizer(pool.parameters(slot), train)
+        self.scheduler = make_scheduler(self.optimizer, max(1, total_steps), train)
+        per_step = train.batch_size * (train.grad_accum if accumulate else 1)
+        self.sampler = WindowSampler(len(data), per_step, seed)
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def next_batches(self) -> tuple[list[Batch], int]:
+        """The micro-batches of the next optimizer step (and their tokens), from the data cursor."""
+        return micro_batches(self.data, self.sampler.next_indices(), self.cfg.batch_size, self.device)
+
+    def train(self, steps: int, on_step: Callable[[float], None] | None = None) -> StepLog:
+        """`steps` optimizer steps of this adapter on its own data."""
+        self.pool.activate(self.slot)
+        losses: list[float] = []
+        tokens, t0 = 0, time.perf_counter()
+        for _ in range(steps):
+            batches, n = self.next_batches()
+            losses.append(
+                train_step(self.pool.model, batches, self.optimizer, self.scheduler, self.cfg.max_grad_norm)
+            )
+            tokens += n
+            if on_step is not None:
+                on_step(losses[-1])
+        return StepLog(losses, tokens, time.perf_counter() - t0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
