@@ -122,7 +122,7 @@ def main() -> None:
     n_test = None
     for r in runs:
         for recs in r.mc.get("slm", {}).values():
-            n_test = n_test or next((x["n"] for x in recs if x.get("n")), None)
+            n_test = n_test or next((x.n for x in recs if x.n), None)
     threads = cfg.get("run", {}).get("threads") or "default"
     import torch
 

@@ -19,6 +19,14 @@ WORDS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def node_state_in_tmp(tmp_path_factory, monkeypatch) -> Path:
+    """SuperNodes keep their trainer states under XDG_STATE_HOME: a temporary one, never the home dir."""
+    root = tmp_path_factory.mktemp("xdg-state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """Four labels, each a directory of small text files with its own vocabulary."""

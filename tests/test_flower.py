@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import tomllib
 import uuid
 from collections.abc import Callable, Iterable
@@ -46,9 +47,10 @@ from cotune.runtime.flower.deploy import (
     write_app_dir,
 )
 from cotune.runtime.flower.node import NodeSettings, node_config
-from cotune.runtime.flower.server_app import experiment_config, prepare_run_dir, run_server
+from cotune.runtime.flower.node_state import NodeStateStore
+from cotune.runtime.flower.server_app import check_resumable, experiment_config, prepare_run_dir, run_server
 from cotune.runtime.personalized import dense_from_topk
-from cotune.runtime.rundir import is_flower_run
+from cotune.runtime.rundir import ResumeError, is_flower_run
 from cotune.training.loop import make_optimizer, make_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,15 +61,19 @@ ROOT = Path(__file__).resolve().parents[1]
 Fate = Callable[[int, Message], str | None]
 
 
+class ServerKilled(BaseException):
+    """Like SIGKILL for the ServerApp: nothing of it is caught, logged or cleaned up."""
+
+
 class InProcessGrid(Grid):
     """SuperNodes in this process: the real ClientApp, one Context (state) per node, no network."""
 
-    def __init__(self, n_nodes: int, fate: Fate | None = None) -> None:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    def __init__(self, n_nodes: int, fate: Fate | None = None, run_id: int = 7) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 1, 1
         # node ids deliberately unrelated to partition ids: the server must ask
         self.contexts = {
             9000 - 7 * i: Context(
-                run_id=7,
+                run_id=run_id,
                 node_id=9000 - 7 * i,
                 node_config={"partition-id": i, "num-partitions": n_nodes},
                 state=RecordDict(),
@@ -108,6 +114,8 @@ class InProcessGrid(Grid):
             fate = self.fate(index, msg)
             if fate == "silent":
                 continue
+            if fate == "server dies":
+                raise ServerKilled(f"the ServerApp was killed while sending {msg.metadata.message_type}")
             try:
                 if fate == "error":
                     raise RuntimeError("simulated ClientApp crash")
@@ -186,8 +194,9 @@ def test_optimizer_and_schedule_state_survive_the_trip(corpus_dir, tmp_path):
     lin, opt, sched = make()
     for _ in range(3):
         step(lin, opt, sched)
-    tensors, tree = p.pack_tree({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
-    state = p.unpack_tree(tensors, tree)
+    store = NodeStateStore(tmp_path / "nodes", "ab" * 8, 0)  # what a SuperNode keeps between rounds
+    store.save(1, {}, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+    _, state = store.load(1)
     lin2, opt2, sched2 = make()
     lin2.load_state_dict(lin.state_dict())
     opt2.load_state_dict(state["optimizer"])
@@ -271,13 +280,17 @@ def test_robust_and_private_fedavg_on_flower_match_the_embedded_runtime(corpus_d
     assert len(_records(flower, "privacy")) == len(_records(embedded, "privacy"))
 
 
-def test_each_node_keeps_its_optimizer_state_in_its_context(corpus_dir, tmp_path):
+def node_states(root: Path, client: int) -> list[Path]:
+    return sorted(root.glob(f"cotune/nodes/*/client-{client}/round-*.pt"))
+
+
+def test_each_node_keeps_its_optimizer_state_on_its_own_disk(corpus_dir, tmp_path, node_state_in_tmp):
     cfg = _cfg(corpus_dir, tmp_path, federation={"rounds": 1})
     grid = InProcessGrid(cfg.federation.clients)
     _run_flower_in_process(cfg, tmp_path / "run", grid)
-    for ctx in grid.contexts.values():
-        meta = ctx.state.config_records[p.STATE_META]
-        tree = p.unpack_tree(ctx.state.array_records[p.STATE_TENSORS], str(meta["tree"]))
+    for i in range(cfg.federation.clients):
+        (path,) = node_states(node_state_in_tmp, i)
+        tree = torch.load(path, weights_only=True)["trainer"]
         steps = {float(s["step"]) for s in tree["optimizer"]["state"].values()}
         assert steps == {cfg.federation.warmup_steps + cfg.federation.local_steps}
         assert tree["scheduler"]["last_epoch"] == cfg.federation.warmup_steps + cfg.federation.local_steps
@@ -291,6 +304,75 @@ def test_state_of_another_config_is_never_reused(corpus_dir, tmp_path):
     _run_flower_in_process(other, tmp_path / "b", grid)  # same nodes, same run id, other config
     (fresh,) = run_experiment(other, tmp_path / "embedded")
     assert max_adapter_diff(_adapters(fresh), _adapters(tmp_path / "b")) == 0.0
+
+
+# ---- resume ----------------------------------------------------------------------------------------
+def _killed_in_round(r: int) -> Fate:
+    return lambda i, msg: "server dies" if p.job_of(msg).round == r and i == 1 else None
+
+
+def _resume_in_process(cfg, run_dir: Path, grid: InProcessGrid) -> str:
+    return run_server(cfg, run_dir, grid, ServerSettings.from_config(cfg), say=lambda s: None, resume=True)
+
+
+@pytest.mark.parametrize("strategy", ["validation", "prediction"])
+def test_a_flower_run_resumes_after_the_server_died_with_the_uninterrupted_adapters(
+    corpus_dir, tmp_path, strategy
+):
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": strategy}, federation={"rounds": 3})
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    run_dir = tmp_path / "flower"
+    with pytest.raises(ServerKilled):  # in round 3, after some nodes trained it
+        _run_flower_in_process(cfg, run_dir, InProcessGrid(4, _killed_in_round(3)))
+    assert [r for r, _ in list_checkpoints(run_dir)] == [0, 1, 2]
+    # a resumed run is a new Flower run: fresh node contexts (empty memory), the nodes' own disks
+    assert _resume_in_process(cfg, run_dir, InProcessGrid(4, run_id=8)) == "completed"
+    assert max_adapter_diff(_adapters(embedded), _adapters(run_dir)) == 0.0
+    keys = ("round", "client", "loss", "ppl")
+    evals = [[{k: r[k] for k in keys} for r in _records(d, "eval")] for d in (embedded, run_dir)]
+    assert evals[0] == evals[1]  # round 3's half-written records were dropped, not doubled
+    assert [r["matrix"] for r in _records(embedded, "trust")] == [
+        r["matrix"] for r in _records(run_dir, "trust")
+    ]
+
+
+@pytest.mark.parametrize("algorithm", ["fedcollm", "standalone"])
+def test_a_fedcollm_flower_run_resumes_with_the_uninterrupted_adapters(task_file, tmp_path, algorithm):  # noqa: F811
+    cfg = config_from_dict(tree(task_file, tmp_path, algorithm, run={"threads": 1}, federation={"rounds": 3}))
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    run_dir = tmp_path / "flower"
+    with pytest.raises(ServerKilled):
+        _run_flower_in_process(cfg, run_dir, InProcessGrid(3, _killed_in_round(2)))
+    assert _resume_in_process(cfg, run_dir, InProcessGrid(3, run_id=8)) == "completed"
+    assert max_adapter_diff(_adapters(embedded, pattern="*"), _adapters(run_dir, pattern="*")) == 0.0
+
+
+def test_a_node_that_lost_its_state_is_dropped_not_restarted_silently(
+    corpus_dir, tmp_path, node_state_in_tmp
+):
+    cfg = _cfg(corpus_dir, tmp_path, federation={"rounds": 3})
+    run_dir = tmp_path / "flower"
+    with pytest.raises(ServerKilled):
+        _run_flower_in_process(cfg, run_dir, InProcessGrid(4, _killed_in_round(3)))
+    (lost,) = node_state_in_tmp.glob("cotune/nodes/*/client-2")
+    shutil.rmtree(lost)  # client 2's disk is gone
+    assert _resume_in_process(cfg, run_dir, InProcessGrid(4, run_id=8)) == "stopped"
+    (fault,) = _records(run_dir, "fault")
+    assert (fault["round"], fault["client"]) == (3, 2)
+    assert "no saved state for round 2" in fault["reason"]
+    assert [r for r, _ in list_checkpoints(run_dir)] == [0, 1, 2]  # nothing after the resumed round
+
+
+def test_only_a_flower_checkpoint_of_this_config_is_resumed_on_flower(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path, federation={"rounds": 1})
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    with pytest.raises(ResumeError, match="was not run on Flower"):
+        check_resumable(embedded, cfg)
+    flower = tmp_path / "flower"
+    _run_flower_in_process(cfg, flower, InProcessGrid(4))
+    other = _cfg(corpus_dir, tmp_path, federation={"rounds": 1}, train={"lr": 5e-3})
+    with pytest.raises(ResumeError, match="different config"):
+        check_resumable(flower, other)
 
 
 # ---- faults ----------------------------------------------------------------------------------------
@@ -442,7 +524,12 @@ def test_outcome_reads_the_marker_line_of_a_remote_run(tmp_path):
 
 # ---- FedCoLLM ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("algorithm", ["fedcollm", "fedavg", "standalone"])
-def test_fedcollm_family_on_flower_gives_the_embedded_results_bit_for_bit(task_file, tmp_path, algorithm):  # noqa: F811
+def test_fedcollm_family_on_flower_gives_the_embedded_results_bit_for_bit(
+    task_file,  # noqa: F811
+    tmp_path,
+    algorithm,
+    node_state_in_tmp,
+):
     cfg = config_from_dict(tree(task_file, tmp_path, algorithm, run={"threads": 1}))
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
     grid = InProcessGrid(cfg.federation.clients)
@@ -463,9 +550,9 @@ def test_fedcollm_family_on_flower_gives_the_embedded_results_bit_for_bit(task_f
     # only training travels: one describe and one train message per client and round, no LLM anywhere
     assert sorted({t for _, t in grid.sent}) == [p.DESCRIBE, p.TRAIN]
     assert sum(t == p.TRAIN for _, t in grid.sent) == cfg.federation.clients * cfg.federation.rounds
-    for ctx in grid.contexts.values():
-        for key in ctx.state.array_records:
-            assert "server" not in key
+    for i in range(cfg.federation.clients):  # what each node keeps: its SLM adapter, nothing of the server's
+        saved = torch.load(node_states(node_state_in_tmp, i)[-1], weights_only=True)
+        assert saved["adapter"].keys() == ours["client-00"].keys()
 
 
 def test_fedcollm_nodes_hold_the_slm_only_and_refuse_other_payloads(task_file, tmp_path):  # noqa: F811
@@ -509,7 +596,7 @@ def test_server_only_algorithms_are_not_sent_to_supernodes(task_file, tmp_path):
 
 
 # ---- the command line ----------------------------------------------------------------------------------
-def test_cli_backend_flower_runs_reports_and_refuses_resume(corpus_dir, tmp_path, monkeypatch):
+def test_cli_backend_flower_runs_reports_and_resumes_on_flower(corpus_dir, tmp_path, monkeypatch):
     """`cotune run CONFIG --backend flower`: the CLI hands the config to run_flower, whose federation is
     replaced by the in-process grid here (the real processes: tests/integration/test_flower_local.py)."""
     import yaml
@@ -524,7 +611,8 @@ def test_cli_backend_flower_runs_reports_and_refuses_resume(corpus_dir, tmp_path
         calls.append(kwargs)
         for run_dir, cfg in runs:
             grid = InProcessGrid(cfg.federation.clients)
-            run_server(cfg, run_dir, grid, ServerSettings.from_config(cfg), say=lambda s: None)
+            settings = ServerSettings.from_config(cfg)
+            run_server(cfg, run_dir, grid, settings, say=lambda s: None, resume=kwargs.get("resume", False))
             check_outcome(run_dir)
 
     monkeypatch.setattr(deploy, "run_on_flower", fake_run_on_flower)
@@ -541,9 +629,12 @@ def test_cli_backend_flower_runs_reports_and_refuses_resume(corpus_dir, tmp_path
     def said(result) -> str:  # rich wraps long lines
         return " ".join(result.output.split())
 
-    result = runner.invoke(app, ["run", "--resume", str(out)])
-    assert result.exit_code == 2 and "is a Flower run: it cannot be resumed" in said(result)
-    assert runner.invoke(app, ["run", "--resume", str(out), "--backend", "flower"]).exit_code == 2
+    calls.clear()  # a Flower run resumes on Flower, with the options given
+    result = runner.invoke(app, ["run", "--resume", str(out), "--superlink", "10.0.0.1:8000"])
+    assert result.exit_code == 0, result.output
+    assert calls == [
+        {"superlink": "10.0.0.1:8000", "root_certificates": None, "connect_timeout": 120.0, "resume": True}
+    ]
 
     def stopped(runs, console, **kwargs):
         raise FlowerRunError(

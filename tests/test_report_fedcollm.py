@@ -175,7 +175,7 @@ def test_load_run_reads_mc_and_comm(family: dict[str, Path]) -> None:
     assert run.algorithm == "standalone" and run.is_cotuning
     assert run.label == "standalone"  # the algorithm, not a strategy
     assert sorted(run.mc) == ["llm", "slm"]
-    assert [r["client"] for r in run.mc["slm"][2]] == [0, 1, 2]
+    assert [r.client for r in run.mc["slm"][2]] == [0, 1, 2]
     assert run.mc_rounds("slm") == [0, 1, 2]  # round 3 has client 0 only
     acc, acc_norm, std = run.final_mc("slm") or (0.0, 0.0, None)
     accs = [a for a, _ in STANDALONE_R2]
@@ -316,3 +316,10 @@ def test_print_rows_for_cli(family: dict[str, Path], tmp_path: Path) -> None:
     # personalized only: just the perplexity table; co-tuning without traffic: no traffic table
     assert [t for t, _, _ in print_rows_for_cli(load_runs([pers]))] == [t_ppl]
     assert [t for t, _, _ in print_rows_for_cli(load_runs([family["zero_shot"]]))] == [t_acc]
+
+
+def test_a_fedcollm_run_has_no_strategy_in_the_runs_table(family: dict[str, Path], tmp_path: Path) -> None:
+    config = family["fedcollm"] / "config.yaml"  # as written before configs were per family
+    config.write_text(config.read_text() + yaml.safe_dump({"strategy": {"name": "fedavg"}}))
+    text = write_report([family["fedcollm"]], tmp_path / "out").read_text()
+    assert "| fedcollm | — | fedcollm | slm-tiny |" in text

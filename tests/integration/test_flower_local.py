@@ -27,7 +27,7 @@ from tests.test_flower import _adapters, _records, max_adapter_diff
 
 from cotune.config import config_from_dict, dump_config, load_config
 from cotune.runtime.checkpoint import list_checkpoints
-from cotune.runtime.experiment import run_experiment
+from cotune.runtime.experiment import resume_experiment, run_experiment
 from cotune.runtime.flower import FlowerRunError
 from cotune.runtime.flower.deploy import LocalFederation, check_outcome, run_outcome, write_app_dir
 
@@ -159,17 +159,20 @@ def test_fedcollm_on_two_supernodes_gives_the_embedded_adapters(federation, tmp_
     assert len(_records(run_dir, "distill")) == 1 and len(_records(run_dir, "comm")) == 2
 
 
-def test_a_supernode_that_disconnects_stops_the_run_with_the_last_checkpoint_intact(
+def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
     federation, corpus_dir, tmp_path
 ):
-    """Runs last: it stops supernode-1. With min_clients = all, round 1 cannot go on."""
+    """Runs last: it stops supernode-1 after round 1's checkpoint. With min_clients = all, round 2
+    cannot go on; the node is restarted and `cotune run --resume` ends with the embedded adapters."""
     cfg = _cfg(corpus_dir, tmp_path, "fedavg")
+    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 3})})
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
     run_dir = tmp_path / "flower"
 
     def disconnect() -> None:
         deadline = time.monotonic() + 600
-        while not (run_dir / "checkpoints" / "round-0000").is_dir() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        while not (run_dir / "checkpoints" / "round-0001").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.1)
         federation.stop("supernode-1")
 
     killer = threading.Thread(target=disconnect, daemon=True)
@@ -177,10 +180,21 @@ def test_a_supernode_that_disconnects_stops_the_run_with_the_last_checkpoint_int
     _run(federation, cfg, tmp_path, **{"round-timeout": 120.0})
     killer.join(5)
     outcome = run_outcome(run_dir)
-    assert outcome["event"] == "stopped" and outcome["last_checkpoint"] == 0, outcome
+    assert outcome["event"] == "stopped" and outcome["last_checkpoint"] == 1, outcome
     (fault,) = _records(run_dir, "fault")
-    assert (fault["round"], fault["client"]) == (1, 1)
-    assert [r for r, _ in list_checkpoints(run_dir)] == [0]
+    assert (fault["round"], fault["client"]) == (2, 1)
+    assert [r for r, _ in list_checkpoints(run_dir)] == [0, 1]
     assert len(_adapters(run_dir)) == CLIENTS
     with pytest.raises(FlowerRunError, match="stopped"):
         check_outcome(run_dir)
+
+    federation.start_node(1)  # the owner brings its node back, with its state-dir
+    t0 = time.perf_counter()
+    try:
+        resume_experiment(run_dir, superlink=federation.address, timeout=900)
+    except FlowerRunError as e:
+        pytest.fail(f"{e}\n{federation.logs()}")
+    diff = max_adapter_diff(_adapters(embedded), _adapters(run_dir))
+    print(f"\nresumed Flower run {time.perf_counter() - t0:.0f}s, max |adapter diff| vs embedded {diff:.3g}")
+    assert diff <= TOLERANCE
+    assert [r for r, _ in list_checkpoints(run_dir)][-1] == 3

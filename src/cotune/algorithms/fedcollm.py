@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
 from cotune.algorithms.robust import Aggregator, robust_average
+from cotune.config.names import FedCoLLMAlgorithm
 from cotune.state import AdapterState
 
 
@@ -32,7 +33,7 @@ class RoundPlan:
         return self.distill or self.central_llm
 
 
-PLANS: dict[str, RoundPlan] = {
+PLANS: dict[FedCoLLMAlgorithm, RoundPlan] = {  # one per name in config.names.FEDCOLLM_ALGORITHMS
     "fedcollm": RoundPlan(
         broadcast=True, local_training=True, aggregate=True, distill=True, central_llm=False
     ),
@@ -49,6 +50,11 @@ PLANS: dict[str, RoundPlan] = {
         broadcast=False, local_training=False, aggregate=False, distill=False, central_llm=False, trains=False
     ),
 }
+
+
+def plan_of(algorithm: str) -> RoundPlan:
+    """The round plan of a FedCoLLM-family algorithm (KeyError for a name of the other family)."""
+    return PLANS[cast(FedCoLLMAlgorithm, algorithm)]
 
 
 def fedavg_weights(

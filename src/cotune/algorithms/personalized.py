@@ -23,11 +23,12 @@ from cotune.algorithms.trust import (
     validation_scores,
     weight_similarity,
 )
+from cotune.config.names import StrategyName
 from cotune.config.schema import StrategyConfig
 from cotune.state import AdapterState
 
 # What each strategy needs the runtime to measure before an aggregation.
-REQUIRED_EVIDENCE: dict[str, frozenset[str]] = {
+REQUIRED_EVIDENCE: dict[StrategyName, frozenset[str]] = {  # one per name in config.names.STRATEGIES
     "local": frozenset(),
     "fedavg": frozenset(),
     "weight": frozenset({"adapters"}),

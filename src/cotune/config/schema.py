@@ -7,9 +7,21 @@ instead of silently falling back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+from cotune.config.names import (
+    FAMILY_FEDERATION_FIELDS,
+    FAMILY_SECTIONS,
+    FEDCOLLM_ALGORITHMS,
+    LLM_ALGORITHMS,
+    STRATEGIES,
+    Algorithm,
+    Family,
+    StrategyName,
+    family_of,
+)
 
 
 class Section(BaseModel):
@@ -48,7 +60,7 @@ class SourceConfig(Section):
 
     corpus: Literal["bbc", "wikipedia", "python", "files"]
     path: Path | None = Field(None, description="for corpus=files: a .txt/.jsonl file or a directory of them")
-    languages: list[Literal["en", "fr", "es"]] = Field(default_factory=lambda: ["en"])
+    languages: list[Literal["en", "fr", "es"]] = Field(default_factory=lambda: ["en"])  # type: ignore[arg-type]
     label_by: Literal["topic", "language", "source"] = "topic"
     labels: list[str] | None = Field(None, description="keep only documents with these labels")
     label: str | None = Field(None, description="override: give every document of this source this label")
@@ -132,11 +144,6 @@ class FederationConfig(Section):
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.rounds * self.local_steps
-
-
-StrategyName = Literal["local", "fedavg", "weight", "validation", "prediction", "oracle"]
-STRATEGIES = ("local", "fedavg", "weight", "validation", "prediction", "oracle")
-COTUNING_ALGORITHMS = ("fedcollm", "fedavg", "standalone", "centralized", "zero_shot")
 
 
 class StrategyConfig(Section):
@@ -283,9 +290,7 @@ class SimulationConfig(Section):
 
 
 class ExperimentConfig(Section):
-    algorithm: Literal["personalized", "fedcollm", "fedavg", "standalone", "centralized", "zero_shot"] = (
-        "personalized"
-    )
+    algorithm: Algorithm = "personalized"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     model: ModelConfig = ModelConfig()
     lora: LoraSettings = LoraSettings()
@@ -302,20 +307,52 @@ class ExperimentConfig(Section):
     simulation: SimulationConfig = SimulationConfig()
 
     @property
+    def family(self) -> Family:
+        return family_of(self.algorithm)
+
+    def is_eval_round(self, r: int) -> bool:
+        """Evaluate every run.eval_every rounds, and always after the last one."""
+        return r % self.run.eval_every == 0 or r == self.federation.rounds
+
+    @property
     def is_cotuning(self) -> bool:
         """The FedCoLLM family (SPEC A) rather than personalized fine-tuning (SPEC B)."""
-        return self.algorithm != "personalized"
+        return self.family == "fedcollm"
+
+    def family_dump(self) -> dict[str, Any]:
+        """The resolved config as plain data, holding only the sections this family reads."""
+        data = self.model_dump(mode="json")
+        other: Family = "personalized" if self.family == "fedcollm" else "fedcollm"
+        for key in FAMILY_FEDERATION_FIELDS[other]:
+            del data["federation"][key]
+        return {k: v for k, v in data.items() if k in FAMILY_SECTIONS[self.family]}
+
+    @model_validator(mode="after")
+    def _only_sections_the_family_reads(self) -> ExperimentConfig:
+        """A section (or federation setting) the other family reads would be silently ignored: refuse it."""
+        family = self.family
+        unread = [k for k in self.model_fields_set if k not in FAMILY_SECTIONS[family]]
+        other: Family = "personalized" if family == "fedcollm" else "fedcollm"
+        fed_only = FAMILY_FEDERATION_FIELDS[other]
+        unread += [f"federation.{k}" for k in self.federation.model_fields_set if k in fed_only]
+        if unread:
+            raise ValueError(
+                f"algorithm '{self.algorithm}' ({family} family) does not read {', '.join(sorted(unread))}: "
+                f"remove {'it' if len(unread) == 1 else 'them'} (the {other} family reads "
+                f"{'it' if len(unread) == 1 else 'them'})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sections_for_algorithm(self) -> ExperimentConfig:
         if self.is_cotuning and self.task is None:
             raise ValueError(f"algorithm '{self.algorithm}' needs a 'task' section (a multiple-choice task)")
-        family = COTUNING_ALGORITHMS if self.is_cotuning else STRATEGIES
-        wrong = [c for c in self.run.compare if c not in family]
+        names: tuple[str, ...] = FEDCOLLM_ALGORITHMS if self.is_cotuning else STRATEGIES
+        wrong = [c for c in self.run.compare if c not in names]
         if wrong:
             kind = "algorithms" if self.is_cotuning else "strategies"
-            raise ValueError(f"run.compare {wrong}: expected {kind} from {list(family)}")
-        needs_llm = [a for a in [self.algorithm, *self.run.compare] if a in ("fedcollm", "centralized")]
+            raise ValueError(f"run.compare {wrong}: expected {kind} from {list(names)}")
+        needs_llm = [a for a in [self.algorithm, *self.run.compare] if a in LLM_ALGORITHMS]
         if needs_llm and self.llm is None:
             raise ValueError(f"algorithm '{needs_llm[0]}' needs an 'llm' section (the server's model)")
         n = self.federation.clients

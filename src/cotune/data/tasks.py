@@ -8,7 +8,7 @@ log-likelihood, so the prompt/answer token boundary is the evaluator's own (lm-e
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,7 +277,7 @@ def split_task(
     if empty:
         raise DataError(f"clients {empty} got no training examples; use more data or fewer clients")
 
-    def pick(ix: Sequence[int]) -> list[MCExample]:
+    def pick(ix: Iterable[int]) -> list[MCExample]:
         return [examples[int(i)] for i in ix]
 
     return TaskSplits(

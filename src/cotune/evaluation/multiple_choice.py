@@ -143,14 +143,15 @@ def score_requests(
             width = len(batch[0][0])
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (inp, _) in enumerate(batch):
-                ids[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-                mask[row, : len(inp)] = 1
+            for row, (tokens, _) in enumerate(batch):
+                ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                mask[row, : len(tokens)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            served, sums = [], []
-            for row, (inp, users) in enumerate(batch):
+            served: list[int] = []
+            sums: list[torch.Tensor] = []
+            for row, (tokens, users) in enumerate(batch):
                 span = max(len(windows[i][1]) for i in users)
-                logprobs = torch.log_softmax(logits[row, len(inp) - span : len(inp)].float(), dim=-1)
+                logprobs = torch.log_softmax(logits[row, len(tokens) - span : len(tokens)].float(), dim=-1)
                 for i in users:
                     continuation = windows[i][1]
                     target = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)

@@ -135,7 +135,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     )
     _ensure_pad(tokenizer)
     # The weights are already dequantized; without this save_pretrained refuses or re-quantizes.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers annotates no None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +188,7 @@ def _options() -> str:
 def _load_by_name(
     name: str, cfg: ModelConfig, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    tokenizer: PreTrainedTokenizerBase
     if name == "tiny":
         tokenizer = byte_tokenizer()
         return build_tiny_model(cfg.tiny, len(tokenizer)), tokenizer, "tiny random Llama"
@@ -230,7 +231,7 @@ def load_base_model(
     _ensure_pad(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device=device, dtype=dtype)
+    model.to(device=device, dtype=dtype)  # type: ignore[call-arg]  # transformers wraps .to oddly
     model.requires_grad_(False)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())

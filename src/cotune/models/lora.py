@@ -33,7 +33,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
 def lora_config(settings: LoraSettings) -> LoraConfig:
     return LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scales alike
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
         task_type="CAUSAL_LM",

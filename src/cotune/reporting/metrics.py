@@ -4,8 +4,9 @@ A run appends one JSON object per line while it trains and may be killed at any 
 writer fsyncs every line and the reader drops a line that does not parse instead of failing. Record
 types and fields the reader does not know are ignored, so that later features can add their own.
 
-Two algorithm families write here: the personalized one (val perplexity "eval" and "trust" records)
-and the FedCoLLM family (multiple-choice accuracy "mc" and communication "comm" records).
+The records are the typed classes of `cotune.records`. Two algorithm families write here: the
+personalized one (val perplexity `EvalRecord`, `TrustRecord`) and the FedCoLLM family
+(multiple-choice accuracy `McRecord`, communication `CommRecord`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from typing import Any
 
 import yaml
 
+from cotune.config.names import PERSONALIZED, family_of
+from cotune.records import CommRecord, EvalRecord, McRecord, RunEvent, TrustRecord, parse_record
+
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
-PERSONALIZED = "personalized"
-# algorithms of the FedCoLLM family (SPEC section A): evaluated by multiple-choice accuracy, not perplexity
-COTUNING_ALGORITHMS = ("zero_shot", "standalone", "fedavg", "fedcollm", "centralized")
 
 
 def _json_default(obj: Any) -> Any:
@@ -87,39 +88,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _as_matrix(value: Any) -> list[list[float]] | None:
-    """A rectangular, non-empty matrix of numbers, or None (a malformed record is ignored, not fatal)."""
-    if not isinstance(value, list) or not value:
-        return None
-    rows: list[list[float]] = []
-    for row in value:
-        if not isinstance(row, list):
-            return None
-        floats = [_as_float(v) for v in row]
-        if not floats or any(v is None for v in floats):
-            return None
-        rows.append([v for v in floats if v is not None])
-    if len({len(r) for r in rows}) != 1:
-        return None
-    return rows
-
-
 def config_value(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
     """Look up "a.b.c" in a nested config dict; the default when any part is missing."""
     node: Any = config
@@ -144,16 +112,15 @@ class RunSummary:
     trust: list[tuple[int, list[list[float]]]] = field(default_factory=list)
     ended: bool = False  # a {"type": "run", "event": "end"} record was seen (False for a killed run)
     algorithm: str = PERSONALIZED
-    # model ("slm" | "llm") -> round -> records {"client": int | None, "acc", "acc_norm", "n"}; one
-    # record per client (client None = the global/server model), sorted with the global one first
-    mc: dict[str, dict[int, list[dict[str, Any]]]] = field(default_factory=dict)
-    # {"round", "client", "bytes_up", "bytes_down", "full_slm_bytes", "ratio"}, sorted by (round, client)
-    comm: list[dict[str, Any]] = field(default_factory=list)
+    # model ("slm" | "llm") -> round -> one record per client (client None = the global/server model),
+    # sorted with the global one first
+    mc: dict[str, dict[int, list[McRecord]]] = field(default_factory=dict)
+    comm: list[CommRecord] = field(default_factory=list)  # sorted by (round, client)
 
     @property
     def is_cotuning(self) -> bool:
         """A FedCoLLM-family run, whose report is accuracy-based rather than perplexity-based."""
-        return self.algorithm in COTUNING_ALGORITHMS
+        return family_of(self.algorithm) == "fedcollm"
 
     @property
     def clients(self) -> list[int]:
@@ -200,19 +167,18 @@ class RunSummary:
         round qualifies, every round with records counts (as for complete_rounds).
         """
         by_round = self.mc.get(model, {})
-        everyone = {r["client"] for recs in by_round.values() for r in recs if r["client"] is not None}
+        everyone = {r.client for recs in by_round.values() for r in recs if r.client is not None}
         complete = [
             rnd
             for rnd, recs in by_round.items()
-            if any(r["client"] is None for r in recs)
-            or (everyone and {r["client"] for r in recs} >= everyone)
+            if any(r.client is None for r in recs) or (everyone and {r.client for r in recs} >= everyone)
         ]
         return sorted(complete) if complete else sorted(by_round)
 
-    def mc_at(self, model: str, rnd: int) -> list[dict[str, Any]]:
+    def mc_at(self, model: str, rnd: int) -> list[McRecord]:
         """The records behind model's figure at rnd: the global one if logged, else the per-client ones."""
         recs = self.mc.get(model, {}).get(rnd, [])
-        global_recs = [r for r in recs if r["client"] is None]
+        global_recs = [r for r in recs if r.client is None]
         return global_recs[-1:] if global_recs else recs
 
     def mc_summary(self, model: str, rnd: int) -> tuple[float, float, float | None] | None:
@@ -220,9 +186,9 @@ class RunSummary:
         recs = self.mc_at(model, rnd)
         if not recs:
             return None
-        accs = [r["acc"] for r in recs]
-        std = None if recs[0]["client"] is None else _pstdev(accs)
-        return _mean(accs), _mean([r["acc_norm"] for r in recs]), std
+        accs = [r.acc for r in recs]
+        std = None if recs[0].client is None else _pstdev(accs)
+        return _mean(accs), _mean([r.acc_norm for r in recs]), std
 
     def final_mc_round(self, model: str | None = None) -> int | None:
         """The last usable accuracy round of model (of any model when None); None without mc records."""
@@ -250,17 +216,17 @@ class RunSummary:
 
     def comm_per_round(self) -> list[dict[str, Any]]:
         """Per round: client count and means over clients of bytes_up, bytes_down, full_slm_bytes, ratio."""
-        by_round: dict[int, list[dict[str, Any]]] = {}
+        by_round: dict[int, list[CommRecord]] = {}
         for rec in self.comm:
-            by_round.setdefault(rec["round"], []).append(rec)
+            by_round.setdefault(rec.round, []).append(rec)
         return [
             {
                 "round": rnd,
                 "clients": len(recs),
-                "bytes_up": _mean([r["bytes_up"] for r in recs]),
-                "bytes_down": _mean([r["bytes_down"] for r in recs]),
-                "full_slm_bytes": _mean([r["full_slm_bytes"] for r in recs]),
-                "ratio": _mean([r["ratio"] for r in recs]),
+                "bytes_up": _mean([r.bytes_up for r in recs]),
+                "bytes_down": _mean([r.bytes_down for r in recs]),
+                "full_slm_bytes": _mean([r.full_slm_bytes for r in recs]),
+                "ratio": _mean([r.ratio for r in recs]),
             }
             for rnd, recs in sorted(by_round.items())
         ]
@@ -276,48 +242,6 @@ def _pstdev(values: Sequence[float]) -> float:
         return math.nan
     mean = _mean(values)
     return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
-
-
-def _mc_record(rec: Mapping[str, Any]) -> tuple[str, int, dict[str, Any]] | None:
-    """(model, round, normalised record) of an "mc" record, or None when malformed (ignored, not fatal)."""
-    model, rnd, acc = rec.get("model"), _as_int(rec.get("round")), _as_float(rec.get("acc"))
-    client = rec.get("client")
-    if not isinstance(model, str) or not model or rnd is None or acc is None:
-        return None
-    if client is not None:
-        client = _as_int(client)
-        if client is None:
-            return None
-    acc_norm = _as_float(rec.get("acc_norm"))
-    return (
-        model,
-        rnd,
-        {
-            "client": client,
-            "acc": acc,
-            "acc_norm": math.nan if acc_norm is None else acc_norm,
-            "n": _as_int(rec.get("n")),
-        },
-    )
-
-
-def _comm_record(rec: Mapping[str, Any]) -> dict[str, Any] | None:
-    """A "comm" record with every field numeric, or None when malformed."""
-    rnd, client = _as_int(rec.get("round")), _as_int(rec.get("client"))
-    up, down, full = (_as_float(rec.get(k)) for k in ("bytes_up", "bytes_down", "full_slm_bytes"))
-    if rnd is None or client is None or up is None or down is None or full is None:
-        return None
-    ratio = _as_float(rec.get("ratio"))
-    if ratio is None:
-        ratio = up / full if full > 0 else math.nan
-    return {
-        "round": rnd,
-        "client": client,
-        "bytes_up": up,
-        "bytes_down": down,
-        "full_slm_bytes": full,
-        "ratio": ratio,
-    }
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -360,44 +284,25 @@ def load_run(run_dir: Path) -> RunSummary:
 
     ppl_by_round: dict[int, dict[int, float]] = {}
     trust: list[tuple[int, list[list[float]]]] = []
-    mc: dict[str, dict[int, dict[int | None, dict[str, Any]]]] = {}
-    comm: dict[tuple[int, int], dict[str, Any]] = {}
+    mc: dict[str, dict[int, dict[int | None, McRecord]]] = {}
+    comm: dict[tuple[int, int], CommRecord] = {}
     run_strategy: str | None = None
     run_algorithm: str | None = None
     ended = False
-    for rec in records:
-        kind = rec.get("type")
-        if kind == "eval":
-            if rec.get("split", "val") != "val":
-                continue
-            rnd, client, ppl = (
-                _as_int(rec.get("round")),
-                _as_int(rec.get("client")),
-                _as_float(rec.get("ppl")),
-            )
-            if rnd is None or client is None or ppl is None:
-                continue
-            ppl_by_round.setdefault(rnd, {})[client] = ppl  # a repeated (round, client): the later one wins
-        elif kind == "trust":
-            rnd, matrix = _as_int(rec.get("round")), _as_matrix(rec.get("matrix"))
-            if rnd is not None and matrix is not None:
-                trust.append((rnd, matrix))
-        elif kind == "mc":
-            parsed = _mc_record(rec)
-            if parsed is not None:
-                model, rnd, mc_rec = parsed
-                mc.setdefault(model, {}).setdefault(rnd, {})[mc_rec["client"]] = mc_rec  # later one wins
-        elif kind == "comm":
-            comm_rec = _comm_record(rec)
-            if comm_rec is not None:
-                comm[(comm_rec["round"], comm_rec["client"])] = comm_rec  # a repeated record: later wins
-        elif kind == "run":
-            if rec.get("event") == "start":
-                if isinstance(rec.get("strategy"), str):
-                    run_strategy = run_strategy or rec["strategy"]
-                if isinstance(rec.get("algorithm"), str):
-                    run_algorithm = run_algorithm or rec["algorithm"]
-            elif rec.get("event") == "end":
+    for rec in filter(None, map(parse_record, records)):  # later records of the same key win
+        match rec:
+            case EvalRecord(split="val"):
+                ppl_by_round.setdefault(rec.round, {})[rec.client] = rec.ppl
+            case TrustRecord():
+                trust.append((rec.round, rec.matrix))
+            case McRecord():
+                mc.setdefault(rec.model, {}).setdefault(rec.round, {})[rec.client] = rec
+            case CommRecord():
+                comm[(rec.round, rec.client)] = rec
+            case RunEvent(event="start"):
+                run_strategy = run_strategy or rec.strategy
+                run_algorithm = run_algorithm or rec.algorithm
+            case RunEvent(event="end"):
                 ended = True
 
     algorithm = str(config_value(config, "algorithm") or run_algorithm or PERSONALIZED)
@@ -416,7 +321,7 @@ def load_run(run_dir: Path) -> RunSummary:
         algorithm=algorithm,
         mc={
             model: {
-                rnd: sorted(per_client.values(), key=lambda r: (r["client"] is not None, r["client"] or 0))
+                rnd: sorted(per_client.values(), key=lambda r: (r.client is not None, r.client or 0))
                 for rnd, per_client in sorted(by_round.items())
             }
             for model, by_round in sorted(mc.items())

@@ -117,7 +117,7 @@ def _mc_cells(run: RunSummary, model: str, rnd: int) -> tuple[str, str]:
     if summary is None:
         return MISSING, MISSING
     acc, acc_norm, std = summary
-    std_norm = None if std is None else mean_std([r["acc_norm"] for r in recs])[1]
+    std_norm = None if std is None else mean_std([r.acc_norm for r in recs])[1]
     return _pct(acc, std), _pct(acc_norm, std_norm)
 
 
@@ -133,7 +133,7 @@ def _zero_shot_row(setting: str, model: str, runs: Sequence[RunSummary], labels:
         run = item[0]
         if run.algorithm == "zero_shot":
             return 0
-        return 1 if run.mc_at(model, 0)[0]["client"] is None else 2
+        return 1 if run.mc_at(model, 0)[0].client is None else 2
 
     if not candidates:
         return [setting, MISSING, MISSING, MISSING]
@@ -210,11 +210,11 @@ def comm_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
         if not run.comm:
             rows.append([label, MISSING, MISSING, MISSING, MISSING, MISSING])
             continue
-        rounds = {r["round"] for r in run.comm}
-        clients = {r["client"] for r in run.comm}
-        full = math.fsum(r["full_slm_bytes"] for r in run.comm) / len(run.comm)
-        up = math.fsum(r["bytes_up"] for r in run.comm)
-        down = math.fsum(r["bytes_down"] for r in run.comm)
+        rounds = {r.round for r in run.comm}
+        clients = {r.client for r in run.comm}
+        full = math.fsum(r.full_slm_bytes for r in run.comm) / len(run.comm)
+        up = math.fsum(r.bytes_up for r in run.comm)
+        down = math.fsum(r.bytes_down for r in run.comm)
         rows.append(
             [
                 label,
@@ -498,7 +498,7 @@ def _report_markdown(
     run_rows = [
         [
             label,
-            _setting(run, "strategy.name"),
+            MISSING if run.is_cotuning else _setting(run, "strategy.name"),  # FedCoLLM has no strategy
             _setting(run, "algorithm"),
             _setting(run, "model.name"),
             *([_setting(run, "llm.model.name")] if any_cotuning else []),

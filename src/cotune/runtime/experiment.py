@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from cotune.algorithms.fedcollm import PLANS
+from cotune.algorithms.fedcollm import plan_of
 from cotune.config.loader import load_config
 from cotune.config.schema import ExperimentConfig
 from cotune.data.windows import FederatedData
@@ -92,7 +92,7 @@ def run_experiment(
 
 def has_client_step(cfg: ExperimentConfig) -> bool:
     """Whether the variant has a client step (what runs on SuperNodes); centralized and zero_shot do not."""
-    return not cfg.is_cotuning or PLANS[cfg.algorithm].local_training
+    return not cfg.is_cotuning or plan_of(cfg.algorithm).local_training
 
 
 def discard_unstarted(dirs: list[Path]) -> None:
@@ -173,18 +173,26 @@ def run_fedcollm_family(
             llm_base = llm.unload()
 
 
-def resume_experiment(run_dir: Path, console: Console | None = None) -> Path:
+def resume_experiment(run_dir: Path, console: Console | None = None, **flower: Any) -> Path:
+    """Continue a run after its last complete checkpoint, on the backend it ran on.
+
+    A Flower run resumes on Flower (`flower`: the options of `run_on_flower`; by default a local
+    federation): its SuperNodes reload their trainer states from their own state-dir.
+    """
     console = console or Console(stderr=True)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ResumeError(f"{run_dir} is not a run directory (no config.yaml)")
-    if is_flower_run(run_dir):
-        raise ResumeError(
-            f"{run_dir} is a Flower run: it cannot be resumed (its clients' optimizer states lived on the "
-            "SuperNodes); start a new run"
-        )
     cfg = load_config(config_path)
     cfg.run.name = run_dir.name
     RunFiles(run_dir, cfg).open_latest()  # refuse another config's checkpoint before loading anything
-    run_embedded([cfg], [run_dir], console, resume=True)
+    if is_flower_run(run_dir):
+        require_flwr()
+        from cotune.runtime.flower.deploy import run_on_flower
+
+        run_on_flower([(run_dir.resolve(), cfg)], console, resume=True, **flower)
+    elif any(v is not None for k, v in flower.items() if k != "connect_timeout"):
+        raise ResumeError(f"{run_dir} ran in one process (embedded): resume it without Flower options")
+    else:
+        run_embedded([cfg], [run_dir], console, resume=True)
     return run_dir

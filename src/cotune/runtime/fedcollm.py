@@ -12,22 +12,26 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
-from cotune.algorithms.fedcollm import PLANS, check_payload, fedavg_weights
+from cotune.algorithms.fedcollm import check_payload, fedavg_weights, plan_of
 from cotune.config.schema import ExperimentConfig
 from cotune.data.task_data import TaskData
 from cotune.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
 from cotune.models.lora import AdapterPool
-from cotune.runtime import guard
+from cotune.records import CommRecord, DistillRecord, McRecord, RoundRecord, RunEvent, TrainRecord
+from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
-from cotune.runtime.port import Clients, Replies
-from cotune.runtime.rundir import RunFiles, client_name, load_adapter, log_start
+from cotune.runtime.port import Clients
+from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
 from cotune.state import AdapterState, state_bytes
 from cotune.training.distill import student_step, teacher_signal
 from cotune.training.learner import Learner
@@ -82,7 +86,7 @@ class FedCoLLMLoop:
         # Test accuracy by (model, adapter weights, eval settings): run.compare variants share one,
         # so the zero-shot evaluation that every variant starts with runs once, not once each.
         self.eval_cache = eval_cache if eval_cache is not None else {}
-        self.plan = PLANS[cfg.algorithm]
+        self.plan = plan_of(cfg.algorithm)
         if self.plan.uses_llm and (server.llm is None or server.omega is None):
             raise ValueError(f"algorithm '{cfg.algorithm}' needs the server LLM")
         self.n = cfg.federation.clients
@@ -93,8 +97,7 @@ class FedCoLLMLoop:
         self.client_adapters: dict[int, AdapterState] = {k: dict(initial) for k in range(self.n)}
         self.pipeline = AggregationPipeline(cfg, files.log)
         self.sizes: list[int] = [0] * self.n  # n_k as each client described itself
-        self.joined: list[int] = []
-        self.dropped: set[int] = set()
+        self.members = Membership(cfg, files.log, self.console)
 
     def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
         """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA)."""
@@ -103,46 +106,29 @@ class FedCoLLMLoop:
     # ---- the loop -------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> None:
         self.join()
-        if resume:
-            start = self.restore() + 1
-            self.console.print(f"[bold]resuming[/] {self.files.run_dir} after round {start - 1}")
-        else:
-            log_start(self.files, self.cfg, self.n)
-            self.evaluate(0)
-            self.checkpoint(0)
-            start = 1
+        start = first_round(self.files, resume, self.restore, self.round_zero)
         rounds = self.cfg.federation.rounds if self.plan.trains else 0
         for r in range(start, rounds + 1):
             t0 = time.perf_counter()
-            self.dropped = set()
+            self.members.start_round()
             self.run_round(r)
             t_work = time.perf_counter() - t0
-            shown = self.evaluate(r) if self.is_eval_round(r) else ""
+            shown = self.evaluate(r) if self.cfg.is_eval_round(r) else ""
             wall = time.perf_counter() - t0
-            self.files.log({"type": "round", "round": r, "step": r, "wall_s": wall, "train_s": t_work})
+            self.files.log(RoundRecord(round=r, step=r, wall_s=wall, train_s=t_work))
             self.console.print(f"round {r}/{rounds}  {shown}  ({wall:.1f}s)")
             self.checkpoint(r)
-        self.files.log({"type": "run", "event": "end", "algorithm": self.cfg.algorithm, "time": time.time()})
+        self.files.log(RunEvent(event="end", algorithm=self.cfg.algorithm))
 
-    def is_eval_round(self, r: int) -> bool:
-        return r % self.cfg.run.eval_every == 0 or r == self.cfg.federation.rounds
+    def round_zero(self) -> None:
+        self.evaluate(0)
+        self.checkpoint(0)
 
     def join(self) -> None:
-        replies = self.clients.describe()
-        for k, info in replies.ok.items():
+        """Admit the clients that answer, with n_k as each described itself (FedAvg's weights)."""
+        self.members.join(self.clients.describe())
+        for k, info in self.members.joined.items():
             self.sizes[k] = int(info.get("examples", 0))
-        self.joined = sorted(replies.ok)
-        self.note_failures(0, "connect", replies)
-
-    def active(self) -> list[int]:
-        return [k for k in self.joined if k not in self.dropped]
-
-    def note_failures(self, r: int, phase: str, replies: Replies[Any]) -> None:
-        for k, reason in sorted(replies.failed.items()):
-            self.dropped.add(k)
-            guard.log_dropped(self.files.log, r, k, reason, phase)
-            self.console.print(f"[yellow]client {k} dropped from round {r} ({phase}):[/] {reason}")
-        guard.require(self.cfg, self.files.log, r, len(self.active()), self.n, "answered")
 
     # ---- the round ------------------------------------------------------------------------------------
     def run_round(self, r: int) -> None:
@@ -168,15 +154,13 @@ class FedCoLLMLoop:
             omega = self.server.omega
             assert omega is not None
             loss = omega.train(self.server.central_steps).mean_loss
-            self.files.log(
-                {"type": "train", "model": "llm", "round": r, "client": None, "loss": loss, "lr": omega.lr}
-            )
+            self.files.log(TrainRecord(model="llm", round=r, client=None, loss=loss, lr=omega.lr))
 
     def train_clients(
         self, r: int, payload: AdapterState | None
     ) -> tuple[dict[int, AdapterState], AdapterState | None]:
         """Each client trains theta (or, standalone, its own adapter); their checked uploads by client."""
-        sent = {k: payload if payload is not None else self.client_adapters[k] for k in self.active()}
+        sent = {k: payload if payload is not None else self.client_adapters[k] for k in self.members.active()}
         secure = None
         if self.cfg.federation.secure_aggregation and self.plan.aggregate:
             w = fedavg_weights([self.sizes[k] for k in sent], self.cfg.federation.weighting)
@@ -188,30 +172,27 @@ class FedCoLLMLoop:
             except ValueError as e:
                 del replies.ok[k]
                 replies.failed[k] = f"refused upload: {e}"
-        self.note_failures(r, "train", replies)
+        self.members.note_failures(r, "train", replies)
         self.client_adapters.update(sent)  # a dropped client keeps what it was sent
         updates = {}
         for k, up in sorted(replies.ok.items()):
             self.client_adapters[k] = up.adapter
             updates[k] = up.adapter
             m = up.metrics
-            self.files.log(
-                {"type": "train", "model": "slm", "round": r, "client": k, "loss": m["loss"], "lr": m["lr"]}
-            )
+            self.files.log(TrainRecord(model="slm", round=r, client=k, loss=m["loss"], lr=m["lr"]))
         return updates, replies.mean
 
     def log_traffic(self, r: int, updates: dict[int, AdapterState], down: int) -> None:
         for k, u in updates.items():
             self.files.log(
-                {
-                    "type": "comm",
-                    "round": r,
-                    "client": k,
-                    "bytes_up": state_bytes(u),
-                    "bytes_down": down,
-                    "full_slm_bytes": self.full_slm_bytes,
-                    "ratio": state_bytes(u) / self.full_slm_bytes,
-                }
+                CommRecord(
+                    round=r,
+                    client=k,
+                    bytes_up=state_bytes(u),
+                    bytes_down=down,
+                    full_slm_bytes=self.full_slm_bytes,
+                    ratio=state_bytes(u) / self.full_slm_bytes,
+                )
             )
 
     def distill(self, r: int) -> None:
@@ -244,8 +225,10 @@ class FedCoLLMLoop:
         def slm_step(batch) -> int:  # the LLM teaches the SLM
             return step(slm_model, llm_model, s.theta, "slm", batch)
 
+        omega = s.omega
+
         def llm_step(batch) -> int:  # the SLM teaches the LLM
-            return step(llm_model, slm_model, s.omega, "llm", batch)
+            return step(llm_model, slm_model, omega, "llm", batch)
 
         steps = s.distill_batches
         for _ in range(d.epochs):
@@ -257,16 +240,19 @@ class FedCoLLMLoop:
                 teacher_bytes = max([teacher_bytes] + [slm_step(b) for b in batches])
                 teacher_bytes = max([teacher_bytes] + [llm_step(b) for b in batches])
             n += len(batches)
+        mean = {k: v / max(1, n) for k, v in sums.items()}
         self.files.log(
-            {
-                "type": "distill",
-                "round": r,
-                "step": n,
-                **{k: v / max(1, n) for k, v in sums.items()},
-                "teacher_bytes": teacher_bytes,
-                "topk": d.topk,
-                "wall_s": time.perf_counter() - t0,
-            }
+            DistillRecord(
+                round=r,
+                step=n,
+                slm_ce=mean["slm_ce"],
+                slm_kd=mean["slm_kd"],
+                llm_ce=mean["llm_ce"],
+                llm_kd=mean["llm_kd"],
+                teacher_bytes=teacher_bytes,
+                topk=d.topk,
+                wall_s=time.perf_counter() - t0,
+            )
         )
 
     # ---- evaluation -----------------------------------------------------------------------------------
@@ -283,12 +269,16 @@ class FedCoLLMLoop:
                     name = client_name(client)
                     s.slm.load_state(name, self.client_adapters[client])
                 res = self.mc(s.slm, name)
-                self.files.log({"type": "mc", "round": r, "model": "slm", "client": client, **res.as_dict()})
+                self.files.log(
+                    McRecord(round=r, model="slm", client=client, acc=res.acc, acc_norm=res.acc_norm, n=res.n)
+                )
                 accs.append(res.acc)
             shown.append(f"SLM acc {sum(accs) / len(accs):.3f}")
         if s.llm is not None and (r == 0 or plan.uses_llm):
             res = self.mc(s.llm, LLM_ADAPTER)
-            self.files.log({"type": "mc", "round": r, "model": "llm", "client": None, **res.as_dict()})
+            self.files.log(
+                McRecord(round=r, model="llm", client=None, acc=res.acc, acc_norm=res.acc_norm, n=res.n)
+            )
             shown.append(f"LLM acc {res.acc:.3f}")
         return "  ".join(shown)
 
@@ -316,14 +306,13 @@ class FedCoLLMLoop:
     # ---- state ----------------------------------------------------------------------------------------
     def checkpoint(self, r: int) -> None:
         s = self.server
-        writers = {
-            client_name(k): (lambda d, k=k: s.slm.save(client_name(k), d, self.client_adapters[k]))
+        writers: dict[str, Callable[[Path], None]] = {
+            client_name(k): partial(s.slm.save, client_name(k), state=self.client_adapters[k])
             for k in range(self.n)
         }
-        writers[SERVER] = lambda d: s.slm.save(SERVER, d)
+        writers[SERVER] = partial(s.slm.save, SERVER)
         if s.llm is not None:
-            llm = s.llm
-            writers[LLM_ADAPTER] = lambda d: llm.save(LLM_ADAPTER, d)
+            writers[LLM_ADAPTER] = partial(s.llm.save, LLM_ADAPTER)
         learners = {"theta": s.theta.state_dict()}
         if s.omega is not None:
             learners["omega"] = s.omega.state_dict()
@@ -331,7 +320,7 @@ class FedCoLLMLoop:
             "step": r,
             "clients": self.clients.state_dict(),
             "server": learners,
-            "participants": self.active(),
+            "participants": self.members.active(),
         }
         self.files.checkpoint(r, writers, state)
 

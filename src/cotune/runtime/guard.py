@@ -23,9 +23,10 @@ import torch
 
 from cotune.algorithms.attacks import attack_upload
 from cotune.config.schema import ExperimentConfig
+from cotune.records import FaultRecord, Record, RunEvent
 from cotune.state import AdapterState
 
-Log = Callable[[dict[str, Any]], None]
+Log = Callable[[Record], None]
 
 
 class SimulatedFault(RuntimeError):
@@ -77,17 +78,7 @@ def run_client(cfg: ExperimentConfig, round_: int, client: int, work: Callable[[
 
 
 def log_dropped(log: Log, round_: int, client: int, reason: str, phase: str = "train") -> None:
-    log(
-        {
-            "type": "fault",
-            "event": "client_dropped",
-            "round": round_,
-            "phase": phase,
-            "client": client,
-            "reason": reason,
-            "time": time.time(),
-        }
-    )
+    log(FaultRecord(event="client_dropped", round=round_, phase=phase, client=client, reason=reason))
 
 
 def require(
@@ -106,7 +97,7 @@ def require(
             f"round {round_}: only {have} of {total} clients {what}, federation.min_clients is "
             f"{shown}; the run stops here, resumable from its last checkpoint"
         )
-        log({"type": "run", "event": "stopped", "round": round_, "reason": message, "time": time.time()})
+        log(RunEvent(event="stopped", round=round_, reason=message))
         raise TooFewClients(message)
 
 

@@ -85,7 +85,7 @@ class InProcessClients:
             replies.ok[i] = self.works[i].predict(batches, batch_size, k)
         return replies
 
-    def state_dict(self) -> list[dict[str, Any]] | None:
+    def state_dict(self) -> list[dict[str, Any]]:
         return [w.state_dict() for w in self.works]
 
     def load_state_dict(self, state: list[dict[str, Any]]) -> None:

@@ -21,10 +21,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cotune.algorithms.personalized import REQUIRED_EVIDENCE, TrustEvidence
 from cotune.algorithms.trust import PredictionDistance
 from cotune.config.schema import ExperimentConfig
-from cotune.runtime import guard
+from cotune.records import EvalRecord, RoundRecord, RunEvent, TrainRecord, TrustRecord
+from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
-from cotune.runtime.port import Clients, Prediction, Replies
-from cotune.runtime.rundir import RunFiles, client_name, load_adapter, log_start
+from cotune.runtime.port import Clients, Prediction
+from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
 from cotune.state import AdapterState
 
 SaveAdapter = Callable[[AdapterState, Path], None]  # writes one adapter in PEFT format
@@ -84,8 +85,7 @@ class PersonalizedLoop:
         self.n = cfg.federation.clients
         self.adapters: list[AdapterState] = [dict(initial) for _ in range(self.n)]
         self.pipeline = AggregationPipeline(cfg, files.log)
-        self.joined: dict[int, dict[str, Any]] = {}  # client -> its description, for those that answered
-        self.dropped: set[int] = set()  # clients dropped from the round in progress
+        self.members = Membership(cfg, files.log, self.console)
 
     # ---- schedule -------------------------------------------------------------------------------------
     def steps_in_round(self, round_: int) -> int:
@@ -96,21 +96,15 @@ class PersonalizedLoop:
         fed = self.cfg.federation
         return 0 if round_ == 0 else fed.warmup_steps + round_ * fed.local_steps
 
-    def is_eval_round(self, r: int) -> bool:
-        return r % self.cfg.run.eval_every == 0 or r == self.cfg.federation.rounds
+    def round_zero(self) -> None:
+        self.evaluate(0)
+        self.checkpoint(0)
 
     # ---- the loop -------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> None:
         fed = self.cfg.federation
-        self.join()
-        if resume:
-            start = self.restore() + 1
-            self.console.print(f"[bold]resuming[/] {self.files.run_dir} after round {start - 1}")
-        else:
-            log_start(self.files, self.cfg, self.n)
-            self.evaluate(0)
-            self.checkpoint(0)
-            start = 1
+        self.members.join(self.clients.describe())
+        start = first_round(self.files, resume, self.restore, self.round_zero)
         total = sum(self.steps_in_round(r) for r in range(start, fed.rounds + 1)) * self.n
         with Progress(
             TextColumn("{task.description}"),
@@ -123,13 +117,11 @@ class PersonalizedLoop:
             task = progress.add_task("training", total=total)
             for r in range(start, fed.rounds + 1):
                 self.run_round(r, progress, task)
-        self.files.log(
-            {"type": "run", "event": "end", "strategy": self.cfg.strategy.name, "time": time.time()}
-        )
+        self.files.log(RunEvent(event="end", strategy=self.cfg.strategy.name))
 
     def run_round(self, r: int, progress: Progress, task: Any) -> None:
         t0 = time.perf_counter()
-        self.dropped = set()
+        self.members.start_round()
 
         def shown(client: int, loss: float) -> None:
             progress.update(
@@ -139,18 +131,17 @@ class PersonalizedLoop:
         train_loss, round_start = self.train(r, shown)
         t_train = time.perf_counter() - t0
         self.aggregate(r, round_start)
-        mean_ppl = self.evaluate(r) if self.is_eval_round(r) else None
+        mean_ppl = self.evaluate(r) if self.cfg.is_eval_round(r) else None
         wall = time.perf_counter() - t0
         self.files.log(
-            {
-                "type": "round",
-                "round": r,
-                "step": self.step_at_end(r),
-                "wall_s": wall,
-                "train_s": t_train,
-                "mean_val_ppl": mean_ppl,
-                "participants": self.active(),
-            }
+            RoundRecord(
+                round=r,
+                step=self.step_at_end(r),
+                wall_s=wall,
+                train_s=t_train,
+                mean_val_ppl=mean_ppl,
+                participants=self.members.active(),
+            )
         )
         text = f"train loss {train_loss:.3f}"
         text += f"  mean val ppl {mean_ppl:.2f}" if mean_ppl is not None else ""
@@ -159,48 +150,29 @@ class PersonalizedLoop:
         )
         self.checkpoint(r)
 
-    # ---- membership -----------------------------------------------------------------------------------
-    def join(self) -> None:
-        replies = self.clients.describe()
-        self.joined = dict(sorted(replies.ok.items()))
-        self.note_failures(0, "connect", replies)
-
-    def active(self) -> list[int]:
-        """The clients in the round in progress: joined and not dropped from it."""
-        return [i for i in self.joined if i not in self.dropped]
-
-    def note_failures(self, r: int, phase: str, replies: Replies[Any]) -> None:
-        """Log every client that gave no answer, drop it from this round, stop if too few are left."""
-        for i, reason in sorted(replies.failed.items()):
-            self.dropped.add(i)
-            guard.log_dropped(self.files.log, r, i, reason, phase)
-            self.console.print(f"[yellow]client {i} dropped from round {r} ({phase}):[/] {reason}")
-        guard.require(self.cfg, self.files.log, r, len(self.active()), self.n, "answered")
-
     # ---- phases ---------------------------------------------------------------------------------------
     def train(self, r: int, on_step: Callable[[int, float], None]) -> tuple[float, list[AdapterState]]:
         """Every active client trains its adapter; their uploads replace the loop's copies for now."""
         round_start = list(self.adapters)
         replies = self.clients.train(
-            r, {i: self.adapters[i] for i in self.active()}, self.steps_in_round(r), on_step
+            r, {i: self.adapters[i] for i in self.members.active()}, self.steps_in_round(r), on_step
         )
-        self.note_failures(r, "train", replies)
+        self.members.note_failures(r, "train", replies)
         losses = []
         for i, up in sorted(replies.ok.items()):
             self.adapters[i] = up.adapter
             m = up.metrics
             losses.append(float(m["loss"]))
             self.files.log(
-                {
-                    "type": "train",
-                    "round": r,
-                    "client": i,
-                    "step": self.step_at_end(r),
-                    "loss": m["loss"],
-                    "last_loss": m["last_loss"],
-                    "lr": m["lr"],
-                    "tokens_per_s": m["tokens_per_s"],
-                }
+                TrainRecord(
+                    round=r,
+                    client=i,
+                    step=self.step_at_end(r),
+                    loss=m["loss"],
+                    last_loss=m["last_loss"],
+                    lr=m["lr"],
+                    tokens_per_s=m["tokens_per_s"],
+                )
             )
         return sum(losses) / max(1, len(losses)), round_start
 
@@ -208,21 +180,21 @@ class PersonalizedLoop:
         """What the strategy needs about `members`, from those still in the round; returns them and it."""
         s = self.cfg.strategy
         need = REQUIRED_EVIDENCE[s.name]
-        sent = [i for i in members if i in self.active()]
+        sent = [i for i in members if i in self.members.active()]
         rows: dict[int, list[float]] | None = None
         predictions: dict[int, Prediction] | None = None
         if "perplexity" in need:
             replies = self.clients.evaluate_peers(r, {i: self.adapters[i] for i in sent}, s.val_batches)
-            self.note_failures(r, "evidence", replies)
+            self.members.note_failures(r, "evidence", replies)
             rows = replies.ok
         if "prediction_distance" in need:
             bs = self.cfg.train.eval_batch_size
             got = self.clients.predict(
                 r, {i: self.adapters[i] for i in sent}, s.public_batches, bs, s.logits_topk
             )
-            self.note_failures(r, "evidence", got)
+            self.members.note_failures(r, "evidence", got)
             predictions = got.ok
-        members = [i for i in sent if i in self.active()]
+        members = [i for i in sent if i in self.members.active()]
         ev = TrustEvidence(n_clients=len(members))
         if "adapters" in need:
             ev.adapters = [self.adapters[i] for i in members]
@@ -234,12 +206,12 @@ class PersonalizedLoop:
         if predictions is not None:
             ev.prediction_distance = prediction_distance([predictions[i] for i in members], s.logits_topk)
         if "mixtures" in need:
-            ev.mixtures = label_mixtures([self.joined[i] for i in members])
+            ev.mixtures = label_mixtures([self.members.joined[i] for i in members])
         return members, ev
 
     def aggregate(self, r: int, round_start: list[AdapterState]) -> None:
         """Screen the uploads, mix the accepted ones; the others keep their round-start adapter."""
-        answered = self.active()
+        answered = self.members.active()
         uploads = [self.adapters[i] for i in answered]
         for i in answered:  # a rejected update is discarded: start from the round's adapter
             self.adapters[i] = round_start[i]
@@ -259,36 +231,34 @@ class PersonalizedLoop:
             idx = torch.tensor(mixed.members)
             full[idx.unsqueeze(1), idx.unsqueeze(0)] = mixed.trust.to(full.dtype)
         self.files.log(
-            {
-                "type": "trust",
-                "round": r,
-                "step": self.step_at_end(r),
-                "strategy": self.cfg.strategy.name,
-                "aggregator": self.cfg.robustness.aggregator,
-                "matrix": [[round(float(x), 6) for x in row] for row in full],
-                "participants": mixed.members,
-            }
+            TrustRecord(
+                round=r,
+                step=self.step_at_end(r),
+                strategy=self.cfg.strategy.name,
+                aggregator=self.cfg.robustness.aggregator,
+                matrix=[[round(float(x), 6) for x in row] for row in full],
+                participants=mixed.members,
+            )
         )
 
     def evaluate(self, r: int) -> float:
         """Each active client's validation loss and perplexity; returns their mean perplexity."""
-        replies = self.clients.evaluate(r, {i: self.adapters[i] for i in self.active()})
-        self.note_failures(r, "evaluate", replies)
+        replies = self.clients.evaluate(r, {i: self.adapters[i] for i in self.members.active()})
+        self.members.note_failures(r, "evaluate", replies)
         ppls = []
         for i, m in sorted(replies.ok.items()):
             ppls.append(float(m["ppl"]))
             self.files.log(
-                {
-                    "type": "eval",
-                    "round": r,
-                    "step": self.step_at_end(r),
-                    "client": i,
-                    "split": "val",
-                    "loss": m["loss"],
-                    "ppl": m["ppl"],
-                    "acc": m["acc"],
-                    "tokens": int(m["tokens"]),
-                }
+                EvalRecord(
+                    round=r,
+                    step=self.step_at_end(r),
+                    client=i,
+                    split="val",
+                    loss=m["loss"],
+                    ppl=m["ppl"],
+                    acc=m["acc"],
+                    tokens=int(m["tokens"]),
+                )
             )
         return sum(ppls) / max(1, len(ppls))
 
@@ -301,7 +271,7 @@ class PersonalizedLoop:
         state = {
             "step": self.step_at_end(r),
             "clients": self.clients.state_dict(),
-            "participants": self.active(),
+            "participants": self.members.active(),
         }
         self.files.checkpoint(r, writers, state)
 

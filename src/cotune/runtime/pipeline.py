@@ -7,7 +7,7 @@ robustness.aggregator) is decided here, not by flags tested inside the loops.
 
 * Screening (`cotune.algorithms.robust`): an upload with NaN/Inf, wrong keys or shapes, or an update
   larger than `robustness.max_update_norm` is rejected and logged as
-  `{"type": "fault", "event": "update_rejected", "client", "reason"}`.
+  a `FaultRecord` (event update_rejected).
 * Client-level DP: every accepted update is clipped to `privacy.clip_norm`; Gaussian noise goes on
   the mean (fedavg, where one draw covers everyone) or on each upload (trust mixing, where clients
   take different weighted sums); epsilon is logged after each aggregation.
@@ -17,7 +17,6 @@ robustness.aggregator) is decided here, not by flags tested inside the loops.
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from cotune.algorithms.personalized import TrustEvidence, aggregate
 from cotune.algorithms.privacy import add_gaussian_noise, clip_uploads, epsilon_spent, noise_std
 from cotune.algorithms.robust import screen_updates
 from cotune.config.schema import ExperimentConfig
+from cotune.records import FaultRecord, PrivacyClip, PrivacySpent
 from cotune.runtime import guard
 from cotune.runtime.guard import Log
 from cotune.state import AdapterState
@@ -66,15 +66,13 @@ class AggregationPipeline:
         positions, rejected = screen_updates(uploads, references, self.robustness.max_update_norm)
         for pos, reason in rejected:
             self.log(
-                {
-                    "type": "fault",
-                    "event": "update_rejected",
-                    "round": round_,
-                    "phase": "aggregate",
-                    "client": clients[pos],
-                    "reason": reason,
-                    "time": time.time(),
-                }
+                FaultRecord(
+                    event="update_rejected",
+                    round=round_,
+                    phase="aggregate",
+                    client=clients[pos],
+                    reason=reason,
+                )
             )
         accepted = [clients[p] for p in positions]
         kept = [dict(uploads[p]) for p in positions]
@@ -83,15 +81,13 @@ class AggregationPipeline:
             assert p.clip_norm is not None
             kept, norms = clip_uploads(kept, [references[q] for q in positions], p.clip_norm)
             self.log(
-                {
-                    "type": "privacy",
-                    "event": "clip",
-                    "round": round_,
-                    "clients": accepted,
-                    "update_norms": [round(x, 6) for x in norms],
-                    "clipped": sum(x > p.clip_norm for x in norms),
-                    "clip_norm": p.clip_norm,
-                }
+                PrivacyClip(
+                    round=round_,
+                    clients=accepted,
+                    update_norms=[round(x, 6) for x in norms],
+                    clipped=sum(x > p.clip_norm for x in norms),
+                    clip_norm=p.clip_norm,
+                )
             )
         guard.require(
             self.cfg, self.log, round_, len(accepted), n_clients, "sent an acceptable update", default=1
@@ -177,15 +173,13 @@ class AggregationPipeline:
         p = self.privacy
         eps = epsilon_spent(p.noise_multiplier, 1.0, round_, p.delta)
         self.log(
-            {
-                "type": "privacy",
-                "event": "spent",
-                "round": round_,
-                "epsilon": eps if eps != float("inf") else None,
-                "delta": p.delta,
-                "noise_multiplier": p.noise_multiplier,
-                "clip_norm": p.clip_norm,
-                "sample_rate": 1.0,
-                "noise": noise,
-            }
+            PrivacySpent(
+                round=round_,
+                epsilon=eps if eps != float("inf") else None,
+                delta=p.delta,
+                noise_multiplier=p.noise_multiplier,
+                clip_norm=p.clip_norm,
+                sample_rate=1.0,
+                noise=noise,
+            )
         )

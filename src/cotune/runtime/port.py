@@ -97,8 +97,11 @@ class Clients(Protocol):
         """Client i's top-k logits with adapters[i] on the shared public reference set."""
         ...
 
-    def state_dict(self) -> list[dict[str, Any]] | None:
-        """The clients' trainer states for a checkpoint; None where they live elsewhere (SuperNodes)."""
+    def state_dict(self) -> Any:
+        """What a checkpoint keeps of the transport: in process, every client's trainer state; on
+        Flower, the run key and each client's last trained round (the states stay on the nodes)."""
         ...
 
-    def load_state_dict(self, state: list[dict[str, Any]]) -> None: ...
+    def load_state_dict(self, state: Any) -> None:
+        """Continue from a checkpoint's `state_dict()` (a resumed run)."""
+        ...

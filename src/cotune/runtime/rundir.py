@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file
 
 from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
+from cotune.records import Record, RunEvent
 from cotune.reporting.metrics import append_metrics, read_metrics
 from cotune.runtime.checkpoint import latest_checkpoint, load_state, restore_rng, rng_state, save_state
 from cotune.runtime.checkpoint import write_checkpoint as write_round
@@ -107,8 +107,8 @@ class RunFiles:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.fingerprint = config_fingerprint(cfg)
 
-    def log(self, record: Mapping[str, Any]) -> None:
-        append_metrics(self.metrics_path, record)
+    def log(self, record: Record) -> None:
+        append_metrics(self.metrics_path, record.line())
 
     def checkpoint(
         self,
@@ -148,7 +148,8 @@ class RunFiles:
         r, path, state = self.open_latest()
         restore_rng(state["rng"])
         self.truncate_metrics(r)
-        self.log({"type": "run", "event": "resume", "after_round": r, "time": time.time()})
+        self.log(RunEvent(event="resume", after_round=r))
+        print(f"resuming {self.run_dir} after round {r}", file=sys.stderr, flush=True)
         return r, path, state
 
     def truncate_metrics(self, last_round: int) -> None:
@@ -165,19 +166,22 @@ def load_adapter(directory: Path) -> AdapterState:
     return load_file(str(directory / "adapter_model.safetensors"))
 
 
-def log_start(files: RunFiles, cfg: ExperimentConfig, clients: int) -> None:
+def first_round(
+    files: RunFiles, resume: bool, restore: Callable[[], int], round_zero: Callable[[], None]
+) -> int:
+    """The first round a loop runs: the one after the restored checkpoint, or 1 after a fresh start
+    (the start record, then `round_zero`: round 0's evaluation and checkpoint)."""
+    if resume:
+        return restore() + 1
+    cfg = files.cfg
     files.log(
-        {
-            "type": "run",
-            "event": "start",
-            "algorithm": cfg.algorithm,
-            "strategy": main_name(cfg),
-            "clients": clients,
-            "backend": files.backend,
-            "time": time.time(),
-        }
+        RunEvent(
+            event="start",
+            algorithm=cfg.algorithm,
+            strategy=main_name(cfg),
+            clients=cfg.federation.clients,
+            backend=files.backend,
+        )
     )
-
-
-def device_of(state: Mapping[str, torch.Tensor]) -> torch.device:
-    return next(iter(state.values())).device
+    round_zero()
+    return 1

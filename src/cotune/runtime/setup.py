@@ -17,7 +17,7 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
 from cotune.algorithms.attacks import garbage_tokens
-from cotune.algorithms.fedcollm import PLANS, distill_batches, local_steps
+from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
 from cotune.config.schema import ExperimentConfig, ModelConfig
 from cotune.data.task_data import EncodedSet, TaskData, build_task_data
 from cotune.data.windows import ClientData, FederatedData, build_federated_data
@@ -60,7 +60,7 @@ def load_model(
 
 def needs_llm(cfg: ExperimentConfig) -> bool:
     """Whether this run loads the server's LLM (zero_shot scores it too, when configured)."""
-    return cfg.llm is not None and (PLANS[cfg.algorithm].uses_llm or cfg.algorithm == "zero_shot")
+    return cfg.llm is not None and (plan_of(cfg.algorithm).uses_llm or cfg.algorithm == "zero_shot")
 
 
 # ---- personalized -------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def fedcollm_server(
     if llm is not None:
         llm_lr = cfg.llm.lr if cfg.llm is not None and cfg.llm.lr is not None else t.lr
         lt = t.model_copy(update={"lr": llm_lr})
-        if PLANS[cfg.algorithm].central_llm:
+        if plan_of(cfg.algorithm).central_llm:
             omega = Learner(llm, LLM_ADAPTER, task.union, lt, central * rounds, seed * 1000 + 998, device)
         else:
             omega = Learner(

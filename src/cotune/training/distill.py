@@ -73,6 +73,7 @@ def student_step(
     if teacher.logits is not None:
         kd = kd_kl(shifted, teacher.logits, mask, temperature=cfg.temperature)
     else:
+        assert teacher.values is not None and teacher.indices is not None  # a top-k signal
         kd = kd_kl_from_topk(shifted, teacher.values, teacher.indices, mask, temperature=cfg.temperature)
     (ce + cfg.lam * kd).backward()
     optimizer_step(optimizer, scheduler, max_grad_norm)

@@ -31,7 +31,7 @@ def micro_batches(
     if isinstance(data, torch.Tensor):
         ids = data[indices].to(device)
         return list(ids.split(batch_size)), ids.numel()
-    parts = [data.batch(part, device) for part in indices.split(batch_size)]
+    parts = [data.batch(part, torch.device(device)) for part in indices.split(batch_size)]
     return list(parts), sum(int(b["attention_mask"].sum()) for b in parts)
 
 

@@ -1,9 +1,9 @@
 """The cotune ClientApp: what a SuperNode (one data owner) does with each message of the ServerApp.
 
-Every handler rebuilds the node from the config the message carries plus the node's `Context.state`
-(its adapter, trainer state and RNG from earlier messages of this run), calls one `ClientWork`
-method, saves the state back and replies. Flower turns an exception into an error reply, which the
-server's transport reports as a failed client.
+Every handler rebuilds the node from the config the message carries plus the state it saved on its
+own disk after its last trained round of this run (node_state.py: adapter, trainer state, RNG),
+calls one `ClientWork` method, saves the state after training and replies. Flower turns an
+exception into an error reply, which the server's transport reports as a failed client.
 
 Message types (see protocol.py): `query.describe`, `train`, `evaluate`, and the trust evidence
 actions `evaluate.peers` (validation trust) and `query.predict` (prediction trust).
@@ -25,46 +25,35 @@ app = ClientApp(mods=[secagg.maybe_secaggplus])
 
 
 def open_node(message: Message, context: Context) -> tuple[p.Job, Node]:
-    """The node as it was after the previous message of this run (fresh on the first one)."""
+    """The node as it was after its last trained round of this run (fresh before its first)."""
     return open_job(p.job_of(message), context)
 
 
 def open_job(job: p.Job, context: Context) -> tuple[p.Job, Node]:
     settings = NodeSettings.from_node_config(context.node_config)
     node = Node(job.family, node_config(job.config_yaml, settings), settings)
-    restore(node, context, job)
+    restore(node, job)
     node.seed_if_new()
     return job, node
 
 
-def restore(node: Node, context: Context, job: p.Job) -> None:
-    state = context.state
-    meta = state.config_records.get(p.STATE_META)
-    if meta is None:
+def restore(node: Node, job: p.Job) -> None:
+    """This run's state from the node's own disk (node_state.py): the round the server names after a
+    resume, else the latest it trained. Another run (another run key) never shares it."""
+    if not job.run_key:
         return
-    if meta["fingerprint"] != job.fingerprint or int(meta["run_id"]) != int(context.run_id):  # type: ignore[arg-type]
-        # Another experiment (or run) left state here: never mix it into this one.
-        for key in (p.STATE_META, p.STATE_ADAPTER, p.STATE_TENSORS):
-            if key in state:
-                del state[key]
-        return
-    if p.STATE_ADAPTER in state:
-        node.work.adopt(p.record_to_tensors(state.array_records[p.STATE_ADAPTER]))
-    if p.STATE_TENSORS in state:
-        node.load_trainer_state(p.unpack_tree(state.array_records[p.STATE_TENSORS], str(meta["tree"])))
+    store = node.store(job.run_key)
+    pinned = job.resume.get(node.index) if job.resume else None
+    round_ = pinned if pinned is not None else store.latest()
+    if round_ is not None:
+        adapter, trainer = store.load(round_)
+        node.work.adopt(adapter)
+        node.load_trainer_state(trainer)
 
 
-def save(node: Node, context: Context, job: p.Job, *, trainer: bool) -> None:
-    state = context.state
-    meta = state.config_records.get(p.STATE_META)
-    tree = str(meta["tree"]) if meta is not None and "tree" in meta else ""
-    if trainer:
-        tensors, tree = p.pack_tree(node.trainer_state())
-        state[p.STATE_TENSORS] = tensors
-    state[p.STATE_ADAPTER] = p.tensors_to_record(node.work.adapter())
-    state[p.STATE_META] = ConfigRecord(
-        {"fingerprint": job.fingerprint, "run_id": int(context.run_id), "round": job.round, "tree": tree}
-    )
+def save(node: Node, job: p.Job) -> None:
+    """After training: the node's adapter and trainer state, for its next message or a resumed run."""
+    node.store(job.run_key).save(job.round, node.work.adapter(), node.trainer_state())
 
 
 def reply(message: Message, records: dict[str, ArrayRecord | ConfigRecord | MetricRecord]) -> Message:
@@ -94,19 +83,18 @@ def train(message: Message, context: Context) -> Message:
     adopt_sent(node, message)
     steps = job.args.get("steps")  # FedCoLLM: the node's own budget (local_epochs depends on its data)
     metrics = node.work.train(None if steps is None else int(steps))
-    save(node, context, job, trainer=True)
+    save(node, job)
     return reply(
-        message, {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.METRICS: MetricRecord(metrics)}
+        message, {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.METRICS: MetricRecord(dict(metrics))}
     )
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    job, node = open_node(message, context)
+    _, node = open_node(message, context)
     adopt_sent(node, message)
     metrics = node.work.evaluate()
-    save(node, context, job, trainer=False)
-    return reply(message, {p.METRICS: MetricRecord(metrics)})
+    return reply(message, {p.METRICS: MetricRecord(dict(metrics))})
 
 
 @app.evaluate("peers")
@@ -136,5 +124,5 @@ def secure_train(message: Message, context: Context) -> Message:
         raise ValueError("secure aggregation is implemented for the FedCoLLM family's FedAvg step")
     node.adopt(adapter)
     metrics = node.work.train()
-    save(node, context, job, trainer=True)
+    save(node, job)
     return secagg.fit_reply(message, node.work.adapter(), list(adapter), node.weight(), metrics)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,13 +63,16 @@ class FlowerClients:
         self.config_yaml = dump_config(cfg)
         self.fingerprint = config_fingerprint(cfg)
         self.nodes: dict[int, int] = {}  # client index -> SuperNode id
+        self.run_key = uuid.uuid4().hex  # where the nodes keep their trainer states for this run
+        self.trained: dict[int, int] = {}  # client -> the last round it trained (answered)
+        self.resume: dict[int, int] | None = None  # after a resume: what each node reloads
 
     @property
     def n(self) -> int:
         return self.cfg.federation.clients
 
     def job(self, round_: int, **args: Any) -> p.Job:
-        return p.Job(self.family, self.config_yaml, self.fingerprint, round_, args)
+        return p.Job(self.family, self.config_yaml, self.fingerprint, round_, args, self.run_key, self.resume)
 
     # ---- exchanges --------------------------------------------------------------------------------------
     def exchange(
@@ -157,6 +161,7 @@ class FlowerClients:
             device = next(iter(adapters[i].values())).device
             state = {k: v.to(device) for k, v in p.record_to_tensors(body.array_records[p.ADAPTER]).items()}
             out.ok[i] = Upload(state, metrics(body))
+            self.note_trained(i, round_)
         return out
 
     def secure_train(
@@ -182,6 +187,7 @@ class FlowerClients:
             if node in client_of and result.average is not None:
                 # The individual uploads are never seen; comm accounting counts the same-sized masked vectors.
                 out.ok[client_of[node]] = Upload(payload, {k: float(v) for k, v in m.items()})
+                self.note_trained(client_of[node], round_)
         for i in clients:
             if i not in out.ok:
                 out.failed[i] = "did not complete the SecAgg+ round"
@@ -216,11 +222,25 @@ class FlowerClients:
             out.ok[i] = Prediction(topk, int(info["vocab"]), str(info["public_hash"]))  # type: ignore[arg-type]
         return out
 
-    def state_dict(self) -> list[dict[str, Any]] | None:
-        return None  # the trainer states live in the SuperNodes' contexts
+    def note_trained(self, client: int, round_: int) -> None:
+        """From now on the node continues from its latest state (no longer the resumed round's)."""
+        self.trained[client] = round_
+        if self.resume:
+            self.resume.pop(client, None)
 
-    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
-        raise NotImplementedError("a Flower run's trainer states live on the SuperNodes")
+    def state_dict(self) -> dict[str, Any]:
+        """What the server checkpoints: the run key and each client's last trained round. The trainer
+        states themselves stay on the SuperNodes (see node_state.py for where and why)."""
+        return {"run_key": self.run_key, "trained": dict(self.trained)}
+
+    def load_state_dict(self, state: Any) -> None:
+        if not state or "run_key" not in state:
+            raise ValueError(
+                "this Flower run's checkpoint predates resumable Flower runs (no run key): start a new run"
+            )
+        self.run_key = str(state["run_key"])
+        self.trained = {int(k): int(v) for k, v in state["trained"].items()}
+        self.resume = dict(self.trained)
 
 
 def metrics(body: RecordDict) -> dict[str, float]:

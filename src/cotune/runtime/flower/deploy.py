@@ -44,7 +44,7 @@ APP_COMPONENTS = {
     "serverapp": "cotune.runtime.flower.server_app:app",
     "clientapp": "cotune.runtime.flower.client_app:app",
 }
-APP_CONFIG: dict[str, str | int | float] = {
+APP_CONFIG: dict[str, str | int | float | bool] = {
     "config": "",
     "config-yaml": "",
     "overrides": "",
@@ -52,6 +52,7 @@ APP_CONFIG: dict[str, str | int | float] = {
     "min-clients": 0,  # 0: federation.min_clients (default all)
     "round-timeout": 0.0,  # 0: federation.client_timeout (default 600 s)
     "connect-timeout": 120.0,
+    "resume": False,  # continue run-dir after its last checkpoint (`cotune run --resume`)
 }
 
 
@@ -291,6 +292,7 @@ class LocalFederation:
 
     def start_node(self, i: int) -> None:
         cfg: dict[str, str | int] = {"partition-id": i, "num-partitions": self.n_nodes}
+        cfg["state-dir"] = str(self.work_dir / "node-state")  # trainer states, kept for a resume
         cfg.update(self.node_config(i) if self.node_config else {})
         pairs = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in cfg.items())
         self._spawn(
@@ -392,13 +394,15 @@ def run_on_flower(
     root_certificates: Path | None = None,
     connect_timeout: float = 120.0,
     timeout: float | None = None,
+    resume: bool = False,
 ) -> None:
     """Run each (run directory, config) on Flower, one after the other; raise if one did not complete.
 
     With `superlink` (host:port of a running SuperLink's Control API), the runs go to that federation:
     TLS with `root_certificates`, insecure without. Without it, a LocalFederation of
     `federation.clients` SuperNodes on 127.0.0.1 is started for the duration (the demo). Run
-    directories are paths on the SuperLink's machine.
+    directories are paths on the SuperLink's machine. With `resume`, each run continues after its
+    last complete checkpoint (its SuperNodes reload their trainer states from their state-dir).
     """
     if not runs:
         return
@@ -407,7 +411,8 @@ def run_on_flower(
         work = run_dir / "flower"  # logs of the federation and of `flwr run` stay with the run
         work.mkdir(parents=True, exist_ok=True)
         app_dir = write_app_dir(Path(tmp) / APP_NAME)
-        settings = {"connect-timeout": connect_timeout}  # min-clients, round-timeout: in the config
+        settings: dict[str, Any] = {"connect-timeout": connect_timeout, "resume": resume}
+        # min-clients and round-timeout come with the config
         log = work / "flwr-run.log"
         if superlink is None:
             with LocalFederation(cfg.federation.clients, work) as fed:

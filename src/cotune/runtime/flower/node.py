@@ -1,16 +1,16 @@
 """One data owner on Flower: the ClientWork a SuperNode runs for each message, and its state between them.
 
-Flower runs each message in a fresh ClientApp process and keeps only `Context.state` between them,
-so a node is rebuilt per message from the config the message carries plus its node config
-(`partition-id`, `num-partitions`, `data-path`, `public-path`), and its adapter, trainer state
-(optimizer, schedule, data cursor) and RNG are restored from and saved back to that state. The work
+Flower runs each message in a fresh ClientApp process, so a node is rebuilt per message from the
+config the message carries plus its node config (`partition-id`, `num-partitions`, `data-path`,
+`public-path`, `state-dir`), and its adapter, trainer state (optimizer, schedule, data cursor) and
+RNG are restored from and saved back to its `state-dir` (node_state.py). The work
 itself is `ClientWork`, built by `runtime.setup` exactly as the in-process simulation builds it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from cotune.data.task_data import EncodedSet, build_task_data, encode
 from cotune.data.tasks import build_task
 from cotune.data.windows import ClientData, FederatedData, build_federated_data, pack_windows, tokenize
 from cotune.runtime.client import ClientWork
+from cotune.runtime.flower.node_state import NodeStateStore, default_state_dir
 from cotune.runtime.rundir import client_name
 from cotune.runtime.setup import (
     adapter_pool,
@@ -44,6 +45,7 @@ class NodeSettings:
     num_partitions: int | None = None  # num-partitions: checked against federation.clients
     data_path: str | None = None  # data-path: this owner's own files (replaces data.path / data.sources)
     public_path: str | None = None  # public-path: the public reference files (the same on every node)
+    state_dir: Path = field(default_factory=default_state_dir)  # state-dir: trainer states (resume)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -54,11 +56,13 @@ class NodeSettings:
             )
         n = node_config.get("num-partitions")
         data, public = node_config.get("data-path"), node_config.get("public-path")
+        state_dir = node_config.get("state-dir")
         return cls(
             partition=int(node_config["partition-id"]),
             num_partitions=int(n) if n is not None else None,
             data_path=str(data) if data else None,
             public_path=str(public) if public else None,
+            state_dir=Path(str(state_dir)).expanduser() if state_dir else default_state_dir(),
         )
 
 
@@ -69,8 +73,8 @@ def node_config(config_yaml: str, settings: NodeSettings) -> ExperimentConfig:
         value = getattr(settings, key)
         if value and not Path(value).expanduser().exists():
             raise ValueError(f"{key.replace('_', '-')} {value!r} does not exist on this SuperNode")
-    if settings.data_path:  # the server's data paths need not exist here: this owner brings its own
-        tree["data"] = {**tree.get("data", {}), "path": settings.data_path}
+    if settings.data_path and "data" in tree:  # personalized: the server's data paths need not exist
+        tree["data"] = {**tree["data"], "path": settings.data_path}  # here, this owner brings its own
     cfg = config_from_dict(tree, "(sent by the ServerApp)")
     clients = cfg.federation.clients
     if settings.num_partitions is not None and settings.num_partitions != clients:
@@ -176,6 +180,10 @@ class Node:
         self.work.load_state_dict(dict(state))
         torch.set_rng_state(state["rng"])
         self.rng_restored = True
+
+    def store(self, run_key: str) -> NodeStateStore:
+        """This node's trainer states of one run, on its own disk (what a resumed run reloads)."""
+        return NodeStateStore(self.settings.state_dir, run_key, self.index)
 
     def seed_if_new(self) -> None:
         """Before its first training: this node's own dropout stream (a SuperNode is its own process)."""

@@ -31,11 +31,6 @@ METRICS = "cotune.metrics"  # MetricRecord: losses, perplexities, throughput
 INFO = "cotune.info"  # ConfigRecord: a node's description (describe reply)
 LOGITS = "cotune.logits"  # ArrayRecord: <batch>.values / <batch>.indices of the top-k logits
 
-# Node-side state kept in Context.state between messages of one run.
-STATE_ADAPTER = "cotune.state.adapter"
-STATE_TENSORS = "cotune.state.tensors"
-STATE_META = "cotune.state.meta"
-
 # numpy has no bfloat16: such tensors travel as their int16 bit pattern under a marked key.
 _BF16_SUFFIX = "::bfloat16"
 
@@ -60,54 +55,6 @@ def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
             key, t = key.removesuffix(_BF16_SUFFIX), t.view(torch.bfloat16)
         out[key] = t
     return out
-
-
-# ---- nested state (optimizer, scheduler, sampler, RNG) <-> ArrayRecord + JSON ---------------------------
-def pack_tree(obj: Any) -> tuple[ArrayRecord, str]:
-    """Split a nested state (dicts with str/int keys, lists, tuples, scalars, tensors) into tensors + JSON.
-
-    Used for optimizer and scheduler state dicts, whose tensors must round-trip exactly and whose
-    int keys (parameter indices) and tuples (AdamW betas) must come back as they were.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def enc(x: Any, path: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            tensors[path] = x
-            return {"t": path}
-        if isinstance(x, dict):
-            for k in x:
-                if not isinstance(k, str | int) or isinstance(k, bool):
-                    raise TypeError(f"{path}: only str/int keys can be packed, got {type(k).__name__}")
-            return {"d": [[k, enc(v, f"{path}/{k}")] for k, v in x.items()]}
-        if isinstance(x, tuple):
-            return {"u": [enc(v, f"{path}/{i}") for i, v in enumerate(x)]}
-        if isinstance(x, list):
-            return {"l": [enc(v, f"{path}/{i}") for i, v in enumerate(x)]}
-        if x is None or isinstance(x, bool | int | float | str):
-            return {"v": x}
-        raise TypeError(f"{path}: cannot pack a value of type {type(x).__name__}")
-
-    structure = enc(obj, "")
-    return tensors_to_record(tensors), json.dumps(structure)
-
-
-def unpack_tree(record: ArrayRecord, structure: str) -> Any:
-    tensors = record_to_tensors(record)
-
-    def dec(node: dict[str, Any]) -> Any:
-        ((kind, value),) = node.items()
-        if kind == "t":
-            return tensors[value]
-        if kind == "d":
-            return {k: dec(v) for k, v in value}
-        if kind == "u":
-            return tuple(dec(v) for v in value)
-        if kind == "l":
-            return [dec(v) for v in value]
-        return value
-
-    return dec(json.loads(structure))
 
 
 # ---- prediction trust: top-k logits ---------------------------------------------------------------------
@@ -136,8 +83,12 @@ class Job:
     fingerprint: str  # config_fingerprint(cfg): a node refuses to mix state from two configs
     round: int
     args: Mapping[str, Any]
+    run_key: str = ""  # names this run across Flower runs (a resumed run is a new Flower run)
+    # After `--resume`: client -> the last round it trained before the crash, whose state it reloads.
+    resume: Mapping[int, int] | None = None
 
     def to_record(self) -> ConfigRecord:
+        resume = "" if self.resume is None else json.dumps({str(k): r for k, r in self.resume.items()})
         return ConfigRecord(
             {
                 "family": self.family,
@@ -145,6 +96,8 @@ class Job:
                 "fingerprint": self.fingerprint,
                 "round": self.round,
                 "args": json.dumps(dict(self.args)),
+                "run_key": self.run_key,
+                "resume": resume,
             }
         )
 
@@ -156,6 +109,10 @@ class Job:
             fingerprint=str(record["fingerprint"]),
             round=int(record["round"]),  # type: ignore[arg-type]
             args=json.loads(str(record["args"])),
+            run_key=str(record.get("run_key", "")),
+            resume={int(k): int(v) for k, v in json.loads(resume).items()}
+            if (resume := str(record.get("resume", "")))
+            else None,
         )
 
 

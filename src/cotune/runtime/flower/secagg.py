@@ -95,7 +95,7 @@ class _OneRound(FedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        pairs = []
+        pairs: list[tuple[ClientProxy, FitIns]] = []
         for n in self.node_ids:
             proxy = _Proxy(str(n))
             proxy.node_id = n

@@ -10,13 +10,14 @@ Run config keys (`[tool.flwr.app.config]`, overridable with `flwr run ... --run-
 - ``run-dir``: where the run directory is written (default: ``run.out_dir/<name>`` as `cotune run`);
 - ``min-clients`` and ``round-timeout`` (seconds): when > 0, they replace ``federation.min_clients`` and
   ``federation.client_timeout`` of the config (0: the config's, whose defaults are all clients and 600 s);
-  ``connect-timeout``: seconds to wait for the SuperNodes at the start.
+  ``connect-timeout``: seconds to wait for the SuperNodes at the start;
+- ``resume``: continue ``run-dir`` after its last complete checkpoint (what `cotune run --resume`
+  sends for a Flower run); the SuperNodes reload their trainer states from their ``state-dir``.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,17 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from cotune.algorithms.fedcollm import PLANS
+from cotune.algorithms.fedcollm import plan_of
 from cotune.config.loader import apply_overrides, config_from_dict, dump_config, load_config
 from cotune.config.schema import ExperimentConfig
+from cotune.records import RunEvent
 from cotune.runtime.checkpoint import latest_checkpoint
 from cotune.runtime.fedcollm import FedCoLLMLoop
 from cotune.runtime.flower.clients import FlowerClients, ServerSettings
 from cotune.runtime.flower.deploy import OUTCOME_MARK, check_flower_config, run_outcome, with_run_settings
 from cotune.runtime.guard import TooFewClients
 from cotune.runtime.personalized import PersonalizedLoop
-from cotune.runtime.rundir import RunFiles, client_name, default_run_dir
+from cotune.runtime.rundir import ResumeError, RunFiles, client_name, default_run_dir, is_flower_run
 from cotune.runtime.setup import (
     adapter_pool,
     fedcollm_pools,
@@ -72,6 +74,13 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
     config_file.write_text(dump_config(cfg))
 
 
+def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """A Flower run directory of this very config, with a checkpoint to continue from."""
+    RunFiles(run_dir, cfg, backend="flower").open_latest()
+    if not is_flower_run(run_dir):
+        raise ResumeError(f"{run_dir} was not run on Flower: resume it with `cotune run --resume` alone")
+
+
 def build_loop(
     cfg: ExperimentConfig, run_dir: Path, clients: FlowerClients, console: Console
 ) -> PersonalizedLoop | FedCoLLMLoop:
@@ -99,38 +108,30 @@ def run_server(
     grid: Grid,
     settings: ServerSettings | None = None,
     say: Callable[[str], None] | None = None,
+    resume: bool = False,
 ) -> str:
-    """Run the rounds; "completed", "stopped" (too few clients left) or "failed", as metrics.jsonl says."""
+    """Run the rounds (or, `resume`, those after the last checkpoint); "completed" or "stopped" (too
+    few clients left), as metrics.jsonl says; a failure is logged and raised."""
     check_flower_config(cfg)
-    if cfg.is_cotuning and not PLANS[cfg.algorithm].local_training:
+    if cfg.is_cotuning and not plan_of(cfg.algorithm).local_training:
         raise ValueError(
             f"algorithm {cfg.algorithm!r} has no client step, so nothing runs on the SuperNodes: run it "
             "with the embedded runtime (`cotune run CONFIG`; `cotune run --backend flower` does so for it)"
         )
     say = say or (lambda text: print(text, flush=True))
     files = RunFiles(run_dir, cfg, backend="flower")
-    family = "fedcollm" if cfg.is_cotuning else "personalized"
+    family = cfg.family
     console = Console(stderr=True)
     try:
         clients = FlowerClients(cfg, grid, family, settings, say)
-        build_loop(cfg, run_dir, clients, console).run()
+        build_loop(cfg, run_dir, clients, console).run(resume)
     except TooFewClients as stop:
         last = latest_checkpoint(run_dir)
-        files.log(
-            {
-                "type": "run",
-                "event": "stopped",
-                "reason": str(stop),
-                "last_checkpoint": last[0] if last else None,
-                "time": time.time(),
-            }
-        )
+        files.log(RunEvent(event="stopped", reason=str(stop), last_checkpoint=last[0] if last else None))
         say(f"STOPPED {stop}; last complete checkpoint: {f'round {last[0]}' if last else 'none written'}")
         return "stopped"
     except Exception as exc:
-        files.log(
-            {"type": "run", "event": "failed", "error": f"{type(exc).__name__}: {exc}", "time": time.time()}
-        )
+        files.log(RunEvent(event="failed", error=f"{type(exc).__name__}: {exc}"))
         say(f"FAILED {type(exc).__name__}: {exc}")
         raise
     return "completed"
@@ -141,11 +142,15 @@ def main(grid: Grid, context: Context) -> None:
     cfg = with_run_settings(experiment_config(context.run_config), context.run_config)
     given = str(context.run_config.get("run-dir", "") or "")
     run_dir = Path(given) if given else default_run_dir(cfg)
-    prepare_run_dir(run_dir, cfg)
+    resume = bool(context.run_config.get("resume", False))
+    if resume:
+        check_resumable(run_dir, cfg)
+    else:
+        prepare_run_dir(run_dir, cfg)
     what = cfg.algorithm if cfg.is_cotuning else f"{cfg.algorithm}/{cfg.strategy.name}"
     print(f"cotune {what} on Flower -> {run_dir.resolve()}", flush=True)
     try:
-        run_server(cfg, run_dir, grid, ServerSettings.from_config(cfg, context.run_config))
+        run_server(cfg, run_dir, grid, ServerSettings.from_config(cfg, context.run_config), resume=resume)
     finally:
         outcome = run_outcome(run_dir)
         print(OUTCOME_MARK + json.dumps({**outcome, "run_dir": str(run_dir)}), flush=True)

@@ -1,0 +1,51 @@
+"""Every family, personalized strategy and FedCoLLM-family algorithm name, spelled once.
+
+The config schema, the round loops, the algorithm tables and the reports all take their names from
+here, so a new strategy or algorithm is added in one place and a typo is a type error.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal, get_args
+
+Family = Literal["personalized", "fedcollm"]
+PERSONALIZED: Final = "personalized"  # the personalized family's one `algorithm` value (SPEC B)
+FEDCOLLM: Final = "fedcollm"
+
+# SPEC B: how every client's adapter takes from the others' (the trust matrix, or a baseline).
+StrategyName = Literal["local", "fedavg", "weight", "validation", "prediction", "oracle"]
+# SPEC A: FedCoLLM and the baselines it is judged against.
+FedCoLLMAlgorithm = Literal["fedcollm", "fedavg", "standalone", "centralized", "zero_shot"]
+Algorithm = Literal["personalized", FedCoLLMAlgorithm]
+
+STRATEGIES: tuple[StrategyName, ...] = get_args(StrategyName)
+FEDCOLLM_ALGORITHMS: tuple[FedCoLLMAlgorithm, ...] = get_args(FedCoLLMAlgorithm)
+LLM_ALGORITHMS: tuple[FedCoLLMAlgorithm, ...] = ("fedcollm", "centralized")  # they train the server LLM
+
+# The config sections each family reads; a run's resolved config.yaml holds these and no others.
+SHARED_SECTIONS = (
+    "algorithm",
+    "device",
+    "model",
+    "lora",
+    "train",
+    "federation",
+    "run",
+    "robustness",
+    "privacy",
+    "simulation",
+)
+FAMILY_SECTIONS: dict[Family, tuple[str, ...]] = {
+    "personalized": (*SHARED_SECTIONS, "data", "strategy"),
+    "fedcollm": (*SHARED_SECTIONS, "llm", "task", "distill"),
+}
+# Federation settings only one family reads: setting one for the other family is refused.
+FAMILY_FEDERATION_FIELDS: dict[Family, tuple[str, ...]] = {
+    "personalized": ("warmup_steps",),
+    "fedcollm": ("local_epochs", "weighting"),
+}
+
+
+def family_of(algorithm: str) -> Family:
+    """The family an algorithm name belongs to."""
+    return "personalized" if algorithm == PERSONALIZED else "fedcollm"

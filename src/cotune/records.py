@@ -1,0 +1,230 @@
+"""The metric records a run writes to its metrics.jsonl: one typed class per kind, defined once.
+
+The round loops, the aggregation pipeline and the run-directory code build these; `reporting`
+reads them back with `parse_record`. A record's `type` field names its class in the JSON line, so
+the file stays plain JSONL that any tool can read. Reading is lenient: a line whose type is unknown
+or whose fields do not validate is skipped (a run may be killed mid-write, and later versions may
+add kinds of their own), never fatal.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+
+def _not_bool(value: Any) -> Any:
+    """JSON true/false are not numbers here (pydantic would read them as 1/0)."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
+def now() -> float:
+    return time.time()
+
+
+class Record(BaseModel):
+    """One line of metrics.jsonl. Unknown fields are ignored on reading (newer writers may add some);
+    the fields a report does not need default to None, so runs written before a field existed still read."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    type: str
+
+    def line(self) -> dict[str, Any]:
+        """The JSON object written for this record (every field, None included)."""
+        return self.model_dump()
+
+
+class RunEvent(Record):
+    """The run's life: start, resume, end, stopped (too few clients / a stop request), failed."""
+
+    type: Literal["run"] = "run"
+    event: Literal["start", "resume", "end", "stopped", "failed"]
+    algorithm: str | None = None
+    strategy: str | None = None
+    clients: Int | None = None
+    backend: str | None = None
+    round: Int | None = None  # stopped: the round in progress
+    after_round: Int | None = None  # resume: the last completed round
+    last_checkpoint: Int | None = None
+    reason: str | None = None
+    error: str | None = None
+    time: float = Field(default_factory=now)
+
+
+class RoundRecord(Record):
+    """One completed round: its wall time and, for the personalized family, the mean val perplexity."""
+
+    type: Literal["round"] = "round"
+    round: Int
+    step: Int
+    wall_s: Float
+    train_s: Float
+    mean_val_ppl: Float | None = None
+    participants: list[Int] | None = None
+
+
+class TrainRecord(Record):
+    """One client's (or the server LLM's, client None) local training in a round."""
+
+    type: Literal["train"] = "train"
+    round: Int
+    client: Int | None
+    loss: Float
+    lr: Float
+    model: Literal["slm", "llm"] | None = None  # FedCoLLM family
+    step: Int | None = None  # personalized family
+    last_loss: Float | None = None
+    tokens_per_s: Float | None = None
+
+
+class EvalRecord(Record):
+    """A personalized client's language-model metrics on one of its splits."""
+
+    type: Literal["eval"] = "eval"
+    round: Int
+    client: Int
+    ppl: Float
+    split: Literal["val", "test"] = "val"
+    step: Int | None = None
+    loss: Float | None = None
+    acc: Float | None = None
+    tokens: Int | None = None
+
+
+class TrustRecord(Record):
+    """The trust matrix of one personalized aggregation (rows: receivers, columns: senders)."""
+
+    type: Literal["trust"] = "trust"
+    round: Int
+    matrix: list[list[Float]] = Field(min_length=1)
+    step: Int | None = None
+    strategy: str | None = None
+    aggregator: str | None = None
+    participants: list[Int] | None = None
+
+    @model_validator(mode="after")
+    def _rectangular(self) -> TrustRecord:
+        if len({len(row) for row in self.matrix}) != 1 or not self.matrix[0]:
+            raise ValueError("a trust matrix has rows of one non-zero length")
+        return self
+
+
+class McRecord(Record):
+    """Multiple-choice accuracy of one model (client None: the global / server adapter)."""
+
+    type: Literal["mc"] = "mc"
+    round: Int
+    model: Literal["slm", "llm"]
+    client: Int | None
+    acc: Float
+    acc_norm: Float = float("nan")
+    n: Int | None = None
+
+
+class CommRecord(Record):
+    """One client's traffic in a FedCoLLM-family round, against the full SLM's size."""
+
+    type: Literal["comm"] = "comm"
+    round: Int
+    client: Int
+    bytes_up: Float
+    bytes_down: Float
+    full_slm_bytes: Float
+    ratio: Float = float("nan")  # bytes_up / full_slm_bytes when a writer left it out
+
+    @model_validator(mode="after")
+    def _ratio(self) -> CommRecord:
+        if math.isnan(self.ratio) and self.full_slm_bytes > 0:
+            object.__setattr__(self, "ratio", self.bytes_up / self.full_slm_bytes)
+        return self
+
+
+class DistillRecord(Record):
+    """One round of server-side mutual distillation: mean losses per batch, teacher payload size."""
+
+    type: Literal["distill"] = "distill"
+    round: Int
+    step: Int
+    slm_ce: Float
+    slm_kd: Float
+    llm_ce: Float
+    llm_kd: Float
+    teacher_bytes: Int
+    topk: Int | None
+    wall_s: Float
+
+
+class FaultRecord(Record):
+    """A client dropped from a round (no answer) or an upload rejected by screening."""
+
+    type: Literal["fault"] = "fault"
+    event: Literal["client_dropped", "update_rejected"]
+    round: Int
+    phase: str
+    client: Int
+    reason: str
+    time: float = Field(default_factory=now)
+
+
+class PrivacyClip(Record):
+    """Client-level DP: the update norms of one aggregation and how many were clipped."""
+
+    type: Literal["privacy"] = "privacy"
+    event: Literal["clip"] = "clip"
+    round: Int
+    clients: list[Int]
+    update_norms: list[Float]
+    clipped: Int
+    clip_norm: Float
+
+
+class PrivacySpent(Record):
+    """Client-level DP: the privacy spent after an aggregation (epsilon None: unbounded)."""
+
+    type: Literal["privacy"] = "privacy"
+    event: Literal["spent"] = "spent"
+    round: Int
+    epsilon: Float | None
+    delta: Float
+    noise_multiplier: Float
+    clip_norm: Float | None
+    sample_rate: Float
+    noise: str
+
+
+KINDS: dict[tuple[str, str | None], type[Record]] = {
+    ("run", None): RunEvent,
+    ("round", None): RoundRecord,
+    ("train", None): TrainRecord,
+    ("eval", None): EvalRecord,
+    ("trust", None): TrustRecord,
+    ("mc", None): McRecord,
+    ("comm", None): CommRecord,
+    ("distill", None): DistillRecord,
+    ("fault", None): FaultRecord,
+    ("privacy", "clip"): PrivacyClip,
+    ("privacy", "spent"): PrivacySpent,
+}
+
+
+def parse_record(obj: Any) -> Record | None:
+    """The typed record of one JSON object, or None when its kind is unknown or its fields are invalid."""
+    if not isinstance(obj, dict):
+        return None
+    kind = obj.get("type")
+    cls = KINDS.get((kind, None)) or KINDS.get((kind, obj.get("event")))  # type: ignore[arg-type]
+    if cls is None:
+        return None
+    try:
+        return cls.model_validate(obj)
+    except ValidationError:
+        return None
