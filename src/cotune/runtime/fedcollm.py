@@ -208,16 +208,17 @@ class FedCoLLMLoop:
 
         def step(student, teacher, learner: Learner, prefix: str, batch) -> int:
             signal = teacher_signal(teacher, batch, self.vocab_size, d.topk)
-            ce, kd = student_step(
-                student,
-                signal,
-                batch,
-                learner.optimizer,
-                learner.scheduler,
-                d,
-                self.vocab_size,
-                t.max_grad_norm,
-            )
+            with learner.rng.active():  # the student's dropout: its learner's own stream
+                ce, kd = student_step(
+                    student,
+                    signal,
+                    batch,
+                    learner.optimizer,
+                    learner.scheduler,
+                    d,
+                    self.vocab_size,
+                    t.max_grad_norm,
+                )
             sums[f"{prefix}_ce"] += ce
             sums[f"{prefix}_kd"] += kd
             return signal.nbytes

@@ -233,13 +233,13 @@ def fedcollm_server(
         if plan_of(cfg.algorithm).central_llm:
             omega = Learner(llm, LLM_ADAPTER, task.union, lt, central * rounds, seed * 1000 + 998, device)
         else:
-            omega = Learner(
+            omega = Learner(  # its own seed: its dropout stream differs from theta's
                 llm,
                 LLM_ADAPTER,
                 task.public,
                 lt,
                 per_round * rounds,
-                seed * 1000 + 999,
+                seed * 1000 + 998,
                 device,
                 accumulate=False,
             )
