@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,10 +40,11 @@ class EncodedSet:
 @dataclass
 class TaskData:
     splits: TaskSplits
-    public: EncodedSet  # the server's public set D_a
+    public: EncodedSet  # the server's public set D_a (less its validation split): what it trains on
     clients: list[EncodedSet]  # private sets D_k
-    union: EncodedSet  # all client data + D_a: the centralized baseline's training set
+    union: EncodedSet  # all client data + D_a (less its validation split): the centralized baseline's
     test: list[MCExample]  # held-out multiple-choice evaluation set
+    public_val: list[MCExample] = field(default_factory=list)  # the server's validation split of D_a
 
     @property
     def client_sizes(self) -> list[int]:
@@ -55,9 +56,30 @@ def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[MCExample], ma
     return EncodedSet(ids, mask, labels)
 
 
+def carve_validation(public: Sequence[MCExample], fraction: float) -> tuple[list[MCExample], list[MCExample]]:
+    """(train, val): the last round(fraction x |D_a|) examples of the (already shuffled) public set
+    become the server's validation split; both parts keep at least one example."""
+    if fraction == 0.0:
+        return list(public), []
+    n_val = round(fraction * len(public))
+    if n_val < 1 or n_val >= len(public):
+        raise DataError(
+            f"distill.val_fraction {fraction} of a public set of {len(public)} examples leaves "
+            f"{n_val} for validation and {len(public) - n_val} to distil on: each needs at least one"
+        )
+    return list(public[: len(public) - n_val]), list(public[len(public) - n_val :])
+
+
 def build_task_data(
-    cfg: TaskConfig, n_clients: int, tokenizer: PreTrainedTokenizerBase, seed: int
+    cfg: TaskConfig,
+    n_clients: int,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    public_val_fraction: float = 0.0,
 ) -> TaskData:
+    """The task's splits, tokenized. `public_val_fraction` of D_a becomes the server's validation split:
+    no algorithm trains on it (the centralized baseline's union leaves it out too); the client splits and
+    the test split do not depend on it."""
     examples = build_task(cfg.source, cfg.path, labels=cfg.labels, max_chars=cfg.max_chars)
     rng = np.random.default_rng(seed)
     splits = split_task(examples, n_clients, cfg.test_fraction, cfg.partition, rng)
@@ -67,11 +89,13 @@ def build_task_data(
     if cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
         keep = sorted(rng.permutation(len(test))[: cfg.max_test_examples].tolist())
         test = [test[i] for i in keep]
-    union = [ex for part in [splits.public, *splits.clients] for ex in part]
+    public, public_val = carve_validation(splits.public, public_val_fraction)
+    union = [ex for part in [public, *splits.clients] for ex in part]
     return TaskData(
         splits=splits,
-        public=encode(tokenizer, splits.public, cfg.max_length),
+        public=encode(tokenizer, public, cfg.max_length),
         clients=[encode(tokenizer, part, cfg.max_length) for part in splits.clients],
         union=encode(tokenizer, union, cfg.max_length),
         test=test,
+        public_val=public_val,
     )

@@ -24,7 +24,16 @@ from typing import Any
 import yaml
 
 from cotune.config.names import PERSONALIZED, family_of
-from cotune.records import CommRecord, EvalRecord, McRecord, RunEvent, TrustRecord, parse_record
+from cotune.records import (
+    CommRecord,
+    DistillRecord,
+    DistillValRecord,
+    EvalRecord,
+    McRecord,
+    RunEvent,
+    TrustRecord,
+    parse_record,
+)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -116,6 +125,10 @@ class RunSummary:
     # sorted with the global one first
     mc: dict[str, dict[int, list[McRecord]]] = field(default_factory=dict)
     comm: list[CommRecord] = field(default_factory=list)  # sorted by (round, client)
+    # FedCoLLM: the server's validation split along each round's distillation, sorted by (round, model, step),
+    # and each round's distillation summary (which step each model kept), sorted by round
+    distill_val: list[DistillValRecord] = field(default_factory=list)
+    distill: list[DistillRecord] = field(default_factory=list)
 
     @property
     def is_cotuning(self) -> bool:
@@ -286,6 +299,8 @@ def load_run(run_dir: Path) -> RunSummary:
     trust: list[tuple[int, list[list[float]]]] = []
     mc: dict[str, dict[int, dict[int | None, McRecord]]] = {}
     comm: dict[tuple[int, int], CommRecord] = {}
+    distill_val: dict[tuple[int, str, int], DistillValRecord] = {}
+    distill: dict[int, DistillRecord] = {}
     run_strategy: str | None = None
     run_algorithm: str | None = None
     ended = False
@@ -299,6 +314,10 @@ def load_run(run_dir: Path) -> RunSummary:
                 mc.setdefault(rec.model, {}).setdefault(rec.round, {})[rec.client] = rec
             case CommRecord():
                 comm[(rec.round, rec.client)] = rec
+            case DistillValRecord():
+                distill_val[(rec.round, rec.model, rec.step)] = rec
+            case DistillRecord():
+                distill[rec.round] = rec
             case RunEvent(event="start"):
                 run_strategy = run_strategy or rec.strategy
                 run_algorithm = run_algorithm or rec.algorithm
@@ -327,6 +346,8 @@ def load_run(run_dir: Path) -> RunSummary:
             for model, by_round in sorted(mc.items())
         },
         comm=[comm[key] for key in sorted(comm)],
+        distill_val=[distill_val[key] for key in sorted(distill_val)],
+        distill=[distill[key] for key in sorted(distill)],
     )
 
 

@@ -143,9 +143,14 @@ def is_garbage_attacker(cfg: ExperimentConfig, index: int) -> bool:
 def load_task(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, console: Console) -> TaskData:
     assert cfg.task is not None
     with console.status("building the task splits"):
-        task = build_task_data(cfg.task, cfg.federation.clients, tokenizer, cfg.run.seed)
+        task = build_task_data(
+            cfg.task, cfg.federation.clients, tokenizer, cfg.run.seed, cfg.distill.val_fraction
+        )
     sizes = ", ".join(str(n) for n in task.client_sizes)
-    console.print(f"  task: {len(task.public)} public, clients [{sizes}], {len(task.test)} test examples")
+    val = f" (+ {len(task.public_val)} server validation)" if task.public_val else ""
+    console.print(
+        f"  task: {len(task.public)} public{val}, clients [{sizes}], {len(task.test)} test examples"
+    )
     return task
 
 
@@ -223,8 +228,16 @@ def fedcollm_server(
     t, seed, rounds = cfg.train, cfg.run.seed, cfg.federation.rounds
     batches = distill_batches(len(task.public), t.batch_size, cfg.distill.max_steps)
     per_round = batches * cfg.distill.epochs
+    slm_lr = cfg.distill.slm_lr
     theta = Learner(
-        slm, SERVER, task.public, t, per_round * rounds, seed * 1000 + 999, device, accumulate=False
+        slm,
+        SERVER,
+        task.public,
+        t if slm_lr is None else t.model_copy(update={"lr": slm_lr}),
+        per_round * rounds,
+        seed * 1000 + 999,
+        device,
+        accumulate=False,
     )
     omega, central = None, sum(client_budget(cfg, len(d)) for d in task.clients)
     if llm is not None:

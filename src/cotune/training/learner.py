@@ -75,6 +75,10 @@ class Learner:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
+    def reset_optimizer(self) -> None:
+        """Forget AdamW's moments (and step counts); the schedule goes on where it was."""
+        self.optimizer.state.clear()
+
     def next_batches(self) -> tuple[list[Batch], int]:
         """The micro-batches of the next optimizer step (and their tokens), from the data cursor."""
         return micro_batches(self.data, self.sampler.next_indices(), self.cfg.batch_size, self.device)
