@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import pytest
 import torch
 from tests.test_cotuning import records, task_file, tree  # noqa: F401  (task_file is a fixture)
 
+from cotune.algorithms.distillation import answer_positions, choice_logits, kd_kl_choices
 from cotune.config import ConfigError, config_from_dict
 from cotune.data.corpora import DataError
 from cotune.data.task_data import build_task_data, encode
@@ -171,3 +175,70 @@ def test_val_track_keeps_the_best_scored_step(keep_best):
 def test_choice_nll_is_the_loss_of_the_right_choice_among_the_choices():
     assert choice_nll([[0.0, 0.0]], [1]) == pytest.approx(torch.log(torch.tensor(2.0)).item())
     assert choice_nll([[-1.0, -50.0], [-50.0, -1.0]], [0, 1]) < 1e-6
+
+
+def test_kd_over_the_choices_is_the_kl_of_the_softmax_over_the_choices():
+    student = torch.tensor([[1.0, 2.0, 0.5], [0.0, 3.0, float("-inf")]])
+    teacher = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, float("-inf")]])
+    expected = []
+    for s, t in ((student[0], teacher[0]), (student[1, :2], teacher[1, :2])):
+        p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+        expected.append((p * (p.log() - q.log())).sum())
+    got = kd_kl_choices(student, teacher)
+    assert torch.isfinite(got) and got.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    assert kd_kl_choices(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    at_t2 = kd_kl_choices(student, teacher, temperature=2.0)
+    assert at_t2.item() != pytest.approx(got.item())
+
+
+def test_choice_logits_are_read_at_the_answer_position():
+    labels = torch.tensor([[-100, -100, 7, 9], [-100, 5, 9, -100]])
+    shifted = torch.arange(2 * 4 * 10, dtype=torch.float).reshape(2, 4, 10)
+    positions = answer_positions(labels)
+    assert positions.tolist() == [2, 1]
+    choices = torch.tensor([[7, 3], [5, -1]])
+    picked = choice_logits(shifted, positions, choices)
+    assert picked[0].tolist() == [shifted[0, 2, 7].item(), shifted[0, 2, 3].item()]
+    assert picked[1, 0].item() == shifted[1, 1, 5].item() and picked[1, 1].item() == float("-inf")
+
+
+def test_the_public_set_carries_each_examples_choice_tokens(task_file):  # noqa: F811
+    cfg = config_from_dict(tree(task_file, task_file.parent)).task
+    tok = byte_tokenizer()
+    data = build_task_data(cfg, 3, tok, 0)
+    assert data.public.choices is not None and data.clients[0].choices is None
+    # " red", " green", " blue": one first token (the space) shared by all three -> one entry
+    assert data.public.choices.shape == (len(data.public), 1)
+    batch = data.public.batch(torch.arange(2), torch.device("cpu"))
+    first = answer_positions(batch["labels"][:, 1:])
+    assert all(batch["labels"][i, 1 + first[i]] == batch["choices"][i, 0] for i in range(2))
+
+
+@pytest.fixture(scope="module")
+def bare_choices_file(tmp_path_factory):
+    """The colour task with choices that differ from their first byte (no leading space)."""
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("bare") / "task.jsonl"
+    words = ["red", "green", "blue"]
+    rows = []
+    for i in range(90):
+        noise = " ".join(rng.choice("abcd") for _ in range(6))
+        rows.append(
+            {"prompt": f"{noise} colour {words[i % 3]}. Which colour?", "choices": words, "answer": i % 3}
+        )
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_fedcollm_distils_over_the_choices(bare_choices_file, tmp_path):
+    tree_ = tree(bare_choices_file, tmp_path, distill={"kd_target": "choices"})
+    (run_dir,) = run_experiment(config_from_dict(tree_))
+    d = records(run_dir, "distill")
+    assert len(d) == 2 and all(r["slm_kd"] > 0 and r["llm_kd"] > 0 for r in d)
+    assert all(r["teacher_bytes"] == 6 * 3 * 4 for r in d)  # a batch of 6 rows x 3 choice tokens, fp32
+
+
+def test_kd_over_choices_that_share_their_first_token_is_refused(task_file, tmp_path):  # noqa: F811
+    cfg = config_from_dict(tree(task_file, tmp_path, distill={"kd_target": "choices"}))
+    with pytest.raises(DataError, match="share their first token"):
+        run_experiment(cfg)

@@ -220,6 +220,11 @@ class DistillConfig(Section):
     lam: float = Field(1.0, ge=0.0, description="weight of the KL term")
     temperature: PositiveFloat = 1.0
     topk: PositiveInt | None = Field(None, description="keep only the teacher's top-k logits (ref: 128)")
+    kd_target: Literal["vocab", "choices"] = Field(
+        "vocab",
+        description="vocab: KL over the vocabulary at every answer token (the paper); choices: KL over the "
+        "task's choices (their first tokens) at the answer's first token, what the evaluation ranks",
+    )
     epochs: PositiveInt = Field(1, description="passes over the public set per round")
     max_steps: PositiveInt | None = Field(None, description="cap distillation batches per pass")
     order: Literal["batch", "epoch"] = Field(

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from cotune.config.schema import TaskConfig
 from cotune.data.corpora import DataError
 from cotune.data.tasks import TaskSplits, build_task, encode_for_training, split_task
-from cotune.evaluation.multiple_choice import MCExample
+from cotune.evaluation.multiple_choice import MCExample, encode_pair
 
 
 @dataclass
@@ -22,6 +22,9 @@ class EncodedSet:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    # (N, C): the first token of each of the example's choices, -1 where it has fewer; only for the
+    # public set (distillation over the choices, distill.kd_target 'choices')
+    choices: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -30,11 +33,14 @@ class EncodedSet:
         """Rows `idx`, with the padding columns that no row of this batch uses trimmed off."""
         mask = self.attention_mask[idx]
         width = int(mask.sum(1).max())
-        return {
+        out = {
             "input_ids": self.input_ids[idx, :width].to(device),
             "attention_mask": mask[:, :width].to(device),
             "labels": self.labels[idx, :width].to(device),
         }
+        if self.choices is not None:
+            out["choices"] = self.choices[idx].to(device)
+        return out
 
 
 @dataclass
@@ -51,9 +57,28 @@ class TaskData:
         return [len(c) for c in self.clients]
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[MCExample], max_length: int) -> EncodedSet:
+def encode(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[MCExample], max_length: int, choices: bool = False
+) -> EncodedSet:
     ids, mask, labels = encode_for_training(tokenizer, examples, max_length)
-    return EncodedSet(ids, mask, labels)
+    return EncodedSet(ids, mask, labels, choice_first_tokens(tokenizer, examples) if choices else None)
+
+
+def choice_first_tokens(tokenizer: PreTrainedTokenizerBase, examples: Sequence[MCExample]) -> torch.Tensor:
+    """(N, C): the first answer token of each choice, as training and the evaluator split it; -1 pads a
+    row with fewer choices, and a first token two choices share appears once."""
+    rows = []
+    for ex in examples:
+        firsts = []
+        for c in ex.choices:
+            token = encode_pair(tokenizer, ex.prompt, c)[1][0]
+            if token not in firsts:
+                firsts.append(token)
+        rows.append(firsts)
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
 
 
 def carve_validation(public: Sequence[MCExample], fraction: float) -> tuple[list[MCExample], list[MCExample]]:
@@ -93,7 +118,7 @@ def build_task_data(
     union = [ex for part in [public, *splits.clients] for ex in part]
     return TaskData(
         splits=splits,
-        public=encode(tokenizer, public, cfg.max_length),
+        public=encode(tokenizer, public, cfg.max_length, choices=True),
         clients=[encode(tokenizer, part, cfg.max_length) for part in splits.clients],
         union=encode(tokenizer, union, cfg.max_length),
         test=test,

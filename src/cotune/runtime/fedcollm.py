@@ -350,7 +350,7 @@ class FedCoLLMLoop:
         s.slm.activate(SERVER)
         s.llm.activate(LLM_ADAPTER)
         assert isinstance(batch, Mapping)
-        signal = teacher_signal(teacher.model, batch, self.vocab_size, d.topk)
+        signal = teacher_signal(teacher.model, batch, self.vocab_size, d.topk, d.kd_target)
         with learner.rng.active():  # the student's dropout: its learner's own stream
             ce, kd = student_step(
                 student.model,

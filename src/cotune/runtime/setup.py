@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from cotune.algorithms.attacks import garbage_tokens
 from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
 from cotune.config.schema import ExperimentConfig, ModelConfig
+from cotune.data.corpora import DataError
 from cotune.data.task_data import EncodedSet, TaskData, build_task_data
 from cotune.data.windows import ClientData, FederatedData, build_federated_data
 from cotune.models.compat import check_same_tokenizer
@@ -216,6 +217,19 @@ def fedcollm_works(
     return [fedcollm_work(cfg, k, slm, data, device, vocab) for k, data in enumerate(task.clients)]
 
 
+def check_choice_tokens(task: TaskData) -> None:
+    """distill.kd_target 'choices' ranks the choices by their first answer token: they must differ."""
+    choices = task.public.choices
+    assert choices is not None
+    distinct = (choices >= 0).sum(1)
+    if len(distinct) and int(distinct.min()) < 2:
+        row = int(distinct.argmin())
+        raise DataError(
+            f"distill.kd_target 'choices': the choices of public example {row} share their first token, so "
+            "the KL over the choices' first tokens would be empty; use distill.kd_target 'vocab'"
+        )
+
+
 def fedcollm_server(
     cfg: ExperimentConfig,
     slm: AdapterPool,
@@ -226,6 +240,8 @@ def fedcollm_server(
 ) -> Server:
     """The server's learners: theta on D_a, and omega on D_a (distillation) or on all data (centralized)."""
     t, seed, rounds = cfg.train, cfg.run.seed, cfg.federation.rounds
+    if cfg.distill.kd_target == "choices" and plan_of(cfg.algorithm).distill:
+        check_choice_tokens(task)
     batches = distill_batches(len(task.public), t.batch_size, cfg.distill.max_steps)
     per_round = batches * cfg.distill.epochs
     slm_lr = cfg.distill.slm_lr
