@@ -242,3 +242,24 @@ def test_kd_over_choices_that_share_their_first_token_is_refused(task_file, tmp_
     cfg = config_from_dict(tree(task_file, tmp_path, distill={"kd_target": "choices"}))
     with pytest.raises(DataError, match="share their first token"):
         run_experiment(cfg)
+
+
+def test_when_every_distillation_is_rejected_fedcollms_slm_is_fedavgs(task_file, tmp_path):  # noqa: F811
+    """keep 'best' with a server lr that wrecks theta: each round keeps the average (step 0), and since the
+    clients draw the same batches and dropout in both algorithms, the SLM ends bit-equal to FedAvg's."""
+    from safetensors.torch import load_file
+
+    lora = {"r": 2, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+    distill = {"val_fraction": 0.3, "keep": "best", "slm_lr": 50.0}
+    cfg = tree(task_file, tmp_path, lora=lora, distill=distill, run={"compare": ["fedavg"]})
+    fed, avg = run_experiment(config_from_dict(cfg))
+    assert [d["slm_kept"] for d in records(fed, "distill")] == [0, 0]
+    last = "checkpoints/round-0002/server/adapter_model.safetensors"
+    a, b = load_file(str(fed / last)), load_file(str(avg / last))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # with keep 'last' the wrecked theta is what the clients get (the test can fail)
+    cfg["distill"]["keep"] = "last"
+    cfg["run"] = {**cfg["run"], "name": "last", "compare": []}
+    (last_dir,) = run_experiment(config_from_dict(cfg))
+    c = load_file(str(last_dir / last))
+    assert not all(torch.equal(c[k], b[k]) for k in c)
