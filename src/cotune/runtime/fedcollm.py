@@ -214,6 +214,7 @@ class FedCoLLMLoop:
         self.pipeline = AggregationPipeline(cfg, files.log)
         self.sizes: list[int] = [0] * self.n  # n_k as each client described itself
         self.members = Membership(cfg, files.log, self.console)
+        self.val_cache: dict[tuple[bool, str], ValScore] = {}  # server validation scores by adapter weights
 
     def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
         """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA)."""
@@ -381,19 +382,24 @@ class FedCoLLMLoop:
         )
 
     def val_score(self, pool: AdapterPool, name: str) -> ValScore:
-        """Accuracy and choice-level loss of adapter `name` on the server's validation split."""
+        """Accuracy and choice-level loss of adapter `name` on the server's validation split; weights
+        already scored are not rescored (omega starts a round as the last one kept)."""
         t, task = self.cfg.train, self.cfg.task
         assert task is not None
-        pool.activate(name)
-        examples = self.task.public_val
-        res = evaluate_multiple_choice(
-            pool.model,
-            self.server.tokenizer,
-            examples,
-            batch_size=t.eval_batch_size,
-            max_length=task.max_length,
-        )
-        return ValScore(res.acc, choice_nll(res.logliks, [ex.answer for ex in examples]), res.n)
+        key = (pool is self.server.llm, adapter_digest(pool, name))
+        if key not in self.val_cache:
+            pool.activate(name)
+            examples = self.task.public_val
+            res = evaluate_multiple_choice(
+                pool.model,
+                self.server.tokenizer,
+                examples,
+                batch_size=t.eval_batch_size,
+                max_length=task.max_length,
+            )
+            nll = choice_nll(res.logliks, [ex.answer for ex in examples])
+            self.val_cache[key] = ValScore(res.acc, nll, res.n)
+        return self.val_cache[key]
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, r: int) -> str:
