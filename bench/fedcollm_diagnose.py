@@ -236,5 +236,36 @@ def main() -> None:
     log({"event": "done", "minutes": (time.perf_counter() - t_start) / 60, "finite": math.isfinite(acc)})
 
 
+def summarize(jsonl: Path) -> str:
+    """The Markdown table of a finished (or running) diagnosis: validation accuracy % / choice-level loss."""
+    events = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    setup = next(e for e in events if e["event"] == "setup")
+    refs = [e for e in events if e["event"] == "ref"]
+    curves: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+    for e in events:
+        if e["event"] == "step" and "val_acc" in e:
+            curves.setdefault((e["tag"], e["variant"]), {})[e["step"]] = (e["val_acc"], e["val_nll"])
+    steps = sorted({st for c in curves.values() for st in c})
+    md = [
+        f"Server validation split: {setup['val']} examples of the public set ({setup['public']}); "
+        f"distillation on the other {setup['distill_train']}; config `{setup['config']}` "
+        f"{' '.join(setup['overrides'])}.",
+        "",
+        "| reference | val acc (%) | val loss |",
+        "|---|---:|---:|",
+        *(f"| {e['model']} | {100 * e['val_acc']:.1f} | {e['val_nll']:.3f} |" for e in refs),
+        "",
+        "| start | SLM step variant | " + " | ".join(f"step {st}" for st in steps) + " |",
+        "|---|---|" + "---:|" * len(steps),
+    ]
+    for (tag, variant), c in curves.items():
+        cells = [f"{100 * c[st][0]:.1f} / {c[st][1]:.3f}" if st in c else "" for st in steps]
+        md.append(f"| {tag} | {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
+        print(summarize(Path(sys.argv[2])))
+    else:
+        main()

@@ -139,7 +139,7 @@ def spy(monkeypatch):
 
 
 def test_clients_start_the_next_round_from_the_distilled_adapter(task_file, tmp_path, spy):
-    run_experiment(config_from_dict(tree(task_file, tmp_path)))
+    run_experiment(config_from_dict(tree(task_file, tmp_path, distill={"keep": "last"})))  # the paper's rule
     rt = spy[0]
     n = rt.n
     round2_starts = rt.starts[n : 2 * n]
@@ -256,7 +256,8 @@ def test_compare_variants_score_the_zero_shot_models_once(task_file, tmp_path, m
 
     monkeypatch.setattr(fedcollm, "evaluate_multiple_choice", counting)
     compare = {"compare": ["zero_shot", "fedavg", "centralized"]}
-    dirs = run_experiment(config_from_dict(tree(task_file, tmp_path, run=compare)))
+    no_val = {"val_fraction": 0.0, "keep": "last"}  # the server's validation scoring calls the evaluator too
+    dirs = run_experiment(config_from_dict(tree(task_file, tmp_path, run=compare, distill=no_val)))
     round0 = [
         {(m["model"], m["acc"], m["acc_norm"]) for m in records(d, "mc") if m["round"] == 0} for d in dirs
     ]
@@ -266,7 +267,7 @@ def test_compare_variants_score_the_zero_shot_models_once(task_file, tmp_path, m
     assert len(calls) == 2 + 4 + 2 + 2
     # The same numbers as a variant run on its own, which scores its zero-shot models itself.
     calls.clear()
-    (alone,) = run_experiment(config_from_dict(tree(task_file, tmp_path / "alone", "fedavg")))
+    (alone,) = run_experiment(config_from_dict(tree(task_file, tmp_path / "alone", "fedavg", distill=no_val)))
     alone0 = {(m["model"], m["acc"], m["acc_norm"]) for m in records(alone, "mc") if m["round"] == 0}
     assert alone0 == round0[2]
     assert len(calls) == 3

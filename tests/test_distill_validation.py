@@ -58,9 +58,11 @@ def test_a_validation_fraction_that_leaves_nothing_is_refused(task_file):  # noq
 
 def test_validation_settings_without_a_split_are_config_errors(task_file, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match=r"keep 'best'.*val_fraction"):
-        config_from_dict(tree(task_file, tmp_path, distill={"keep": "best"}))
+        config_from_dict(tree(task_file, tmp_path, distill={"keep": "best", "val_fraction": 0.0}))
     with pytest.raises(ConfigError, match="val_every needs a validation split"):
-        config_from_dict(tree(task_file, tmp_path, distill={"val_every": 2}))
+        config_from_dict(
+            tree(task_file, tmp_path, distill={"val_every": 2, "val_fraction": 0.0, "keep": "last"})
+        )
     with pytest.raises(ConfigError, match="val_fraction"):
         config_from_dict(tree(task_file, tmp_path, distill={"val_fraction": 1.0}))
     with pytest.raises(ConfigError, match="slm_lr"):
@@ -68,7 +70,7 @@ def test_validation_settings_without_a_split_are_config_errors(task_file, tmp_pa
 
 
 def test_both_models_are_scored_along_each_rounds_distillation(task_file, tmp_path):  # noqa: F811
-    cfg = tree(task_file, tmp_path, distill={"val_fraction": 0.3, "val_every": 2})
+    cfg = tree(task_file, tmp_path, distill={"val_fraction": 0.3, "val_every": 2, "keep": "last"})
     (run_dir,) = run_experiment(config_from_dict(cfg))
     val = records(run_dir, "distill_val")
     steps = records(run_dir, "distill")[0]["step"]

@@ -231,7 +231,7 @@ class DistillConfig(Section):
         "batch", description="batch: SLM step then LLM step on each batch; epoch: alternate by epoch"
     )
     val_fraction: float = Field(
-        0.0,
+        0.2,
         ge=0.0,
         lt=1.0,
         description="share of the public set D_a held out as the server's validation split (never trained "
@@ -244,7 +244,7 @@ class DistillConfig(Section):
         "(default: every step)",
     )
     keep: Literal["last", "best"] = Field(
-        "last",
+        "best",
         description="last: each model keeps its adapter after the round's last distillation step (the "
         "paper); best: the one with the best validation score among the round's start and its scored steps",
     )
