@@ -121,6 +121,8 @@ class InProcessGrid(Grid):
                     raise RuntimeError("simulated ClientApp crash")
                 # a copy, as the wire would deliver it (SecAgg+ messages share one content object)
                 reply = client_app(copy.deepcopy(msg), ctx)
+                if fate == "claims a billion" and p.INFO in reply.content.config_records:
+                    reply.content.config_records[p.INFO]["examples"] = 10**9
                 if fate == "nan" and p.ADAPTER in reply.content.array_records:
                     sent = p.record_to_tensors(reply.content.array_records[p.ADAPTER])
                     poisoned = {k: torch.full_like(v, float("nan")) for k, v in sent.items()}
@@ -630,6 +632,7 @@ def test_cli_backend_flower_runs_reports_and_resumes_on_flower(corpus_dir, tmp_p
         return " ".join(result.output.split())
 
     calls.clear()  # a Flower run resumes on Flower, with the options given
+    shutil.rmtree(out / "checkpoints" / "round-0001")  # as if the run died during round 1
     result = runner.invoke(app, ["run", "--resume", str(out), "--superlink", "10.0.0.1:8000"])
     assert result.exit_code == 0, result.output
     assert calls == [
@@ -756,3 +759,38 @@ def test_fedcollm_data_owners_can_bring_their_own_task_file(task_file, tmp_path)
     assert {i: info["examples"] for i, info in described.ok.items()} == {0: 90, 1: 90, 2: 90}
     assert _run_flower_in_process(cfg, tmp_path / "run", grid) == "completed"
     assert len(_records(tmp_path / "run", "comm")) == 3
+    # claims the server cannot check: no bound given, so FedAvg weighs every client the same, said
+    claims = [r for r in _records(tmp_path / "run", "fault") if r["event"] == "claim_rejected"]
+    assert [r["client"] for r in claims] == [0, 1, 2] and "weighs uniformly" in claims[0]["reason"]
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_a_node_claiming_a_billion_examples_does_not_take_over_fedavg(task_file, tmp_path, secure):  # noqa: F811
+    cfg = config_from_dict(
+        tree(task_file, tmp_path, "fedavg", run={"threads": 1}, federation={"secure_aggregation": secure})
+    )
+    honest = tmp_path / "honest"
+    assert _run_flower_in_process(cfg, honest, InProcessGrid(3)) == "completed"
+
+    def liar(i: int, msg: Message) -> str | None:
+        return "claims a billion" if i == 1 and msg.metadata.message_type == p.DESCRIBE else None
+
+    run_dir = tmp_path / "lied"
+    assert _run_flower_in_process(cfg, run_dir, InProcessGrid(3, liar)) == "completed"
+    (claim,) = [r for r in _records(run_dir, "fault") if r["event"] == "claim_rejected"]
+    assert claim["client"] == 1 and claim["reason"].startswith("claimed 1000000000 examples")
+    assert max_adapter_diff(_adapters(honest, pattern="*"), _adapters(run_dir, pattern="*")) == 0.0
+
+
+def test_claims_of_nodes_with_their_own_data_are_capped_at_max_examples(task_file, tmp_path):  # noqa: F811
+    from cotune.runtime.claims import checked_sizes
+
+    cfg = config_from_dict(tree(task_file, tmp_path, "fedavg", federation={"max_examples": 50}))
+    logged = []
+    infos = {
+        0: {"examples": 30},
+        1: {"examples": 10**9, "own_data": True},
+        2: {"examples": 40, "own_data": True},
+    }
+    assert checked_sizes(cfg, infos, [30, 30, 30], logged.append) == [30, 50, 40]
+    assert [(r.client, r.event) for r in logged] == [(1, "claim_rejected")]

@@ -164,10 +164,11 @@ class DistillRecord(Record):
 
 
 class FaultRecord(Record):
-    """A client dropped from a round (no answer) or an upload rejected by screening."""
+    """A client dropped from a round (no answer), an upload rejected by screening, or an example
+    count (FedAvg weight) the server did not take as claimed."""
 
     type: Literal["fault"] = "fault"
-    event: Literal["client_dropped", "update_rejected"]
+    event: Literal["client_dropped", "update_rejected", "claim_rejected"]
     round: Int
     phase: str
     client: Int

@@ -179,6 +179,9 @@ def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
     killer.start()
     _run(federation, cfg, tmp_path, **{"round-timeout": 120.0})
     killer.join(5)
+    deadline = time.monotonic() + 30  # `flwr run --stream` may end a moment before the ServerApp's last line
+    while run_outcome(run_dir).get("last_checkpoint") is None and time.monotonic() < deadline:
+        time.sleep(0.5)
     outcome = run_outcome(run_dir)
     assert outcome["event"] == "stopped" and outcome["last_checkpoint"] == 1, outcome
     (fault,) = _records(run_dir, "fault")

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+from cotune.cli.errors import INTERRUPTED_EXIT, report_failure, report_interrupt
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=__doc__,
+    pretty_exceptions_enable=False,  # never a traceback with local variables (cli() reports failures)
+    pretty_exceptions_show_locals=False,
+)
 assets_app = typer.Typer(
     no_args_is_help=True, help="Offline models and corpora that ship inside PyPI wheels."
 )
@@ -27,13 +36,47 @@ out = Console()
 err = Console(stderr=True)
 
 
+@dataclass
+class Session:
+    """What the error boundary needs to know about this invocation."""
+
+    debug: bool = False
+    run_dir: Path | None = None  # the run directory being written, for the Ctrl-C message
+
+
+session = Session()
+
+
+def cli(argv: list[str] | None = None) -> NoReturn:
+    """The `cotune` console script: the commands, inside one error boundary (cli/errors.py)."""
+    session.debug, session.run_dir = False, None
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="cotune")
+        if code == INTERRUPTED_EXIT:  # typer answers Ctrl-C with this code and no word: say what is kept
+            code = report_interrupt(err, session.run_dir)
+    except click.ClickException as e:  # usage errors: click's own one-line message
+        e.show()
+        code = e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        code = report_interrupt(err, session.run_dir)
+    except Exception as e:
+        code = report_failure(e, err, session.debug)
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="on a failure, also show the traceback (never local variables)")
+    ] = False,
+) -> None:
+    session.debug = debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -87,7 +130,8 @@ def run(
     from cotune.runtime.experiment import resume_experiment, run_experiment
     from cotune.runtime.flower import FlowerRunError  # importable without the flower extra
     from cotune.runtime.guard import TooFewClients
-    from cotune.runtime.rundir import ResumeError
+    from cotune.runtime.lock import RunDirBusy
+    from cotune.runtime.rundir import ResumeError, default_run_dir
 
     if backend not in ("embedded", "flower"):
         _fail(f"unknown --backend {backend!r}: embedded or flower")
@@ -100,18 +144,17 @@ def run(
     }
     try:
         if resume is not None:  # on the backend the run used: a Flower run resumes on Flower
-            if (
-                config is not None
-                and config.is_file()
-                and config.resolve() != (resume / "config.yaml").resolve()
-            ):
-                _fail("--resume takes the run directory's own config; do not pass another CONFIG")
-            dirs = [resume_experiment(resume, err, **flower)]
+            session.run_dir = resume
+            asked = resume_overrides(resume, config, overrides, out_dir)
+            dirs = resume_experiment(resume, err, asked, **flower)
         else:
             if config is None:
                 _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
             cfg = load_config(config, overrides or [])
-            dirs = run_experiment(cfg, out_dir, err, backend, **(flower if backend == "flower" else {}))
+            session.run_dir = out_dir or default_run_dir(cfg)
+            dirs = run_experiment(
+                cfg, session.run_dir, err, backend, **(flower if backend == "flower" else {})
+            )
     except (
         AssetError,
         TokenizerMismatchError,
@@ -123,6 +166,7 @@ def run(
         FileNotFoundError,
         FlowerRunError,
         TimeoutError,
+        RunDirBusy,
     ) as e:
         _fail(str(e))
     except TooFewClients as e:  # too few clients left: stopped cleanly, last checkpoint intact
@@ -130,6 +174,20 @@ def run(
     report = write_report(dirs)
     print_comparison(dirs)
     out.print(f"run directory: {dirs[0]}\nreport: {report}")
+
+
+def resume_overrides(
+    run_dir: Path, config: Path | None, overrides: list[str] | None, out: Path | None
+) -> list[str]:
+    """What `cotune run [CONFIG] [key=value ...] --resume RUN_DIR` asks to change."""
+    if out is not None:
+        _fail(f"--resume continues {run_dir} in place; --out does not go with it")
+    given = ([str(config)] if config is not None else []) + list(overrides or [])
+    if given and "=" not in given[0]:
+        if Path(given[0]).resolve() != (run_dir / "config.yaml").resolve():
+            _fail(f"--resume continues {run_dir} with its own config.yaml; do not pass another CONFIG")
+        given = given[1:]
+    return given
 
 
 @app.command()
@@ -215,5 +273,30 @@ def assets_fetch(
         out.print(f"{name}: {path}")
 
 
+@assets_app.command("verify")
+def assets_verify(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="asset names (default: every fetched asset)")
+    ] = None,
+) -> None:
+    """Hash every cached file against its fetch-time digest; a damaged asset is fetched again on next use."""
+    from cotune.assets import ASSETS, is_fetched, verify
+
+    chosen = names or [n for n in ASSETS if is_fetched(n)]
+    damaged = []
+    for name in chosen:
+        if name not in ASSETS:
+            _fail(f"unknown asset {name!r}; see cotune assets list")
+        problem = verify(name)
+        out.print(f"{name}: {'intact' if problem is None else problem}")
+        if problem is not None:
+            damaged.append(name)
+    if damaged:
+        _fail(
+            f"{', '.join(damaged)}: damaged or not fetched; `cotune assets fetch {' '.join(damaged)}` "
+            "fetches them again (a run would also refetch before using them)"
+        )
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    cli()

@@ -28,6 +28,7 @@ from cotune.data.task_data import TaskData
 from cotune.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
 from cotune.models.lora import AdapterPool
 from cotune.records import CommRecord, DistillRecord, McRecord, RoundRecord, RunEvent, TrainRecord
+from cotune.runtime.claims import checked_sizes
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
 from cotune.runtime.port import Clients
@@ -127,8 +128,8 @@ class FedCoLLMLoop:
     def join(self) -> None:
         """Admit the clients that answer, with n_k as each described itself (FedAvg's weights)."""
         self.members.join(self.clients.describe())
-        for k, info in self.members.joined.items():
-            self.sizes[k] = int(info.get("examples", 0))
+        expected = [len(part) for part in self.task.clients]
+        self.sizes = checked_sizes(self.cfg, self.members.joined, expected, self.files.log)
 
     # ---- the round ------------------------------------------------------------------------------------
     def run_round(self, r: int) -> None:

@@ -72,6 +72,7 @@ def describe(message: Message, context: Context) -> Message:
     record = ConfigRecord({k: v for k, v in info.items() if k not in ("label_names", "mixture")})
     record["label_names"] = json.dumps(info.get("label_names", []))
     record["mixture"] = json.dumps(info.get("mixture", []))
+    record["own_data"] = bool(node.settings.data_path)  # its n_k cannot be checked by the server
     return reply(message, {p.INFO: record})
 
 
@@ -125,4 +126,5 @@ def secure_train(message: Message, context: Context) -> Message:
     node.adopt(adapter)
     metrics = node.work.train()
     save(node, job)
-    return secagg.fit_reply(message, node.work.adapter(), list(adapter), node.weight(), metrics)
+    weight = int(job.args.get("weights", {}).get(str(node.index), node.weight()))  # the server's checked n_k
+    return secagg.fit_reply(message, node.work.adapter(), list(adapter), weight, metrics)
