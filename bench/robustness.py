@@ -377,6 +377,11 @@ def bad_inputs(out: Path) -> list[dict]:
         ("AdamW betas out of range", ["run", example, "train.betas=[2,2]"]),
         ("infinite learning rate", ["run", example, "train.lr=.inf"]),
         ("run.name escaping the output folder", ["run", example, "run.name=../../escaped"]),
+        (
+            "top-k selection of more clients than exist",
+            ["run", example, "strategy.selection=topk", "strategy.topk=9"],
+        ),
+        ("a public set that takes all the text", ["run", example, "data.seq_len=100000"]),
         ("binary file as training text", ["run", example, f"data.path={binary}"]),
         ("text that is not UTF-8", ["run", example, f"data.path={latin1}"]),
         ("JSONL 'text' that is not a string", ["run", example, f"data.path={jsonl}"]),

@@ -168,14 +168,20 @@ def test_text_that_is_not_text_is_refused_with_file_and_line(capsys, corpus_dir,
         ("train.lr=.inf", "'train.lr': Input should be a finite number"),
         ("privacy.noise_multiplier=.nan", "'privacy.noise_multiplier': Input should be a finite number"),
         ("run.name=../../escaped", "'run.name': String should match pattern"),
+        (
+            "strategy.selection=topk strategy.topk=9",
+            "strategy.topk 9 > federation.clients 4: it would select every",
+        ),
+        ("data.seq_len=100000", "windows of 100000 tokens"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_before_any_work(
     capsys, corpus_dir, tmp_path, override, fragment
 ):
-    code, text = cotune(capsys, "run", config(tmp_path, corpus_dir), override)
+    code, text = cotune(capsys, "run", config(tmp_path, corpus_dir), *override.split())
     assert code == 2 and fragment in text
-    assert not (tmp_path / "runs").exists() and not (tmp_path.parent / "escaped").exists()
+    runs = tmp_path / "runs"
+    assert not (runs.exists() and any(runs.iterdir())) and not (tmp_path.parent / "escaped").exists()
 
 
 def test_an_out_that_is_a_file_is_refused(capsys, corpus_dir, tmp_path):
@@ -221,3 +227,31 @@ def test_ctrl_c_says_the_run_can_be_resumed(capsys, corpus_dir, tmp_path, monkey
     assert "Traceback" not in text
     monkeypatch.setattr(personalized.PersonalizedLoop, "run_round", real)
     assert cotune(capsys, "run", "--resume", out)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "fragment"),
+    [
+        (
+            OSError(28, "No space left on device", "metrics.jsonl"),
+            "no space left on the device writing metrics.jsonl",
+        ),
+        (PermissionError(13, "Permission denied", "/read-only/run"), "permission denied: /read-only/run"),
+        (
+            RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            "out of memory: lower train.batch_size",
+        ),
+    ],
+    ids=["disk-full", "read-only", "out-of-memory"],
+)
+def test_resource_problems_are_one_error_paragraph(
+    capsys, corpus_dir, tmp_path, monkeypatch, error, fragment
+):
+    import cotune.runtime.experiment as experiment
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(experiment, "run_embedded", fails)
+    code, text = cotune(capsys, "run", config(tmp_path, corpus_dir), "--out", tmp_path / "r")
+    assert code == 2 and f"error: {fragment}" in text and "Traceback" not in text

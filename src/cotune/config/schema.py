@@ -386,6 +386,9 @@ class ExperimentConfig(Section):
                 "privacy.clip_norm (differential privacy) needs robustness.aggregator 'mean': the noise is "
                 "calibrated to the sensitivity of a (weighted) mean"
             )
+        s = self.strategy
+        if not self.is_cotuning and s.selection == "topk" and s.topk > n:
+            raise ValueError(f"strategy.topk {s.topk} > federation.clients {n}: it would select every client")
         if self.federation.min_clients is not None and self.federation.min_clients > n:
             raise ValueError(f"federation.min_clients {self.federation.min_clients} > federation.clients {n}")
         return self
