@@ -49,7 +49,6 @@ from cotune.runtime.flower.deploy import (
 from cotune.runtime.flower.node import NodeSettings, node_config
 from cotune.runtime.flower.node_state import NodeStateStore
 from cotune.runtime.flower.server_app import check_resumable, experiment_config, prepare_run_dir, run_server
-from cotune.runtime.personalized import dense_from_topk
 from cotune.runtime.rundir import ResumeError, is_flower_run
 from cotune.training.loop import make_optimizer, make_scheduler
 
@@ -217,7 +216,7 @@ def test_top_k_logits_give_the_distances_of_the_full_logits():
     for logits in batches:
         full.add_batch(logits)
         topk = [p.record_to_topk(p.topk_to_record([x.topk(7, dim=-1)]))[0] for x in logits]
-        sent.add_batch([dense_from_topk(v, i, 50) for v, i in topk])
+        sent.add_topk(topk)
     assert torch.equal(full.distances(), sent.distances())
 
 

@@ -31,16 +31,6 @@ from cotune.state import AdapterState
 SaveAdapter = Callable[[AdapterState, Path], None]  # writes one adapter in PEFT format
 
 
-def dense_from_topk(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Logits whose top-k is exactly (values, indices), -inf elsewhere: what PredictionDistance needs.
-
-    PredictionDistance only looks at each client's top-k values and their positions, so this gives
-    the distances of the full logits while a client sends k instead of V numbers per position.
-    """
-    dense = torch.full((*values.shape[:-1], vocab), float("-inf"), dtype=values.dtype)
-    return dense.scatter_(-1, indices, values)
-
-
 def prediction_distance(predictions: list[Prediction], k: int) -> torch.Tensor:
     """D[i, j] from the clients' top-k logits on the same public batches, batch by batch."""
     if len({p.public_hash for p in predictions}) > 1:
@@ -49,9 +39,8 @@ def prediction_distance(predictions: list[Prediction], k: int) -> torch.Tensor:
             "compared: build it from the same config (or give every node the same public-path)"
         )
     dist = PredictionDistance(len(predictions), k=k)
-    vocab = predictions[0].vocab
     for b in range(len(predictions[0].topk)):
-        dist.add_batch([dense_from_topk(*p.topk[b], vocab) for p in predictions])
+        dist.add_topk([p.topk[b] for p in predictions])
     return dist.distances()
 
 
