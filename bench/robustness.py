@@ -464,16 +464,20 @@ def privacy(out: Path) -> list[dict]:
     norms = [x for r in records(probe) if r.get("event") == "clip" for x in r["update_norms"]]
     clip = round(statistics.median(norms), 4)
     rows = []
-    for sigma in (None, 0.0, 0.5, 1.0, 2.0):
-        extra = {"strategy": {"name": "fedavg"}}
+    grid = [(sigma, None) for sigma in (None, 0.0, 0.5, 1.0, 2.0)] + [(1.0, 2)]  # + half the clients a round
+    for sigma, per_round in grid:
+        extra: dict = {"strategy": {"name": "fedavg"}}
         if sigma is not None:
             extra["privacy"] = {"clip_norm": clip, "noise_multiplier": sigma, "seed": 0}
-        run_dir, ended = runner.run(merged(tree, extra), f"dp-{sigma}")
+        if per_round is not None:
+            extra["federation"] = {"clients_per_round": per_round}
+        run_dir, ended = runner.run(merged(tree, extra), f"dp-{sigma}-{per_round}")
         spent = [r for r in records(run_dir) if r.get("event") == "spent"]
         rows.append(
             {
                 "clip_norm": None if sigma is None else clip,
                 "noise_multiplier": sigma,
+                "sample_rate": spent[-1]["sample_rate"] if spent else None,
                 "epsilon": spent[-1]["epsilon"] if spent else None,
                 "delta": spent[-1]["delta"] if spent else None,
                 "rounds": tree["federation"]["rounds"],
@@ -578,15 +582,16 @@ def markdown(result: dict) -> str:
             "## Client-level differential privacy (fedavg, tiny model)",
             "",
             "C is the median update norm of a clip-free probe run; epsilon from Opacus' RDP accountant with "
-            "q = 1 (every client every round).",
+            "q the sampling rate (1: every client every round; 0.5: `federation.clients_per_round: 2`).",
             "",
-            "| clip C | noise multiplier | epsilon | delta | mean val ppl (all 4 clients) |",
-            "|---:|---:|---:|---:|---:|",
+            "| clip C | noise multiplier | q | epsilon | delta | mean val ppl (all 4 clients) |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
         for r in result["privacy"]:
             eps = "∞ (no noise)" if r["noise_multiplier"] == 0.0 else fmt(r["epsilon"])
             lines.append(
                 f"| {fmt(r['clip_norm'], 4)} | {fmt(r['noise_multiplier'], 1)} | "
+                f"{fmt(r.get('sample_rate'))} | "
                 f"{eps if r['clip_norm'] else '– (no DP)'} | {fmt(r['delta'], 6) if r['delta'] else '–'} | "
                 f"{fmt(r['ppl'])} |"
             )

@@ -793,3 +793,18 @@ def test_claims_of_nodes_with_their_own_data_are_capped_at_max_examples(task_fil
     }
     assert checked_sizes(cfg, infos, [30, 30, 30], logged.append) == [30, 50, 40]
     assert [(r.client, r.event) for r in logged] == [(1, "claim_rejected")]
+
+
+@pytest.mark.parametrize("strategy", ["validation", "prediction"])
+def test_partial_participation_on_flower_gives_the_embedded_results(corpus_dir, tmp_path, strategy):
+    cfg = _cfg(
+        corpus_dir, tmp_path, strategy={"name": strategy}, federation={"rounds": 3, "clients_per_round": 2}
+    )
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    assert max_adapter_diff(_adapters(embedded), _adapters(tmp_path / "flower")) == 0.0
+    trained = [(r["round"], r["client"]) for r in _records(tmp_path / "flower", "train")]
+    assert len(trained) == 3 * 2 and trained == [
+        (r["round"], r["client"]) for r in _records(embedded, "train")
+    ]

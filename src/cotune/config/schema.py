@@ -140,6 +140,11 @@ class FederationConfig(Section):
         description="fedcollm family: the largest n_k a client with its own data may claim (more is "
         "capped); unset, such claims cannot be checked and FedAvg weighs every client the same",
     )
+    clients_per_round: PositiveFloat | None = Field(
+        None,
+        description="partial participation: clients drawn (seeded) to train in each round, a count (>= 1) "
+        "or a fraction of federation.clients (< 1); default every client",
+    )
     min_clients: PositiveInt | None = Field(
         None,
         description="an aggregation goes on when at least this many clients answered (default: all); "
@@ -157,6 +162,24 @@ class FederationConfig(Section):
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.rounds * self.local_steps
+
+    @property
+    def sampled_per_round(self) -> int:
+        """How many clients train in a round (all unless clients_per_round says otherwise)."""
+        m = self.clients_per_round
+        if m is None:
+            return self.clients
+        return int(m) if m >= 1 else max(1, round(m * self.clients))
+
+    @model_validator(mode="after")
+    def _clients_per_round_fits(self) -> FederationConfig:
+        m = self.clients_per_round
+        if m is not None and m >= 1 and (m != int(m) or m > self.clients):
+            raise ValueError(
+                f"federation.clients_per_round {m:g}: a count must be a whole number <= federation.clients "
+                f"({self.clients}), or a fraction below 1"
+            )
+        return self
 
 
 class StrategyConfig(Section):
@@ -389,6 +412,16 @@ class ExperimentConfig(Section):
         s = self.strategy
         if not self.is_cotuning and s.selection == "topk" and s.topk > n:
             raise ValueError(f"strategy.topk {s.topk} > federation.clients {n}: it would select every client")
+        m = self.federation.min_clients
+        if (
+            m is not None
+            and self.federation.clients_per_round is not None
+            and m > self.federation.sampled_per_round
+        ):
+            raise ValueError(
+                f"federation.min_clients {m} > the {self.federation.sampled_per_round} clients drawn per "
+                "round (federation.clients_per_round): no round could go on"
+            )
         if self.federation.min_clients is not None and self.federation.min_clients > n:
             raise ValueError(f"federation.min_clients {self.federation.min_clients} > federation.clients {n}")
         return self

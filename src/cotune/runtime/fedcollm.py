@@ -111,7 +111,7 @@ class FedCoLLMLoop:
         rounds = self.cfg.federation.rounds if self.plan.trains else 0
         for r in range(start, rounds + 1):
             t0 = time.perf_counter()
-            self.members.start_round()
+            self.members.start_round(r)
             self.run_round(r)
             t_work = time.perf_counter() - t0
             shown = self.evaluate(r) if self.cfg.is_eval_round(r) else ""

@@ -94,7 +94,7 @@ class PersonalizedLoop:
         fed = self.cfg.federation
         self.members.join(self.clients.describe())
         start = first_round(self.files, resume, self.restore, self.round_zero)
-        total = sum(self.steps_in_round(r) for r in range(start, fed.rounds + 1)) * self.n
+        total = sum(self.steps_in_round(r) for r in range(start, fed.rounds + 1)) * fed.sampled_per_round
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -110,7 +110,7 @@ class PersonalizedLoop:
 
     def run_round(self, r: int, progress: Progress, task: Any) -> None:
         t0 = time.perf_counter()
-        self.members.start_round()
+        self.members.start_round(r)
 
         def shown(client: int, loss: float) -> None:
             progress.update(
@@ -232,7 +232,7 @@ class PersonalizedLoop:
 
     def evaluate(self, r: int) -> float:
         """Each active client's validation loss and perplexity; returns their mean perplexity."""
-        replies = self.clients.evaluate(r, {i: self.adapters[i] for i in self.members.active()})
+        replies = self.clients.evaluate(r, {i: self.adapters[i] for i in self.members.present()})
         self.members.note_failures(r, "evaluate", replies)
         ppls = []
         for i, m in sorted(replies.ok.items()):
