@@ -7,7 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import click
 import typer
@@ -105,7 +105,11 @@ def run(
     out_dir: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<name>)")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue this run directory")] = None,
     backend: Annotated[
-        str, typer.Option("--backend", help="embedded (one process) or flower (SuperLink + SuperNodes)")
+        str,
+        typer.Option(
+            "--backend",
+            help="embedded (one process), flower (SuperLink + SuperNodes) or flower-simulation (Ray actors)",
+        ),
     ] = "embedded",
     superlink: Annotated[
         str | None,
@@ -119,6 +123,13 @@ def run(
     connect_timeout: Annotated[
         float, typer.Option("--connect-timeout", help="flower: seconds to wait for the SuperNodes")
     ] = 120.0,
+    client_cpus: Annotated[
+        float, typer.Option("--client-cpus", help="flower-simulation: CPUs per actor (actors = CPUs / this)")
+    ] = 1.0,
+    client_gpus: Annotated[
+        float,
+        typer.Option("--client-gpus", help="flower-simulation: GPUs per actor (e.g. 1, or 0.5 to share)"),
+    ] = 0.0,
 ) -> None:
     """Run an experiment (or --resume one) and write its run directory."""
     from cotune.assets import AssetError
@@ -133,27 +144,31 @@ def run(
     from cotune.runtime.lock import RunDirBusy
     from cotune.runtime.rundir import ResumeError, default_run_dir
 
-    if backend not in ("embedded", "flower"):
-        _fail(f"unknown --backend {backend!r}: embedded or flower")
+    if backend not in ("embedded", "flower", "flower-simulation"):
+        _fail(f"unknown --backend {backend!r}: embedded, flower or flower-simulation")
     if backend != "flower" and resume is None and (superlink is not None or root_certificates is not None):
         _fail("--superlink and --root-certificates need --backend flower")
-    flower = {
-        "superlink": superlink,
-        "root_certificates": root_certificates,
-        "connect_timeout": connect_timeout,
-    }
+    if backend == "flower-simulation":
+        flower: dict[str, Any] = {"client_cpus": client_cpus, "client_gpus": client_gpus}
+    else:
+        flower = {
+            "superlink": superlink,
+            "root_certificates": root_certificates,
+            "connect_timeout": connect_timeout,
+        }
     try:
         if resume is not None:  # on the backend the run used: a Flower run resumes on Flower
             session.run_dir = resume
             asked = resume_overrides(resume, config, overrides, out_dir)
-            dirs = resume_experiment(resume, err, asked, **flower)
+            federated = backend if backend != "embedded" else "flower"  # a Flower run resumes on Flower
+            dirs = resume_experiment(resume, err, asked, federated, **flower)
         else:
             if config is None:
                 _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
             cfg = load_config(config, overrides or [])
             session.run_dir = out_dir or default_run_dir(cfg)
             dirs = run_experiment(
-                cfg, session.run_dir, err, backend, **(flower if backend == "flower" else {})
+                cfg, session.run_dir, err, backend, **(flower if backend != "embedded" else {})
             )
     except (
         AssetError,

@@ -70,15 +70,15 @@ def run_experiment(
     """
     console = console or Console(stderr=True)
     run_dir = run_dir or default_run_dir(cfg)
-    if backend == "flower":
+    if backend in FLOWER_BACKENDS:
         require_flwr()  # before anything is created
-        from cotune.runtime.flower.deploy import check_flower_config, run_on_flower
+        from cotune.runtime.flower.deploy import check_flower_config
 
         check_flower_config(cfg)
         run_dir = run_dir.resolve()  # the ServerApp may run elsewhere
     dirs = comparison_dirs(run_dir, cfg)
     pairs = list(zip(dirs, [cfg] + [variant(cfg, s) for s in baseline_names(cfg)], strict=True))
-    on_flower = backend == "flower"
+    on_flower = backend in FLOWER_BACKENDS
     federated = [(d, v) for d, v in pairs if on_flower and has_client_step(v)]
     local = [(d, v) for d, v in pairs if (d, v) not in federated]
     created = [d for d in dirs if not d.exists()]
@@ -92,11 +92,29 @@ def run_experiment(
                 console.print(f"[bold]algorithm {v.algorithm}[/] has no client step: embedded runtime -> {d}")
             run_embedded([v for _, v in local], [d for d, _ in local], console)
         if federated:
-            run_on_flower(federated, console, **flower)
+            run_federated(backend, federated, console, **flower)
     except BaseException:
         discard_unstarted(created)
         raise
     return dirs
+
+
+FLOWER_BACKENDS = ("flower", "flower-simulation")
+
+
+def run_federated(
+    backend: str, runs: list[tuple[Path, ExperimentConfig]], console: Console, **options: Any
+) -> None:
+    """The runs with a client step on Flower: a deployment (real or local SuperNodes) or Flower's
+    simulation engine (virtual SuperNodes on Ray actors); `options` are that backend's."""
+    if backend == "flower-simulation":
+        from cotune.runtime.flower.simulation import run_on_simulation
+
+        run_on_simulation(runs, console, **options)
+    else:
+        from cotune.runtime.flower.deploy import run_on_flower
+
+        run_on_flower(runs, console, **options)
 
 
 def has_client_step(cfg: ExperimentConfig) -> bool:
@@ -203,13 +221,18 @@ def run_status(run_dir: Path, cfg: ExperimentConfig) -> str:
 
 
 def resume_experiment(
-    run_dir: Path, console: Console | None = None, overrides: Sequence[str] = (), **flower: Any
+    run_dir: Path,
+    console: Console | None = None,
+    overrides: Sequence[str] = (),
+    backend: str = "flower",
+    **flower: Any,
 ) -> list[Path]:
     """Finish a run and every `run.compare` sibling: each continues after its newest intact
     checkpoint, on the backend the run used; one with nothing completed starts over in place; a
     complete one is left as it is. `overrides` may change only how it runs (`RUNTIME_SETTINGS`).
-    A Flower run resumes on Flower (`flower`: the options of `run_on_flower`), its SuperNodes
-    reloading their trainer states from their own state-dir. Returns the run directories.
+    A Flower run resumes on Flower (`backend`: "flower", a deployment, or "flower-simulation";
+    `flower`: that backend's options), its SuperNodes reloading their trainer states from their own
+    state-dir. Returns the run directories.
     """
     console = console or Console(stderr=True)
     cfg = resume_config(run_dir, overrides)
@@ -233,9 +256,7 @@ def resume_experiment(
             (d / "config.yaml").write_text(dump_config(v))  # with the runtime settings of this resume
             if on_flower and has_client_step(v):
                 require_flwr()
-                from cotune.runtime.flower.deploy import run_on_flower
-
-                run_on_flower([(d.resolve(), v)], console, resume=status == "resumable", **flower)
+                run_federated(backend, [(d.resolve(), v)], console, resume=status == "resumable", **flower)
             else:
                 run_embedded([v], [d], console, resume=status == "resumable")
     return dirs
