@@ -808,3 +808,19 @@ def test_partial_participation_on_flower_gives_the_embedded_results(corpus_dir, 
     assert len(trained) == 3 * 2 and trained == [
         (r["round"], r["client"]) for r in _records(embedded, "train")
     ]
+
+
+def test_a_long_lived_node_process_loads_the_base_model_once(corpus_dir, tmp_path, monkeypatch):
+    """What a simulation actor gains: every message reuses the process's base model, unwrapped after."""
+    import cotune.runtime.flower.node as node_module
+
+    calls = []
+    real = node_module.load_model
+    monkeypatch.setattr(node_module, "load_model", lambda cfg: calls.append(1) or real(cfg))
+    node_module.BASES.clear()
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "validation"})
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    assert len(calls) == 1 and len(grid.sent) > 20  # one load for every message of every node
+    assert max_adapter_diff(_adapters(embedded), _adapters(tmp_path / "flower")) == 0.0
