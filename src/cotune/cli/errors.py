@@ -32,6 +32,8 @@ def validation_text(exc: ValidationError) -> str:
 
 
 def os_error_text(exc: OSError) -> str:
+    if exc.errno is None:  # raised by cotune with its own message
+        return str(exc)
     name = f" {exc.filename}" if exc.filename else ""
     if exc.errno == errno.ENOSPC:
         return (

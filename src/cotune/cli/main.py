@@ -223,6 +223,71 @@ def report(
     out.print(f"report: {path}")
 
 
+ClientOpt = Annotated[int | None, typer.Option("--client", help="client K's adapter")]
+ServerOpt = Annotated[bool, typer.Option("--server", help="FedCoLLM: the server's SLM adapter (theta)")]
+LlmOpt = Annotated[bool, typer.Option("--llm", help="FedCoLLM: the server LLM's adapter (omega)")]
+
+
+def _tuned(run_dir: Path, client: int | None, server: bool, llm: bool) -> Any:
+    from cotune.runtime.results import open_tuned
+
+    session.run_dir = None
+    return open_tuned(run_dir, client, server, llm, err)
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    prompt: Annotated[str, typer.Argument(help="the prompt (the model's chat template is applied)")],
+    client: ClientOpt = None,
+    server: ServerOpt = False,
+    llm: LlmOpt = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+) -> None:
+    """Generate (greedy) with the base model and one of the run's adapters."""
+    from cotune.runtime.results import generate as run_generate
+
+    out.print(run_generate(_tuned(run_dir, client, server, llm), prompt, max_new_tokens), markup=False)
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    task: Annotated[Path, typer.Option("--task", help='JSONL: {"prompt", "choices", "answer"} per line')],
+    client: ClientOpt = None,
+    server: ServerOpt = False,
+    llm: LlmOpt = False,
+) -> None:
+    """Multiple-choice accuracy of one of the run's adapters on your own task file."""
+    from cotune.runtime.results import evaluate_task
+
+    tuned = _tuned(run_dir, client, server, llm)
+    result = evaluate_task(tuned, task, tuned.cfg.train.eval_batch_size)
+    scores = f"acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}  (n={result.n})"
+    out.print(f"{tuned.adapter_dir.name} on {task}: {scores}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    out_dir: Annotated[Path, typer.Argument(help="where to write (must not exist, or be empty)")],
+    client: ClientOpt = None,
+    server: ServerOpt = False,
+    llm: LlmOpt = False,
+    merge: Annotated[bool, typer.Option("--merge", help="a standalone model, the adapter merged in")] = False,
+) -> None:
+    """Export one of the run's adapters (PEFT format), or a merged model directory (--merge)."""
+    from cotune.runtime.results import export as run_export
+
+    path = run_export(_tuned(run_dir, client, server, llm), out_dir, merge)
+    kind = (
+        "merged model (AutoModelForCausalLM.from_pretrained)"
+        if merge
+        else "adapter (PeftModel.from_pretrained)"
+    )
+    out.print(f"{kind}: {path}")
+
+
 @flower_app.command("app-dir")
 def flower_app_dir(path: Annotated[Path, typer.Argument(help="directory to write")]) -> None:
     """Write the Flower App (pyproject.toml) for `flwr run DIR <connection>` against your own SuperLink."""
