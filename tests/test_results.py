@@ -80,3 +80,14 @@ def test_eval_scores_the_server_and_llm_adapters_on_a_task_file(capsys, task_fil
         acc = float(text.split(" acc ")[1].split()[0])
         assert 0.0 <= acc <= 1.0 and f"n={len(Path(task_file).read_text().splitlines())}" in text
         assert any(r["model"] == model for r in mc)
+
+
+def test_reports_name_clients_by_their_data(personalized_run, tmp_path):
+    from cotune.reporting.metrics import load_run
+    from cotune.reporting.report import comparison_rows, write_report
+
+    run = load_run(personalized_run)
+    assert run.client_names == ["alpha", "beta", "delta", "gamma"]  # each client's main label
+    _, rows = comparison_rows([run])
+    assert [r[0] for r in rows[:-1]] == ["0 (alpha)", "1 (beta)", "2 (delta)", "3 (gamma)"]
+    assert "| 2 (delta) |" in write_report([personalized_run], tmp_path / "report").read_text()

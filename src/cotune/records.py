@@ -52,6 +52,7 @@ class RunEvent(Record):
     strategy: str | None = None
     clients: Int | None = None
     backend: str | None = None
+    client_names: list[str] | None = None  # start: each client named by its data (e.g. its main label)
     round: Int | None = None  # stopped: the round in progress
     after_round: Int | None = None  # resume: the last completed round
     last_checkpoint: Int | None = None

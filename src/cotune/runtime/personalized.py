@@ -85,6 +85,15 @@ class PersonalizedLoop:
         fed = self.cfg.federation
         return 0 if round_ == 0 else fed.warmup_steps + round_ * fed.local_steps
 
+    def client_names(self) -> list[str]:
+        """Each client by its data: its main label (what a report shows next to the index)."""
+        names = []
+        for i in range(self.n):
+            info = self.members.joined.get(i, {})
+            mixture, labels = info.get("mixture") or [], info.get("label_names") or []
+            names.append(labels[max(range(len(mixture)), key=mixture.__getitem__)] if mixture else "")
+        return names
+
     def round_zero(self) -> None:
         self.evaluate(0)
         self.checkpoint(0)
@@ -93,7 +102,7 @@ class PersonalizedLoop:
     def run(self, resume: bool = False) -> None:
         fed = self.cfg.federation
         self.members.join(self.clients.describe())
-        start = first_round(self.files, resume, self.restore, self.round_zero)
+        start = first_round(self.files, resume, self.restore, self.round_zero, self.client_names())
         total = sum(self.steps_in_round(r) for r in range(start, fed.rounds + 1)) * fed.sampled_per_round
         with Progress(
             TextColumn("{task.description}"),

@@ -243,7 +243,11 @@ def load_adapter(directory: Path) -> AdapterState:
 
 
 def first_round(
-    files: RunFiles, resume: bool, restore: Callable[[], int], round_zero: Callable[[], None]
+    files: RunFiles,
+    resume: bool,
+    restore: Callable[[], int],
+    round_zero: Callable[[], None],
+    client_names: list[str] | None = None,
 ) -> int:
     """The first round a loop runs: the one after the restored checkpoint, or 1 after a fresh start
     (the start record, then `round_zero`: round 0's evaluation and checkpoint)."""
@@ -257,6 +261,7 @@ def first_round(
             strategy=main_name(cfg),
             clients=cfg.federation.clients,
             backend=files.backend,
+            client_names=client_names,
         )
     )
     round_zero()
