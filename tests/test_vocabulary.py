@@ -17,6 +17,7 @@ from cotune.records import (
     KINDS,
     CommRecord,
     DistillRecord,
+    DistillValRecord,
     EvalRecord,
     FaultRecord,
     McRecord,
@@ -99,6 +100,7 @@ RECORDS: list[Record] = [
     DistillRecord(
         round=1, step=2, slm_ce=1, slm_kd=0.5, llm_ce=1, llm_kd=0.4, teacher_bytes=64, topk=None, wall_s=0.1
     ),
+    DistillValRecord(round=1, model="slm", step=0, acc=0.5, nll=0.9, n=12),
     FaultRecord(event="client_dropped", round=1, phase="train", client=1, reason="took too long"),
     PrivacyClip(round=1, clients=[0, 1], update_norms=[0.5, 2.0], clipped=1, clip_norm=1.0),
     PrivacySpent(

@@ -162,6 +162,25 @@ class DistillRecord(Record):
     teacher_bytes: Int
     topk: Int | None
     wall_s: Float
+    slm_kept: Int | None = None  # the distillation step whose theta the round kept (None: the last)
+    llm_kept: Int | None = None  # the same for omega
+
+
+class DistillValRecord(Record):
+    """One model scored on the server's validation split (carved from D_a) during a round's distillation.
+
+    Step 0 is the round's start (the SLM: the clients' FedAvg average; the LLM: omega as the round found
+    it), step s is after the model's s-th distillation step of the round. `nll` is the choice-level loss:
+    -log of the right choice's probability, softmax over the choices' log-likelihoods, averaged.
+    """
+
+    type: Literal["distill_val"] = "distill_val"
+    round: Int
+    model: Literal["slm", "llm"]
+    step: Int
+    acc: Float
+    nll: Float
+    n: Int
 
 
 class FaultRecord(Record):
@@ -212,6 +231,7 @@ KINDS: dict[tuple[str, str | None], type[Record]] = {
     ("mc", None): McRecord,
     ("comm", None): CommRecord,
     ("distill", None): DistillRecord,
+    ("distill_val", None): DistillValRecord,
     ("fault", None): FaultRecord,
     ("privacy", "clip"): PrivacyClip,
     ("privacy", "spent"): PrivacySpent,

@@ -33,8 +33,11 @@ from torch import Tensor
 __all__ = [
     "IGNORE_INDEX",
     "DistillLoss",
+    "answer_positions",
+    "choice_logits",
     "distillation_loss",
     "kd_kl",
+    "kd_kl_choices",
     "kd_kl_from_topk",
     "shift_for_causal_lm",
     "supervised_mask",
@@ -190,6 +193,37 @@ def kd_kl_from_topk(
         values = values / temperature
     log_p_teacher = F.log_softmax(values, dim=-1)  # renormalised over the k kept tokens
     return _finish_kl(_kl_rows(log_p_teacher, log_p_student), temperature)
+
+
+def answer_positions(shifted_labels: Tensor) -> Tensor:
+    """(B,): per row, the first supervised position of the shifted labels (the answer's first token)."""
+    mask = supervised_mask(shifted_labels)
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("every row needs at least one supervised (answer) token")
+    return mask.int().argmax(dim=1)
+
+
+def choice_logits(shifted_logits: Tensor, positions: Tensor, choices: Tensor) -> Tensor:
+    """(B, C): each row's logits at its answer position, at its choices' first tokens (-inf where -1)."""
+    rows = shifted_logits[torch.arange(len(positions), device=positions.device), positions]
+    picked = rows.gather(-1, choices.clamp(min=0)).float()
+    return picked.masked_fill(choices < 0, float("-inf"))
+
+
+def kd_kl_choices(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p_teacher ‖ p_student) over each row's choices: both softmaxed over the (B, C) choice logits
+    (-inf entries are absent choices), mean over rows, times T². The teacher is detached here."""
+    if student.shape != teacher.shape or student.ndim != 2:
+        raise ValueError(
+            f"choice logits must both be (batch, choices), got {tuple(student.shape)}, {tuple(teacher.shape)}"
+        )
+    _check_temperature(temperature)
+    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    p_teacher = log_p_teacher.exp()
+    present = torch.isfinite(log_p_teacher)
+    terms = torch.where(present, p_teacher * (log_p_teacher - log_p_student), 0.0)
+    return _finish_kl(terms.sum(dim=-1), temperature)
 
 
 def teacher_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:

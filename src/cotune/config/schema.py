@@ -260,11 +260,54 @@ class DistillConfig(Section):
     lam: float = Field(1.0, ge=0.0, description="weight of the KL term")
     temperature: PositiveFloat = 1.0
     topk: PositiveInt | None = Field(None, description="keep only the teacher's top-k logits (ref: 128)")
+    kd_target: Literal["vocab", "choices"] = Field(
+        "vocab",
+        description="vocab: KL over the vocabulary at every answer token (the paper); choices: KL over the "
+        "task's choices (their first tokens) at the answer's first token, what the evaluation ranks",
+    )
     epochs: PositiveInt = Field(1, description="passes over the public set per round")
     max_steps: PositiveInt | None = Field(None, description="cap distillation batches per pass")
     order: Literal["batch", "epoch"] = Field(
         "batch", description="batch: SLM step then LLM step on each batch; epoch: alternate by epoch"
     )
+    val_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of the public set D_a held out as the server's validation split (never trained "
+        "on, by any algorithm): SLM and LLM validation accuracy and loss are recorded along each round's "
+        "distillation steps; keep 'best' chooses on it",
+    )
+    val_every: PositiveInt | None = Field(
+        None,
+        description="score the validation split every this many distillation steps and after the last "
+        "(default: every step)",
+    )
+    keep: Literal["last", "best"] = Field(
+        "last",
+        description="last: each model keeps its adapter after the round's last distillation step (the "
+        "paper); best: the one with the best validation score among the round's start and its scored steps",
+    )
+    slm_lr: PositiveFloat | None = Field(
+        None, description="theta's learning rate on the server (default: train.lr)"
+    )
+    reset_optimizer: bool = Field(
+        False,
+        description="start each round's distillation with fresh AdamW moments for theta and omega (theta was "
+        "just replaced by the clients' average: moments of last round's theta no longer describe it)",
+    )
+
+    @model_validator(mode="after")
+    def _validation_settings_need_a_split(self) -> DistillConfig:
+        if self.val_fraction == 0.0:
+            if self.keep == "best":
+                raise ValueError(
+                    "distill.keep 'best' chooses on the server's validation split: "
+                    "set distill.val_fraction > 0"
+                )
+            if self.val_every is not None:
+                raise ValueError("distill.val_every needs a validation split: set distill.val_fraction > 0")
+        return self
 
 
 class RobustnessConfig(Section):

@@ -24,7 +24,16 @@ from typing import Any
 import yaml
 
 from cotune.config.names import PERSONALIZED, family_of
-from cotune.records import CommRecord, EvalRecord, McRecord, RunEvent, TrustRecord, parse_record
+from cotune.records import (
+    CommRecord,
+    DistillRecord,
+    DistillValRecord,
+    EvalRecord,
+    McRecord,
+    RunEvent,
+    TrustRecord,
+    parse_record,
+)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -126,6 +135,11 @@ class RunSummary:
 
     def client_label(self, client: int) -> str:
         return client_label(client, self.client_names)
+
+    # FedCoLLM: the server's validation split along each round's distillation, sorted by (round, model, step),
+    # and each round's distillation summary (which step each model kept), sorted by round
+    distill_val: list[DistillValRecord] = field(default_factory=list)
+    distill: list[DistillRecord] = field(default_factory=list)
 
     @property
     def is_cotuning(self) -> bool:
@@ -296,6 +310,8 @@ def load_run(run_dir: Path) -> RunSummary:
     trust: list[tuple[int, list[list[float]]]] = []
     mc: dict[str, dict[int, dict[int | None, McRecord]]] = {}
     comm: dict[tuple[int, int], CommRecord] = {}
+    distill_val: dict[tuple[int, str, int], DistillValRecord] = {}
+    distill: dict[int, DistillRecord] = {}
     run_strategy: str | None = None
     run_algorithm: str | None = None
     client_names: list[str] = []
@@ -310,6 +326,10 @@ def load_run(run_dir: Path) -> RunSummary:
                 mc.setdefault(rec.model, {}).setdefault(rec.round, {})[rec.client] = rec
             case CommRecord():
                 comm[(rec.round, rec.client)] = rec
+            case DistillValRecord():
+                distill_val[(rec.round, rec.model, rec.step)] = rec
+            case DistillRecord():
+                distill[rec.round] = rec
             case RunEvent(event="start"):
                 run_strategy = run_strategy or rec.strategy
                 run_algorithm = run_algorithm or rec.algorithm
@@ -340,6 +360,8 @@ def load_run(run_dir: Path) -> RunSummary:
         },
         comm=[comm[key] for key in sorted(comm)],
         client_names=client_names,
+        distill_val=[distill_val[key] for key in sorted(distill_val)],
+        distill=[distill[key] for key in sorted(distill)],
     )
 
 

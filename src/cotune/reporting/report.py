@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cotune.records import DistillValRecord
 from cotune.reporting.metrics import RunSummary, client_label, config_value, load_runs, unique_labels
 
 if TYPE_CHECKING:
@@ -429,6 +430,85 @@ def _plot_accuracy_per_round(runs: Sequence[RunSummary], labels: Sequence[str], 
     return True
 
 
+def distill_val_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """Per run, round and model: the server's validation accuracy (%) and choice-level loss at the start of
+    the round's distillation, after its last step, at its best scored step, and the step the round kept."""
+    header = ["run", "round", "model", "start", "last step", "best step", "kept"]
+    rows = []
+    for run, label in zip(runs, unique_labels(runs), strict=True):
+        kept = {(d.round, "slm"): d.slm_kept for d in run.distill} | {
+            (d.round, "llm"): d.llm_kept for d in run.distill
+        }
+        for rnd in sorted({v.round for v in run.distill_val}):
+            for model in ("slm", "llm"):
+                curve = [v for v in run.distill_val if v.round == rnd and v.model == model]
+                if not curve:
+                    continue
+                best = max(curve, key=lambda v: (v.acc, -v.nll))
+
+                def cell(v: DistillValRecord) -> str:
+                    return f"{_pct(v.acc)} / {v.nll:.3f}"
+
+                k = kept.get((rnd, model))
+                rows.append(
+                    [
+                        label,
+                        str(rnd),
+                        model.upper(),
+                        cell(curve[0]),
+                        f"{cell(curve[-1])} (step {curve[-1].step})",
+                        f"{cell(best)} (step {best.step})",
+                        f"step {curve[-1].step} (last)" if k is None else f"step {k}",
+                    ]
+                )
+    return header, rows
+
+
+def _plot_distill_validation(runs: Sequence[RunSummary], labels: Sequence[str], path: Path) -> bool:
+    """Validation accuracy along each round's distillation (round r spans r-1..r on the x axis), SLM solid,
+    LLM dashed, one colour per run; a star marks the step each round kept."""
+    drawn = False
+    fig = _new_figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
+        kept = {(d.round, "slm"): d.slm_kept for d in run.distill} | {
+            (d.round, "llm"): d.llm_kept for d in run.distill
+        }
+        for model, style in (("slm", "-"), ("llm", "--")):
+            first = True
+            for rnd in sorted({v.round for v in run.distill_val}):
+                curve = [v for v in run.distill_val if v.round == rnd and v.model == model]
+                if not curve:
+                    continue
+                last = max(1, curve[-1].step)
+                xs = [rnd - 1 + v.step / last for v in curve]
+                ys = [100.0 * v.acc for v in curve]
+                ax.plot(
+                    xs,
+                    ys,
+                    style,
+                    marker=".",
+                    color=f"C{i % 10}",
+                    label=f"{label} ({model.upper()})" if first else None,
+                )
+                first, drawn = False, True
+                k = kept.get((rnd, model))
+                at = next((v for v in curve if v.step == k), None) if k is not None else None
+                if at is not None:
+                    ax.plot(
+                        [rnd - 1 + at.step / last], [100.0 * at.acc], "*", color=f"C{i % 10}", markersize=12
+                    )
+    if not drawn:
+        return False
+    ax.set_xlabel("round (each round: from its start, the FedAvg average, to its last distillation step)")
+    ax.set_ylabel("server validation accuracy (%)")
+    ax.set_title("Validation accuracy along distillation (SLM solid, LLM dashed, * kept)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return True
+
+
 # -------------------------------------------------------------------------------------------- report
 
 
@@ -456,6 +536,9 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
     has_acc_plot = bool(cot_runs) and _plot_accuracy_per_round(
         cot_runs, [run.label for run in cot_runs], plots / "accuracy_per_round.png"
     )
+    val_runs = [run for run in cot_runs if run.distill_val]
+    if val_runs:
+        _plot_distill_validation(val_runs, unique_labels(val_runs), plots / "distill_validation.png")
     trust_plots: dict[int, str] = {}
     used: set[str] = set()
     for i, run in enumerate(runs):
@@ -628,6 +711,21 @@ def _cotuning_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[s
         parts += ["No multiple-choice evaluations recorded.", ""]
     if has_acc_plot:
         parts += ["![Test accuracy per round](plots/accuracy_per_round.png)", ""]
+
+    val_runs = [run for run in runs if run.distill_val]
+    if val_runs:
+        parts += ["## Co-tuning: server validation along distillation", ""]
+        parts += [
+            "Accuracy (%) / choice-level loss on the server's validation split (distill.val_fraction of the "
+            "public set, never trained on): at the start of each round's distillation (the SLM: the clients' "
+            "FedAvg average), after its last step, at its best scored step, and the step the round kept "
+            "(distill.keep).",
+            "",
+            _md_table(*distill_val_rows(val_runs)),
+            "",
+            "![Validation along distillation](plots/distill_validation.png)",
+            "",
+        ]
 
     parts += ["## Co-tuning: communication", ""]
     parts += [

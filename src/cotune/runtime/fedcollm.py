@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from rich.console import Console
@@ -27,7 +27,15 @@ from cotune.config.schema import ExperimentConfig
 from cotune.data.task_data import TaskData
 from cotune.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
 from cotune.models.lora import AdapterPool
-from cotune.records import CommRecord, DistillRecord, McRecord, RoundRecord, RunEvent, TrainRecord
+from cotune.records import (
+    CommRecord,
+    DistillRecord,
+    DistillValRecord,
+    McRecord,
+    RoundRecord,
+    RunEvent,
+    TrainRecord,
+)
 from cotune.runtime.claims import checked_sizes
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
@@ -36,6 +44,7 @@ from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapt
 from cotune.state import AdapterState, state_bytes
 from cotune.training.distill import student_step, teacher_signal
 from cotune.training.learner import Learner
+from cotune.training.loop import Batch
 
 SERVER = "server"  # the server's copy of the SLM adapter (theta), inside the SLM pool
 LLM_ADAPTER = "server-llm"  # the LLM's server-only LoRA (omega); never leaves the server
@@ -53,6 +62,113 @@ def adapter_digest(pool: AdapterPool, name: str) -> str:
         h.update(key.encode())
         h.update(tensor.float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+Role = Literal["slm", "llm"]
+ROLES: tuple[Role, Role] = ("slm", "llm")  # within a batch (order 'batch'), the SLM steps first
+
+
+def choice_nll(logliks: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
+    """Mean over examples of -log p(right choice), p the softmax over the choices' log-likelihoods."""
+    total = 0.0
+    for scores, answer in zip(logliks, answers, strict=True):
+        t = torch.tensor(scores, dtype=torch.float64)
+        total += float(torch.logsumexp(t, 0) - t[answer])
+    return total / max(1, len(answers))
+
+
+@dataclass(frozen=True)
+class ValScore:
+    """A model on the server's validation split: accuracy, choice-level loss, examples."""
+
+    acc: float
+    nll: float
+    n: int
+
+    def better_than(self, other: ValScore) -> bool:
+        """Higher accuracy; at equal accuracy, lower loss (the finer signal on a small split)."""
+        return (self.acc, -self.nll) > (other.acc, -other.nll)
+
+
+class ValTrack:
+    """One model's validation scores along a round's distillation (step 0: the round's start); with
+    `keep_best`, the adapter of its best score, loaded back at `finish`. Without a validation split
+    (`score` None) it scores nothing and the last step is kept."""
+
+    def __init__(
+        self,
+        pool: AdapterPool,
+        name: str,
+        score: Callable[[], ValScore] | None,
+        log: Callable[[int, ValScore], None],
+        every: int,
+        keep_best: bool,
+    ) -> None:
+        self.pool, self.name, self.score, self.log = pool, name, score, log
+        self.every, self.keep_best = every, keep_best
+        self.steps, self.scored_at = 0, -1
+        self.best: tuple[ValScore, int, AdapterState | None] | None = None
+        self.score_now()
+
+    def score_now(self) -> None:
+        if self.score is None or self.scored_at == self.steps:
+            return
+        v = self.score()
+        self.scored_at = self.steps
+        self.log(self.steps, v)
+        if self.best is None or v.better_than(self.best[0]):
+            self.best = (v, self.steps, self.pool.state(self.name) if self.keep_best else None)
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.score_now()
+
+    def finish(self) -> int | None:
+        """Score the last step; with keep_best, load the best adapter back. The step kept (None: last)."""
+        self.score_now()
+        if self.best is None or not self.keep_best:
+            return None
+        _, step, state = self.best
+        if step != self.steps:
+            assert state is not None
+            self.pool.load_state(self.name, state)
+        return step
+
+
+@dataclass
+class DistillTotals:
+    """Sums of one round's distillation losses per model, and the largest teacher signal held."""
+
+    sums: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("slm_ce", "slm_kd", "llm_ce", "llm_kd"), 0.0)
+    )
+    steps: dict[str, int] = field(default_factory=lambda: {"slm": 0, "llm": 0})
+    teacher_bytes: int = 0
+
+    def add(self, role: Role, ce: float, kd: float, nbytes: int) -> None:
+        self.sums[f"{role}_ce"] += ce
+        self.sums[f"{role}_kd"] += kd
+        self.steps[role] += 1
+        self.teacher_bytes = max(self.teacher_bytes, nbytes)
+
+    def record(
+        self, r: int, topk: int | None, wall_s: float, kept: Mapping[Role, int | None]
+    ) -> DistillRecord:
+        m = {k: v / max(1, self.steps[k[:3]]) for k, v in self.sums.items()}
+        return DistillRecord(
+            round=r,
+            step=self.steps["slm"],
+            slm_ce=m["slm_ce"],
+            slm_kd=m["slm_kd"],
+            llm_ce=m["llm_ce"],
+            llm_kd=m["llm_kd"],
+            teacher_bytes=self.teacher_bytes,
+            topk=topk,
+            wall_s=wall_s,
+            slm_kept=kept.get("slm"),
+            llm_kept=kept.get("llm"),
+        )
 
 
 @dataclass
@@ -99,6 +215,7 @@ class FedCoLLMLoop:
         self.pipeline = AggregationPipeline(cfg, files.log)
         self.sizes: list[int] = [0] * self.n  # n_k as each client described itself
         self.members = Membership(cfg, files.log, self.console)
+        self.val_cache: dict[tuple[bool, str], ValScore] = {}  # server validation scores by adapter weights
 
     def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
         """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA)."""
@@ -196,65 +313,94 @@ class FedCoLLMLoop:
                 )
             )
 
+    # ---- 4. mutual distillation on D_a -------------------------------------------------------------
     def distill(self, r: int) -> None:
-        """Mutual distillation on D_a: per batch an SLM step (the LLM teaches), then an LLM step."""
-        s = self.server
+        """Per batch an SLM step (the LLM teaches) then an LLM step (the SLM teaches); with order 'epoch'
+        a full SLM pass then a full LLM pass. The server's validation split scores both models along the
+        way; with keep 'best' each ends the round with its best-scored adapter."""
+        s, d = self.server, self.cfg.distill
+        assert s.omega is not None
+        if d.reset_optimizer:  # theta was just replaced by the average: last round's moments describe another
+            s.theta.reset_optimizer()
+            s.omega.reset_optimizer()
+        tracks = {role: self.val_track(r, role) for role in ROLES}
+        totals, t0 = DistillTotals(), time.perf_counter()
+        for _ in range(d.epochs):
+            for role, batch in self.distill_order(self.distill_batches()):
+                totals.add(role, *self.distill_step(role, batch))
+                tracks[role].after_step()
+        kept = {role: track.finish() for role, track in tracks.items()}
+        self.files.log(totals.record(r, d.topk, time.perf_counter() - t0, kept))
+
+    def distill_batches(self) -> list[Batch]:
+        """One pass over D_a: the public batches of this round, from theta's data cursor."""
+        return [b for _ in range(self.server.distill_batches) for b in self.server.theta.next_batches()[0]]
+
+    def distill_order(self, batches: list[Batch]) -> list[tuple[Role, Batch]]:
+        if self.cfg.distill.order == "batch":  # SLM step then LLM step on each batch
+            return [(role, b) for b in batches for role in ROLES]
+        return [(role, b) for role in ROLES for b in batches]  # a full SLM pass, then a full LLM pass
+
+    def distill_step(self, role: Role, batch: Batch) -> tuple[float, float, int]:
+        """One step of `role` (student) against the other model (teacher): (ce, kd, teacher signal bytes)."""
+        s, d = self.server, self.cfg.distill
         assert s.llm is not None and s.omega is not None
-        d, t = self.cfg.distill, self.cfg.train
-        slm_model, llm_model = s.slm.model, s.llm.model
+        if role == "slm":
+            student, teacher, learner = s.slm, s.llm, s.theta
+        else:
+            student, teacher, learner = s.llm, s.slm, s.omega
         s.slm.activate(SERVER)
         s.llm.activate(LLM_ADAPTER)
-        sums = {"slm_ce": 0.0, "slm_kd": 0.0, "llm_ce": 0.0, "llm_kd": 0.0}
-        teacher_bytes, n, t0 = 0, 0, time.perf_counter()
-
-        def step(student, teacher, learner: Learner, prefix: str, batch) -> int:
-            signal = teacher_signal(teacher, batch, self.vocab_size, d.topk)
+        assert isinstance(batch, Mapping)
+        signal = teacher_signal(teacher.model, batch, self.vocab_size, d.topk, d.kd_target)
+        with learner.rng.active():  # the student's dropout: its learner's own stream
             ce, kd = student_step(
-                student,
+                student.model,
                 signal,
                 batch,
                 learner.optimizer,
                 learner.scheduler,
                 d,
                 self.vocab_size,
-                t.max_grad_norm,
+                self.cfg.train.max_grad_norm,
             )
-            sums[f"{prefix}_ce"] += ce
-            sums[f"{prefix}_kd"] += kd
-            return signal.nbytes
+        return ce, kd, signal.nbytes
 
-        def slm_step(batch) -> int:  # the LLM teaches the SLM
-            return step(slm_model, llm_model, s.theta, "slm", batch)
+    def val_track(self, r: int, role: Role) -> ValTrack:
+        s = self.server
+        pool, name = (s.slm, SERVER) if role == "slm" else (s.llm, LLM_ADAPTER)
+        assert pool is not None
+        d = self.cfg.distill
 
-        omega = s.omega
+        def score() -> ValScore:
+            return self.val_score(pool, name)
 
-        def llm_step(batch) -> int:  # the SLM teaches the LLM
-            return step(llm_model, slm_model, omega, "llm", batch)
+        def log(step: int, v: ValScore) -> None:
+            self.files.log(DistillValRecord(round=r, model=role, step=step, acc=v.acc, nll=v.nll, n=v.n))
 
-        steps = s.distill_batches
-        for _ in range(d.epochs):
-            batches = [b for _ in range(steps) for b in s.theta.next_batches()[0]]
-            if d.order == "batch":  # SLM step then LLM step on each batch
-                for batch in batches:
-                    teacher_bytes = max(teacher_bytes, slm_step(batch), llm_step(batch))
-            else:  # alternate by epoch: a full SLM pass, then a full LLM pass
-                teacher_bytes = max([teacher_bytes] + [slm_step(b) for b in batches])
-                teacher_bytes = max([teacher_bytes] + [llm_step(b) for b in batches])
-            n += len(batches)
-        mean = {k: v / max(1, n) for k, v in sums.items()}
-        self.files.log(
-            DistillRecord(
-                round=r,
-                step=n,
-                slm_ce=mean["slm_ce"],
-                slm_kd=mean["slm_kd"],
-                llm_ce=mean["llm_ce"],
-                llm_kd=mean["llm_kd"],
-                teacher_bytes=teacher_bytes,
-                topk=d.topk,
-                wall_s=time.perf_counter() - t0,
-            )
+        return ValTrack(
+            pool, name, score if self.task.public_val else None, log, d.val_every or 1, d.keep == "best"
         )
+
+    def val_score(self, pool: AdapterPool, name: str) -> ValScore:
+        """Accuracy and choice-level loss of adapter `name` on the server's validation split; weights
+        already scored are not rescored (omega starts a round as the last one kept)."""
+        t, task = self.cfg.train, self.cfg.task
+        assert task is not None
+        key = (pool is self.server.llm, adapter_digest(pool, name))
+        if key not in self.val_cache:
+            pool.activate(name)
+            examples = self.task.public_val
+            res = evaluate_multiple_choice(
+                pool.model,
+                self.server.tokenizer,
+                examples,
+                batch_size=t.eval_batch_size,
+                max_length=task.max_length,
+            )
+            nll = choice_nll(res.logliks, [ex.answer for ex in examples])
+            self.val_cache[key] = ValScore(res.acc, nll, res.n)
+        return self.val_cache[key]
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, r: int) -> str:

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from cotune.algorithms.attacks import garbage_tokens
 from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
 from cotune.config.schema import ExperimentConfig, ModelConfig
+from cotune.data.corpora import DataError
 from cotune.data.task_data import EncodedSet, TaskData, build_task_data
 from cotune.data.windows import ClientData, FederatedData, build_federated_data
 from cotune.models.compat import check_same_tokenizer
@@ -143,9 +144,14 @@ def is_garbage_attacker(cfg: ExperimentConfig, index: int) -> bool:
 def load_task(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, console: Console) -> TaskData:
     assert cfg.task is not None
     with console.status("building the task splits"):
-        task = build_task_data(cfg.task, cfg.federation.clients, tokenizer, cfg.run.seed)
+        task = build_task_data(
+            cfg.task, cfg.federation.clients, tokenizer, cfg.run.seed, cfg.distill.val_fraction
+        )
     sizes = ", ".join(str(n) for n in task.client_sizes)
-    console.print(f"  task: {len(task.public)} public, clients [{sizes}], {len(task.test)} test examples")
+    val = f" (+ {len(task.public_val)} server validation)" if task.public_val else ""
+    console.print(
+        f"  task: {len(task.public)} public{val}, clients [{sizes}], {len(task.test)} test examples"
+    )
     return task
 
 
@@ -211,6 +217,19 @@ def fedcollm_works(
     return [fedcollm_work(cfg, k, slm, data, device, vocab) for k, data in enumerate(task.clients)]
 
 
+def check_choice_tokens(task: TaskData) -> None:
+    """distill.kd_target 'choices' ranks the choices by their first answer token: they must differ."""
+    choices = task.public.choices
+    assert choices is not None
+    distinct = (choices >= 0).sum(1)
+    if len(distinct) and int(distinct.min()) < 2:
+        row = int(distinct.argmin())
+        raise DataError(
+            f"distill.kd_target 'choices': the choices of public example {row} share their first token, so "
+            "the KL over the choices' first tokens would be empty; use distill.kd_target 'vocab'"
+        )
+
+
 def fedcollm_server(
     cfg: ExperimentConfig,
     slm: AdapterPool,
@@ -221,10 +240,20 @@ def fedcollm_server(
 ) -> Server:
     """The server's learners: theta on D_a, and omega on D_a (distillation) or on all data (centralized)."""
     t, seed, rounds = cfg.train, cfg.run.seed, cfg.federation.rounds
+    if cfg.distill.kd_target == "choices" and plan_of(cfg.algorithm).distill:
+        check_choice_tokens(task)
     batches = distill_batches(len(task.public), t.batch_size, cfg.distill.max_steps)
     per_round = batches * cfg.distill.epochs
+    slm_lr = cfg.distill.slm_lr
     theta = Learner(
-        slm, SERVER, task.public, t, per_round * rounds, seed * 1000 + 999, device, accumulate=False
+        slm,
+        SERVER,
+        task.public,
+        t if slm_lr is None else t.model_copy(update={"lr": slm_lr}),
+        per_round * rounds,
+        seed * 1000 + 999,
+        device,
+        accumulate=False,
     )
     omega, central = None, sum(client_budget(cfg, len(d)) for d in task.clients)
     if llm is not None:
@@ -233,13 +262,13 @@ def fedcollm_server(
         if plan_of(cfg.algorithm).central_llm:
             omega = Learner(llm, LLM_ADAPTER, task.union, lt, central * rounds, seed * 1000 + 998, device)
         else:
-            omega = Learner(
+            omega = Learner(  # its own seed: its dropout stream differs from theta's
                 llm,
                 LLM_ADAPTER,
                 task.public,
                 lt,
                 per_round * rounds,
-                seed * 1000 + 999,
+                seed * 1000 + 998,
                 device,
                 accumulate=False,
             )

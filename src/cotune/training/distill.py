@@ -15,7 +15,10 @@ import torch
 from torch import nn
 
 from cotune.algorithms.distillation import (
+    answer_positions,
+    choice_logits,
     kd_kl,
+    kd_kl_choices,
     kd_kl_from_topk,
     shift_for_causal_lm,
     supervised_mask,
@@ -33,20 +36,34 @@ class TeacherSignal:
     logits: torch.Tensor | None = None
     values: torch.Tensor | None = None
     indices: torch.Tensor | None = None
+    choices: torch.Tensor | None = None  # (B, C): logits at the answer position, at the choices' first tokens
 
     @property
     def nbytes(self) -> int:
-        held = [t for t in (self.logits, self.values, self.indices) if t is not None]
+        held = [t for t in (self.logits, self.values, self.indices, self.choices) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
 
 @torch.no_grad()
 def teacher_signal(
-    teacher: nn.Module, batch: Mapping[str, torch.Tensor], vocab_size: int, topk: int | None
+    teacher: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    vocab_size: int,
+    topk: int | None,
+    target: str = "vocab",
 ) -> TeacherSignal:
+    """The teacher's signal on `batch`: over the vocabulary (full logits or their top-k) at every answer
+    token, or (target 'choices') its logits at the answer's first position, at the choices' first tokens."""
     teacher.eval()
     logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, :-1, :vocab_size]
+    if target == "choices":
+        if "choices" not in batch:
+            raise ValueError(
+                "distill.kd_target 'choices' needs the public set's choices (a multiple-choice task)"
+            )
+        positions = answer_positions(batch["labels"][:, 1:])
+        return TeacherSignal(choices=choice_logits(logits, positions, batch["choices"]))
     if topk is None:
         return TeacherSignal(logits=logits)
     values, indices = teacher_topk(logits, topk)
@@ -70,7 +87,10 @@ def student_step(
     ce = task_ce(logits, batch["labels"])
     shifted, labels = shift_for_causal_lm(logits, batch["labels"])
     mask = supervised_mask(labels)
-    if teacher.logits is not None:
+    if teacher.choices is not None:
+        student_choices = choice_logits(shifted, answer_positions(labels), batch["choices"])
+        kd = kd_kl_choices(student_choices, teacher.choices, temperature=cfg.temperature)
+    elif teacher.logits is not None:
         kd = kd_kl(shifted, teacher.logits, mask, temperature=cfg.temperature)
     else:
         assert teacher.values is not None and teacher.indices is not None  # a top-k signal

@@ -19,6 +19,7 @@ from cotune.data.task_data import EncodedSet
 from cotune.data.windows import WindowSampler
 from cotune.models.lora import AdapterPool
 from cotune.training.loop import Batch, make_optimizer, make_scheduler, train_step
+from cotune.training.rng import RandomStream
 
 # Token windows (language modelling, n x seq_len) or prompt/answer examples (answer-only loss).
 TrainData = torch.Tensor | EncodedSet
@@ -49,7 +50,8 @@ class StepLog:
 
 
 class Learner:
-    """An adapter slot with its optimizer, schedule and data cursor (a WindowSampler)."""
+    """An adapter slot with its optimizer, schedule, data cursor (a WindowSampler) and its own random
+    stream for dropout (`rng`, seeded with `seed`): what it draws never depends on what else ran."""
 
     def __init__(
         self,
@@ -67,10 +69,15 @@ class Learner:
         self.scheduler = make_scheduler(self.optimizer, max(1, total_steps), train)
         per_step = train.batch_size * (train.grad_accum if accumulate else 1)
         self.sampler = WindowSampler(len(data), per_step, seed)
+        self.rng = RandomStream(seed, device)
 
     @property
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
+
+    def reset_optimizer(self) -> None:
+        """Forget AdamW's moments (and step counts); the schedule goes on where it was."""
+        self.optimizer.state.clear()
 
     def next_batches(self) -> tuple[list[Batch], int]:
         """The micro-batches of the next optimizer step (and their tokens), from the data cursor."""
@@ -83,9 +90,11 @@ class Learner:
         tokens, t0 = 0, time.perf_counter()
         for _ in range(steps):
             batches, n = self.next_batches()
-            losses.append(
-                train_step(self.pool.model, batches, self.optimizer, self.scheduler, self.cfg.max_grad_norm)
-            )
+            with self.rng.active():
+                loss = train_step(
+                    self.pool.model, batches, self.optimizer, self.scheduler, self.cfg.max_grad_norm
+                )
+            losses.append(loss)
             tokens += n
             if on_step is not None:
                 on_step(losses[-1])
@@ -96,9 +105,12 @@ class Learner:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "random_stream": self.rng.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
+        if "random_stream" in state:  # trainer states saved before learners had their own stream lack it
+            self.rng.load_state_dict(state["random_stream"])

@@ -47,7 +47,9 @@ def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Next-token loss on a window of ids, or answer-only loss on a batch dict with labels."""
     if isinstance(batch, torch.Tensor):
         return model(input_ids=batch, labels=batch).loss
-    return model(**batch).loss
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
 
 
 def train_step(
