@@ -45,13 +45,11 @@ def run_on_simulation(
 ) -> None:
     """Run each (run directory, config) on Flower's simulation engine; raise if one did not complete."""
     require_ray()
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
+    from cotune.runtime.flower.server_app import check_resumable, prepare_run_dir
 
-    from cotune.runtime.flower.client_app import app as client_app
-    from cotune.runtime.flower.clients import ServerSettings
-    from cotune.runtime.flower.server_app import check_resumable, prepare_run_dir, run_server
-
+    console.print(
+        f"Flower's simulation engine: {client_cpus:g} CPU / {client_gpus:g} GPU per actor", highlight=False
+    )
     resources: dict[str, Any] = {"num_cpus": client_cpus, "num_gpus": client_gpus}
     backend = {"client_resources": resources}
     for run_dir, cfg in runs:
@@ -61,16 +59,34 @@ def run_on_simulation(
             prepare_run_dir(run_dir, cfg)
         # The actors inherit this process's environment: the virtual nodes keep their state where a
         # local deployment's SuperNodes do (RUN_DIR/flower/node-state), so either can resume the run.
+        before = os.environ.get(STATE_ENV)
         os.environ[STATE_ENV] = str(run_dir / "flower" / "node-state")
-        server = ServerApp()
-
-        @server.main()
-        def main(grid: Grid, context: object, cfg: ExperimentConfig = cfg, run_dir: Path = run_dir) -> None:
-            run_server(cfg, run_dir, grid, ServerSettings.from_config(cfg), say=console.print, resume=resume)
-
-        console.print(
-            f"[bold]{cfg.algorithm}[/] on Flower's simulation engine ({cfg.federation.clients} virtual "
-            f"SuperNodes, {client_cpus:g} CPU / {client_gpus:g} GPU per actor) -> {run_dir}"
-        )
-        run_simulation(server, client_app, num_supernodes=cfg.federation.clients, backend_config=backend)
+        try:
+            simulate(cfg, run_dir, backend, console, resume)
+        finally:
+            if before is None:
+                os.environ.pop(STATE_ENV, None)
+            else:
+                os.environ[STATE_ENV] = before
         check_outcome(run_dir)
+
+
+def simulate(
+    cfg: ExperimentConfig, run_dir: Path, backend: dict[str, Any], console: Console, resume: bool
+) -> None:
+    """One run: the ServerApp loop in a thread of this process, the ClientApp on the actors."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from cotune.runtime.flower.client_app import app as client_app
+    from cotune.runtime.flower.clients import ServerSettings
+    from cotune.runtime.flower.server_app import run_server
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: object, cfg: ExperimentConfig = cfg, run_dir: Path = run_dir) -> None:
+        run_server(cfg, run_dir, grid, ServerSettings.from_config(cfg), say=console.print, resume=resume)
+
+    console.print(f"[bold]{cfg.algorithm}[/]: {cfg.federation.clients} virtual SuperNodes -> {run_dir}")
+    run_simulation(server, client_app, num_supernodes=cfg.federation.clients, backend_config=backend)
