@@ -19,6 +19,7 @@ Faults, bad inputs and privacy always use the tiny model (they test mechanisms, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -307,13 +308,27 @@ def sigkill(out: Path, tree: dict) -> dict:
 # ---- bad inputs ------------------------------------------------------------------------------------
 
 
+def run_cli(args: list[str]) -> tuple[int, str]:
+    """The `cotune` console script in this process (its error boundary included): exit code, output."""
+    import io
+
+    from cotune.cli.main import cli
+
+    buf, code = io.StringIO(), 0
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            cli(args)
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, buf.getvalue()
+
+
 def bad_inputs(out: Path) -> list[dict]:
     import yaml
-    from typer.testing import CliRunner
 
-    from cotune.cli.main import app
     from cotune.config.schema import TinyModelConfig
     from cotune.models.tiny import build_tiny_model, byte_tokenizer
+    from cotune.runtime.lock import run_lock
 
     example = str(ROOT / "examples" / "tiny-personalized.yaml")
     fedcollm = yaml.safe_load((ROOT / "examples" / "fedcollm-tiny.yaml").read_text())
@@ -333,10 +348,18 @@ def bad_inputs(out: Path) -> list[dict]:
     fedcollm["llm"]["model"] = {"name": str(other)}
     mismatch.write_text(yaml.safe_dump(fedcollm))
     resumable = out / "resume-other-config"
-    runner = CliRunner()
-    runner.invoke(app, ["run", example, "federation.rounds=1", "run.compare=[]", "--out", str(resumable)])
+    run_cli(["run", example, "federation.rounds=1", "run.compare=[]", "--out", str(resumable)])
     cfg = resumable / "config.yaml"
     cfg.write_text(cfg.read_text().replace("lr: 0.002", "lr: 0.003"))
+    unfinished = out / "unfinished"
+    run_cli(["run", example, "federation.rounds=2", "run.compare=[]", "--out", str(unfinished)])
+    shutil.rmtree(unfinished / "checkpoints" / "round-0002")
+    binary, latin1, jsonl = out / "binary.txt", out / "latin1.txt", out / "notext.jsonl"
+    binary.write_bytes(b"some words\x00\x01\x02 private")
+    latin1.write_bytes("caf\xe9 au lait, private text".encode("latin-1"))
+    jsonl.write_text('{"text": ["private"]}\n')
+    a_file = out / "a-file.txt"
+    a_file.write_text("mine")
     cases = [
         ("malformed YAML", ["run", str(bad)]),
         ("config file that does not exist", ["run", str(out / "none.yaml")]),
@@ -351,26 +374,82 @@ def bad_inputs(out: Path) -> list[dict]:
         ("LoRA target the model lacks", ["run", example, "lora.target_modules=[q_proj,no_such_proj]"]),
         ("attacker index out of range", ["run", example, "simulation.attack.clients=[7]"]),
         ("--resume with another config's checkpoint", ["run", "--resume", str(resumable)]),
+        ("AdamW betas out of range", ["run", example, "train.betas=[2,2]"]),
+        ("infinite learning rate", ["run", example, "train.lr=.inf"]),
+        ("run.name escaping the output folder", ["run", example, "run.name=../../escaped"]),
+        (
+            "top-k selection of more clients than exist",
+            ["run", example, "strategy.selection=topk", "strategy.topk=9"],
+        ),
+        ("a public set that takes all the text", ["run", example, "data.seq_len=100000"]),
+        ("binary file as training text", ["run", example, f"data.path={binary}"]),
+        ("text that is not UTF-8", ["run", example, f"data.path={latin1}"]),
+        ("JSONL 'text' that is not a string", ["run", example, f"data.path={jsonl}"]),
+        ("--out that is a file", ["run", example, "--out", str(a_file)]),
+        (
+            "--resume with an override that changes the experiment",
+            ["run", "--resume", str(unfinished), "train.lr=0.5"],
+        ),
+        ("--resume with --out", ["run", "--resume", str(unfinished), "--out", str(out / "elsewhere")]),
+        ("a run directory in use by another process", ["run", "--resume", str(unfinished)]),
     ]
     rows = []
+    os.environ["COLUMNS"] = "1000"
     for what, args in cases:
         target = out / "bad-run"
-        extra = [] if "--resume" in args else ["--out", str(target)]
-        result = runner.invoke(app, [*args, *extra], env={"COLUMNS": "1000"})
-        text = " ".join(result.output.replace(f"{ROOT}/", "").split())
+        extra = [] if "--resume" in args or "--out" in args else ["--out", str(target)]
+        with run_lock(unfinished) if "in use" in what else contextlib.nullcontext():
+            code, output = run_cli([*args, *extra])
+        text = " ".join(output.replace(f"{ROOT}/", "").split())
         error = text[text.find("error:") :] if "error:" in text else text[-300:]
         rows.append(
             {
                 "input": what,
                 "command": "cotune "
                 + " ".join(a.replace(str(out), "$TMP").replace(f"{ROOT}/", "") for a in args),
-                "exit_code": result.exit_code,
+                "exit_code": code,
                 "error": error.replace(str(out), "$TMP")[:400],
                 "run_dir_left": target.exists(),
             }
         )
         shutil.rmtree(target, ignore_errors=True)
         shutil.rmtree(Path(str(target) + ".local"), ignore_errors=True)
+    return rows
+
+
+# ---- inflated example counts (FedCoLLM's FedAvg weights) ------------------------------------------
+
+
+def claims(out: Path) -> list[dict]:
+    """fedcollm-tiny with FedAvg, honest and with client 1 claiming 10^9 examples (its n_k)."""
+    from safetensors.torch import load_file
+
+    from cotune.runtime.checkpoint import latest_checkpoint
+
+    example = str(ROOT / "examples" / "fedcollm-tiny.yaml")
+    liar = ["simulation.attack.clients=[1]", "simulation.attack.kind=inflated_claim"]
+    rows, server = [], []
+    for what, extra in [("honest clients", []), ("client 1 claims 10^9 examples", liar)]:
+        run_dir = out / f"claims-{len(rows)}"
+        code, _ = run_cli(
+            ["run", example, "algorithm=fedavg", "run.compare=[]", *extra, "--out", str(run_dir)]
+        )
+        recs = records(run_dir)
+        last = max(r["round"] for r in recs if r["type"] == "mc")
+        server.append(load_file(str(latest_checkpoint(run_dir)[1] / "server" / "adapter_model.safetensors")))
+        rows.append(
+            {
+                "case": what,
+                "exit_code": code,
+                "claims_rejected": [r["reason"] for r in recs if r.get("event") == "claim_rejected"],
+                "final_slm_acc": next(
+                    r["acc"] for r in recs if r["type"] == "mc" and r["model"] == "slm" and r["round"] == last
+                ),
+            }
+        )
+    rows[-1]["server_adapter_identical_to_honest"] = all(
+        bool((server[0][k] == server[1][k]).all()) for k in server[0]
+    )
     return rows
 
 
@@ -385,16 +464,20 @@ def privacy(out: Path) -> list[dict]:
     norms = [x for r in records(probe) if r.get("event") == "clip" for x in r["update_norms"]]
     clip = round(statistics.median(norms), 4)
     rows = []
-    for sigma in (None, 0.0, 0.5, 1.0, 2.0):
-        extra = {"strategy": {"name": "fedavg"}}
+    grid = [(sigma, None) for sigma in (None, 0.0, 0.5, 1.0, 2.0)] + [(1.0, 2)]  # + half the clients a round
+    for sigma, per_round in grid:
+        extra: dict = {"strategy": {"name": "fedavg"}}
         if sigma is not None:
             extra["privacy"] = {"clip_norm": clip, "noise_multiplier": sigma, "seed": 0}
-        run_dir, ended = runner.run(merged(tree, extra), f"dp-{sigma}")
+        if per_round is not None:
+            extra["federation"] = {"clients_per_round": per_round}
+        run_dir, ended = runner.run(merged(tree, extra), f"dp-{sigma}-{per_round}")
         spent = [r for r in records(run_dir) if r.get("event") == "spent"]
         rows.append(
             {
                 "clip_norm": None if sigma is None else clip,
                 "noise_multiplier": sigma,
+                "sample_rate": spent[-1]["sample_rate"] if spent else None,
                 "epsilon": spent[-1]["epsilon"] if spent else None,
                 "delta": spent[-1]["delta"] if spent else None,
                 "rounds": tree["federation"]["rounds"],
@@ -480,20 +563,35 @@ def markdown(result: dict) -> str:
                 f"| {r['input']} | {r['exit_code']} | {'yes' if r['run_dir_left'] else 'no'} | {err} |"
             )
         lines.append("")
+    if result.get("claims"):
+        lines += [
+            "## Inflated example counts (FedCoLLM FedAvg, fedcollm-tiny)",
+            "",
+            "| case | exit | claims rejected | final SLM acc | server adapter as honest |",
+            "|---|---:|---|---:|---|",
+        ]
+        for r in result["claims"]:
+            same = r.get("server_adapter_identical_to_honest")
+            lines.append(
+                f"| {r['case']} | {r['exit_code']} | {'; '.join(r['claims_rejected']) or '–'} | "
+                f"{r['final_slm_acc']:.3f} | {'–' if same is None else ('yes' if same else 'no')} |"
+            )
+        lines.append("")
     if result.get("privacy"):
         lines += [
             "## Client-level differential privacy (fedavg, tiny model)",
             "",
             "C is the median update norm of a clip-free probe run; epsilon from Opacus' RDP accountant with "
-            "q = 1 (every client every round).",
+            "q the sampling rate (1: every client every round; 0.5: `federation.clients_per_round: 2`).",
             "",
-            "| clip C | noise multiplier | epsilon | delta | mean val ppl (all 4 clients) |",
-            "|---:|---:|---:|---:|---:|",
+            "| clip C | noise multiplier | q | epsilon | delta | mean val ppl (all 4 clients) |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
         for r in result["privacy"]:
             eps = "∞ (no noise)" if r["noise_multiplier"] == 0.0 else fmt(r["epsilon"])
             lines.append(
                 f"| {fmt(r['clip_norm'], 4)} | {fmt(r['noise_multiplier'], 1)} | "
+                f"{fmt(r.get('sample_rate'))} | "
                 f"{eps if r['clip_norm'] else '– (no DP)'} | {fmt(r['delta'], 6) if r['delta'] else '–'} | "
                 f"{fmt(r['ppl'])} |"
             )
@@ -507,7 +605,10 @@ def main() -> None:
     ap.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=list(ATTACKS))
     ap.add_argument(
-        "--sections", nargs="*", default=None, choices=["attacks", "faults", "bad_inputs", "privacy"]
+        "--sections",
+        nargs="*",
+        default=None,
+        choices=["attacks", "faults", "bad_inputs", "claims", "privacy"],
     )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -517,7 +618,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sections = args.sections or (
-        ["attacks"] if args.preset != "tiny" else ["attacks", "faults", "bad_inputs", "privacy"]
+        ["attacks"] if args.preset != "tiny" else ["attacks", "faults", "bad_inputs", "claims", "privacy"]
     )
     t0 = time.perf_counter()
     result: dict = {
@@ -542,12 +643,19 @@ def main() -> None:
                 result["faults"] = faults(where)
             elif section == "bad_inputs":
                 result["bad_inputs"] = bad_inputs(where)
+            elif section == "claims":
+                result["claims"] = claims(where)
             else:
                 result["privacy"] = privacy(where)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "robustness" if args.preset == "tiny" else f"robustness-{args.preset}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / f"{stem}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    ran = {s: {"command": result["command"], "wall_s": result["wall_s"]} for s in sections}
+    result["sections_measured_by"] = {**previous.get("sections_measured_by", {}), **ran}
+    result = {**previous, **result}  # sections not run this time keep their last measurement
+    path.write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
     (RESULTS / f"{stem}.md").write_text(text + "\n")
     print(text)

@@ -5,9 +5,12 @@
 #   scripts/flower-local.sh CONFIG [key=value ...]     # e.g. examples/tiny-personalized.yaml or
 #                                                      #      examples/fedcollm-tiny.yaml
 #   OUT=runs/mine scripts/flower-local.sh CONFIG       # run directory (default runs/<stem>-flower)
+#   scripts/flower-local.sh --secure CONFIG            # TLS + SuperNode authentication (see below)
 #
-# Insecure mode (no TLS, no SuperNode authentication) is for this one-machine demo only; see
-# docs/flower.md for TLS and authentication across machines. Runtime dependency installation is
+# Insecure mode (no TLS, no SuperNode authentication) is for this one-machine demo only. --secure
+# makes a throwaway CA and a certificate for 127.0.0.1 (under <run dir>/flower/pki), serves TLS,
+# enables SuperNode authentication and registers one key pair per SuperNode: the same steps as a
+# real deployment (docs/flower.md) with certificates from your own PKI. Runtime dependency installation is
 # disabled: every process uses this checkout's environment (PYTHON, default .venv/bin/python).
 # Each SuperNode builds the config's federated split and keeps partition-id i (a real data owner
 # passes data-path=<its files> in --node-config instead). run.compare baselines are not run here,
@@ -17,8 +20,13 @@ set -m # background jobs get their own process group, so cleanup can stop each o
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+SECURE=0
+if [[ ${1:-} == --secure ]]; then
+    SECURE=1
+    shift
+fi
 if [[ $# -lt 1 ]]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 CONFIG=$(realpath "$1")
@@ -65,8 +73,27 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# --secure: a CA, the SuperLink's certificate, one key pair per SuperNode.
+PKI=$WORK/pki
+LINK_SECURITY=(--insecure)
+NODE_SECURITY=(--insecure)
+if ((SECURE)); then
+    "$PYTHON" - "$PKI" "$CLIENTS" <<'EOF'
+import sys
+from pathlib import Path
+
+from cotune.runtime.flower.pki import make_node_keys, make_server_files
+
+make_server_files(Path(sys.argv[1]))
+for i in range(int(sys.argv[2])):
+    make_node_keys(Path(sys.argv[1]), f"supernode-{i}")
+EOF
+    LINK_SECURITY=(--ssl-ca-certfile "$PKI/ca.crt" --ssl-certfile "$PKI/server.crt" --ssl-keyfile "$PKI/server.key"
+        --enable-supernode-auth)
+fi
+
 # The SuperLink: Fleet, Control and ServerAppIo APIs on one port.
-(cd "$ROOT" && exec flower-superlink --insecure --port "$LINK" --disable-runtime-dependency-installation) \
+(cd "$ROOT" && exec flower-superlink "${LINK_SECURITY[@]}" --port "$LINK" --disable-runtime-dependency-installation) \
     >"$WORK/superlink.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 300); do
@@ -75,27 +102,36 @@ for _ in $(seq 300); do
     sleep 0.2
 done
 
-# One SuperNode per client: partition-id says which client of the config it is.
-for ((i = 0; i < CLIENTS; i++)); do
-    (cd "$ROOT" && exec flower-supernode --insecure --superlink "127.0.0.1:$LINK" --port "${PORTS[i + 1]}" \
-        --node-config "partition-id=$i num-partitions=$CLIENTS") >"$WORK/supernode-$i.log" 2>&1 &
-    PIDS+=($!)
-done
-echo "SuperLink 127.0.0.1:$LINK, $CLIENTS SuperNode(s); run directory $RUN_DIR" >&2
-
-# The SuperLink connection `local-deployment` and the run config, then the run itself.
-"$PYTHON" - "$FLWR_HOME" "$LINK" "$CONFIG" "$OVERRIDES" "$RUN_DIR" <<'EOF'
+# The SuperLink connection `local-deployment` (TLS with --secure) and the run config.
+"$PYTHON" - "$FLWR_HOME" "$LINK" "$CONFIG" "$OVERRIDES" "$RUN_DIR" "$SECURE" "$PKI/ca.crt" <<'EOF'
 import sys
 from pathlib import Path
 
 import tomli_w
 
-home, link, config, overrides, run_dir = sys.argv[1:]
-connection = {"address": f"127.0.0.1:{link}", "insecure": True}
+home, link, config, overrides, run_dir, secure, ca = sys.argv[1:]
+connection = {"address": f"127.0.0.1:{link}"}
+connection.update({"root-certificates": ca} if secure == "1" else {"insecure": True})
 Path(home, "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "local-deployment", "local-deployment": connection}}))
 run_config = {"config": config, "overrides": overrides, "run-dir": run_dir}
 Path(home, "run-config.toml").write_text(tomli_w.dumps(run_config))
 EOF
+
+# One SuperNode per client: partition-id says which client of the config it is. With --secure, its
+# public key is registered first (only registered SuperNodes may connect), and it verifies the CA.
+for ((i = 0; i < CLIENTS; i++)); do
+    if ((SECURE)); then
+        flwr supernode register "$PKI/supernode-$i.pub" local-deployment >>"$WORK/register.log" 2>&1
+        NODE_SECURITY=(--root-certificates "$PKI/ca.crt" --auth-supernode-private-key "$PKI/supernode-$i.key"
+            --auth-supernode-public-key "$PKI/supernode-$i.pub")
+    fi
+    (cd "$ROOT" && exec flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$LINK" --port "${PORTS[i + 1]}" \
+        --node-config "partition-id=$i num-partitions=$CLIENTS") >"$WORK/supernode-$i.log" 2>&1 &
+    PIDS+=($!)
+done
+MODE=insecure
+((SECURE)) && MODE="TLS, SuperNode authentication"
+echo "SuperLink 127.0.0.1:$LINK ($MODE), $CLIENTS SuperNode(s); run directory $RUN_DIR" >&2
 # In the background, so that a signal to this script is handled at once (bash defers traps while a
 # foreground command runs); the log is shown as it grows.
 flwr run "$ROOT" local-deployment --run-config "$FLWR_HOME/run-config.toml" --stream >"$WORK/flwr-run.log" 2>&1 &

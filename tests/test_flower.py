@@ -49,7 +49,6 @@ from cotune.runtime.flower.deploy import (
 from cotune.runtime.flower.node import NodeSettings, node_config
 from cotune.runtime.flower.node_state import NodeStateStore
 from cotune.runtime.flower.server_app import check_resumable, experiment_config, prepare_run_dir, run_server
-from cotune.runtime.personalized import dense_from_topk
 from cotune.runtime.rundir import ResumeError, is_flower_run
 from cotune.training.loop import make_optimizer, make_scheduler
 
@@ -121,6 +120,8 @@ class InProcessGrid(Grid):
                     raise RuntimeError("simulated ClientApp crash")
                 # a copy, as the wire would deliver it (SecAgg+ messages share one content object)
                 reply = client_app(copy.deepcopy(msg), ctx)
+                if fate == "claims a billion" and p.INFO in reply.content.config_records:
+                    reply.content.config_records[p.INFO]["examples"] = 10**9
                 if fate == "nan" and p.ADAPTER in reply.content.array_records:
                     sent = p.record_to_tensors(reply.content.array_records[p.ADAPTER])
                     poisoned = {k: torch.full_like(v, float("nan")) for k, v in sent.items()}
@@ -215,7 +216,7 @@ def test_top_k_logits_give_the_distances_of_the_full_logits():
     for logits in batches:
         full.add_batch(logits)
         topk = [p.record_to_topk(p.topk_to_record([x.topk(7, dim=-1)]))[0] for x in logits]
-        sent.add_batch([dense_from_topk(v, i, 50) for v, i in topk])
+        sent.add_topk(topk)
     assert torch.equal(full.distances(), sent.distances())
 
 
@@ -630,6 +631,7 @@ def test_cli_backend_flower_runs_reports_and_resumes_on_flower(corpus_dir, tmp_p
         return " ".join(result.output.split())
 
     calls.clear()  # a Flower run resumes on Flower, with the options given
+    shutil.rmtree(out / "checkpoints" / "round-0001")  # as if the run died during round 1
     result = runner.invoke(app, ["run", "--resume", str(out), "--superlink", "10.0.0.1:8000"])
     assert result.exit_code == 0, result.output
     assert calls == [
@@ -756,3 +758,69 @@ def test_fedcollm_data_owners_can_bring_their_own_task_file(task_file, tmp_path)
     assert {i: info["examples"] for i, info in described.ok.items()} == {0: 90, 1: 90, 2: 90}
     assert _run_flower_in_process(cfg, tmp_path / "run", grid) == "completed"
     assert len(_records(tmp_path / "run", "comm")) == 3
+    # claims the server cannot check: no bound given, so FedAvg weighs every client the same, said
+    claims = [r for r in _records(tmp_path / "run", "fault") if r["event"] == "claim_rejected"]
+    assert [r["client"] for r in claims] == [0, 1, 2] and "weighs uniformly" in claims[0]["reason"]
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_a_node_claiming_a_billion_examples_does_not_take_over_fedavg(task_file, tmp_path, secure):  # noqa: F811
+    cfg = config_from_dict(
+        tree(task_file, tmp_path, "fedavg", run={"threads": 1}, federation={"secure_aggregation": secure})
+    )
+    honest = tmp_path / "honest"
+    assert _run_flower_in_process(cfg, honest, InProcessGrid(3)) == "completed"
+
+    def liar(i: int, msg: Message) -> str | None:
+        return "claims a billion" if i == 1 and msg.metadata.message_type == p.DESCRIBE else None
+
+    run_dir = tmp_path / "lied"
+    assert _run_flower_in_process(cfg, run_dir, InProcessGrid(3, liar)) == "completed"
+    (claim,) = [r for r in _records(run_dir, "fault") if r["event"] == "claim_rejected"]
+    assert claim["client"] == 1 and claim["reason"].startswith("claimed 1000000000 examples")
+    assert max_adapter_diff(_adapters(honest, pattern="*"), _adapters(run_dir, pattern="*")) == 0.0
+
+
+def test_claims_of_nodes_with_their_own_data_are_capped_at_max_examples(task_file, tmp_path):  # noqa: F811
+    from cotune.runtime.claims import checked_sizes
+
+    cfg = config_from_dict(tree(task_file, tmp_path, "fedavg", federation={"max_examples": 50}))
+    logged = []
+    infos = {
+        0: {"examples": 30},
+        1: {"examples": 10**9, "own_data": True},
+        2: {"examples": 40, "own_data": True},
+    }
+    assert checked_sizes(cfg, infos, [30, 30, 30], logged.append) == [30, 50, 40]
+    assert [(r.client, r.event) for r in logged] == [(1, "claim_rejected")]
+
+
+@pytest.mark.parametrize("strategy", ["validation", "prediction"])
+def test_partial_participation_on_flower_gives_the_embedded_results(corpus_dir, tmp_path, strategy):
+    cfg = _cfg(
+        corpus_dir, tmp_path, strategy={"name": strategy}, federation={"rounds": 3, "clients_per_round": 2}
+    )
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    assert max_adapter_diff(_adapters(embedded), _adapters(tmp_path / "flower")) == 0.0
+    trained = [(r["round"], r["client"]) for r in _records(tmp_path / "flower", "train")]
+    assert len(trained) == 3 * 2 and trained == [
+        (r["round"], r["client"]) for r in _records(embedded, "train")
+    ]
+
+
+def test_a_long_lived_node_process_loads_the_base_model_once(corpus_dir, tmp_path, monkeypatch):
+    """What a simulation actor gains: every message reuses the process's base model, unwrapped after."""
+    import cotune.runtime.flower.node as node_module
+
+    calls = []
+    real = node_module.load_model
+    monkeypatch.setattr(node_module, "load_model", lambda cfg: calls.append(1) or real(cfg))
+    node_module.BASES.clear()
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "validation"})
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    assert len(calls) == 1 and len(grid.sent) > 20  # one load for every message of every node
+    assert max_adapter_diff(_adapters(embedded), _adapters(tmp_path / "flower")) == 0.0

@@ -272,3 +272,19 @@ def test_the_cli_reports_a_stopped_run_without_a_traceback(corpus_dir, tmp_path)
     assert "only 2 of 4 clients answered" in " ".join(result.output.split())
     assert "Traceback" not in result.output
     assert latest_checkpoint(tmp_path / "r")[0] == 1
+
+
+def test_a_simulated_inflated_claim_is_rejected_and_changes_nothing(task_file, tmp_path):  # noqa: F811
+    """A client claiming 10^9 examples would own FedAvg; the server uses its part's real size."""
+    honest = run_experiment(config_from_dict(tree(task_file, tmp_path, "fedavg")), tmp_path / "honest")[0]
+    attack = {"attack": {"clients": [2], "kind": "inflated_claim"}}
+    lied = run_experiment(
+        config_from_dict(tree(task_file, tmp_path, "fedavg", simulation=attack)), tmp_path / "lied"
+    )[0]
+    (claim,) = _records(lied, "fault", event="claim_rejected")
+    assert claim["client"] == 2 and claim["reason"].startswith("claimed 1000000000 examples")
+    server = [
+        load_file(str(latest_checkpoint(d)[1] / "server" / "adapter_model.safetensors"))
+        for d in (honest, lied)
+    ]
+    assert all(torch.equal(server[0][k], server[1][k]) for k in server[0])

@@ -321,3 +321,44 @@ def test_oracle_partial_overlap_and_counts() -> None:
     assert torch.allclose(oracle_trust(torch.tensor([[10.0, 10.0], [7.0, 0.0]])), w)
     with pytest.raises(ValueError, match="all-zero"):
         oracle_trust(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def _dense_distance(logits: list[torch.Tensor], k: int, mask: torch.Tensor) -> torch.Tensor:
+    """The definition, on full vocabularies: L_i = client i's top-k logits, 0 elsewhere; Σ |L_i - L_j|."""
+    masked = []
+    for x in logits:
+        values, indices = x.double().topk(k, dim=-1)
+        masked.append(torch.zeros_like(x, dtype=torch.float64).scatter_(-1, indices, values))
+    n, batch = len(logits), logits[0].shape[0]
+    d = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            d[i, j] = ((masked[i] - masked[j]).abs().sum(-1) * mask).sum() / batch
+    return d
+
+
+def test_prediction_distance_from_top_k_alone_equals_the_dense_definition() -> None:
+    torch.manual_seed(3)
+    logits = [torch.randn(3, 6, 40) for _ in range(4)]
+    logits[1][..., :5] = logits[0][..., :5]  # shared top entries, so supports overlap
+    mask = torch.ones(3, 6)
+    mask[2, 4:] = 0
+    pd = PredictionDistance(4, k=7)
+    pd.add_topk([x.topk(7, dim=-1) for x in logits], attention_mask=mask)
+    torch.testing.assert_close(
+        pd.distances().double(), _dense_distance(logits, 7, mask), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_prediction_distance_never_materialises_the_vocabulary() -> None:
+    """Top-k indices from a vocabulary of 10^12 entries: a dense (B, T, V) tensor could not exist."""
+    g = torch.Generator().manual_seed(0)
+    tops = []
+    for _ in range(8):
+        indices = torch.randint(0, 10**12, (4, 64, 100), generator=g)
+        tops.append((torch.randn(4, 64, 100, generator=g), indices))
+    tops[1] = (tops[1][0], tops[0][1])  # client 1 shares client 0's support
+    pd = PredictionDistance(8, k=100)
+    pd.add_topk(tops)
+    d = pd.distances()
+    assert d.shape == (8, 8) and torch.isfinite(d).all() and d[0, 1] < d[0, 2]

@@ -52,6 +52,7 @@ class RunEvent(Record):
     strategy: str | None = None
     clients: Int | None = None
     backend: str | None = None
+    client_names: list[str] | None = None  # start: each client named by its data (e.g. its main label)
     round: Int | None = None  # stopped: the round in progress
     after_round: Int | None = None  # resume: the last completed round
     last_checkpoint: Int | None = None
@@ -183,10 +184,11 @@ class DistillValRecord(Record):
 
 
 class FaultRecord(Record):
-    """A client dropped from a round (no answer) or an upload rejected by screening."""
+    """A client dropped from a round (no answer), an upload rejected by screening, or an example
+    count (FedAvg weight) the server did not take as claimed."""
 
     type: Literal["fault"] = "fault"
-    event: Literal["client_dropped", "update_rejected"]
+    event: Literal["client_dropped", "update_rejected", "claim_rejected"]
     round: Int
     phase: str
     client: Int

@@ -179,6 +179,9 @@ def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
     killer.start()
     _run(federation, cfg, tmp_path, **{"round-timeout": 120.0})
     killer.join(5)
+    deadline = time.monotonic() + 30  # `flwr run --stream` may end a moment before the ServerApp's last line
+    while run_outcome(run_dir).get("last_checkpoint") is None and time.monotonic() < deadline:
+        time.sleep(0.5)
     outcome = run_outcome(run_dir)
     assert outcome["event"] == "stopped" and outcome["last_checkpoint"] == 1, outcome
     (fault,) = _records(run_dir, "fault")
@@ -198,3 +201,44 @@ def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
     print(f"\nresumed Flower run {time.perf_counter() - t0:.0f}s, max |adapter diff| vs embedded {diff:.3g}")
     assert diff <= TOLERANCE
     assert [r for r, _ in list_checkpoints(run_dir)][-1] == 3
+
+
+def test_a_secure_federation_admits_only_its_members(corpus_dir, tmp_path):
+    """TLS (a CA made here) and SuperNode authentication on 127.0.0.1: the registered nodes run a
+    round; a node with an unregistered key and a node without the CA are refused; so is a `flwr`
+    client without the CA."""
+    import json
+    import subprocess
+
+    from cotune.runtime.flower.deploy import CONNECTION, flower_env, write_connection
+
+    cfg = _cfg(corpus_dir, tmp_path, "fedavg")
+    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 1})})
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    with LocalFederation(CLIENTS, tmp_path / "secure", secure=True) as fed:
+        fed.start_node(1, name="stranger", register=False)  # its key is not registered
+        fed.start_node(1, name="no-ca", tls=False)  # plain text to a TLS SuperLink
+        try:
+            (run_dir,) = run_experiment(
+                cfg, tmp_path / "flower", backend="flower", superlink=fed.address, root_certificates=fed.ca
+            )
+        except FlowerRunError as e:
+            pytest.fail(f"{e}\n{fed.logs()}")
+        assert max_adapter_diff(_adapters(embedded), _adapters(run_dir)) <= TOLERANCE
+        listed = subprocess.run(
+            ["flwr", "supernode", "ls", CONNECTION, "--format", "json"],
+            env=flower_env(fed.flwr_home),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        nodes = json.loads(listed.stdout[listed.stdout.index("{") :])["nodes"]
+        assert sum(n["status"] == "online" for n in nodes) == CLIENTS  # the two members only
+        assert "SuperNode ID" not in (fed.work_dir / "stranger.log").read_text()
+        assert "SuperNode ID" not in (fed.work_dir / "no-ca.log").read_text()
+        plain = tmp_path / "plain-home"  # the Control API refuses a client that does not verify it
+        write_connection(plain, fed.address, insecure=True)
+        refused = subprocess.run(
+            ["flwr", "supernode", "ls", CONNECTION], env=flower_env(plain), capture_output=True, text=True
+        )
+        assert refused.returncode != 0

@@ -9,20 +9,19 @@ from), an attacker uploads:
 * `scale`: reference + scale * Delta (an honest direction, blown up);
 * `nan`: all NaN (a broken client; the server's screening must reject it);
 * `garbage_data` is not an upload transform: the client trains honestly on random tokens
-  (`garbage_tokens` replaces its training data once, at the start).
+  (`garbage_tokens` replaces its training data once, at the start);
+* `inflated_claim` is not one either: the client claims 10^9 examples (its FedAvg weight).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from cotune.config.names import AttackKind
 from cotune.state import AdapterState
-
-AttackKind = Literal["noise", "sign_flip", "scale", "nan", "garbage_data"]
 
 __all__ = ["attack_upload", "garbage_tokens"]
 

@@ -125,8 +125,8 @@ def topk_mask_logits(logits: Tensor, k: int) -> Tensor:
 class PredictionDistance:
     """Accumulates d_ij = Σ |L_i − L_j| (top-k masked logits) over batches of a shared reference set.
 
-    Only one client's masked logits are materialised at a time and pairs are visited one by
-    one, so memory stays at O(B·T·V) beyond the caller's logits, never N×N×B×T×V.
+    Works on each client's top-k (values, indices) alone (`add_topk`, what clients send), so memory
+    is O(N·B·T·k), never N×B×T×V; `add_batch` takes full logits and keeps only their top-k.
     """
 
     def __init__(self, n_clients: int, k: int = 100) -> None:
@@ -159,8 +159,21 @@ class PredictionDistance:
                 raise ValueError(
                     f"client {i} logits have shape {tuple(logits[i].shape)}, client 0 has {tuple(shape)}"
                 )
-        batch, seq, vocab = shape
-        device = logits[0].device
+        k = min(self.k, shape[-1])
+        self.add_topk([logits[i].detach().topk(k, dim=-1) for i in range(self.n_clients)], attention_mask)
+
+    def add_topk(self, tops: Sequence[tuple[Tensor, Tensor]], attention_mask: Tensor | None = None) -> None:
+        """Add one batch from each client's top-k only: ``tops[i]`` = (values, indices), each (B, T, k).
+
+        What a client sends for prediction trust: the masked L_i is zero off its top-k, so this gives
+        exactly the distances of the full logits in O(N·B·T·k) memory (O(B·T·k²) per pair), never
+        B·T·V. L_i at j's support is found by matching indices, not by scattering into the vocabulary.
+        """
+        if len(tops) != self.n_clients:
+            raise ValueError(f"expected top-k from {self.n_clients} clients, got {len(tops)}")
+        batch, seq, _ = tops[0][0].shape
+        if any(tuple(v.shape[:2]) != (batch, seq) or v.shape != ix.shape for v, ix in tops):
+            raise ValueError("every client's top-k values and indices must be (batch, seq, k) of one batch")
         weight: Tensor | None = None
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (batch, seq):
@@ -168,22 +181,20 @@ class PredictionDistance:
                     f"attention_mask must have shape {(batch, seq)}, got {tuple(attention_mask.shape)}"
                 )
             weight = (attention_mask.detach().cpu() != 0).to(torch.float64)
-        k = min(self.k, vocab)
         # float32 at least on the device (no float64 there: not every accelerator has it); the
         # per-position results are small and are summed in float64 on the CPU.
-        acc = torch.promote_types(logits[0].dtype, torch.float32)
-        # Top-k of every client once: (B, T, k) values and indices; the masked L_i is zero elsewhere.
-        tops = [logits[i].detach().to(device).topk(k, dim=-1) for i in range(self.n_clients)]
-        abs_mass = [values.to(acc).abs().sum(-1) for values, _ in tops]  # ‖L_i‖₁ per position
+        acc = torch.promote_types(tops[0][0].dtype, torch.float32)
+        device = tops[0][0].device
+        tops = [(v.to(device=device, dtype=acc), ix.to(device)) for v, ix in tops]
+        abs_mass = [values.abs().sum(-1) for values, _ in tops]  # ‖L_i‖₁ per position
         for i in range(self.n_clients - 1):
             values_i, indices_i = tops[i]
-            dense_i = torch.zeros(shape, dtype=values_i.dtype, device=device)
-            dense_i.scatter_(-1, indices_i, values_i)
             for j in range(i + 1, self.n_clients):
                 values_j, indices_j = tops[j]
                 # L_i at j's support (0 where outside i's top-k); off j's support |L_i − L_j| = |L_i|.
-                li_on_j = dense_i.gather(-1, indices_j).to(acc)
-                on_support = (li_on_j - values_j.to(acc)).abs().sum(-1)
+                same = indices_j.unsqueeze(-1) == indices_i.unsqueeze(-2)  # (B, T, k_j, k_i)
+                li_on_j = (same * values_i.unsqueeze(-2)).sum(-1)
+                on_support = (li_on_j - values_j).abs().sum(-1)
                 off_support = abs_mass[i] - li_on_j.abs().sum(-1)
                 per_position = (on_support + off_support).cpu().to(torch.float64)
                 if weight is not None:
@@ -191,7 +202,6 @@ class PredictionDistance:
                 d = per_position.sum()
                 self._sum[i, j] += d
                 self._sum[j, i] += d
-            del dense_i
         self._n_batches += 1
         self._n_sequences += batch
 

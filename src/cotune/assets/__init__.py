@@ -11,6 +11,7 @@ from cotune.assets.registry import (
     get_asset,
     is_fetched,
     sha256_file,
+    verify,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "get_asset",
     "is_fetched",
     "sha256_file",
+    "verify",
 ]

@@ -27,6 +27,7 @@ from typing import Any, Literal
 logger = logging.getLogger(__name__)
 
 MARKER = ".cotune-fetched.json"
+HASH_ON_LOAD = 64 * 2**20  # bytes: a file up to this size is hashed on every load, a larger one sized
 _CHUNK = 1 << 20
 
 
@@ -155,12 +156,54 @@ def _read_marker(asset: Asset) -> dict[str, Any] | None:
     return marker
 
 
-def _fetched_path(asset: Asset) -> Path | None:
+def file_digests(root: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of an asset (its marker aside), by path relative to `root`."""
+    return {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
+
+
+def damage(root: Path, files: dict[str, dict[str, Any]], full: bool) -> str | None:
+    """What differs from the digests recorded at fetch time (None: nothing).
+
+    Every load checks sizes, and the content of files up to `HASH_ON_LOAD` bytes (corpora: fast);
+    `full` (`cotune assets verify`) hashes every file, multi-GB model weights included.
+    """
+    for rel, want in files.items():
+        path = root / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{rel} has another size than when it was fetched"
+        if (full or want["size"] <= HASH_ON_LOAD) and sha256_file(path) != want["sha256"]:
+            return f"{rel} has other content than when it was fetched"
+    return None
+
+
+def _fetched_path(asset: Asset, full: bool = False) -> Path | None:
+    """The asset's path when its cache is intact; None when it must be fetched (again)."""
     marker = _read_marker(asset)
     if marker is None:
         return None
-    path = asset_dir(asset.name) / marker["path"]
-    return path if path.exists() else None
+    root = asset_dir(asset.name)
+    path = root / marker["path"]
+    if not path.exists():
+        return None
+    if "files" not in marker:  # fetched before per-file digests were recorded
+        if asset.kind != "model" or sha256_file(path) != asset.sha256:  # a model's file is its sha
+            logger.warning(
+                "asset %s: cached before per-file digests were kept; fetching it again", asset.name
+            )
+            return None
+        marker["files"] = file_digests(root)
+        _write_json_atomic(root / MARKER, marker)
+    problem = damage(root, marker["files"], full)
+    if problem is not None:
+        logger.warning("asset %s in %s is damaged (%s): fetching it again", asset.name, root, problem)
+        return None
+    return path
 
 
 def is_fetched(name: str) -> bool:
@@ -307,6 +350,7 @@ def fetch(name: str, *, quiet: bool = False) -> Path:
             "distributions": list(asset.distributions),
             "path": result.relative_to(out_dir).as_posix(),
             "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": file_digests(out_dir),  # checked on every load (cheaply) and by `assets verify`
         }
         _write_json_atomic(out_dir / MARKER, marker)
         if (done := _fetched_path(asset)) is not None:  # another process finished meanwhile
@@ -324,6 +368,20 @@ def fetch(name: str, *, quiet: bool = False) -> Path:
             shutil.rmtree(work)
     logger.info("asset %s fetched and verified in %.1f s: %s", asset.name, time.perf_counter() - start, final)
     return final / str(marker["path"])
+
+
+def verify(name: str) -> str | None:
+    """Hash every file of a fetched asset against its fetch-time digests: None if intact, else what
+    differs. A damaged asset loses its marker, so its next use fetches it again."""
+    asset = get_asset(name)
+    if _read_marker(asset) is None:
+        return "not fetched"
+    if _fetched_path(asset, full=True) is not None:
+        return None
+    marker = _read_marker(asset)
+    problem = damage(asset_dir(name), marker.get("files", {}), full=True) if marker else None
+    (asset_dir(name) / MARKER).unlink(missing_ok=True)
+    return problem or "cached before per-file digests were kept"
 
 
 def describe() -> list[dict[str, Any]]:

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+from cotune.cli.errors import INTERRUPTED_EXIT, report_failure, report_interrupt
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=__doc__,
+    pretty_exceptions_enable=False,  # never a traceback with local variables (cli() reports failures)
+    pretty_exceptions_show_locals=False,
+)
 assets_app = typer.Typer(
     no_args_is_help=True, help="Offline models and corpora that ship inside PyPI wheels."
 )
@@ -27,13 +36,47 @@ out = Console()
 err = Console(stderr=True)
 
 
+@dataclass
+class Session:
+    """What the error boundary needs to know about this invocation."""
+
+    debug: bool = False
+    run_dir: Path | None = None  # the run directory being written, for the Ctrl-C message
+
+
+session = Session()
+
+
+def cli(argv: list[str] | None = None) -> NoReturn:
+    """The `cotune` console script: the commands, inside one error boundary (cli/errors.py)."""
+    session.debug, session.run_dir = False, None
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="cotune")
+        if code == INTERRUPTED_EXIT:  # typer answers Ctrl-C with this code and no word: say what is kept
+            code = report_interrupt(err, session.run_dir)
+    except click.ClickException as e:  # usage errors: click's own one-line message
+        e.show()
+        code = e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        code = report_interrupt(err, session.run_dir)
+    except Exception as e:
+        code = report_failure(e, err, session.debug)
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="on a failure, also show the traceback (never local variables)")
+    ] = False,
+) -> None:
+    session.debug = debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -62,7 +105,11 @@ def run(
     out_dir: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<name>)")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue this run directory")] = None,
     backend: Annotated[
-        str, typer.Option("--backend", help="embedded (one process) or flower (SuperLink + SuperNodes)")
+        str,
+        typer.Option(
+            "--backend",
+            help="embedded (one process), flower (SuperLink + SuperNodes) or flower-simulation (Ray actors)",
+        ),
     ] = "embedded",
     superlink: Annotated[
         str | None,
@@ -76,6 +123,13 @@ def run(
     connect_timeout: Annotated[
         float, typer.Option("--connect-timeout", help="flower: seconds to wait for the SuperNodes")
     ] = 120.0,
+    client_cpus: Annotated[
+        float, typer.Option("--client-cpus", help="flower-simulation: CPUs per actor (actors = CPUs / this)")
+    ] = 1.0,
+    client_gpus: Annotated[
+        float,
+        typer.Option("--client-gpus", help="flower-simulation: GPUs per actor (e.g. 1, or 0.5 to share)"),
+    ] = 0.0,
 ) -> None:
     """Run an experiment (or --resume one) and write its run directory."""
     from cotune.assets import AssetError
@@ -87,31 +141,35 @@ def run(
     from cotune.runtime.experiment import resume_experiment, run_experiment
     from cotune.runtime.flower import FlowerRunError  # importable without the flower extra
     from cotune.runtime.guard import TooFewClients
-    from cotune.runtime.rundir import ResumeError
+    from cotune.runtime.lock import RunDirBusy
+    from cotune.runtime.rundir import ResumeError, default_run_dir
 
-    if backend not in ("embedded", "flower"):
-        _fail(f"unknown --backend {backend!r}: embedded or flower")
+    if backend not in ("embedded", "flower", "flower-simulation"):
+        _fail(f"unknown --backend {backend!r}: embedded, flower or flower-simulation")
     if backend != "flower" and resume is None and (superlink is not None or root_certificates is not None):
         _fail("--superlink and --root-certificates need --backend flower")
-    flower = {
-        "superlink": superlink,
-        "root_certificates": root_certificates,
-        "connect_timeout": connect_timeout,
-    }
+    if backend == "flower-simulation":
+        flower: dict[str, Any] = {"client_cpus": client_cpus, "client_gpus": client_gpus}
+    else:
+        flower = {
+            "superlink": superlink,
+            "root_certificates": root_certificates,
+            "connect_timeout": connect_timeout,
+        }
     try:
         if resume is not None:  # on the backend the run used: a Flower run resumes on Flower
-            if (
-                config is not None
-                and config.is_file()
-                and config.resolve() != (resume / "config.yaml").resolve()
-            ):
-                _fail("--resume takes the run directory's own config; do not pass another CONFIG")
-            dirs = [resume_experiment(resume, err, **flower)]
+            session.run_dir = resume
+            asked = resume_overrides(resume, config, overrides, out_dir)
+            federated = backend if backend != "embedded" else "flower"  # a Flower run resumes on Flower
+            dirs = resume_experiment(resume, err, asked, federated, **flower)
         else:
             if config is None:
                 _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
             cfg = load_config(config, overrides or [])
-            dirs = run_experiment(cfg, out_dir, err, backend, **(flower if backend == "flower" else {}))
+            session.run_dir = out_dir or default_run_dir(cfg)
+            dirs = run_experiment(
+                cfg, session.run_dir, err, backend, **(flower if backend != "embedded" else {})
+            )
     except (
         AssetError,
         TokenizerMismatchError,
@@ -123,6 +181,7 @@ def run(
         FileNotFoundError,
         FlowerRunError,
         TimeoutError,
+        RunDirBusy,
     ) as e:
         _fail(str(e))
     except TooFewClients as e:  # too few clients left: stopped cleanly, last checkpoint intact
@@ -130,6 +189,20 @@ def run(
     report = write_report(dirs)
     print_comparison(dirs)
     out.print(f"run directory: {dirs[0]}\nreport: {report}")
+
+
+def resume_overrides(
+    run_dir: Path, config: Path | None, overrides: list[str] | None, out: Path | None
+) -> list[str]:
+    """What `cotune run [CONFIG] [key=value ...] --resume RUN_DIR` asks to change."""
+    if out is not None:
+        _fail(f"--resume continues {run_dir} in place; --out does not go with it")
+    given = ([str(config)] if config is not None else []) + list(overrides or [])
+    if given and "=" not in given[0]:
+        if Path(given[0]).resolve() != (run_dir / "config.yaml").resolve():
+            _fail(f"--resume continues {run_dir} with its own config.yaml; do not pass another CONFIG")
+        given = given[1:]
+    return given
 
 
 @app.command()
@@ -148,6 +221,71 @@ def report(
         _fail(str(e))
     print_comparison(run_dirs)
     out.print(f"report: {path}")
+
+
+ClientOpt = Annotated[int | None, typer.Option("--client", help="client K's adapter")]
+ServerOpt = Annotated[bool, typer.Option("--server", help="FedCoLLM: the server's SLM adapter (theta)")]
+LlmOpt = Annotated[bool, typer.Option("--llm", help="FedCoLLM: the server LLM's adapter (omega)")]
+
+
+def _tuned(run_dir: Path, client: int | None, server: bool, llm: bool) -> Any:
+    from cotune.runtime.results import open_tuned
+
+    session.run_dir = None
+    return open_tuned(run_dir, client, server, llm, err)
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    prompt: Annotated[str, typer.Argument(help="the prompt (the model's chat template is applied)")],
+    client: ClientOpt = None,
+    server: ServerOpt = False,
+    llm: LlmOpt = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+) -> None:
+    """Generate (greedy) with the base model and one of the run's adapters."""
+    from cotune.runtime.results import generate as run_generate
+
+    out.print(run_generate(_tuned(run_dir, client, server, llm), prompt, max_new_tokens), markup=False)
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    task: Annotated[Path, typer.Option("--task", help='JSONL: {"prompt", "choices", "answer"} per line')],
+    client: ClientOpt = None,
+    server: ServerOpt = False,
+    llm: LlmOpt = False,
+) -> None:
+    """Multiple-choice accuracy of one of the run's adapters on your own task file."""
+    from cotune.runtime.results import evaluate_task
+
+    tuned = _tuned(run_dir, client, server, llm)
+    result = evaluate_task(tuned, task, tuned.cfg.train.eval_batch_size)
+    scores = f"acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}  (n={result.n})"
+    out.print(f"{tuned.adapter_dir.name} on {task}: {scores}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    out_dir: Annotated[Path, typer.Argument(help="where to write (must not exist, or be empty)")],
+    client: ClientOpt = None,
+    server: ServerOpt = False,
+    llm: LlmOpt = False,
+    merge: Annotated[bool, typer.Option("--merge", help="a standalone model, the adapter merged in")] = False,
+) -> None:
+    """Export one of the run's adapters (PEFT format), or a merged model directory (--merge)."""
+    from cotune.runtime.results import export as run_export
+
+    path = run_export(_tuned(run_dir, client, server, llm), out_dir, merge)
+    kind = (
+        "merged model (AutoModelForCausalLM.from_pretrained)"
+        if merge
+        else "adapter (PeftModel.from_pretrained)"
+    )
+    out.print(f"{kind}: {path}")
 
 
 @flower_app.command("app-dir")
@@ -215,5 +353,30 @@ def assets_fetch(
         out.print(f"{name}: {path}")
 
 
+@assets_app.command("verify")
+def assets_verify(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="asset names (default: every fetched asset)")
+    ] = None,
+) -> None:
+    """Hash every cached file against its fetch-time digest; a damaged asset is fetched again on next use."""
+    from cotune.assets import ASSETS, is_fetched, verify
+
+    chosen = names or [n for n in ASSETS if is_fetched(n)]
+    damaged = []
+    for name in chosen:
+        if name not in ASSETS:
+            _fail(f"unknown asset {name!r}; see cotune assets list")
+        problem = verify(name)
+        out.print(f"{name}: {'intact' if problem is None else problem}")
+        if problem is not None:
+            damaged.append(name)
+    if damaged:
+        _fail(
+            f"{', '.join(damaged)}: damaged or not fetched; `cotune assets fetch {' '.join(damaged)}` "
+            "fetches them again (a run would also refetch before using them)"
+        )
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    cli()

@@ -18,6 +18,10 @@ StrategyName = Literal["local", "fedavg", "weight", "validation", "prediction", 
 FedCoLLMAlgorithm = Literal["fedcollm", "fedavg", "standalone", "centralized", "zero_shot"]
 Algorithm = Literal["personalized", FedCoLLMAlgorithm]
 
+# Simulated attackers (`simulation.attack.kind`): what replaces an upload, training data or claim.
+AttackKind = Literal["noise", "sign_flip", "scale", "nan", "garbage_data", "inflated_claim"]
+UPLOAD_ATTACKS: tuple[AttackKind, ...] = ("noise", "sign_flip", "scale", "nan")
+
 STRATEGIES: tuple[StrategyName, ...] = get_args(StrategyName)
 FEDCOLLM_ALGORITHMS: tuple[FedCoLLMAlgorithm, ...] = get_args(FedCoLLMAlgorithm)
 LLM_ALGORITHMS: tuple[FedCoLLMAlgorithm, ...] = ("fedcollm", "centralized")  # they train the server LLM
@@ -42,7 +46,7 @@ FAMILY_SECTIONS: dict[Family, tuple[str, ...]] = {
 # Federation settings only one family reads: setting one for the other family is refused.
 FAMILY_FEDERATION_FIELDS: dict[Family, tuple[str, ...]] = {
     "personalized": ("warmup_steps",),
-    "fedcollm": ("local_epochs", "weighting"),
+    "fedcollm": ("local_epochs", "weighting", "max_examples"),
 }
 
 

@@ -18,6 +18,7 @@ from cotune.config.names import (
     LLM_ALGORITHMS,
     STRATEGIES,
     Algorithm,
+    AttackKind,
     Family,
     StrategyName,
     family_of,
@@ -25,7 +26,8 @@ from cotune.config.names import (
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity anywhere: `train.lr: .inf` would pass a > 0 check and train on garbage.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModelConfig(Section):
@@ -106,10 +108,16 @@ class TrainConfig(Section):
     grad_accum: PositiveInt = 1
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1)")
     warmup_ratio: float = Field(0.02, ge=0.0, lt=1.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     eval_batch_size: PositiveInt = 8
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> TrainConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas {list(self.betas)}: each must be in [0, 1) (AdamW refuses others)")
+        return self
 
 
 class FederationConfig(Section):
@@ -126,6 +134,16 @@ class FederationConfig(Section):
     )
     weighting: Literal["examples", "uniform"] = Field(
         "examples", description="fedcollm family: FedAvg weights n_k (local examples) or uniform"
+    )
+    max_examples: PositiveInt | None = Field(
+        None,
+        description="fedcollm family: the largest n_k a client with its own data may claim (more is "
+        "capped); unset, such claims cannot be checked and FedAvg weighs every client the same",
+    )
+    clients_per_round: PositiveFloat | None = Field(
+        None,
+        description="partial participation: clients drawn (seeded) to train in each round, a count (>= 1) "
+        "or a fraction of federation.clients (< 1); default every client",
     )
     min_clients: PositiveInt | None = Field(
         None,
@@ -144,6 +162,24 @@ class FederationConfig(Section):
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.rounds * self.local_steps
+
+    @property
+    def sampled_per_round(self) -> int:
+        """How many clients train in a round (all unless clients_per_round says otherwise)."""
+        m = self.clients_per_round
+        if m is None:
+            return self.clients
+        return int(m) if m >= 1 else max(1, round(m * self.clients))
+
+    @model_validator(mode="after")
+    def _clients_per_round_fits(self) -> FederationConfig:
+        m = self.clients_per_round
+        if m is not None and m >= 1 and (m != int(m) or m > self.clients):
+            raise ValueError(
+                f"federation.clients_per_round {m:g}: a count must be a whole number <= federation.clients "
+                f"({self.clients}), or a fraction below 1"
+            )
+        return self
 
 
 class StrategyConfig(Section):
@@ -176,7 +212,11 @@ class StrategyConfig(Section):
 class RunConfig(Section):
     seed: int = 0
     out_dir: Path = Path("runs")
-    name: str | None = Field(None, description="run directory name (default: the config file's stem)")
+    name: str | None = Field(
+        None,
+        description="run directory name inside run.out_dir (default: the config file's stem)",
+        pattern=r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*$",  # a plain name: no path separators, no leading dot
+    )
     compare: list[str] = Field(
         default_factory=list,
         description="also run these on identical data: strategies (personalized) or algorithms (fedcollm)",
@@ -313,7 +353,11 @@ class AttackConfig(Section):
     """Simulated malicious clients (embedded runtimes only)."""
 
     clients: list[int] = Field(default_factory=list, description="indices of the attacking clients")
-    kind: Literal["noise", "sign_flip", "scale", "nan", "garbage_data"] = "noise"
+    kind: AttackKind = Field(
+        "noise",
+        description="upload transforms, garbage_data (trains on random tokens), inflated_claim "
+        "(FedCoLLM family: claims 10^9 examples, the FedAvg weight)",
+    )
     scale: PositiveFloat = Field(10.0, description="noise: RMS relative to the honest update; others: factor")
     start_round: PositiveInt = Field(1, description="first round in which the attackers attack")
 
@@ -407,6 +451,19 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "privacy.clip_norm (differential privacy) needs robustness.aggregator 'mean': the noise is "
                 "calibrated to the sensitivity of a (weighted) mean"
+            )
+        s = self.strategy
+        if not self.is_cotuning and s.selection == "topk" and s.topk > n:
+            raise ValueError(f"strategy.topk {s.topk} > federation.clients {n}: it would select every client")
+        m = self.federation.min_clients
+        if (
+            m is not None
+            and self.federation.clients_per_round is not None
+            and m > self.federation.sampled_per_round
+        ):
+            raise ValueError(
+                f"federation.min_clients {m} > the {self.federation.sampled_per_round} clients drawn per "
+                "round (federation.clients_per_round): no round could go on"
             )
         if self.federation.min_clients is not None and self.federation.min_clients > n:
             raise ValueError(f"federation.min_clients {self.federation.min_clients} > federation.clients {n}")

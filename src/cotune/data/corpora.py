@@ -27,6 +27,25 @@ class DataError(ValueError):
     """Data that cannot make the requested federation (missing, empty, too short)."""
 
 
+def read_user_text(path: Path) -> str:
+    """A user's file as UTF-8 text, refused with file and line when it is binary or not UTF-8.
+
+    The error names where, never what: the bytes may be private data.
+    """
+    data = path.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise DataError(f"{path}:{line}: binary data (a NUL byte), not text; give .txt/.jsonl text files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 text (byte {e.start}); save the file as UTF-8"
+        ) from None
+
+
 WIKI_FILES = {"en": "summaries_en-us.json", "fr": "summaries_fr-fr.json", "es": "summaries_es-es.json"}
 
 
@@ -90,17 +109,28 @@ def _files(src: SourceConfig) -> Iterable[Document]:
         rel = f.relative_to(root) if root.is_dir() else Path(f.name)
         default_label = rel.parts[0] if len(rel.parts) > 1 else f.stem
         if f.suffix == ".jsonl":
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    text = row["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{f}:{n}: expected a JSON object with a 'text' field") from None
-                yield Document(str(text), str(row.get("label", default_label)), str(f))
+            for n, line in enumerate(read_user_text(f).splitlines(), 1):
+                if line.strip():
+                    text, label = jsonl_document(line, f"{f}:{n}")
+                    yield Document(text, label or default_label, str(f))
         else:
-            yield Document(f.read_text(encoding="utf-8", errors="replace"), default_label, str(f))
+            yield Document(read_user_text(f), default_label, str(f))
+
+
+def jsonl_document(line: str, where: str) -> tuple[str, str | None]:
+    """(text, label or None) of one `{"text": ..., "label": ...}` line; errors name where, not what."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(row, dict) or "text" not in row:
+        raise DataError(f"{where}: expected a JSON object with a 'text' field")
+    if not isinstance(row["text"], str):
+        raise DataError(f"{where}: 'text' must be a string, not {type(row['text']).__name__}")
+    label = row.get("label")
+    if label is not None and not isinstance(label, str | int):
+        raise DataError(f"{where}: 'label' must be a string")
+    return row["text"], None if label is None else str(label)
 
 
 LOADERS = {"bbc": _bbc, "wikipedia": _wikipedia, "python": _python, "files": _files}

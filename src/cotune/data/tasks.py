@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from cotune.config.schema import PartitionConfig, SourceConfig
-from cotune.data.corpora import DataError, Document, load_source
+from cotune.data.corpora import DataError, Document, load_source, read_user_text
 from cotune.data.partition import partition as label_partition
 from cotune.evaluation.multiple_choice import MCExample, encode_pair
 
@@ -138,7 +138,7 @@ def _parse_row(row: Any, where: str) -> TaskExample:
         ]
         if len(matches) != 1:
             found = "is not one of" if not matches else "matches several of"
-            raise DataError(f"{where}: 'answer' {answer!r} {found} the choices {choices}")
+            raise DataError(f"{where}: 'answer' {found} the line's choices")  # no values: private data
         index = matches[0]
     else:
         raise DataError(f"{where}: 'answer' must be a choice index (int) or a choice string")
@@ -158,7 +158,7 @@ def load_jsonl_task(path: Path) -> list[TaskExample]:
     if not path.is_file():
         raise DataError(f"task file {str(path)!r} does not exist")
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_user_text(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"

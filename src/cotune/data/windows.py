@@ -81,6 +81,11 @@ def build_federated_data(
     if cfg.public_windows and len(public) == 0:
         raise DataError(f"too little text for {cfg.public_windows} public windows of {cfg.seq_len} tokens")
 
+    if not rest:
+        raise DataError(
+            f"the public reference set ({cfg.public_windows} windows of {cfg.seq_len} tokens) takes all "
+            "the text, none is left for the clients: lower data.public_windows or data.seq_len"
+        )
     rest = sorted(rest)
     part = partition([docs[i].label for i in rest], n_clients, cfg.partition, rng)
     clients = []

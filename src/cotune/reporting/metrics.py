@@ -107,6 +107,12 @@ def config_value(config: Mapping[str, Any], dotted: str, default: Any = None) ->
     return node
 
 
+def client_label(client: int, names: Sequence[str]) -> str:
+    """A client as reports show it: "3 (business)" when the run named it by its data, else "3"."""
+    name = names[client] if client < len(names) else ""
+    return f"{client} ({name})" if name else str(client)
+
+
 @dataclass
 class RunSummary:
     """What the report needs from one run directory: its config, val perplexities and trust matrices.
@@ -125,6 +131,11 @@ class RunSummary:
     # sorted with the global one first
     mc: dict[str, dict[int, list[McRecord]]] = field(default_factory=dict)
     comm: list[CommRecord] = field(default_factory=list)  # sorted by (round, client)
+    client_names: list[str] = field(default_factory=list)  # by index, from the start record ("" unknown)
+
+    def client_label(self, client: int) -> str:
+        return client_label(client, self.client_names)
+
     # FedCoLLM: the server's validation split along each round's distillation, sorted by (round, model, step),
     # and each round's distillation summary (which step each model kept), sorted by round
     distill_val: list[DistillValRecord] = field(default_factory=list)
@@ -303,6 +314,7 @@ def load_run(run_dir: Path) -> RunSummary:
     distill: dict[int, DistillRecord] = {}
     run_strategy: str | None = None
     run_algorithm: str | None = None
+    client_names: list[str] = []
     ended = False
     for rec in filter(None, map(parse_record, records)):  # later records of the same key win
         match rec:
@@ -321,6 +333,7 @@ def load_run(run_dir: Path) -> RunSummary:
             case RunEvent(event="start"):
                 run_strategy = run_strategy or rec.strategy
                 run_algorithm = run_algorithm or rec.algorithm
+                client_names = client_names or list(rec.client_names or [])
             case RunEvent(event="end"):
                 ended = True
 
@@ -346,6 +359,7 @@ def load_run(run_dir: Path) -> RunSummary:
             for model, by_round in sorted(mc.items())
         },
         comm=[comm[key] for key in sorted(comm)],
+        client_names=client_names,
         distill_val=[distill_val[key] for key in sorted(distill_val)],
         distill=[distill[key] for key in sorted(distill)],
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cotune.records import DistillValRecord
-from cotune.reporting.metrics import RunSummary, config_value, load_runs, unique_labels
+from cotune.reporting.metrics import RunSummary, client_label, config_value, load_runs, unique_labels
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -66,7 +66,8 @@ def comparison_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[st
     finals = [run.final_ppl() for run in runs]
     clients = sorted({c for final in finals for c in final})
     header = ["client", *unique_labels(runs)]
-    rows = [[str(c), *(_fmt(final.get(c)) for final in finals)] for c in clients]
+    names = next((run.client_names for run in runs if run.client_names), [])
+    rows = [[client_label(c, names), *(_fmt(final.get(c)) for final in finals)] for c in clients]
     rows.append(["mean ± std", *(_fmt_mean_std(list(final.values())) for final in finals)])
     return header, rows
 
@@ -336,7 +337,8 @@ def _plot_ppl_per_client(runs: Sequence[RunSummary], labels: Sequence[str], path
         if annotate:
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     _ppl_y_axis(ax, [v for final in finals for v in final.values()])
-    ax.set_xticks(range(len(clients)), [str(c) for c in clients])
+    named = next((run for run in runs if run.client_names), runs[0])
+    ax.set_xticks(range(len(clients)), [named.client_label(c) for c in clients], fontsize=8)
     ax.set_xlabel("client")
     ax.set_ylabel("validation perplexity")
     ax.set_title("Final validation perplexity per client")
@@ -347,7 +349,7 @@ def _plot_ppl_per_client(runs: Sequence[RunSummary], labels: Sequence[str], path
     return True
 
 
-def _plot_trust(matrix: list[list[float]], title: str, path: Path) -> None:
+def _plot_trust(matrix: list[list[float]], title: str, path: Path, names: Sequence[str] = ()) -> None:
     from matplotlib import colormaps
     from matplotlib.colors import PowerNorm
 
@@ -367,8 +369,9 @@ def _plot_trust(matrix: list[list[float]], title: str, path: Path) -> None:
                 r, g, b, _ = cmap(norm(value))
                 colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=fontsize)
-    ax.set_xticks(range(n_cols))
-    ax.set_yticks(range(n_rows))
+    ticks = [client_label(k, names) for k in range(max(n_rows, n_cols))]
+    ax.set_xticks(range(n_cols), ticks[:n_cols], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n_rows), ticks[:n_rows], fontsize=8)
     ax.set_xlabel("client j (gives)")
     ax.set_ylabel("client i (receives)")
     ax.set_title(title)
@@ -546,7 +549,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
         if name in used:  # two labels that differ only in characters the slug drops
             name = f"trust_{_slug(run.label)}_{i}.png"
         used.add(name)
-        _plot_trust(last[1], f"Trust matrix: {run.label}, round {last[0]}", plots / name)
+        _plot_trust(last[1], f"Trust matrix: {run.label}, round {last[0]}", plots / name, run.client_names)
         trust_plots[i] = f"{PLOTS_DIR}/{name}"
 
     md = _report_markdown(runs, labels, has_round_plot, has_client_plot, trust_plots, has_acc_plot)

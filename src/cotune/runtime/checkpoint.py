@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from cotune.runtime.lock import pid_alive
+
 ROUND_DIR = re.compile(r"^round-(\d{4,})$")
 
 
@@ -44,7 +46,9 @@ def write_checkpoint(run_dir: Path, round_: int, write_contents, keep_last: int 
     root.mkdir(parents=True, exist_ok=True)
     final = root / round_dir_name(round_)
     for stale in root.glob(f".tmp-{round_dir_name(round_)}-*"):  # left by a killed process
-        shutil.rmtree(stale, ignore_errors=True)
+        writer = stale.name.rsplit("-", 1)[-1]
+        if not writer.isdigit() or not pid_alive(int(writer)) or int(writer) == os.getpid():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{round_dir_name(round_)}-{os.getpid()}"
     tmp.mkdir()
     write_contents(tmp)
@@ -75,7 +79,8 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's state.pt: tensors and plain containers only (never code from a tampered file)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -8,6 +8,8 @@ the Flower deployment; the CLI and the tests call it. Nothing below it imports i
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,15 @@ import torch
 from rich.console import Console
 
 from cotune.algorithms.fedcollm import plan_of
-from cotune.config.loader import load_config
+from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
 from cotune.data.windows import FederatedData
+from cotune.records import RunEvent, parse_record
+from cotune.reporting.metrics import METRICS_FILE, read_metrics
 from cotune.runtime.fedcollm import FedCoLLMLoop
 from cotune.runtime.flower import require_flwr
 from cotune.runtime.inprocess import InProcessClients
+from cotune.runtime.lock import LOCK_FILE, run_lock
 from cotune.runtime.personalized import PersonalizedLoop
 from cotune.runtime.rundir import (
     ResumeError,
@@ -30,6 +35,8 @@ from cotune.runtime.rundir import (
     default_run_dir,
     init_run_dir,
     is_flower_run,
+    newest_intact,
+    resume_config,
     variant,
 )
 from cotune.runtime.setup import (
@@ -63,31 +70,51 @@ def run_experiment(
     """
     console = console or Console(stderr=True)
     run_dir = run_dir or default_run_dir(cfg)
-    if backend == "flower":
+    if backend in FLOWER_BACKENDS:
         require_flwr()  # before anything is created
-        from cotune.runtime.flower.deploy import check_flower_config, run_on_flower
+        from cotune.runtime.flower.deploy import check_flower_config
 
         check_flower_config(cfg)
         run_dir = run_dir.resolve()  # the ServerApp may run elsewhere
     dirs = comparison_dirs(run_dir, cfg)
-    variants = [cfg] + [variant(cfg, s) for s in baseline_names(cfg)]
+    pairs = list(zip(dirs, [cfg] + [variant(cfg, s) for s in baseline_names(cfg)], strict=True))
+    on_flower = backend in FLOWER_BACKENDS
+    federated = [(d, v) for d, v in pairs if on_flower and has_client_step(v)]
+    local = [(d, v) for d, v in pairs if (d, v) not in federated]
     created = [d for d in dirs if not d.exists()]
-    for d, v in zip(dirs, variants, strict=True):
-        init_run_dir(d, v)
     try:
-        if backend == "flower":
-            federated = [(d, v) for d, v in zip(dirs, variants, strict=True) if has_client_step(v)]
-            local = [(d, v) for d, v in zip(dirs, variants, strict=True) if not has_client_step(v)]
-            for d, v in local:
+        with ExitStack() as held:  # this process writes the local runs (a ServerApp holds its own)
+            for d, _ in local:
+                held.enter_context(run_lock(d))
+            for d, v in pairs:
+                init_run_dir(d, v)
+            for d, v in local if on_flower else []:
                 console.print(f"[bold]algorithm {v.algorithm}[/] has no client step: embedded runtime -> {d}")
             run_embedded([v for _, v in local], [d for d, _ in local], console)
-            run_on_flower(federated, console, **flower)
-        else:
-            run_embedded(variants, dirs, console)
+        if federated:
+            run_federated(backend, federated, console, **flower)
     except BaseException:
         discard_unstarted(created)
         raise
     return dirs
+
+
+FLOWER_BACKENDS = ("flower", "flower-simulation")
+
+
+def run_federated(
+    backend: str, runs: list[tuple[Path, ExperimentConfig]], console: Console, **options: Any
+) -> None:
+    """The runs with a client step on Flower: a deployment (real or local SuperNodes) or Flower's
+    simulation engine (virtual SuperNodes on Ray actors); `options` are that backend's."""
+    if backend == "flower-simulation":
+        from cotune.runtime.flower.simulation import run_on_simulation
+
+        run_on_simulation(runs, console, **options)
+    else:
+        from cotune.runtime.flower.deploy import run_on_flower
+
+        run_on_flower(runs, console, **options)
 
 
 def has_client_step(cfg: ExperimentConfig) -> bool:
@@ -101,8 +128,9 @@ def discard_unstarted(dirs: list[Path]) -> None:
     A model, data or LoRA-target error found while loading then leaves no half-made run behind.
     """
     for d in dirs:
-        if d.is_dir() and [p.name for p in d.iterdir()] == ["config.yaml"]:
-            (d / "config.yaml").unlink()
+        if d.is_dir() and {p.name for p in d.iterdir()} <= {"config.yaml", LOCK_FILE}:
+            for name in ("config.yaml", LOCK_FILE):
+                (d / name).unlink(missing_ok=True)
             d.rmdir()
 
 
@@ -173,26 +201,62 @@ def run_fedcollm_family(
             llm_base = llm.unload()
 
 
-def resume_experiment(run_dir: Path, console: Console | None = None, **flower: Any) -> Path:
-    """Continue a run after its last complete checkpoint, on the backend it ran on.
+def run_status(run_dir: Path, cfg: ExperimentConfig) -> str:
+    """One of: "complete" (last round checkpointed, end recorded), "resumable" (an intact checkpoint
+    to continue from) or "unstarted" (nothing completed)."""
+    found = newest_intact(run_dir) if (run_dir / "config.yaml").is_file() else None
+    if found is None:
+        return "unstarted"
+    if found[0] < 0:
+        raise ResumeError(
+            f"every checkpoint in {run_dir} is damaged ({', '.join(found[3])}): remove "
+            f"{run_dir / 'checkpoints'} to start that run over"
+        )
+    last = cfg.federation.rounds if not cfg.is_cotuning or plan_of(cfg.algorithm).trains else 0
+    path = run_dir / METRICS_FILE
+    records = map(parse_record, read_metrics(path)) if path.is_file() else iter(())
+    events = [r for r in records if isinstance(r, RunEvent)]
+    ended = bool(events) and events[-1].event == "end"
+    return "complete" if ended and found[0] == last and not found[3] else "resumable"
 
-    A Flower run resumes on Flower (`flower`: the options of `run_on_flower`; by default a local
-    federation): its SuperNodes reload their trainer states from their own state-dir.
+
+def resume_experiment(
+    run_dir: Path,
+    console: Console | None = None,
+    overrides: Sequence[str] = (),
+    backend: str = "flower",
+    **flower: Any,
+) -> list[Path]:
+    """Finish a run and every `run.compare` sibling: each continues after its newest intact
+    checkpoint, on the backend the run used; one with nothing completed starts over in place; a
+    complete one is left as it is. `overrides` may change only how it runs (`RUNTIME_SETTINGS`).
+    A Flower run resumes on Flower (`backend`: "flower", a deployment, or "flower-simulation";
+    `flower`: that backend's options), its SuperNodes reloading their trainer states from their own
+    state-dir. Returns the run directories.
     """
     console = console or Console(stderr=True)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ResumeError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(config_path)
-    cfg.run.name = run_dir.name
-    RunFiles(run_dir, cfg).open_latest()  # refuse another config's checkpoint before loading anything
-    if is_flower_run(run_dir):
-        require_flwr()
-        from cotune.runtime.flower.deploy import run_on_flower
-
-        run_on_flower([(run_dir.resolve(), cfg)], console, resume=True, **flower)
-    elif any(v is not None for k, v in flower.items() if k != "connect_timeout"):
+    cfg = resume_config(run_dir, overrides)
+    on_flower = is_flower_run(run_dir)
+    if not on_flower and any(flower.get(k) is not None for k in ("superlink", "root_certificates")):
         raise ResumeError(f"{run_dir} ran in one process (embedded): resume it without Flower options")
-    else:
-        run_embedded([cfg], [run_dir], console, resume=True)
-    return run_dir
+    dirs = comparison_dirs(run_dir, cfg)
+    for d, v in zip(dirs, [cfg] + [variant(cfg, s) for s in baseline_names(cfg)], strict=True):
+        status = run_status(d, v)
+        if status != "unstarted":  # another config's checkpoint: refused before loading anything
+            RunFiles(d, v).open_latest(warn=False)
+        if status == "complete":
+            console.print(f"{d}: already complete")
+            continue
+        if status == "unstarted":
+            console.print(f"{d}: no completed round yet, starting it over")
+        with run_lock(d) if not (on_flower and has_client_step(v)) else nullcontext():
+            if status == "unstarted":
+                (d / METRICS_FILE).unlink(missing_ok=True)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "config.yaml").write_text(dump_config(v))  # with the runtime settings of this resume
+            if on_flower and has_client_step(v):
+                require_flwr()
+                run_federated(backend, [(d.resolve(), v)], console, resume=status == "resumable", **flower)
+            else:
+                run_embedded([v], [d], console, resume=status == "resumable")
+    return dirs

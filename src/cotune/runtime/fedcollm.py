@@ -36,6 +36,7 @@ from cotune.records import (
     RunEvent,
     TrainRecord,
 )
+from cotune.runtime.claims import checked_sizes
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
 from cotune.runtime.port import Clients
@@ -227,7 +228,7 @@ class FedCoLLMLoop:
         rounds = self.cfg.federation.rounds if self.plan.trains else 0
         for r in range(start, rounds + 1):
             t0 = time.perf_counter()
-            self.members.start_round()
+            self.members.start_round(r)
             self.run_round(r)
             t_work = time.perf_counter() - t0
             shown = self.evaluate(r) if self.cfg.is_eval_round(r) else ""
@@ -244,8 +245,8 @@ class FedCoLLMLoop:
     def join(self) -> None:
         """Admit the clients that answer, with n_k as each described itself (FedAvg's weights)."""
         self.members.join(self.clients.describe())
-        for k, info in self.members.joined.items():
-            self.sizes[k] = int(info.get("examples", 0))
+        expected = [len(part) for part in self.task.clients]
+        self.sizes = checked_sizes(self.cfg, self.members.joined, expected, self.files.log)
 
     # ---- the round ------------------------------------------------------------------------------------
     def run_round(self, r: int) -> None:

@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cotune.config.names import UPLOAD_ATTACKS
 from cotune.config.schema import ExperimentConfig
 from cotune.runtime import guard
 from cotune.runtime.client import ClientWork
 from cotune.runtime.port import OnStep, Prediction, Replies, TrainReplies, Upload
 from cotune.state import AdapterState
+
+CLAIM = 10**9  # the example count a simulated `inflated_claim` attacker reports
 
 
 class InProcessClients:
@@ -29,7 +32,15 @@ class InProcessClients:
         return len(self.works)
 
     def describe(self) -> Replies[dict[str, Any]]:
-        return Replies(ok={w.index: w.describe() for w in self.works})
+        """Each client's description; a simulated `inflated_claim` attacker claims 10^9 examples."""
+        a = self.cfg.simulation.attack
+        liars = set(a.clients) if a.kind == "inflated_claim" else set()
+        return Replies(
+            ok={
+                w.index: {**w.describe(), **({"examples": CLAIM} if w.index in liars else {})}
+                for w in self.works
+            }
+        )
 
     def train(
         self,
@@ -58,7 +69,7 @@ class InProcessClients:
                 replies.failed[i] = outcome.reason or "failed"
                 continue
             upload = work.adapter()
-            if guard.is_attacker(self.cfg, i, round_) and self.cfg.simulation.attack.kind != "garbage_data":
+            if guard.is_attacker(self.cfg, i, round_) and self.cfg.simulation.attack.kind in UPLOAD_ATTACKS:
                 upload = guard.attacked(self.cfg, round_, i, upload, sent)
             replies.ok[i] = Upload(upload, outcome.value)
         return replies

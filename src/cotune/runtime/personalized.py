@@ -31,16 +31,6 @@ from cotune.state import AdapterState
 SaveAdapter = Callable[[AdapterState, Path], None]  # writes one adapter in PEFT format
 
 
-def dense_from_topk(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Logits whose top-k is exactly (values, indices), -inf elsewhere: what PredictionDistance needs.
-
-    PredictionDistance only looks at each client's top-k values and their positions, so this gives
-    the distances of the full logits while a client sends k instead of V numbers per position.
-    """
-    dense = torch.full((*values.shape[:-1], vocab), float("-inf"), dtype=values.dtype)
-    return dense.scatter_(-1, indices, values)
-
-
 def prediction_distance(predictions: list[Prediction], k: int) -> torch.Tensor:
     """D[i, j] from the clients' top-k logits on the same public batches, batch by batch."""
     if len({p.public_hash for p in predictions}) > 1:
@@ -49,9 +39,8 @@ def prediction_distance(predictions: list[Prediction], k: int) -> torch.Tensor:
             "compared: build it from the same config (or give every node the same public-path)"
         )
     dist = PredictionDistance(len(predictions), k=k)
-    vocab = predictions[0].vocab
     for b in range(len(predictions[0].topk)):
-        dist.add_batch([dense_from_topk(*p.topk[b], vocab) for p in predictions])
+        dist.add_topk([p.topk[b] for p in predictions])
     return dist.distances()
 
 
@@ -96,6 +85,15 @@ class PersonalizedLoop:
         fed = self.cfg.federation
         return 0 if round_ == 0 else fed.warmup_steps + round_ * fed.local_steps
 
+    def client_names(self) -> list[str]:
+        """Each client by its data: its main label (what a report shows next to the index)."""
+        names = []
+        for i in range(self.n):
+            info = self.members.joined.get(i, {})
+            mixture, labels = info.get("mixture") or [], info.get("label_names") or []
+            names.append(labels[max(range(len(mixture)), key=mixture.__getitem__)] if mixture else "")
+        return names
+
     def round_zero(self) -> None:
         self.evaluate(0)
         self.checkpoint(0)
@@ -104,8 +102,8 @@ class PersonalizedLoop:
     def run(self, resume: bool = False) -> None:
         fed = self.cfg.federation
         self.members.join(self.clients.describe())
-        start = first_round(self.files, resume, self.restore, self.round_zero)
-        total = sum(self.steps_in_round(r) for r in range(start, fed.rounds + 1)) * self.n
+        start = first_round(self.files, resume, self.restore, self.round_zero, self.client_names())
+        total = sum(self.steps_in_round(r) for r in range(start, fed.rounds + 1)) * fed.sampled_per_round
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -121,7 +119,7 @@ class PersonalizedLoop:
 
     def run_round(self, r: int, progress: Progress, task: Any) -> None:
         t0 = time.perf_counter()
-        self.members.start_round()
+        self.members.start_round(r)
 
         def shown(client: int, loss: float) -> None:
             progress.update(
@@ -243,7 +241,7 @@ class PersonalizedLoop:
 
     def evaluate(self, r: int) -> float:
         """Each active client's validation loss and perplexity; returns their mean perplexity."""
-        replies = self.clients.evaluate(r, {i: self.adapters[i] for i in self.members.active()})
+        replies = self.clients.evaluate(r, {i: self.adapters[i] for i in self.members.present()})
         self.members.note_failures(r, "evaluate", replies)
         ppls = []
         for i, m in sorted(replies.ok.items()):

@@ -169,9 +169,11 @@ class AggregationPipeline:
         return add_gaussian_noise(state, std, self.generator(round_, stream))
 
     def log_spent(self, round_: int, noise: str) -> None:
-        """Epsilon after `round_` aggregations at privacy.delta (q = 1: every client asked every round)."""
+        """Epsilon after `round_` aggregations at privacy.delta, q the chance a client takes part in one."""
         p = self.privacy
-        eps = epsilon_spent(p.noise_multiplier, 1.0, round_, p.delta)
+        fed = self.cfg.federation
+        q = fed.sampled_per_round / fed.clients  # partial participation amplifies privacy
+        eps = epsilon_spent(p.noise_multiplier, q, round_, p.delta)
         self.log(
             PrivacySpent(
                 round=round_,
@@ -179,7 +181,7 @@ class AggregationPipeline:
                 delta=p.delta,
                 noise_multiplier=p.noise_multiplier,
                 clip_norm=p.clip_norm,
-                sample_rate=1.0,
+                sample_rate=q,
                 noise=noise,
             )
         )

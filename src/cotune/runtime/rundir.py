@@ -15,18 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
 
-from cotune.config.loader import dump_config
+from cotune.config.loader import dump_config, load_config
 from cotune.config.schema import ExperimentConfig
 from cotune.records import Record, RunEvent
 from cotune.reporting.metrics import append_metrics, read_metrics
-from cotune.runtime.checkpoint import latest_checkpoint, load_state, restore_rng, rng_state, save_state
+from cotune.runtime.checkpoint import list_checkpoints, load_state, restore_rng, rng_state, save_state
 from cotune.runtime.checkpoint import write_checkpoint as write_round
+from cotune.runtime.lock import LOCK_FILE
 from cotune.state import AdapterState
 
 STATE_FILE = "state.pt"
@@ -40,10 +41,49 @@ def client_name(index: int) -> str:
     return f"client-{index:02d}"
 
 
+# Settings that change how a run runs, not what it computes: a resume may change them.
+RUNTIME_SETTINGS = ("run.threads", "run.eval_every", "federation.client_timeout", "federation.min_clients")
+BOOKKEEPING = ("run.name", "run.out_dir")  # where the run lives, not what it is
+
+
+def flat_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Every setting the run's family reads, by dotted key."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(cfg.family_dump(), "")
+    return out
+
+
 def config_fingerprint(cfg: ExperimentConfig) -> str:
-    """What must match for a checkpoint to be resumed (everything but the run's bookkeeping)."""
-    text = dump_config(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": None})}))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """What must match for a checkpoint to be resumed: every setting but runtime ones and bookkeeping."""
+    kept = {k: v for k, v in flat_settings(cfg).items() if k not in RUNTIME_SETTINGS + BOOKKEEPING}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The run directory's own config, with overrides that only change how it runs (else refused)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ResumeError(f"{run_dir} is not a run directory (no config.yaml)")
+    saved = load_config(path)
+    cfg = load_config(path, overrides) if overrides else saved
+    before, after = flat_settings(saved), flat_settings(cfg)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    refused = [k for k in changed if k not in RUNTIME_SETTINGS]
+    if refused:
+        raise ResumeError(
+            f"a resume continues the same experiment, and {', '.join(refused)} would change it: start a "
+            f"new run for that (a resume may change only {', '.join(RUNTIME_SETTINGS)})"
+        )
+    cfg.run.name = run_dir.name
+    return cfg
 
 
 # ---- naming and creating run directories (the orchestrator's) -------------------------------------------
@@ -74,10 +114,17 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def init_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(
-            f"run directory {run_dir} is not empty; use --resume {run_dir} or another --out"
-        )
+    if run_dir.is_file():
+        raise FileExistsError(f"{run_dir} is a file, not a run directory: choose another --out")
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        found = newest_intact(run_dir) if (run_dir / "config.yaml").is_file() else None
+        if not (run_dir / "config.yaml").is_file():
+            what = "it is not a cotune run directory, so cotune will not write into it"
+        elif found is None:
+            what = f"it has no completed round: `cotune run --resume {run_dir}` starts it over"
+        else:
+            what = f"`cotune run --resume {run_dir}` continues it after round {found[0]}"
+        raise FileExistsError(f"run directory {run_dir} is not empty; {what}; or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
 
@@ -93,9 +140,28 @@ def variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
 
 
 def is_flower_run(run_dir: Path) -> bool:
-    """A run directory written by the Flower backend (its clients' trainer states lived on the nodes)."""
-    found = latest_checkpoint(run_dir)
-    return found is not None and load_state(found[1] / STATE_FILE).get("backend") == "flower"
+    """A run directory written by the Flower backend (its clients' trainer states live on the nodes)."""
+    found = newest_intact(run_dir)
+    return found is not None and found[2].get("backend") == "flower"
+
+
+def newest_intact(run_dir: Path) -> tuple[int, Path, dict[str, Any], list[str]] | None:
+    """The newest checkpoint whose state and adapters all load: (round, path, state, what was skipped).
+
+    Checkpoints are renamed into place complete, so a damaged one was damaged afterwards (a disk
+    fault, a truncated copy); the rounds after the intact one are simply run again.
+    """
+    skipped = []
+    for r, path in reversed(list_checkpoints(run_dir)):
+        try:
+            state = load_state(path / STATE_FILE)
+            for adapter in sorted(path.glob("*/adapter_model.safetensors")):
+                load_file(str(adapter))
+        except Exception as exc:  # any damage: unpickling, safetensors, truncation, permissions
+            skipped.append(f"{path.name} ({type(exc).__name__})")
+            continue
+        return r, path, state, skipped
+    return None if not skipped else (-1, run_dir, {}, skipped)
 
 
 # ---- what a running loop writes -------------------------------------------------------------------------
@@ -132,14 +198,24 @@ class RunFiles:
 
         write_round(self.run_dir, round_, contents)
 
-    def open_latest(self) -> tuple[int, Path, dict[str, Any]]:
-        """The last completed round's checkpoint and its state, refused if another config wrote it."""
-        found = latest_checkpoint(self.run_dir)
+    def open_latest(self, warn: bool = True) -> tuple[int, Path, dict[str, Any]]:
+        """The newest intact checkpoint and its state (damaged newer ones are skipped, with a warning),
+        refused if another config wrote it."""
+        found = newest_intact(self.run_dir)
         if found is None:
             raise ResumeError(f"{self.run_dir} has no completed checkpoint to resume from")
-        r, path = found
-        state = load_state(path / STATE_FILE)
-        if state["fingerprint"] != self.fingerprint:
+        r, path, state, skipped = found
+        if r < 0:
+            raise ResumeError(
+                f"every checkpoint in {self.run_dir} is damaged ({', '.join(skipped)}); start the run again"
+            )
+        if skipped and warn:
+            print(
+                f"warning: skipped damaged checkpoint(s) {', '.join(skipped)}; resuming from round {r}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if state.get("fingerprint") != self.fingerprint:
             raise ResumeError(f"the checkpoint in {path} was written by a different config; cannot resume")
         return r, path, state
 
@@ -167,7 +243,11 @@ def load_adapter(directory: Path) -> AdapterState:
 
 
 def first_round(
-    files: RunFiles, resume: bool, restore: Callable[[], int], round_zero: Callable[[], None]
+    files: RunFiles,
+    resume: bool,
+    restore: Callable[[], int],
+    round_zero: Callable[[], None],
+    client_names: list[str] | None = None,
 ) -> int:
     """The first round a loop runs: the one after the restored checkpoint, or 1 after a fresh start
     (the start record, then `round_zero`: round 0's evaluation and checkpoint)."""
@@ -181,6 +261,7 @@ def first_round(
             strategy=main_name(cfg),
             clients=cfg.federation.clients,
             backend=files.backend,
+            client_names=client_names,
         )
     )
     round_zero()

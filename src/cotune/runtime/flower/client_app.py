@@ -12,6 +12,8 @@ actions `evaluate.peers` (validation trust) and `query.predict` (prediction trus
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -24,17 +26,22 @@ from cotune.runtime.flower.node import Node, NodeSettings, node_config
 app = ClientApp(mods=[secagg.maybe_secaggplus])
 
 
-def open_node(message: Message, context: Context) -> tuple[p.Job, Node]:
+def open_node(message: Message, context: Context) -> AbstractContextManager[tuple[p.Job, Node]]:
     """The node as it was after its last trained round of this run (fresh before its first)."""
     return open_job(p.job_of(message), context)
 
 
-def open_job(job: p.Job, context: Context) -> tuple[p.Job, Node]:
+@contextmanager
+def open_job(job: p.Job, context: Context) -> Iterator[tuple[p.Job, Node]]:
+    """The node for one message; its base model goes back, unwrapped, to the process's cache after."""
     settings = NodeSettings.from_node_config(context.node_config)
     node = Node(job.family, node_config(job.config_yaml, settings), settings)
-    restore(node, job)
-    node.seed_if_new()
-    return job, node
+    try:
+        restore(node, job)
+        node.seed_if_new()
+        yield job, node
+    finally:
+        node.close()
 
 
 def restore(node: Node, job: p.Job) -> None:
@@ -67,62 +74,67 @@ def adopt_sent(node: Node, message: Message) -> None:
 
 @app.query("describe")
 def describe(message: Message, context: Context) -> Message:
-    _, node = open_node(message, context)
-    info = node.work.describe()
-    record = ConfigRecord({k: v for k, v in info.items() if k not in ("label_names", "mixture")})
-    record["label_names"] = json.dumps(info.get("label_names", []))
-    record["mixture"] = json.dumps(info.get("mixture", []))
-    return reply(message, {p.INFO: record})
+    with open_node(message, context) as (_, node):
+        info = node.work.describe()
+        record = ConfigRecord({k: v for k, v in info.items() if k not in ("label_names", "mixture")})
+        record["label_names"] = json.dumps(info.get("label_names", []))
+        record["mixture"] = json.dumps(info.get("mixture", []))
+        record["own_data"] = bool(node.settings.data_path)  # its n_k cannot be checked by the server
+        return reply(message, {p.INFO: record})
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     if secagg.is_fit_message(message):
         return secure_train(message, context)
-    job, node = open_node(message, context)
-    adopt_sent(node, message)
-    steps = job.args.get("steps")  # FedCoLLM: the node's own budget (local_epochs depends on its data)
-    metrics = node.work.train(None if steps is None else int(steps))
-    save(node, job)
-    return reply(
-        message, {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.METRICS: MetricRecord(dict(metrics))}
-    )
+    with open_node(message, context) as (job, node):
+        adopt_sent(node, message)
+        steps = job.args.get("steps")  # FedCoLLM: the node's own budget (local_epochs depends on its data)
+        metrics = node.work.train(None if steps is None else int(steps))
+        save(node, job)
+        return reply(
+            message,
+            {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.METRICS: MetricRecord(dict(metrics))},
+        )
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    _, node = open_node(message, context)
-    adopt_sent(node, message)
-    metrics = node.work.evaluate()
-    return reply(message, {p.METRICS: MetricRecord(dict(metrics))})
+    with open_node(message, context) as (_, node):
+        adopt_sent(node, message)
+        metrics = node.work.evaluate()
+        return reply(message, {p.METRICS: MetricRecord(dict(metrics))})
 
 
 @app.evaluate("peers")
 def evaluate_peers(message: Message, context: Context) -> Message:
-    job, node = open_node(message, context)
-    peers = [int(j) for j in job.args["peers"]]
-    adapters = [p.record_to_tensors(message.content.array_records[f"{p.PEER_PREFIX}{j}"]) for j in peers]
-    row = node.work.peer_perplexity(adapters, int(job.args["val_batches"]))
-    return reply(message, {p.METRICS: MetricRecord({"ppl": [float(x) for x in row]})})
+    with open_node(message, context) as (job, node):
+        peers = [int(j) for j in job.args["peers"]]
+        adapters = [p.record_to_tensors(message.content.array_records[f"{p.PEER_PREFIX}{j}"]) for j in peers]
+        row = node.work.peer_perplexity(adapters, int(job.args["val_batches"]))
+        return reply(message, {p.METRICS: MetricRecord({"ppl": [float(x) for x in row]})})
 
 
 @app.query("predict")
 def predict(message: Message, context: Context) -> Message:
-    job, node = open_node(message, context)
-    adopt_sent(node, message)
-    a = job.args
-    pred = node.work.predict(int(a["public_batches"]), int(a["batch_size"]), int(a["k"]))
-    info = ConfigRecord({"public_hash": pred.public_hash, "vocab": pred.vocab})
-    return reply(message, {p.LOGITS: p.topk_to_record(pred.topk), p.INFO: info})
+    with open_node(message, context) as (job, node):
+        adopt_sent(node, message)
+        a = job.args
+        pred = node.work.predict(int(a["public_batches"]), int(a["batch_size"]), int(a["k"]))
+        info = ConfigRecord({"public_hash": pred.public_hash, "vocab": pred.vocab})
+        return reply(message, {p.LOGITS: p.topk_to_record(pred.topk), p.INFO: info})
 
 
 def secure_train(message: Message, context: Context) -> Message:
     """A SecAgg+ round's training (FedCoLLM family): the same work, the legacy fit format for the mod."""
     config, adapter = secagg.fit_request(message)
-    job, node = open_job(p.Job.from_record(ConfigRecord(config)), context)
-    if node.family != "fedcollm":
-        raise ValueError("secure aggregation is implemented for the FedCoLLM family's FedAvg step")
-    node.adopt(adapter)
-    metrics = node.work.train()
-    save(node, job)
-    return secagg.fit_reply(message, node.work.adapter(), list(adapter), node.weight(), metrics)
+    with open_job(p.Job.from_record(ConfigRecord(config)), context) as (job, node):
+        if node.family != "fedcollm":
+            raise ValueError("secure aggregation is implemented for the FedCoLLM family's FedAvg step")
+        node.adopt(adapter)
+        metrics = node.work.train()
+        save(node, job)
+        weight = int(
+            job.args.get("weights", {}).get(str(node.index), node.weight())
+        )  # the server's checked n_k
+        return secagg.fit_reply(message, node.work.adapter(), list(adapter), weight, metrics)

@@ -171,7 +171,7 @@ class FlowerClients:
         clients = sorted(adapters)
         payload = adapters[clients[0]]  # theta, the same for every client
         client_of = {self.nodes[i]: i for i in clients}
-        record = self.job(round_).to_record()
+        record = self.job(round_, weights={str(i): int(weights[i]) for i in clients}).to_record()
         result = secagg.secure_average(
             self.grid,
             [self.nodes[i] for i in clients],

@@ -35,6 +35,7 @@ from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
 from cotune.reporting.metrics import read_metrics
 from cotune.runtime.flower import FLOWER_ENV, FlowerRunError
+from cotune.runtime.flower.pki import make_node_keys, make_server_files
 
 CONNECTION = "cotune"  # the SuperLink connection name in the private FLWR_HOME
 APP_NAME = "cotune-flower"
@@ -225,15 +226,19 @@ class _Process:
 class LocalFederation:
     """A SuperLink and `n_nodes` SuperNodes on 127.0.0.1, for the demo and the tests.
 
-    Insecure mode (no TLS, no node authentication) and no runtime dependency installation: every
-    process uses this Python environment. Node i gets `partition-id=i num-partitions=n_nodes`
-    plus `node_config(i)`. Use as a context manager: every process it started, and every child
-    those started (SuperExec, ServerApp, ClientApp), is stopped on exit, also after a failure.
+    Insecure mode (no TLS, no node authentication) unless `secure`: then the SuperLink serves TLS
+    with a certificate from a throwaway CA (`pki.py`) and admits only SuperNodes whose public key was
+    registered (`--enable-supernode-auth`, `flwr supernode register`). No runtime dependency
+    installation: every process uses this Python environment. Node i gets `partition-id=i
+    num-partitions=n_nodes` plus `node_config(i)`. Use as a context manager: every process it
+    started, and every child those started (SuperExec, ServerApp, ClientApp), is stopped on exit,
+    also after a failure.
     """
 
     n_nodes: int
     work_dir: Path
     node_config: Callable[[int], Mapping[str, str | int]] | None = None
+    secure: bool = False
     port: int = 0
     processes: dict[str, _Process] = field(default_factory=dict)
 
@@ -244,6 +249,15 @@ class LocalFederation:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.work_dir / "pki"
+
+    @property
+    def ca(self) -> Path | None:
+        """The CA certificate clients verify the SuperLink with (secure federations only)."""
+        return self.pki_dir / "ca.crt" if self.secure else None
 
     def __enter__(self) -> LocalFederation:
         try:
@@ -275,12 +289,17 @@ class LocalFederation:
     def start(self, timeout: float = 60.0) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        write_connection(self.flwr_home, self.address, insecure=True)
+        security = ["--insecure"]
+        if self.secure:
+            tls = make_server_files(self.pki_dir)
+            security = ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert)]
+            security += ["--ssl-keyfile", str(tls.key), "--enable-supernode-auth"]
+        write_connection(self.flwr_home, self.address, insecure=not self.secure, root_certificates=self.ca)
         link = self._spawn(
             "superlink",
             [
                 "flower-superlink",
-                "--insecure",
+                *security,
                 "--port",
                 str(self.port),
                 "--disable-runtime-dependency-installation",
@@ -290,16 +309,35 @@ class LocalFederation:
         for i in range(self.n_nodes):
             self.start_node(i)
 
-    def start_node(self, i: int) -> None:
+    def start_node(self, i: int, name: str | None = None, register: bool = True, tls: bool = True) -> None:
+        """SuperNode `name` (default supernode-i) for partition i. In a secure federation it gets its
+        own key pair, registered unless `register` is False, and the CA unless `tls` is False (the
+        last two are how the tests show that strangers are refused)."""
+        name = name or f"supernode-{i}"
         cfg: dict[str, str | int] = {"partition-id": i, "num-partitions": self.n_nodes}
         cfg["state-dir"] = str(self.work_dir / "node-state")  # trainer states, kept for a resume
         cfg.update(self.node_config(i) if self.node_config else {})
         pairs = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in cfg.items())
+        security = ["--insecure"]
+        if self.secure and tls:
+            keys = make_node_keys(self.pki_dir, name)
+            if register:
+                done = subprocess.run(
+                    ["flwr", "supernode", "register", str(keys.public), CONNECTION],
+                    env=flower_env(self.flwr_home),
+                    capture_output=True,
+                    text=True,
+                )
+                if done.returncode != 0:
+                    raise FlowerRunError(f"registering {name}'s key failed: {done.stdout[-500:]}")
+            security = ["--root-certificates", str(self.ca)]
+            security += ["--auth-supernode-private-key", str(keys.private)]
+            security += ["--auth-supernode-public-key", str(keys.public)]
         self._spawn(
-            f"supernode-{i}",
+            name,
             [
                 "flower-supernode",
-                "--insecure",
+                *security,
                 "--superlink",
                 self.address,
                 "--port",

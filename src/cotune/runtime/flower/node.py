@@ -9,6 +9,7 @@ itself is `ClientWork`, built by `runtime.setup` exactly as the in-process simul
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -66,6 +67,20 @@ class NodeSettings:
         )
 
 
+# The frozen base of this process, by model settings: a simulation actor (or any long-lived process)
+# serves many messages and loads it once; each message wraps it in its adapter and unwraps it after.
+BASES: dict[str, tuple[torch.nn.Module, Any, torch.device]] = {}
+
+
+def base_model(cfg: ExperimentConfig) -> tuple[torch.nn.Module, Any, torch.device]:
+    key = json.dumps([cfg.model.model_dump(mode="json"), cfg.device, cfg.run.threads], sort_keys=True)
+    cached = BASES.get(key)
+    if cached is None or any("lora_" in name for name, _ in cached[0].named_modules()):
+        BASES.clear()  # one base at a time; one still wrapped (a Node never closed) is not reused
+        BASES[key] = load_model(cfg)
+    return BASES[key]
+
+
 def node_config(config_yaml: str, settings: NodeSettings) -> ExperimentConfig:
     """The experiment config as this node sees it: the server's config plus the node's own data path."""
     tree = yaml.safe_load(config_yaml) or {}
@@ -93,7 +108,7 @@ class Node:
     def __init__(self, family: str, cfg: ExperimentConfig, settings: NodeSettings) -> None:
         self.family, self.cfg, self.settings = family, cfg, settings
         self.index = settings.partition
-        base, self.tokenizer, self.device = load_model(cfg)
+        base, self.tokenizer, self.device = base_model(cfg)
         name = client_name(self.index)
         self.pool = adapter_pool(cfg, base, [name])
         if family == "personalized":
@@ -180,6 +195,10 @@ class Node:
         self.work.load_state_dict(dict(state))
         torch.set_rng_state(state["rng"])
         self.rng_restored = True
+
+    def close(self) -> None:
+        """Unwrap the base model (it stays in BASES, clean, for the next message)."""
+        self.pool.unload()
 
     def store(self, run_key: str) -> NodeStateStore:
         """This node's trainer states of one run, on its own disk (what a resumed run reloads)."""

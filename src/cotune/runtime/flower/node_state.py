@@ -26,11 +26,15 @@ import torch
 
 from cotune.state import AdapterState
 
+STATE_ENV = "COTUNE_NODE_STATE"
 KEEP = 2  # rounds kept per client: the server's last checkpoint and the round after it
 ROUND_FILE = re.compile(r"^round-(\d+)\.pt$")
 
 
 def default_state_dir() -> Path:
+    """$COTUNE_NODE_STATE (set for a simulation's virtual nodes), else $XDG_STATE_HOME/cotune/nodes."""
+    if os.environ.get(STATE_ENV):
+        return Path(os.environ[STATE_ENV])
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "cotune" / "nodes"
 

@@ -37,6 +37,7 @@ from cotune.runtime.fedcollm import FedCoLLMLoop
 from cotune.runtime.flower.clients import FlowerClients, ServerSettings
 from cotune.runtime.flower.deploy import OUTCOME_MARK, check_flower_config, run_outcome, with_run_settings
 from cotune.runtime.guard import TooFewClients
+from cotune.runtime.lock import run_lock
 from cotune.runtime.personalized import PersonalizedLoop
 from cotune.runtime.rundir import ResumeError, RunFiles, client_name, default_run_dir, is_flower_run
 from cotune.runtime.setup import (
@@ -119,12 +120,16 @@ def run_server(
             "with the embedded runtime (`cotune run CONFIG`; `cotune run --backend flower` does so for it)"
         )
     say = say or (lambda text: print(text, flush=True))
+    with run_lock(run_dir):  # refused, before anything is written, when another process holds it
+        return run_rounds(cfg, run_dir, FlowerClients(cfg, grid, cfg.family, settings, say), say, resume)
+
+
+def run_rounds(
+    cfg: ExperimentConfig, run_dir: Path, clients: FlowerClients, say: Callable[[str], None], resume: bool
+) -> str:
     files = RunFiles(run_dir, cfg, backend="flower")
-    family = cfg.family
-    console = Console(stderr=True)
     try:
-        clients = FlowerClients(cfg, grid, family, settings, say)
-        build_loop(cfg, run_dir, clients, console).run(resume)
+        build_loop(cfg, run_dir, clients, Console(stderr=True)).run(resume)
     except TooFewClients as stop:
         last = latest_checkpoint(run_dir)
         files.log(RunEvent(event="stopped", reason=str(stop), last_checkpoint=last[0] if last else None))

@@ -1,0 +1,115 @@
+"""How the `cotune` command ends when something goes wrong.
+
+cotune exists for data that must not leave its owner, so a failure never prints a traceback with
+local variables (which can hold lines of training text), and never the text itself: an ordinary
+condition (bad input, file system, encoding, memory, device) ends in one `error:` paragraph that
+names the problem and what to do, exit code 2; anything else is a bug, reported by its type and
+where it happened in cotune (no message: it could quote data), exit code 1. `--debug` adds the
+traceback, still without local variables.
+"""
+
+from __future__ import annotations
+
+import errno
+import traceback
+from pathlib import Path
+
+from pydantic import ValidationError
+from rich.console import Console
+
+ORDINARY_EXIT = 2
+BUG_EXIT = 1
+INTERRUPTED_EXIT = 130
+
+
+def validation_text(exc: ValidationError) -> str:
+    """A pydantic error without the offending values (they may be user data)."""
+    parts = []
+    for e in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        parts.append(f"{where}: {e['msg']}")
+    return f"invalid {exc.title}: " + "; ".join(parts)
+
+
+def os_error_text(exc: OSError) -> str:
+    if exc.errno is None:  # raised by cotune with its own message
+        return str(exc)
+    name = f" {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device{' writing' + name if name else ''}: free some space; every "
+            "completed round is kept, continue with `cotune run --resume RUN_DIR`"
+        )
+    if isinstance(exc, PermissionError):
+        return f"permission denied:{name}; choose a location you can write (e.g. --out DIR)"
+    if isinstance(exc, IsADirectoryError | NotADirectoryError | FileExistsError | FileNotFoundError):
+        return f"{exc.strerror or type(exc).__name__}:{name}"
+    if exc.errno is not None and exc.strerror:
+        return f"{exc.strerror}:{name}"
+    return str(exc)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def ordinary_text(exc: BaseException) -> str | None:
+    """The error paragraph for an ordinary condition, or None when the exception is a bug."""
+    if isinstance(exc, ValidationError):
+        return validation_text(exc)
+    if is_out_of_memory(exc):
+        return (
+            "out of memory: lower train.batch_size or train.eval_batch_size (or data.seq_len / "
+            "task.max_length), or use a smaller model"
+        )
+    if isinstance(exc, UnicodeDecodeError):
+        return (
+            f"a file is not valid {exc.encoding} text (undecodable byte at offset {exc.start}): save it as "
+            "UTF-8 text"
+        )
+    if isinstance(exc, OSError):
+        return os_error_text(exc)
+    if isinstance(exc, ValueError):  # cotune's own checks, torch's and the optimizer's refusals
+        return str(exc)
+    return None
+
+
+def where_in_cotune(exc: BaseException) -> str:
+    """file:line of the innermost frame inside cotune (no code, no values)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "cotune" in Path(f.filename).parts]
+    if not frames:
+        return "outside cotune"
+    f = frames[-1]
+    parts = Path(f.filename).parts
+    return f"{'/'.join(parts[parts.index('cotune') :])}:{f.lineno} ({f.name})"
+
+
+def report_failure(exc: BaseException, console: Console, debug: bool) -> int:
+    """Print one paragraph for `exc` and return the exit code."""
+    if debug:
+        console.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
+    text = ordinary_text(exc)
+    if text is not None:
+        console.print(f"[bold red]error:[/] {text}", highlight=False)
+        return ORDINARY_EXIT
+    hint = "" if debug else "; rerun with --debug to see the traceback"
+    console.print(
+        f"[bold red]error:[/] internal error {type(exc).__name__} at {where_in_cotune(exc)}. This is a bug "
+        f"in cotune, please report it{hint} (it shows no local variables, but may quote messages).",
+        highlight=False,
+    )
+    return BUG_EXIT
+
+
+def report_interrupt(console: Console, run_dir: Path | None) -> int:
+    """Ctrl-C: one line saying what is kept and how to go on."""
+    if run_dir is not None and (run_dir / "checkpoints").is_dir():
+        console.print(
+            f"interrupted: every completed round is kept; continue with `cotune run --resume {run_dir}`",
+            highlight=False,
+        )
+    else:
+        console.print("interrupted before any round was completed: nothing to resume", highlight=False)
+    return INTERRUPTED_EXIT
