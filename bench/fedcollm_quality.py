@@ -6,7 +6,9 @@ Per seed, one `cotune run` of a FedCoLLM config with run.compare=[zero_shot, sta
 then the paper's table from cotune's own reporting code, per seed and as mean ± standard error over seeds,
 the FedCoLLM - FedAvg SLM difference paired by seed, and the server's validation split along each round's
 distillation (when distill.val_fraction > 0). The test split is only ever evaluated, never used to choose
-anything. Results are rewritten after every finished seed (a long sweep can be read while it runs).
+anything. Results are rewritten after every finished seed (a long sweep can be read while it runs). A
+killed sweep run again resumes each unfinished seed from its last round checkpoint and keeps finished
+ones (`--fresh` starts over).
 
     python bench/fedcollm_quality.py                                             # SmolLM2 fast variant
     python bench/fedcollm_quality.py --config examples/fedcollm-qwen.yaml \\
@@ -53,22 +55,45 @@ def cotune_command() -> list[str]:
     return [sys.executable, "-m", "cotune.cli.main"]
 
 
-def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path) -> float:
-    for d in dirs_for(out):
-        if d.exists():
-            shutil.rmtree(d)
-    seed_override = [] if seed is None else [f"run.seed={seed}"]
-    cmd = [
-        *cotune_command(),
-        "run",
-        str(config),
-        "algorithm=fedcollm",
-        "run.compare=[zero_shot,standalone,fedavg,centralized]",
-        *overrides,
-        *seed_override,
-        "--out",
-        str(out),
-    ]
+def seed_state(out: Path) -> str:
+    """'done' when every variant's run ended, 'partial' when the FedCoLLM run has a checkpoint to resume
+    from (a killed sweep), else 'new'."""
+
+    def ended(d: Path) -> bool:
+        path = d / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return any(json.loads(x).get("event") == "end" for x in lines if x.strip())
+
+    if all(ended(d) for d in dirs_for(out)):
+        return "done"
+    return "partial" if (out / "checkpoints").is_dir() else "new"
+
+
+def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path, fresh: bool) -> float | None:
+    """Run one seed's five variants; a killed seed resumes from its last checkpoint (`cotune run --resume`
+    finishes the compare siblings too) and a finished one is kept, unless `fresh`. None: nothing ran."""
+    state = "new" if fresh else seed_state(out)
+    if state == "done":
+        print(f"[keep] {out}: every variant ended (--fresh reruns it)", flush=True)
+        return None
+    if state == "partial":
+        cmd = [*cotune_command(), "run", "--resume", str(out)]
+    else:
+        for d in dirs_for(out):
+            if d.exists():
+                shutil.rmtree(d)
+        seed_override = [] if seed is None else [f"run.seed={seed}"]
+        cmd = [
+            *cotune_command(),
+            "run",
+            str(config),
+            "algorithm=fedcollm",
+            "run.compare=[zero_shot,standalone,fedavg,centralized]",
+            *overrides,
+            *seed_override,
+            "--out",
+            str(out),
+        ]
     print("[run]", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -168,6 +193,9 @@ def main() -> None:
         "--seeds", type=int, nargs="*", default=None, help="run.seed of each run (default: the config's)"
     )
     ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument(
+        "--fresh", action="store_true", help="rerun seeds that ended or were killed, from scratch"
+    )
     ap.add_argument("overrides", nargs="*", help="dotted overrides (budgets), e.g. federation.rounds=1")
     args = ap.parse_args()
     name = args.name or args.config.stem
@@ -179,7 +207,10 @@ def main() -> None:
     seconds: dict[str, float] = dict(previous.get("seconds_by_seed") or {})
     for s in seeds:
         if not args.collect_only:
-            seconds[str(s)] = run_seed(args.config, args.overrides, s, outs[s])
+            resumed = not args.fresh and seed_state(outs[s]) == "partial"
+            took = run_seed(args.config, args.overrides, s, outs[s], args.fresh)
+            if took is not None:  # a resumed seed adds its last part to the time already spent
+                seconds[str(s)] = took + (seconds.get(str(s), 0.0) if resumed else 0.0)
         write_results(args, name, seeds, outs, seconds)
 
 

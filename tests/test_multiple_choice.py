@@ -16,6 +16,7 @@ from cotune.evaluation.multiple_choice import (
     encode_pair,
     evaluate_multiple_choice,
     score_requests,
+    shared_context_groups,
 )
 from cotune.models.tiny import build_tiny_model, byte_tokenizer
 
@@ -121,6 +122,68 @@ def test_left_truncation_keeps_every_continuation_token(tok, model):
     (full,) = score_requests(model, [(context, continuation)], max_length=512)
     torch.testing.assert_close(torch.tensor(full), _manual_loglik(model, context, continuation))
     assert score != pytest.approx(full, abs=1e-6), "truncation should have changed the context"
+
+
+def _multi_token_questions(tok) -> list[tuple[list[int], list[int]]]:
+    prompts = ["The capital of France is", "A much longer prompt about a shop that sells fruit:", "Hi"]
+    choices = [" Paris", " apples and pears", " x", " Lyon is big"]
+    return [encode_pair(tok, p, c) for p in prompts for c in choices]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_multi_token_choices_share_their_context_and_score_as_alone(tok, model, batch_size):
+    """Several-token choices of one prompt run the prompt once (KV cache) and get the scores each
+    choice gets in a forward of its own (padding of contexts and continuations changes nothing)."""
+    requests = _multi_token_questions(tok)
+    groups = shared_context_groups(requests, max_length=512)
+    assert [len(users) for _, users in groups] == [4, 4, 4]
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        shared = score_requests(model, requests, batch_size=batch_size)
+    finally:
+        hook.remove()
+    alone = [score_requests(model, [r])[0] for r in requests]
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(alone), atol=1e-4, rtol=0)
+    for (context, continuation), score in zip(requests, shared, strict=True):
+        torch.testing.assert_close(
+            torch.tensor(score), _manual_loglik(model, context, continuation), atol=1e-4, rtol=0
+        )
+    longest_context = max(len(c) for c, _ in requests)
+    longest_choice = max(len(k) for _, k in requests)
+    assert len(widths) == 2 * -(-3 // batch_size)  # a context pass and a continuation pass per batch
+    assert max(widths) == longest_context and min(widths) <= longest_choice - 1
+
+
+def test_shared_contexts_through_a_peft_adapter(tok):
+    base = build_tiny_model(TinyModelConfig(), len(tok)).eval()
+    peft_model = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
+    with torch.no_grad():  # a non-zero adapter, so the adapter's path is really exercised
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    requests = _multi_token_questions(tok)
+    shared = score_requests(peft_model, requests, batch_size=4)
+    alone = [score_requests(peft_model, [r])[0] for r in requests]
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(alone), atol=1e-4, rtol=0)
+    with peft_model.disable_adapter():  # the adapter changes the scores: its path was really taken
+        plain = score_requests(peft_model, requests, batch_size=4)
+    assert max(abs(a - b) for a, b in zip(shared, plain, strict=True)) > 0.1
+
+
+def test_truncated_or_single_token_contexts_are_not_shared(tok):
+    requests = _multi_token_questions(tok)
+    short_context = min(len(c) for c, _ in requests)
+    longest_choice = max(len(k) for _, k in requests)
+    # a window that would cut the longer prompts: only the short prompt's choices still share
+    groups = shared_context_groups(requests, max_length=short_context + longest_choice - 1)
+    assert [len(c) for c, _ in groups] == [short_context]
+    one_token = [encode_pair(tok, "Pick:", c) for c in ["A", "B"]]
+    assert shared_context_groups(one_token, max_length=512) == []  # shared by the identical-input path
 
 
 def test_continuation_longer_than_max_length_is_rejected(tok, model):

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 Request = tuple[list[int], list[int]]
 
@@ -116,7 +117,8 @@ def score_requests(
     Requests whose model inputs are identical share one forward pass: the choices of one question
     that are a single token each (topic labels, A/B/C/D) differ only in the token scored at the
     last position, so a k-way question costs one forward instead of k (the harness's one-token
-    continuation trick). Inputs are batched longest first so each batch pads little, and
+    continuation trick). Choices of several tokens share their question's context through the KV
+    cache instead (`shared_context_groups`), for transformers models. Inputs are batched longest first so each batch pads little, and
     right-padded so real positions keep their position ids and never attend to padding.
     Log-softmax runs only on the continuation rows of one batch's logits, never on the full
     (B, T, V) tensor. Inputs longer than ``max_length`` lose context tokens from the left;
@@ -128,13 +130,19 @@ def score_requests(
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     windows = [_window(req, max_length, i) for i, req in enumerate(requests)]
+    groups = shared_context_groups(requests, max_length) if keeps_kv_cache(model) else []
+    shared = {i for _, users in groups for i in users}
+    scores: list[float] = [0.0] * len(windows)
+    if groups:
+        for i, value in _score_shared_contexts(model, groups, requests, batch_size, pad_id).items():
+            scores[i] = value
     inputs: dict[tuple[int, ...], list[int]] = {}  # distinct model input -> the requests it serves
     for i, (inp, _) in enumerate(windows):
-        inputs.setdefault(tuple(inp), []).append(i)
+        if i not in shared:
+            inputs.setdefault(tuple(inp), []).append(i)
     distinct = list(inputs.items())
     order = sorted(range(len(distinct)), key=lambda u: (-len(distinct[u][0]), u))
     device = next(model.parameters()).device
-    scores: list[float] = [0.0] * len(windows)
     was_training = model.training
     model.eval()
     try:
@@ -161,6 +169,103 @@ def score_requests(
             del logits
             for i, value in zip(served, torch.stack(sums).tolist(), strict=True):
                 scores[i] = float(value)
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def keeps_kv_cache(model: nn.Module) -> bool:
+    """Whether `model` is a transformers causal LM (or a peft wrapper of one), whose forward can return
+    and reuse a key/value cache; other callables (test stubs, custom LMs) are scored input by input."""
+    return isinstance(getattr(model, "config", None), PretrainedConfig)
+
+
+def shared_context_groups(requests: Sequence[Request], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(context, request indices) for contexts that several requests continue, at least one of them by
+    more than one token, none truncated: those are scored by running the context once
+    (`_score_shared_contexts`). One-token continuations of a context already share a forward in
+    `score_requests`; a truncated window would give each continuation different context tokens."""
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (context, _) in enumerate(requests):
+        by_context.setdefault(tuple(context), []).append(i)
+    groups = []
+    for context, users in by_context.items():
+        lengths = [len(requests[i][1]) for i in users]
+        if len(users) > 1 and max(lengths) > 1 and len(context) + max(lengths) - 1 <= max_length and context:
+            groups.append((list(context), users))
+    groups.sort(key=lambda g: -len(g[0]))
+    return groups
+
+
+def _right_padded(
+    rows: Sequence[Sequence[int]], pad_id: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token rows right-padded to `width`."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, tokens in enumerate(rows):
+        ids[r, : len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+        mask[r, : len(tokens)] = 1
+    return ids, mask
+
+
+def _score_shared_contexts(
+    model: nn.Module,
+    groups: Sequence[tuple[list[int], list[int]]],
+    requests: Sequence[Request],
+    batch_size: int,
+    pad_id: int,
+) -> dict[int, float]:
+    """Scores of the requests in `groups`: each context is run once with the KV cache kept, then all its
+    continuations in one batch on top of the cache, so a k-way question with multi-token choices costs
+    about one context forward instead of k. The first continuation token is scored from the context's
+    last logits; the cache's padding slots are masked and positions are explicit, so each continuation
+    sees exactly the positions and tokens it would in a forward of its own."""
+    device = next(model.parameters()).device
+    scores: dict[int, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(groups), batch_size):
+            batch = groups[start : start + batch_size]
+            lengths = torch.tensor([len(context) for context, _ in batch])
+            width = int(lengths.max())
+            ids, mask = _right_padded([context for context, _ in batch], pad_id, width)
+            keep = sorted({int(n) - 1 for n in lengths})  # the logits of each context's last position only
+            out = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=torch.arange(width)[None].expand(len(batch), width).to(device),
+                use_cache=True,
+                logits_to_keep=torch.tensor(keep, device=device),
+            )
+            column = {n: c for c, n in enumerate(keep)}
+            last = out.logits[torch.arange(len(batch)), [column[int(n) - 1] for n in lengths]]
+            first = torch.log_softmax(last.float(), dim=-1)
+            rows = [(b, i) for b, (_, users) in enumerate(batch) for i in users]
+            cache = out.cache
+            cache.reorder_cache(torch.tensor([b for b, _ in rows], device=device))
+            tails = [requests[i][1][:-1] for _, i in rows]
+            tail = max(1, max(len(t) for t in tails))
+            tail_ids, tail_mask = _right_padded(tails, pad_id, tail)
+            owner = torch.tensor([b for b, _ in rows])
+            positions = lengths[owner][:, None] + torch.arange(tail)[None]
+            logits = model(
+                input_ids=tail_ids.to(device),
+                attention_mask=torch.cat([mask[owner], tail_mask], dim=1).to(device),
+                position_ids=positions.to(device),
+                cache=cache,
+                use_cache=False,
+            ).logits
+            for r, (b, i) in enumerate(rows):
+                continuation = requests[i][1]
+                total = first[b, continuation[0]]
+                if len(continuation) > 1:
+                    logprobs = torch.log_softmax(logits[r, : len(continuation) - 1].float(), dim=-1)
+                    target = torch.tensor(continuation[1:], device=logprobs.device)
+                    total = total + logprobs.gather(-1, target[:, None]).sum()
+                scores[i] = float(total)
+            del out, logits, cache
     finally:
         model.train(was_training)
     return scores
@@ -215,7 +320,7 @@ def evaluate_multiple_choice(
 ) -> MCResult:
     """acc and acc_norm over ``examples``; every choice of every example is scored in one batched pass.
 
-    Single-token choices of one example share a forward pass (see `score_requests`).
+    The choices of one example share its prompt's forward pass (see `score_requests`).
     """
     if not examples:
         raise ValueError("nothing to evaluate: no multiple-choice examples")
