@@ -189,10 +189,10 @@ def shared_context_groups(requests: Sequence[Request], max_length: int) -> list[
     for i, (context, _) in enumerate(requests):
         by_context.setdefault(tuple(context), []).append(i)
     groups = []
-    for context, users in by_context.items():
-        lengths = [len(requests[i][1]) for i in users]
-        if len(users) > 1 and max(lengths) > 1 and len(context) + max(lengths) - 1 <= max_length and context:
-            groups.append((list(context), users))
+    for key, users in by_context.items():
+        longest = max(len(requests[i][1]) for i in users)
+        if len(users) > 1 and longest > 1 and key and len(key) + longest - 1 <= max_length:
+            groups.append((list(key), users))
     groups.sort(key=lambda g: -len(g[0]))
     return groups
 
