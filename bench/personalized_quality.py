@@ -4,7 +4,8 @@ For every setting config in bench/configs/pq-*.yaml and every seed, one `cotune 
 load) trains the same clients with validation trust and, through `run.compare`, local, fedavg,
 weight and prediction trust on identical data and initialisation. Run directories go to
 runs/bench/pq/<setting>/s<seed>[.<strategy>] (gitignored); a finished run is not rerun, so an
-interrupted sweep continues where it stopped. Then the final per-client validation perplexities are
+interrupted sweep continues where it stopped. Then the final per-client test perplexities (each client's
+held-out documents, unseen by training and by every trust) and validation perplexities are
 collected into bench/results/personalized_quality.{json,md} and one per-round plot per setting.
 
     .venv/bin/python bench/personalized_quality.py [--seeds 0 1 2] [--settings bbc-topic ...]
@@ -37,8 +38,21 @@ def run_dirs(runs_root: Path, setting: str, seed: int) -> dict[str, Path]:
 
 
 def finished(d: Path) -> bool:
+    """An ended run with test-split records (runs from before per-client test splits are rerun)."""
     m = d / "metrics.jsonl"
-    return m.is_file() and '"event":"end"' in m.read_text()
+    text = m.read_text() if m.is_file() else ""
+    return '"event":"end"' in text and '"split":"test"' in text
+
+
+def final_val_ppl(d: Path, final_round: int | None) -> dict[int, float]:
+    """Client -> validation perplexity at the run's final round: what validation trust chose on."""
+    from cotune.reporting.metrics import read_metrics
+
+    return {
+        m["client"]: m["ppl"]
+        for m in read_metrics(d / "metrics.jsonl")
+        if m.get("type") == "eval" and m.get("split") == "val" and m.get("round") == final_round
+    }
 
 
 def sweep(settings: list[str], seeds: list[int], runs_root: Path, overrides: list[str]) -> dict:
@@ -53,7 +67,9 @@ def sweep(settings: list[str], seeds: list[int], runs_root: Path, overrides: lis
                 if d.exists():
                     subprocess.run(["rm", "-rf", str(d)], check=True)
             cmd = [
-                str(ROOT / ".venv" / "bin" / "cotune"),
+                sys.executable,  # this interpreter, with this checkout's source first on its path
+                "-m",
+                "cotune.cli.main",
                 "run",
                 str(HERE / "configs" / f"pq-{setting}.yaml"),
                 f"run.seed={seed}",
@@ -63,7 +79,11 @@ def sweep(settings: list[str], seeds: list[int], runs_root: Path, overrides: lis
             ]
             print(f"[run] {' '.join(cmd)}", flush=True)
             t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, cwd=ROOT)
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+            }
+            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
             timings[f"{setting}/s{seed}"] = time.perf_counter() - t0
             print(f"[done] {setting} seed {seed} in {timings[f'{setting}/s{seed}']:.0f} s", flush=True)
     return timings
@@ -84,7 +104,8 @@ def collect(settings: list[str], seeds: list[int], runs_root: Path) -> dict:
         per: dict[str, dict] = {}
         budget = None
         for s in STRATEGIES:
-            final: dict[int, dict[int, float]] = {}  # seed -> client -> ppl
+            final: dict[int, dict[int, float]] = {}  # seed -> client -> test ppl
+            final_val: dict[int, dict[int, float]] = {}  # seed -> client -> validation ppl
             curves: dict[int, list[tuple[int, float]]] = {}
             round_wall: list[float] = []
             for seed in seeds:
@@ -92,7 +113,9 @@ def collect(settings: list[str], seeds: list[int], runs_root: Path) -> dict:
                 if not finished(d):
                     continue
                 run = load_run(d)
+                assert run.ppl_split == "test", f"{d} has no test split"
                 final[seed] = run.final_ppl()
+                final_val[seed] = final_val_ppl(d, run.final_round())
                 curves[seed] = run.mean_ppl_curve()
                 if budget is None:
                     budget = _budget(run.config)
@@ -103,9 +126,12 @@ def collect(settings: list[str], seeds: list[int], runs_root: Path) -> dict:
                 ]
             values = [p for per_client in final.values() for p in per_client.values()]
             seed_means = [statistics.fmean(pc.values()) for pc in final.values() if pc]
+            val_values = [p for per_client in final_val.values() for p in per_client.values()]
             per[s] = {
                 "final_ppl": {str(k): {str(c): p for c, p in v.items()} for k, v in final.items()},
+                "final_val_ppl": {str(k): {str(c): p for c, p in v.items()} for k, v in final_val.items()},
                 "mean": _stats(values)[0],
+                "val_mean": _stats(val_values)[0],
                 "std_over_clients_and_seeds": _stats(values)[1],
                 "std_of_seed_means": _stats(seed_means)[1],
                 "seeds": sorted(final),
@@ -140,6 +166,8 @@ def _budget(cfg: dict) -> dict:
         "batch_size": train.get("batch_size"),
         "max_train_windows": data.get("max_train_windows"),
         "max_val_windows": data.get("max_val_windows"),
+        "test_fraction": data.get("test_fraction"),
+        "max_test_windows": data.get("max_test_windows"),
         "public_windows": data.get("public_windows"),
         "lr": train.get("lr"),
         "lora": cfg.get("lora"),
@@ -176,7 +204,7 @@ def plot(result: dict, out_dir: Path) -> list[str]:
                 alpha=0.12,
             )
         ax.set_xlabel("round (0 = before training; round 1 includes the warmup steps)")
-        ax.set_ylabel("mean val perplexity over clients")
+        ax.set_ylabel("mean test perplexity over clients")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(f"{setting}: mean over seeds (band: ±1 std over seeds)", fontsize=9)
         ax.legend(fontsize=8)
@@ -192,9 +220,11 @@ def markdown(result: dict) -> str:
     lines = [
         f"Personalized collaborative fine-tuning, SmolLM2-135M-Instruct + LoRA ({result['machine']})",
         "",
-        "Final per-client validation perplexity: mean ± std over all (seed, client) pairs "
-        "[std of the per-seed client means]; wins = (seed, client) pairs where the strategy's perplexity "
-        "is lower than local's / fedavg's. Lower is better; best mean per setting in bold.",
+        "Final per-client **test** perplexity (each client's held-out documents: no training step and no "
+        "trust evidence saw them): mean ± std over all (seed, client) pairs [std of the per-seed client "
+        "means]; wins = (seed, client) pairs where the strategy's test perplexity is lower than local's / "
+        "fedavg's. Lower is better; best mean per setting in bold. `val ppl` is the mean on the validation "
+        "windows, which validation trust chose its weights on: its lead there is measured on data it used.",
         "",
     ]
     for setting, body in result["settings"].items():
@@ -209,18 +239,19 @@ def markdown(result: dict) -> str:
             f"{b.get('clients')} clients, seeds {seeds}; {b.get('warmup_steps')} warmup + "
             f"{b.get('rounds')} rounds × {b.get('local_steps')} local steps, batch {b.get('batch_size')} × "
             f"{b.get('seq_len')} tokens, "
-            f"≤{b.get('max_train_windows')} train / {b.get('max_val_windows')} val windows per client, "
+            f"≤{b.get('max_train_windows')} train / {b.get('max_val_windows')} val / "
+            f"{b.get('max_test_windows')} test windows per client, "
             f"{b.get('public_windows')} public windows, lr {b.get('lr')}",
             "",
-            "| strategy | final val ppl | wins vs local | wins vs fedavg | mean round wall |",
-            "|---|---:|---:|---:|---:|",
+            "| strategy | final test ppl | wins vs local | wins vs fedavg | val ppl | mean round wall |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         best = min(
             (r["mean"] for r in body["strategies"].values() if not math.isnan(r["mean"])), default=None
         )
         for s, r in body["strategies"].items():
             if not r["seeds"]:
-                lines.append(f"| {s} | not run | | | |")
+                lines.append(f"| {s} | not run | | | | |")
                 continue
             cell = f"{r['mean']:.2f} ± {r['std_over_clients_and_seeds']:.2f} [{r['std_of_seed_means']:.2f}]"
             if best is not None and r["mean"] == best:
@@ -229,7 +260,7 @@ def markdown(result: dict) -> str:
             wall = f"{r['mean_round_wall_s']:.1f} s" if r["mean_round_wall_s"] else "-"
             lines.append(
                 f"| {s} | {cell} | {'-' if s == 'local' else f'{wl[0]}/{wl[1]}'} "
-                f"| {'-' if s == 'fedavg' else f'{wf[0]}/{wf[1]}'} | {wall} |"
+                f"| {'-' if s == 'fedavg' else f'{wf[0]}/{wf[1]}'} | {r['val_mean']:.2f} | {wall} |"
             )
         lines += ["", f"![{setting}](personalized_quality_{setting}.png)", ""]
     return "\n".join(lines) + "\n"

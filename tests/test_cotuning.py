@@ -273,6 +273,24 @@ def test_compare_variants_score_the_zero_shot_models_once(task_file, tmp_path, m
     assert len(calls) == 3
 
 
+def test_fedcollm_clients_trained_together_end_as_one_by_one(task_file, tmp_path):
+    """federation.parallel_clients: 2 (answer-only batches of different widths, groups of 2 and 1): the
+    clients' uploads, hence the server's adapters, match training one client after another."""
+    from safetensors.torch import load_file
+
+    dirs = {}
+    for k in (1, 2):
+        cfg = tree(task_file, tmp_path, federation={"parallel_clients": k}, run={"name": f"p{k}"})
+        (dirs[k],) = run_experiment(config_from_dict(cfg))
+    last = sorted((dirs[1] / "checkpoints").iterdir())[-1].name
+    for part in ("server", "server-llm", "client-00", "client-02"):
+        a = load_file(str(dirs[1] / "checkpoints" / last / part / "adapter_model.safetensors"))
+        b = load_file(str(dirs[2] / "checkpoints" / last / part / "adapter_model.safetensors"))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, part
+    one, two = records(dirs[1], "train"), records(dirs[2], "train")
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+
+
 def test_clients_draw_the_same_randomness_in_every_algorithm(task_file, tmp_path):
     """With LoRA dropout on, nothing differs before round 1's aggregation: the clients' round-1 losses
     are bit-equal across fedcollm, fedavg and standalone (building the LLM, its adapter and the server

@@ -74,6 +74,47 @@ def test_no_window_shared_between_train_and_val(corpus_dir):
     torch.testing.assert_close(data.mixtures, torch.eye(4))
 
 
+def test_test_split_is_held_out_by_document_and_leaves_validation_in_place(corpus_dir):
+    """Each client's test windows share no document with its train or validation windows; adding the
+    test split moves documents out of training only, so the validation windows stay what they were."""
+    with_test = build_federated_data(
+        DataConfig(path=corpus_dir, seq_len=96, max_val_windows=100, public_windows=2, test_fraction=0.25),
+        4,
+        byte_tokenizer(),
+        seed=0,
+    )
+    without = build_federated_data(
+        DataConfig(path=corpus_dir, seq_len=96, max_val_windows=100, public_windows=2, test_fraction=0.0),
+        4,
+        byte_tokenizer(),
+        seed=0,
+    )
+    for c, plain in zip(with_test.clients, without.clients, strict=True):
+        assert c.test is not None and len(c.test) > 0 and plain.test is None
+        windows = {name: {tuple(w.tolist()) for w in getattr(c, name)} for name in ("train", "val", "test")}
+        assert windows["test"].isdisjoint(windows["train"] | windows["val"])
+        assert windows["train"].isdisjoint(windows["val"])
+        torch.testing.assert_close(c.val, plain.val, rtol=0, atol=0)
+        assert len(c.train) < len(plain.train)
+
+
+def test_validation_and_test_fractions_must_leave_training_documents():
+    with pytest.raises(ValueError, match="leave no documents to train on"):
+        DataConfig(val_fraction=0.5, test_fraction=0.5)
+
+
+def test_too_few_documents_for_a_test_split_names_the_way_out(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            (tmp_path / label / f"{i}.txt").write_text("word " * 200)
+    cfg = DataConfig(path=tmp_path, seq_len=16, public_windows=0)
+    with pytest.raises(DataError, match="test_fraction: 0"):
+        build_federated_data(cfg, 2, byte_tokenizer(), seed=0)
+    data = build_federated_data(cfg.model_copy(update={"test_fraction": 0.0}), 2, byte_tokenizer(), seed=0)
+    assert all(c.test is None for c in data.clients)
+
+
 def test_too_little_text_is_a_clear_error(corpus_dir):
     cfg = DataConfig(path=corpus_dir, seq_len=100_000, public_windows=0)
     with pytest.raises(DataError, match="too little text"):

@@ -57,7 +57,7 @@ def _records(strategy: str, ppl: dict[int, list[float]], trust: bool) -> list[di
                     "round": rnd,
                     "step": rnd * 10,
                     "client": c,
-                    "split": "val",
+                    "split": "test",
                     "loss": math.log(value),
                     "ppl": value,
                     "acc": 0.1,
@@ -66,9 +66,10 @@ def _records(strategy: str, ppl: dict[int, list[float]], trust: bool) -> list[di
                 }
             )
         recs.append({"type": "round", "round": rnd, "step": rnd * 10, "wall_s": 1.5, "mean_val_ppl": None})
-    # records of types the reader does not know, and an eval of another split: all ignored
+    # records of types the reader does not know, and a validation eval (the trust's split): all ignored
+    # when the run has a test split
     recs.append({"type": "fedcollm_acc", "round": 2, "client": 0, "acc": 0.9})
-    recs.append({"type": "eval", "round": 2, "step": 20, "client": 0, "split": "test", "ppl": 1e6})
+    recs.append({"type": "eval", "round": 2, "step": 20, "client": 0, "split": "val", "ppl": 1e6})
     recs.append(
         {"type": "run", "event": "end", "strategy": strategy, "algorithm": "personalized", "time": 9.0}
     )

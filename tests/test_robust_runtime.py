@@ -70,7 +70,7 @@ def test_a_bad_update_is_rejected_logged_and_the_round_goes_on(
     assert all(_finite(a) for a in adapters.values())
     honest = [adapters[f"client-0{i}"] for i in (0, 2, 3)]
     assert all(torch.equal(honest[0][k], h[k]) for h in honest for k in h)  # fedavg among the honest
-    assert len(_records(run_dir, "eval", round=2)) == 4
+    assert len(_records(run_dir, "eval", round=2, split="test")) == 4
 
 
 def test_an_update_above_the_norm_bound_is_rejected(corpus_dir, tmp_path):

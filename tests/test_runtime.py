@@ -115,6 +115,87 @@ def test_every_trust_strategy_runs_and_logs_stochastic_matrices(corpus_dir, tmp_
         assert torch.equal(matrices[-1], torch.eye(4))
 
 
+def test_trust_never_sees_the_test_split_and_reports_score_it(corpus_dir, tmp_path):
+    """Validation trust is computed on validation windows only: a different test split (more of the same
+    held-out documents' windows) leaves every trust matrix bit-equal and changes the test perplexities;
+    the report's perplexities are the test ones and say so."""
+    from cotune.reporting.metrics import load_run
+    from cotune.reporting.report import comparison_rows, ppl_title
+
+    runs = {}
+    for n in (1, 3):
+        data = {"test_fraction": 0.25, "max_test_windows": n}
+        (runs[n],) = _run(corpus_dir, tmp_path, f"test{n}", strategy={"name": "validation"}, data=data)
+
+    def records(run_dir, kind):
+        return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == kind]
+
+    assert [r["matrix"] for r in records(runs[1], "trust")] == [
+        r["matrix"] for r in records(runs[3], "trust")
+    ]
+    tests = {
+        n: {(r["round"], r["client"]): r["ppl"] for r in records(d, "eval") if r["split"] == "test"}
+        for n, d in runs.items()
+    }
+    vals = {
+        n: {(r["round"], r["client"]): r["ppl"] for r in records(d, "eval") if r["split"] == "val"}
+        for n, d in runs.items()
+    }
+    assert set(tests[1]) == {(r, c) for r in range(3) for c in range(4)}
+    assert vals[1] == vals[3] and tests[1] != tests[3]
+    summary = load_run(runs[3])
+    assert summary.ppl_split == "test" and summary.final_ppl() == {c: tests[3][(2, c)] for c in range(4)}
+    assert ppl_title([summary]).startswith("final test perplexity")
+    _, rows = comparison_rows([summary])
+    assert float(rows[0][1]) == pytest.approx(tests[3][(2, 0)], abs=0.01)
+
+
+def test_runs_without_a_test_split_report_validation_and_say_so(corpus_dir, tmp_path):
+    from cotune.reporting.metrics import load_run
+    from cotune.reporting.report import ppl_title
+
+    (run_dir,) = _run(corpus_dir, tmp_path, "notest", data={"test_fraction": 0.0})
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "eval"]
+    assert evals and {r["split"] for r in evals} == {"val"}
+    summary = load_run(run_dir)
+    assert summary.ppl_split == "val" and ppl_title([summary]).startswith("final validation perplexity")
+
+
+@pytest.mark.parametrize("strategy", ["validation", "prediction"])
+def test_clients_trained_together_end_as_one_by_one(corpus_dir, tmp_path, strategy):
+    """federation.parallel_clients: 3 (groups of 3 and 1) gives the adapters, losses and trust of training
+    one client after another."""
+    dirs = {
+        k: _run(
+            corpus_dir, tmp_path, f"p{k}", strategy={"name": strategy}, federation={"parallel_clients": k}
+        )[0]
+        for k in (1, 3)
+    }
+    one, three = _adapters(dirs[1]), _adapters(dirs[3])
+    assert set(one) == set(three) == {f"client-{i:02d}" for i in range(4)}
+    for name in one:
+        assert max((one[name][k] - three[name][k]).abs().max().item() for k in one[name]) < 1e-5
+
+    def losses(d):
+        return [r["loss"] for r in read_metrics(d / "metrics.jsonl") if r["type"] == "train"]
+
+    assert losses(dirs[3]) == pytest.approx(losses(dirs[1]), abs=1e-5)
+    trust = [
+        [r["matrix"] for r in read_metrics(d / "metrics.jsonl") if r["type"] == "trust"]
+        for d in dirs.values()
+    ]
+    torch.testing.assert_close(torch.tensor(trust[1]), torch.tensor(trust[0]), atol=1e-5, rtol=0)
+
+
+def test_flower_refuses_clients_trained_together(corpus_dir, tmp_path):
+    from cotune.runtime.flower import FlowerRunError
+    from cotune.runtime.flower.deploy import check_flower_config
+
+    cfg = config_from_dict(tiny_tree(corpus_dir, tmp_path, federation={"parallel_clients": 2}))
+    with pytest.raises(FlowerRunError, match="backend embedded"):
+        check_flower_config(cfg)
+
+
 def test_resume_ends_with_the_same_adapters(corpus_dir, tmp_path):
     sections = {"strategy": {"name": "validation"}, "federation": {"rounds": 3}, "lora": {"dropout": 0.1}}
     (full,) = _run(corpus_dir, tmp_path, "full", **sections)

@@ -38,6 +38,12 @@ class TinyModelConfig(Section):
     num_heads: PositiveInt = 4
     intermediate_size: PositiveInt = 128
     max_position_embeddings: PositiveInt = 512
+    num_kv_heads: PositiveInt | None = Field(None, description="grouped-query attention (default: num_heads)")
+    vocab_size: PositiveInt | None = Field(
+        None,
+        description="embedding rows (default: the byte tokenizer's 258); more gives a real model's output "
+        "layer cost, e.g. 49152 for a SmolLM2-shaped benchmark model",
+    )
     seed: int = 0
 
 
@@ -90,11 +96,30 @@ class DataConfig(Section):
         None, description="shortcut for your own data: replaces 'sources' by one files source at this path"
     )
     seq_len: PositiveInt = 128
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="share of each client's documents for validation (validation trust)"
+    )
+    test_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="share of each client's documents held out as its test set: never trained on and never "
+        "seen by any trust evidence; reports score it (0: no test split, reports fall back to validation)",
+    )
     max_train_windows: PositiveInt | None = Field(None, description="cap per client")
     max_val_windows: PositiveInt = 32
+    max_test_windows: PositiveInt = 32
     public_windows: int = Field(32, ge=0, description="shared public reference set (prediction trust)")
     partition: PartitionConfig = PartitionConfig()
+
+    @model_validator(mode="after")
+    def _training_documents_left(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"data.val_fraction ({self.val_fraction}) + data.test_fraction ({self.test_fraction}) "
+                "leave no documents to train on: keep their sum below 1"
+            )
+        return self
 
     def resolved_sources(self) -> list[SourceConfig]:
         if self.path is not None:
@@ -152,6 +177,12 @@ class FederationConfig(Section):
     )
     client_timeout: float | None = Field(
         None, gt=0, description="seconds a client may spend on one round's work before it is dropped"
+    )
+    parallel_clients: PositiveInt = Field(
+        1,
+        description="embedded runtime: train up to this many clients' local steps as one forward/backward "
+        "over the shared base (each row through its own client's adapter; same results as one by one). "
+        "Pays on a GPU, not on a CPU; needs lora.dropout 0",
     )
     secure_aggregation: bool = Field(
         False,
@@ -467,4 +498,22 @@ class ExperimentConfig(Section):
             )
         if self.federation.min_clients is not None and self.federation.min_clients > n:
             raise ValueError(f"federation.min_clients {self.federation.min_clients} > federation.clients {n}")
+        self._check_parallel_clients()
         return self
+
+    def _check_parallel_clients(self) -> None:
+        """Clients trained together share one eval-mode forward/backward: nothing may tell them apart."""
+        if self.federation.parallel_clients == 1:
+            return
+        if self.lora.dropout > 0:
+            raise ValueError(
+                f"federation.parallel_clients {self.federation.parallel_clients} runs clients in one "
+                f"eval-mode batch, where lora.dropout {self.lora.dropout:g} would be off: set lora.dropout: "
+                "0, or federation.parallel_clients: 1"
+            )
+        if self.simulation.faults or self.federation.client_timeout is not None:
+            raise ValueError(
+                "federation.parallel_clients > 1 trains clients in one shared step, so one client's fault "
+                "or time cannot be told from the others': use simulation.faults / federation.client_timeout "
+                "with federation.parallel_clients: 1"
+            )

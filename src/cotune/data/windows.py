@@ -1,8 +1,8 @@
 """Federated language-modelling data: tokenized fixed-length windows per client.
 
-Train and validation are split by document before windowing, so no window (and no
-document) is shared between a client's train and validation sets; the public reference
-set is held out from every client.
+Train, validation and test are split by document before windowing, so no window (and no
+document) is shared between a client's splits; the public reference set is held out from
+every client. Validation feeds the trust evidence, test only the reported figures.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class ClientData:
     train: torch.Tensor  # (n_train, seq_len) token ids
     val: torch.Tensor  # (n_val, seq_len)
     label_counts: dict[str, int]
+    test: torch.Tensor | None = None  # (n_test, seq_len); None when data.test_fraction is 0
 
 
 @dataclass
@@ -65,6 +66,22 @@ def _take_public(order: list[int], lengths: list[int], tokens_needed: int) -> tu
     return order[:taken], order[taken:]
 
 
+def split_documents(
+    doc_ids: list[int], cfg: DataConfig, client: int
+) -> tuple[list[int], list[int], list[int]]:
+    """(train, validation, test) documents of one client, from its shuffled documents: validation first
+    (as before test splits existed, so validation stays put), then test, the rest for training."""
+    n_val = max(1, round(cfg.val_fraction * len(doc_ids)))
+    n_test = max(1, round(cfg.test_fraction * len(doc_ids))) if cfg.test_fraction > 0 else 0
+    if len(doc_ids) - n_val - n_test < 1:
+        splits = "train/validation/test" if n_test else "train/validation"
+        raise DataError(
+            f"client {client} got {len(doc_ids)} document(s): too few for a {splits} split; use fewer "
+            "clients, another partition, or more data" + (", or data.test_fraction: 0" if n_test else "")
+        )
+    return doc_ids[n_val + n_test :], doc_ids[:n_val], doc_ids[n_val : n_val + n_test]
+
+
 def build_federated_data(
     cfg: DataConfig, n_clients: int, tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> FederatedData:
@@ -92,25 +109,23 @@ def build_federated_data(
     for c, local in enumerate(part.indices):
         doc_ids = [rest[i] for i in local]
         rng.shuffle(doc_ids)
-        n_val = max(1, round(cfg.val_fraction * len(doc_ids)))
-        if len(doc_ids) < 2:
-            raise DataError(
-                f"client {c} got {len(doc_ids)} document(s): too few for a train/validation split; "
-                "use fewer clients, another partition, or more data"
-            )
-        val_docs, train_docs = doc_ids[:n_val], doc_ids[n_val:]
+        train_docs, val_docs, test_docs = split_documents(doc_ids, cfg, c)
         train = pack_windows([token_lists[i] for i in train_docs], cfg.seq_len, eos, cfg.max_train_windows)
         val = pack_windows([token_lists[i] for i in val_docs], cfg.seq_len, eos, cfg.max_val_windows)
-        if len(train) == 0 or len(val) == 0:
+        test = pack_windows([token_lists[i] for i in test_docs], cfg.seq_len, eos, cfg.max_test_windows)
+        if len(train) == 0 or len(val) == 0 or (test_docs and len(test) == 0):
             n_tok = sum(len(token_lists[i]) + 1 for i in doc_ids)
+            splits = "train, validation and test" if test_docs else "train and validation"
             raise DataError(
-                f"client {c} has too little text ({n_tok} tokens) for train and validation windows of "
+                f"client {c} has too little text ({n_tok} tokens) for {splits} windows of "
                 f"{cfg.seq_len} tokens; lower data.seq_len or give it more data"
             )
         counts: dict[str, int] = {}
         for i in doc_ids:
             counts[docs[i].label] = counts.get(docs[i].label, 0) + 1
-        clients.append(ClientData(train=train, val=val, label_counts=counts))
+        clients.append(
+            ClientData(train=train, val=val, label_counts=counts, test=test if test_docs else None)
+        )
     return FederatedData(
         clients=clients,
         public=public,

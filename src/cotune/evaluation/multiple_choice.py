@@ -118,8 +118,9 @@ def score_requests(
     that are a single token each (topic labels, A/B/C/D) differ only in the token scored at the
     last position, so a k-way question costs one forward instead of k (the harness's one-token
     continuation trick). Choices of several tokens share their question's context through the KV
-    cache instead (`shared_context_groups`), for transformers models. Inputs are batched longest first so each batch pads little, and
-    right-padded so real positions keep their position ids and never attend to padding.
+    cache instead (`shared_context_groups`), for transformers models. Inputs are batched longest
+    first so each batch pads little, and right-padded so real positions keep their position ids
+    and never attend to padding.
     Log-softmax runs only on the continuation rows of one batch's logits, never on the full
     (B, T, V) tensor. Inputs longer than ``max_length`` lose context tokens from the left;
     continuation tokens are always kept. The model is put in eval mode (no dropout) and its
@@ -243,7 +244,8 @@ def _score_shared_contexts(
             last = out.logits[torch.arange(len(batch)), [column[int(n) - 1] for n in lengths]]
             first = torch.log_softmax(last.float(), dim=-1)
             rows = [(b, i) for b, (_, users) in enumerate(batch) for i in users]
-            cache = out.cache
+            cache_key = "cache" if "cache" in out else "past_key_values"  # its name before transformers 5.2x
+            cache = out[cache_key]
             cache.reorder_cache(torch.tensor([b for b, _ in rows], device=device))
             tails = [requests[i][1][:-1] for _, i in rows]
             tail = max(1, max(len(t) for t in tails))
@@ -254,7 +256,7 @@ def _score_shared_contexts(
                 input_ids=tail_ids.to(device),
                 attention_mask=torch.cat([mask[owner], tail_mask], dim=1).to(device),
                 position_ids=positions.to(device),
-                cache=cache,
+                **{cache_key: cache},
                 use_cache=False,
             ).logits
             for r, (b, i) in enumerate(rows):

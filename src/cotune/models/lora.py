@@ -8,7 +8,8 @@ adapter's parameters. State dicts in peft's format are the exchange unit.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -76,6 +77,21 @@ class AdapterPool:
     def parameters(self, name: str) -> list[nn.Parameter]:
         marker = f".{name}."
         return [p for n, p in self.model.named_parameters() if marker in n and "lora_" in n]
+
+    @contextmanager
+    def all_trainable(self, names: Sequence[str]) -> Iterator[None]:
+        """Adapters `names` all take gradients at once (peft otherwise trains only the active one), for
+        mixed-adapter batches; afterwards only the active adapter does again."""
+        for name in names:
+            for param in self.parameters(name):
+                param.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for name in names:
+                if name != self.active:
+                    for param in self.parameters(name):
+                        param.requires_grad_(False)
 
     def state(self, name: str) -> AdapterState:
         """A detached copy of one adapter's weights, keyed as in a saved peft adapter."""

@@ -30,13 +30,15 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny_model(cfg: TinyModelConfig, vocab_size: int) -> LlamaForCausalLM:
     """A randomly initialised Llama with q/k/v/o and MLP projections named as in real checkpoints."""
+    if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
+        raise ValueError(f"model.tiny.vocab_size {cfg.vocab_size} < the tokenizer's {vocab_size} tokens")
     config = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=cfg.vocab_size or vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=True,
     )

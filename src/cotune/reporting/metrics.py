@@ -5,7 +5,7 @@ writer fsyncs every line and the reader drops a line that does not parse instead
 types and fields the reader does not know are ignored, so that later features can add their own.
 
 The records are the typed classes of `cotune.records`. Two algorithm families write here: the
-personalized one (val perplexity `EvalRecord`, `TrustRecord`) and the FedCoLLM family
+personalized one (test or val perplexity `EvalRecord`, `TrustRecord`) and the FedCoLLM family
 (multiple-choice accuracy `McRecord`, communication `CommRecord`).
 """
 
@@ -115,7 +115,7 @@ def client_label(client: int, names: Sequence[str]) -> str:
 
 @dataclass
 class RunSummary:
-    """What the report needs from one run directory: its config, val perplexities and trust matrices.
+    """What the report needs from one run directory: its config, perplexities and trust matrices.
 
     FedCoLLM-family runs add multiple-choice accuracies (mc) and per-client traffic (comm).
     """
@@ -123,7 +123,10 @@ class RunSummary:
     run_dir: Path
     label: str
     config: dict[str, Any]
+    # round -> client -> perplexity on `ppl_split`: each client's test split (data.test_fraction), or its
+    # validation split for runs without one (the trust evidence saw it: reports say so)
     ppl_by_round: dict[int, dict[int, float]] = field(default_factory=dict)
+    ppl_split: str = "test"
     trust: list[tuple[int, list[list[float]]]] = field(default_factory=list)
     ended: bool = False  # a {"type": "run", "event": "end"} record was seen (False for a killed run)
     algorithm: str = PERSONALIZED
@@ -167,14 +170,14 @@ class RunSummary:
         return rounds[-1] if rounds else None
 
     def final_ppl(self) -> dict[int, float]:
-        """Client -> val perplexity at final_round()."""
+        """Client -> perplexity (on ppl_split) at final_round()."""
         last = self.final_round()
         if last is None:
             return {}
         return dict(sorted(self.ppl_by_round[last].items()))
 
     def mean_ppl_curve(self) -> list[tuple[int, float]]:
-        """(round, arithmetic mean over clients of val ppl) for each complete round."""
+        """(round, arithmetic mean over clients of perplexity on ppl_split) for each complete round."""
         return [(r, _mean(list(self.ppl_by_round[r].values()))) for r in self.complete_rounds()]
 
     def last_trust(self) -> tuple[int, list[list[float]]] | None:
@@ -306,7 +309,7 @@ def load_run(run_dir: Path) -> RunSummary:
     config = _read_config(run_dir / CONFIG_FILE)
     records = read_metrics(metrics_path)
 
-    ppl_by_round: dict[int, dict[int, float]] = {}
+    by_split: dict[str, dict[int, dict[int, float]]] = {}  # split -> round -> client -> perplexity
     trust: list[tuple[int, list[list[float]]]] = []
     mc: dict[str, dict[int, dict[int | None, McRecord]]] = {}
     comm: dict[tuple[int, int], CommRecord] = {}
@@ -318,8 +321,8 @@ def load_run(run_dir: Path) -> RunSummary:
     ended = False
     for rec in filter(None, map(parse_record, records)):  # later records of the same key win
         match rec:
-            case EvalRecord(split="val"):
-                ppl_by_round.setdefault(rec.round, {})[rec.client] = rec.ppl
+            case EvalRecord():
+                by_split.setdefault(rec.split, {}).setdefault(rec.round, {})[rec.client] = rec.ppl
             case TrustRecord():
                 trust.append((rec.round, rec.matrix))
             case McRecord():
@@ -343,11 +346,14 @@ def load_run(run_dir: Path) -> RunSummary:
         label = str(strategy) if strategy else (run_strategy or run_dir.resolve().name)
     else:
         label = algorithm
+    ppl_split = "test" if "test" in by_split else "val"
+    ppl_by_round = by_split.get(ppl_split, {})
     return RunSummary(
         run_dir=run_dir,
         label=label,
         config=config,
         ppl_by_round={r: dict(sorted(ppl_by_round[r].items())) for r in sorted(ppl_by_round)},
+        ppl_split=ppl_split,
         trust=sorted(trust, key=lambda item: item[0]),
         ended=ended,
         algorithm=algorithm,

@@ -5,9 +5,9 @@ object-oriented API on an Agg canvas, so no display is needed and the global pyp
 whoever imports this module is left alone; matplotlib is imported only when plots are drawn, which
 keeps `cotune` commands that just print comparison_rows fast.
 
-Personalized runs are compared by validation perplexity (and trust matrices); FedCoLLM-family runs by
-multiple-choice test accuracy (cotuning_rows) and adapter traffic (comm_rows). A report over a mix of
-both has the sections of each, each over the runs it applies to.
+Personalized runs are compared by test perplexity (validation for runs without a test split) and
+trust matrices; FedCoLLM-family runs by multiple-choice test accuracy (cotuning_rows) and adapter
+traffic (comm_rows). A report over a mix of both has the sections of each, each over the runs it applies to.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _fmt_mean_std(values: Sequence[float]) -> str:
 
 
 def comparison_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the final per-client val perplexity table; the last row is "mean ± std" per run.
+    """Header and rows of the final per-client perplexity table; the last row is "mean ± std" per run.
 
     Each run contributes the perplexities of its own final evaluated round (RunSummary.final_ppl).
     A client a run never evaluated shows "—".
@@ -73,7 +73,7 @@ def comparison_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[st
 
 
 def round_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the mean val perplexity per round table (one row per evaluated round)."""
+    """Header and rows of the mean perplexity per round table (one row per evaluated round)."""
     curves = [dict(run.mean_ppl_curve()) for run in runs]
     rounds = sorted({r for curve in curves for r in curve})
     header = ["round", *unique_labels(runs)]
@@ -82,7 +82,22 @@ def round_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
 
 # ------------------------------------------------------------------------------- FedCoLLM family
 
-PPL_TITLE = "final validation perplexity per client (lower is better)"
+
+def ppl_split_name(runs: Sequence[RunSummary]) -> str:
+    """Which split the perplexities come from: each client's test split (never seen by the trust), or
+    validation for runs without one (older runs, data.test_fraction 0: the trust evidence saw it)."""
+    splits = {run.ppl_split for run in runs}
+    if splits == {"test"}:
+        return "test"
+    if splits == {"val"}:
+        return "validation"
+    return "test (validation for runs without a test split)"
+
+
+def ppl_title(runs: Sequence[RunSummary]) -> str:
+    return f"final {ppl_split_name(runs)} perplexity per client (lower is better)"
+
+
 COTUNING_TITLE = "multiple-choice test accuracy, % (higher is better)"
 COMM_TITLE = "adapter traffic per client per round (% of the full SLM)"
 COTUNING_HEADER = ["setting", "acc (%)", "acc_norm (%)", "run"]
@@ -104,7 +119,7 @@ def _pct(value: float, std: float | None = None) -> str:
 
 
 def _ppl_runs(runs: Sequence[RunSummary]) -> list[RunSummary]:
-    """Runs the perplexity sections apply to: personalized ones, and any other that logged val perplexity."""
+    """Runs the perplexity sections apply to: personalized ones, and any other that logged perplexity."""
     return [run for run in runs if not run.is_cotuning or run.ppl_by_round]
 
 
@@ -240,7 +255,7 @@ def print_rows_for_cli(runs: Sequence[RunSummary]) -> list[tuple[str, list[str],
     tables: list[tuple[str, list[str], list[list[str]]]] = []
     ppl_runs = _ppl_runs(runs)
     if ppl_runs:
-        tables.append((PPL_TITLE, *comparison_rows(ppl_runs)))
+        tables.append((ppl_title(ppl_runs), *comparison_rows(ppl_runs)))
     cot_runs = _cotuning_runs(runs)
     if cot_runs:
         tables.append((COTUNING_TITLE, *cotuning_rows(cot_runs)))
@@ -310,8 +325,9 @@ def _plot_ppl_per_round(runs: Sequence[RunSummary], labels: Sequence[str], path:
     _ppl_y_axis(ax, [v for curve in curves for _, v in curve])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (0 = before training)")
-    ax.set_ylabel("mean validation perplexity")
-    ax.set_title("Mean validation perplexity over clients, per round")
+    split = ppl_split_name(runs).split(" ")[0]
+    ax.set_ylabel(f"mean {split} perplexity")
+    ax.set_title(f"Mean {split} perplexity over clients, per round")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
@@ -340,8 +356,9 @@ def _plot_ppl_per_client(runs: Sequence[RunSummary], labels: Sequence[str], path
     named = next((run for run in runs if run.client_names), runs[0])
     ax.set_xticks(range(len(clients)), [named.client_label(c) for c in clients], fontsize=8)
     ax.set_xlabel("client")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("Final validation perplexity per client")
+    split = ppl_split_name(runs).split(" ")[0]
+    ax.set_ylabel(f"{split} perplexity")
+    ax.set_title(f"Final {split} perplexity per client")
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.set_axisbelow(True)
     fig.legend(loc="outside lower center", ncols=min(n, 4), fontsize="small")  # never over the bars
@@ -642,27 +659,36 @@ def _ppl_markdown(
     """The perplexity and trust sections (everything a personalized-only report had after the runs table)."""
     parts: list[str] = []
 
-    parts += ["## Final validation perplexity per client", ""]
+    split = ppl_split_name(runs)
+    unseen = (
+        "each client's held-out test split, which no training step and no trust evidence saw"
+        if split == "test"
+        else "validation windows; the validation-trust strategy chose its weights on them, so its lead "
+        "there is measured on data it used (set data.test_fraction > 0 for a test split)"
+        if split == "validation"
+        else "each run's test split where it has one, else its validation windows"
+    )
+    parts += [f"## Final {split} perplexity per client", ""]
     parts += [
-        "Validation perplexity of each client at its run's final eval round. "
+        f"Perplexity of each client at its run's final eval round, on {unseen}. "
         "mean ± std is over clients (population std, ddof=0).",
         "",
     ]
     header, rows = comparison_rows(runs)
     parts += [_md_table(header, rows), ""]
     if has_client_plot:
-        parts += ["![Final validation perplexity per client](plots/ppl_per_client.png)", ""]
+        parts += [f"![Final {split} perplexity per client](plots/ppl_per_client.png)", ""]
 
-    parts += ["## Mean validation perplexity per round", ""]
+    parts += [f"## Mean {split} perplexity per round", ""]
     parts += [
-        "Arithmetic mean over clients of the per-client validation perplexity; "
+        f"Arithmetic mean over clients of the per-client {split} perplexity; "
         "round 0 is the evaluation before any training.",
         "",
     ]
     header, rows = round_rows(runs)
-    parts += [_md_table(header, rows) if rows else "No validation evaluations recorded.", ""]
+    parts += [_md_table(header, rows) if rows else "No perplexity evaluations recorded.", ""]
     if has_round_plot:
-        parts += ["![Mean validation perplexity per round](plots/ppl_per_round.png)", ""]
+        parts += [f"![Mean {split} perplexity per round](plots/ppl_per_round.png)", ""]
 
     parts += ["## Trust matrices", ""]
     parts += [

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from cotune.evaluation.lm import evaluate_lm
-from cotune.runtime.port import Prediction
+from cotune.runtime.port import TEST_PREFIX, Prediction
 from cotune.state import AdapterState
-from cotune.training.learner import Learner
+from cotune.training.learner import Learner, StepLog
+from cotune.training.together import train_together
 
 
 def windows_hash(windows: torch.Tensor) -> str:
@@ -31,7 +32,8 @@ def windows_hash(windows: torch.Tensor) -> str:
 class ClientWork:
     """One client: its Learner (adapter slot, optimizer, schedule, data cursor) and its other data.
 
-    `val` (token windows) is what `evaluate` and `evaluate_peers` score; `public` gives the shared
+    `val` (token windows) is what `evaluate` and `evaluate_peers` score, `test` what `evaluate` also
+    reports and nothing else reads (the trust never sees it); `public` gives the shared
     reference set for prediction trust when asked (built lazily: only that strategy needs it);
     `budget` is the client's own steps per round where it decides them (FedCoLLM's local_epochs
     depend on its data); `info` is its description for the server.
@@ -43,12 +45,13 @@ class ClientWork:
         learner: Learner,
         *,
         val: torch.Tensor | None = None,
+        test: torch.Tensor | None = None,
         public: Callable[[], torch.Tensor] | None = None,
         eval_batch_size: int = 8,
         budget: int | None = None,
         info: Mapping[str, Any] | None = None,
     ) -> None:
-        self.index, self.learner, self.val = index, learner, val
+        self.index, self.learner, self.val, self.test = index, learner, val, test
         self._public = public
         self.eval_batch_size, self.budget = eval_batch_size, budget
         self.info = dict(info or {})
@@ -78,10 +81,18 @@ class ClientWork:
         self, steps: int | None = None, on_step: Callable[[float], None] | None = None
     ) -> dict[str, float]:
         """Local steps on its own data (`steps`, else its own budget); the round's training metrics."""
+        n = self.steps(steps)
+        return self.train_metrics(self.learner.train(n, on_step), n)
+
+    def steps(self, steps: int | None) -> int:
+        """The round's `steps`, else the client's own budget."""
         n = self.budget if steps is None else steps
         if n is None:
             raise ValueError("this client has no step budget of its own: the round must give `steps`")
-        log = self.learner.train(n, on_step)
+        return n
+
+    def train_metrics(self, log: StepLog, n: int) -> dict[str, float]:
+        """What a client reports of its round's training."""
         return {
             "loss": log.mean_loss,
             "last_loss": log.losses[-1] if log.losses else float("nan"),
@@ -92,10 +103,15 @@ class ClientWork:
         }
 
     def evaluate(self) -> dict[str, float]:
-        """Loss, perplexity and next-token accuracy of its adapter on its validation windows."""
+        """Loss, perplexity and next-token accuracy of its adapter on its validation windows, and on its
+        test windows (keys prefixed `test_`) when it has some."""
         self.pool.activate(self.learner.slot)
         res = evaluate_lm(self.pool.model, self._val(), self.eval_batch_size)
-        return {k: float(v) for k, v in res.as_dict().items()}
+        out = {k: float(v) for k, v in res.as_dict().items()}
+        if self.test is not None and len(self.test):
+            test = evaluate_lm(self.pool.model, self.test, self.eval_batch_size)
+            out.update({f"{TEST_PREFIX}{k}": float(v) for k, v in test.as_dict().items()})
+        return out
 
     def peer_perplexity(
         self, adapters: Sequence[Mapping[str, torch.Tensor]], val_batches: int
@@ -141,3 +157,13 @@ class ClientWork:
         if self.val is None:
             raise ValueError("this client has no validation windows to evaluate on")
         return self.val
+
+
+def train_works_together(
+    works: Sequence[ClientWork], steps: int | None, on_step: Sequence[Callable[[float], None] | None]
+) -> list[dict[str, float]]:
+    """The local steps of several clients of one adapter pool as shared forward/backward passes
+    (federation.parallel_clients): each ends as if it had trained alone; its metrics as `train`'s."""
+    budgets = [work.steps(steps) for work in works]
+    logs = train_together([work.learner for work in works], budgets, on_step)
+    return [work.train_metrics(log, n) for work, log, n in zip(works, logs, budgets, strict=True)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,8 +66,7 @@ def run_client(cfg: ExperimentConfig, round_: int, client: int, work: Callable[[
                 raise SimulatedFault(f"injected fault (simulation.faults) in round {round_}")
         value = work()
     except Exception as exc:
-        reason = f"raised {type(exc).__name__}: {exc}"
-        return ClientOutcome(False, reason=reason, seconds=time.perf_counter() - t0)
+        return ClientOutcome(False, reason=raised(exc), seconds=time.perf_counter() - t0)
     seconds = time.perf_counter() - t0 + sum(f.seconds for f in faults if f.kind == "delay")
     limit = cfg.federation.client_timeout
     if limit is not None and seconds > limit:
@@ -75,6 +74,26 @@ def run_client(cfg: ExperimentConfig, round_: int, client: int, work: Callable[[
             False, value, f"took {seconds:.2f}s, over federation.client_timeout {limit:g}s", seconds
         )
     return ClientOutcome(True, value, seconds=seconds)
+
+
+def raised(exc: Exception) -> str:
+    return f"raised {type(exc).__name__}: {exc}"
+
+
+def run_clients_together(
+    clients: Sequence[int], work: Callable[[], Sequence[Any]]
+) -> dict[int, ClientOutcome]:
+    """Run several clients' shared work (federation.parallel_clients), one value per client: a raise
+    fails every one of them. Injected faults and timeouts are per client, so the config refuses them
+    with shared work."""
+    t0 = time.perf_counter()
+    try:
+        values = work()
+    except Exception as exc:
+        seconds = time.perf_counter() - t0
+        return {c: ClientOutcome(False, reason=raised(exc), seconds=seconds) for c in clients}
+    seconds = time.perf_counter() - t0
+    return {c: ClientOutcome(True, v, seconds=seconds) for c, v in zip(clients, values, strict=True)}
 
 
 def log_dropped(log: Log, round_: int, client: int, reason: str, phase: str = "train") -> None:

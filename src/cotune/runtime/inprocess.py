@@ -8,13 +8,13 @@ malicious uploads (`simulation.attack`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cotune.config.names import UPLOAD_ATTACKS
 from cotune.config.schema import ExperimentConfig
 from cotune.runtime import guard
-from cotune.runtime.client import ClientWork
+from cotune.runtime.client import ClientWork, train_works_together
 from cotune.runtime.port import OnStep, Prediction, Replies, TrainReplies, Upload
 from cotune.state import AdapterState
 
@@ -50,29 +50,61 @@ class InProcessClients:
         on_step: OnStep | None = None,
         secure_weights: Mapping[int, float] | None = None,
     ) -> TrainReplies:
-        """Each client trains in turn; a fault or timeout drops it, an attacker's upload is replaced.
+        """Each client trains in turn (or `federation.parallel_clients` at a time, in shared steps); a
+        fault or timeout drops it, an attacker's upload is replaced.
 
         Secure aggregation has nothing to hide in one process: the uploads are returned in clear and
         the loop computes the same weighted mean.
         """
         replies = TrainReplies()
-        for i, sent in adapters.items():
-            work = self.works[i]
-
-            def job(work: ClientWork = work, i: int = i, sent: AdapterState = sent) -> dict[str, float]:
-                work.adopt(sent)
-                shown = None if on_step is None else (lambda loss: on_step(i, loss))
-                return work.train(steps, shown)
-
-            outcome = guard.run_client(self.cfg, round_, i, job)
-            if not outcome.ok:
-                replies.failed[i] = outcome.reason or "failed"
-                continue
-            upload = work.adapter()
-            if guard.is_attacker(self.cfg, i, round_) and self.cfg.simulation.attack.kind in UPLOAD_ATTACKS:
-                upload = guard.attacked(self.cfg, round_, i, upload, sent)
-            replies.ok[i] = Upload(upload, outcome.value)
+        order, size = list(adapters), self.cfg.federation.parallel_clients
+        for start in range(0, len(order), size):
+            group = order[start : start + size]
+            for i, outcome in self.train_group(round_, group, adapters, steps, on_step).items():
+                if not outcome.ok:
+                    replies.failed[i] = outcome.reason or "failed"
+                    continue
+                upload, sent = self.works[i].adapter(), adapters[i]
+                if (
+                    guard.is_attacker(self.cfg, i, round_)
+                    and self.cfg.simulation.attack.kind in UPLOAD_ATTACKS
+                ):
+                    upload = guard.attacked(self.cfg, round_, i, upload, sent)
+                replies.ok[i] = Upload(upload, outcome.value)
         return replies
+
+    def train_group(
+        self,
+        round_: int,
+        group: Sequence[int],
+        adapters: Mapping[int, AdapterState],
+        steps: int | None,
+        on_step: OnStep | None,
+    ) -> dict[int, guard.ClientOutcome]:
+        """Clients `group` start from what they were sent and train: alone, or together in shared steps."""
+        works = [self.works[i] for i in group]
+
+        def shown(i: int) -> Callable[[float], None] | None:
+            return None if on_step is None else (lambda loss: on_step(i, loss))
+
+        def adopt_all() -> None:
+            for work, i in zip(works, group, strict=True):
+                work.adopt(adapters[i])
+
+        if len(group) == 1:
+            (i,) = group
+
+            def alone() -> dict[str, float]:
+                adopt_all()
+                return works[0].train(steps, shown(i))
+
+            return {i: guard.run_client(self.cfg, round_, i, alone)}
+
+        def together() -> list[dict[str, float]]:
+            adopt_all()
+            return train_works_together(works, steps, [shown(i) for i in group])
+
+        return guard.run_clients_together(group, together)
 
     def evaluate(self, round_: int, adapters: Mapping[int, AdapterState]) -> Replies[dict[str, float]]:
         replies: Replies[dict[str, float]] = Replies()

@@ -10,7 +10,7 @@ The loop owns every client's adapter and asks its `Clients` port for the work.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from cotune.config.schema import ExperimentConfig
 from cotune.records import EvalRecord, RoundRecord, RunEvent, TrainRecord, TrustRecord
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
-from cotune.runtime.port import Clients, Prediction
+from cotune.runtime.port import TEST_PREFIX, Clients, Prediction
 from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
 from cotune.state import AdapterState
 
@@ -240,25 +240,29 @@ class PersonalizedLoop:
         )
 
     def evaluate(self, r: int) -> float:
-        """Each active client's validation loss and perplexity; returns their mean perplexity."""
+        """Each active client's validation (and test) loss and perplexity; returns their mean validation
+        perplexity (what the console shows; reports read the test records)."""
         replies = self.clients.evaluate(r, {i: self.adapters[i] for i in self.members.present()})
         self.members.note_failures(r, "evaluate", replies)
         ppls = []
         for i, m in sorted(replies.ok.items()):
             ppls.append(float(m["ppl"]))
-            self.files.log(
-                EvalRecord(
-                    round=r,
-                    step=self.step_at_end(r),
-                    client=i,
-                    split="val",
-                    loss=m["loss"],
-                    ppl=m["ppl"],
-                    acc=m["acc"],
-                    tokens=int(m["tokens"]),
-                )
-            )
+            self.files.log(self.eval_record(r, i, "val", m, ""))
+            if f"{TEST_PREFIX}ppl" in m:
+                self.files.log(self.eval_record(r, i, "test", m, TEST_PREFIX))
         return sum(ppls) / max(1, len(ppls))
+
+    def eval_record(self, r: int, client: int, split: str, m: Mapping[str, Any], prefix: str) -> EvalRecord:
+        return EvalRecord(
+            round=r,
+            step=self.step_at_end(r),
+            client=client,
+            split=split,
+            loss=m[f"{prefix}loss"],
+            ppl=m[f"{prefix}ppl"],
+            acc=m[f"{prefix}acc"],
+            tokens=int(m[f"{prefix}tokens"]),
+        )
 
     # ---- state ----------------------------------------------------------------------------------------
     def checkpoint(self, r: int) -> None:

@@ -18,6 +18,7 @@ import torch
 from cotune.state import AdapterState
 
 T = TypeVar("T")
+TEST_PREFIX = "test_"  # an evaluate reply's test-split metrics, beside the validation ones
 
 # Per public batch, the top-k logits of one client: (values, indices), each (batch, seq, k).
 TopK = list[tuple[torch.Tensor, torch.Tensor]]
@@ -82,7 +83,8 @@ class Clients(Protocol):
         ...
 
     def evaluate(self, round_: int, adapters: Mapping[int, AdapterState]) -> Replies[dict[str, float]]:
-        """Client i evaluates adapters[i] on its own validation data."""
+        """Client i evaluates adapters[i] on its own validation data (loss, ppl, acc, tokens) and, when it
+        holds a test split, on that too (the same keys prefixed TEST_PREFIX)."""
         ...
 
     def evaluate_peers(

@@ -42,7 +42,13 @@ def client_name(index: int) -> str:
 
 
 # Settings that change how a run runs, not what it computes: a resume may change them.
-RUNTIME_SETTINGS = ("run.threads", "run.eval_every", "federation.client_timeout", "federation.min_clients")
+RUNTIME_SETTINGS = (
+    "run.threads",
+    "run.eval_every",
+    "federation.parallel_clients",
+    "federation.client_timeout",
+    "federation.min_clients",
+)
 BOOKKEEPING = ("run.name", "run.out_dir")  # where the run lives, not what it is
 
 

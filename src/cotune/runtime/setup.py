@@ -72,7 +72,8 @@ def load_windows(
         data = build_federated_data(cfg.data, cfg.federation.clients, tokenizer, cfg.run.seed)
     for i, c in enumerate(data.clients):
         labels = ", ".join(f"{k}:{v}" for k, v in sorted(c.label_counts.items()))
-        console.print(f"  client {i}: {len(c.train)} train / {len(c.val)} val windows  ({labels})")
+        test = "" if c.test is None else f" / {len(c.test)} test"
+        console.print(f"  client {i}: {len(c.train)} train / {len(c.val)} val{test} windows  ({labels})")
     console.print(f"  public reference set: {len(data.public)} windows of {cfg.data.seq_len} tokens")
     return data
 
@@ -109,9 +110,21 @@ def personalized_work(
         cfg.run.seed * 1000 + index,
         device,
     )
-    info = {"train_windows": len(data.train), "val_windows": len(data.val), **info}
+    test_windows = 0 if data.test is None else len(data.test)
+    info = {
+        "train_windows": len(data.train),
+        "val_windows": len(data.val),
+        "test_windows": test_windows,
+        **info,
+    }
     return ClientWork(
-        index, learner, val=data.val, public=public, eval_batch_size=tcfg.eval_batch_size, info=info
+        index,
+        learner,
+        val=data.val,
+        test=data.test,
+        public=public,
+        eval_batch_size=tcfg.eval_batch_size,
+        info=info,
     )
 
 

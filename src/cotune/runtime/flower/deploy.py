@@ -407,7 +407,14 @@ def _terminate_tree(pid: int, sig: int, timeout: float) -> None:
 
 # ---- the entry point for `cotune run --backend flower` ---------------------------------------------------
 def check_flower_config(cfg: ExperimentConfig) -> None:
-    """Refuse, before any process starts, what cannot run on SuperNodes (SecAgg+ where it cannot apply)."""
+    """Refuse, before any process starts, what cannot run on SuperNodes (SecAgg+ where it cannot apply,
+    clients trained together: each SuperNode holds one client)."""
+    if cfg.federation.parallel_clients > 1:
+        raise FlowerRunError(
+            f"federation.parallel_clients {cfg.federation.parallel_clients} trains several simulated clients "
+            "of one process together; on Flower each SuperNode (or simulation actor) holds one client: set "
+            "federation.parallel_clients: 1, or use --backend embedded"
+        )
     if not cfg.federation.secure_aggregation:
         return
     if not cfg.is_cotuning or cfg.algorithm not in ("fedcollm", "fedavg"):
