@@ -37,6 +37,26 @@ ROOT = HERE.parent
 ROUNDS = 3
 MODES = ["plain", "sequential", "vectorized", "sim1", "sim2"]
 LORA = {"r": 4, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+# --model tiny-smollm2: a random model of SmolLM2-135M's shape (its compute, no weights to carry: what
+# bench/gpu_check.sh uses on a machine that cannot fetch the real one); --model tiny: the test model
+SHAPES = {
+    "tiny-smollm2": {
+        "hidden_size": 576,
+        "num_layers": 30,
+        "num_heads": 9,
+        "num_kv_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "max_position_embeddings": 2048,
+    },
+    "tiny": {},
+}
+
+
+def model_section(args: argparse.Namespace) -> dict:
+    if args.model in SHAPES:
+        return {"name": "tiny", "tiny": SHAPES[args.model], "dtype": args.dtype}
+    return {"name": args.model, "dtype": args.dtype}
 
 
 def run_config(args: argparse.Namespace, n: int, out: Path, parallel: int) -> dict:
@@ -44,7 +64,7 @@ def run_config(args: argparse.Namespace, n: int, out: Path, parallel: int) -> di
     return {
         "algorithm": "personalized",
         "device": args.device,
-        "model": {"name": args.model, "dtype": args.dtype},
+        "model": model_section(args),
         "lora": LORA,
         "data": {
             "sources": [{"corpus": "bbc"}],
@@ -156,7 +176,7 @@ def plain_child(args: argparse.Namespace, n: int) -> None:
     device = torch.device(args.device)
     dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     # the same weights as the cotune modes (cotune's loader only fetches and converts; the loop is plain)
-    base, tok = load_base_model(ModelConfig(name=args.model), device, dtype)
+    base, tok = load_base_model(ModelConfig(**model_section(args)), device, dtype)
     base.requires_grad_(False)
     names = [f"client-{i:02d}" for i in range(n)]
     model = get_peft_model(base, lora_config(LoraSettings(**LORA)), adapter_name=names[0])
@@ -165,7 +185,7 @@ def plain_child(args: argparse.Namespace, n: int) -> None:
     params = {name: [p for k, p in model.named_parameters() if f".{name}." in k] for name in names}
     optims = {name: torch.optim.AdamW(params[name], lr=2e-3) for name in names}
     g = torch.Generator().manual_seed(0)
-    data = {name: torch.randint(0, len(tok), (8, args.seq), generator=g) for name in names}
+    data = {name: torch.randint(0, min(len(tok), 250), (8, args.seq), generator=g) for name in names}
     walls = []
     for _ in range(ROUNDS):
         t0 = time.perf_counter()
@@ -224,7 +244,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="an asset name, tiny or tiny-smollm2")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--seq", type=int, default=64)

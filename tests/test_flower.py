@@ -811,16 +811,20 @@ def test_partial_participation_on_flower_gives_the_embedded_results(corpus_dir, 
 
 
 def test_a_long_lived_node_process_loads_the_base_model_once(corpus_dir, tmp_path, monkeypatch):
-    """What a simulation actor gains: every message reuses the process's base model, unwrapped after."""
+    """What a simulation actor gains: every message reuses the process's base model (unwrapped after) and
+    its prepared data split."""
     import cotune.runtime.flower.node as node_module
 
-    calls = []
-    real = node_module.load_model
+    calls, splits = [], []
+    real, real_split = node_module.load_model, node_module.build_federated_data
     monkeypatch.setattr(node_module, "load_model", lambda cfg: calls.append(1) or real(cfg))
+    monkeypatch.setattr(node_module, "build_federated_data", lambda *a: splits.append(1) or real_split(*a))
     node_module.BASES.clear()
+    node_module.PREPARED.clear()
     cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "validation"})
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
     grid = InProcessGrid(cfg.federation.clients)
     assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
     assert len(calls) == 1 and len(grid.sent) > 20  # one load for every message of every node
+    assert len(splits) == 1  # and one corpus split for all of them
     assert max_adapter_diff(_adapters(embedded), _adapters(tmp_path / "flower")) == 0.0

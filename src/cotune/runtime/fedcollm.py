@@ -36,6 +36,7 @@ from cotune.records import (
     RunEvent,
     TrainRecord,
 )
+from cotune.reporting.progress import Activity
 from cotune.runtime.claims import checked_sizes
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
@@ -215,6 +216,7 @@ class FedCoLLMLoop:
         self.pipeline = AggregationPipeline(cfg, files.log)
         self.sizes: list[int] = [0] * self.n  # n_k as each client described itself
         self.members = Membership(cfg, files.log, self.console)
+        self.activity = Activity(self.console)
         self.val_cache: dict[tuple[bool, str], ValScore] = {}  # server validation scores by adapter weights
 
     def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
@@ -231,7 +233,7 @@ class FedCoLLMLoop:
             self.members.start_round(r)
             self.run_round(r)
             t_work = time.perf_counter() - t0
-            shown = self.evaluate(r) if self.cfg.is_eval_round(r) else ""
+            shown = self.evaluate_live(r) if self.cfg.is_eval_round(r) else ""
             wall = time.perf_counter() - t0
             self.files.log(RoundRecord(round=r, step=r, wall_s=wall, train_s=t_work))
             self.console.print(f"round {r}/{rounds}  {shown}  ({wall:.1f}s)")
@@ -239,8 +241,12 @@ class FedCoLLMLoop:
         self.files.log(RunEvent(event="end", algorithm=self.cfg.algorithm))
 
     def round_zero(self) -> None:
-        self.evaluate(0)
+        self.evaluate_live(0)
         self.checkpoint(0)
+
+    def evaluate_live(self, r: int) -> str:
+        with self.activity.phase(f"round {r}/{self.cfg.federation.rounds} · evaluation on the test split"):
+            return self.evaluate(r)
 
     def join(self) -> None:
         """Admit the clients that answer, with n_k as each described itself (FedAvg's weights)."""
@@ -269,9 +275,10 @@ class FedCoLLMLoop:
         if plan.distill:  # 4. mutual distillation on D_a; 5. the distilled theta is broadcast next round
             self.distill(r)
         if plan.central_llm:
-            omega = self.server.omega
+            omega, steps = self.server.omega, self.server.central_steps
             assert omega is not None
-            loss = omega.train(self.server.central_steps).mean_loss
+            with self.activity.phase(f"round {r} · LLM on the union of the data", steps) as advance:
+                loss = omega.train(steps, lambda loss: advance(note=f"loss {loss:.3f}")).mean_loss
             self.files.log(TrainRecord(model="llm", round=r, client=None, loss=loss, lr=omega.lr))
 
     def train_clients(
@@ -283,7 +290,16 @@ class FedCoLLMLoop:
         if self.cfg.federation.secure_aggregation and self.plan.aggregate:
             w = fedavg_weights([self.sizes[k] for k in sent], self.cfg.federation.weighting)
             secure = dict(zip(sent, w, strict=True))
-        replies = self.clients.train(r, sent, None, secure_weights=secure)
+        fed = self.cfg.federation
+        total = None if fed.local_epochs is not None else fed.local_steps * len(sent)  # epochs: steps vary
+        with self.activity.phase(f"round {r}/{fed.rounds} · client training", total) as advance:
+            replies = self.clients.train(
+                r,
+                sent,
+                None,
+                lambda k, loss: advance(note=f"{client_name(k)} loss {loss:.3f}"),
+                secure_weights=secure,
+            )
         for k, up in list(replies.ok.items()):
             try:
                 self.check(up.adapter)
@@ -325,10 +341,16 @@ class FedCoLLMLoop:
             s.omega.reset_optimizer()
         tracks = {role: self.val_track(r, role) for role in ROLES}
         totals, t0 = DistillTotals(), time.perf_counter()
-        for _ in range(d.epochs):
-            for role, batch in self.distill_order(self.distill_batches()):
-                totals.add(role, *self.distill_step(role, batch))
-                tracks[role].after_step()
+        order = self.distill_order(self.distill_batches())
+        with self.activity.phase(f"round {r} · mutual distillation", d.epochs * len(order)) as advance:
+            for epoch in range(d.epochs):
+                if epoch:
+                    order = self.distill_order(self.distill_batches())
+                for role, batch in order:
+                    ce, kd, nbytes = self.distill_step(role, batch)
+                    totals.add(role, ce, kd, nbytes)
+                    tracks[role].after_step()
+                    advance(note=f"{role.upper()} ce {ce:.3f} kd {kd:.3f}")
         kept = {role: track.finish() for role, track in tracks.items()}
         self.files.log(totals.record(r, d.topk, time.perf_counter() - t0, kept))
 

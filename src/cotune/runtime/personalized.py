@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cotune.algorithms.personalized import REQUIRED_EVIDENCE, TrustEvidence
 from cotune.algorithms.trust import PredictionDistance
 from cotune.config.schema import ExperimentConfig
 from cotune.records import EvalRecord, RoundRecord, RunEvent, TrainRecord, TrustRecord
+from cotune.reporting.progress import Activity
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
 from cotune.runtime.port import TEST_PREFIX, Clients, Prediction
@@ -75,6 +75,7 @@ class PersonalizedLoop:
         self.adapters: list[AdapterState] = [dict(initial) for _ in range(self.n)]
         self.pipeline = AggregationPipeline(cfg, files.log)
         self.members = Membership(cfg, files.log, self.console)
+        self.activity = Activity(self.console)
 
     # ---- schedule -------------------------------------------------------------------------------------
     def steps_in_round(self, round_: int) -> int:
@@ -103,33 +104,26 @@ class PersonalizedLoop:
         fed = self.cfg.federation
         self.members.join(self.clients.describe())
         start = first_round(self.files, resume, self.restore, self.round_zero, self.client_names())
-        total = sum(self.steps_in_round(r) for r in range(start, fed.rounds + 1)) * fed.sampled_per_round
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=True,
-        ) as progress:
-            task = progress.add_task("training", total=total)
-            for r in range(start, fed.rounds + 1):
-                self.run_round(r, progress, task)
+        for r in range(start, fed.rounds + 1):
+            self.run_round(r)
         self.files.log(RunEvent(event="end", strategy=self.cfg.strategy.name))
 
-    def run_round(self, r: int, progress: Progress, task: Any) -> None:
+    def run_round(self, r: int) -> None:
         t0 = time.perf_counter()
         self.members.start_round(r)
-
-        def shown(client: int, loss: float) -> None:
-            progress.update(
-                task, advance=1, description=f"round {r} · {client_name(client)} · loss {loss:.3f}"
+        rounds = self.cfg.federation.rounds
+        total = self.steps_in_round(r) * len(self.members.active())
+        with self.activity.phase(f"round {r}/{rounds} · training", total) as advance:
+            train_loss, round_start = self.train(
+                r, lambda client, loss: advance(note=f"{client_name(client)} loss {loss:.3f}")
             )
-
-        train_loss, round_start = self.train(r, shown)
         t_train = time.perf_counter() - t0
-        self.aggregate(r, round_start)
-        mean_ppl = self.evaluate(r) if self.cfg.is_eval_round(r) else None
+        with self.activity.phase(f"round {r}/{rounds} · aggregation ({self.cfg.strategy.name})"):
+            self.aggregate(r, round_start)
+        mean_ppl = None
+        if self.cfg.is_eval_round(r):
+            with self.activity.phase(f"round {r}/{rounds} · evaluation"):
+                mean_ppl = self.evaluate(r)
         wall = time.perf_counter() - t0
         self.files.log(
             RoundRecord(
@@ -143,9 +137,7 @@ class PersonalizedLoop:
         )
         text = f"train loss {train_loss:.3f}"
         text += f"  mean val ppl {mean_ppl:.2f}" if mean_ppl is not None else ""
-        progress.console.print(
-            f"round {r}/{self.cfg.federation.rounds}  step {self.step_at_end(r)}  {text}  ({wall:.1f}s)"
-        )
+        self.console.print(f"round {r}/{rounds}  step {self.step_at_end(r)}  {text}  ({wall:.1f}s)")
         self.checkpoint(r)
 
     # ---- phases ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ itself is `ClientWork`, built by `runtime.setup` exactly as the in-process simul
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -81,6 +81,20 @@ def base_model(cfg: ExperimentConfig) -> tuple[torch.nn.Module, Any, torch.devic
     return BASES[key]
 
 
+# The data this process prepared, by what it was built from: a simulation actor serves every virtual
+# SuperNode's messages, and all of them split the same federation, so the corpus is read and tokenized
+# once per actor instead of once per message (one entry per kind: the latest run's).
+PREPARED: dict[str, tuple[str, Any]] = {}
+
+
+def prepared(kind: str, key: Any, build: Callable[[], Any]) -> Any:
+    text = json.dumps(key, sort_keys=True, default=str)
+    hit = PREPARED.get(kind)
+    if hit is None or hit[0] != text:
+        PREPARED[kind] = (text, build())
+    return PREPARED[kind][1]
+
+
 def node_config(config_yaml: str, settings: NodeSettings) -> ExperimentConfig:
     """The experiment config as this node sees it: the server's config plus the node's own data path."""
     tree = yaml.safe_load(config_yaml) or {}
@@ -126,8 +140,17 @@ class Node:
     @cached_property
     def federated(self) -> FederatedData:
         """The config's federated split (the demo: every node builds it and keeps its own partition)."""
-        return build_federated_data(
-            self.cfg.data, self.cfg.federation.clients, self.tokenizer, self.cfg.run.seed
+        cfg = self.cfg
+        key = [
+            cfg.data.model_dump(mode="json"),
+            cfg.federation.clients,
+            cfg.run.seed,
+            cfg.model.model_dump(mode="json"),
+        ]
+        return prepared(
+            "federated",
+            key,
+            lambda: build_federated_data(cfg.data, cfg.federation.clients, self.tokenizer, cfg.run.seed),
         )
 
     @cached_property
@@ -164,9 +187,17 @@ class Node:
                 path=Path(self.settings.data_path), labels=task.labels, max_chars=task.max_chars
             )
             return encode(self.tokenizer, examples, task.max_length)
-        return build_task_data(task, self.cfg.federation.clients, self.tokenizer, self.cfg.run.seed).clients[
-            self.index
+        cfg = self.cfg
+        key = [
+            task.model_dump(mode="json"),
+            cfg.federation.clients,
+            cfg.run.seed,
+            cfg.model.model_dump(mode="json"),
         ]
+        split = prepared(
+            "task", key, lambda: build_task_data(task, cfg.federation.clients, self.tokenizer, cfg.run.seed)
+        )
+        return split.clients[self.index]
 
     def personalized_work(self) -> ClientWork:
         data = self.windows
