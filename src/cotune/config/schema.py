@@ -254,6 +254,10 @@ class RunConfig(Section):
     )
     threads: PositiveInt | None = Field(None, description="torch CPU threads (default: torch's choice)")
     eval_every: PositiveInt = Field(1, description="evaluate every this many rounds (and always at the end)")
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="experiment trackers that mirror metrics.jsonl (offline, under the run directory)",
+    )
 
 
 class LLMConfig(Section):

@@ -22,6 +22,7 @@ from cotune.config.schema import ExperimentConfig
 from cotune.data.windows import FederatedData
 from cotune.records import RunEvent, parse_record
 from cotune.reporting.metrics import METRICS_FILE, read_metrics
+from cotune.reporting.trackers import check_trackers
 from cotune.runtime.fedcollm import FedCoLLMLoop
 from cotune.runtime.flower import require_flwr
 from cotune.runtime.inprocess import InProcessClients
@@ -70,6 +71,7 @@ def run_experiment(
     """
     console = console or Console(stderr=True)
     run_dir = run_dir or default_run_dir(cfg)
+    check_trackers(cfg.run.loggers)  # before anything is created
     if backend in FLOWER_BACKENDS:
         require_flwr()  # before anything is created
         from cotune.runtime.flower.deploy import check_flower_config
@@ -236,6 +238,7 @@ def resume_experiment(
     """
     console = console or Console(stderr=True)
     cfg = resume_config(run_dir, overrides)
+    check_trackers(cfg.run.loggers)
     on_flower = is_flower_run(run_dir)
     if not on_flower and any(flower.get(k) is not None for k in ("superlink", "root_certificates")):
         raise ResumeError(f"{run_dir} ran in one process (embedded): resume it without Flower options")

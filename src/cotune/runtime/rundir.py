@@ -25,6 +25,7 @@ from cotune.config.loader import dump_config, load_config
 from cotune.config.schema import ExperimentConfig
 from cotune.records import Record, RunEvent
 from cotune.reporting.metrics import append_metrics, read_metrics
+from cotune.reporting.trackers import Trackers
 from cotune.runtime.checkpoint import list_checkpoints, load_state, restore_rng, rng_state, save_state
 from cotune.runtime.checkpoint import write_checkpoint as write_round
 from cotune.runtime.lock import LOCK_FILE
@@ -46,6 +47,7 @@ RUNTIME_SETTINGS = (
     "run.threads",
     "run.eval_every",
     "federation.parallel_clients",
+    "run.loggers",
     "federation.client_timeout",
     "federation.min_clients",
 )
@@ -178,9 +180,11 @@ class RunFiles:
         self.run_dir, self.cfg, self.backend = Path(run_dir), cfg, backend
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.fingerprint = config_fingerprint(cfg)
+        self.trackers = Trackers(cfg.run.loggers, self.run_dir, cfg.family_dump())
 
     def log(self, record: Record) -> None:
         append_metrics(self.metrics_path, record.line())
+        self.trackers.log(record)
 
     def checkpoint(
         self,
