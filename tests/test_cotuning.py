@@ -311,3 +311,41 @@ def test_clients_draw_the_same_randomness_in_every_algorithm(task_file, tmp_path
         config_from_dict(tree(task_file, tmp_path, algorithm="fedavg", run={"name": "off"}))
     )
     assert round_one(off) != first[0]
+
+
+def test_fedcollm_on_per_owner_task_files(task_file, tmp_path):
+    """task.clients: each client's own JSONL; the server's D_a and the test set from their own files."""
+    lines = task_file.read_text().splitlines()
+    parts = {
+        "c0": lines[:20],
+        "c1": lines[20:40],
+        "c2": lines[40:50],
+        "public": lines[50:70],
+        "test": lines[70:90],
+    }
+    paths = {}
+    for name, rows in parts.items():
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text("\n".join(rows))
+    owned = {"path": None, "clients": [str(paths[c]) for c in ("c0", "c1", "c2")]}
+    owned |= {"public": str(paths["public"]), "test": str(paths["test"])}
+    t = tree(task_file, tmp_path, distill={"val_fraction": 0.0, "keep": "last"})
+    t["task"] = {k: v for k, v in t["task"].items() if k not in ("path", "test_fraction")} | owned
+    t["task"] = {k: v for k, v in t["task"].items() if v is not None}
+    (run_dir,) = run_experiment(config_from_dict(t))
+    mc = [m for m in records(run_dir, "mc") if m["round"] == 2]
+    assert mc and all(m["n"] == 20 for m in mc)  # the test file, all of it
+    assert {m["client"] for m in records(run_dir, "train") if m["round"] == 1} == {0, 1, 2}
+    from cotune.data.task_data import owned_splits
+
+    splits = owned_splits(config_from_dict(t).task)
+    assert [len(c) for c in splits.clients] == [20, 20, 10] and len(splits.public) == 20
+
+    for bad, match in (
+        ({"test": None}, "task.test"),
+        ({"clients": owned["clients"][:2]}, "one per client"),
+        ({"test_fraction": 0.3}, "already split by owner"),
+    ):
+        wrong = {**t, "task": {k: v for k, v in {**t["task"], **bad}.items() if v is not None}}
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict(wrong)

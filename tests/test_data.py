@@ -129,3 +129,64 @@ def test_sampler_resumes_exactly():
     b.load_state_dict(a.state_dict())
     for _ in range(5):
         assert torch.equal(a.next_indices(), b.next_indices())
+
+
+def _owners(tmp_path, corpus_dir):
+    """Four owners: three directories of documents, one single long text file."""
+    from pathlib import Path
+
+    dirs = [corpus_dir / label for label in ("alpha", "beta", "gamma")]
+    long_file = tmp_path / "delta-notes.txt"
+    long_file.write_text(
+        " ".join((Path(corpus_dir) / "delta" / f"{i:03d}.txt").read_text() for i in range(12))
+    )
+    return [*dirs, long_file]
+
+
+def test_each_owner_brings_its_own_data_and_one_long_file_is_split_by_position(tmp_path, corpus_dir):
+    from cotune.data.windows import build_owned_data
+
+    owners = _owners(tmp_path, corpus_dir)
+    cfg = DataConfig(
+        clients=owners, seq_len=32, test_fraction=0.2, public=corpus_dir / "alpha", public_windows=2
+    )
+    data = build_owned_data(cfg, byte_tokenizer(), seed=0)
+    assert len(data.clients) == 4 and len(data.public) == 2
+    assert data.clients[0].label_counts == {"alpha": 12} and data.clients[3].label_counts == {
+        "delta-notes": 1
+    }
+    for c in data.clients:
+        splits = [{tuple(w.tolist()) for w in getattr(c, name)} for name in ("train", "val", "test")]
+        assert all(splits) and splits[0].isdisjoint(splits[1] | splits[2]) and splits[1].isdisjoint(splits[2])
+    # the long file's splits are consecutive stretches of its text: train first, the test tail last
+    text = byte_tokenizer()(owners[3].read_text(), add_special_tokens=False)["input_ids"]
+    last = data.clients[3]
+    assert last.train[0].tolist() == text[:32] and last.test is not None
+    assert last.test[0].tolist() == text[len(text) + 1 - round(0.2 * (len(text) + 1)) :][:32]
+
+
+def test_per_owner_settings_are_checked_before_any_work(tmp_path, corpus_dir):
+    from tests.conftest import tiny_tree
+
+    from cotune.config import ConfigError, config_from_dict
+    from cotune.data.windows import build_owned_data
+
+    owners = _owners(tmp_path, corpus_dir)
+
+    def tree(**data):
+        t = tiny_tree(corpus_dir, tmp_path)
+        t["data"] = {k: v for k, v in t["data"].items() if k != "path"} | data
+        return t
+
+    with pytest.raises(ConfigError, match="one per client"):
+        config_from_dict(tree(clients=[str(p) for p in owners[:3]]))
+    with pytest.raises(ConfigError, match="would be ignored"):
+        config_from_dict(tree(clients=[str(p) for p in owners], path=str(corpus_dir)))
+    with pytest.raises(ConfigError, match=r"data\.public"):
+        config_from_dict(tree(clients=[str(p) for p in owners]) | {"strategy": {"name": "prediction"}})
+    with pytest.raises(ConfigError, match=r"needs data\.clients"):
+        config_from_dict(tree(public=str(corpus_dir)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="client 1 has no documents"):
+        build_owned_data(DataConfig(clients=[owners[0], empty], seq_len=32), byte_tokenizer(), seed=0)

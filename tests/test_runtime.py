@@ -228,3 +228,21 @@ def test_resume_refuses_a_checkpoint_from_another_config(corpus_dir, tmp_path):
     cfg_path.write_text(cfg_path.read_text().replace("lr: 0.01", "lr: 0.02"))
     with pytest.raises(ResumeError, match="different config"):
         resume_experiment(run_dir)
+
+
+def test_a_run_on_per_owner_data_names_its_clients_by_their_data(corpus_dir, tmp_path):
+    long_file = tmp_path / "notes.txt"
+    long_file.write_text(" ".join((corpus_dir / "delta" / f"{i:03d}.txt").read_text() for i in range(12)))
+    owners = [str(corpus_dir / "alpha"), str(corpus_dir / "beta"), str(corpus_dir / "gamma"), str(long_file)]
+    tree = tiny_tree(corpus_dir, tmp_path, strategy={"name": "prediction"})
+    tree["data"] = {k: v for k, v in tree["data"].items() if k != "path"}
+    tree["data"] |= {"clients": owners, "public": str(corpus_dir / "delta")}
+    (run_dir,) = run_experiment(config_from_dict(tree))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    (start,) = [r for r in records if r["type"] == "run" and r["event"] == "start"]
+    assert start["client_names"] == ["alpha", "beta", "gamma", "notes"]
+    tests = [r for r in records if r["type"] == "eval" and r["split"] == "test" and r["round"] == 2]
+    assert sorted(r["client"] for r in tests) == [0, 1, 2, 3]
+    from cotune.reporting.metrics import load_run
+
+    assert "alpha" in load_run(run_dir).client_label(0)

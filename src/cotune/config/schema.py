@@ -111,6 +111,29 @@ class DataConfig(Section):
     max_test_windows: PositiveInt = 32
     public_windows: int = Field(32, ge=0, description="shared public reference set (prediction trust)")
     partition: PartitionConfig = PartitionConfig()
+    clients: list[Path] | None = Field(
+        None,
+        min_length=1,
+        description="per-owner data: one .txt/.jsonl file or directory per client, each client's own "
+        "documents (what a Flower SuperNode's data-path is); replaces sources/path/partition",
+    )
+    public: Path | None = Field(
+        None, description="with data.clients: the public reference files (prediction trust needs them)"
+    )
+
+    @model_validator(mode="after")
+    def _owners_bring_their_own(self) -> DataConfig:
+        if self.clients is None:
+            if self.public is not None:
+                raise ValueError("data.public is the public set of per-owner data: it needs data.clients")
+            return self
+        shared = sorted(k for k in ("sources", "path", "partition") if k in self.model_fields_set)
+        if shared:
+            raise ValueError(
+                f"data.clients gives every client its own data, so data.{', data.'.join(shared)} would be "
+                "ignored: remove it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _training_documents_left(self) -> DataConfig:
@@ -281,11 +304,35 @@ class TaskConfig(Section):
         None, description="None/iid: the paper's split (train set into 1 public + K client parts)"
     )
     max_length: PositiveInt = Field(512, description="tokens per example (prompt cut from the left)")
+    clients: list[Path] | None = Field(
+        None,
+        min_length=1,
+        description="per-owner data: one JSONL task file per client (what a Flower SuperNode's data-path "
+        "is); needs task.public and task.test",
+    )
+    public: Path | None = Field(None, description="with task.clients: the server's public set D_a (JSONL)")
+    test: Path | None = Field(None, description="with task.clients: the held-out test set (JSONL)")
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskConfig:
-        if (self.source is None) == (self.path is None):
-            raise ValueError("task needs exactly one of 'source' (a corpus topic task) or 'path' (JSONL)")
+        given = [k for k in ("source", "path", "clients") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "task needs exactly one of 'source' (a corpus topic task), 'path' (one JSONL task split "
+                "into public, client and test parts) or 'clients' (one JSONL file per client)"
+            )
+        if self.clients is None:
+            if self.public is not None or self.test is not None:
+                raise ValueError("task.public and task.test go with per-owner data: they need task.clients")
+            return self
+        if self.public is None or self.test is None:
+            raise ValueError(
+                "with task.clients, FedCoLLM's server needs its own data: task.public (D_a, the public set "
+                "it distils on) and task.test (the held-out set every result is scored on)"
+            )
+        split = sorted(k for k in ("partition", "test_fraction") if k in self.model_fields_set)
+        if split:
+            raise ValueError(f"task.clients is already split by owner: remove task.{', task.'.join(split)}")
         return self
 
 
@@ -503,7 +550,31 @@ class ExperimentConfig(Section):
         if self.federation.min_clients is not None and self.federation.min_clients > n:
             raise ValueError(f"federation.min_clients {self.federation.min_clients} > federation.clients {n}")
         self._check_parallel_clients()
+        self._check_owned_data()
         return self
+
+    def _check_owned_data(self) -> None:
+        """Per-owner data: one path per client, and a public set where prediction trust needs one."""
+        owned = self.task.clients if self.is_cotuning and self.task is not None else self.data.clients
+        if owned is None:
+            return
+        if self.is_cotuning:
+            if len(owned) != self.federation.clients:
+                raise ValueError(
+                    f"task.clients lists {len(owned)} file(s) for federation.clients "
+                    f"{self.federation.clients}: give one per client"
+                )
+            return
+        if len(owned) != self.federation.clients:
+            raise ValueError(
+                f"data.clients lists {len(owned)} path(s) for federation.clients {self.federation.clients}: "
+                "give one per client"
+            )
+        if "prediction" in [self.strategy.name, *self.run.compare] and self.data.public is None:
+            raise ValueError(
+                "prediction trust compares the clients on a public reference set: with data.clients, give "
+                "it as data.public (the same files for every client)"
+            )
 
     def _check_parallel_clients(self) -> None:
         """Clients trained together share one eval-mode forward/backward: nothing may tell them apart."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,7 +12,14 @@ from transformers import PreTrainedTokenizerBase
 
 from cotune.config.schema import TaskConfig
 from cotune.data.corpora import DataError
-from cotune.data.tasks import TaskSplits, build_task, encode_for_training, split_task
+from cotune.data.tasks import (
+    TaskSplits,
+    build_task,
+    encode_for_training,
+    example_label,
+    load_jsonl_task,
+    split_task,
+)
 from cotune.evaluation.multiple_choice import MCExample, encode_pair
 
 
@@ -95,6 +103,23 @@ def carve_validation(public: Sequence[MCExample], fraction: float) -> tuple[list
     return list(public[: len(public) - n_val]), list(public[len(public) - n_val :])
 
 
+def owned_splits(cfg: TaskConfig) -> TaskSplits:
+    """Per-owner data (task.clients): every client's own JSONL task file, the server's public set and
+    the held-out test set from their own files; errors name the file (and line)."""
+    assert cfg.clients is not None and cfg.public is not None and cfg.test is not None
+    clients: list[list[MCExample]] = []
+    for c, path in enumerate(cfg.clients):
+        examples = load_jsonl_task(Path(path))
+        if not examples:
+            raise DataError(f"client {c}'s task file {path} has no examples")
+        clients.append(list(examples))
+    public: list[MCExample] = list(load_jsonl_task(Path(cfg.public)))
+    test: list[MCExample] = list(load_jsonl_task(Path(cfg.test)))
+    parts: list[list[MCExample]] = [public, test, *clients]
+    labels = sorted({example_label(ex) for part in parts for ex in part})
+    return TaskSplits(public=public, clients=clients, test=test, labels=labels)
+
+
 def build_task_data(
     cfg: TaskConfig,
     n_clients: int,
@@ -105,9 +130,12 @@ def build_task_data(
     """The task's splits, tokenized. `public_val_fraction` of D_a becomes the server's validation split:
     no algorithm trains on it (the centralized baseline's union leaves it out too); the client splits and
     the test split do not depend on it."""
-    examples = build_task(cfg.source, cfg.path, labels=cfg.labels, max_chars=cfg.max_chars)
     rng = np.random.default_rng(seed)
-    splits = split_task(examples, n_clients, cfg.test_fraction, cfg.partition, rng)
+    if cfg.clients is not None:
+        splits = owned_splits(cfg)
+    else:
+        examples = build_task(cfg.source, cfg.path, labels=cfg.labels, max_chars=cfg.max_chars)
+        splits = split_task(examples, n_clients, cfg.test_fraction, cfg.partition, rng)
     if not splits.public:
         raise DataError("the public set D_a is empty: FedCoLLM's server needs labelled public examples")
     test = list(splits.test)

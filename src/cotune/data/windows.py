@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cotune.config.schema import DataConfig
+from cotune.config.schema import DataConfig, SourceConfig
 from cotune.data.corpora import DataError, Document, load_documents
 from cotune.data.partition import partition
 
@@ -109,22 +110,8 @@ def build_federated_data(
     for c, local in enumerate(part.indices):
         doc_ids = [rest[i] for i in local]
         rng.shuffle(doc_ids)
-        train_docs, val_docs, test_docs = split_documents(doc_ids, cfg, c)
-        train = pack_windows([token_lists[i] for i in train_docs], cfg.seq_len, eos, cfg.max_train_windows)
-        val = pack_windows([token_lists[i] for i in val_docs], cfg.seq_len, eos, cfg.max_val_windows)
-        test = pack_windows([token_lists[i] for i in test_docs], cfg.seq_len, eos, cfg.max_test_windows)
-        if len(train) == 0 or len(val) == 0 or (test_docs and len(test) == 0):
-            n_tok = sum(len(token_lists[i]) + 1 for i in doc_ids)
-            splits = "train, validation and test" if test_docs else "train and validation"
-            raise DataError(
-                f"client {c} has too little text ({n_tok} tokens) for {splits} windows of "
-                f"{cfg.seq_len} tokens; lower data.seq_len or give it more data"
-            )
-        counts: dict[str, int] = {}
-        for i in doc_ids:
-            counts[docs[i].label] = counts.get(docs[i].label, 0) + 1
         clients.append(
-            ClientData(train=train, val=val, label_counts=counts, test=test if test_docs else None)
+            client_windows([docs[i] for i in doc_ids], [token_lists[i] for i in doc_ids], cfg, eos, c)
         )
     return FederatedData(
         clients=clients,
@@ -132,6 +119,114 @@ def build_federated_data(
         label_names=part.label_names,
         mixtures=torch.tensor(part.mixtures, dtype=torch.float32),
     )
+
+
+def client_windows(
+    docs: Sequence[Document], token_lists: Sequence[Sequence[int]], cfg: DataConfig, eos: int, client: int
+) -> ClientData:
+    """One client's train / validation / test windows from its (shuffled) documents, split by document."""
+    train_docs, val_docs, test_docs = split_documents(list(range(len(docs))), cfg, client)
+
+    def windows(ids: list[int], limit: int | None) -> torch.Tensor:
+        return pack_windows([token_lists[i] for i in ids], cfg.seq_len, eos, limit)
+
+    train, val = windows(train_docs, cfg.max_train_windows), windows(val_docs, cfg.max_val_windows)
+    test = windows(test_docs, cfg.max_test_windows)
+    if len(train) == 0 or len(val) == 0 or (test_docs and len(test) == 0):
+        n_tok = sum(len(t) + 1 for t in token_lists)
+        splits = "train, validation and test" if test_docs else "train and validation"
+        raise DataError(
+            f"client {client} has too little text ({n_tok} tokens) for {splits} windows of "
+            f"{cfg.seq_len} tokens; lower data.seq_len or give it more data"
+        )
+    counts: dict[str, int] = {}
+    for d in docs:
+        counts[d.label] = counts.get(d.label, 0) + 1
+    return ClientData(train=train, val=val, label_counts=counts, test=test if test_docs else None)
+
+
+def positional_windows(
+    docs: Sequence[Document], token_lists: Sequence[Sequence[int]], cfg: DataConfig, eos: int, client: int
+) -> ClientData:
+    """An owner with too few documents to split by document (one long file): its text as one stream,
+    split by position — training the head, then validation, then the test tail — so no window spans two
+    splits."""
+    stream: list[int] = []
+    for ids in token_lists:
+        stream.extend(ids)
+        stream.append(eos)
+    n = len(stream)
+    n_test = round(cfg.test_fraction * n)
+    n_val = round(cfg.val_fraction * n)
+    cut_val, cut_test = n - n_val - n_test, n - n_test
+
+    def windows(part: list[int], limit: int | None) -> torch.Tensor:
+        k = len(part) // cfg.seq_len if limit is None else min(limit, len(part) // cfg.seq_len)
+        return torch.tensor(part[: k * cfg.seq_len], dtype=torch.long).view(k, cfg.seq_len)
+
+    train = windows(stream[:cut_val], cfg.max_train_windows)
+    val = windows(stream[cut_val:cut_test], cfg.max_val_windows)
+    test = windows(stream[cut_test:], cfg.max_test_windows) if n_test else None
+    if len(train) == 0 or len(val) == 0 or (test is not None and len(test) == 0):
+        raise DataError(
+            f"client {client} has too little text ({n} tokens) for train, validation and test windows of "
+            f"{cfg.seq_len} tokens by position; lower data.seq_len or give it more text"
+        )
+    counts: dict[str, int] = {}
+    for d in docs:
+        counts[d.label] = counts.get(d.label, 0) + 1
+    return ClientData(train=train, val=val, label_counts=counts, test=test)
+
+
+def owner_data(
+    path: Path, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, client: int
+) -> ClientData:
+    """A data owner's windows from its own files (data.clients, or a Flower node's data-path): split by
+    document when it has enough documents, else by position within its text."""
+    label = Path(path).stem  # the owner's name: its directory, or its file without the extension
+    try:
+        docs = load_documents([SourceConfig(corpus="files", path=Path(path), label=label)])
+    except DataError as exc:
+        raise DataError(f"client {client} has no documents: {exc}") from exc
+    if not docs:
+        raise DataError(f"client {client} has no documents in {path}: give it .txt or .jsonl files")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to separate documents")
+    order = [int(i) for i in np.random.default_rng([seed, client]).permutation(len(docs))]
+    docs = [docs[i] for i in order]
+    token_lists = tokenize(docs, tokenizer)
+    n_split = 1 + (1 if cfg.test_fraction > 0 else 0)  # a document for validation (and one for test)
+    enough = len(docs) > n_split + round((cfg.val_fraction + cfg.test_fraction) * len(docs))
+    if enough:
+        return client_windows(docs, token_lists, cfg, eos, client)
+    return positional_windows(docs, token_lists, cfg, eos, client)
+
+
+def build_owned_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> FederatedData:
+    """Per-owner data (data.clients): every client's windows from its own path; the public reference set
+    from data.public (none without it)."""
+    assert cfg.clients is not None
+    clients = [owner_data(path, cfg, tokenizer, seed, c) for c, path in enumerate(cfg.clients)]
+    eos = tokenizer.eos_token_id
+    assert eos is not None
+    public = torch.zeros((0, cfg.seq_len), dtype=torch.long)
+    if cfg.public is not None and cfg.public_windows:
+        docs = load_documents([SourceConfig(corpus="files", path=cfg.public)])
+        public = pack_windows(tokenize(docs, tokenizer), cfg.seq_len, eos, cfg.public_windows)
+        if len(public) == 0:
+            raise DataError(f"data.public has too little text for one public window of {cfg.seq_len} tokens")
+    labels = [Path(p).stem for p in cfg.clients]
+    return FederatedData(clients=clients, public=public, label_names=labels, mixtures=torch.eye(len(clients)))
+
+
+def federated_data(
+    cfg: DataConfig, n_clients: int, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> FederatedData:
+    """The clients' windows: per-owner data when data.clients lists it, else one corpus partitioned."""
+    if cfg.clients is not None:
+        return build_owned_data(cfg, tokenizer, seed)
+    return build_federated_data(cfg, n_clients, tokenizer, seed)
 
 
 class WindowSampler:

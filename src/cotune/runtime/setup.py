@@ -21,7 +21,7 @@ from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
 from cotune.config.schema import ExperimentConfig, ModelConfig
 from cotune.data.corpora import DataError
 from cotune.data.task_data import EncodedSet, TaskData, build_task_data
-from cotune.data.windows import ClientData, FederatedData, build_federated_data
+from cotune.data.windows import ClientData, FederatedData, federated_data
 from cotune.models.compat import check_same_tokenizer
 from cotune.models.loader import load_base_model, resolve_device, resolve_dtype
 from cotune.models.lora import AdapterPool
@@ -69,7 +69,7 @@ def load_windows(
     cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, console: Console
 ) -> FederatedData:
     with console.status("building client datasets"):
-        data = build_federated_data(cfg.data, cfg.federation.clients, tokenizer, cfg.run.seed)
+        data = federated_data(cfg.data, cfg.federation.clients, tokenizer, cfg.run.seed)
     for i, c in enumerate(data.clients):
         labels = ", ".join(f"{k}:{v}" for k, v in sorted(c.label_counts.items()))
         test = "" if c.test is None else f" / {len(c.test)} test"

@@ -21,11 +21,11 @@ import yaml
 
 from cotune.algorithms.fedcollm import check_payload
 from cotune.config.loader import config_from_dict
-from cotune.config.schema import DataConfig, ExperimentConfig, SourceConfig
+from cotune.config.schema import ExperimentConfig, SourceConfig
 from cotune.data.corpora import load_documents
 from cotune.data.task_data import EncodedSet, build_task_data, encode
 from cotune.data.tasks import build_task
-from cotune.data.windows import ClientData, FederatedData, build_federated_data, pack_windows, tokenize
+from cotune.data.windows import ClientData, FederatedData, federated_data, owner_data, pack_windows, tokenize
 from cotune.runtime.client import ClientWork
 from cotune.runtime.flower.node_state import NodeStateStore, default_state_dir
 from cotune.runtime.rundir import client_name
@@ -150,18 +150,17 @@ class Node:
         return prepared(
             "federated",
             key,
-            lambda: build_federated_data(cfg.data, cfg.federation.clients, self.tokenizer, cfg.run.seed),
+            lambda: federated_data(cfg.data, cfg.federation.clients, self.tokenizer, cfg.run.seed),
         )
 
     @cached_property
     def windows(self) -> ClientData:
         if not self.settings.data_path:
             return self.federated.clients[self.index]
-        # A real data owner: train/validation windows from its own files, split the same way.
-        own = DataConfig.model_validate(
-            {**self.cfg.data.model_dump(), "public_windows": 0, "partition": {"kind": "iid"}}
+        # A real data owner: its own files, split as data.clients splits each owner's (the same function)
+        return owner_data(
+            Path(self.settings.data_path), self.cfg.data, self.tokenizer, self.cfg.run.seed, self.index
         )
-        return build_federated_data(own, 1, self.tokenizer, self.cfg.run.seed).clients[0]
 
     def public(self) -> torch.Tensor:
         """The public reference set (prediction trust); the server checks it is the same on every node."""
