@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, as exactly this version: it resolves to the local CPU build (any other spec pulls CUDA wheels)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,flower,simulation,trackers]'
+	$(BIN)/python -m pip install -q -e '.[dev,flower,simulation,trackers,datasets]'
 	touch $(STAMP)
 
 setup: $(STAMP)

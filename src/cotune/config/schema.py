@@ -67,7 +67,15 @@ class SourceConfig(Section):
     """One labelled text source; its documents are tagged with a label that partitioners use."""
 
     corpus: Literal["bbc", "wikipedia", "python", "files"]
-    path: Path | None = Field(None, description="for corpus=files: a .txt/.jsonl file or a directory of them")
+    path: Path | None = Field(
+        None,
+        description="for corpus=files: a .txt/.jsonl/.parquet/.csv/.json/.arrow file, a directory of "
+        "them, or a datasets save_to_disk folder",
+    )
+    text_column: str = Field("text", description="tables and .jsonl: the column holding a document's text")
+    label_column: str = Field(
+        "label", description="tables and .jsonl: the label column (optional in the data)"
+    )
     languages: list[Literal["en", "fr", "es"]] = Field(default_factory=lambda: ["en"])  # type: ignore[arg-type]
     label_by: Literal["topic", "language", "source"] = "topic"
     labels: list[str] | None = Field(None, description="keep only documents with these labels")
@@ -291,11 +299,24 @@ class LLMConfig(Section):
     lr: PositiveFloat | None = Field(None, description="LLM learning rate (default: train.lr)")
 
 
+class TaskColumns(Section):
+    """Where a task table keeps each field (parquet / CSV / JSON / arrow / save_to_disk, and .jsonl keys)."""
+
+    prompt: str = "prompt"
+    choices: str = "choices"
+    answer: str = "answer"
+    label: str = "label"
+
+
 class TaskConfig(Section):
     """A multiple-choice task: a topic task from a corpus source, or the user's JSONL."""
 
     source: SourceConfig | None = Field(None, description="topic task from a corpus (e.g. corpus: bbc)")
-    path: Path | None = Field(None, description='JSONL: {"prompt": ..., "choices": [...], "answer": ...}')
+    path: Path | None = Field(
+        None,
+        description='task file: JSONL {"prompt": ..., "choices": [...], "answer": ...}, or a parquet / CSV / '
+        "JSON / arrow file or save_to_disk folder with those columns (task.columns renames them)",
+    )
     labels: list[str] | None = Field(None, description="choices of a topic task (default: every label)")
     max_chars: PositiveInt = Field(600, description="topic task: article text cut to this many characters")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -304,6 +325,9 @@ class TaskConfig(Section):
         None, description="None/iid: the paper's split (train set into 1 public + K client parts)"
     )
     max_length: PositiveInt = Field(512, description="tokens per example (prompt cut from the left)")
+    columns: TaskColumns = Field(
+        default_factory=TaskColumns, description="the task file's column (or key) for each field"
+    )
     clients: list[Path] | None = Field(
         None,
         min_length=1,

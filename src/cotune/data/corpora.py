@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cotune.config.schema import SourceConfig
+from cotune.data.errors import DataError
+from cotune.data.tables import is_saved_dataset, is_table, load_table, require_columns
 
 
 @dataclass(frozen=True)
@@ -21,10 +23,6 @@ class Document:
     text: str
     label: str
     source: str
-
-
-class DataError(ValueError):
-    """Data that cannot make the requested federation (missing, empty, too short)."""
 
 
 def read_user_text(path: Path) -> str:
@@ -102,35 +100,57 @@ def _files(src: SourceConfig) -> Iterable[Document]:
     root = src.path.expanduser()
     if not root.exists():
         raise DataError(f"data path {str(root)!r} does not exist")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in {".txt", ".jsonl"})
+    if is_saved_dataset(root):
+        yield from table_documents(root, src, root.name)
+        return
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in FILE_SUFFIXES)
     if not files:
-        raise DataError(f"no .txt or .jsonl files under {str(root)!r}")
+        raise DataError(f"no {', '.join(sorted(FILE_SUFFIXES))} files under {str(root)!r}")
     for f in files:
         rel = f.relative_to(root) if root.is_dir() else Path(f.name)
         default_label = rel.parts[0] if len(rel.parts) > 1 else f.stem
-        if f.suffix == ".jsonl":
+        if is_table(f):
+            yield from table_documents(f, src, default_label)
+        elif f.suffix == ".jsonl":
             for n, line in enumerate(read_user_text(f).splitlines(), 1):
                 if line.strip():
-                    text, label = jsonl_document(line, f"{f}:{n}")
+                    text, label = jsonl_document(line, f"{f}:{n}", src.text_column, src.label_column)
                     yield Document(text, label or default_label, str(f))
         else:
             yield Document(read_user_text(f), default_label, str(f))
 
 
-def jsonl_document(line: str, where: str) -> tuple[str, str | None]:
-    """(text, label or None) of one `{"text": ..., "label": ...}` line; errors name where, not what."""
+FILE_SUFFIXES = {".txt", ".jsonl", ".parquet", ".csv", ".json", ".arrow"}
+
+
+def table_documents(path: Path, src: SourceConfig, default_label: str) -> Iterable[Document]:
+    """One document per row of a table: its `text_column`, labelled by `label_column` where it has one."""
+    table = load_table(path)
+    require_columns(table, [src.text_column], path, "document text (source text_column)")
+    has_label = src.label_column in table.column_names
+    for n, row in enumerate(table, 1):
+        text = row[src.text_column]
+        if not isinstance(text, str):
+            raise DataError(f"{path} row {n}: column {src.text_column!r} must hold text")
+        label = row[src.label_column] if has_label else None
+        yield Document(text, default_label if label is None else str(label), str(path))
+
+
+def jsonl_document(line: str, where: str, text: str = "text", label: str = "label") -> tuple[str, str | None]:
+    """(text, label or None) of one `{"text": ..., "label": ...}` line (keys `text` / `label`); errors
+    name where, not what."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-    if not isinstance(row, dict) or "text" not in row:
-        raise DataError(f"{where}: expected a JSON object with a 'text' field")
-    if not isinstance(row["text"], str):
-        raise DataError(f"{where}: 'text' must be a string, not {type(row['text']).__name__}")
-    label = row.get("label")
-    if label is not None and not isinstance(label, str | int):
-        raise DataError(f"{where}: 'label' must be a string")
-    return row["text"], None if label is None else str(label)
+    if not isinstance(row, dict) or text not in row:
+        raise DataError(f"{where}: expected a JSON object with a {text!r} field")
+    if not isinstance(row[text], str):
+        raise DataError(f"{where}: {text!r} must be a string, not {type(row[text]).__name__}")
+    value = row.get(label)
+    if value is not None and not isinstance(value, str | int):
+        raise DataError(f"{where}: {label!r} must be a string")
+    return row[text], None if value is None else str(value)
 
 
 LOADERS = {"bbc": _bbc, "wikipedia": _wikipedia, "python": _python, "files": _files}

@@ -17,7 +17,7 @@ from cotune.data.tasks import (
     build_task,
     encode_for_training,
     example_label,
-    load_jsonl_task,
+    load_task_file,
     split_task,
 )
 from cotune.evaluation.multiple_choice import MCExample, encode_pair
@@ -109,12 +109,12 @@ def owned_splits(cfg: TaskConfig) -> TaskSplits:
     assert cfg.clients is not None and cfg.public is not None and cfg.test is not None
     clients: list[list[MCExample]] = []
     for c, path in enumerate(cfg.clients):
-        examples = load_jsonl_task(Path(path))
+        examples = load_task_file(Path(path), cfg.columns)
         if not examples:
             raise DataError(f"client {c}'s task file {path} has no examples")
         clients.append(list(examples))
-    public: list[MCExample] = list(load_jsonl_task(Path(cfg.public)))
-    test: list[MCExample] = list(load_jsonl_task(Path(cfg.test)))
+    public: list[MCExample] = list(load_task_file(Path(cfg.public), cfg.columns))
+    test: list[MCExample] = list(load_task_file(Path(cfg.test), cfg.columns))
     parts: list[list[MCExample]] = [public, test, *clients]
     labels = sorted({example_label(ex) for part in parts for ex in part})
     return TaskSplits(public=public, clients=clients, test=test, labels=labels)
@@ -134,7 +134,9 @@ def build_task_data(
     if cfg.clients is not None:
         splits = owned_splits(cfg)
     else:
-        examples = build_task(cfg.source, cfg.path, labels=cfg.labels, max_chars=cfg.max_chars)
+        examples = build_task(
+            cfg.source, cfg.path, labels=cfg.labels, max_chars=cfg.max_chars, columns=cfg.columns
+        )
         splits = split_task(examples, n_clients, cfg.test_fraction, cfg.partition, rng)
     if not splits.public:
         raise DataError("the public set D_a is empty: FedCoLLM's server needs labelled public examples")

@@ -7,6 +7,7 @@ log-likelihood, so the prompt/answer token boundary is the evaluator's own (lm-e
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cotune.config.schema import PartitionConfig, SourceConfig
+from cotune.config.schema import PartitionConfig, SourceConfig, TaskColumns
 from cotune.data.corpora import DataError, Document, load_source, read_user_text
 from cotune.data.partition import partition as label_partition
+from cotune.data.tables import is_table, load_table, require_columns
 from cotune.evaluation.multiple_choice import MCExample, encode_pair
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF models) skip
@@ -148,7 +150,36 @@ def _parse_row(row: Any, where: str) -> TaskExample:
     return TaskExample(prompt=prompt, choices=tuple(choices), answer=index, label=label or "")
 
 
-def load_jsonl_task(path: Path) -> list[TaskExample]:
+def load_task_file(path: Path, columns: TaskColumns | None = None) -> list[TaskExample]:
+    """A task from a JSONL file, or from a parquet / CSV / JSON / arrow file or save_to_disk folder, its
+    fields found under `columns` (a CSV keeps `choices` as JSON text, e.g. '[" yes", " no"]')."""
+    columns = columns or TaskColumns()
+    path = Path(path).expanduser()
+    if not is_table(path):
+        return load_jsonl_task(path, columns)
+    table = load_table(path)
+    require_columns(table, [columns.prompt, columns.choices, columns.answer], path, "task")
+    examples = [_parse_row(_renamed(row, columns), f"{path} row {n}") for n, row in enumerate(table, 1)]
+    if not examples:
+        raise DataError(f"task file {str(path)!r} has no examples")
+    return examples
+
+
+def _renamed(row: dict[str, Any], columns: TaskColumns) -> dict[str, Any]:
+    """A row's fields under the names `_parse_row` reads; JSON text in the choices column is decoded."""
+    out = {
+        "prompt": row.get(columns.prompt),
+        "choices": row.get(columns.choices),
+        "answer": row.get(columns.answer),
+        "label": row.get(columns.label),
+    }
+    if isinstance(out["choices"], str) and out["choices"].lstrip().startswith("["):
+        with contextlib.suppress(json.JSONDecodeError):  # else left as text: _parse_row refuses it
+            out["choices"] = json.loads(out["choices"])
+    return out
+
+
+def load_jsonl_task(path: Path, columns: TaskColumns | None = None) -> list[TaskExample]:
     """Read `{"prompt", "choices", "answer", "label"?}` lines; errors name file:line.
 
     Choices are used verbatim (write the leading space yourself, e.g. " Paris"); blank lines are skipped
@@ -166,6 +197,8 @@ def load_jsonl_task(path: Path) -> list[TaskExample]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: invalid JSON ({err.msg})") from None
+        if columns is not None and isinstance(row, dict):
+            row = _renamed(row, columns)
         examples.append(_parse_row(row, where))
     if not examples:
         raise DataError(f"task file {str(path)!r} has no examples")
@@ -179,12 +212,13 @@ def build_task(
     labels: Sequence[str] | None = None,
     max_chars: int | None = 600,
     prompt_language: str = "en",
+    columns: TaskColumns | None = None,
 ) -> list[TaskExample]:
     """A topic task from a corpus source, or a user task from a JSONL file (exactly one of the two)."""
     if (source is None) == (path is None):
         raise ValueError("build_task needs exactly one of 'source' (topic task) or 'path' (JSONL task)")
     if path is not None:
-        return load_jsonl_task(path)
+        return load_task_file(path, columns)
     assert source is not None
     if prompt_language not in TOPIC_TEMPLATES:
         raise ValueError(f"no topic template for {prompt_language!r} (have {sorted(TOPIC_TEMPLATES)})")

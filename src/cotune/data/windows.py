@@ -189,7 +189,7 @@ def owner_data(
     except DataError as exc:
         raise DataError(f"client {client} has no documents: {exc}") from exc
     if not docs:
-        raise DataError(f"client {client} has no documents in {path}: give it .txt or .jsonl files")
+        raise DataError(f"client {client} has no documents in {path}: give it text, .jsonl or table files")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate documents")

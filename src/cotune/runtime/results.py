@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cotune.config.loader import load_config
 from cotune.config.schema import ExperimentConfig
-from cotune.data.tasks import load_jsonl_task
+from cotune.data.tasks import load_task_file
 from cotune.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
 from cotune.models.lora import AdapterPool
 from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER
@@ -109,7 +109,7 @@ def generate(tuned: TunedModel, prompt: str, max_new_tokens: int = 64) -> str:
 
 def evaluate_task(tuned: TunedModel, task_file: Path, batch_size: int = 8, max_length: int = 512) -> MCResult:
     """Multiple-choice accuracy of the adapter on the user's JSONL task file."""
-    examples = load_jsonl_task(task_file)
+    examples = load_task_file(task_file)
     return evaluate_multiple_choice(
         tuned.pool.model, tuned.tokenizer, examples, batch_size=batch_size, max_length=max_length
     )

@@ -183,7 +183,10 @@ class Node:
         assert task is not None
         if self.settings.data_path:
             examples = build_task(
-                path=Path(self.settings.data_path), labels=task.labels, max_chars=task.max_chars
+                path=Path(self.settings.data_path),
+                labels=task.labels,
+                max_chars=task.max_chars,
+                columns=task.columns,
             )
             return encode(self.tokenizer, examples, task.max_length)
         cfg = self.cfg

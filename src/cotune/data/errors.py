@@ -1,0 +1,7 @@
+"""The data layer's one error type, in its own module so every data module can raise it."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Data that cannot make the requested federation (missing, empty, too short, wrong columns)."""
