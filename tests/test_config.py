@@ -77,3 +77,11 @@ def test_cli_config_error_starts_no_training(corpus_dir, tmp_path):
     assert result.exit_code == 2
     assert "no_such_key" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_shipped_example_config_is_valid():
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    assert len(examples) >= 5
+    for path in examples:
+        cfg = load_config(path)
+        assert cfg.federation.clients >= 2, path.name

@@ -187,7 +187,7 @@ def owner_data(
     try:
         docs = load_documents([SourceConfig(corpus="files", path=Path(path), label=label)])
     except DataError as exc:
-        raise DataError(f"client {client} has no documents: {exc}") from exc
+        raise DataError(f"client {client}: {exc}") from exc
     if not docs:
         raise DataError(f"client {client} has no documents in {path}: give it text, .jsonl or table files")
     eos = tokenizer.eos_token_id
