@@ -151,6 +151,13 @@ def main() -> int:
     mode.add_argument("--check", type=Path)
     parser.add_argument("--tiny", action="store_true", help="skip the SmolLM2 case")
     parser.add_argument("--only", nargs="*", default=None, help="run only these cases")
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        help="dotted overrides added to every case (e.g. data.test_fraction=0 to check a personalized change "
+        "against digests recorded before test splits)",
+    )
     args = parser.parse_args()
     cases = {k: v for k, v in CASES.items() if not (args.tiny and k.startswith("smollm2"))}
     if args.only:
@@ -158,7 +165,7 @@ def main() -> int:
     got: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory(prefix="cotune-digests-") as tmp:
         for name, (config, overrides) in cases.items():
-            got.update(run_case(name, config, overrides, Path(tmp)))
+            got.update(run_case(name, config, [*overrides, *args.override], Path(tmp)))
             print(f"{name}: done", flush=True)
     if args.write:  # adds to (or updates) what the file already records
         recorded = json.loads(args.write.read_text()) if args.write.exists() else {}

@@ -75,6 +75,19 @@ def _mix(adapters: Sequence[Mapping[str, Tensor]], matrix: Tensor) -> list[dict[
     return outputs
 
 
+def mix_part(adapters: Sequence[Mapping[str, Tensor]], trust: Tensor, part: str) -> list[dict[str, Tensor]]:
+    """θ_i ← Σ_j W_ij θ_j on the tensors whose key names `part` ("lora_A" or "lora_B"); every other tensor
+    stays client i's own (FedSA-LoRA shares A, FFA-LoRA shares B)."""
+    shared = [{k: v for k, v in a.items() if part in k} for a in adapters]
+    if not shared or not shared[0]:
+        raise ValueError(f"no {part} tensors in the adapters to share")
+    mixed = mix_adapters(shared, trust)
+    return [
+        {**{k: v.clone() for k, v in own.items() if part not in k}, **m}
+        for own, m in zip(adapters, mixed, strict=True)
+    ]
+
+
 def mix_adapters(adapters: Sequence[Mapping[str, Tensor]], trust: Tensor) -> list[dict[str, Tensor]]:
     """Personalised aggregation θ_i ← Σ_j W_ij θ_j, element-wise on every tensor (A and B separately).
 

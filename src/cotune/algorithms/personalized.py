@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cotune.algorithms.aggregation import mix_adapters
+from cotune.algorithms.aggregation import mix_adapters, mix_part
 from cotune.algorithms.robust import Aggregator, robust_average
 from cotune.algorithms.trust import (
     identity_trust,
@@ -35,7 +35,16 @@ REQUIRED_EVIDENCE: dict[StrategyName, frozenset[str]] = {  # one per name in con
     "validation": frozenset({"perplexity"}),
     "prediction": frozenset({"prediction_distance"}),
     "oracle": frozenset({"mixtures"}),
+    "ffa_lora": frozenset(),
+    "fedsa_lora": frozenset(),
 }
+
+# Strategies that share one LoRA matrix and keep the other: the shared part (averaged), and the part
+# the clients do not train. FFA-LoRA (arXiv 2403.12313) freezes every A at the common initialisation
+# and averages B, so the average of the products B A is exactly the product of the averages; FedSA-LoRA
+# (arXiv 2410.01463) averages A (what the clients have in common) and keeps each B (what is theirs).
+SHARED_PART: dict[StrategyName, str] = {"ffa_lora": "lora_B", "fedsa_lora": "lora_A"}
+FROZEN_PARTS: dict[StrategyName, tuple[str, ...]] = {"ffa_lora": ("lora_A",)}
 
 
 @dataclass
@@ -57,7 +66,7 @@ def trust_matrix(cfg: StrategyConfig, evidence: TrustEvidence) -> torch.Tensor:
     n, name = evidence.n_clients, cfg.name
     if name == "local":
         return identity_trust(n)
-    if name == "fedavg":
+    if name in ("fedavg", *SHARED_PART):
         return uniform_trust(n)
     if name == "oracle":
         return oracle_trust(_need(evidence.mixtures, "mixtures", name))
@@ -94,4 +103,6 @@ def aggregate(
     if cfg.name == "fedavg" and aggregator != "mean":
         shared = robust_average(adapters, aggregator, trim_fraction)
         return trust, [{k: v.clone() for k, v in shared.items()} for _ in adapters]
+    if cfg.name in SHARED_PART:
+        return trust, mix_part(adapters, trust, SHARED_PART[cfg.name])
     return trust, mix_adapters(adapters, trust)

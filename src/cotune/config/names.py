@@ -13,7 +13,10 @@ PERSONALIZED: Final = "personalized"  # the personalized family's one `algorithm
 FEDCOLLM: Final = "fedcollm"
 
 # SPEC B: how every client's adapter takes from the others' (the trust matrix, or a baseline).
-StrategyName = Literal["local", "fedavg", "weight", "validation", "prediction", "oracle"]
+# ffa_lora / fedsa_lora: the federated LoRA baselines that share one of the two LoRA matrices.
+StrategyName = Literal[
+    "local", "fedavg", "weight", "validation", "prediction", "oracle", "ffa_lora", "fedsa_lora"
+]
 # SPEC A: FedCoLLM and the baselines it is judged against.
 FedCoLLMAlgorithm = Literal["fedcollm", "fedavg", "standalone", "centralized", "zero_shot"]
 Algorithm = Literal["personalized", FedCoLLMAlgorithm]

@@ -75,8 +75,11 @@ class AdapterPool:
             self.active = name
 
     def parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for _, p in self.named_parameters(name)]
+
+    def named_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
         marker = f".{name}."
-        return [p for n, p in self.model.named_parameters() if marker in n and "lora_" in n]
+        return [(n, p) for n, p in self.model.named_parameters() if marker in n and "lora_" in n]
 
     @contextmanager
     def all_trainable(self, names: Sequence[str]) -> Iterator[None]:

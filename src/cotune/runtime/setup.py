@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cotune.algorithms.attacks import garbage_tokens
 from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
+from cotune.algorithms.personalized import FROZEN_PARTS
 from cotune.config.schema import ExperimentConfig, ModelConfig
 from cotune.data.corpora import DataError
 from cotune.data.task_data import EncodedSet, TaskData, build_task_data
@@ -109,6 +110,7 @@ def personalized_work(
         cfg.federation.total_steps,
         cfg.run.seed * 1000 + index,
         device,
+        frozen=FROZEN_PARTS.get(cfg.strategy.name, ()),
     )
     test_windows = 0 if data.test is None else len(data.test)
     info = {

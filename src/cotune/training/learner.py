@@ -8,7 +8,7 @@ step of every method and every transport is the same code.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,9 +63,15 @@ class Learner:
         seed: int,
         device: torch.device | str,
         accumulate: bool = True,
+        frozen: Sequence[str] = (),
     ) -> None:
         self.pool, self.slot, self.data, self.cfg, self.device = pool, slot, data, train, device
-        self.optimizer = make_optimizer(pool.parameters(slot), train)
+        named = pool.named_parameters(slot)
+        # `frozen`: parameter-name parts this learner never trains (FFA-LoRA: "lora_A"): no optimizer
+        # state, and no gradient either (switched off after each activation, which turns them back on)
+        self.frozen_params = [p for n, p in named if any(part in n for part in frozen)]
+        trained = [p for n, p in named if not any(part in n for part in frozen)]
+        self.optimizer = make_optimizer(trained, train)
         self.scheduler = make_scheduler(self.optimizer, max(1, total_steps), train)
         per_step = train.batch_size * (train.grad_accum if accumulate else 1)
         self.sampler = WindowSampler(len(data), per_step, seed)
@@ -86,6 +92,8 @@ class Learner:
     def train(self, steps: int, on_step: Callable[[float], None] | None = None) -> StepLog:
         """`steps` optimizer steps of this adapter on its own data."""
         self.pool.activate(self.slot)
+        for param in self.frozen_params:
+            param.requires_grad_(False)
         losses: list[float] = []
         tokens, t0 = 0, time.perf_counter()
         for _ in range(steps):

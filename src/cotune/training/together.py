@@ -94,6 +94,9 @@ def train_together(
     tokens = [0] * len(learners)
     t0 = time.perf_counter()
     with pool.all_trainable([learner.slot for learner in learners]):
+        for learner in learners:
+            for param in learner.frozen_params:
+                param.requires_grad_(False)
         for s in range(max(steps)):
             active = [k for k in range(len(learners)) if steps[k] > s]
             drawn = {k: learners[k].next_batches() for k in active}
