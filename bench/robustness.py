@@ -144,7 +144,8 @@ class Runner:
 
 def summarise(run_dir: Path, honest: list[int]) -> dict:
     recs = records(run_dir)
-    evals = [r for r in recs if r["type"] == "eval"]
+    split = "test" if any(r.get("split") == "test" for r in recs if r["type"] == "eval") else "val"
+    evals = [r for r in recs if r["type"] == "eval" and r.get("split", "val") == split]
     last = max(r["round"] for r in evals)
     ppl = {r["client"]: r["ppl"] for r in evals if r["round"] == last}
     ppl0 = {r["client"]: r["ppl"] for r in evals if r["round"] == 0}
@@ -460,21 +461,27 @@ def privacy(out: Path) -> list[dict]:
     tree = base_tree("tiny", out)
     runner = Runner(tree, out)
     honest = list(range(tree["federation"]["clients"]))
-    probe, _ = runner.run(merged(tree, {"privacy": {"clip_norm": 1e9}}), "dp-probe")
-    norms = [x for r in records(probe) if r.get("event") == "clip" for x in r["update_norms"]]
-    clip = round(statistics.median(norms), 4)
+    clips = {}
+    for strategy in ("fedavg", "ffa_lora"):  # C: the median update norm of a clip-free probe run
+        probe_tree = merged(tree, {"privacy": {"clip_norm": 1e9}, "strategy": {"name": strategy}})
+        probe, _ = runner.run(probe_tree, f"dp-probe-{strategy}")
+        norms = [x for r in records(probe) if r.get("event") == "clip" for x in r["update_norms"]]
+        clips[strategy] = round(statistics.median(norms), 4)
     rows = []
-    grid = [(sigma, None) for sigma in (None, 0.0, 0.5, 1.0, 2.0)] + [(1.0, 2)]  # + half the clients a round
-    for sigma, per_round in grid:
-        extra: dict = {"strategy": {"name": "fedavg"}}
+    grid = [("fedavg", sigma, None) for sigma in (None, 0.0, 0.5, 1.0, 2.0)] + [("fedavg", 1.0, 2)]
+    grid += [("ffa_lora", sigma, None) for sigma in (None, 0.5, 1.0, 2.0)]  # DP on the shared B only
+    for strategy, sigma, per_round in grid:
+        clip = clips[strategy]
+        extra: dict = {"strategy": {"name": strategy}}
         if sigma is not None:
             extra["privacy"] = {"clip_norm": clip, "noise_multiplier": sigma, "seed": 0}
         if per_round is not None:
             extra["federation"] = {"clients_per_round": per_round}
-        run_dir, ended = runner.run(merged(tree, extra), f"dp-{sigma}-{per_round}")
+        run_dir, ended = runner.run(merged(tree, extra), f"dp-{strategy}-{sigma}-{per_round}")
         spent = [r for r in records(run_dir) if r.get("event") == "spent"]
         rows.append(
             {
+                "strategy": strategy,
                 "clip_norm": None if sigma is None else clip,
                 "noise_multiplier": sigma,
                 "sample_rate": spent[-1]["sample_rate"] if spent else None,
@@ -579,18 +586,21 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("privacy"):
         lines += [
-            "## Client-level differential privacy (fedavg, tiny model)",
+            "## Client-level differential privacy (fedavg and FFA-LoRA, tiny model)",
             "",
-            "C is the median update norm of a clip-free probe run; epsilon from Opacus' RDP accountant with "
-            "q the sampling rate (1: every client every round; 0.5: `federation.clients_per_round: 2`).",
+            "C is the median update norm of a clip-free probe run of the same strategy (FFA-LoRA's update is "
+            "its B only: A never moves); epsilon from Opacus' RDP accountant with q the sampling rate (1: "
+            "every client every round; 0.5: `federation.clients_per_round: 2`). Perplexity on each client's "
+            "test split.",
             "",
-            "| clip C | noise multiplier | q | epsilon | delta | mean val ppl (all 4 clients) |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| strategy | clip C | noise multiplier | q | epsilon | delta | mean ppl (all 4 clients) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in result["privacy"]:
             eps = "∞ (no noise)" if r["noise_multiplier"] == 0.0 else fmt(r["epsilon"])
             lines.append(
-                f"| {fmt(r['clip_norm'], 4)} | {fmt(r['noise_multiplier'], 1)} | "
+                f"| {r.get('strategy', 'fedavg')} | {fmt(r['clip_norm'], 4)} | "
+                f"{fmt(r['noise_multiplier'], 1)} | "
                 f"{fmt(r.get('sample_rate'))} | "
                 f"{eps if r['clip_norm'] else '– (no DP)'} | {fmt(r['delta'], 6) if r['delta'] else '–'} | "
                 f"{fmt(r['ppl'])} |"

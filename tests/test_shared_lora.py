@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from tests.conftest import tiny_tree
 
 from cotune.algorithms.aggregation import mix_part
-from cotune.config import ConfigError, config_from_dict
+from cotune.config import config_from_dict
 from cotune.runtime.checkpoint import list_checkpoints
 from cotune.runtime.experiment import run_experiment
 
@@ -73,7 +72,20 @@ def test_fedsa_lora_shares_a_and_keeps_each_b(corpus_dir, tmp_path):
     assert any(not torch.equal(b0[k], b1[k]) for k in b0)  # each client's own B
 
 
-def test_a_shared_part_strategy_refuses_differential_privacy(corpus_dir, tmp_path):
-    tree = tiny_tree(corpus_dir, tmp_path, strategy={"name": "ffa_lora"}, privacy={"clip_norm": 1.0})
-    with pytest.raises(ConfigError, match="not implemented"):
-        config_from_dict(tree)
+def test_differential_privacy_covers_only_the_shared_matrix(corpus_dir, tmp_path):
+    """FFA-LoRA with client-level DP: the clipping and the noise go on B, what the clients share; every A
+    stays exactly the common initialisation and every client ends with the same (noised) B."""
+    private = {"clip_norm": 0.05, "noise_multiplier": 1.0}
+    tree = tiny_tree(corpus_dir, tmp_path, strategy={"name": "ffa_lora"}, privacy=private, run={"name": "dp"})
+    (run_dir,) = run_experiment(config_from_dict(tree))
+    start, final = _adapters(run_dir, 0), _adapters(run_dir)
+    plain = _adapters(_run(corpus_dir, tmp_path / "plain", "ffa_lora"))
+    for client in final:
+        for k, v in _part(client, "lora_A").items():
+            assert torch.equal(v, start[0][k])
+        for k, v in _part(client, "lora_B").items():
+            torch.testing.assert_close(v, final[0][k], rtol=0, atol=0)
+    b, b_plain = _part(final[0], "lora_B"), _part(plain[0], "lora_B")
+    assert max((b[k] - b_plain[k]).abs().max().item() for k in b) > 1e-3  # the noise is there
+    kinds = [json.loads(x)["type"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("privacy") >= 2

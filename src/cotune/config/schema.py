@@ -559,12 +559,6 @@ class ExperimentConfig(Section):
                 "calibrated to the sensitivity of a (weighted) mean"
             )
         s = self.strategy
-        shares_part = [x for x in [s.name, *self.run.compare] if x in ("ffa_lora", "fedsa_lora")]
-        if not self.is_cotuning and shares_part and self.privacy.enabled:
-            raise ValueError(
-                f"privacy.clip_norm with strategy {shares_part[0]} is not implemented: the update would be "
-                "clipped and noised whole, while only one LoRA matrix is shared (turn privacy off for it)"
-            )
         if not self.is_cotuning and s.selection == "topk" and s.topk > n:
             raise ValueError(f"strategy.topk {s.topk} > federation.clients {n}: it would select every client")
         m = self.federation.min_clients

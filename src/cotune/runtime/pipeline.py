@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from cotune.algorithms.fedcollm import aggregate_slm, fedavg_weights
-from cotune.algorithms.personalized import TrustEvidence, aggregate
+from cotune.algorithms.personalized import SHARED_PART, TrustEvidence, aggregate
 from cotune.algorithms.privacy import add_gaussian_noise, clip_uploads, epsilon_spent, noise_std
 from cotune.algorithms.robust import screen_updates
 from cotune.config.schema import ExperimentConfig
@@ -34,6 +34,12 @@ from cotune.state import AdapterState
 
 # evidence(accepted, adapters) -> (the members it could be gathered from, evidence about them)
 Evidence = Callable[[list[int], list[AdapterState]], tuple[list[int], TrustEvidence]]
+
+
+def shared_only(state: Mapping[str, torch.Tensor], part: str | None) -> dict[str, torch.Tensor]:
+    """The tensors of `state` that other clients receive: those named `part` (FFA-LoRA's B, FedSA-LoRA's
+    A), or all of them."""
+    return {k: v for k, v in state.items() if part is None or part in k}
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,10 @@ class AggregationPipeline:
         uploads: Sequence[Mapping[str, torch.Tensor]],
         references: Sequence[Mapping[str, torch.Tensor]],
         n_clients: int,
+        part: str | None = None,
     ) -> tuple[list[int], list[AdapterState]]:
-        """The clients whose upload is accepted and their uploads (DP-clipped when privacy is on)."""
+        """The clients whose upload is accepted and their uploads (DP-clipped when privacy is on; with
+        `part`, only the shared tensors are clipped: the rest never reaches another client)."""
         positions, rejected = screen_updates(uploads, references, self.robustness.max_update_norm)
         for pos, reason in rejected:
             self.log(
@@ -79,7 +87,9 @@ class AggregationPipeline:
         p = self.privacy
         if p.enabled and kept:
             assert p.clip_norm is not None
-            kept, norms = clip_uploads(kept, [references[q] for q in positions], p.clip_norm)
+            refs = [shared_only(references[q], part) for q in positions]
+            clipped, norms = clip_uploads([shared_only(u, part) for u in kept], refs, p.clip_norm)
+            kept = [{**u, **c} for u, c in zip(kept, clipped, strict=True)]
             self.log(
                 PrivacyClip(
                     round=round_,
@@ -109,10 +119,14 @@ class AggregationPipeline:
         A client left out (rejected, or lost while the evidence was gathered) keeps its own adapter:
         that is the caller's business.
         """
-        accepted, adapters = self.screen(round_, clients, uploads, references, n_clients)
+        part = SHARED_PART.get(self.cfg.strategy.name)  # FFA-/FedSA-LoRA share one matrix: DP covers it
+        accepted, adapters = self.screen(round_, clients, uploads, references, n_clients, part)
         central = self.cfg.strategy.name == "fedavg"  # a mean: one noise draw on it; else one per upload
         if self.privacy.enabled and not central:
-            adapters = [self.noise(round_, a, 1.0, stream=i) for i, a in zip(accepted, adapters, strict=True)]
+            adapters = [
+                {**a, **self.noise(round_, shared_only(a, part), 1.0, stream=i)}
+                for i, a in zip(accepted, adapters, strict=True)
+            ]
         members, ev = evidence(accepted, adapters)
         kept = [adapters[accepted.index(i)] for i in members]
         rob = self.robustness
