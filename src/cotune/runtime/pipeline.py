@@ -121,7 +121,9 @@ class AggregationPipeline:
         """
         part = SHARED_PART.get(self.cfg.strategy.name)  # FFA-/FedSA-LoRA share one matrix: DP covers it
         accepted, adapters = self.screen(round_, clients, uploads, references, n_clients, part)
-        central = self.cfg.strategy.name == "fedavg"  # a mean: one noise draw on it; else one per upload
+        # a uniform mean (fedavg, and the shared matrix of FFA-/FedSA-LoRA): one noise draw on it; else
+        # (trust mixing: every client takes another weighted sum) one draw per upload
+        central = self.cfg.strategy.name in ("fedavg", *SHARED_PART)
         if self.privacy.enabled and not central:
             adapters = [
                 {**a, **self.noise(round_, shared_only(a, part), 1.0, stream=i)}
@@ -132,8 +134,8 @@ class AggregationPipeline:
         rob = self.robustness
         trust, mixed = aggregate(self.cfg.strategy, kept, ev, rob.aggregator, rob.trim_fraction)
         if self.privacy.enabled and central:
-            noised = self.noise(round_, mixed[0], 1.0 / len(mixed))
-            mixed = [{k: v.clone() for k, v in noised.items()} for _ in mixed]
+            noised = self.noise(round_, shared_only(mixed[0], part), 1.0 / len(mixed))
+            mixed = [{**m, **{k: v.clone() for k, v in noised.items()}} for m in mixed]
         if self.privacy.enabled:
             where = "central: on the mean of clipped updates" if central else "on each clipped upload"
             self.log_spent(round_, where)
