@@ -131,18 +131,32 @@ def client_windows(
         return pack_windows([token_lists[i] for i in ids], cfg.seq_len, eos, limit)
 
     train, val = windows(train_docs, cfg.max_train_windows), windows(val_docs, cfg.max_val_windows)
-    test = windows(test_docs, cfg.max_test_windows)
-    if len(train) == 0 or len(val) == 0 or (test_docs and len(test) == 0):
-        n_tok = sum(len(t) + 1 for t in token_lists)
-        splits = "train, validation and test" if test_docs else "train and validation"
+    test = windows(test_docs, cfg.max_test_windows) if test_docs else None
+    n_tok = sum(len(t) + 1 for t in token_lists)
+    return checked_client_data(docs, train, val, test, cfg, client, n_tok, "")
+
+
+def checked_client_data(
+    docs: Sequence[Document],
+    train: torch.Tensor,
+    val: torch.Tensor,
+    test: torch.Tensor | None,
+    cfg: DataConfig,
+    client: int,
+    n_tokens: int,
+    how: str,
+) -> ClientData:
+    """A client's windows, refused when a split came out empty; its documents counted by label."""
+    if len(train) == 0 or len(val) == 0 or (test is not None and len(test) == 0):
+        splits = "train, validation and test" if test is not None else "train and validation"
         raise DataError(
-            f"client {client} has too little text ({n_tok} tokens) for {splits} windows of "
-            f"{cfg.seq_len} tokens; lower data.seq_len or give it more data"
+            f"client {client} has too little text ({n_tokens} tokens) for {splits} windows of "
+            f"{cfg.seq_len} tokens{how}; lower data.seq_len or give it more data"
         )
     counts: dict[str, int] = {}
     for d in docs:
         counts[d.label] = counts.get(d.label, 0) + 1
-    return ClientData(train=train, val=val, label_counts=counts, test=test if test_docs else None)
+    return ClientData(train=train, val=val, label_counts=counts, test=test)
 
 
 def positional_windows(
@@ -167,15 +181,7 @@ def positional_windows(
     train = windows(stream[:cut_val], cfg.max_train_windows)
     val = windows(stream[cut_val:cut_test], cfg.max_val_windows)
     test = windows(stream[cut_test:], cfg.max_test_windows) if n_test else None
-    if len(train) == 0 or len(val) == 0 or (test is not None and len(test) == 0):
-        raise DataError(
-            f"client {client} has too little text ({n} tokens) for train, validation and test windows of "
-            f"{cfg.seq_len} tokens by position; lower data.seq_len or give it more text"
-        )
-    counts: dict[str, int] = {}
-    for d in docs:
-        counts[d.label] = counts.get(d.label, 0) + 1
-    return ClientData(train=train, val=val, label_counts=counts, test=test)
+    return checked_client_data(docs, train, val, test, cfg, client, n, " by position")
 
 
 def owner_data(
