@@ -103,15 +103,17 @@ def collect(settings: list[str], seeds: list[int], runs_root: Path) -> dict:
     for setting in settings:
         per: dict[str, dict] = {}
         budget = None
+        # a seed counts once every strategy finished it: the strategies compare on the same seeds
+        complete = [
+            seed for seed in seeds if all(finished(d) for d in run_dirs(runs_root, setting, seed).values())
+        ]
         for s in STRATEGIES:
             final: dict[int, dict[int, float]] = {}  # seed -> client -> test ppl
             final_val: dict[int, dict[int, float]] = {}  # seed -> client -> validation ppl
             curves: dict[int, list[tuple[int, float]]] = {}
             round_wall: list[float] = []
-            for seed in seeds:
+            for seed in complete:
                 d = run_dirs(runs_root, setting, seed)[s]
-                if not finished(d):
-                    continue
                 run = load_run(d)
                 assert run.ppl_split == "test", f"{d} has no test split"
                 final[seed] = run.final_ppl()
