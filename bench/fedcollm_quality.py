@@ -55,14 +55,16 @@ def cotune_command() -> list[str]:
     return [sys.executable, "-m", "cotune.cli.main"]
 
 
+def ended(d: Path) -> bool:
+    """Whether the run in `d` logged its end record."""
+    path = d / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return any(json.loads(x).get("event") == "end" for x in lines if x.strip())
+
+
 def seed_state(out: Path) -> str:
     """'done' when every variant's run ended, 'partial' when the FedCoLLM run has a checkpoint to resume
     from (a killed sweep), else 'new'."""
-
-    def ended(d: Path) -> bool:
-        path = d / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.is_file() else []
-        return any(json.loads(x).get("event") == "end" for x in lines if x.strip())
 
     if all(ended(d) for d in dirs_for(out)):
         return "done"
@@ -70,14 +72,25 @@ def seed_state(out: Path) -> str:
 
 
 def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path, fresh: bool) -> float | None:
-    """Run one seed's five variants; a killed seed resumes from its last checkpoint (`cotune run --resume`
-    finishes the compare siblings too) and a finished one is kept, unless `fresh`. None: nothing ran."""
+    """Run one seed's five variants; a killed seed resumes each unfinished variant from its last checkpoint
+    (`cotune run --resume` on that variant's directory, so a finished one is never reopened) and a
+    finished seed is kept, unless `fresh`. None: nothing ran."""
     state = "new" if fresh else seed_state(out)
     if state == "done":
         print(f"[keep] {out}: every variant ended (--fresh reruns it)", flush=True)
         return None
-    if state == "partial":
-        cmd = [*cotune_command(), "run", "--resume", str(out)]
+    if state == "partial":  # each unfinished variant on its own: a finished one is never reopened
+        t0 = time.perf_counter()
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        }
+        for d in dirs_for(out):
+            if not ended(d):
+                cmd = [*cotune_command(), "run", "--resume", str(d)]
+                print("[run]", " ".join(cmd), flush=True)
+                subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+        return time.perf_counter() - t0
     else:
         for d in dirs_for(out):
             if d.exists():
