@@ -96,7 +96,8 @@ class PersonalizedLoop:
         return names
 
     def round_zero(self) -> None:
-        self.evaluate(0)
+        with self.activity.phase(f"round 0/{self.cfg.federation.rounds} · evaluation before training"):
+            self.evaluate(0)
         self.checkpoint(0)
 
     # ---- the loop -------------------------------------------------------------------------------------
