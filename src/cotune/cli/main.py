@@ -253,7 +253,12 @@ def generate(
 @app.command("eval")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    task: Annotated[Path, typer.Option("--task", help='JSONL: {"prompt", "choices", "answer"} per line')],
+    task: Annotated[
+        Path,
+        typer.Option(
+            "--task", help='JSONL {"prompt", "choices", "answer"} per line, or a parquet/CSV/JSON/arrow table'
+        ),
+    ],
     client: ClientOpt = None,
     server: ServerOpt = False,
     llm: LlmOpt = False,
