@@ -828,3 +828,27 @@ def test_a_long_lived_node_process_loads_the_base_model_once(corpus_dir, tmp_pat
     assert len(calls) == 1 and len(grid.sent) > 20  # one load for every message of every node
     assert len(splits) == 1  # and one corpus split for all of them
     assert max_adapter_diff(_adapters(embedded), _adapters(tmp_path / "flower")) == 0.0
+
+
+@pytest.mark.parametrize("strategy", ["hetlora", "flexlora"])
+def test_clients_of_different_ranks_give_the_embedded_results_on_flower(corpus_dir, tmp_path, strategy):
+    """Each SuperNode builds its client at its own rank from the same widest initialisation; the adapters,
+    trust matrices and per-client traffic match the embedded run's."""
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": strategy}, lora={"ranks": [1, 2, 3, 4]})
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    flower = tmp_path / "flower"
+    assert _run_flower_in_process(cfg, flower, InProcessGrid(cfg.federation.clients)) == "completed"
+    final = _adapters(flower)
+    assert [next(v for k, v in final[c].items() if "lora_A" in k).shape[0] for c in sorted(final)] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert max_adapter_diff(_adapters(embedded), final) == 0.0
+    for kind in ("trust", "comm"):
+        strip = [
+            [{k: v for k, v in r.items() if k != "time"} for r in _records(d, kind)]
+            for d in (embedded, flower)
+        ]
+        assert strip[0] == strip[1] and strip[0]

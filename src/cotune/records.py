@@ -132,7 +132,11 @@ class McRecord(Record):
 
 
 class CommRecord(Record):
-    """One client's traffic in a FedCoLLM-family round, against the full SLM's size."""
+    """One client's traffic in one round, against the full (small) model's size.
+
+    FedCoLLM family: the SLM adapter each way. Personalized family: every adapter the server sent the
+    client (to train, evaluate, and as validation-trust evidence) and everything it sent back (its
+    trained adapter, prediction-trust logits); with lora.ranks the bytes differ by client."""
 
     type: Literal["comm"] = "comm"
     round: Int

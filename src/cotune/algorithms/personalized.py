@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from cotune.algorithms.aggregation import mix_adapters, mix_part
+from cotune.algorithms.ranks import flexlora_mix, hetlora_mix, hetlora_weights
 from cotune.algorithms.robust import Aggregator, robust_average
 from cotune.algorithms.trust import (
     identity_trust,
@@ -37,7 +38,12 @@ REQUIRED_EVIDENCE: dict[StrategyName, frozenset[str]] = {  # one per name in con
     "oracle": frozenset({"mixtures"}),
     "ffa_lora": frozenset(),
     "fedsa_lora": frozenset(),
+    "hetlora": frozenset({"adapters"}),
+    "flexlora": frozenset(),
 }
+
+# hetlora / flexlora (algorithms.ranks) aggregate clients of different ranks: HetLoRA zero-pads and takes
+# a norm-weighted average of A and B; FlexLoRA averages the products B A and cuts each rank back by SVD.
 
 # Strategies that share one LoRA matrix and keep the other: the shared part (averaged), and the part
 # the clients do not train. FFA-LoRA (arXiv 2403.12313) freezes every A at the common initialisation
@@ -66,8 +72,11 @@ def trust_matrix(cfg: StrategyConfig, evidence: TrustEvidence) -> torch.Tensor:
     n, name = evidence.n_clients, cfg.name
     if name == "local":
         return identity_trust(n)
-    if name in ("fedavg", *SHARED_PART):
+    if name in ("fedavg", "flexlora", *SHARED_PART):
         return uniform_trust(n)
+    if name == "hetlora":  # every client takes the same norm-weighted average
+        weights = hetlora_weights(_need(evidence.adapters, "adapters", name))
+        return weights.to(torch.float32).unsqueeze(0).expand(n, n).clone()
     if name == "oracle":
         return oracle_trust(_need(evidence.mixtures, "mixtures", name))
     if name == "weight":
@@ -100,9 +109,15 @@ def aggregate(
     if evidence.adapters is None:
         evidence.adapters = adapters
     trust = trust_matrix(cfg, evidence)
+    if cfg.name == "local":  # W = I: each keeps its own (whatever its rank)
+        return trust, [{k: v.clone() for k, v in a.items()} for a in adapters]
     if cfg.name == "fedavg" and aggregator != "mean":
         shared = robust_average(adapters, aggregator, trim_fraction)
         return trust, [{k: v.clone() for k, v in shared.items()} for _ in adapters]
     if cfg.name in SHARED_PART:
         return trust, mix_part(adapters, trust, SHARED_PART[cfg.name])
+    if cfg.name == "hetlora":
+        return trust, hetlora_mix(adapters, trust)
+    if cfg.name == "flexlora":
+        return trust, flexlora_mix(adapters, trust)
     return trust, mix_adapters(adapters, trust)

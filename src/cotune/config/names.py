@@ -13,10 +13,22 @@ PERSONALIZED: Final = "personalized"  # the personalized family's one `algorithm
 FEDCOLLM: Final = "fedcollm"
 
 # SPEC B: how every client's adapter takes from the others' (the trust matrix, or a baseline).
-# ffa_lora / fedsa_lora: the federated LoRA baselines that share one of the two LoRA matrices.
+# ffa_lora / fedsa_lora: the federated LoRA baselines that share one of the two LoRA matrices;
+# hetlora / flexlora: the ones that aggregate adapters of different ranks (lora.ranks).
 StrategyName = Literal[
-    "local", "fedavg", "weight", "validation", "prediction", "oracle", "ffa_lora", "fedsa_lora"
+    "local",
+    "fedavg",
+    "weight",
+    "validation",
+    "prediction",
+    "oracle",
+    "ffa_lora",
+    "fedsa_lora",
+    "hetlora",
+    "flexlora",
 ]
+# The strategies that accept clients of different LoRA ranks (the others mix tensors element-wise).
+MIXED_RANK_STRATEGIES: tuple[StrategyName, ...] = ("local", "hetlora", "flexlora")
 # SPEC A: FedCoLLM and the baselines it is judged against.
 FedCoLLMAlgorithm = Literal["fedcollm", "fedavg", "standalone", "centralized", "zero_shot"]
 Algorithm = Literal["personalized", FedCoLLMAlgorithm]

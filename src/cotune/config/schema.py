@@ -16,6 +16,7 @@ from cotune.config.names import (
     FAMILY_SECTIONS,
     FEDCOLLM_ALGORITHMS,
     LLM_ALGORITHMS,
+    MIXED_RANK_STRATEGIES,
     STRATEGIES,
     Algorithm,
     AttackKind,
@@ -57,10 +58,44 @@ class ModelConfig(Section):
 
 
 class LoraSettings(Section):
-    r: PositiveInt = 8
+    r: PositiveInt = Field(8, description="the LoRA rank (with lora.ranks: the rank lora.alpha refers to)")
     alpha: PositiveFloat = 16
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    ranks: list[PositiveInt | str] | None = Field(
+        None,
+        description="a rank per client (a number, or a name from lora.tiers): clients of different hardware "
+        "(strategies local, hetlora, flexlora); every client's LoRA scale stays alpha / r",
+    )
+    tiers: dict[str, PositiveInt] = Field(
+        default_factory=dict, description="named device tiers and their rank, for lora.ranks (phone: 4)"
+    )
+
+    @model_validator(mode="after")
+    def _ranks_name_tiers(self) -> LoraSettings:
+        unknown = sorted({x for x in self.ranks or [] if isinstance(x, str) and x not in self.tiers})
+        if unknown:
+            known = ", ".join(sorted(self.tiers)) or "none"
+            raise ValueError(f"lora.ranks names tier(s) {unknown} that lora.tiers does not define ({known})")
+        if self.tiers and self.ranks is None:
+            raise ValueError("lora.tiers is read only through lora.ranks: give each client its tier there")
+        return self
+
+    def rank_of(self, client: int) -> int:
+        """Client `client`'s LoRA rank: its entry in lora.ranks (a number or a tier), else lora.r."""
+        if self.ranks is None:
+            return self.r
+        x = self.ranks[client]
+        return self.tiers[x] if isinstance(x, str) else x
+
+    @property
+    def mixed_ranks(self) -> bool:
+        return self.ranks is not None and len({self.rank_of(i) for i in range(len(self.ranks))}) > 1
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank of any client: where every client's initialisation is cut from."""
+        return max([self.r] if self.ranks is None else [self.rank_of(i) for i in range(len(self.ranks))])
 
 
 class SourceConfig(Section):
@@ -575,7 +610,34 @@ class ExperimentConfig(Section):
             raise ValueError(f"federation.min_clients {self.federation.min_clients} > federation.clients {n}")
         self._check_parallel_clients()
         self._check_owned_data()
+        self._check_ranks()
         return self
+
+    def _check_ranks(self) -> None:
+        """Per-client ranks: one per client, in the personalized family, with a strategy that can mix them."""
+        ranks = self.lora.ranks
+        if self.llm is not None and self.llm.lora.ranks is not None:
+            raise ValueError("llm.lora.ranks: the server's LLM has one LoRA; client ranks go in lora.ranks")
+        if ranks is None:
+            return
+        if self.is_cotuning:
+            raise ValueError(
+                "lora.ranks (per-client ranks) is for the personalized family: FedCoLLM's clients all train "
+                "the one SLM adapter the server averages and distils"
+            )
+        if len(ranks) != self.federation.clients:
+            raise ValueError(
+                f"lora.ranks lists {len(ranks)} rank(s) for federation.clients {self.federation.clients}: "
+                "give one per client"
+            )
+        if not self.lora.mixed_ranks:
+            return
+        wrong = [s for s in [self.strategy.name, *self.run.compare] if s not in MIXED_RANK_STRATEGIES]
+        if wrong:
+            raise ValueError(
+                f"strategy '{wrong[0]}' mixes adapters element by element, which needs one rank for every "
+                f"client, but lora.ranks gives several: use one of {', '.join(MIXED_RANK_STRATEGIES)}"
+            )
 
     def _check_owned_data(self) -> None:
         """Per-owner data: one path per client, and a public set where prediction trust needs one."""

@@ -8,6 +8,7 @@ adapter's parameters. State dicts in peft's format are the exchange unit.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 from torch import nn
 
+from cotune.algorithms.ranks import lora_pairs, rank_of, resize_rank
 from cotune.config.schema import LoraSettings
 from cotune.state import AdapterState
 
@@ -31,10 +33,13 @@ def linear_module_names(model: nn.Module) -> list[str]:
     )
 
 
-def lora_config(settings: LoraSettings) -> LoraConfig:
+def lora_config(settings: LoraSettings, rank: int | None = None) -> LoraConfig:
+    """peft's config for a rank-`rank` adapter (default lora.r). alpha grows with the rank so that the scale
+    alpha / r is lora.alpha / lora.r at every rank: one B A means one weight update on every client."""
+    r = settings.r if rank is None else rank
     return LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scales alike
+        r=r,
+        lora_alpha=settings.alpha * r / settings.r,  # type: ignore[arg-type]  # peft annotates int
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
         task_type="CAUSAL_LM",
@@ -51,23 +56,60 @@ def check_targets(model: nn.Module, settings: LoraSettings) -> None:
         )
 
 
-class AdapterPool:
-    """N named adapters sharing one base model; all start from the same initialisation."""
+def wide_initialisation(like: Mapping[str, torch.Tensor], rank: int) -> AdapterState:
+    """peft's LoRA initialisation at `rank` for the modules of `like`: A Kaiming-uniform (a = sqrt 5),
+    B zero. Drawn from a generator seeded like torch's default one, not from it, so it does not depend
+    on how many adapters a pool made before."""
+    generator = torch.Generator().manual_seed(torch.initial_seed())
+    out: AdapterState = {}
+    for a_key, b_key in lora_pairs(like).values():
+        a, b = like[a_key], like[b_key]
+        wide = torch.empty(rank, a.shape[1], dtype=torch.float32)
+        nn.init.kaiming_uniform_(wide, a=math.sqrt(5), generator=generator)
+        out[a_key] = wide.to(dtype=a.dtype, device=a.device)
+        out[b_key] = torch.zeros(b.shape[0], rank, dtype=b.dtype, device=b.device)
+    return out
 
-    def __init__(self, base_model: nn.Module, settings: LoraSettings, names: Sequence[str]) -> None:
+
+class AdapterPool:
+    """N named adapters sharing one base model; all start from the same initialisation.
+
+    With `ranks` (one per name) the adapters differ in rank; each starts from the first r ranks of one
+    initialisation at `initial_rank` (default: the largest), drawn from the seed of torch's default
+    generator, so every transport and every pool of any subset of names agrees on it. `initial` is that
+    full-rank initialisation (without `ranks`: the first adapter's).
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        settings: LoraSettings,
+        names: Sequence[str],
+        ranks: Sequence[int] | None = None,
+        initial_rank: int | None = None,
+    ) -> None:
         if not names:
             raise ValueError("an adapter pool needs at least one adapter name")
+        if ranks is not None and len(ranks) != len(names):
+            raise ValueError(f"{len(ranks)} ranks for {len(names)} adapters")
         check_targets(base_model, settings)
         self.names = list(names)
-        self.config = lora_config(settings)
-        self.model: PeftModel = get_peft_model(base_model, self.config, adapter_name=self.names[0])
+        self.settings = settings
+        self.ranks = dict(zip(self.names, [settings.r] * len(names) if ranks is None else ranks, strict=True))
+        first = self.names[0]
+        self.model: PeftModel = get_peft_model(
+            base_model, lora_config(settings, self.ranks[first]), adapter_name=first
+        )
         for name in self.names[1:]:
-            self.model.add_adapter(name, self.config)
-        initial = self.state(self.names[0])
-        for name in self.names[1:]:
-            self.load_state(name, initial)
+            self.model.add_adapter(name, lora_config(settings, self.ranks[name]))
+        if ranks is None:
+            self.initial = self.state(first)
+        else:
+            self.initial = wide_initialisation(self.state(first), initial_rank or max(ranks))
+        for name in self.names[1 if ranks is None else 0 :]:
+            self.load_state(name, resize_rank(self.initial, self.ranks[name]))
         self.active: str | None = None
-        self.activate(self.names[0])
+        self.activate(first)
 
     def activate(self, name: str) -> None:
         if name != self.active:
@@ -119,11 +161,14 @@ class AdapterPool:
         tensors = {k: v.contiguous().cpu() for k, v in weights.items()}
         save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
         config = self.model.peft_config[name].to_dict()
+        rank = rank_of(weights)  # `state` may be another client's adapter, of another rank
+        config.update(r=rank, lora_alpha=self.settings.alpha * rank / self.settings.r)
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
 
-    def adapter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters(self.names[0]))
+    def base_bytes(self) -> int:
+        """Size of the full model without any adapter: what an adapter's traffic is compared to."""
+        return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters() if "lora_" not in n)
 
     def unload(self) -> nn.Module:
         """Remove every adapter and give the untouched base model back (for the next run)."""

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cotune.records import DistillValRecord
+from cotune.records import CommRecord, DistillValRecord
 from cotune.reporting.metrics import RunSummary, client_label, config_value, load_runs, unique_labels
 
 if TYPE_CHECKING:
@@ -243,6 +243,41 @@ def comm_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return list(COMM_HEADER), rows
+
+
+CLIENT_TRAFFIC_HEADER = ["run", "client", "LoRA rank", "up / round", "down / round", "total up + down"]
+
+
+def client_rank(run: RunSummary, client: int) -> str:
+    """Client `client`'s LoRA rank from the run's config (lora.ranks, through lora.tiers; else lora.r)."""
+    ranks, tiers = config_value(run.config, "lora.ranks"), config_value(run.config, "lora.tiers", {})
+    rank = config_value(run.config, "lora.r") if ranks is None or client >= len(ranks) else ranks[client]
+    rank = tiers.get(rank, rank) if isinstance(rank, str) else rank
+    return MISSING if rank is None else str(rank)
+
+
+def client_traffic_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """One row per (run, client) that logged traffic: its rank and mean bytes per round each way, with the
+    share of the full model's size in brackets; clients of different ranks move different bytes."""
+    rows: list[list[str]] = []
+    for run, label in zip(runs, unique_labels(runs), strict=True):
+        by_client: dict[int, list[CommRecord]] = {}
+        for rec in run.comm:
+            by_client.setdefault(rec.client, []).append(rec)
+        for client, recs in sorted(by_client.items()):
+            full = math.fsum(r.full_slm_bytes for r in recs) / len(recs)
+            up, down = math.fsum(r.bytes_up for r in recs), math.fsum(r.bytes_down for r in recs)
+            rows.append(
+                [
+                    label,
+                    run.client_label(client),
+                    client_rank(run, client),
+                    _bytes_and_share(up / len(recs), full),
+                    _bytes_and_share(down / len(recs), full),
+                    human_bytes(up + down),
+                ]
+            )
+    return list(CLIENT_TRAFFIC_HEADER), rows
 
 
 def print_rows_for_cli(runs: Sequence[RunSummary]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -706,6 +741,20 @@ def _ppl_markdown(
         rows = [[str(r), *(_fmt(v, 3) for v in row)] for r, row in enumerate(matrix)]
         parts += [f"### {label} (round {rnd})", "", _md_table(header, rows), ""]
         parts += [f"![Trust matrix of {label}]({trust_plots[i]})", ""]
+
+    traffic = [run for run in runs if run.comm]
+    if traffic:
+        parts += ["## Communication per client", ""]
+        parts += [
+            "Bytes each client sends (up) and receives (down) per round, mean over rounds, with the share "
+            "of the full model's size in brackets: every adapter the server sent it (to train, to evaluate, "
+            "and peers' adapters as validation-trust evidence) and everything it sent back (its trained "
+            "adapter, prediction-trust logits). Clients of different LoRA ranks (lora.ranks) move different "
+            "bytes. Units are decimal (1 MB = 10^6 bytes).",
+            "",
+            _md_table(*client_traffic_rows(traffic), align_right_from=2),
+            "",
+        ]
     return parts
 
 

@@ -173,7 +173,13 @@ def run_personalized_variant(
     slot = pool.names[0]
     clients = InProcessClients(cfg, personalized_works(cfg, pool, data, device))
     loop = PersonalizedLoop(
-        cfg, clients, pool.state(slot), lambda s, p: pool.save(slot, p, s), RunFiles(run_dir, cfg), console
+        cfg,
+        clients,
+        pool.initial,
+        lambda s, p: pool.save(slot, p, s),
+        RunFiles(run_dir, cfg),
+        console,
+        pool.base_bytes(),
     )
     try:
         loop.run(resume)

@@ -51,11 +51,6 @@ SERVER = "server"  # the server's copy of the SLM adapter (theta), inside the SL
 LLM_ADAPTER = "server-llm"  # the LLM's server-only LoRA (omega); never leaves the server
 
 
-def base_model_bytes(pool: AdapterPool) -> int:
-    """Size of the full model without any adapter: what FedCoLLM's payload is compared to."""
-    return sum(p.numel() * p.element_size() for n, p in pool.model.named_parameters() if "lora_" not in n)
-
-
 def adapter_digest(pool: AdapterPool, name: str) -> str:
     """A fingerprint of one adapter's weights (bit-exact: two adapters match only if every value does)."""
     h = hashlib.sha256()
@@ -209,7 +204,7 @@ class FedCoLLMLoop:
             raise ValueError(f"algorithm '{cfg.algorithm}' needs the server LLM")
         self.n = cfg.federation.clients
         self.vocab_size = len(server.tokenizer)
-        self.full_slm_bytes = base_model_bytes(server.slm)
+        self.full_slm_bytes = server.slm.base_bytes()
         initial = server.slm.state(SERVER)
         self.slm_shapes = {k: v.shape for k, v in initial.items()}
         self.client_adapters: dict[int, AdapterState] = {k: dict(initial) for k in range(self.n)}

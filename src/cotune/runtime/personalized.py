@@ -18,15 +18,16 @@ import torch
 from rich.console import Console
 
 from cotune.algorithms.personalized import REQUIRED_EVIDENCE, TrustEvidence
+from cotune.algorithms.ranks import resize_rank
 from cotune.algorithms.trust import PredictionDistance
 from cotune.config.schema import ExperimentConfig
-from cotune.records import EvalRecord, RoundRecord, RunEvent, TrainRecord, TrustRecord
+from cotune.records import CommRecord, EvalRecord, RoundRecord, RunEvent, TrainRecord, TrustRecord
 from cotune.reporting.progress import Activity
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
 from cotune.runtime.port import TEST_PREFIX, Clients, Prediction
 from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
-from cotune.state import AdapterState
+from cotune.state import AdapterState, state_bytes
 
 SaveAdapter = Callable[[AdapterState, Path], None]  # writes one adapter in PEFT format
 
@@ -67,12 +68,21 @@ class PersonalizedLoop:
         save_adapter: SaveAdapter,
         files: RunFiles,
         console: Console | None = None,
+        model_bytes: int = 0,
     ) -> None:
+        """`model_bytes`: the base model's size, what the traffic records compare each client's bytes to."""
         self.cfg, self.clients, self.files = cfg, clients, files
+        self.model_bytes = model_bytes
+        self.sent: dict[int, int] = {}  # this round's bytes to and from each client
+        self.received: dict[int, int] = {}
         self.save_adapter = save_adapter
         self.console = console or Console(stderr=True)
         self.n = cfg.federation.clients
-        self.adapters: list[AdapterState] = [dict(initial) for _ in range(self.n)]
+        # every client starts from `initial` (the pool's widest initialisation) cut to its own rank
+        self.adapters: list[AdapterState] = [
+            dict(initial) if cfg.lora.ranks is None else resize_rank(initial, cfg.lora.rank_of(i))
+            for i in range(self.n)
+        ]
         self.pipeline = AggregationPipeline(cfg, files.log)
         self.members = Membership(cfg, files.log, self.console)
         self.activity = Activity(self.console)
@@ -112,6 +122,7 @@ class PersonalizedLoop:
     def run_round(self, r: int) -> None:
         t0 = time.perf_counter()
         self.members.start_round(r)
+        self.sent, self.received = {}, {}
         rounds = self.cfg.federation.rounds
         total = self.steps_in_round(r) * len(self.members.active())
         with self.activity.phase(f"round {r}/{rounds} · training", total) as advance:
@@ -126,6 +137,7 @@ class PersonalizedLoop:
             with self.activity.phase(f"round {r}/{rounds} · evaluation"):
                 mean_ppl = self.evaluate(r)
         wall = time.perf_counter() - t0
+        self.log_traffic(r)
         self.files.log(
             RoundRecord(
                 round=r,
@@ -145,12 +157,11 @@ class PersonalizedLoop:
     def train(self, r: int, on_step: Callable[[int, float], None]) -> tuple[float, list[AdapterState]]:
         """Every active client trains its adapter; their uploads replace the loop's copies for now."""
         round_start = list(self.adapters)
-        replies = self.clients.train(
-            r, {i: self.adapters[i] for i in self.members.active()}, self.steps_in_round(r), on_step
-        )
+        replies = self.clients.train(r, self.send(self.members.active()), self.steps_in_round(r), on_step)
         self.members.note_failures(r, "train", replies)
         losses = []
         for i, up in sorted(replies.ok.items()):
+            self.count(self.received, i, state_bytes(up.adapter))
             self.adapters[i] = up.adapter
             m = up.metrics
             losses.append(float(m["loss"]))
@@ -174,17 +185,20 @@ class PersonalizedLoop:
         sent = [i for i in members if i in self.members.active()]
         rows: dict[int, list[float]] | None = None
         predictions: dict[int, Prediction] | None = None
-        if "perplexity" in need:
-            replies = self.clients.evaluate_peers(r, {i: self.adapters[i] for i in sent}, s.val_batches)
+        if "perplexity" in need:  # every client receives every peer's adapter
+            peers = {i: self.adapters[i] for i in sent}
+            for i in sent:
+                self.count(self.sent, i, sum(state_bytes(a) for a in peers.values()))
+            replies = self.clients.evaluate_peers(r, peers, s.val_batches)
             self.members.note_failures(r, "evidence", replies)
             rows = replies.ok
         if "prediction_distance" in need:
             bs = self.cfg.train.eval_batch_size
-            got = self.clients.predict(
-                r, {i: self.adapters[i] for i in sent}, s.public_batches, bs, s.logits_topk
-            )
+            got = self.clients.predict(r, self.send(sent), s.public_batches, bs, s.logits_topk)
             self.members.note_failures(r, "evidence", got)
             predictions = got.ok
+            for i, p in predictions.items():
+                self.count(self.received, i, sum(v.nbytes + k.nbytes for v, k in p.topk))
         members = [i for i in sent if i in self.members.active()]
         ev = TrustEvidence(n_clients=len(members))
         if "adapters" in need:
@@ -235,7 +249,7 @@ class PersonalizedLoop:
     def evaluate(self, r: int) -> float:
         """Each active client's validation (and test) loss and perplexity; returns their mean validation
         perplexity (what the console shows; reports read the test records)."""
-        replies = self.clients.evaluate(r, {i: self.adapters[i] for i in self.members.present()})
+        replies = self.clients.evaluate(r, self.send(self.members.present()))
         self.members.note_failures(r, "evaluate", replies)
         ppls = []
         for i, m in sorted(replies.ok.items()):
@@ -256,6 +270,29 @@ class PersonalizedLoop:
             acc=m[f"{prefix}acc"],
             tokens=int(m[f"{prefix}tokens"]),
         )
+
+    # ---- traffic --------------------------------------------------------------------------------------
+    def send(self, clients: list[int]) -> dict[int, AdapterState]:
+        """Each client's own adapter, as a message to it (counted in this round's traffic)."""
+        for i in clients:
+            self.count(self.sent, i, state_bytes(self.adapters[i]))
+        return {i: self.adapters[i] for i in clients}
+
+    @staticmethod
+    def count(tally: dict[int, int], client: int, nbytes: int) -> None:
+        tally[client] = tally.get(client, 0) + nbytes
+
+    def log_traffic(self, r: int) -> None:
+        for i in sorted(set(self.sent) | set(self.received)):
+            self.files.log(
+                CommRecord(
+                    round=r,
+                    client=i,
+                    bytes_up=self.received.get(i, 0),
+                    bytes_down=self.sent.get(i, 0),
+                    full_slm_bytes=self.model_bytes,
+                )
+            )
 
     # ---- state ----------------------------------------------------------------------------------------
     def checkpoint(self, r: int) -> None:

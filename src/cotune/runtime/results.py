@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
+from cotune.algorithms.ranks import rank_of
 from cotune.config.loader import load_config
 from cotune.config.schema import ExperimentConfig
 from cotune.data.tasks import load_task_file
@@ -76,8 +77,9 @@ def open_tuned(
         (cfg.llm.model, cfg.llm.lora) if name == LLM_ADAPTER and cfg.llm else (cfg.model, cfg.lora)
     )
     base, tokenizer, device = load_model(cfg, model_cfg, console)
-    pool = AdapterPool(base, lora, [name])
-    pool.load_state(name, {k: v.to(device) for k, v in load_adapter(adapter_dir).items()})
+    state = load_adapter(adapter_dir)
+    pool = AdapterPool(base, lora, [name], [rank_of(state)])  # clients may differ in rank (lora.ranks)
+    pool.load_state(name, {k: v.to(device) for k, v in state.items()})
     pool.activate(name)
     pool.model.eval()
     return TunedModel(pool, tokenizer, device, cfg, adapter_dir)

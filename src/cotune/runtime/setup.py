@@ -9,7 +9,7 @@ start from the same initial adapters and trainer states.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -79,11 +79,15 @@ def load_windows(
     return data
 
 
-def adapter_pool(cfg: ExperimentConfig, base: torch.nn.Module, names: list[str] | None = None) -> AdapterPool:
-    """Adapters `names` (default: one per client) on one base, seeded: every transport starts from the
-    same LoRA initialisation."""
+def adapter_pool(
+    cfg: ExperimentConfig, base: torch.nn.Module, clients: Sequence[int] | None = None
+) -> AdapterPool:
+    """An adapter per client of `clients` (default: all), at its rank, on one base, seeded: every
+    transport starts from the same LoRA initialisation."""
     seed_everything(cfg.run.seed)
-    return AdapterPool(base, cfg.lora, names or [client_name(i) for i in range(cfg.federation.clients)])
+    indices = range(cfg.federation.clients) if clients is None else clients
+    ranks = None if cfg.lora.ranks is None else [cfg.lora.rank_of(i) for i in indices]
+    return AdapterPool(base, cfg.lora, [client_name(i) for i in indices], ranks, cfg.lora.max_rank)
 
 
 def personalized_work(

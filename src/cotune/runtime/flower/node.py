@@ -28,7 +28,6 @@ from cotune.data.tasks import build_task
 from cotune.data.windows import ClientData, FederatedData, federated_data, owner_data, pack_windows, tokenize
 from cotune.runtime.client import ClientWork
 from cotune.runtime.flower.node_state import NodeStateStore, default_state_dir
-from cotune.runtime.rundir import client_name
 from cotune.runtime.setup import (
     adapter_pool,
     fedcollm_work,
@@ -123,8 +122,7 @@ class Node:
         self.family, self.cfg, self.settings = family, cfg, settings
         self.index = settings.partition
         base, self.tokenizer, self.device = base_model(cfg)
-        name = client_name(self.index)
-        self.pool = adapter_pool(cfg, base, [name])
+        self.pool = adapter_pool(cfg, base, [self.index])
         if family == "personalized":
             self.work = self.personalized_work()
         elif family == "fedcollm":

@@ -39,7 +39,7 @@ from cotune.runtime.flower.deploy import OUTCOME_MARK, check_flower_config, run_
 from cotune.runtime.guard import TooFewClients
 from cotune.runtime.lock import run_lock
 from cotune.runtime.personalized import PersonalizedLoop
-from cotune.runtime.rundir import ResumeError, RunFiles, client_name, default_run_dir, is_flower_run
+from cotune.runtime.rundir import ResumeError, RunFiles, default_run_dir, is_flower_run
 from cotune.runtime.setup import (
     adapter_pool,
     fedcollm_pools,
@@ -96,10 +96,10 @@ def build_loop(
         )
     # personalized: the server only needs the initial adapter every client starts from (on its CPU)
     base, _, _ = load_model(cfg, console=console, device=torch.device("cpu"))
-    pool = adapter_pool(cfg, base, [client_name(0)])
+    pool = adapter_pool(cfg, base, [0])
     slot = pool.names[0]
     return PersonalizedLoop(
-        cfg, clients, pool.state(slot), lambda s, d: pool.save(slot, d, s), files, console
+        cfg, clients, pool.initial, lambda s, d: pool.save(slot, d, s), files, console, pool.base_bytes()
     )
 
 
