@@ -1,15 +1,19 @@
-"""Personalized collaborative fine-tuning quality: five strategies x heterogeneous settings x seeds.
+"""Personalized collaborative fine-tuning quality: nine strategies x heterogeneous settings x seeds.
 
 For every setting config in bench/configs/pq-*.yaml and every seed, one `cotune run` (one model
 load) trains the same clients with validation trust and, through `run.compare`, local, fedavg,
-weight and prediction trust on identical data and initialisation. Run directories go to
+weight and prediction trust on identical data and initialisation; the federated LoRA baselines
+(ffa_lora, fedsa_lora, hetlora, flexlora) run alone on the same data and seed. Run directories go to
 runs/bench/pq/<setting>/s<seed>[.<strategy>] (gitignored); a finished run is not rerun, so an
-interrupted sweep continues where it stopped. Then the final per-client test perplexities (each client's
+interrupted sweep continues where it stopped. `--ranks 4 8 16 32` gives the clients those LoRA ranks
+(local, hetlora, flexlora; runs/bench/pq-ranks, results personalized_quality_ranks.*) and the table
+adds each client's bytes sent per round. Then the final per-client test perplexities (each client's
 held-out documents, unseen by training and by every trust) and validation perplexities are
 collected into bench/results/personalized_quality.{json,md} and one per-round plot per setting.
 
     .venv/bin/python bench/personalized_quality.py [--seeds 0 1 2] [--settings bbc-topic ...]
     .venv/bin/python bench/personalized_quality.py --collect-only    # tables/plots from finished runs
+    .venv/bin/python bench/personalized_quality.py --ranks 4 8 16 32 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -28,13 +32,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SETTINGS = ["bbc-topic", "bbc-mixed", "wiki-lang", "code-prose"]
-STRATEGIES = ["local", "fedavg", "weight", "validation", "prediction"]
-MAIN = "validation"  # the config's strategy.name; the others come from run.compare
+GROUP = ["local", "fedavg", "weight", "validation", "prediction"]  # one `cotune run` (run.compare)
+MAIN = "validation"  # the config's strategy.name; the rest of GROUP comes from its run.compare
+# The federated LoRA baselines of issue 16, each its own run on the same data and initialisation.
+SINGLES = ["ffa_lora", "fedsa_lora", "hetlora", "flexlora"]
+STRATEGIES = GROUP + SINGLES
+# --ranks: clients of different LoRA ranks (one per client); only these strategies accept them.
+RANK_STRATEGIES = ["local", "hetlora", "flexlora"]
 
 
-def run_dirs(runs_root: Path, setting: str, seed: int) -> dict[str, Path]:
+def run_dirs(runs_root: Path, setting: str, seed: int, strategies: list[str] = STRATEGIES) -> dict[str, Path]:
     main = runs_root / setting / f"s{seed}"
-    return {s: (main if s == MAIN else main.with_name(f"{main.name}.{s}")) for s in STRATEGIES}
+    return {s: (main if s == MAIN else main.with_name(f"{main.name}.{s}")) for s in strategies}
 
 
 def finished(d: Path) -> bool:
@@ -55,38 +64,53 @@ def final_val_ppl(d: Path, final_round: int | None) -> dict[int, float]:
     }
 
 
-def sweep(settings: list[str], seeds: list[int], runs_root: Path, overrides: list[str]) -> dict:
+def sweep(
+    settings: list[str], seeds: list[int], runs_root: Path, overrides: list[str], strategies: list[str]
+) -> dict:
     timings = {}
     for seed in seeds:  # seed-major: a sweep cut short still has every setting for the first seeds
         for setting in settings:
-            dirs = run_dirs(runs_root, setting, seed)
-            if all(finished(d) for d in dirs.values()):
+            dirs = run_dirs(runs_root, setting, seed, strategies)
+            todo = [s for s in strategies if not finished(dirs[s])]
+            if not todo:
                 print(f"[skip] {setting} seed {seed}: finished", flush=True)
                 continue
-            for d in dirs.values():  # a half-finished (setting, seed) starts again from scratch
-                if d.exists():
-                    subprocess.run(["rm", "-rf", str(d)], check=True)
-            cmd = [
-                sys.executable,  # this interpreter, with this checkout's source first on its path
-                "-m",
-                "cotune.cli.main",
-                "run",
-                str(HERE / "configs" / f"pq-{setting}.yaml"),
-                f"run.seed={seed}",
-                *overrides,
-                "--out",
-                str(dirs[MAIN]),
+            # GROUP runs as one `cotune run` when the config's own compare list applies (uniform ranks);
+            # every other strategy (and every run with --ranks) alone
+            group = [s for s in GROUP if s in strategies] if strategies == STRATEGIES else []
+            runs = ([("group", group)] if any(s in todo for s in group) else []) + [
+                (s, [s]) for s in todo if s not in group
             ]
-            print(f"[run] {' '.join(cmd)}", flush=True)
-            t0 = time.perf_counter()
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-            }
-            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-            timings[f"{setting}/s{seed}"] = time.perf_counter() - t0
-            print(f"[done] {setting} seed {seed} in {timings[f'{setting}/s{seed}']:.0f} s", flush=True)
+            for name, members in runs:
+                for s in members:  # a half-finished run starts again from scratch
+                    if dirs[s].exists():
+                        subprocess.run(["rm", "-rf", str(dirs[s])], check=True)
+                alone = [] if name == "group" else [f"strategy.name={name}", "run.compare=[]"]
+                out = dirs[MAIN] if name == "group" else dirs[name]
+                timings[f"{setting}/s{seed}/{name}"] = run_one(setting, seed, [*alone, *overrides], out)
     return timings
+
+
+def run_one(setting: str, seed: int, overrides: list[str], out: Path) -> float:
+    """One `cotune run` of a setting's config; returns its wall seconds."""
+    cmd = [
+        sys.executable,  # this interpreter, with this checkout's source first on its path
+        "-m",
+        "cotune.cli.main",
+        "run",
+        str(HERE / "configs" / f"pq-{setting}.yaml"),
+        f"run.seed={seed}",
+        *overrides,
+        "--out",
+        str(out),
+    ]
+    print(f"[run] {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    seconds = time.perf_counter() - t0
+    print(f"[done] {setting} seed {seed} -> {out.name} in {seconds:.0f} s", flush=True)
+    return seconds
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -95,7 +119,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
-def collect(settings: list[str], seeds: list[int], runs_root: Path) -> dict:
+def collect(settings: list[str], seeds: list[int], runs_root: Path, strategies: list[str]) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     from cotune.reporting.metrics import load_run
 
@@ -105,15 +129,18 @@ def collect(settings: list[str], seeds: list[int], runs_root: Path) -> dict:
         budget = None
         # a seed counts once every strategy finished it: the strategies compare on the same seeds
         complete = [
-            seed for seed in seeds if all(finished(d) for d in run_dirs(runs_root, setting, seed).values())
+            seed
+            for seed in seeds
+            if all(finished(d) for d in run_dirs(runs_root, setting, seed, strategies).values())
         ]
-        for s in STRATEGIES:
+        for s in strategies:
             final: dict[int, dict[int, float]] = {}  # seed -> client -> test ppl
             final_val: dict[int, dict[int, float]] = {}  # seed -> client -> validation ppl
             curves: dict[int, list[tuple[int, float]]] = {}
             round_wall: list[float] = []
+            up: dict[int, list[float]] = {}  # client -> bytes it sent per round (runs that log traffic)
             for seed in complete:
-                d = run_dirs(runs_root, setting, seed)[s]
+                d = run_dirs(runs_root, setting, seed, strategies)[s]
                 run = load_run(d)
                 assert run.ppl_split == "test", f"{d} has no test split"
                 final[seed] = run.final_ppl()
@@ -123,9 +150,11 @@ def collect(settings: list[str], seeds: list[int], runs_root: Path) -> dict:
                     budget = _budget(run.config)
                 from cotune.reporting.metrics import read_metrics
 
-                round_wall += [
-                    m["wall_s"] for m in read_metrics(d / "metrics.jsonl") if m.get("type") == "round"
-                ]
+                records = read_metrics(d / "metrics.jsonl")
+                round_wall += [m["wall_s"] for m in records if m.get("type") == "round"]
+                for m in records:
+                    if m.get("type") == "comm":
+                        up.setdefault(m["client"], []).append(m["bytes_up"])
             values = [p for per_client in final.values() for p in per_client.values()]
             seed_means = [statistics.fmean(pc.values()) for pc in final.values() if pc]
             val_values = [p for per_client in final_val.values() for p in per_client.values()]
@@ -139,11 +168,12 @@ def collect(settings: list[str], seeds: list[int], runs_root: Path) -> dict:
                 "seeds": sorted(final),
                 "curves": {str(k): v for k, v in curves.items()},
                 "mean_round_wall_s": statistics.fmean(round_wall) if round_wall else None,
+                "bytes_up_per_round": {str(c): statistics.fmean(v) for c, v in sorted(up.items())},
             }
         # wins: per (seed, client), strategy ppl strictly below the reference's
-        for s in STRATEGIES:
+        for s in strategies:
             wins = {}
-            for ref in ("local", "fedavg"):
+            for ref in [r for r in ("local", "fedavg") if r in per]:
                 w = n = 0
                 for seed, pc in per[s]["final_ppl"].items():
                     ref_pc = per[ref]["final_ppl"].get(seed, {})
@@ -173,7 +203,14 @@ def _budget(cfg: dict) -> dict:
         "public_windows": data.get("public_windows"),
         "lr": train.get("lr"),
         "lora": cfg.get("lora"),
+        "rank": (cfg.get("lora") or {}).get("r"),
+        "ranks": (cfg.get("lora") or {}).get("ranks"),
     }
+
+
+def human(n: float) -> str:
+    """Decimal kB / MB, three significant digits."""
+    return f"{n / 1e6:.3g} MB" if n >= 1e6 else f"{n / 1e3:.3g} kB"
 
 
 def plot(result: dict, out_dir: Path) -> list[str]:
@@ -211,7 +248,7 @@ def plot(result: dict, out_dir: Path) -> list[str]:
         ax.set_title(f"{setting}: mean over seeds (band: ±1 std over seeds)", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        name = f"personalized_quality_{setting}.png"
+        name = f"{result['name']}_{setting}.png"
         fig.savefig(out_dir / name)
         plt.close(fig)
         files.append(name)
@@ -245,8 +282,13 @@ def markdown(result: dict) -> str:
             f"{b.get('max_test_windows')} test windows per client, "
             f"{b.get('public_windows')} public windows, lr {b.get('lr')}",
             "",
-            "| strategy | final test ppl | wins vs local | wins vs fedavg | val ppl | mean round wall |",
-            "|---|---:|---:|---:|---:|---:|",
+            f"LoRA ranks of the clients: {b.get('ranks')}"
+            if b.get("ranks")
+            else f"LoRA rank {b.get('rank')}",
+            "",
+            "| strategy | final test ppl | wins vs local | wins vs fedavg | val ppl | mean round wall "
+            "| up / round, per client |",
+            "|---|---:|---:|---:|---:|---:|---|",
         ]
         best = min(
             (r["mean"] for r in body["strategies"].values() if not math.isnan(r["mean"])), default=None
@@ -258,13 +300,14 @@ def markdown(result: dict) -> str:
             cell = f"{r['mean']:.2f} ± {r['std_over_clients_and_seeds']:.2f} [{r['std_of_seed_means']:.2f}]"
             if best is not None and r["mean"] == best:
                 cell = f"**{cell}**"
-            wl, wf = r["wins"]["local"], r["wins"]["fedavg"]
+            wins = {ref: "-" if s == ref else f"{w[0]}/{w[1]}" for ref, w in r["wins"].items()}
             wall = f"{r['mean_round_wall_s']:.1f} s" if r["mean_round_wall_s"] else "-"
+            traffic = " / ".join(human(x) for x in r["bytes_up_per_round"].values()) or "-"
             lines.append(
-                f"| {s} | {cell} | {'-' if s == 'local' else f'{wl[0]}/{wl[1]}'} "
-                f"| {'-' if s == 'fedavg' else f'{wf[0]}/{wf[1]}'} | {r['val_mean']:.2f} | {wall} |"
+                f"| {s} | {cell} | {wins.get('local', '-')} | {wins.get('fedavg', '-')} "
+                f"| {r['val_mean']:.2f} | {wall} | {traffic} |"
             )
-        lines += ["", f"![{setting}](personalized_quality_{setting}.png)", ""]
+        lines += ["", f"![{setting}]({result['name']}_{setting}.png)", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -272,13 +315,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--settings", nargs="+", default=SETTINGS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench" / "pq")
+    ap.add_argument("--runs", type=Path, help="default: runs/bench/pq (with --ranks: runs/bench/pq-ranks)")
+    ap.add_argument(
+        "--ranks", nargs="+", type=int, help="a LoRA rank per client (e.g. 4 8 16 32): the mixed-rank table"
+    )
+    ap.add_argument(
+        "--strategies", nargs="+", help="default: all nine (with --ranks: local hetlora flexlora)"
+    )
     ap.add_argument("--collect-only", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args()
+    name = "personalized_quality_ranks" if args.ranks else "personalized_quality"
+    runs = args.runs or ROOT / "runs" / "bench" / ("pq-ranks" if args.ranks else "pq")
+    strategies = args.strategies or (RANK_STRATEGIES if args.ranks else STRATEGIES)
+    overrides = [*args.overrides, *([f"lora.ranks=[{','.join(map(str, args.ranks))}]"] if args.ranks else [])]
     t0 = time.perf_counter()
-    timings = {} if args.collect_only else sweep(args.settings, args.seeds, args.runs, args.overrides)
-    result = collect(args.settings, args.seeds, args.runs)
+    timings = {} if args.collect_only else sweep(args.settings, args.seeds, runs, overrides, strategies)
+    result = collect(args.settings, args.seeds, runs, strategies)
+    result["name"] = name
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores (shared), CPU, fp32, torch threads=1"
     result["sweep_seconds"] = None if args.collect_only else time.perf_counter() - t0
     result["run_seconds"] = timings
@@ -286,13 +340,13 @@ def main() -> None:
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     result["plots"] = plot(result, out_dir)
-    prev = out_dir / "personalized_quality.json"
+    prev = out_dir / f"{name}.json"
     if args.collect_only and prev.is_file():  # keep the sweep's own timings
         old = json.loads(prev.read_text())
         result["sweep_seconds"], result["run_seconds"] = old.get("sweep_seconds"), old.get("run_seconds", {})
     prev.write_text(json.dumps(result, indent=2))
     text = markdown(result)
-    (out_dir / "personalized_quality.md").write_text(text)
+    (out_dir / f"{name}.md").write_text(text)
     print(text)
 
 
