@@ -92,6 +92,55 @@ def test_resume_refuses_overrides_that_change_the_experiment_and_applies_runtime
     assert load_run(out).final_round() == 2
 
 
+def test_a_run_written_by_an_older_cotune_resumes_where_it_stopped(capsys, corpus_dir, tmp_path, monkeypatch):
+    """An older version knew no lora.ranks: its config.yaml lacks it and its checkpoints' fingerprint is over
+    the settings it knew. A newer version (where the added setting defaults to the old behaviour) resumes
+    it, and the run ends exactly as an uninterrupted one; an edited setting is still refused."""
+    from cotune.runtime import rundir
+
+    cfg = config(tmp_path, corpus_dir)
+    assert cotune(capsys, "run", cfg, "--out", tmp_path / "whole")[0] == 0
+    known = rundir.flat_settings
+
+    def older(c):
+        return {k: v for k, v in known(c).items() if not k.startswith(("lora.ranks", "lora.tiers"))}
+
+    out = tmp_path / "old"
+    with monkeypatch.context() as m:
+        m.setattr(rundir, "flat_settings", older)
+        assert cotune(capsys, "run", cfg, "--out", out)[0] == 0
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    del written["lora"]["ranks"], written["lora"]["tiers"]
+    (out / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    shutil.rmtree(out / "checkpoints" / "round-0002")  # it stopped in its last round
+
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    (edited / "config.yaml").write_text((out / "config.yaml").read_text().replace("lr: 0.01", "lr: 0.02"))
+    code, text = cotune(capsys, "run", "--resume", edited)
+    assert code == 2 and "written by a different config" in text
+
+    code, text = cotune(capsys, "run", "--resume", out, "run.threads=1")
+    assert code == 0, text
+    assert "ranks" not in yaml.safe_load((out / "config.yaml").read_text())["lora"]  # kept as written
+    assert load_run(out).final_round() == 2
+    whole, resumed = adapters(tmp_path / "whole"), adapters(out)
+    assert all(torch.equal(whole[c][k], resumed[c][k]) for c in whole for k in whole[c])
+
+
+def test_an_added_setting_away_from_its_default_is_not_the_older_run(corpus_dir, tmp_path):
+    from cotune.config import config_from_dict
+    from cotune.runtime.rundir import config_fingerprint, written_fingerprint
+
+    cfg = config_from_dict(tiny_tree(corpus_dir, tmp_path))
+    written = cfg.family_dump()
+    assert written_fingerprint(cfg, written) == config_fingerprint(cfg)
+    del written["lora"]["ranks"]
+    assert written_fingerprint(cfg, written) is not None  # added since, at its default
+    ranked = config_from_dict(tiny_tree(corpus_dir, tmp_path, lora={"ranks": [2, 2, 2, 2]}))
+    assert written_fingerprint(ranked, written) is None  # added since, and set
+
+
 def test_a_run_killed_before_its_first_checkpoint_can_be_started_over(capsys, corpus_dir, tmp_path):
     out = tmp_path / "run"
     cfg = config(tmp_path, corpus_dir, federation={"rounds": 1})

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
 
 from cotune.config.schema import ExperimentConfig
 
@@ -49,19 +50,44 @@ def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return tree
 
 
+def _section_of(field: FieldInfo) -> type[BaseModel] | None:
+    """The config section a field holds (also through `X | None`), or None for a plain value."""
+    annotation = field.annotation
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _field_at(model: type[BaseModel], loc: Sequence[str | int]) -> FieldInfo | None:
+    """The field at a dotted location (a list of keys), or None where there is none."""
+    current: type[BaseModel] | None = model
+    field = None
+    for part in loc:
+        field = current.model_fields.get(part) if current is not None and isinstance(part, str) else None
+        if field is None:
+            return None
+        current = _section_of(field)
+    return field
+
+
 def _known_keys(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
     """The keys allowed at `loc` (the parent of an unknown key), for a helpful message."""
-    current: Any = model
-    for part in loc:
-        field = getattr(current, "model_fields", {}).get(part) if isinstance(part, str) else None
-        if field is None:
-            return []
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if current is None:
-            return []
-    return sorted(getattr(current, "model_fields", {}))
+    if not loc:
+        return sorted(model.model_fields)
+    field = _field_at(model, loc)
+    section = None if field is None else _section_of(field)
+    return [] if section is None else sorted(section.model_fields)
+
+
+NO_DEFAULT = object()  # a dotted key that is not a setting, or one without a default
+
+
+def setting_default(dotted: str) -> Any:
+    """A setting's default as it appears in a dumped config (JSON form), or NO_DEFAULT."""
+    field = _field_at(ExperimentConfig, dotted.split("."))
+    if field is None or field.is_required():
+        return NO_DEFAULT
+    value = field.get_default(call_default_factory=True)
+    return TypeAdapter(field.annotation).dump_python(value, mode="json")
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

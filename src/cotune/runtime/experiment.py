@@ -37,6 +37,7 @@ from cotune.runtime.rundir import (
     init_run_dir,
     is_flower_run,
     newest_intact,
+    record_runtime_settings,
     resume_config,
     variant,
 )
@@ -262,7 +263,10 @@ def resume_experiment(
             if status == "unstarted":
                 (d / METRICS_FILE).unlink(missing_ok=True)
             d.mkdir(parents=True, exist_ok=True)
-            (d / "config.yaml").write_text(dump_config(v))  # with the runtime settings of this resume
+            if status == "unstarted":
+                (d / "config.yaml").write_text(dump_config(v))
+            else:  # this resume's runtime settings; the rest stays as the checkpoints' version wrote it
+                record_runtime_settings(d / "config.yaml", v)
             if on_flower and has_client_step(v):
                 require_flwr()
                 run_federated(backend, [(d.resolve(), v)], console, resume=status == "resumable", **flower)

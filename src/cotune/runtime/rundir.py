@@ -19,9 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from safetensors.torch import load_file
 
-from cotune.config.loader import dump_config, load_config
+from cotune.config.loader import NO_DEFAULT, dump_config, load_config, setting_default
 from cotune.config.schema import ExperimentConfig
 from cotune.records import Record, RunEvent
 from cotune.reporting.metrics import append_metrics, read_metrics
@@ -54,8 +55,8 @@ RUNTIME_SETTINGS = (
 BOOKKEEPING = ("run.name", "run.out_dir")  # where the run lives, not what it is
 
 
-def flat_settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Every setting the run's family reads, by dotted key."""
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config tree by dotted key (lists and other values are leaves)."""
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -65,14 +66,68 @@ def flat_settings(cfg: ExperimentConfig) -> dict[str, Any]:
         else:
             out[prefix[:-1]] = node
 
-    walk(cfg.family_dump(), "")
+    walk(dict(tree), "")
     return out
+
+
+def flat_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Every setting the run's family reads, by dotted key."""
+    return flatten(cfg.family_dump())
+
+
+def fingerprint_of(settings: Mapping[str, Any]) -> str:
+    kept = {k: v for k, v in settings.items() if k not in RUNTIME_SETTINGS + BOOKKEEPING}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_fingerprint(cfg: ExperimentConfig) -> str:
     """What must match for a checkpoint to be resumed: every setting but runtime ones and bookkeeping."""
-    kept = {k: v for k, v in flat_settings(cfg).items() if k not in RUNTIME_SETTINGS + BOOKKEEPING}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint_of(flat_settings(cfg))
+
+
+def written_fingerprint(cfg: ExperimentConfig, written: Mapping[str, Any]) -> str | None:
+    """The fingerprint of `written` (a run's config.yaml as its cotune version wrote it), when `cfg` is that
+    config as this version reads it: every setting added since at its default (an added setting defaults
+    to what older versions did). None when `cfg` sets an added one, or differs in a setting they share.
+
+    A checkpoint holds only its version's fingerprint, so this lets a newer cotune resume an older run."""
+    old, new = flatten(written), flat_settings(cfg)
+    runtime = RUNTIME_SETTINGS + BOOKKEEPING
+    shared = [k for k in new if k in old and k not in runtime]
+    if any(not _same_setting(old[k], new[k]) for k in shared):
+        return None
+    if any(not _at_default(k, new[k]) for k in new if k not in old and k not in runtime):
+        return None
+    return fingerprint_of(old)
+
+
+def record_runtime_settings(path: Path, cfg: ExperimentConfig) -> None:
+    """Write `cfg`'s runtime settings into the run's config.yaml and leave every other setting as it was
+    written: a config.yaml of an older cotune keeps the settings its checkpoints' fingerprint is over."""
+    tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    settings = flat_settings(cfg)
+    for key in RUNTIME_SETTINGS:
+        if key in settings:
+            *sections, name = key.split(".")
+            node = tree
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = settings[key]
+    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+
+
+def _same_setting(old: Any, new: Any) -> bool:
+    """Equal, where list items that are sections may have gained settings since, at their defaults."""
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return all(_same_setting(o, n) for o, n in zip(old, new, strict=True))
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(k in new and _same_setting(v, new[k]) for k, v in old.items())
+    return bool(old == new)
+
+
+def _at_default(key: str, value: Any) -> bool:
+    default = setting_default(key)
+    return default is not NO_DEFAULT and value == default
 
 
 def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -225,9 +280,18 @@ class RunFiles:
                 file=sys.stderr,
                 flush=True,
             )
-        if state.get("fingerprint") != self.fingerprint:
+        if state.get("fingerprint") not in (self.fingerprint, self.fingerprint_as_written()):
             raise ResumeError(f"the checkpoint in {path} was written by a different config; cannot resume")
         return r, path, state
+
+    def fingerprint_as_written(self) -> str | None:
+        """This config's fingerprint under the cotune version that wrote the run's config.yaml."""
+        path = self.run_dir / "config.yaml"
+        try:
+            written = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        return written_fingerprint(self.cfg, written) if isinstance(written, dict) else None
 
     def resume(self) -> tuple[int, Path, dict[str, Any]]:
         """Open the latest checkpoint, restore the RNG, drop the metrics of the unfinished round."""
