@@ -87,7 +87,8 @@ def setting_default(dotted: str) -> Any:
     if field is None or field.is_required():
         return NO_DEFAULT
     value = field.get_default(call_default_factory=True)
-    return TypeAdapter(field.annotation).dump_python(value, mode="json")
+    annotation: Any = field.annotation
+    return TypeAdapter(annotation).dump_python(value, mode="json")
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
