@@ -166,6 +166,10 @@ class AdapterPool:
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
 
+    def adapter_bytes(self, name: str | None = None) -> int:
+        """Size of adapter `name` (default: the first), what one client's upload weighs."""
+        return sum(p.numel() * p.element_size() for p in self.parameters(name or self.names[0]))
+
     def base_bytes(self) -> int:
         """Size of the full model without any adapter: what an adapter's traffic is compared to."""
         return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters() if "lora_" not in n)
