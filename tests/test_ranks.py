@@ -168,3 +168,35 @@ def test_a_run_of_mixed_ranks_trains_saves_and_accounts_each_client_at_its_rank(
     assert "## Communication per client" in report and "| 2 (" in report
     tuned = open_tuned(run_dir, client=0)  # cotune eval / generate open a client of its own rank
     assert tuned.pool.ranks["client-00"] == 1
+
+
+def _all_final(run_dir):
+    _, path = list_checkpoints(run_dir)[-1]
+    return {p.name: load_file(str(p / "adapter_model.safetensors")) for p in sorted(path.glob("client-*"))}
+
+
+def test_mixed_ranks_resume_train_together_and_take_differential_privacy(corpus_dir, tmp_path):
+    """A resumed run ends with the uninterrupted adapters; clients of different ranks trained in one shared
+    batch (federation.parallel_clients) end where one-by-one training does; per-upload DP noise applies."""
+    import shutil
+
+    from cotune.runtime.experiment import resume_experiment
+
+    def run(name, **sections):
+        tree = tiny_tree(corpus_dir, tmp_path, lora={"ranks": [1, 2, 3, 4]}, run={"name": name}, **sections)
+        return run_experiment(config_from_dict(tree))[0]
+
+    whole = run("whole", strategy={"name": "flexlora"})
+    cut = run("cut", strategy={"name": "flexlora"})
+    shutil.rmtree(cut / "checkpoints" / "round-0002")
+    resume_experiment(cut)
+    a, b = _all_final(whole), _all_final(cut)
+    assert all(torch.equal(a[c][k], b[c][k]) for c in a for k in a[c])
+
+    together = run("together", strategy={"name": "flexlora"}, federation={"parallel_clients": 4})
+    t = _all_final(together)
+    assert max(float((a[c][k] - t[c][k]).abs().max()) for c in a for k in a[c]) < 1e-5
+
+    private = run("dp", strategy={"name": "hetlora"}, privacy={"clip_norm": 0.05, "noise_multiplier": 1.0})
+    assert [r["round"] for r in _records(private, "privacy") if "epsilon" in r] == [1, 2]
+    assert [rank_of(s) for s in _all_final(private).values()] == [1, 2, 3, 4]
