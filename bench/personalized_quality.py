@@ -6,10 +6,11 @@ weight and prediction trust on identical data and initialisation; the federated 
 (ffa_lora, fedsa_lora, hetlora, flexlora) run alone on the same data and seed. Run directories go to
 runs/bench/pq/<setting>/s<seed>[.<strategy>] (gitignored); a finished run is not rerun, so an
 interrupted sweep continues where it stopped. `--ranks 4 8 16 32` gives the clients those LoRA ranks
-(local, hetlora, flexlora; runs/bench/pq-ranks, results personalized_quality_ranks.*) and the table
-adds each client's bytes sent per round. Then the final per-client test perplexities (each client's
-held-out documents, unseen by training and by every trust) and validation perplexities are
-collected into bench/results/personalized_quality.{json,md} and one per-round plot per setting.
+(local, hetlora, flexlora, validation and prediction trust; runs/bench/pq-ranks, results
+personalized_quality_ranks.*) and the table adds each client's bytes sent per round. Then the final
+per-client test perplexities (each client's held-out documents, unseen by training and by every
+trust) and validation perplexities are collected into bench/results/personalized_quality.{json,md}
+and one per-round plot per setting.
 
     .venv/bin/python bench/personalized_quality.py [--seeds 0 1 2] [--settings bbc-topic ...]
     .venv/bin/python bench/personalized_quality.py --collect-only    # tables/plots from finished runs
@@ -38,7 +39,7 @@ MAIN = "validation"  # the config's strategy.name; the rest of GROUP comes from 
 SINGLES = ["ffa_lora", "fedsa_lora", "hetlora", "flexlora"]
 STRATEGIES = GROUP + SINGLES
 # --ranks: clients of different LoRA ranks (one per client); only these strategies accept them.
-RANK_STRATEGIES = ["local", "hetlora", "flexlora"]
+RANK_STRATEGIES = ["local", "hetlora", "flexlora", "validation", "prediction"]
 
 
 def run_dirs(runs_root: Path, setting: str, seed: int, strategies: list[str] = STRATEGIES) -> dict[str, Path]:
@@ -320,7 +321,9 @@ def main() -> None:
         "--ranks", nargs="+", type=int, help="a LoRA rank per client (e.g. 4 8 16 32): the mixed-rank table"
     )
     ap.add_argument(
-        "--strategies", nargs="+", help="default: all nine (with --ranks: local hetlora flexlora)"
+        "--strategies",
+        nargs="+",
+        help="default: all nine (with --ranks: local hetlora flexlora validation prediction)",
     )
     ap.add_argument("--collect-only", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")

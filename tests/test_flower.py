@@ -830,7 +830,7 @@ def test_a_long_lived_node_process_loads_the_base_model_once(corpus_dir, tmp_pat
     assert max_adapter_diff(_adapters(embedded), _adapters(tmp_path / "flower")) == 0.0
 
 
-@pytest.mark.parametrize("strategy", ["hetlora", "flexlora"])
+@pytest.mark.parametrize("strategy", ["hetlora", "flexlora", "validation"])
 def test_clients_of_different_ranks_give_the_embedded_results_on_flower(corpus_dir, tmp_path, strategy):
     """Each SuperNode builds its client at its own rank from the same widest initialisation; the adapters,
     trust matrices and per-client traffic match the embedded run's."""

@@ -89,6 +89,9 @@ def test_mixed_ranks_are_refused_where_they_mean_nothing(corpus_dir, tmp_path):
         cfg(lora=mixed)
     with pytest.raises(ConfigError, match="strategy 'weight' mixes"):
         cfg(lora=mixed, strategy={"name": "hetlora"}, run={"compare": ["weight"]})
+    with pytest.raises(ConfigError, match="strategy 'ffa_lora' mixes"):
+        cfg(lora=mixed, strategy={"name": "validation"}, run={"compare": ["ffa_lora"]})
+    cfg(lora=mixed, strategy={"name": "validation"}, run={"compare": ["prediction", "oracle", "local"]})
     with pytest.raises(ConfigError, match="lists 3 rank"):
         cfg(lora={"ranks": [1, 2, 3]}, strategy={"name": "hetlora"})
     with pytest.raises(ConfigError, match=r"tier\(s\) \['laptop'\]"):
@@ -200,3 +203,63 @@ def test_mixed_ranks_resume_train_together_and_take_differential_privacy(corpus_
     private = run("dp", strategy={"name": "hetlora"}, privacy={"clip_norm": 0.05, "noise_multiplier": 1.0})
     assert [r["round"] for r in _records(private, "privacy") if "epsilon" in r] == [1, 2]
     assert [rank_of(s) for s in _all_final(private).values()] == [1, 2, 3, 4]
+
+
+def test_trust_across_ranks_scores_every_peer_at_its_own_rank_and_mixes_the_products(corpus_dir, tmp_path):
+    """Validation trust with clients of ranks 1-4: each client scores every peer's adapter (in a spare adapter
+    of the peer's rank), and the aggregation is FlexLoRA's rule with the trust matrix: each client's B A is
+    the best rank-r_i approximation of sum_j W_ij B_j A_j of the uploads."""
+    from cotune.algorithms.personalized import TrustEvidence, aggregate
+    from cotune.config.schema import StrategyConfig
+
+    tree = tiny_tree(corpus_dir, tmp_path, lora={"ranks": [1, 2, 3, 4]}, strategy={"name": "validation"})
+    (run_dir,) = run_experiment(config_from_dict(tree))
+    trust = _records(run_dir, "trust")[-1]["matrix"]
+    assert len({tuple(row) for row in trust}) > 1  # not uniform: peers were told apart
+    assert [rank_of(s) for s, _ in _final(run_dir)] == [1, 2, 3, 4]
+
+    g = torch.Generator().manual_seed(1)
+    ups = [{A: torch.randn(r, 5, generator=g), B: torch.randn(6, r, generator=g)} for r in (1, 3)]
+    evidence = TrustEvidence(2, mixtures=torch.tensor([[1.0, 0.0], [0.6, 0.4]]))
+    w, mixed = aggregate(StrategyConfig(name="oracle"), ups, evidence)
+    assert not torch.allclose(w[0], w[1])
+    for i, r in enumerate((1, 3)):
+        target = sum(w[i, j] * ups[j][B] @ ups[j][A] for j in range(2))
+        u, s, vh = torch.linalg.svd(target)
+        best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+        torch.testing.assert_close(mixed[i][B] @ mixed[i][A], best, atol=1e-5, rtol=1e-5)
+        assert rank_of(mixed[i]) == r
+
+
+def test_a_peer_of_another_rank_is_scored_as_its_own_model_would_be(corpus_dir, tmp_path):
+    """Client 0 (rank 1) scores the adapters of ranks 1-4 on its validation windows exactly as a model holding
+    each one alone does; its own slot is left as it was."""
+    from rich.console import Console
+
+    from cotune.evaluation.lm import evaluate_lm
+    from cotune.models.lora import AdapterPool
+    from cotune.runtime.setup import load_windows, personalized_works
+
+    tree = tiny_tree(corpus_dir, tmp_path, lora={"ranks": [1, 2, 3, 4]}, strategy={"name": "validation"})
+    cfg = config_from_dict(tree)
+    base, tokenizer, device = load_model(cfg)
+    g = torch.Generator().manual_seed(3)
+    pool = adapter_pool(cfg, base)
+    peers = [
+        {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in pool.state(n).items()} for n in pool.names
+    ]
+    works = personalized_works(cfg, pool, load_windows(cfg, tokenizer, Console(quiet=True)), device)
+    own = works[0].adapter()
+    row = works[0].peer_perplexity(peers, val_batches=2)
+    assert all(torch.equal(v, own[k]) for k, v in works[0].adapter().items())
+    val = works[0].val
+    base_alone, _, _ = load_model(cfg)
+    for j, state in enumerate(peers):
+        alone = AdapterPool(base_alone, cfg.lora, ["alone"], [rank_of(state)])
+        alone.load_state("alone", state)
+        alone.activate("alone")
+        assert row[j] == pytest.approx(
+            evaluate_lm(alone.model, val, cfg.train.eval_batch_size, 2).ppl, rel=1e-5
+        )
+        base_alone = alone.unload()
+    assert len(set(row)) == 4

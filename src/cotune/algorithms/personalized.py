@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from cotune.algorithms.aggregation import mix_adapters, mix_part
-from cotune.algorithms.ranks import flexlora_mix, hetlora_mix, hetlora_weights
+from cotune.algorithms.ranks import flexlora_mix, hetlora_mix, hetlora_weights, rank_of
 from cotune.algorithms.robust import Aggregator, robust_average
 from cotune.algorithms.trust import (
     identity_trust,
@@ -118,6 +118,7 @@ def aggregate(
         return trust, mix_part(adapters, trust, SHARED_PART[cfg.name])
     if cfg.name == "hetlora":
         return trust, hetlora_mix(adapters, trust)
-    if cfg.name == "flexlora":
+    if cfg.name == "flexlora" or len({rank_of(a) for a in adapters}) > 1:
+        # clients of different ranks (lora.ranks): trust mixes the products B A, each cut back by SVD
         return trust, flexlora_mix(adapters, trust)
     return trust, mix_adapters(adapters, trust)

@@ -27,8 +27,16 @@ StrategyName = Literal[
     "hetlora",
     "flexlora",
 ]
-# The strategies that accept clients of different LoRA ranks (the others mix tensors element-wise).
-MIXED_RANK_STRATEGIES: tuple[StrategyName, ...] = ("local", "hetlora", "flexlora")
+# The strategies that accept clients of different LoRA ranks (the others mix tensors element-wise);
+# validation / prediction / oracle trust then mix the products B A by W and cut each back by SVD.
+MIXED_RANK_STRATEGIES: tuple[StrategyName, ...] = (
+    "local",
+    "hetlora",
+    "flexlora",
+    "validation",
+    "prediction",
+    "oracle",
+)
 # SPEC A: FedCoLLM and the baselines it is judged against.
 FedCoLLMAlgorithm = Literal["fedcollm", "fedavg", "standalone", "centralized", "zero_shot"]
 Algorithm = Literal["personalized", FedCoLLMAlgorithm]

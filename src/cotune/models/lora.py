@@ -111,6 +111,18 @@ class AdapterPool:
         self.active: str | None = None
         self.activate(first)
 
+    def scratch(self, rank: int) -> str:
+        """A spare adapter of `rank` (made once, outside `names`), to evaluate another client's adapter of
+        that rank on this pool without touching any client's slot."""
+        name = f"scratch_r{rank}"
+        if name not in self.ranks:
+            with torch.random.fork_rng(devices=[]):  # its initialisation never shifts the run's randomness
+                self.model.add_adapter(name, lora_config(self.settings, rank))
+            self.ranks[name] = rank
+            if self.active is not None:
+                self.model.set_adapter(self.active)
+        return name
+
     def activate(self, name: str) -> None:
         if name != self.active:
             self.model.set_adapter(name)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from cotune.algorithms.ranks import rank_of
 from cotune.evaluation.lm import evaluate_lm
 from cotune.runtime.port import TEST_PREFIX, Prediction
 from cotune.state import AdapterState
@@ -118,12 +119,19 @@ class ClientWork:
     ) -> list[float]:
         """Its row of P: the perplexity of each given adapter on its own validation windows."""
         own = self.adapter()
-        self.pool.activate(self.learner.slot)
+        rank = rank_of(own)
         row = []
         for state in adapters:
-            self.adopt(state)
+            if rank_of(state) == rank:
+                self.pool.activate(self.learner.slot)
+                self.adopt(state)
+            else:  # a peer of another rank (lora.ranks) is scored in a spare adapter of its rank
+                spare = self.pool.scratch(rank_of(state))
+                self.pool.load_state(spare, {k: v.to(self.learner.device) for k, v in state.items()})
+                self.pool.activate(spare)
             res = evaluate_lm(self.pool.model, self._val(), self.eval_batch_size, val_batches)
             row.append(res.ppl)
+        self.pool.activate(self.learner.slot)
         self.adopt(own)
         return row
 
