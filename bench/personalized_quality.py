@@ -326,9 +326,10 @@ def main() -> None:
         help="default: all nine (with --ranks: local hetlora flexlora validation prediction)",
     )
     ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("--name", help="results file stem (default personalized_quality[_ranks])")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args()
-    name = "personalized_quality_ranks" if args.ranks else "personalized_quality"
+    name = args.name or ("personalized_quality_ranks" if args.ranks else "personalized_quality")
     runs = args.runs or ROOT / "runs" / "bench" / ("pq-ranks" if args.ranks else "pq")
     strategies = args.strategies or (RANK_STRATEGIES if args.ranks else STRATEGIES)
     overrides = [*args.overrides, *([f"lora.ranks=[{','.join(map(str, args.ranks))}]"] if args.ranks else [])]
