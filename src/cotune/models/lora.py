@@ -116,7 +116,7 @@ class AdapterPool:
         that rank on this pool without touching any client's slot."""
         name = f"scratch_r{rank}"
         if name not in self.ranks:
-            with torch.random.fork_rng(devices=[]):  # its initialisation never shifts the run's randomness
+            with torch.random.fork_rng():  # its initialisation never shifts the run's randomness (CPU or GPU)
                 self.model.add_adapter(name, lora_config(self.settings, rank))
             self.ranks[name] = rank
             if self.active is not None:
