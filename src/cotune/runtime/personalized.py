@@ -10,6 +10,7 @@ The loop owns every client's adapter and asks its `Clients` port for the work.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -67,14 +68,14 @@ class PersonalizedLoop:
         initial: AdapterState,
         save_adapter: SaveAdapter,
         files: RunFiles,
-        console: Console | None = None,
-        model_bytes: int = 0,
+        console: Console | None,
+        model_bytes: int,
     ) -> None:
         """`model_bytes`: the base model's size, what the traffic records compare each client's bytes to."""
         self.cfg, self.clients, self.files = cfg, clients, files
         self.model_bytes = model_bytes
-        self.sent: dict[int, int] = {}  # this round's bytes to and from each client
-        self.received: dict[int, int] = {}
+        self.sent: Counter[int] = Counter()  # this round's bytes to and from each client
+        self.received: Counter[int] = Counter()
         self.save_adapter = save_adapter
         self.console = console or Console(stderr=True)
         self.n = cfg.federation.clients
@@ -122,7 +123,7 @@ class PersonalizedLoop:
     def run_round(self, r: int) -> None:
         t0 = time.perf_counter()
         self.members.start_round(r)
-        self.sent, self.received = {}, {}
+        self.sent, self.received = Counter(), Counter()
         rounds = self.cfg.federation.rounds
         total = self.steps_in_round(r) * len(self.members.active())
         with self.activity.phase(f"round {r}/{rounds} · training", total) as advance:
@@ -161,7 +162,7 @@ class PersonalizedLoop:
         self.members.note_failures(r, "train", replies)
         losses = []
         for i, up in sorted(replies.ok.items()):
-            self.count(self.received, i, state_bytes(up.adapter))
+            self.received[i] += state_bytes(up.adapter)
             self.adapters[i] = up.adapter
             m = up.metrics
             losses.append(float(m["loss"]))
@@ -187,8 +188,7 @@ class PersonalizedLoop:
         predictions: dict[int, Prediction] | None = None
         if "perplexity" in need:  # every client receives every peer's adapter
             peers = {i: self.adapters[i] for i in sent}
-            for i in sent:
-                self.count(self.sent, i, sum(state_bytes(a) for a in peers.values()))
+            self.sent.update({i: sum(state_bytes(a) for a in peers.values()) for i in sent})
             replies = self.clients.evaluate_peers(r, peers, s.val_batches)
             self.members.note_failures(r, "evidence", replies)
             rows = replies.ok
@@ -197,8 +197,9 @@ class PersonalizedLoop:
             got = self.clients.predict(r, self.send(sent), s.public_batches, bs, s.logits_topk)
             self.members.note_failures(r, "evidence", got)
             predictions = got.ok
-            for i, p in predictions.items():
-                self.count(self.received, i, sum(v.nbytes + k.nbytes for v, k in p.topk))
+            self.received.update(
+                {i: sum(v.nbytes + k.nbytes for v, k in p.topk) for i, p in predictions.items()}
+            )
         members = [i for i in sent if i in self.members.active()]
         ev = TrustEvidence(n_clients=len(members))
         if "adapters" in need:
@@ -274,13 +275,8 @@ class PersonalizedLoop:
     # ---- traffic --------------------------------------------------------------------------------------
     def send(self, clients: list[int]) -> dict[int, AdapterState]:
         """Each client's own adapter, as a message to it (counted in this round's traffic)."""
-        for i in clients:
-            self.count(self.sent, i, state_bytes(self.adapters[i]))
+        self.sent.update({i: state_bytes(self.adapters[i]) for i in clients})
         return {i: self.adapters[i] for i in clients}
-
-    @staticmethod
-    def count(tally: dict[int, int], client: int, nbytes: int) -> None:
-        tally[client] = tally.get(client, 0) + nbytes
 
     def log_traffic(self, r: int) -> None:
         for i in sorted(set(self.sent) | set(self.received)):
