@@ -117,7 +117,8 @@ def record_runtime_settings(path: Path, cfg: ExperimentConfig) -> None:
 
 
 def _same_setting(old: Any, new: Any) -> bool:
-    """Equal, where list items that are sections may have gained settings since, at their defaults."""
+    """Equal on everything `old` holds. Sections inside lists (data.sources) may have gained settings since;
+    those are not compared: `cfg` was loaded from the written file, so they hold their defaults."""
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return all(_same_setting(o, n) for o, n in zip(old, new, strict=True))
     if isinstance(old, dict) and isinstance(new, dict):
