@@ -1,12 +1,12 @@
-"""Personalized collaborative fine-tuning quality: nine strategies x heterogeneous settings x seeds.
+"""Personalized collaborative fine-tuning quality: ten strategies x heterogeneous settings x seeds.
 
 For every setting config in bench/configs/pq-*.yaml and every seed, one `cotune run` (one model
 load) trains the same clients with validation trust and, through `run.compare`, local, fedavg,
 weight and prediction trust on identical data and initialisation; the federated LoRA baselines
-(ffa_lora, fedsa_lora, hetlora, flexlora) run alone on the same data and seed. Run directories go to
+(ffa_lora, fedsa_lora, hetlora, flexlora, flora) run alone on the same data and seed. Run directories go to
 runs/bench/pq/<setting>/s<seed>[.<strategy>] (gitignored); a finished run is not rerun, so an
 interrupted sweep continues where it stopped. `--ranks 4 8 16 32` gives the clients those LoRA ranks
-(local, hetlora, flexlora, validation and prediction trust; runs/bench/pq-ranks, results
+(local, hetlora, flexlora, flora, validation and prediction trust; runs/bench/pq-ranks, results
 personalized_quality_ranks.*) and the table adds each client's bytes sent per round. Then the final
 per-client test perplexities (each client's held-out documents, unseen by training and by every
 trust) and validation perplexities are collected into bench/results/personalized_quality.{json,md}
@@ -36,10 +36,10 @@ SETTINGS = ["bbc-topic", "bbc-mixed", "wiki-lang", "code-prose"]
 GROUP = ["local", "fedavg", "weight", "validation", "prediction"]  # one `cotune run` (run.compare)
 MAIN = "validation"  # the config's strategy.name; the rest of GROUP comes from its run.compare
 # The federated LoRA baselines of issue 16, each its own run on the same data and initialisation.
-SINGLES = ["ffa_lora", "fedsa_lora", "hetlora", "flexlora"]
+SINGLES = ["ffa_lora", "fedsa_lora", "hetlora", "flexlora", "flora"]
 STRATEGIES = GROUP + SINGLES
 # --ranks: clients of different LoRA ranks (one per client); only these strategies accept them.
-RANK_STRATEGIES = ["local", "hetlora", "flexlora", "validation", "prediction"]
+RANK_STRATEGIES = ["local", "hetlora", "flexlora", "flora", "validation", "prediction"]
 
 
 def run_dirs(runs_root: Path, setting: str, seed: int, strategies: list[str] = STRATEGIES) -> dict[str, Path]:

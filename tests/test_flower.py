@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from tests.conftest import tiny_tree
 from tests.test_cotuning import task_file, tree  # noqa: F401  (task_file: the FedCoLLM task fixture)
 
+from cotune.algorithms.ranks import rank_of
 from cotune.algorithms.trust import PredictionDistance
 from cotune.config import config_from_dict, dump_config
 from cotune.reporting.metrics import read_metrics
@@ -852,3 +853,61 @@ def test_clients_of_different_ranks_give_the_embedded_results_on_flower(corpus_d
             for d in (embedded, flower)
         ]
         assert strip[0] == strip[1] and strip[0]
+
+
+def test_flora_on_flower_gives_the_embedded_results_sends_each_node_what_it_lacks_and_resumes(
+    corpus_dir, tmp_path
+):
+    """Each node merges FLoRA's history into its own base: adapters, trust and traffic as embedded; a message
+    brings only the components the node does not hold yet; a resumed run (fresh node memory) too."""
+    cfg = _cfg(
+        corpus_dir,
+        tmp_path,
+        strategy={"name": "flora"},
+        lora={"ranks": [1, 2, 3, 4]},
+        federation={"rounds": 3},
+    )
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    brought: list[tuple[int, str, int]] = []
+
+    def watch(i: int, msg: Message) -> None:
+        if p.BASE in msg.content.array_records:
+            base = p.record_to_tensors(msg.content.array_records[p.BASE])
+            brought.append((p.job_of(msg).round, msg.metadata.message_type, rank_of(base)))
+
+    flower = tmp_path / "flower"
+    assert _run_flower_in_process(cfg, flower, InProcessGrid(4, watch)) == "completed"
+    assert max_adapter_diff(_adapters(embedded), _adapters(flower)) == 0.0
+    for kind in ("trust", "comm", "eval"):
+        strip = [
+            [{k: v for k, v in r.items() if k != "time"} for r in _records(d, kind)]
+            for d in (embedded, flower)
+        ]
+        assert strip[0] == strip[1] and strip[0]
+    # round r's update (rank 10) travels once per node, with its evaluate message; never the whole history
+    assert brought == [(r, p.EVALUATE, 10) for r in (1, 2, 3) for _ in range(4)]
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(ServerKilled):
+        _run_flower_in_process(cfg, resumed, InProcessGrid(4, _killed_in_round(3)))
+    assert _resume_in_process(cfg, resumed, InProcessGrid(4, run_id=8)) == "completed"
+    assert max_adapter_diff(_adapters(embedded), _adapters(resumed)) == 0.0
+
+
+def test_a_node_that_lost_floras_merged_update_is_dropped_then_sent_all_of_it(
+    corpus_dir, tmp_path, node_state_in_tmp
+):
+    """Its training in that round fails with a clear reason; the server then sends it the whole update, and it
+    trains again in the next round."""
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "flora"}, federation={"rounds": 4, "min_clients": 3})
+
+    def lose(i: int, msg: Message) -> None:
+        if i == 2 and p.job_of(msg).round == 3 and msg.metadata.message_type == p.TRAIN:
+            for saved in node_state_in_tmp.glob("cotune/nodes/*/client-2/merged-base.pt"):
+                saved.unlink()
+
+    run_dir = tmp_path / "flower"
+    assert _run_flower_in_process(cfg, run_dir, InProcessGrid(4, lose)) == "completed"
+    (fault,) = _records(run_dir, "fault")
+    assert (fault["round"], fault["client"]) == (3, 2) and "lost the first" in fault["reason"]
+    assert [t["client"] for t in _records(run_dir, "train") if t["round"] == 4] == [0, 1, 2, 3]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from cotune.algorithms.aggregation import mix_adapters, mix_part
-from cotune.algorithms.ranks import flexlora_mix, hetlora_mix, hetlora_weights, rank_of
+from cotune.algorithms.ranks import flexlora_mix, flora_stack, hetlora_mix, hetlora_weights, rank_of
 from cotune.algorithms.robust import Aggregator, robust_average
 from cotune.algorithms.trust import (
     identity_trust,
@@ -40,10 +40,13 @@ REQUIRED_EVIDENCE: dict[StrategyName, frozenset[str]] = {  # one per name in con
     "fedsa_lora": frozenset(),
     "hetlora": frozenset({"adapters"}),
     "flexlora": frozenset(),
+    "flora": frozenset(),
 }
 
 # hetlora / flexlora (algorithms.ranks) aggregate clients of different ranks: HetLoRA zero-pads and takes
 # a norm-weighted average of A and B; FlexLoRA averages the products B A and cuts each rank back by SVD.
+# flora stacks the factors (B A = the uniform average of the products, exactly, at rank sum r_k); every
+# client gets that stack, which the round loop merges into the base (config.names.MERGING_STRATEGIES).
 
 # Strategies that share one LoRA matrix and keep the other: the shared part (averaged), and the part
 # the clients do not train. FFA-LoRA (arXiv 2403.12313) freezes every A at the common initialisation
@@ -72,7 +75,7 @@ def trust_matrix(cfg: StrategyConfig, evidence: TrustEvidence) -> torch.Tensor:
     n, name = evidence.n_clients, cfg.name
     if name == "local":
         return identity_trust(n)
-    if name in ("fedavg", "flexlora", *SHARED_PART):
+    if name in ("fedavg", "flexlora", "flora", *SHARED_PART):
         return uniform_trust(n)
     if name == "hetlora":  # every client takes the same norm-weighted average
         weights = hetlora_weights(_need(evidence.adapters, "adapters", name))
@@ -118,6 +121,9 @@ def aggregate(
         return trust, mix_part(adapters, trust, SHARED_PART[cfg.name])
     if cfg.name == "hetlora":
         return trust, hetlora_mix(adapters, trust)
+    if cfg.name == "flora":  # one global update: the stack, the same for every client
+        stacked = flora_stack(adapters, [float(x) for x in trust[0]])
+        return trust, [{k: v.clone() for k, v in stacked.items()} for _ in adapters]
     if cfg.name == "flexlora" or len({rank_of(a) for a in adapters}) > 1:
         # clients of different ranks (lora.ranks): trust mixes the products B A, each cut back by SVD
         return trust, flexlora_mix(adapters, trust)

@@ -10,6 +10,9 @@ of different ranks are compared through their products. Two published rules:
 - FlexLoRA (Bai et al., arXiv 2402.11505): average the products B A themselves (a full-rank update),
   then give each client the best rank-r_i approximation of it (truncated SVD), split evenly between B
   and A: B = U sqrt(S), A = sqrt(S) V^T.
+- FLoRA (Wang et al., arXiv 2409.05976): stack the clients' factors, B = [w_1 B_1 ... w_K B_K] and
+  A = [A_1; ...; A_K], so that B A = sum_k w_k B_k A_k exactly, at rank sum_k r_k; every client merges
+  that update into its base weights and starts a fresh LoRA (`flora_stack`, `rank_slice`).
 
 The SVD of sum_j w_j B_j A_j never forms the out x in matrix: stacking the B_j side by side and the A_j
 on top of each other (FLoRA's construction, arXiv 2409.05976) gives the same product with inner
@@ -27,7 +30,16 @@ from torch import Tensor
 from cotune.algorithms.aggregation import mix_adapters
 from cotune.state import AdapterState
 
-__all__ = ["flexlora_mix", "hetlora_mix", "hetlora_weights", "lora_pairs", "rank_of", "resize_rank"]
+__all__ = [
+    "flexlora_mix",
+    "flora_stack",
+    "hetlora_mix",
+    "hetlora_weights",
+    "lora_pairs",
+    "rank_of",
+    "rank_slice",
+    "resize_rank",
+]
 
 A_PART, B_PART = "lora_A", "lora_B"
 
@@ -67,6 +79,33 @@ def resize_rank(state: Mapping[str, Tensor], rank: int) -> AdapterState:
         else:
             out[a_key] = torch.cat([a, a.new_zeros(rank - have, a.shape[1])])
             out[b_key] = torch.cat([b, b.new_zeros(b.shape[0], rank - have)], dim=1)
+    return out
+
+
+def rank_slice(state: Mapping[str, Tensor], start: int, stop: int) -> AdapterState:
+    """Components start..stop-1 of an adapter (rows of A, columns of B), e.g. one round of a stacked
+    FLoRA update or a client's own part of a saved stack."""
+    out: AdapterState = {k: v.clone() for k, v in state.items()}
+    for a_key, b_key in lora_pairs(state).values():
+        out[a_key] = state[a_key][start:stop].clone()
+        out[b_key] = state[b_key][:, start:stop].clone()
+    return out
+
+
+def flora_stack(
+    adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None
+) -> AdapterState:
+    """FLoRA's aggregate: B = [w_1 B_1 ... w_K B_K], A = [A_1; ...; A_K], so B A = sum_k w_k B_k A_k with no
+    approximation, whatever the ranks (weights default to 1: stacking a merged history and a new round)."""
+    if not adapters:
+        raise ValueError("nothing to stack")
+    w = [1.0] * len(adapters) if weights is None else [float(x) for x in weights]
+    if len(w) != len(adapters):
+        raise ValueError(f"{len(w)} weights for {len(adapters)} adapters")
+    out: AdapterState = {k: v.clone() for k, v in adapters[0].items()}
+    for a_key, b_key in lora_pairs(adapters[0]).values():
+        out[a_key] = torch.cat([a[a_key] for a in adapters], 0)
+        out[b_key] = torch.cat([x * a[b_key] for x, a in zip(w, adapters, strict=True)], 1)
     return out
 
 

@@ -14,7 +14,8 @@ FEDCOLLM: Final = "fedcollm"
 
 # SPEC B: how every client's adapter takes from the others' (the trust matrix, or a baseline).
 # ffa_lora / fedsa_lora: the federated LoRA baselines that share one of the two LoRA matrices;
-# hetlora / flexlora: the ones that aggregate adapters of different ranks (lora.ranks).
+# hetlora / flexlora / flora: the ones that aggregate adapters of different ranks (lora.ranks); flora
+# (one global model) merges each round's stacked update into every client's base weights.
 StrategyName = Literal[
     "local",
     "fedavg",
@@ -26,6 +27,7 @@ StrategyName = Literal[
     "fedsa_lora",
     "hetlora",
     "flexlora",
+    "flora",
 ]
 # The strategies that accept clients of different LoRA ranks (the others mix tensors element-wise);
 # validation / prediction / oracle trust then mix the products B A by W and cut each back by SVD.
@@ -33,6 +35,7 @@ MIXED_RANK_STRATEGIES: tuple[StrategyName, ...] = (
     "local",
     "hetlora",
     "flexlora",
+    "flora",
     "validation",
     "prediction",
     "oracle",
@@ -46,6 +49,9 @@ AttackKind = Literal["noise", "sign_flip", "scale", "nan", "garbage_data", "infl
 UPLOAD_ATTACKS: tuple[AttackKind, ...] = ("noise", "sign_flip", "scale", "nan")
 
 STRATEGIES: tuple[StrategyName, ...] = get_args(StrategyName)
+# Strategies whose aggregate is merged into the clients' base weights (each client then starts a fresh
+# LoRA): the port's `set_base`, and checkpoints holding the merged history stacked before each adapter.
+MERGING_STRATEGIES: tuple[StrategyName, ...] = ("flora",)
 FEDCOLLM_ALGORITHMS: tuple[FedCoLLMAlgorithm, ...] = get_args(FedCoLLMAlgorithm)
 LLM_ALGORITHMS: tuple[FedCoLLMAlgorithm, ...] = ("fedcollm", "centralized")  # they train the server LLM
 

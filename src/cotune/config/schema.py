@@ -65,8 +65,8 @@ class LoraSettings(Section):
     ranks: list[PositiveInt | str] | None = Field(
         None,
         description="a rank per client (a number, or a name from lora.tiers): clients of different hardware "
-        "(strategies local, hetlora, flexlora, and validation / prediction / oracle trust); every client's "
-        "LoRA scale stays alpha / r",
+        "(strategies local, hetlora, flexlora, flora, and validation / prediction / oracle trust); every "
+        "client's LoRA scale stays alpha / r",
     )
     tiers: dict[str, PositiveInt] = Field(
         default_factory=dict, description="named device tiers and their rank, for lora.ranks (phone: 4)"

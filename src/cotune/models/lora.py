@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 
@@ -56,11 +57,13 @@ def check_targets(model: nn.Module, settings: LoraSettings) -> None:
         )
 
 
-def wide_initialisation(like: Mapping[str, torch.Tensor], rank: int) -> AdapterState:
+def wide_initialisation(
+    like: Mapping[str, torch.Tensor], rank: int, generator: torch.Generator | None = None
+) -> AdapterState:
     """peft's LoRA initialisation at `rank` for the modules of `like`: A Kaiming-uniform (a = sqrt 5),
-    B zero. Drawn from a generator seeded like torch's default one, not from it, so it does not depend
-    on how many adapters a pool made before."""
-    generator = torch.Generator().manual_seed(torch.initial_seed())
+    B zero. Drawn from a generator of its own (default: seeded like torch's default one), not from the
+    default one, so it does not depend on how many adapters a pool made before."""
+    generator = generator or torch.Generator().manual_seed(torch.initial_seed())
     out: AdapterState = {}
     for a_key, b_key in lora_pairs(like).values():
         a, b = like[a_key], like[b_key]
@@ -110,6 +113,36 @@ class AdapterPool:
             self.load_state(name, resize_rank(self.initial, self.ranks[name]))
         self.active: str | None = None
         self.activate(first)
+        self.original: dict[str, torch.Tensor] = {}  # base weights before `set_base_update`, by module
+
+    def set_base_update(self, update: Mapping[str, torch.Tensor] | None) -> None:
+        """Make the shared base weights W0 + scale * B A of `update` (None: W0 again), from the original
+        weights each time, so every transport that merges the same update gets the same bits.
+
+        For strategies that merge their aggregate into the base (FLoRA); `unload` gives W0 back.
+        """
+        for module, weight in self.original.items():
+            self.base_weight(module).copy_(weight)
+        if update is None:
+            return
+        scale = self.settings.alpha / self.settings.r  # one scale at every rank (lora_config)
+        with torch.no_grad():
+            for module, (a_key, b_key) in lora_pairs(update).items():
+                weight = self.base_weight(module)
+                self.original.setdefault(module, weight.detach().clone())
+                a = update[a_key].to(weight.device, weight.dtype)
+                b = update[b_key].to(weight.device, weight.dtype)
+                delta = (b @ a) * scale
+                layer = self.model.get_submodule(module)
+                weight.add_(delta.T if getattr(layer, "fan_in_fan_out", False) else delta)
+
+    def base_weight(self, module: str) -> torch.Tensor:
+        """The frozen weight under the LoRA layer `module` (a key prefix of a saved adapter)."""
+        layer = self.model.get_submodule(module)
+        base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
+        weight = base.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.data
 
     def scratch(self, rank: int) -> str:
         """A spare adapter of `rank` (made once, outside `names`), to evaluate another client's adapter of
@@ -187,5 +220,7 @@ class AdapterPool:
         return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters() if "lora_" not in n)
 
     def unload(self) -> nn.Module:
-        """Remove every adapter and give the untouched base model back (for the next run)."""
+        """Remove every adapter and give the untouched base model back (for the next run), with any
+        merged update (`set_base_update`) taken out again."""
+        self.set_base_update(None)
         return self.model.unload()

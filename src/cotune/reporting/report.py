@@ -748,9 +748,9 @@ def _ppl_markdown(
         parts += [
             "Bytes each client sends (up) and receives (down) per round, mean over rounds, with the share "
             "of the full model's size in brackets: every adapter the server sent it (to train, to evaluate, "
-            "and peers' adapters as validation-trust evidence) and everything it sent back (its trained "
-            "adapter, prediction-trust logits). Clients of different LoRA ranks (lora.ranks) move different "
-            "bytes. Units are decimal (1 MB = 10^6 bytes).",
+            "peers' adapters as validation-trust evidence, FLoRA's stacked update to merge into its base) "
+            "and everything it sent back (its trained adapter, prediction-trust logits). Clients of "
+            "different LoRA ranks (lora.ranks) move different bytes. Units are decimal (1 MB = 10^6 bytes).",
             "",
             _md_table(*client_traffic_rows(traffic), align_right_from=2),
             "",

@@ -128,6 +128,11 @@ class InProcessClients:
             replies.ok[i] = self.works[i].predict(batches, batch_size, k)
         return replies
 
+    def set_base(self, update: AdapterState | None) -> None:
+        """The clients share one base: merged once for all of them."""
+        for pool in {id(w.pool): w.pool for w in self.works}.values():
+            pool.set_base_update(update)
+
     def state_dict(self) -> list[dict[str, Any]]:
         return [w.state_dict() for w in self.works]
 

@@ -19,11 +19,14 @@ import torch
 from rich.console import Console
 
 from cotune.algorithms.personalized import REQUIRED_EVIDENCE, TrustEvidence
-from cotune.algorithms.ranks import resize_rank
+from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice, resize_rank
 from cotune.algorithms.trust import PredictionDistance
+from cotune.config.names import MERGING_STRATEGIES
 from cotune.config.schema import ExperimentConfig
+from cotune.models.lora import wide_initialisation
 from cotune.records import CommRecord, EvalRecord, RoundRecord, RunEvent, TrainRecord, TrustRecord
 from cotune.reporting.progress import Activity
+from cotune.runtime import guard
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
 from cotune.runtime.port import TEST_PREFIX, Clients, Prediction
@@ -84,6 +87,9 @@ class PersonalizedLoop:
             dict(initial) if cfg.lora.ranks is None else resize_rank(initial, cfg.lora.rank_of(i))
             for i in range(self.n)
         ]
+        # FLoRA: the aggregates merged into every client's base so far, stacked (None: the original base)
+        self.merging = cfg.strategy.name in MERGING_STRATEGIES
+        self.base: AdapterState | None = None
         self.pipeline = AggregationPipeline(cfg, files.log)
         self.members = Membership(cfg, files.log, self.console)
         self.activity = Activity(self.console)
@@ -232,6 +238,8 @@ class PersonalizedLoop:
         )
         for i, state in zip(mixed.members, mixed.adapters, strict=True):
             self.adapters[i] = state
+        if self.merging:
+            self.merge(r, mixed.adapters[0] if mixed.members else None)
         full = torch.eye(self.n)  # clients left out keep their own adapter: identity rows
         if mixed.members:
             idx = torch.tensor(mixed.members)
@@ -246,6 +254,18 @@ class PersonalizedLoop:
                 participants=mixed.members,
             )
         )
+
+    def merge(self, r: int, update: AdapterState | None) -> None:
+        """FLoRA: the round's stacked update joins the history merged into every client's base weights,
+        and every client starts the next round from a fresh LoRA (drawn from the run seed and round)."""
+        if update is not None:
+            self.base = update if self.base is None else flora_stack([self.base, update])
+            self.clients.set_base(self.base)
+            self.sent.update({i: state_bytes(update) for i in self.members.present()})
+        fresh = wide_initialisation(
+            self.adapters[0], self.cfg.lora.max_rank, guard.generator("flora", self.cfg.run.seed, r)
+        )
+        self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
 
     def evaluate(self, r: int) -> float:
         """Each active client's validation (and test) loss and perplexity; returns their mean validation
@@ -292,9 +312,9 @@ class PersonalizedLoop:
 
     # ---- state ----------------------------------------------------------------------------------------
     def checkpoint(self, r: int) -> None:
+        saved = [self.as_saved(state) for state in self.adapters]
         writers = {
-            client_name(i): (lambda d, s=state: self.save_adapter(s, d))
-            for i, state in enumerate(self.adapters)
+            client_name(i): (lambda d, s=state: self.save_adapter(s, d)) for i, state in enumerate(saved)
         }
         state = {
             "step": self.step_at_end(r),
@@ -303,11 +323,21 @@ class PersonalizedLoop:
         }
         self.files.checkpoint(r, writers, state)
 
+    def as_saved(self, adapter: AdapterState) -> AdapterState:
+        """What a client's model is, as one PEFT adapter: with a merged history (FLoRA), the history
+        stacked before the client's own LoRA, so the saved adapter on the original base is that model."""
+        return adapter if self.base is None else flora_stack([self.base, adapter])
+
     def restore(self) -> int:
         r, path, state = self.files.resume()
         device = self.adapters[0][next(iter(self.adapters[0]))].device
-        self.adapters = [
+        saved = [
             {k: v.to(device) for k, v in load_adapter(path / client_name(i)).items()} for i in range(self.n)
         ]
+        merged = rank_of(saved[0]) - self.cfg.lora.rank_of(0) if self.merging else 0
+        self.base = rank_slice(saved[0], 0, merged) if merged else None
+        self.adapters = [rank_slice(s, merged, rank_of(s)) if merged else s for s in saved]
+        if self.base is not None:
+            self.clients.set_base(self.base)
         self.clients.load_state_dict(state["clients"])
         return r

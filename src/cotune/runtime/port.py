@@ -99,6 +99,11 @@ class Clients(Protocol):
         """Client i's top-k logits with adapters[i] on the shared public reference set."""
         ...
 
+    def set_base(self, update: AdapterState | None) -> None:
+        """From now on every client's base weights are the original ones plus `update` merged in (FLoRA's
+        global history; None: the original ones). Each client sees it from its next message on."""
+        ...
+
     def state_dict(self) -> Any:
         """What a checkpoint keeps of the transport: in process, every client's trainer state; on
         Flower, the run key and each client's last trained round (the states stay on the nodes)."""

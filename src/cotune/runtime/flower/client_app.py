@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager, contextmanager
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice
 from cotune.runtime.flower import protocol as p
 from cotune.runtime.flower import secagg
 from cotune.runtime.flower.node import Node, NodeSettings, node_config
@@ -28,20 +29,48 @@ app = ClientApp(mods=[secagg.maybe_secaggplus])
 
 def open_node(message: Message, context: Context) -> AbstractContextManager[tuple[p.Job, Node]]:
     """The node as it was after its last trained round of this run (fresh before its first)."""
-    return open_job(p.job_of(message), context)
+    return open_job(p.job_of(message), context, message)
 
 
 @contextmanager
-def open_job(job: p.Job, context: Context) -> Iterator[tuple[p.Job, Node]]:
-    """The node for one message; its base model goes back, unwrapped, to the process's cache after."""
+def open_job(job: p.Job, context: Context, message: Message | None = None) -> Iterator[tuple[p.Job, Node]]:
+    """The node for one message; its base model goes back, unwrapped (and unmerged), to the process's
+    cache after."""
     settings = NodeSettings.from_node_config(context.node_config)
     node = Node(job.family, node_config(job.config_yaml, settings), settings)
     try:
         restore(node, job)
+        if message is not None:
+            merge_base(node, job, message)
         node.seed_if_new()
         yield job, node
     finally:
         node.close()
+
+
+def merge_base(node: Node, job: p.Job, message: Message) -> None:
+    """FLoRA: merge the server's history into this node's base. The node keeps the history it was sent
+    on its own disk; a message brings only the components it does not hold yet (from `base_from`)."""
+    rank = int(job.args.get("base_rank", 0))
+    if not rank:
+        return
+    start = int(job.args["base_from"])
+    store = node.store(job.run_key)
+    held = store.load_base()
+    if start and (held is None or rank_of(held) < start):
+        raise ValueError(
+            f"this SuperNode lost the first {start} components of FLoRA's merged update (another state-dir, "
+            "or a lost disk?); the server sends it the whole update with its next message"
+        )
+    parts = [rank_slice(held, 0, start)] if start and held is not None else []
+    if p.BASE in message.content.array_records:
+        parts.append(p.record_to_tensors(message.content.array_records[p.BASE]))
+    update = flora_stack(parts)
+    if rank_of(update) != rank:
+        raise ValueError(f"FLoRA's merged update has rank {rank_of(update)} here, the server says {rank}")
+    if start < rank:
+        store.save_base(update)
+    node.pool.set_base_update(update)
 
 
 def restore(node: Node, job: p.Job) -> None:

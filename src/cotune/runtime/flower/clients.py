@@ -12,12 +12,13 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from cotune.algorithms.ranks import rank_of, rank_slice
 from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
 from cotune.runtime.flower import protocol as p
@@ -66,6 +67,8 @@ class FlowerClients:
         self.run_key = uuid.uuid4().hex  # where the nodes keep their trainer states for this run
         self.trained: dict[int, int] = {}  # client -> the last round it trained (answered)
         self.resume: dict[int, int] | None = None  # after a resume: what each node reloads
+        self.base: AdapterState | None = None  # FLoRA: the update merged into every node's base
+        self.base_held: dict[int, int] = {}  # client -> components of `base` its node confirmed it holds
 
     @property
     def n(self) -> int:
@@ -73,6 +76,21 @@ class FlowerClients:
 
     def job(self, round_: int, **args: Any) -> p.Job:
         return p.Job(self.family, self.config_yaml, self.fingerprint, round_, args, self.run_key, self.resume)
+
+    def body(self, client: int, job: p.Job, records: Mapping[str, Any] | None = None) -> RecordDict:
+        """A message to `client`: the job, `records`, and what it lacks of the merged base update (FLoRA)."""
+        if self.base is None:
+            return p.content(job, records)
+        rank, start = rank_of(self.base), self.base_held.get(client, 0)
+        job = replace(job, args={**job.args, "base_rank": rank, "base_from": start})
+        missing = {p.BASE: p.tensors_to_record(rank_slice(self.base, start, rank))} if start < rank else {}
+        return p.content(job, {**(records or {}), **missing})
+
+    def set_base(self, update: AdapterState | None) -> None:
+        """Every later message tells its node the merged update's rank and brings the part it lacks."""
+        self.base = update
+        if update is None:
+            self.base_held.clear()
 
     # ---- exchanges --------------------------------------------------------------------------------------
     def exchange(
@@ -101,6 +119,10 @@ class FlowerClients:
             if i not in out.ok and i not in out.failed:
                 wait = self.settings.round_timeout
                 out.failed[i] = f"SuperNode {self.nodes[i]}: no reply within {wait:g}s (disconnected?)"
+        if self.base is not None:  # a node that answered holds the whole update; one that failed gets it all
+            self.base_held.update({i: rank_of(self.base) for i in out.ok})
+            for i in out.failed:
+                self.base_held.pop(i, None)
         return out
 
     def describe(self) -> Replies[dict[str, Any]]:
@@ -154,7 +176,7 @@ class FlowerClients:
         if secure_weights is not None:
             return self.secure_train(round_, adapters, secure_weights)
         job = self.job(round_) if steps is None else self.job(round_, steps=steps)
-        bodies = {i: p.content(job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
         got = self.exchange(round_, p.TRAIN, bodies)
         out = TrainReplies(failed=got.failed)
         for i, body in got.ok.items():
@@ -195,7 +217,7 @@ class FlowerClients:
 
     def evaluate(self, round_: int, adapters: Mapping[int, AdapterState]) -> Replies[dict[str, float]]:
         job = self.job(round_)
-        bodies = {i: p.content(job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
         got = self.exchange(round_, p.EVALUATE, bodies)
         return Replies({i: metrics(body) for i, body in got.ok.items()}, got.failed)
 
@@ -204,7 +226,7 @@ class FlowerClients:
     ) -> Replies[list[float]]:
         peers = {f"{p.PEER_PREFIX}{j}": p.tensors_to_record(a) for j, a in adapters.items()}
         job = self.job(round_, peers=list(adapters), val_batches=val_batches)
-        got = self.exchange(round_, p.EVALUATE_PEERS, {i: p.content(job, peers) for i in adapters})
+        got = self.exchange(round_, p.EVALUATE_PEERS, {i: self.body(i, job, peers) for i in adapters})
         rows = {i: [float(x) for x in body.metric_records[p.METRICS]["ppl"]] for i, body in got.ok.items()}  # type: ignore[union-attr]
         return Replies(rows, got.failed)
 
@@ -213,7 +235,7 @@ class FlowerClients:
     ) -> Replies[Prediction]:
         """A node predicts with the adapter it holds, which is the one the loop holds for it."""
         job = self.job(round_, public_batches=batches, batch_size=batch_size, k=k)
-        bodies = {i: p.content(job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
         got = self.exchange(round_, p.PREDICT, bodies)
         out: Replies[Prediction] = Replies(failed=got.failed)
         for i, body in got.ok.items():
@@ -241,6 +263,7 @@ class FlowerClients:
         self.run_key = str(state["run_key"])
         self.trained = {int(k): int(v) for k, v in state["trained"].items()}
         self.resume = dict(self.trained)
+        self.base_held.clear()  # what the nodes hold is not known after a resume: each gets it all again
 
 
 def metrics(body: RecordDict) -> dict[str, float]:

@@ -61,14 +61,30 @@ class NodeStateStore:
 
     def save(self, round_: int, adapter: AdapterState, trainer: dict[str, Any]) -> None:
         """Write atomically (a killed node leaves the previous rounds intact), then drop older rounds."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".tmp-{os.getpid()}-{round_}.pt"
-        torch.save({"round": round_, "adapter": adapter, "trainer": trainer}, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path(round_))
+        self.write(self.path(round_), {"round": round_, "adapter": adapter, "trainer": trainer})
         for old in self.rounds()[:-KEEP]:
             self.path(old).unlink(missing_ok=True)
+
+    def write(self, path: Path, content: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".tmp-{os.getpid()}-{path.name}"
+        torch.save(content, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @property
+    def base_path(self) -> Path:
+        return self.dir / "merged-base.pt"
+
+    def save_base(self, update: AdapterState) -> None:
+        """FLoRA: the update merged into this node's base so far (stacked), for its next messages."""
+        self.write(self.base_path, {"update": update})
+
+    def load_base(self) -> AdapterState | None:
+        if not self.base_path.is_file():
+            return None
+        return torch.load(self.base_path, map_location="cpu", weights_only=True)["update"]
 
     def load(self, round_: int) -> tuple[AdapterState, dict[str, Any]]:
         path = self.path(round_)

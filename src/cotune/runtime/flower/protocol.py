@@ -30,6 +30,8 @@ PEER_PREFIX = "cotune.peer."  # ArrayRecord per peer adapter: cotune.peer.<clien
 METRICS = "cotune.metrics"  # MetricRecord: losses, perplexities, throughput
 INFO = "cotune.info"  # ConfigRecord: a node's description (describe reply)
 LOGITS = "cotune.logits"  # ArrayRecord: <batch>.values / <batch>.indices of the top-k logits
+# ArrayRecord: FLoRA's merged history, components base_from..base_rank-1 (job args) that the node lacks
+BASE = "cotune.base"
 
 # numpy has no bfloat16: such tensors travel as their int16 bit pattern under a marked key.
 _BF16_SUFFIX = "::bfloat16"
