@@ -102,7 +102,9 @@ def _run(fed: LocalFederation, cfg, tmp_path: Path, **settings) -> Path:
 
 @pytest.mark.parametrize(
     ("strategy", "via"),
-    [("fedavg", "run_flower"), ("validation", "flwr run")],  # both ways of starting a run
+    # both ways of starting a run; flora: every message is a fresh process that merges the history kept on its
+    # node's disk into a freshly loaded base
+    [("fedavg", "run_flower"), ("validation", "flwr run"), ("flora", "flwr run")],
 )
 def test_two_supernodes_give_the_embedded_adapters(federation, corpus_dir, tmp_path, strategy, via):
     cfg = _cfg(corpus_dir, tmp_path, strategy)

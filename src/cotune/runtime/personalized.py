@@ -261,7 +261,9 @@ class PersonalizedLoop:
         if update is not None:
             self.base = update if self.base is None else flora_stack([self.base, update])
             self.clients.set_base(self.base)
-            self.sent.update({i: state_bytes(update) for i in self.members.present()})
+            # every client's base takes it, so each is counted once for it, in the round it is made (on
+            # Flower a client not asked this round gets it with its next message)
+            self.sent.update({i: state_bytes(update) for i in range(self.n)})
         fresh = wide_initialisation(
             self.adapters[0], self.cfg.lora.max_rank, guard.generator("flora", self.cfg.run.seed, r)
         )
