@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from tests.conftest import tiny_tree
+from tests.test_cotuning import task_file, tree  # noqa: F401  (task_file: the FedCoLLM task fixture)
 
 from cotune.algorithms.aggregation import mix_part
 from cotune.config import config_from_dict
+from cotune.config.loader import ConfigError
 from cotune.runtime.checkpoint import list_checkpoints
 from cotune.runtime.experiment import run_experiment
 
@@ -89,3 +92,34 @@ def test_differential_privacy_covers_only_the_shared_matrix(corpus_dir, tmp_path
     assert max((b[k] - b_plain[k]).abs().max().item() for k in b) > 1e-3  # the noise is there
     kinds = [json.loads(x)["type"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("privacy") >= 2
+
+
+def _all(run_dir, which=-1):
+    _, path = list_checkpoints(run_dir)[which]
+    return {
+        p.name: load_file(str(p / "adapter_model.safetensors")) for p in sorted(path.iterdir()) if p.is_dir()
+    }
+
+
+def test_ffa_lora_in_the_fedavg_step_of_the_fedcollm_family(task_file, tmp_path):  # noqa: F811
+    """federation.ffa_lora: FedAvg's clients train only B, so theta's A stays the initial one and the average
+    is exact; with DP the noise goes on B only. The personalized family refuses it (strategy ffa_lora)."""
+    private = {"clip_norm": 0.05, "noise_multiplier": 1.0}
+    for name, extra in (("ffa", {}), ("ffa-dp", {"privacy": private})):
+        cfg = config_from_dict(
+            tree(task_file, tmp_path, "fedavg", federation={"ffa_lora": True}, run={"name": name}, **extra)
+        )
+        (run_dir,) = run_experiment(cfg)
+        start, final = _all(run_dir, 0), _all(run_dir)
+        assert len(final) > 1
+        for adapter, initial in ((final[n], start[n]) for n in final):
+            assert all(torch.equal(v, initial[k]) for k, v in _part(adapter, "lora_A").items())
+            assert max((v - initial[k]).abs().max().item() for k, v in _part(adapter, "lora_B").items()) > 0
+    (plain,) = run_experiment(config_from_dict(tree(task_file, tmp_path, "fedavg", run={"name": "plain"})))
+    moved = _all(plain)
+    assert any(
+        not torch.equal(v, _all(plain, 0)[n][k]) for n in moved for k, v in _part(moved[n], "lora_A").items()
+    )
+
+    with pytest.raises(ConfigError, match=r"federation\.ffa_lora"):
+        config_from_dict(tiny_tree(task_file.parent, tmp_path, federation={"ffa_lora": True}))

@@ -75,7 +75,7 @@ FAMILY_SECTIONS: dict[Family, tuple[str, ...]] = {
 # Federation settings only one family reads: setting one for the other family is refused.
 FAMILY_FEDERATION_FIELDS: dict[Family, tuple[str, ...]] = {
     "personalized": ("warmup_steps",),
-    "fedcollm": ("local_epochs", "weighting", "max_examples"),
+    "fedcollm": ("local_epochs", "weighting", "max_examples", "ffa_lora"),
 }
 
 

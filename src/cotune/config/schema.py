@@ -227,6 +227,12 @@ class FederationConfig(Section):
     weighting: Literal["examples", "uniform"] = Field(
         "examples", description="fedcollm family: FedAvg weights n_k (local examples) or uniform"
     )
+    ffa_lora: bool = Field(
+        False,
+        description="fedcollm family: FFA-LoRA (arXiv 2403.12313) in the FedAvg step: the clients train only "
+        "B and keep A as the server sent it, so the mean of their B A is exactly the mean B times that A; "
+        "DP clipping and noise cover B only. The server's distillation still trains theta's A and B",
+    )
     max_examples: PositiveInt | None = Field(
         None,
         description="fedcollm family: the largest n_k a client with its own data may claim (more is "

@@ -156,7 +156,9 @@ class AggregationPipeline:
 
         `sizes[k]` is client k's n_k; `check` refuses an accepted upload that is not the SLM adapter.
         """
-        accepted, kept = self.screen(round_, clients, uploads, [reference] * len(clients), n_clients)
+        # FFA-LoRA (federation.ffa_lora): every upload keeps theta's A, so only B is clipped and noised
+        part = SHARED_PART["ffa_lora"] if self.cfg.federation.ffa_lora else None
+        accepted, kept = self.screen(round_, clients, uploads, [reference] * len(clients), n_clients, part)
         for u in kept:
             check(u)
         weights = [sizes[k] for k in accepted]
@@ -164,8 +166,10 @@ class AggregationPipeline:
         averaged = aggregate_slm(kept, weights, weighting, rob.aggregator, rob.trim_fraction)
         if self.privacy.enabled:
             w = fedavg_weights(weights, weighting)
-            averaged = self.noise(round_, averaged, max(w) / sum(w))
+            averaged = {**averaged, **self.noise(round_, shared_only(averaged, part), max(w) / sum(w))}
             self.log_spent(round_, "central: on the (weighted) mean of clipped updates")
+        if part is not None:  # every accepted A is theta's: keep it bit for bit (a float mean is an ulp off)
+            averaged.update({k: reference[k].clone() for k in averaged if part not in k})
         return averaged
 
     # ---- differential privacy ------------------------------------------------------------------------

@@ -225,6 +225,7 @@ def fedcollm_work(
         budget * cfg.federation.rounds,
         cfg.run.seed * 1000 + index,
         device,
+        frozen=FROZEN_PARTS["ffa_lora"] if cfg.federation.ffa_lora else (),
     )
     return ClientWork(index, learner, budget=budget, info={"examples": len(data)})
 
