@@ -525,14 +525,19 @@ def test_outcome_reads_the_marker_line_of_a_remote_run(tmp_path):
 
 
 # ---- FedCoLLM ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("algorithm", ["fedcollm", "fedavg", "standalone"])
+@pytest.mark.parametrize(
+    ("algorithm", "ffa"), [("fedcollm", False), ("fedavg", False), ("standalone", False), ("fedcollm", True)]
+)
 def test_fedcollm_family_on_flower_gives_the_embedded_results_bit_for_bit(
     task_file,  # noqa: F811
     tmp_path,
     algorithm,
+    ffa,
     node_state_in_tmp,
 ):
-    cfg = config_from_dict(tree(task_file, tmp_path, algorithm, run={"threads": 1}))
+    cfg = config_from_dict(
+        tree(task_file, tmp_path, algorithm, run={"threads": 1}, federation={"ffa_lora": ffa})
+    )
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
     grid = InProcessGrid(cfg.federation.clients)
     assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
