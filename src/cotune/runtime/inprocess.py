@@ -8,6 +8,8 @@ malicious uploads (`simulation.attack`).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +21,23 @@ from cotune.runtime.port import OnStep, Prediction, Replies, TrainReplies, Uploa
 from cotune.state import AdapterState
 
 CLAIM = 10**9  # the example count a simulated `inflated_claim` attacker reports
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap memory freed by a client's steps (activations, gradients, optimizer temporaries) back
+    to the OS. glibc keeps it otherwise, and every further client's persistent state (AdamW moments) lands
+    beyond it, so N simulated clients pinned N steps' worth of freed heap: bench/memory_scaling.py."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class InProcessClients:
@@ -60,7 +79,9 @@ class InProcessClients:
         order, size = list(adapters), self.cfg.federation.parallel_clients
         for start in range(0, len(order), size):
             group = order[start : start + size]
-            for i, outcome in self.train_group(round_, group, adapters, steps, on_step).items():
+            outcomes = self.train_group(round_, group, adapters, steps, on_step)
+            release_freed_memory()
+            for i, outcome in outcomes.items():
                 if not outcome.ok:
                     replies.failed[i] = outcome.reason or "failed"
                     continue
