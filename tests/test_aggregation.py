@@ -121,3 +121,18 @@ def test_trust_shape_is_checked() -> None:
         mix_adapters(adapters, torch.ones(3, 2))
     with pytest.raises(ValueError, match="3 adapters"):
         mix_adapters(adapters, torch.eye(2))
+
+
+def test_clients_with_the_same_trust_row_share_one_mixed_adapter():
+    """FedAvg's N clients hold one copy of the average (memory with many simulated clients), with the same
+    bits a separate copy would have; different rows get their own adapters."""
+    adapters = [
+        {"x.lora_A.weight": torch.randn(3, 5), "x.lora_B.weight": torch.randn(5, 3)} for _ in range(4)
+    ]
+    uniform = mix_adapters(adapters, torch.full((4, 4), 0.25))
+    assert all(out is uniform[0] for out in uniform)
+    w = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0.25, 0.25, 0.25, 0.25]])
+    mixed = mix_adapters(adapters, w)
+    assert mixed[0] is mixed[1] and len({id(m) for m in mixed}) == 3
+    assert torch.equal(mixed[2]["x.lora_A.weight"], adapters[2]["x.lora_A.weight"])
+    assert torch.equal(mixed[3]["x.lora_B.weight"], uniform[1]["x.lora_B.weight"])

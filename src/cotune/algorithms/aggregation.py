@@ -54,14 +54,19 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _mix(adapters: Sequence[Mapping[str, Tensor]], matrix: Tensor) -> list[dict[str, Tensor]]:
-    """out[i][key] = Σ_j matrix[i, j] · adapters[j][key], computed as one matmul per key."""
+    """out[i][key] = Σ_j matrix[i, j] · adapters[j][key], computed as one matmul per key.
+
+    Clients with the same row (every client under FedAvg) share one output dict: N simulated clients
+    then hold one copy of the average, not N. Nothing downstream changes an adapter in place."""
     keys = check_same_layout(adapters)
     n = len(adapters)
     if matrix.ndim != 2 or matrix.shape[1] != n:
         raise ValueError(f"mixing matrix must have shape (*, {n}), got {tuple(matrix.shape)}")
     if not torch.isfinite(matrix).all():
         raise ValueError("mixing matrix contains NaN or inf")
-    outputs: list[dict[str, Tensor]] = [{} for _ in range(matrix.shape[0])]
+    first_of: dict[tuple[float, ...], int] = {}
+    rows = [first_of.setdefault(tuple(float(x) for x in row), i) for i, row in enumerate(matrix)]
+    outputs: dict[int, dict[str, Tensor]] = {i: {} for i in sorted(set(rows))}
     for key in keys:
         ref = adapters[0][key]
         acc_dtype = _accumulation_dtype(ref.dtype)
@@ -70,9 +75,9 @@ def _mix(adapters: Sequence[Mapping[str, Tensor]], matrix: Tensor) -> list[dict[
             [a[key].detach().to(device=ref.device, dtype=acc_dtype).reshape(-1) for a in adapters]
         )
         mixed = matrix.to(device=ref.device, dtype=acc_dtype) @ stacked
-        for i, out in enumerate(outputs):
+        for i, out in outputs.items():
             out[key] = mixed[i].reshape(ref.shape).to(dtype=ref.dtype).clone()
-    return outputs
+    return [outputs[i] for i in rows]
 
 
 def mix_part(adapters: Sequence[Mapping[str, Tensor]], trust: Tensor, part: str) -> list[dict[str, Tensor]]:
