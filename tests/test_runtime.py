@@ -64,6 +64,33 @@ def test_sixteen_clients_share_one_base_model():
     assert all(base_now[n] == ptr for n, ptr in ptrs.items())  # switching clients never moved base weights
 
 
+def test_in_process_uploads_are_the_clients_slots_not_copies(corpus_dir, tmp_path):
+    """N simulated clients hold no second copy of their uploads: an upload is the client's slot itself, valid
+    until that client's next exchange (Clients.train); peers scored for validation trust are copies."""
+    from cotune.data.windows import federated_data
+    from cotune.runtime.inprocess import InProcessClients
+    from cotune.runtime.setup import adapter_pool, load_model, personalized_works
+
+    cfg = config_from_dict(tiny_tree(corpus_dir, tmp_path, strategy={"name": "validation"}))
+    base, tokenizer, device = load_model(cfg)
+    pool = adapter_pool(cfg, base)
+    data = federated_data(cfg.data, cfg.federation.clients, tokenizer, cfg.run.seed)
+    clients = InProcessClients(cfg, personalized_works(cfg, pool, data, device))
+    sent = {i: pool.initial for i in range(cfg.federation.clients)}
+    ups = clients.train(1, sent, 2).ok
+    slot = {n: p.data_ptr() for n, p in pool.named_parameters("client-01")}
+    assert {v.data_ptr() for v in ups[1].adapter.values()} == set(slot.values())
+    before = {k: v.clone() for k, v in ups[1].adapter.items()}
+    rows = clients.evaluate_peers(1, {i: u.adapter for i, u in ups.items()}, 1).ok
+    # scoring peers left every slot as it was
+    assert all(torch.equal(before[k], v) for k, v in ups[1].adapter.items())
+    alone = [
+        clients.works[1].peer_perplexity([{k: v.clone() for k, v in ups[j].adapter.items()}], 1)[0]
+        for j in ups
+    ]
+    assert rows[1] == alone  # each peer scored as itself, though the uploads live in the slots being written
+
+
 def _run(corpus_dir, tmp_path, name, **sections):
     tree = tiny_tree(corpus_dir, tmp_path, **sections)
     tree["run"] = {**tree["run"], "name": name}

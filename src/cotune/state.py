@@ -13,6 +13,11 @@ import torch
 AdapterState = dict[str, torch.Tensor]
 
 
+def copied(state: Mapping[str, torch.Tensor]) -> AdapterState:
+    """A copy that owns its tensors (an in-process upload is the client's slot itself)."""
+    return {k: v.clone() for k, v in state.items()}
+
+
 def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
     """Bytes on the wire for a state dict (raw tensor data)."""
     return sum(t.numel() * t.element_size() for t in state.values())

@@ -185,8 +185,11 @@ class AdapterPool:
 
     def state(self, name: str) -> AdapterState:
         """A detached copy of one adapter's weights, keyed as in a saved peft adapter."""
-        sd = get_peft_model_state_dict(self.model, adapter_name=name)
-        return {k: v.detach().clone() for k, v in sd.items()}
+        return {k: v.clone() for k, v in self.view(name).items()}
+
+    def view(self, name: str) -> AdapterState:
+        """One adapter's weights themselves (detached, not copied): they change when the slot does."""
+        return {k: v.detach() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
 
     def load_state(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         """Copy weights in place, so optimizers keep pointing at the same parameters."""

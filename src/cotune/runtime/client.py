@@ -72,6 +72,11 @@ class ClientWork:
     def adapter(self) -> AdapterState:
         return self.pool.state(self.learner.slot)
 
+    def upload(self) -> AdapterState:
+        """Its adapter as it is now, not copied (N simulated clients hold no second copy of their uploads):
+        valid until this client's slot is written again, by its next exchange."""
+        return self.pool.view(self.learner.slot)
+
     def adopt(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load `state` in place (the optimizer keeps pointing at the same parameters)."""
         device = self.learner.device

@@ -42,7 +42,7 @@ from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
 from cotune.runtime.port import Clients
 from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
-from cotune.state import AdapterState, state_bytes
+from cotune.state import AdapterState, copied, state_bytes
 from cotune.training.distill import student_step, teacher_signal
 from cotune.training.learner import Learner
 from cotune.training.loop import Batch
@@ -305,7 +305,7 @@ class FedCoLLMLoop:
         self.client_adapters.update(sent)  # a dropped client keeps what it was sent
         updates = {}
         for k, up in sorted(replies.ok.items()):
-            self.client_adapters[k] = up.adapter
+            self.client_adapters[k] = copied(up.adapter)  # kept past the client's next exchange
             updates[k] = up.adapter
             m = up.metrics
             self.files.log(TrainRecord(model="slm", round=r, client=k, loss=m["loss"], lr=m["lr"]))

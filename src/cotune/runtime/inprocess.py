@@ -85,7 +85,7 @@ class InProcessClients:
                 if not outcome.ok:
                     replies.failed[i] = outcome.reason or "failed"
                     continue
-                upload, sent = self.works[i].adapter(), adapters[i]
+                upload, sent = self.works[i].upload(), adapters[i]
                 if (
                     guard.is_attacker(self.cfg, i, round_)
                     and self.cfg.simulation.attack.kind in UPLOAD_ATTACKS
@@ -137,7 +137,9 @@ class InProcessClients:
     def evaluate_peers(
         self, round_: int, adapters: Mapping[int, AdapterState], val_batches: int
     ) -> Replies[list[float]]:
-        peers = list(adapters.values())
+        # copies: a peer's adapter may be a client's upload, which lives in the slot each client's scoring
+        # overwrites (see Clients.train)
+        peers = [{k: v.clone() for k, v in a.items()} for a in adapters.values()]
         return Replies(ok={i: self.works[i].peer_perplexity(peers, val_batches) for i in adapters})
 
     def predict(

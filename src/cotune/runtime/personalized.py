@@ -31,7 +31,7 @@ from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline
 from cotune.runtime.port import TEST_PREFIX, Clients, Prediction
 from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
-from cotune.state import AdapterState, state_bytes
+from cotune.state import AdapterState, copied, state_bytes
 
 SaveAdapter = Callable[[AdapterState, Path], None]  # writes one adapter in PEFT format
 
@@ -238,6 +238,8 @@ class PersonalizedLoop:
         )
         for i, state in zip(mixed.members, mixed.adapters, strict=True):
             self.adapters[i] = state
+        for i in set(answered) - set(mixed.members):  # its upload (lost during the evidence) outlives the
+            self.adapters[i] = copied(self.adapters[i])  # exchange it came from: keep a copy (Clients.train)
         if self.merging:
             self.merge(r, mixed.adapters[0] if mixed.members else None)
         full = torch.eye(self.n)  # clients left out keep their own adapter: identity rows

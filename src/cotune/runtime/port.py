@@ -77,6 +77,9 @@ class Clients(Protocol):
     ) -> TrainReplies:
         """Client i adopts adapters[i] and trains `steps` local steps (None: its own round budget).
 
+        An upload stays valid until the next exchange with that client (in process it is the client's
+        slot itself, not a copy); a loop that keeps one longer keeps a copy.
+
         `secure_weights`, where the transport supports secure aggregation, asks for the weighted mean
         of the uploads instead of the uploads themselves (`TrainReplies.mean`).
         """
