@@ -121,9 +121,10 @@ def aggregate(
         return trust, mix_part(adapters, trust, SHARED_PART[cfg.name])
     if cfg.name == "hetlora":
         return trust, hetlora_mix(adapters, trust)
-    if cfg.name == "flora":  # one global update: the stack, the same for every client
+    if cfg.name == "flora":
+        # one global update of rank sum r_k, which every client shares (as FedAvg's clients share one average)
         stacked = flora_stack(adapters, [float(x) for x in trust[0]])
-        return trust, [{k: v.clone() for k, v in stacked.items()} for _ in adapters]
+        return trust, [stacked] * len(adapters)
     if cfg.name == "flexlora" or len({rank_of(a) for a in adapters}) > 1:
         # clients of different ranks (lora.ranks): trust mixes the products B A, each cut back by SVD
         return trust, flexlora_mix(adapters, trust)
