@@ -21,7 +21,7 @@ from torch import nn
 
 from cotune.algorithms.ranks import lora_pairs, rank_of, resize_rank
 from cotune.config.schema import LoraSettings
-from cotune.state import AdapterState
+from cotune.state import AdapterState, copied
 
 
 class LoraTargetError(ValueError):
@@ -185,7 +185,7 @@ class AdapterPool:
 
     def state(self, name: str) -> AdapterState:
         """A detached copy of one adapter's weights, keyed as in a saved peft adapter."""
-        return {k: v.clone() for k, v in self.view(name).items()}
+        return copied(self.view(name))
 
     def view(self, name: str) -> AdapterState:
         """One adapter's weights themselves (detached, not copied): they change when the slot does."""

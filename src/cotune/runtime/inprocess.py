@@ -18,7 +18,7 @@ from cotune.config.schema import ExperimentConfig
 from cotune.runtime import guard
 from cotune.runtime.client import ClientWork, train_works_together
 from cotune.runtime.port import OnStep, Prediction, Replies, TrainReplies, Upload
-from cotune.state import AdapterState
+from cotune.state import AdapterState, copied
 
 CLAIM = 10**9  # the example count a simulated `inflated_claim` attacker reports
 
@@ -139,7 +139,7 @@ class InProcessClients:
     ) -> Replies[list[float]]:
         # copies: a peer's adapter may be a client's upload, which lives in the slot each client's scoring
         # overwrites (see Clients.train)
-        peers = [{k: v.clone() for k, v in a.items()} for a in adapters.values()]
+        peers = [copied(a) for a in adapters.values()]
         return Replies(ok={i: self.works[i].peer_perplexity(peers, val_batches) for i in adapters})
 
     def predict(
