@@ -10,6 +10,10 @@ import copy
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
 import tomllib
 import uuid
 from collections.abc import Callable, Iterable
@@ -47,9 +51,11 @@ from cotune.runtime.flower.deploy import (
     with_run_settings,
     write_app_dir,
 )
+from cotune.runtime.flower.handlers import node_app
 from cotune.runtime.flower.node import NodeSettings, node_config
 from cotune.runtime.flower.node_state import NodeStateStore
 from cotune.runtime.flower.server_app import check_resumable, experiment_config, prepare_run_dir, run_server
+from cotune.runtime.flower.worker import WORKER_KEY, NodeWorker, WorkerError, forward
 from cotune.runtime.rundir import ResumeError, is_flower_run
 from cotune.training.loop import make_optimizer, make_scheduler
 
@@ -68,14 +74,17 @@ class ServerKilled(BaseException):
 class InProcessGrid(Grid):
     """SuperNodes in this process: the real ClientApp, one Context (state) per node, no network."""
 
-    def __init__(self, n_nodes: int, fate: Fate | None = None, run_id: int = 7) -> None:
+    def __init__(
+        self, n_nodes: int, fate: Fate | None = None, run_id: int = 7, worker: Path | None = None
+    ) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 1, 1
+        extra = {WORKER_KEY: str(worker)} if worker else {}  # every node's work done by that node worker
         # node ids deliberately unrelated to partition ids: the server must ask
         self.contexts = {
             9000 - 7 * i: Context(
                 run_id=run_id,
                 node_id=9000 - 7 * i,
-                node_config={"partition-id": i, "num-partitions": n_nodes},
+                node_config={"partition-id": i, "num-partitions": n_nodes, **extra},
                 state=RecordDict(),
                 run_config={},
             )
@@ -916,3 +925,97 @@ def test_a_node_that_lost_floras_merged_update_is_dropped_then_sent_all_of_it(
     (fault,) = _records(run_dir, "fault")
     assert (fault["round"], fault["client"]) == (3, 2) and "lost the first" in fault["reason"]
     assert [t["client"] for t in _records(run_dir, "train") if t["round"] == 4] == [0, 1, 2, 3]
+
+
+# ---- the node worker (one long-lived process per SuperNode) ----------------------------------------------
+@pytest.fixture
+def node_worker(tmp_path):
+    """A node worker serving the real node app from a thread; yields its socket path."""
+    path = tmp_path / "sock" / "worker.sock"
+    logged: list[str] = []
+    worker = NodeWorker(path, node_app, log=logged.append)
+    thread = threading.Thread(target=worker.serve_forever, daemon=True)
+    thread.start()
+    yield path
+    worker.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and not path.exists()
+    assert all("refused" not in line for line in logged)
+
+
+@pytest.mark.parametrize("strategy", ["validation", "prediction"])
+def test_a_node_worker_gives_the_same_results_bit_for_bit(corpus_dir, tmp_path, strategy, node_worker):
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": strategy})
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients, worker=node_worker)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    assert max_adapter_diff(_adapters(embedded), _adapters(tmp_path / "flower")) == 0.0
+    assert [r["matrix"] for r in _records(embedded, "trust")] == [
+        r["matrix"] for r in _records(tmp_path / "flower", "trust")
+    ]
+
+
+def test_secure_aggregation_keeps_its_node_state_through_a_node_worker(task_file, tmp_path, node_worker):  # noqa: F811
+    """SecAgg+ keeps each node's protocol state in the Flower Context between its four stages: the
+    worker must hand the updated state back, or stage 2 onwards fails."""
+    tree_ = tree(task_file, tmp_path, "fedavg", run={"threads": 1}, federation={"rounds": 1})
+    secure = config_from_dict({**tree_, "federation": {**tree_["federation"], "secure_aggregation": True}})
+    direct, via = tmp_path / "direct", tmp_path / "via"
+    assert _run_flower_in_process(secure, direct, InProcessGrid(3)) == "completed"
+    grid = InProcessGrid(3, worker=node_worker)
+    assert _run_flower_in_process(secure, via, grid) == "completed"
+    assert all(len(ctx.state) for ctx in grid.contexts.values())  # SecAgg+ state came back
+    assert [r["client"] for r in _records(via, "train")] == [0, 1, 2]
+    ours, theirs = _adapters(direct, pattern="*"), _adapters(via, pattern="*")
+    assert max_adapter_diff({"s": ours["server"]}, {"s": theirs["server"]}) <= SECAGG_TOLERANCE
+
+
+def test_a_node_worker_reports_failures_and_absence_with_what_to_do(corpus_dir, tmp_path, node_worker):
+    cfg = _cfg(corpus_dir, tmp_path)
+    grid = InProcessGrid(cfg.federation.clients, worker=node_worker)
+    ctx = next(iter(grid.contexts.values()))
+    bad = Message(RecordDict(), dst_node_id=ctx.node_id, message_type=p.TRAIN)  # no job record
+    with pytest.raises(WorkerError, match=r"ValueError: message 'train' has no 'cotune\.job' record"):
+        forward(str(node_worker), bad, ctx)
+    with pytest.raises(WorkerError, match=r"no cotune node worker answers .*cotune flower worker --socket"):
+        forward(str(tmp_path / "nobody.sock"), bad, ctx)
+
+
+def test_a_node_worker_never_replaces_a_file_or_a_live_worker(tmp_path, node_worker):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not a socket"):
+        NodeWorker(precious, node_app)
+    assert precious.read_text() == "mine"
+    with pytest.raises(ValueError, match="a worker already listens"):
+        NodeWorker(node_worker, node_app)
+    with pytest.raises(ValueError, match="a Unix socket path may have at most 107"):
+        NodeWorker(tmp_path / ("x" * 120) / "w.sock", node_app)
+    stale = tmp_path / "stale.sock"  # a stopped worker's socket file: taken over
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(stale))
+    dead.close()
+    worker = NodeWorker(stale, node_app, log=lambda line: None)
+    assert oct(stale.stat().st_mode & 0o777) == "0o600"  # only this user may connect
+    worker.stop()
+    worker.serve_forever()  # returns at once: stopped; removes its socket
+    assert not stale.exists()
+
+
+def test_the_clientapp_imports_no_torch_when_a_worker_does_the_work():
+    """What makes a message cheap: Flower's per-message process imports only Flower and this module."""
+    code = "import sys, cotune.runtime.flower.client_app; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_cli_worker_refuses_a_path_that_is_not_a_socket(tmp_path):
+    precious = tmp_path / "data.csv"
+    precious.write_text("a,b\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "cotune.cli.main", "flower", "worker", "--socket", str(precious)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "error:" in done.stderr and "not a socket" in done.stderr
+    assert precious.read_text() == "a,b\n"

@@ -1,7 +1,8 @@
 """A real Flower deployment on 127.0.0.1: one SuperLink and two SuperNodes (free ports, insecure mode,
 no runtime dependency installation), the tiny personalized config for two rounds (fedavg and
 validation trust) and the tiny FedCoLLM config for one round, compared with the embedded runtime;
-then a SuperNode is stopped mid-run. Every process started here (and every child
+then a SuperNode is stopped mid-run. Each SuperNode has a node worker, except in the secure
+federation's test (fresh ClientApp processes do the work there). Every process started here (and every child
 Flower started: SuperExec, ServerApp, ClientApp) is stopped at the end, also when a test fails.
 """
 
@@ -208,7 +209,8 @@ def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
 def test_a_secure_federation_admits_only_its_members(corpus_dir, tmp_path):
     """TLS (a CA made here) and SuperNode authentication on 127.0.0.1: the registered nodes run a
     round; a node with an unregistered key and a node without the CA are refused; so is a `flwr`
-    client without the CA."""
+    client without the CA. No node workers here: every message's work runs in the fresh ClientApp
+    process Flower starts for it (the other tests here go through workers)."""
     import json
     import subprocess
 
@@ -217,7 +219,7 @@ def test_a_secure_federation_admits_only_its_members(corpus_dir, tmp_path):
     cfg = _cfg(corpus_dir, tmp_path, "fedavg")
     cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 1})})
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
-    with LocalFederation(CLIENTS, tmp_path / "secure", secure=True) as fed:
+    with LocalFederation(CLIENTS, tmp_path / "secure", secure=True, workers=False) as fed:
         fed.start_node(1, name="stranger", register=False)  # its key is not registered
         fed.start_node(1, name="no-ca", tls=False)  # plain text to a TLS SuperLink
         try:

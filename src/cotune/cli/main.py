@@ -307,6 +307,26 @@ def flower_app_dir(path: Annotated[Path, typer.Argument(help="directory to write
     out.print(str(write_app_dir(path)))
 
 
+@flower_app.command("worker")
+def flower_worker(
+    socket_path: Annotated[
+        Path, typer.Option("--socket", help="where to listen (give the SuperNode --node-config worker=PATH)")
+    ],
+) -> None:
+    """A SuperNode's node worker: does the ClientApp's work for every message in one long-lived process
+    (imports, base model and data once), so a message costs what Flower imposes. Stop with Ctrl-C."""
+    from cotune.runtime.flower import FlowerRunError, require_flwr
+
+    try:
+        require_flwr()
+    except FlowerRunError as e:
+        _fail(str(e))
+    from cotune.runtime.flower.handlers import node_app
+    from cotune.runtime.flower.worker import run_worker
+
+    run_worker(socket_path, node_app)
+
+
 @flower_app.command("outcome")
 def flower_outcome(
     run_dir: Annotated[Path, typer.Argument(help="the run directory of a Flower run")],

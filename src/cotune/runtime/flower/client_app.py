@@ -1,169 +1,70 @@
-"""The cotune ClientApp: what a SuperNode (one data owner) does with each message of the ServerApp.
+"""The cotune ClientApp that Flower starts for each message: it does the work here, or hands the
+message to this SuperNode's long-lived node worker.
 
-Every handler rebuilds the node from the config the message carries plus the state it saved on its
-own disk after its last trained round of this run (node_state.py: adapter, trainer state, RNG),
-calls one `ClientWork` method, saves the state after training and replies. Flower turns an
-exception into an error reply, which the server's transport reports as a failed client.
-
-Message types (see protocol.py): `query.describe`, `train`, `evaluate`, and the trust evidence
-actions `evaluate.peers` (validation trust) and `query.predict` (prediction trust).
+Flower runs every message in a fresh ClientApp process. Doing the work there costs a cold start
+each time: importing torch, transformers and peft, loading the base model, rebuilding the data. A
+SuperNode whose operator starts a node worker beside it (`cotune flower worker --socket PATH`, and
+`worker=PATH` in the SuperNode's `--node-config`) pays that once: this process, which imports only
+Flower, forwards the message and the node's context to the worker over a local socket and returns
+its reply (worker.py). Without `worker`, the work runs in this process (`handlers.node_app`),
+imported only then. Either way the reply is the same, bit for bit.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+import sys
+import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import psutil
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice
-from cotune.runtime.flower import protocol as p
-from cotune.runtime.flower import secagg
-from cotune.runtime.flower.node import Node, NodeSettings, node_config
+from cotune.runtime.flower.worker import WORKER_KEY, forward
 
-# SecAgg+ (federation.secure_aggregation): the protocol's messages pass through Flower's secaggplus_mod.
-app = ClientApp(mods=[secagg.maybe_secaggplus])
+app = ClientApp()
 
 
-def open_node(message: Message, context: Context) -> AbstractContextManager[tuple[p.Job, Node]]:
-    """The node as it was after its last trained round of this run (fresh before its first)."""
-    return open_job(p.job_of(message), context, message)
+def dispatch(message: Message, context: Context) -> Message:
+    """The node's reply, from its worker when it has one, else from this process. One log line per
+    message says where the time went (what bench/deployment_overhead.py reads)."""
+    started = time.time()
+    socket_path = context.node_config.get(WORKER_KEY)
+    if socket_path:
+        reply = forward(str(socket_path), message, context)
+    else:
+        from cotune.runtime.flower.handlers import node_app  # torch, transformers, peft: only when needed
 
-
-@contextmanager
-def open_job(job: p.Job, context: Context, message: Message | None = None) -> Iterator[tuple[p.Job, Node]]:
-    """The node for one message; its base model goes back, unwrapped (and unmerged), to the process's
-    cache after."""
-    settings = NodeSettings.from_node_config(context.node_config)
-    node = Node(job.family, node_config(job.config_yaml, settings), settings)
-    try:
-        restore(node, job)
-        if message is not None:
-            merge_base(node, job, message)
-        node.seed_if_new()
-        yield job, node
-    finally:
-        node.close()
-
-
-def merge_base(node: Node, job: p.Job, message: Message) -> None:
-    """FLoRA: merge the server's history into this node's base. The node keeps the history it was sent
-    on its own disk; a message brings only the components it does not hold yet (from `base_from`)."""
-    rank = int(job.args.get("base_rank", 0))
-    if not rank:
-        return
-    start = int(job.args["base_from"])
-    store = node.store(job.run_key)
-    held = store.load_base()
-    if start and (held is None or rank_of(held) < start):
-        raise ValueError(
-            f"this SuperNode lost the first {start} components of FLoRA's merged update (another state-dir, "
-            "or a lost disk?); the server sends it the whole update with its next message"
-        )
-    parts = [rank_slice(held, 0, start)] if start and held is not None else []
-    if p.BASE in message.content.array_records:
-        parts.append(p.record_to_tensors(message.content.array_records[p.BASE]))
-    update = flora_stack(parts)
-    if rank_of(update) != rank:
-        raise ValueError(f"FLoRA's merged update has rank {rank_of(update)} here, the server says {rank}")
-    if start < rank:
-        store.save_base(update)
-    node.pool.set_base_update(update)
-
-
-def restore(node: Node, job: p.Job) -> None:
-    """This run's state from the node's own disk (node_state.py): the round the server names after a
-    resume, else the latest it trained. Another run (another run key) never shares it."""
-    if not job.run_key:
-        return
-    store = node.store(job.run_key)
-    pinned = job.resume.get(node.index) if job.resume else None
-    round_ = pinned if pinned is not None else store.latest()
-    if round_ is not None:
-        adapter, trainer = store.load(round_)
-        node.work.adopt(adapter)
-        node.load_trainer_state(trainer)
-
-
-def save(node: Node, job: p.Job) -> None:
-    """After training: the node's adapter and trainer state, for its next message or a resumed run."""
-    node.store(job.run_key).save(job.round, node.work.adapter(), node.trainer_state())
-
-
-def reply(message: Message, records: dict[str, ArrayRecord | ConfigRecord | MetricRecord]) -> Message:
-    return Message(RecordDict(dict(records)), reply_to=message)
-
-
-def adopt_sent(node: Node, message: Message) -> None:
-    if p.ADAPTER in message.content.array_records:
-        node.adopt(p.record_to_tensors(message.content.array_records[p.ADAPTER]))
+        reply = node_app(message, context)
+    print(
+        f"cotune node {context.node_config.get('partition-id')}: {message.metadata.message_type} "
+        f"handled in {time.time() - started:.2f} s {'by its worker' if socket_path else 'here'}; "
+        f"this process started {started - psutil.Process().create_time():.2f} s before",
+        file=sys.stderr,
+        flush=True,
+    )
+    return reply
 
 
 @app.query("describe")
 def describe(message: Message, context: Context) -> Message:
-    with open_node(message, context) as (_, node):
-        info = node.work.describe()
-        record = ConfigRecord({k: v for k, v in info.items() if k not in ("label_names", "mixture")})
-        record["label_names"] = json.dumps(info.get("label_names", []))
-        record["mixture"] = json.dumps(info.get("mixture", []))
-        record["own_data"] = bool(node.settings.data_path)  # its n_k cannot be checked by the server
-        return reply(message, {p.INFO: record})
+    return dispatch(message, context)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    if secagg.is_fit_message(message):
-        return secure_train(message, context)
-    with open_node(message, context) as (job, node):
-        adopt_sent(node, message)
-        steps = job.args.get("steps")  # FedCoLLM: the node's own budget (local_epochs depends on its data)
-        metrics = node.work.train(None if steps is None else int(steps))
-        save(node, job)
-        return reply(
-            message,
-            {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.METRICS: MetricRecord(dict(metrics))},
-        )
+    return dispatch(message, context)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    with open_node(message, context) as (_, node):
-        adopt_sent(node, message)
-        metrics = node.work.evaluate()
-        return reply(message, {p.METRICS: MetricRecord(dict(metrics))})
+    return dispatch(message, context)
 
 
 @app.evaluate("peers")
 def evaluate_peers(message: Message, context: Context) -> Message:
-    with open_node(message, context) as (job, node):
-        peers = [int(j) for j in job.args["peers"]]
-        adapters = [p.record_to_tensors(message.content.array_records[f"{p.PEER_PREFIX}{j}"]) for j in peers]
-        row = node.work.peer_perplexity(adapters, int(job.args["val_batches"]))
-        return reply(message, {p.METRICS: MetricRecord({"ppl": [float(x) for x in row]})})
+    return dispatch(message, context)
 
 
 @app.query("predict")
 def predict(message: Message, context: Context) -> Message:
-    with open_node(message, context) as (job, node):
-        adopt_sent(node, message)
-        a = job.args
-        pred = node.work.predict(int(a["public_batches"]), int(a["batch_size"]), int(a["k"]))
-        info = ConfigRecord({"public_hash": pred.public_hash, "vocab": pred.vocab})
-        return reply(message, {p.LOGITS: p.topk_to_record(pred.topk), p.INFO: info})
-
-
-def secure_train(message: Message, context: Context) -> Message:
-    """A SecAgg+ round's training (FedCoLLM family): the same work, the legacy fit format for the mod."""
-    config, adapter = secagg.fit_request(message)
-    with open_job(p.Job.from_record(ConfigRecord(config)), context) as (job, node):
-        if node.family != "fedcollm":
-            raise ValueError("secure aggregation is implemented for the FedCoLLM family's FedAvg step")
-        node.adopt(adapter)
-        metrics = node.work.train()
-        save(node, job)
-        weight = int(
-            job.args.get("weights", {}).get(str(node.index), node.weight())
-        )  # the server's checked n_k
-        return secagg.fit_reply(message, node.work.adapter(), list(adapter), weight, metrics)
+    return dispatch(message, context)

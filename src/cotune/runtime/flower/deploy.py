@@ -5,7 +5,8 @@
 - `submit` starts one run on a SuperLink through the Control API (`flwr run ... --stream`), with a
   private FLWR_HOME so the user's own Flower configuration is never read or written.
 - `LocalFederation` starts a SuperLink and N SuperNodes on 127.0.0.1 (insecure, no runtime
-  dependency installation) and stops every process it started, children included.
+  dependency installation), each with its node worker (worker.py) unless told not to, and stops
+  every process it started, children included.
 - `run_on_flower` is what `cotune run CONFIG --backend flower` calls (through the orchestrator, which
   prepares the run directories): run each variant, and raise if the server stopped or failed.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,7 +38,9 @@ from cotune.config.schema import ExperimentConfig
 from cotune.reporting.metrics import read_metrics
 from cotune.runtime.flower import FLOWER_ENV, FlowerRunError
 from cotune.runtime.flower.pki import make_node_keys, make_server_files
+from cotune.runtime.flower.worker import WORKER_KEY
 
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 CONNECTION = "cotune"  # the SuperLink connection name in the private FLWR_HOME
 APP_NAME = "cotune-flower"
 
@@ -77,6 +81,9 @@ def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[s
     env["FLWR_HOME"] = str(flwr_home)
     # flower-superlink / -supernode start flower-superexec, flwr-serverapp and flwr-clientapp by name.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # A SuperNode's SuperExec looks for a message to start a ClientApp for once a second by default;
+    # the look is a local call, so every 0.2 s costs nothing and answers sooner.
+    env.setdefault(SUPEREXEC_POLL_ENV, "0.2")
     return env
 
 
@@ -202,6 +209,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for_socket(path: Path, timeout: float, alive: Callable[[], bool]) -> None:
+    """Until a node worker listens at `path` (it creates the socket once its imports are done)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the node worker meant to listen at {path} exited")
+        if path.exists():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"no node worker listens at {path} after {timeout:g}s")
+
+
 def wait_for_port(port: int, timeout: float, alive: Callable[[], bool]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -230,17 +249,21 @@ class LocalFederation:
     with a certificate from a throwaway CA (`pki.py`) and admits only SuperNodes whose public key was
     registered (`--enable-supernode-auth`, `flwr supernode register`). No runtime dependency
     installation: every process uses this Python environment. Node i gets `partition-id=i
-    num-partitions=n_nodes` plus `node_config(i)`. Use as a context manager: every process it
-    started, and every child those started (SuperExec, ServerApp, ClientApp), is stopped on exit,
-    also after a failure.
+    num-partitions=n_nodes` plus `node_config(i)`, and (with `workers`) a node worker of its own
+    that does its ClientApp's work (`worker=` a socket in a private temporary directory: a Unix
+    socket path must stay under 108 bytes). Use as a context manager: every process it started,
+    and every child those started (SuperExec, ServerApp, ClientApp), is stopped on exit, also
+    after a failure.
     """
 
     n_nodes: int
     work_dir: Path
     node_config: Callable[[int], Mapping[str, str | int]] | None = None
     secure: bool = False
+    workers: bool = True
     port: int = 0
     processes: dict[str, _Process] = field(default_factory=dict)
+    socket_dir: Path | None = None
 
     @property
     def flwr_home(self) -> Path:
@@ -316,6 +339,8 @@ class LocalFederation:
         name = name or f"supernode-{i}"
         cfg: dict[str, str | int] = {"partition-id": i, "num-partitions": self.n_nodes}
         cfg["state-dir"] = str(self.work_dir / "node-state")  # trainer states, kept for a resume
+        if self.workers:
+            cfg[WORKER_KEY] = str(self.start_worker(name))
         cfg.update(self.node_config(i) if self.node_config else {})
         pairs = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in cfg.items())
         security = ["--insecure"]
@@ -347,6 +372,16 @@ class LocalFederation:
             ],
         )
 
+    def start_worker(self, node: str, timeout: float = 120.0) -> Path:
+        """The node worker of SuperNode `node` (`cotune flower worker`); returns its socket path."""
+        if self.socket_dir is None:
+            self.socket_dir = Path(tempfile.mkdtemp(prefix="cotune-workers-"))  # 0700
+        path = self.socket_dir / f"{node}.sock"
+        cmd = [sys.executable, "-m", "cotune.cli.main", "flower", "worker", "--socket", str(path)]
+        worker = self._spawn(f"{node}-worker", cmd)
+        wait_for_socket(path, timeout, lambda: worker.popen.poll() is None)
+        return path
+
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         """Stop one process (e.g. "supernode-1") and everything it started."""
         proc = self.processes.pop(name, None)
@@ -368,6 +403,8 @@ class LocalFederation:
     def close(self) -> None:
         for name in sorted(self.processes, key=lambda n: n == "superlink"):  # nodes first, then the link
             self.stop(name)
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def run(
         self,
