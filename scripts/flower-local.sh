@@ -6,6 +6,7 @@
 #                                                      #      examples/fedcollm-tiny.yaml
 #   OUT=runs/mine scripts/flower-local.sh CONFIG       # run directory (default runs/<stem>-flower)
 #   scripts/flower-local.sh --secure CONFIG            # TLS + SuperNode authentication (see below)
+#   WORKERS=0 scripts/flower-local.sh CONFIG           # no node workers (see below)
 #
 # Insecure mode (no TLS, no SuperNode authentication) is for this one-machine demo only. --secure
 # makes a throwaway CA and a certificate for 127.0.0.1 (under <run dir>/flower/pki), serves TLS,
@@ -15,18 +16,22 @@
 # Each SuperNode builds the config's federated split and keeps partition-id i (a real data owner
 # passes data-path=<its files> in --node-config instead). run.compare baselines are not run here,
 # nor FedCoLLM's centralized/zero_shot (no client step): `cotune run CONFIG --backend flower` runs those.
+# Each SuperNode gets a node worker (`cotune flower worker`, node config worker=<socket>): one long-lived
+# process that does the work of every message the SuperNode's fresh ClientApp processes forward to it
+# (imports, base model and data once). WORKERS=0: the work runs in those fresh processes instead.
 set -euo pipefail
 set -m # background jobs get their own process group, so cleanup can stop each one with its children
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 SECURE=0
+WORKERS=${WORKERS:-1}
 if [[ ${1:-} == --secure ]]; then
     SECURE=1
     shift
 fi
 if [[ $# -lt 1 ]]; then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 CONFIG=$(realpath "$1")
@@ -36,6 +41,7 @@ OVERRIDES="$*"
 export PATH="$(dirname "$PYTHON"):$PATH" # flower-superlink/-supernode start flwr-* commands by name
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 # no traffic to flower.ai
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2} # a local look; default 1 s
 
 CLIENTS=$("$PYTHON" -c 'import sys
 from cotune.config import load_config
@@ -67,6 +73,7 @@ cleanup() {
         kill -KILL -- "-$pid" 2>/dev/null || true
     done
     wait 2>/dev/null || true
+    [[ -n ${SOCKETS:-} ]] && rm -rf "$SOCKETS"
     echo "stopped the SuperLink and $CLIENTS SuperNode(s); logs in $WORK" >&2
     exit "$code"
 }
@@ -119,18 +126,35 @@ EOF
 
 # One SuperNode per client: partition-id says which client of the config it is. With --secure, its
 # public key is registered first (only registered SuperNodes may connect), and it verifies the CA.
+# Node workers: sockets in a private directory under /tmp (a Unix socket path must stay under 108 bytes).
+NODE_WORKER=()
+if ((WORKERS)); then
+    SOCKETS=$(mktemp -d /tmp/cotune-workers-XXXXXX)
+fi
 for ((i = 0; i < CLIENTS; i++)); do
+    if ((WORKERS)); then
+        (cd "$ROOT" && exec "$(dirname "$PYTHON")/cotune" flower worker --socket "$SOCKETS/node-$i.sock") \
+            >"$WORK/worker-$i.log" 2>&1 &
+        PIDS+=($!)
+        for _ in $(seq 600); do
+            [[ -S $SOCKETS/node-$i.sock ]] && break
+            kill -0 "${PIDS[-1]}" 2>/dev/null || { echo "node worker $i exited; see $WORK/worker-$i.log" >&2; exit 1; }
+            sleep 0.2
+        done
+        NODE_WORKER=("worker=\"$SOCKETS/node-$i.sock\"")
+    fi
     if ((SECURE)); then
         flwr supernode register "$PKI/supernode-$i.pub" local-deployment >>"$WORK/register.log" 2>&1
         NODE_SECURITY=(--root-certificates "$PKI/ca.crt" --auth-supernode-private-key "$PKI/supernode-$i.key"
             --auth-supernode-public-key "$PKI/supernode-$i.pub")
     fi
     (cd "$ROOT" && exec flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$LINK" --port "${PORTS[i + 1]}" \
-        --node-config "partition-id=$i num-partitions=$CLIENTS") >"$WORK/supernode-$i.log" 2>&1 &
+        --node-config "partition-id=$i num-partitions=$CLIENTS ${NODE_WORKER[*]}") >"$WORK/supernode-$i.log" 2>&1 &
     PIDS+=($!)
 done
 MODE=insecure
 ((SECURE)) && MODE="TLS, SuperNode authentication"
+((WORKERS)) && MODE="$MODE, node workers"
 echo "SuperLink 127.0.0.1:$LINK ($MODE), $CLIENTS SuperNode(s); run directory $RUN_DIR" >&2
 # In the background, so that a signal to this script is handled at once (bash defers traps while a
 # foreground command runs); the log is shown as it grows.

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 import uuid
 from collections.abc import Callable, Iterable
@@ -93,6 +94,7 @@ class InProcessGrid(Grid):
         self.fate = fate or (lambda i, m: None)
         self.sent: list[tuple[int, str]] = []
         self.replies: list[Message] = []
+        self.waiting: dict[str, Message] = {}  # replies not pulled yet, by the message replied to
 
     def set_run(self, run):  # type: ignore[no-untyped-def]
         pass
@@ -107,40 +109,47 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Each message is answered at once (or never: a silent node); the replies wait to be pulled."""
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            ctx = self.contexts[msg.metadata.dst_node_id]
-            index = int(ctx.node_config["partition-id"])
-            self.sent.append((index, msg.metadata.message_type))
-            fate = self.fate(index, msg)
-            if fate == "silent":
-                continue
-            if fate == "server dies":
-                raise ServerKilled(f"the ServerApp was killed while sending {msg.metadata.message_type}")
-            try:
-                if fate == "error":
-                    raise RuntimeError("simulated ClientApp crash")
-                # a copy, as the wire would deliver it (SecAgg+ messages share one content object)
-                reply = client_app(copy.deepcopy(msg), ctx)
-                if fate == "claims a billion" and p.INFO in reply.content.config_records:
-                    reply.content.config_records[p.INFO]["examples"] = 10**9
-                if fate == "nan" and p.ADAPTER in reply.content.array_records:
-                    sent = p.record_to_tensors(reply.content.array_records[p.ADAPTER])
-                    poisoned = {k: torch.full_like(v, float("nan")) for k, v in sent.items()}
-                    reply.content.array_records[p.ADAPTER] = p.tensors_to_record(poisoned)
-                replies.append(reply)
-                self.replies.append(replies[-1])
-            except Exception as exc:  # what Flower does with a ClientApp exception
-                replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-        return replies
+            ids.append(msg.metadata.message_id)
+            reply = self.deliver(msg)
+            if reply is not None:
+                self.waiting[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.waiting.pop(i) for i in list(message_ids) if i in self.waiting]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))  # Flower's SecAgg+ workflow calls this
+
+    def deliver(self, msg: Message) -> Message | None:
+        ctx = self.contexts[msg.metadata.dst_node_id]
+        index = int(ctx.node_config["partition-id"])
+        self.sent.append((index, msg.metadata.message_type))
+        fate = self.fate(index, msg)
+        if fate == "silent":
+            return None
+        if fate == "server dies":
+            raise ServerKilled(f"the ServerApp was killed while sending {msg.metadata.message_type}")
+        try:
+            if fate == "error":
+                raise RuntimeError("simulated ClientApp crash")
+            # a copy, as the wire would deliver it (SecAgg+ messages share one content object)
+            reply = client_app(copy.deepcopy(msg), ctx)
+            if fate == "claims a billion" and p.INFO in reply.content.config_records:
+                reply.content.config_records[p.INFO]["examples"] = 10**9
+            if fate == "nan" and p.ADAPTER in reply.content.array_records:
+                sent = p.record_to_tensors(reply.content.array_records[p.ADAPTER])
+                poisoned = {k: torch.full_like(v, float("nan")) for k, v in sent.items()}
+                reply.content.array_records[p.ADAPTER] = p.tensors_to_record(poisoned)
+            self.replies.append(reply)
+            return reply
+        except Exception as exc:  # what Flower does with a ClientApp exception
+            return Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
 
 def _cfg(corpus_dir: Path, tmp_path: Path, **sections):
@@ -395,7 +404,7 @@ def test_a_client_that_disconnects_is_reported_and_the_round_goes_on(corpus_dir,
         return "silent" if gone else None
 
     run_dir = tmp_path / "run"
-    status = _run_flower_in_process(cfg, run_dir, InProcessGrid(4, fate))
+    status = _run_flower_in_process(cfg, run_dir, InProcessGrid(4, fate), ServerSettings(round_timeout=0.5))
     assert status == "completed"
     (fault,) = _records(run_dir, "fault")
     assert (fault["round"], fault["phase"], fault["client"]) == (2, "train", 3)
@@ -437,7 +446,7 @@ def test_too_few_clients_stop_the_run_cleanly_with_the_last_checkpoint_intact(co
 def test_a_missing_supernode_at_the_start_counts_against_min_clients(corpus_dir, tmp_path):
     cfg = _cfg(corpus_dir, tmp_path, federation={"clients": 4, "rounds": 1, "min_clients": 3})
     grid = InProcessGrid(4, lambda i, m: "silent" if i == 2 else None)
-    settings = ServerSettings(connect_timeout=0)
+    settings = ServerSettings(connect_timeout=0, round_timeout=0.5)
     assert _run_flower_in_process(cfg, tmp_path / "run", grid, settings) == "completed"
     faults = _records(tmp_path / "run", "fault")
     assert [(f["round"], f["phase"]) for f in faults] == [(0, "connect")]
@@ -925,6 +934,41 @@ def test_a_node_that_lost_floras_merged_update_is_dropped_then_sent_all_of_it(
     (fault,) = _records(run_dir, "fault")
     assert (fault["round"], fault["client"]) == (3, 2) and "lost the first" in fault["reason"]
     assert [t["client"] for t in _records(run_dir, "train") if t["round"] == 4] == [0, 1, 2, 3]
+
+
+class SlowGrid(InProcessGrid):
+    """Replies become available `delay` seconds after the push (a SuperNode's work and delivery)."""
+
+    def __init__(self, delay: float, silent: int = 0) -> None:
+        super().__init__(0)
+        self.delay, self.silent, self.pushed_at = delay, silent, 0.0
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        self.pushed_at = time.monotonic()
+        return [f"m{k}" for k, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        if time.monotonic() - self.pushed_at < self.delay:
+            return []
+        answered = sorted(message_ids)[: max(0, len(list(message_ids)) - self.silent)]
+        replies = [Message(RecordDict(), dst_node_id=1, message_type=p.TRAIN) for _ in answered]
+        for reply, i in zip(replies, answered, strict=True):
+            reply.metadata.__dict__["_reply_to_message_id"] = i
+        return replies
+
+
+def test_the_server_asks_for_replies_often_and_stops_at_the_timeout(corpus_dir, tmp_path):
+    """Flower's Grid.send_and_receive asks every 3 s; the server's own loop every poll_interval."""
+    cfg = _cfg(corpus_dir, tmp_path)
+    messages = [Message(RecordDict(), dst_node_id=1, message_type=p.TRAIN) for _ in range(3)]
+    clients = FlowerClients(cfg, SlowGrid(0.3), "personalized", ServerSettings(round_timeout=10))
+    t0 = time.monotonic()
+    assert len(clients.send_and_receive(messages)) == 3
+    assert time.monotonic() - t0 < 1.5  # answered at 0.3 s, seen within one 0.2 s poll
+    clients = FlowerClients(cfg, SlowGrid(0.0, silent=1), "personalized", ServerSettings(round_timeout=0.6))
+    t0 = time.monotonic()
+    assert len(clients.send_and_receive(messages)) == 2  # one node never answers: the timeout ends it
+    assert 0.6 <= time.monotonic() - t0 < 2.0
 
 
 # ---- the node worker (one long-lived process per SuperNode) ----------------------------------------------
