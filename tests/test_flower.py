@@ -28,7 +28,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 pytest.importorskip("flwr")
 
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
@@ -194,6 +194,23 @@ def test_tensors_travel_bit_exactly_including_bfloat16():
     assert list(back) == list(tensors)
     for k in tensors:
         assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k])
+    # the order of the names survives even when it is not sorted, and views of one tensor are sent as
+    # themselves
+    wide = torch.randn(4, 8)
+    unsorted = {"z": wide[:, :3], "a": torch.randn(2), "m.lora_A": wide[1], "m.lora_B": wide}
+    back = p.record_to_tensors(p.tensors_to_record(unsorted))
+    assert list(back) == ["z", "a", "m.lora_A", "m.lora_B"]
+    assert all(torch.equal(back[k], unsorted[k]) for k in unsorted)
+
+
+def test_an_adapter_travels_as_one_flower_object_not_one_per_tensor():
+    """Flower moves every Array as an object with a request per hop: an adapter of hundreds of tensors
+    must be one Array (one chunk up to 5 MB)."""
+    adapter = {f"layers.{i}.q_proj.lora_{ab}.weight": torch.randn(4, 576) for i in range(30) for ab in "AB"}
+    record = p.tensors_to_record(adapter)
+    assert len(record) == 1
+    with pytest.raises(ValueError, match="packed tensors"):
+        p.record_to_tensors(ArrayRecord({"x": Array(torch.randn(2).numpy())}))
 
 
 def test_optimizer_and_schedule_state_survive_the_trip(corpus_dir, tmp_path):

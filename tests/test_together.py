@@ -8,6 +8,7 @@ import torch
 from cotune.config import ConfigError, config_from_dict
 from cotune.config.schema import LoraSettings, TinyModelConfig, TrainConfig
 from cotune.data.task_data import EncodedSet
+from cotune.evaluation.lm import evaluate_lm, evaluate_lm_through
 from cotune.models.lora import AdapterPool
 from cotune.models.tiny import build_tiny_model, byte_tokenizer
 from cotune.training.learner import Learner
@@ -128,3 +129,20 @@ def test_a_benchmark_shaped_tiny_model_with_grouped_query_attention_and_a_big_vo
     assert model.config.num_key_value_heads == 2 and model.get_input_embeddings().num_embeddings == 1000
     with pytest.raises(ValueError, match="vocab_size"):
         build_tiny_model(TinyModelConfig(vocab_size=100), len(byte_tokenizer()))
+
+
+def test_peers_scored_together_give_the_figures_of_one_by_one():
+    """Validation trust with parallel_clients > 1: each row of the mixed batch through its own adapter."""
+    pool = _pool()
+    windows = _windows()[0]
+    alone = []
+    for name in NAMES:
+        pool.activate(name)
+        alone.append(evaluate_lm(pool.model, windows, 8, max_batches=2))
+    together = evaluate_lm_through(pool.model, windows, 8, NAMES, max_batches=2)
+    assert len({round(r.ppl, 3) for r in alone}) == len(NAMES)  # distinct adapters: routing is visible
+    for a, t in zip(alone, together, strict=True):
+        assert t.tokens == a.tokens == 2 * 8 * 15
+        assert t.ppl == pytest.approx(a.ppl, rel=1e-5) and t.acc == pytest.approx(a.acc, abs=1e-9)
+    backwards = evaluate_lm_through(pool.model, windows, 8, NAMES[::-1], max_batches=2)
+    assert [r.ppl for r in backwards] == pytest.approx([r.ppl for r in together][::-1], rel=1e-5)

@@ -254,8 +254,9 @@ class FederationConfig(Section):
     parallel_clients: PositiveInt = Field(
         1,
         description="embedded runtime: train up to this many clients' local steps as one forward/backward "
-        "over the shared base (each row through its own client's adapter; same results as one by one). "
-        "Pays on a GPU, not on a CPU; needs lora.dropout 0",
+        "over the shared base (each row through its own client's adapter; same results as one by one), "
+        "and score this many peers per forward for validation trust. Pays on a GPU, not on a CPU; needs "
+        "lora.dropout 0",
     )
     secure_aggregation: bool = Field(
         False,

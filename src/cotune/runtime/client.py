@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cotune.algorithms.ranks import rank_of
-from cotune.evaluation.lm import evaluate_lm
+from cotune.evaluation.lm import evaluate_lm, evaluate_lm_through
 from cotune.runtime.port import TEST_PREFIX, Prediction
 from cotune.state import AdapterState
 from cotune.training.learner import Learner, StepLog
@@ -138,6 +138,16 @@ class ClientWork:
             row.append(res.ppl)
         self.pool.activate(self.learner.slot)
         self.adopt(own)
+        return row
+
+    def peer_perplexity_in_slots(self, slots: Sequence[str], val_batches: int, together: int) -> list[float]:
+        """Its row of P from peer adapters already loaded in `slots` of its pool, scored `together` at a
+        time in one mixed-adapter forward per batch (nothing of its own slot is overwritten)."""
+        row: list[float] = []
+        for start in range(0, len(slots), together):
+            part = slots[start : start + together]
+            val, size = self._val(), self.eval_batch_size
+            row += [res.ppl for res in evaluate_lm_through(self.pool.model, val, size, part, val_batches)]
         return row
 
     @torch.no_grad()

@@ -137,6 +137,17 @@ class InProcessClients:
     def evaluate_peers(
         self, round_: int, adapters: Mapping[int, AdapterState], val_batches: int
     ) -> Replies[list[float]]:
+        """Each client scores every peer on its validation windows. With `federation.parallel_clients`
+        K > 1, each peer stays in its own slot and a client scores K of them per forward (one
+        mixed-adapter batch); otherwise each peer in turn in the client's own slot, as a SuperNode does."""
+        together = self.cfg.federation.parallel_clients
+        if together > 1:
+            for j, state in adapters.items():  # usually there already: an upload is its slot
+                self.works[j].adopt(state)
+            slots = [self.works[j].learner.slot for j in adapters]
+            return Replies(
+                ok={i: self.works[i].peer_perplexity_in_slots(slots, val_batches, together) for i in adapters}
+            )
         # copies: a peer's adapter may be a client's upload, which lives in the slot each client's scoring
         # overwrites (see Clients.train)
         peers = [copied(a) for a in adapters.values()]

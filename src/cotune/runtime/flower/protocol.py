@@ -1,7 +1,7 @@
 """What travels between the cotune ServerApp and ClientApp: message types, record keys and codecs.
 
-Adapters and any tensor state travel as Flower ``ArrayRecord`` s (one ``Array`` per tensor, numpy
-serialised, never pickled); everything else is a ``ConfigRecord`` or ``MetricRecord``. Keeping the
+Adapters and any tensor state travel as Flower ``ArrayRecord`` s (one ``Array`` per record: a
+safetensors buffer, never pickled); everything else is a ``ConfigRecord`` or ``MetricRecord``. Keeping the
 wire format in one module means a new algorithm family adds message types here and nothing else
 changes shape (FedCoLLM needed none: `query.describe` and `train` cover its rounds).
 """
@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 # ---- message types: "<category>" or "<category>.<action>" (Flower routes on both) ------------------
 DESCRIBE = "query.describe"  # who are you: partition id, data summary, public-set hash, label mixture
@@ -33,30 +35,33 @@ LOGITS = "cotune.logits"  # ArrayRecord: <batch>.values / <batch>.indices of the
 # ArrayRecord: FLoRA's merged history, components base_from..base_rank-1 (job args) that the node lacks
 BASE = "cotune.base"
 
-# numpy has no bfloat16: such tensors travel as their int16 bit pattern under a marked key.
-_BF16_SUFFIX = "::bfloat16"
-
-
 # ---- tensors <-> ArrayRecord ---------------------------------------------------------------------------
+# Named tensors travel as ONE Flower Array holding a safetensors buffer, not one Array per tensor: Flower
+# moves every Array as an object of its own, with a request per object on each hop (ServerApp ->
+# SuperLink -> SuperNode -> ClientApp and back), and an adapter has hundreds of tensors (SmolLM2, r=4 on
+# q/k/v/o: 240). The order of the names is kept by a numbered prefix inside the buffer.
+PACKED = "cotune.tensors"  # the one Array of a packed record
+SAFETENSORS = "safetensors"  # its stype
+
+
 def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Exact (bitwise) encoding of named tensors; key order is kept."""
-    record = ArrayRecord()
-    for key, tensor in tensors.items():
-        t = tensor.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            key, t = key + _BF16_SUFFIX, t.view(torch.int16)
-        record[key] = Array.from_numpy_ndarray(t.numpy())
-    return record
+    """Exact (bitwise, bfloat16 included, never pickled) encoding of named tensors; key order is kept."""
+    # a compact copy of each: safetensors refuses tensors that share storage (views of one tensor)
+    numbered = {
+        f"{n:06d}|{key}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for n, (key, t) in enumerate(tensors.items())
+    }
+    data = save_tensors(numbered)
+    return ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(data),), stype=SAFETENSORS, data=data)})
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, array in record.items():
-        t = torch.from_numpy(array.numpy())
-        if key.endswith(_BF16_SUFFIX):
-            key, t = key.removesuffix(_BF16_SUFFIX), t.view(torch.bfloat16)
-        out[key] = t
-    return out
+    if PACKED not in record or record[PACKED].stype != SAFETENSORS:
+        raise ValueError(
+            "this record does not hold cotune's packed tensors (a node of another cotune version?)"
+        )
+    numbered = load_tensors(record[PACKED].data)
+    return {name.split("|", 1)[1]: numbered[name] for name in sorted(numbered)}
 
 
 # ---- prediction trust: top-k logits ---------------------------------------------------------------------
