@@ -64,6 +64,39 @@ def test_sixteen_clients_share_one_base_model():
     assert all(base_now[n] == ptr for n, ptr in ptrs.items())  # switching clients never moved base weights
 
 
+def test_one_dropout_module_serves_every_layer_and_adapter_with_the_same_masks():
+    """peft makes a LoRA dropout module per layer per adapter (~0.27 MiB of module objects per SmolLM2
+    client); the pool keeps one, which draws the same masks in the same order."""
+    import copy
+
+    from peft import get_peft_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    from cotune.models.lora import lora_config
+
+    cfg = config_from_dict({"model": {"name": "tiny"}, "lora": {"dropout": 0.3}})
+    base = build_tiny_model(cfg.model.tiny, len(byte_tokenizer()))
+    plain = get_peft_model(copy.deepcopy(base), lora_config(cfg.lora), adapter_name="c1")  # peft's own
+    pool = AdapterPool(base, cfg.lora, ["c0", "c1", "c2"])
+    layers = [m for m in pool.model.modules() if isinstance(m, LoraLayer)]
+    assert len({id(m.lora_dropout[n]) for m in layers for n in ("c0", "c1", "c2")}) == 1
+    assert len({id(m) for m in plain.modules() if isinstance(m, torch.nn.Dropout)}) == len(layers)
+    g = torch.Generator().manual_seed(1)  # B is zero at initialisation: make the adapter matter
+    state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in pool.state("c1").items()}
+    pool.load_state("c1", state)
+    set_peft_model_state_dict(plain, state, adapter_name="c1")
+    pool.activate("c1")
+    pool.model.train(), plain.train()
+    ids = torch.randint(0, 200, (2, 16))
+    torch.manual_seed(5)
+    ours = pool.model(input_ids=ids).logits
+    torch.manual_seed(5)
+    theirs = plain(input_ids=ids).logits
+    assert torch.equal(ours, theirs)
+    torch.manual_seed(6)
+    assert not torch.equal(pool.model(input_ids=ids).logits, ours)  # dropout is on: the masks matter
+
+
 def test_in_process_uploads_are_the_clients_slots_not_copies(corpus_dir, tmp_path):
     """N simulated clients hold no second copy of their uploads: an upload is the client's slot itself, valid
     until that client's next exchange (Clients.train); peers scored for validation trust are copies."""

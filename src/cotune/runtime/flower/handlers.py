@@ -14,6 +14,8 @@ trust evidence actions `evaluate.peers` (validation trust) and `query.predict` (
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
@@ -38,6 +40,7 @@ def open_node(message: Message, context: Context) -> AbstractContextManager[tupl
 def open_job(job: p.Job, context: Context, message: Message | None = None) -> Iterator[tuple[p.Job, Node]]:
     """The node for one message; its base model goes back, unwrapped (and unmerged), to the process's
     cache after."""
+    started = time.perf_counter()
     settings = NodeSettings.from_node_config(context.node_config)
     node = Node(job.family, node_config(job.config_yaml, settings), settings)
     try:
@@ -45,7 +48,14 @@ def open_job(job: p.Job, context: Context, message: Message | None = None) -> It
         if message is not None:
             merge_base(node, job, message)
         node.seed_if_new()
+        ready = time.perf_counter()
         yield job, node
+        print(
+            f"cotune node {node.index}: ready in {ready - started:.2f} s (model, adapter, data, state), "
+            f"work {time.perf_counter() - ready:.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     finally:
         node.close()
 
