@@ -74,7 +74,7 @@ cleanup() {
     done
     wait 2>/dev/null || true
     [[ -n ${SOCKETS:-} ]] && rm -rf "$SOCKETS"
-    echo "stopped the SuperLink and $CLIENTS SuperNode(s); logs in $WORK" >&2
+    echo "stopped the SuperLink and $CLIENTS SuperNode(s)$( ((WORKERS)) && echo " with their node workers"); logs in $WORK" >&2
     exit "$code"
 }
 trap cleanup EXIT
