@@ -1040,6 +1040,13 @@ def test_a_node_worker_reports_failures_and_absence_with_what_to_do(corpus_dir, 
         forward(str(node_worker), bad, ctx)
     with pytest.raises(WorkerError, match=r"no cotune node worker answers .*cotune flower worker --socket"):
         forward(str(tmp_path / "nobody.sock"), bad, ctx)
+    garbage = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # not Flower's frames: answered by a
+    garbage.connect(str(node_worker))  # closed connection, and the worker goes on
+    garbage.sendall((5).to_bytes(8, "big") + b"\xff\xfe\x00\x01\x02" + (3).to_bytes(8, "big") + b"abc")
+    assert garbage.recv(16) == b""
+    garbage.close()
+    with pytest.raises(WorkerError, match="has no 'cotune"):
+        forward(str(node_worker), bad, ctx)
 
 
 def test_a_node_worker_never_replaces_a_file_or_a_live_worker(tmp_path, node_worker):

@@ -195,6 +195,8 @@ class NodeWorker:
             what = answer(conn, self.app)
         except (ConnectionError, OSError) as exc:
             what = f"connection lost ({type(exc).__name__})"
+        except Exception as exc:  # a request that is not two of Flower's frames: the worker goes on
+            what = f"unreadable request ({type(exc).__name__})"
         self.log(f"{what} in {time.perf_counter() - start:.2f} s")
 
 
