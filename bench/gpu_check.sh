@@ -7,20 +7,30 @@
 # personalized paper's schedule at full budget (SmolLM2, 4 clients, 500 iterations, 100 local-only, trust
 # every 25; local / fedavg / validation / prediction), only when the SmolLM2 asset is on the machine.
 #
+#
+# With --fedcollm, instead, the FedCoLLM table of issue 13 (P8 item 6) at the paper's budgets, also within 8
+# minutes: `bench/fedcollm_quality.py` with the Qwen pair on BBC topic and French Wikipedia topic, seeds 0
+# and 1, 5 rounds of 1 local epoch and 1 server epoch, CUDA bf16; each task has 210 s and the table keeps
+# the seeds that finished. Needs the Qwen and corpus assets on the machine (skipped otherwise: they cannot
+# travel in a 64 MiB call).
+#
 # Here, once (needs PyPI): bash bench/gpu_check.sh --prepare   # wheels the device image lacks -> .whl/
-# There (device tool):     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
-# Here, without a GPU:     bash bench/gpu_check.sh --cpu-smoke  # the same steps, tiny budgets, CPU fp32
+# There (device tool):     run(command="bash bench/gpu_check.sh [--fedcollm]", carry=[".whl"], timeout_s=540)
+# Here, without a GPU:     bash bench/gpu_check.sh --cpu-smoke [--fedcollm]  # same steps, tiny budgets, CPU
 # Results: $OUT (the device tool's folder) or bench/results/gpu_check/: log.txt, client_scaling_*.{md,json},
-# paper_report.md. Commit what a GPU run measured under bench/results/.
+# paper_report.md; with --fedcollm fedcollm_quality_*.{md,json}. Commit what a GPU run measured under
+# bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MODE=gpu
-case "${1:-}" in
-  --cpu-smoke) MODE=cpu ;;
-  --prepare) MODE=prepare ;;
-  "") ;;
-  *) echo "usage: bash bench/gpu_check.sh [--cpu-smoke | --prepare]" >&2; exit 2 ;;
-esac
+MODE=gpu SUITE=scale
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-smoke) MODE=cpu ;;
+    --prepare) MODE=prepare ;;
+    --fedcollm) SUITE=fedcollm ;;
+    *) echo "usage: bash bench/gpu_check.sh [--cpu-smoke | --prepare] [--fedcollm]" >&2; exit 2 ;;
+  esac
+done
 
 if [[ $MODE == prepare ]]; then
   # The device image has torch, peft, rich, typer, pyyaml, safetensors; cotune also needs these versions.
@@ -52,10 +62,33 @@ step() {  # step NAME SECONDS CMD...: one timed step; a failure is logged and th
   local name=$1 limit=$2; shift 2
   echo "== $(date -u +%T) $name (limit ${limit}s): $*" | tee -a "$LOG"
   local t0=$SECONDS
-  timeout "$limit" "$@" >> "$LOG" 2>&1
-  echo "== $name: rc $? in $((SECONDS - t0)) s" | tee -a "$LOG"
+  timeout --kill-after=5 "$limit" setsid "$@" >> "$LOG" 2>&1  # its own process group: children die with it
+  local rc=$?
+  pkill -KILL -f "cotune.cli.main run" 2> /dev/null  # a run a timed-out benchmark had started
+  echo "== $name: rc $rc in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
-{ echo "gpu_check $MODE on $(uname -m), $(nproc) cores"; $PY -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", "transformers", transformers.__version__, "peft", peft.__version__)'; } 2>&1 | tee -a "$LOG"
+{ echo "gpu_check $SUITE $MODE on $(uname -m), $(nproc) cores"; $PY -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", "transformers", transformers.__version__, "peft", peft.__version__)'; } 2>&1 | tee -a "$LOG"
+
+if [[ $SUITE == fedcollm ]]; then
+  # The paper's budgets: 5 rounds, 1 local epoch, 1 server epoch (no cap on distillation batches).
+  PAPER=(federation.rounds=5 federation.local_epochs=1 distill.epochs=1 distill.max_steps=null run.eval_every=5)
+  ASSETS=~/.cache/cotune/assets
+  if [[ $MODE == cpu ]]; then
+    step fedcollm-tiny 300 $PY bench/fedcollm_quality.py --config examples/fedcollm-tiny.yaml --name gpu-smoke-tiny \
+      --seeds 0 1 --fresh "${PAPER[@]}" federation.rounds=2 run.eval_every=2 device=cpu
+  elif ls $ASSETS/qwen2.5-coder-1.5b-instruct/* $ASSETS/qwen2.5-coder-0.5b-instruct/* > /dev/null 2>&1; then
+    for task in bbc wiki-fr; do
+      step fedcollm-$task 210 $PY bench/fedcollm_quality.py --config bench/configs/fedcollm-qwen-$task.yaml \
+        --name gpu-qwen-$task --seeds 0 1 "${PAPER[@]}" device=cuda model.dtype=bfloat16 \
+        llm.model.dtype=bfloat16 run.threads=4
+    done
+  else
+    echo "== fedcollm skipped: no Qwen2.5-Coder weights on this machine (see the header)" | tee -a "$LOG"
+  fi
+  cp bench/results/fedcollm_quality_gpu-*.{md,json} "$RESULTS"/ 2>/dev/null
+  echo "== done $(date -u +%T)" | tee -a "$LOG"
+  exit 0
+fi
 
 step device-tests 90 env COTUNE_TEST_DEVICE=$DEVICE COTUNE_TEST_DTYPE=$DTYPE $PY -m pytest -q -p no:cacheprovider -m device tests/test_device.py
 model=tiny-smollm2

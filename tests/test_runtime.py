@@ -54,7 +54,9 @@ def test_sixteen_clients_share_one_base_model():
     optim_bytes = _tensor_bytes(
         t for o in optims for s in o.state.values() for t in s.values() if t.dim() > 0
     )
-    assert model_bytes == base_bytes + 16 * adapter  # no copy of the base, exactly one adapter each
+    client_bytes = _tensor_bytes(p for i in range(16) for p in pool.parameters(f"c{i}"))
+    assert model_bytes == base_bytes + adapter  # no copy of the base; one peft adapter runs every client
+    assert client_bytes == 16 * adapter  # exactly one adapter each
     assert optim_bytes == 16 * 2 * adapter  # AdamW: two moments per adapter weight
     base_now = {
         n.replace("base_model.model.", "").replace(".base_layer", ""): p.data_ptr()
@@ -62,6 +64,33 @@ def test_sixteen_clients_share_one_base_model():
         if "lora_" not in n
     }
     assert all(base_now[n] == ptr for n, ptr in ptrs.items())  # switching clients never moved base weights
+
+
+def test_a_client_costs_its_weights_not_modules_and_switching_copies_nothing():
+    """A simulated client is its LoRA tensors, bound into one of peft's adapters when it runs: the model
+    has as many modules with 64 clients as with one, and activating a client points the modules at its
+    own parameters (what its optimizer holds), without copying them."""
+    cfg = config_from_dict({"model": {"name": "tiny"}})
+
+    def pool_of(n: int) -> AdapterPool:
+        return AdapterPool(
+            build_tiny_model(cfg.model.tiny, len(byte_tokenizer())), cfg.lora, [f"c{i}" for i in range(n)]
+        )
+
+    one, many = pool_of(1), pool_of(64)
+    assert len(list(many.model.modules())) == len(list(one.model.modules()))
+    ids = torch.randint(0, 200, (2, 16))
+    for name in ("c3", "c7", "c3"):
+        many.activate(name)
+        ptrs = [p.data_ptr() for p in many.parameters(name)]
+        running = {id(p) for n, p in many.model.named_parameters() if "lora_" in n and p.requires_grad}
+        assert running == {id(p) for p in many.parameters(name)}  # its own parameters, and only they train
+        many.model(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for p in many.parameters(name))
+        assert all(p.grad is None for p in many.parameters("c5"))
+        assert [p.data_ptr() for p in many.parameters(name)] == ptrs
+        for p in many.parameters(name):
+            p.grad = None
 
 
 def test_one_dropout_module_serves_every_layer_and_adapter_with_the_same_masks():
@@ -78,8 +107,10 @@ def test_one_dropout_module_serves_every_layer_and_adapter_with_the_same_masks()
     base = build_tiny_model(cfg.model.tiny, len(byte_tokenizer()))
     plain = get_peft_model(copy.deepcopy(base), lora_config(cfg.lora), adapter_name="c1")  # peft's own
     pool = AdapterPool(base, cfg.lora, ["c0", "c1", "c2"])
+    with pool.lanes_for(["c0", "c1", "c2"]) as lanes:  # three of peft's adapters
+        pass
     layers = [m for m in pool.model.modules() if isinstance(m, LoraLayer)]
-    assert len({id(m.lora_dropout[n]) for m in layers for n in ("c0", "c1", "c2")}) == 1
+    assert len({id(m.lora_dropout[lane]) for m in layers for lane in lanes}) == 1
     assert len({id(m) for m in plain.modules() if isinstance(m, torch.nn.Dropout)}) == len(layers)
     g = torch.Generator().manual_seed(1)  # B is zero at initialisation: make the adapter matter
     state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in pool.state("c1").items()}

@@ -139,10 +139,12 @@ def test_peers_scored_together_give_the_figures_of_one_by_one():
     for name in NAMES:
         pool.activate(name)
         alone.append(evaluate_lm(pool.model, windows, 8, max_batches=2))
-    together = evaluate_lm_through(pool.model, windows, 8, NAMES, max_batches=2)
+    with pool.lanes_for(NAMES) as lanes:
+        together = evaluate_lm_through(pool.model, windows, 8, lanes, max_batches=2)
     assert len({round(r.ppl, 3) for r in alone}) == len(NAMES)  # distinct adapters: routing is visible
     for a, t in zip(alone, together, strict=True):
         assert t.tokens == a.tokens == 2 * 8 * 15
         assert t.ppl == pytest.approx(a.ppl, rel=1e-5) and t.acc == pytest.approx(a.acc, abs=1e-9)
-    backwards = evaluate_lm_through(pool.model, windows, 8, NAMES[::-1], max_batches=2)
+    with pool.lanes_for(NAMES[::-1]) as lanes:
+        backwards = evaluate_lm_through(pool.model, windows, 8, lanes, max_batches=2)
     assert [r.ppl for r in backwards] == pytest.approx([r.ppl for r in together][::-1], rel=1e-5)

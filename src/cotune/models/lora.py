@@ -1,8 +1,9 @@
 """Many LoRA adapters on one frozen base model, using peft's multi-adapter support.
 
-Each client is a named peft adapter inside the same PeftModel: activating a client is a
-pointer switch (no base weight is copied), and each client's optimizer owns only its
-adapter's parameters. State dicts in peft's format are the exchange unit.
+Each client's adapter is its own set of LoRA parameters, run by binding them into one of peft's
+adapters of the same PeftModel: activating a client is a pointer switch (no weight is copied), and
+each client's optimizer owns only its own parameters. State dicts in peft's format are the exchange
+unit.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
@@ -75,13 +76,23 @@ def wide_initialisation(
     return out
 
 
+def lane_name(index: int, rank: int) -> str:
+    return f"lane{index}_r{rank}"
+
+
 class AdapterPool:
-    """N named adapters sharing one base model; all start from the same initialisation.
+    """N named adapters (clients) sharing one base model; all start from the same initialisation.
+
+    A client's adapter is its own LoRA weights (`nn.Parameter`s, keyed as in a saved peft adapter), not
+    a peft adapter of its own: peft's adapters ("lanes", one per rank and per client that must run at
+    the same time) are bound to a client by pointing their A and B modules at its parameters. So a
+    simulated client costs its weights and ~240 tensor objects, not ~240 `nn.Linear` modules with their
+    hook dictionaries (~0.55 MiB per SmolLM2 client), and switching clients never copies a weight.
 
     With `ranks` (one per name) the adapters differ in rank; each starts from the first r ranks of one
     initialisation at `initial_rank` (default: the largest), drawn from the seed of torch's default
     generator, so every transport and every pool of any subset of names agrees on it. `initial` is that
-    full-rank initialisation (without `ranks`: the first adapter's).
+    full-rank initialisation (without `ranks`: peft's initialisation of the first lane).
     """
 
     def __init__(
@@ -100,24 +111,128 @@ class AdapterPool:
         self.names = list(names)
         self.settings = settings
         self.ranks = dict(zip(self.names, [settings.r] * len(names) if ranks is None else ranks, strict=True))
-        first = self.names[0]
+        first_rank = self.ranks[self.names[0]]
         self.model: PeftModel = get_peft_model(
-            base_model, lora_config(settings, self.ranks[first]), adapter_name=first
+            base_model, lora_config(settings, first_rank), adapter_name=lane_name(0, first_rank)
         )
         self.stateless: dict[tuple[type, float | None], nn.Module] = {}
-        self.share_stateless(first)
-        for name in self.names[1:]:
-            self.model.add_adapter(name, lora_config(settings, self.ranks[name]))
-            self.share_stateless(name)
-        if ranks is None:
-            self.initial = self.state(first)
-        else:
-            self.initial = wide_initialisation(self.state(first), initial_rank or max(ranks))
-        for name in self.names[1 if ranks is None else 0 :]:
-            self.load_state(name, resize_rank(self.initial, self.ranks[name]))
+        self.share_stateless(lane_name(0, first_rank))
+        self.lanes: dict[str, list[tuple[str, nn.Linear]]] = {}  # lane -> (state key, its A or B module)
+        self.bound: dict[str, str] = {}  # lane -> the client whose weights it runs
+        self.weights: dict[str, dict[str, nn.Parameter]] = {}  # client -> its weights, by state key
         self.active: str | None = None
-        self.activate(first)
+        first_lane = self.lane(0, first_rank)
+        initial = {key: module.weight.detach() for key, module in self.lanes[first_lane]}
+        if ranks is None:
+            self.initial = copied(initial)
+        else:
+            self.initial = wide_initialisation(initial, initial_rank or max(ranks))
+        for name in self.names:
+            self.add_weights(name, resize_rank(self.initial, self.ranks[name]))
+        self.activate(self.names[0])
         self.original: dict[str, torch.Tensor] = {}  # base weights before `set_base_update`, by module
+
+    # ---- lanes: the peft adapters that run clients' weights -----------------------------------------
+    def lane(self, index: int, rank: int) -> str:
+        """peft adapter `index` of `rank` (made on first use, without touching the run's randomness)."""
+        name = lane_name(index, rank)
+        if name not in self.lanes:
+            if name not in self.model.peft_config:
+                with torch.random.fork_rng():
+                    self.model.add_adapter(name, lora_config(self.settings, rank))
+                self.share_stateless(name)
+                if self.active is not None:
+                    self.model.set_adapter(self.lane_of(self.active))
+            self.lanes[name] = self.lane_modules(name)
+        return name
+
+    def lane_modules(self, lane: str) -> list[tuple[str, nn.Linear]]:
+        """(state key, module) of every LoRA weight of `lane`, in the order of a saved adapter."""
+        marker = f".{lane}."
+        table: list[tuple[str, nn.Linear]] = []
+        for param_name, _ in self.model.named_parameters():
+            if marker in param_name and "lora_" in param_name:
+                path, attribute = param_name.rsplit(".", 1)
+                module = self.model.get_submodule(path)
+                if attribute != "weight" or not isinstance(module, nn.Linear):
+                    raise RuntimeError(f"cotune binds only LoRA Linear weights, not {param_name}")
+                table.append((param_name.replace(marker, "."), module))
+        saved = list(get_peft_model_state_dict(self.model, adapter_name=lane))
+        if [key for key, _ in table] != saved:
+            raise RuntimeError("this peft version names adapter weights differently from what cotune expects")
+        return table
+
+    def lane_of(self, name: str) -> str:
+        return lane_name(0, self.ranks[name])
+
+    def bind(self, lane: str, name: str) -> None:
+        """Point `lane`'s A and B modules at client `name`'s weights (no weight is copied)."""
+        if self.bound.get(lane) == name:
+            return
+        weights = self.weights[name]
+        for key, module in self.lanes[lane]:
+            module.weight = weights[key]
+        self.bound[lane] = name
+
+    def add_weights(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Client `name`'s weights: the tensors of `state` themselves (fresh ones), as parameters."""
+        device = next(iter(self.initial.values())).device
+        self.weights[name] = {
+            k: nn.Parameter(v.detach().to(device), requires_grad=False) for k, v in state.items()
+        }
+
+    @contextmanager
+    def lanes_for(self, names: Sequence[str], trainable: bool = False) -> Iterator[list[str]]:
+        """Clients `names` each in a lane of its own, to run in one mixed-adapter batch (peft routes
+        each row by lane name, the names yielded); with `trainable` all of them take gradients (peft
+        otherwise trains only the active one). Afterwards the active client is back in its lane."""
+        if len(set(names)) != len(names):
+            raise ValueError("a client can run in only one lane of a mixed batch")
+        lanes = [self.lane(index, self.ranks[name]) for index, name in enumerate(names)]  # before any
+        for lane, name in zip(lanes, names, strict=True):  # binding: a new lane resets requires_grad
+            self.bind(lane, name)
+            if trainable:
+                for param in self.parameters(name):
+                    param.requires_grad_(True)
+        try:
+            yield lanes
+        finally:
+            if trainable:
+                for name in names:
+                    if name != self.active:
+                        for param in self.parameters(name):
+                            param.requires_grad_(False)
+            if self.active is not None:
+                self.bind(self.lane_of(self.active), self.active)
+
+    # ---- clients -------------------------------------------------------------------------------------
+    def activate(self, name: str) -> None:
+        """Make client `name` the adapter the model runs and trains (its weights take gradients)."""
+        if name == self.active:
+            return
+        lane = self.lane(0, self.ranks[name])
+        if self.active is not None:
+            for param in self.parameters(self.active):
+                param.requires_grad_(False)
+        self.bind(lane, name)
+        if self.active is None or self.lane_of(self.active) != lane:
+            self.model.set_adapter(lane)
+        for param in self.parameters(name):
+            param.requires_grad_(True)
+        self.active = name
+
+    def all_trainable(self, names: Sequence[str]) -> AbstractContextManager[list[str]]:
+        """`lanes_for(names, trainable=True)`: mixed-adapter training batches."""
+        return self.lanes_for(names, trainable=True)
+
+    def scratch(self, rank: int) -> str:
+        """A spare adapter of `rank` (made once, outside `names`), to evaluate another client's adapter of
+        that rank on this pool without touching any client's slot."""
+        name = f"scratch_r{rank}"
+        if name not in self.weights:
+            self.ranks[name] = rank
+            self.add_weights(name, resize_rank(self.initial, rank))
+        return name
 
     def set_base_update(self, update: Mapping[str, torch.Tensor] | None) -> None:
         """Make the shared base weights W0 + scale * B A of `update` (None: W0 again), from the original
@@ -159,45 +274,12 @@ class AdapterPool:
                     (type(module), getattr(module, "p", None)), module
                 )
 
-    def scratch(self, rank: int) -> str:
-        """A spare adapter of `rank` (made once, outside `names`), to evaluate another client's adapter of
-        that rank on this pool without touching any client's slot."""
-        name = f"scratch_r{rank}"
-        if name not in self.ranks:
-            with torch.random.fork_rng():  # its initialisation never shifts the run's randomness (CPU or GPU)
-                self.model.add_adapter(name, lora_config(self.settings, rank))
-            self.share_stateless(name)
-            self.ranks[name] = rank
-            if self.active is not None:
-                self.model.set_adapter(self.active)
-        return name
-
-    def activate(self, name: str) -> None:
-        if name != self.active:
-            self.model.set_adapter(name)
-            self.active = name
-
     def parameters(self, name: str) -> list[nn.Parameter]:
-        return [p for _, p in self.named_parameters(name)]
+        return list(self.weights[name].values())
 
     def named_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
-        marker = f".{name}."
-        return [(n, p) for n, p in self.model.named_parameters() if marker in n and "lora_" in n]
-
-    @contextmanager
-    def all_trainable(self, names: Sequence[str]) -> Iterator[None]:
-        """Adapters `names` all take gradients at once (peft otherwise trains only the active one), for
-        mixed-adapter batches; afterwards only the active adapter does again."""
-        for name in names:
-            for param in self.parameters(name):
-                param.requires_grad_(True)
-        try:
-            yield
-        finally:
-            for name in names:
-                if name != self.active:
-                    for param in self.parameters(name):
-                        param.requires_grad_(False)
+        """Client `name`'s weights by state key, in the order of a saved adapter (and of its optimizer)."""
+        return list(self.weights[name].items())
 
     def state(self, name: str) -> AdapterState:
         """A detached copy of one adapter's weights, keyed as in a saved peft adapter."""
@@ -205,14 +287,24 @@ class AdapterPool:
 
     def view(self, name: str) -> AdapterState:
         """One adapter's weights themselves (detached, not copied): they change when the slot does."""
-        return {k: v.detach() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+        return {k: v.detach() for k, v in self.weights[name].items()}
 
     def load_state(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy weights in place, so optimizers keep pointing at the same parameters."""
-        result = set_peft_model_state_dict(self.model, dict(state), adapter_name=name)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        """Copy weights in place (cast to the slot's dtype), so optimizers keep pointing at the same
+        parameters; keys without `lora_` are ignored, as peft's loader does."""
+        weights = self.weights[name]
+        unexpected = [k for k in state if "lora_" in k and k not in weights]
         if unexpected:
             raise KeyError(f"adapter state has keys this model does not: {unexpected[:3]}")
+        with torch.no_grad():
+            for key, value in state.items():
+                if key in weights:
+                    if weights[key].shape != value.shape:
+                        raise ValueError(
+                            f"adapter weight {key} has shape {tuple(value.shape)}, this slot "
+                            f"{tuple(weights[key].shape)}"
+                        )
+                    weights[key].copy_(value)
 
     def save(self, name: str, directory: Path, state: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write adapter `name` (or `state`, with `name`'s config) in PEFT format.
@@ -224,7 +316,7 @@ class AdapterPool:
         weights = self.state(name) if state is None else state
         tensors = {k: v.contiguous().cpu() for k, v in weights.items()}
         save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = self.model.peft_config[name].to_dict()
+        config = self.model.peft_config[lane_name(0, self.ranks[self.names[0]])].to_dict()
         rank = rank_of(weights)  # `state` may be another client's adapter, of another rank
         config.update(r=rank, lora_alpha=self.settings.alpha * rank / self.settings.r)
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}

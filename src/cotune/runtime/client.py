@@ -145,9 +145,11 @@ class ClientWork:
         time in one mixed-adapter forward per batch (nothing of its own slot is overwritten)."""
         row: list[float] = []
         for start in range(0, len(slots), together):
-            part = slots[start : start + together]
-            val, size = self._val(), self.eval_batch_size
-            row += [res.ppl for res in evaluate_lm_through(self.pool.model, val, size, part, val_batches)]
+            with self.pool.lanes_for(slots[start : start + together]) as lanes:
+                scores = evaluate_lm_through(
+                    self.pool.model, self._val(), self.eval_batch_size, lanes, val_batches
+                )
+            row += [res.ppl for res in scores]
         return row
 
     @torch.no_grad()

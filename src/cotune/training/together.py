@@ -93,7 +93,7 @@ def train_together(
     losses: list[list[float]] = [[] for _ in learners]
     tokens = [0] * len(learners)
     t0 = time.perf_counter()
-    with pool.all_trainable([learner.slot for learner in learners]):
+    with pool.all_trainable([learner.slot for learner in learners]) as lanes:
         for learner in learners:
             for param in learner.frozen_params:
                 param.requires_grad_(False)
@@ -102,7 +102,7 @@ def train_together(
             drawn = {k: learners[k].next_batches() for k in active}
             for k in active:
                 tokens[k] += drawn[k][1]
-            totals = _step(pool.model, [learners[k].slot for k in active], [drawn[k][0] for k in active])
+            totals = _step(pool.model, [lanes[k] for k in active], [drawn[k][0] for k in active])
             for k, total in zip(active, totals, strict=True):
                 learner = learners[k]
                 optimizer_step(learner.optimizer, learner.scheduler, learner.cfg.max_grad_norm)
@@ -114,16 +114,17 @@ def train_together(
     return [StepLog(losses[k], tokens[k], seconds) for k in range(len(learners))]
 
 
-def _step(model: torch.nn.Module, slots: Sequence[str], micro: Sequence[Sequence[Batch]]) -> list[float]:
-    """Forward/backward of every micro-batch index over all clients at once; each client's mean loss."""
+def _step(model: torch.nn.Module, lanes: Sequence[str], micro: Sequence[Sequence[Batch]]) -> list[float]:
+    """Forward/backward of every micro-batch index over all clients at once (each in its peft adapter,
+    `lanes`); each client's mean loss."""
     n_micro = len(micro[0])
     if any(len(m) != n_micro for m in micro):
         raise ValueError("clients trained together must use the same gradient accumulation")
-    totals = [0.0] * len(slots)
+    totals = [0.0] * len(lanes)
     model.eval()  # peft routes mixed batches only in eval mode; check_no_dropout made it the same
     for m in range(n_micro):
         batch, rows = mixed_batch([client[m] for client in micro])
-        names = [slot for slot, r in zip(slots, rows, strict=True) for _ in range(r.stop - r.start)]
+        names = [lane for lane, r in zip(lanes, rows, strict=True) for _ in range(r.stop - r.start)]
         logits = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names
         ).logits
