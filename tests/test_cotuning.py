@@ -212,6 +212,64 @@ def test_cotuning_resume_ends_with_the_same_adapters(task_file, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(("algorithm", "stop_at"), [("fedcollm", 0), ("standalone", 1)])
+def test_a_run_stopped_during_a_test_evaluation_resumes_it_without_training_again(
+    task_file, tmp_path, monkeypatch, algorithm, stop_at
+):
+    """A round's checkpoint is written before its test evaluation (which can take longer than the
+    round): a run stopped during the evaluation of round `stop_at`, after one client's accuracy was
+    logged, trains nothing again on resume, scores only what was not logged, and ends as an
+    uninterrupted run does."""
+    from safetensors.torch import load_file
+
+    (full,) = run_experiment(config_from_dict(tree(task_file, tmp_path, algorithm, run={"name": "full"})))
+    original, calls = fedcollm.FedCoLLMLoop.log_mc, []
+
+    def stops(self, r, pool, name, client):
+        calls.append(r)
+        if calls.count(stop_at) == 2:
+            raise RuntimeError("stopped")
+        return original(self, r, pool, name, client)
+
+    monkeypatch.setattr(fedcollm.FedCoLLMLoop, "log_mc", stops)
+    cfg = config_from_dict(tree(task_file, tmp_path, algorithm, run={"name": "part"}))
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_experiment(cfg)
+    part = tmp_path / "runs" / f"part.{algorithm}"
+    assert len(records(part, "mc")) == 1 + stop_at  # fedcollm round 0: SLM, not LLM; standalone: + client 0
+    trained, run_round = [], fedcollm.FedCoLLMLoop.run_round
+
+    def counted(self, r):
+        trained.append(r)
+        return run_round(self, r)
+
+    monkeypatch.setattr(
+        fedcollm.FedCoLLMLoop, "log_mc", lambda self, r, *a: calls.append(r) or original(self, r, *a)
+    )
+    monkeypatch.setattr(fedcollm.FedCoLLMLoop, "run_round", counted)
+    calls.clear()
+    resume_experiment(part)
+    assert trained == list(range(stop_at + 1, 3))  # the stopped round's training is not done again
+
+    def key(m):
+        return m["round"], m["model"], m["client"]
+
+    mc_full, mc_part = records(full, "mc"), records(part, "mc")
+    assert sorted(map(key, mc_part)) == sorted(map(key, mc_full))  # each once
+    assert calls.count(stop_at) == sum(m["round"] == stop_at for m in mc_full) - 1  # only what was not logged
+    assert {key(m): m["acc"] for m in mc_part} == {key(m): m["acc"] for m in mc_full}
+    assert [(t["round"], t["client"]) for t in records(part, "train")] == [
+        (t["round"], t["client"]) for t in records(full, "train")
+    ]
+    assert [r["round"] for r in records(part, "round")] == [1, 2]
+    saved = sorted(d.name for d in (full / "checkpoints" / "round-0002").iterdir() if d.is_dir())
+    assert len(saved) >= 3
+    for sub in saved:
+        a = load_file(str(full / "checkpoints" / "round-0002" / sub / "adapter_model.safetensors"))
+        b = load_file(str(part / "checkpoints" / "round-0002" / sub / "adapter_model.safetensors"))
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_missing_llm_section_and_task_are_config_errors(task_file, tmp_path):
     t = tree(task_file, tmp_path)
     del t["llm"]

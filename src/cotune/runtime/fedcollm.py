@@ -213,6 +213,7 @@ class FedCoLLMLoop:
         self.members = Membership(cfg, files.log, self.console)
         self.activity = Activity(self.console)
         self.val_cache: dict[tuple[bool, str], ValScore] = {}  # server validation scores by adapter weights
+        self.train_s = 0.0  # the last round's training time (its round record is logged after evaluation)
 
     def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
         """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA)."""
@@ -222,22 +223,37 @@ class FedCoLLMLoop:
     def run(self, resume: bool = False) -> None:
         self.join()
         start = first_round(self.files, resume, self.restore, self.round_zero)
-        rounds = self.cfg.federation.rounds if self.plan.trains else 0
-        for r in range(start, rounds + 1):
+        if resume:  # the restored round may have stopped during its evaluation
+            self.close_round(start - 1, time.perf_counter() - self.train_s)
+        for r in range(start, self.rounds + 1):
             t0 = time.perf_counter()
             self.members.start_round(r)
             self.run_round(r)
-            t_work = time.perf_counter() - t0
-            shown = self.evaluate_live(r) if self.cfg.is_eval_round(r) else ""
-            wall = time.perf_counter() - t0
-            self.files.log(RoundRecord(round=r, step=r, wall_s=wall, train_s=t_work))
-            self.console.print(f"round {r}/{rounds}  {shown}  ({wall:.1f}s)")
-            self.checkpoint(r)
+            self.train_s = time.perf_counter() - t0
+            self.checkpoint(r)  # the round's work is safe before its evaluation, which can take long
+            self.close_round(r, t0)
         self.files.log(RunEvent(event="end", algorithm=self.cfg.algorithm))
 
+    @property
+    def rounds(self) -> int:
+        return self.cfg.federation.rounds if self.plan.trains else 0
+
     def round_zero(self) -> None:
-        self.evaluate_live(0)
         self.checkpoint(0)
+        self.evaluate_live(0)
+
+    def close_round(self, r: int, t0: float) -> None:
+        """Round r's evaluation (what of it is not in the metrics yet: after a resume, only what a stopped
+        run had not logged) and its round record, unless a run that stopped after it logged that."""
+        if r == 0:
+            self.evaluate_live(0)
+            return
+        if self.files.logged("round", r):
+            return
+        shown = self.evaluate_live(r) if self.cfg.is_eval_round(r) else ""
+        wall = time.perf_counter() - t0
+        self.files.log(RoundRecord(round=r, step=r, wall_s=wall, train_s=self.train_s))
+        self.console.print(f"round {r}/{self.rounds}  {shown}  ({wall:.1f}s)")
 
     def evaluate_live(self, r: int) -> str:
         with self.activity.phase(f"round {r}/{self.cfg.federation.rounds} · evaluation on the test split"):
@@ -421,30 +437,34 @@ class FedCoLLMLoop:
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, r: int) -> str:
-        """Multiple-choice accuracy on the held-out test split of whatever this algorithm trains."""
+        """Multiple-choice accuracy on the held-out test split of whatever this algorithm trains; a
+        result already in the metrics (a resumed round's) is not computed again."""
         plan, s, shown = self.plan, self.server, []
+        logged = {(m["model"], m["client"]): float(m["acc"]) for m in self.files.logged("mc", r)}
         if r == 0 or plan.local_training:
             per_client = plan.local_training and not plan.aggregate and r > 0  # standalone
             accs = []
             for client in range(self.n) if per_client else [None]:
-                if client is None:
-                    name = SERVER
-                else:
-                    name = client_name(client)
-                    s.slm.load_state(name, self.client_adapters[client])
-                res = self.mc(s.slm, name)
-                self.files.log(
-                    McRecord(round=r, model="slm", client=client, acc=res.acc, acc_norm=res.acc_norm, n=res.n)
-                )
-                accs.append(res.acc)
+                if ("slm", client) not in logged:
+                    name = SERVER if client is None else client_name(client)
+                    if client is not None:
+                        s.slm.load_state(name, self.client_adapters[client])
+                    logged["slm", client] = self.log_mc(r, s.slm, name, client)
+                accs.append(logged["slm", client])
             shown.append(f"SLM acc {sum(accs) / len(accs):.3f}")
         if s.llm is not None and (r == 0 or plan.uses_llm):
-            res = self.mc(s.llm, LLM_ADAPTER)
-            self.files.log(
-                McRecord(round=r, model="llm", client=None, acc=res.acc, acc_norm=res.acc_norm, n=res.n)
-            )
-            shown.append(f"LLM acc {res.acc:.3f}")
+            if ("llm", None) not in logged:
+                logged["llm", None] = self.log_mc(r, s.llm, LLM_ADAPTER, None)
+            shown.append(f"LLM acc {logged['llm', None]:.3f}")
         return "  ".join(shown)
+
+    def log_mc(self, r: int, pool: AdapterPool, name: str, client: int | None) -> float:
+        res = self.mc(pool, name)
+        model: Literal["slm", "llm"] = "llm" if pool is self.server.llm else "slm"
+        self.files.log(
+            McRecord(round=r, model=model, client=client, acc=res.acc, acc_norm=res.acc_norm, n=res.n)
+        )
+        return res.acc
 
     def mc(self, pool: AdapterPool, name: str) -> MCResult:
         """Accuracy of adapter `name`; an adapter whose weights were already scored is not rescored."""
@@ -485,6 +505,7 @@ class FedCoLLMLoop:
             "clients": self.clients.state_dict(),
             "server": learners,
             "participants": self.members.active(),
+            "train_s": self.train_s,  # the round record of a round resumed during its evaluation
         }
         self.files.checkpoint(r, writers, state)
 
@@ -502,4 +523,5 @@ class FedCoLLMLoop:
             s.llm.load_state(LLM_ADAPTER, load_adapter(path / LLM_ADAPTER))
             s.omega.load_state_dict(state["server"]["omega"])
         self.clients.load_state_dict(state["clients"])
+        self.train_s = float(state.get("train_s", 0.0))  # checkpoints of older versions lack it
         return r

@@ -242,6 +242,14 @@ class RunFiles:
         append_metrics(self.metrics_path, record.line())
         self.trackers.log(record)
 
+    def logged(self, kind: str, round_: int) -> list[dict[str, Any]]:
+        """The records of type `kind` of round `round_` already in metrics.jsonl (a resumed round's)."""
+        if not self.metrics_path.is_file():
+            return []
+        return [
+            m for m in read_metrics(self.metrics_path) if m.get("type") == kind and m.get("round") == round_
+        ]
+
     def checkpoint(
         self,
         round_: int,
