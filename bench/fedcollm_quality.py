@@ -72,25 +72,16 @@ def seed_state(out: Path) -> str:
 
 
 def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path, fresh: bool) -> float | None:
-    """Run one seed's five variants; a killed seed resumes each unfinished variant from its last checkpoint
-    (`cotune run --resume` on that variant's directory, so a finished one is never reopened) and a
-    finished seed is kept, unless `fresh`. None: nothing ran."""
+    """Run one seed's five variants; a killed seed resumes every unfinished variant from its last
+    checkpoint (`cotune run --resume` of the FedCoLLM run: its siblings too, in one process with one model
+    load; a finished one is never reopened) and a finished seed is kept, unless `fresh`. None: nothing
+    ran."""
     state = "new" if fresh else seed_state(out)
     if state == "done":
         print(f"[keep] {out}: every variant ended (--fresh reruns it)", flush=True)
         return None
-    if state == "partial":  # each unfinished variant on its own: a finished one is never reopened
-        t0 = time.perf_counter()
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-        }
-        for d in dirs_for(out):
-            if not ended(d):
-                cmd = [*cotune_command(), "run", "--resume", str(d)]
-                print("[run]", " ".join(cmd), flush=True)
-                subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-        return time.perf_counter() - t0
+    if state == "partial":
+        cmd = [*cotune_command(), "run", "--resume", str(out)]
     else:
         for d in dirs_for(out):
             if d.exists():

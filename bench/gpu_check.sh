@@ -75,12 +75,12 @@ if [[ $SUITE == fedcollm ]]; then
   ASSETS=~/.cache/cotune/assets
   if [[ $MODE == cpu ]]; then
     step fedcollm-tiny 300 $PY bench/fedcollm_quality.py --config examples/fedcollm-tiny.yaml --name gpu-smoke-tiny \
-      --seeds 0 1 --fresh "${PAPER[@]}" federation.rounds=2 run.eval_every=2 device=cpu
+      --fresh "${PAPER[@]}" federation.rounds=2 run.eval_every=2 device=cpu --seeds 0 1
   elif ls $ASSETS/qwen2.5-coder-1.5b-instruct/* $ASSETS/qwen2.5-coder-0.5b-instruct/* > /dev/null 2>&1; then
     for task in bbc wiki-fr; do
       step fedcollm-$task 210 $PY bench/fedcollm_quality.py --config bench/configs/fedcollm-qwen-$task.yaml \
-        --name gpu-qwen-$task --seeds 0 1 "${PAPER[@]}" device=cuda model.dtype=bfloat16 \
-        llm.model.dtype=bfloat16 run.threads=4
+        --name gpu-qwen-$task "${PAPER[@]}" device=cuda model.dtype=bfloat16 llm.model.dtype=bfloat16 \
+        run.threads=4 --seeds 0 1
     done
   else
     echo "== fedcollm skipped: no Qwen2.5-Coder weights on this machine (see the header)" | tee -a "$LOG"

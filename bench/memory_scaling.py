@@ -5,14 +5,21 @@ per client, the same number of windows per client whatever N), run `Personalized
 round of one local step per client (so every client's AdamW state exists) with fedavg aggregation,
 evaluation and checkpointing, then report ru_maxrss. The figure is peak(N)/peak(1), and the bytes
 each extra client adds, (peak(N) - peak(1)) / (N - 1), against adapter + AdamW state
-(3 x adapter bytes in fp32: weights, exp_avg, exp_avg_sq).
+(3 x adapter bytes in fp32: weights, exp_avg, exp_avg_sq). "Live" = VmRSS after the run with the
+heap glibc kept after frees given back first (malloc_trim, after the peak was reached): what is alive.
+
+With `--trees LABEL=SRC ...` the same runs are made with each cotune source tree (e.g. a clone at an
+older commit), side by side in one table; ratios are within a tree.
 
     .venv/bin/python bench/memory_scaling.py [--models tiny smollm2-135m-instruct] [--clients 1 4 16 64]
+        [--trees before=/path/to/old/src after=src] [--name memory_scaling]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -63,6 +70,7 @@ def one(model: str, n: int) -> dict:
         sizes["rss_before_runtime"] = _vm("VmRSS")
         orig_run(self, *a, **k)
         sizes["rss_after_round"] = _vm("VmRSS")
+        sizes["live_after_round"] = _live()
 
     R.run = run
     orig_pool = experiment.adapter_pool
@@ -87,9 +95,17 @@ def one(model: str, n: int) -> dict:
         "rss_before_pool_bytes": sizes["rss_before_pool"],
         "rss_before_runtime_bytes": sizes["rss_before_runtime"],
         "rss_after_round_bytes": sizes["rss_after_round"],
+        "live_after_round_bytes": sizes["live_after_round"],
         "adapter_bytes": sizes["adapter_bytes"],
         "seconds": seconds,
     }
+
+
+def _live() -> int:
+    """VmRSS after collecting garbage and giving glibc's free heap back to the OS."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return _vm("VmRSS")
 
 
 def _vm(field: str) -> int:
@@ -104,21 +120,32 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m-instruct"])
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
+    ap.add_argument("--trees", nargs="+", default=None, help="LABEL=SRC: cotune source trees to compare")
+    ap.add_argument("--name", default="memory_scaling", help="results file name")
     ap.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
         print(json.dumps(one(args.one[0], int(args.one[1]))))
         return
+    trees = dict(t.split("=", 1) for t in args.trees) if args.trees else {"": ""}
     rows = []
     for model in args.models:
         for n in args.clients:
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", model, str(n)], check=True, capture_output=True, text=True
-            ).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), file=sys.stderr)
-    for model in args.models:
-        mine = [r for r in rows if r["model"] == model]
+            for label, src in trees.items():
+                env = dict(os.environ)
+                if src:
+                    env["PYTHONPATH"] = str(Path(src).resolve()) + os.pathsep + env.get("PYTHONPATH", "")
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", model, str(n)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                ).stdout
+                rows.append({"tree": label, **json.loads(out.strip().splitlines()[-1])})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    for model, label in ((m, t) for m in args.models for t in trees):
+        mine = [r for r in rows if r["model"] == model and r["tree"] == label]
         base = next((r for r in mine if r["clients"] == 1), mine[0])
         for r in mine:
             r["peak_ratio"] = r["peak_rss_bytes"] / base["peak_rss_bytes"]
@@ -134,18 +161,22 @@ def main() -> None:
             r["resident_bytes_per_extra_client"] = (
                 (r["client_growth_bytes"] - base_growth) / extra if extra > 0 else None
             )
+            r["live_bytes_per_extra_client"] = (
+                (r["live_after_round_bytes"] - base["live_after_round_bytes"]) / extra if extra > 0 else None
+            )
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU, fp32"
     md = [
         f"Memory of the embedded personalized runtime vs simulated clients ({machine}); one round, one "
         "local step per client (batch 2 x 64 tokens), fedavg, evaluation + checkpoint, LoRA r=4 on q/k/v/o. "
         "Peak = ru_maxrss of the whole process; growth = VmRSS right after the round (every client's "
         "adapter and AdamW state alive) minus VmRSS before the adapter pool was built; per extra client = "
-        "(X(N) - X(1)) / (N - 1); "
-        "adapter + AdamW = 3 x adapter bytes (weights, exp_avg, exp_avg_sq; fp32).",
+        "(X(N) - X(1)) / (N - 1); live = VmRSS after the run once glibc gave its free heap back "
+        "(malloc_trim); adapter + AdamW = 3 x adapter bytes (weights, exp_avg, exp_avg_sq; fp32).",
         "",
-        "| model | clients | peak RSS | peak(N)/peak(1) | peak per extra client | growth "
-        "| growth per extra client | adapter + AdamW | growth per client / (adapter + AdamW) | wall |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tree | model | clients | peak RSS | peak(N)/peak(1) | peak per extra client | growth "
+        "| growth per extra client | live per extra client | adapter + AdamW "
+        "| growth per client / (adapter + AdamW) | wall |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def mib(x: float | None) -> str:
@@ -155,16 +186,16 @@ def main() -> None:
         res = r["resident_bytes_per_extra_client"]
         share = "-" if res is None else f"{res / r['adapter_plus_adamw_bytes']:.2f}"
         md.append(
-            f"| {r['model']} | {r['clients']} | {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+            f"| {r['tree'] or '-'} | {r['model']} | {r['clients']} | {r['peak_rss_bytes'] / 2**20:.0f} MiB "
             f"| {r['peak_ratio']:.3f} "
             f"| {mib(r['bytes_per_extra_client'])} | {r['client_growth_bytes'] / 2**20:.1f} MiB "
-            f"| {mib(res)} "
+            f"| {mib(res)} | {mib(r['live_bytes_per_extra_client'])} "
             f"| {mib(r['adapter_plus_adamw_bytes'])} | {share} | {r['seconds']:.0f} s |"
         )
     text = "\n".join(md) + "\n"
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
-    (out_dir / "memory_scaling.json").write_text(
+    (out_dir / f"{args.name}.json").write_text(
         json.dumps(
             {
                 "machine": machine,
@@ -174,7 +205,7 @@ def main() -> None:
             indent=2,
         )
     )
-    (out_dir / "memory_scaling.md").write_text(text)
+    (out_dir / f"{args.name}.md").write_text(text)
     print(text)
 
 

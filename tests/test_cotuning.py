@@ -270,6 +270,36 @@ def test_a_run_stopped_during_a_test_evaluation_resumes_it_without_training_agai
         assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_resuming_a_comparison_loads_the_models_once_and_scores_round_zero_once(
+    task_file, tmp_path, monkeypatch
+):
+    """`cotune run --resume` of a comparison runs every unfinished sibling in one call: one model load,
+    and the zero-shot test scores (the same models in every variant) computed once, not per sibling."""
+    import shutil
+
+    from cotune.runtime import experiment
+
+    cfg = config_from_dict(tree(task_file, tmp_path, run={"name": "c", "compare": ["zero_shot", "fedavg"]}))
+    main, zero_shot, fedavg = run_experiment(cfg)
+    shutil.rmtree(zero_shot)  # never started
+    shutil.rmtree(fedavg / "checkpoints")  # nothing completed
+    loads, scored = [], []
+    load, score = experiment.load_fedcollm_models, fedcollm.evaluate_multiple_choice
+    monkeypatch.setattr(experiment, "load_fedcollm_models", lambda *a, **k: loads.append(1) or load(*a, **k))
+    monkeypatch.setattr(
+        fedcollm, "evaluate_multiple_choice", lambda *a, **k: scored.append(1) or score(*a, **k)
+    )
+    resume_experiment(main)
+    assert len(loads) == 1
+    both = records(zero_shot, "mc") + records(fedavg, "mc")
+    assert sorted((m["model"], m["round"]) for m in records(zero_shot, "mc")) == [("llm", 0), ("slm", 0)]
+    shared = [m for m in records(fedavg, "mc") if m["round"] == 0]
+    assert shared and len(scored) == len(both) - len(shared)  # fedavg's round 0 is zero_shot's: not rescored
+    assert {(m["model"], m["acc"]) for m in both if m["round"] == 0} == {
+        (m["model"], m["acc"]) for m in records(main, "mc") if m["round"] == 0
+    }
+
+
 def test_missing_llm_section_and_task_are_config_errors(task_file, tmp_path):
     t = tree(task_file, tmp_path)
     del t["llm"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -138,26 +138,31 @@ def discard_unstarted(dirs: list[Path]) -> None:
 
 
 def run_embedded(
-    variants: list[ExperimentConfig], dirs: list[Path], console: Console, resume: bool = False
+    variants: list[ExperimentConfig],
+    dirs: list[Path],
+    console: Console,
+    resume: Sequence[bool] | None = None,
 ) -> None:
-    """The variants in this process, on one loaded base model (or pair) and one data split."""
+    """The variants in this process, on one loaded base model (or pair) and one data split; `resume[i]`:
+    variant i continues from its checkpoint (default: every variant starts)."""
     if not variants:
         return
+    resumed = list(resume) if resume is not None else [False] * len(variants)
     if variants[0].is_cotuning:
-        run_fedcollm_family(variants, dirs, console, resume)
+        run_fedcollm_family(variants, dirs, console, resumed)
     else:
-        run_personalized(variants, dirs, console, resume)
+        run_personalized(variants, dirs, console, resumed)
 
 
 def run_personalized(
-    variants: list[ExperimentConfig], dirs: list[Path], console: Console, resume: bool = False
+    variants: list[ExperimentConfig], dirs: list[Path], console: Console, resume: Sequence[bool]
 ) -> None:
     cfg = variants[0]
     base, tokenizer, device = load_model(cfg, console=console)
     data = load_windows(cfg, tokenizer, console)
-    for d, v in zip(dirs, variants, strict=True):
+    for d, v, resumed in zip(dirs, variants, resume, strict=True):
         console.print(f"[bold]strategy {v.strategy.name}[/] -> {d}")
-        base = run_personalized_variant(v, d, base, data, device, console, resume)
+        base = run_personalized_variant(v, d, base, data, device, console, resumed)
 
 
 def run_personalized_variant(
@@ -190,7 +195,7 @@ def run_personalized_variant(
 
 
 def run_fedcollm_family(
-    variants: list[ExperimentConfig], dirs: list[Path], console: Console, resume: bool = False
+    variants: list[ExperimentConfig], dirs: list[Path], console: Console, resume: Sequence[bool]
 ) -> None:
     """FedCoLLM and its baselines: load the SLM (and the LLM once, if any variant needs it)."""
     cfg = variants[0]
@@ -199,12 +204,12 @@ def run_fedcollm_family(
     )
     task = load_task(cfg, tokenizer, console)
     eval_cache: dict = {}  # one base model per role and one test split: scores carry across variants
-    for d, v in zip(dirs, variants, strict=True):
+    for d, v, resumed in zip(dirs, variants, resume, strict=True):
         console.print(f"[bold]algorithm {v.algorithm}[/] -> {d}")
         slm, llm = fedcollm_pools(v, slm_base, llm_base)
         clients = InProcessClients(v, fedcollm_works(v, slm, task, device, len(tokenizer)))
         server = fedcollm_server(v, slm, llm, task, tokenizer, device)
-        FedCoLLMLoop(v, clients, server, task, RunFiles(d, v), console, eval_cache).run(resume)
+        FedCoLLMLoop(v, clients, server, task, RunFiles(d, v), console, eval_cache).run(resumed)
         slm_base = slm.unload()
         if llm is not None:
             llm_base = llm.unload()
@@ -238,7 +243,8 @@ def resume_experiment(
 ) -> list[Path]:
     """Finish a run and every `run.compare` sibling: each continues after its newest intact
     checkpoint, on the backend the run used; one with nothing completed starts over in place; a
-    complete one is left as it is. `overrides` may change only how it runs (`RUNTIME_SETTINGS`).
+    complete one is left as it is. The ones that run in this process run in one call, on one model
+    load (and FedCoLLM's shared test scores). `overrides` may change only how it runs (`RUNTIME_SETTINGS`).
     A Flower run resumes on Flower (`backend`: "flower", a deployment, or "flower-simulation";
     `flower`: that backend's options), its SuperNodes reloading their trainer states from their own
     state-dir. Returns the run directories.
@@ -250,26 +256,39 @@ def resume_experiment(
     if not on_flower and any(flower.get(k) is not None for k in ("superlink", "root_certificates")):
         raise ResumeError(f"{run_dir} ran in one process (embedded): resume it without Flower options")
     dirs = comparison_dirs(run_dir, cfg)
+    todo: list[tuple[Path, ExperimentConfig, str]] = []
     for d, v in zip(dirs, [cfg] + [variant(cfg, s) for s in baseline_names(cfg)], strict=True):
         status = run_status(d, v)
         if status != "unstarted":  # another config's checkpoint: refused before loading anything
             RunFiles(d, v).open_latest(warn=False)
         if status == "complete":
             console.print(f"{d}: already complete")
-            continue
-        if status == "unstarted":
-            console.print(f"{d}: no completed round yet, starting it over")
-        with run_lock(d) if not (on_flower and has_client_step(v)) else nullcontext():
+        else:
             if status == "unstarted":
-                (d / METRICS_FILE).unlink(missing_ok=True)
-            d.mkdir(parents=True, exist_ok=True)
-            if status == "unstarted":
-                (d / "config.yaml").write_text(dump_config(v))
-            else:  # this resume's runtime settings; the rest stays as the checkpoints' version wrote it
-                record_runtime_settings(d / "config.yaml", v)
-            if on_flower and has_client_step(v):
-                require_flwr()
-                run_federated(backend, [(d.resolve(), v)], console, resume=status == "resumable", **flower)
-            else:
-                run_embedded([v], [d], console, resume=status == "resumable")
+                console.print(f"{d}: no completed round yet, starting it over")
+            todo.append((d, v, status))
+    remote = [(d, v, status) for d, v, status in todo if on_flower and has_client_step(v)]
+    local = [run for run in todo if run not in remote]
+    for d, v, status in remote:
+        prepare_resumed_dir(d, v, status)
+        require_flwr()
+        run_federated(backend, [(d.resolve(), v)], console, resume=status == "resumable", **flower)
+    with ExitStack() as held:
+        for d, v, status in local:
+            held.enter_context(run_lock(d))
+            prepare_resumed_dir(d, v, status)
+        resumed = [status == "resumable" for _, _, status in local]
+        run_embedded([v for _, v, _ in local], [d for d, _, _ in local], console, resumed)
     return dirs
+
+
+def prepare_resumed_dir(d: Path, v: ExperimentConfig, status: str) -> None:
+    """A run directory about to continue: an unstarted one loses its abandoned records and gets its
+    config; a resumable one records this resume's runtime settings (the rest stays as written)."""
+    if status == "unstarted":
+        (d / METRICS_FILE).unlink(missing_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
+    if status == "unstarted":
+        (d / "config.yaml").write_text(dump_config(v))
+    else:
+        record_runtime_settings(d / "config.yaml", v)
