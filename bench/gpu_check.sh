@@ -62,9 +62,10 @@ step() {  # step NAME SECONDS CMD...: one timed step; a failure is logged and th
   local name=$1 limit=$2; shift 2
   echo "== $(date -u +%T) $name (limit ${limit}s): $*" | tee -a "$LOG"
   local t0=$SECONDS
-  timeout --kill-after=5 "$limit" setsid "$@" >> "$LOG" 2>&1  # its own process group: children die with it
+  timeout --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1
   local rc=$?
-  pkill -KILL -f "cotune.cli.main run" 2> /dev/null  # a run a timed-out benchmark had started
+  # a run a timed-out benchmark had started (only this script's: their run directories say so)
+  pkill -KILL -f "cotune.cli.main run.*(runs/bench/gpu-|/tmp/gpu_check/)" 2> /dev/null
   echo "== $name: rc $rc in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 { echo "gpu_check $SUITE $MODE on $(uname -m), $(nproc) cores"; $PY -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", "transformers", transformers.__version__, "peft", peft.__version__)'; } 2>&1 | tee -a "$LOG"
