@@ -80,12 +80,17 @@ def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path, fr
     if state == "done":
         print(f"[keep] {out}: every variant ended (--fresh reruns it)", flush=True)
         return None
-    if state == "partial":
-        cmd = [*cotune_command(), "run", "--resume", str(out)]
-    else:
+    if state == "new":
         for d in dirs_for(out):
             if d.exists():
                 shutil.rmtree(d)
+        (out.parent / COMMITS).unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (out.parent / COMMITS).open("a") as f:  # which code ran (part of) this seed
+        f.write(source_commit() + "\n")
+    if state == "partial":
+        cmd = [*cotune_command(), "run", "--resume", str(out)]
+    else:
         seed_override = [] if seed is None else [f"run.seed={seed}"]
         cmd = [
             *cotune_command(),
@@ -103,6 +108,26 @@ def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path, fr
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     return time.perf_counter() - t0
+
+
+COMMITS = "cotune_commits.txt"
+
+
+def source_commit() -> str:
+    """The commit of the source tree this benchmark runs (with '+changes' when it has uncommitted ones)."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "src"], capture_output=True, text=True
+    ).stdout
+    return (head or "unknown") + ("+changes" if dirty.strip() else "")
+
+
+def seed_commits(out: Path) -> list[str]:
+    path = out.parent / COMMITS
+    return list(dict.fromkeys(path.read_text().split())) if path.is_file() else []
 
 
 def binomial_se(p: float | None, n: int | None) -> float | None:
@@ -301,6 +326,8 @@ def write_results(
         "task": cfg.get("task"),
     }
     unfinished = [s for s in seeds if str(s) not in done or not all(done[str(s)]["ended"].values())]
+    commits = {str(s): seed_commits(outs[s]) for s in seeds if str(s) in done}
+    code = "; ".join(f"seed {s}: {', '.join(c) or 'not recorded'}" for s, c in commits.items())
     md = [
         f"FedCoLLM family, `{shown}` {' '.join(args.overrides)}; seeds {', '.join(map(str, shown_seeds))} "
         f"({machine})",
@@ -309,7 +336,8 @@ def write_results(
         f"{budget['local_steps']} local steps of batch {budget['batch_size']}, lr {budget['lr']} (LLM lr "
         f"{budget['llm_lr'] or budget['lr']}); distillation {budget['distill']}; {n_test} test examples per "
         "seed. Test accuracy in % at the final round; standalone is the mean over clients. Standard errors: "
-        "over seeds (sample std / √k) and, per figure, the test-sampling one √(p(1−p)/n) at the mean.",
+        "over seeds (sample std / √k) and, per figure, the test-sampling one √(p(1−p)/n) at the mean. "
+        f"cotune commit that ran each seed: {code}.",
         "",
         *table(header, rows),
         "",
@@ -363,6 +391,7 @@ def write_results(
                 "fedcollm_minus_fedavg_slm": paired,
                 "claims": claims,
                 "per_seed": done,
+                "commits_by_seed": commits,
                 "seconds_by_seed": seconds,
                 "command": " ".join(["python", "bench/fedcollm_quality.py", *sys.argv[1:]]),
             },
