@@ -77,6 +77,7 @@ def one(model: str, n: int) -> dict:
 
     def pool(*a, **k):  # resident memory before any client's adapter exists; the adapter's size
         sizes.setdefault("rss_before_pool", _vm("VmRSS"))
+        sizes.setdefault("peak_before_pool", _vm("VmHWM"))  # the peak of loading the model and data
         made = orig_pool(*a, **k)
         sizes["adapter_bytes"] = made.adapter_bytes()
         return made
@@ -93,6 +94,7 @@ def one(model: str, n: int) -> dict:
         "clients": n,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before_pool_bytes": sizes["rss_before_pool"],
+        "peak_before_pool_bytes": sizes["peak_before_pool"],
         "rss_before_runtime_bytes": sizes["rss_before_runtime"],
         "rss_after_round_bytes": sizes["rss_after_round"],
         "live_after_round_bytes": sizes["live_after_round"],
@@ -168,15 +170,17 @@ def main() -> None:
     md = [
         f"Memory of the embedded personalized runtime vs simulated clients ({machine}); one round, one "
         "local step per client (batch 2 x 64 tokens), fedavg, evaluation + checkpoint, LoRA r=4 on q/k/v/o. "
-        "Peak = ru_maxrss of the whole process; growth = VmRSS right after the round (every client's "
+        "Peak = ru_maxrss of the whole process (peak of loading: VmHWM before the clients' adapters "
+        "exist); growth = VmRSS right after the round (every client's "
         "adapter and AdamW state alive) minus VmRSS before the adapter pool was built; per extra client = "
         "(X(N) - X(1)) / (N - 1); live = VmRSS after the run once glibc gave its free heap back "
         "(malloc_trim); adapter + AdamW = 3 x adapter bytes (weights, exp_avg, exp_avg_sq; fp32).",
         "",
-        "| tree | model | clients | peak RSS | peak(N)/peak(1) | peak per extra client | growth "
+        "| tree | model | clients | peak RSS | peak of loading | peak(N)/peak(1) | peak per extra client "
+        "| growth "
         "| growth per extra client | live per extra client | adapter + AdamW "
         "| growth per client / (adapter + AdamW) | wall |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def mib(x: float | None) -> str:
@@ -187,6 +191,7 @@ def main() -> None:
         share = "-" if res is None else f"{res / r['adapter_plus_adamw_bytes']:.2f}"
         md.append(
             f"| {r['tree'] or '-'} | {r['model']} | {r['clients']} | {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+            f"| {r['peak_before_pool_bytes'] / 2**20:.0f} MiB "
             f"| {r['peak_ratio']:.3f} "
             f"| {mib(r['bytes_per_extra_client'])} | {r['client_growth_bytes'] / 2**20:.1f} MiB "
             f"| {mib(res)} | {mib(r['live_bytes_per_extra_client'])} "
