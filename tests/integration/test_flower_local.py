@@ -76,6 +76,20 @@ def test_every_process_is_stopped_also_when_the_test_fails(tmp_path):
     assert not _alive(seen)
 
 
+def test_a_stopped_supernode_takes_its_worker_along_and_a_restart_leaves_nothing_behind(tmp_path):
+    """A node stopped (its machine gone) stops its node worker too; starting it again starts a new one,
+    and closing the federation leaves no process of either running."""
+    with LocalFederation(1, tmp_path) as fed:
+        first = fed.processes["supernode-0-worker"].popen.pid
+        fed.stop("supernode-0")
+        assert not _alive({first}) and "supernode-0-worker" not in fed.processes
+        fed.start_node(0)
+        second = fed.processes["supernode-0-worker"].popen.pid
+        assert second != first and _alive({second})
+        seen = fed.pids()
+    assert not _alive(seen | {first, second})
+
+
 def _cfg(corpus_dir: Path, tmp_path: Path, strategy: str):
     tree = tiny_tree(
         corpus_dir,

@@ -294,6 +294,8 @@ class LocalFederation:
         self.close()
 
     def _spawn(self, name: str, cmd: Sequence[str]) -> _Process:
+        if name in self.processes:  # one process per name: a replaced one must not be left running
+            self.stop(name)
         log_path = self.work_dir / f"{name}.log"
         with log_path.open("ab") as log:
             popen = subprocess.Popen(
@@ -383,11 +385,13 @@ class LocalFederation:
         return path
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-        """Stop one process (e.g. "supernode-1") and everything it started."""
-        proc = self.processes.pop(name, None)
-        if proc is not None:
-            _terminate_tree(proc.popen.pid, sig, timeout)
-            proc.popen.wait()
+        """Stop one process (e.g. "supernode-1") and everything it started; a SuperNode's node worker
+        with it (its machine went away: starting the node again starts a new worker)."""
+        for key in (name, f"{name}-worker"):
+            proc = self.processes.pop(key, None)
+            if proc is not None:
+                _terminate_tree(proc.popen.pid, sig, timeout)
+                proc.popen.wait()
 
     def pids(self) -> set[int]:
         """Every live process this federation started, and their children (SuperExec, apps)."""
