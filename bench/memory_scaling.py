@@ -124,6 +124,12 @@ def main() -> None:
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--trees", nargs="+", default=None, help="LABEL=SRC: cotune source trees to compare")
     ap.add_argument("--name", default="memory_scaling", help="results file name")
+    ap.add_argument(
+        "--repeats-of-one",
+        type=int,
+        default=1,
+        help="run N = 1 this many times; the median run is the reference (one run's peak varies by ~100 MiB)",
+    )
     ap.add_argument("--one", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
@@ -133,7 +139,9 @@ def main() -> None:
     rows = []
     for model in args.models:
         for n in args.clients:
-            for label, src in trees.items():
+            for label, src in [
+                item for item in trees.items() for _ in range(args.repeats_of_one if n == 1 else 1)
+            ]:
                 env = dict(os.environ)
                 if src:
                     env["PYTHONPATH"] = str(Path(src).resolve()) + os.pathsep + env.get("PYTHONPATH", "")
@@ -148,7 +156,9 @@ def main() -> None:
                 print(json.dumps(rows[-1]), file=sys.stderr)
     for model, label in ((m, t) for m in args.models for t in trees):
         mine = [r for r in rows if r["model"] == model and r["tree"] == label]
-        base = next((r for r in mine if r["clients"] == 1), mine[0])
+        ones = sorted((r for r in mine if r["clients"] == 1), key=lambda r: r["peak_rss_bytes"])
+        base = ones[(len(ones) - 1) // 2] if ones else mine[0]  # the median run of N = 1
+        base["reference"] = True
         for r in mine:
             r["peak_ratio"] = r["peak_rss_bytes"] / base["peak_rss_bytes"]
             extra = r["clients"] - base["clients"]
@@ -174,7 +184,8 @@ def main() -> None:
         "exist); growth = VmRSS right after the round (every client's "
         "adapter and AdamW state alive) minus VmRSS before the adapter pool was built; per extra client = "
         "(X(N) - X(1)) / (N - 1); live = VmRSS after the run once glibc gave its free heap back "
-        "(malloc_trim); adapter + AdamW = 3 x adapter bytes (weights, exp_avg, exp_avg_sq; fp32).",
+        "(malloc_trim); * = the reference run of N = 1 (the median of its repeats); "
+        "adapter + AdamW = 3 x adapter bytes (weights, exp_avg, exp_avg_sq; fp32).",
         "",
         "| tree | model | clients | peak RSS | peak of loading | peak(N)/peak(1) | peak per extra client "
         "| growth "
@@ -190,7 +201,8 @@ def main() -> None:
         res = r["resident_bytes_per_extra_client"]
         share = "-" if res is None else f"{res / r['adapter_plus_adamw_bytes']:.2f}"
         md.append(
-            f"| {r['tree'] or '-'} | {r['model']} | {r['clients']} | {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+            f"| {r['tree'] or '-'} | {r['model']} | {r['clients']}{'*' if r.get('reference') else ''} "
+            f"| {r['peak_rss_bytes'] / 2**20:.0f} MiB "
             f"| {r['peak_before_pool_bytes'] / 2**20:.0f} MiB "
             f"| {r['peak_ratio']:.3f} "
             f"| {mib(r['bytes_per_extra_client'])} | {r['client_growth_bytes'] / 2**20:.1f} MiB "
