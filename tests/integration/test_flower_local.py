@@ -86,8 +86,15 @@ def test_a_stopped_supernode_takes_its_worker_along_and_a_restart_leaves_nothing
         fed.start_node(0)
         second = fed.processes["supernode-0-worker"].popen.pid
         assert second != first and _alive({second})
+        node = fed.processes["supernode-0"].popen
+        node.kill()  # the node dies on its own: its entry stays until it is started again
+        node.wait()
+        fed.start_node(0)
+        third = fed.processes["supernode-0-worker"].popen.pid
+        assert not _alive({second}) and _alive({third})  # the old worker replaced, the new one kept
+        assert fed.processes["supernode-0"].popen.poll() is None
         seen = fed.pids()
-    assert not _alive(seen | {first, second})
+    assert not _alive(seen | {first, second, third})
 
 
 def _cfg(corpus_dir: Path, tmp_path: Path, strategy: str):

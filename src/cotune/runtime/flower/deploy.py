@@ -294,8 +294,7 @@ class LocalFederation:
         self.close()
 
     def _spawn(self, name: str, cmd: Sequence[str]) -> _Process:
-        if name in self.processes:  # one process per name: a replaced one must not be left running
-            self.stop(name)
+        self._stop_one(name)  # one process per name: a replaced one must not be left running
         log_path = self.work_dir / f"{name}.log"
         with log_path.open("ab") as log:
             popen = subprocess.Popen(
@@ -388,10 +387,13 @@ class LocalFederation:
         """Stop one process (e.g. "supernode-1") and everything it started; a SuperNode's node worker
         with it (its machine went away: starting the node again starts a new worker)."""
         for key in (name, f"{name}-worker"):
-            proc = self.processes.pop(key, None)
-            if proc is not None:
-                _terminate_tree(proc.popen.pid, sig, timeout)
-                proc.popen.wait()
+            self._stop_one(key, sig, timeout)
+
+    def _stop_one(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        proc = self.processes.pop(name, None)
+        if proc is not None:
+            _terminate_tree(proc.popen.pid, sig, timeout)
+            proc.popen.wait()
 
     def pids(self) -> set[int]:
         """Every live process this federation started, and their children (SuperExec, apps)."""
