@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -220,10 +220,6 @@ class AdapterPool:
         for param in self.parameters(name):
             param.requires_grad_(True)
         self.active = name
-
-    def all_trainable(self, names: Sequence[str]) -> AbstractContextManager[list[str]]:
-        """`lanes_for(names, trainable=True)`: mixed-adapter training batches."""
-        return self.lanes_for(names, trainable=True)
 
     def scratch(self, rank: int) -> str:
         """A spare adapter of `rank` (made once, outside `names`), to evaluate another client's adapter of

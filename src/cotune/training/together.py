@@ -93,7 +93,7 @@ def train_together(
     losses: list[list[float]] = [[] for _ in learners]
     tokens = [0] * len(learners)
     t0 = time.perf_counter()
-    with pool.all_trainable([learner.slot for learner in learners]) as lanes:
+    with pool.lanes_for([learner.slot for learner in learners], trainable=True) as lanes:
         for learner in learners:
             for param in learner.frozen_params:
                 param.requires_grad_(False)
