@@ -55,7 +55,7 @@ def test_sixteen_clients_share_one_base_model():
         t for o in optims for s in o.state.values() for t in s.values() if t.dim() > 0
     )
     client_bytes = _tensor_bytes(p for i in range(16) for p in pool.parameters(f"c{i}"))
-    assert model_bytes == base_bytes + adapter  # no copy of the base; one peft adapter runs every client
+    assert model_bytes == base_bytes  # no copy of the base; the lanes run views of the clients' weights
     assert client_bytes == 16 * adapter  # exactly one adapter each
     assert optim_bytes == 16 * 2 * adapter  # AdamW: two moments per adapter weight
     base_now = {
@@ -67,9 +67,9 @@ def test_sixteen_clients_share_one_base_model():
 
 
 def test_a_client_costs_its_weights_not_modules_and_switching_copies_nothing():
-    """A simulated client is its LoRA tensors, bound into one of peft's adapters when it runs: the model
-    has as many modules with 64 clients as with one, and activating a client points the modules at its
-    own parameters (what its optimizer holds), without copying them."""
+    """A simulated client is its LoRA weights in one flat parameter, bound into one of peft's adapters when
+    it runs: the model has as many modules with 64 clients as with one, and activating a client points the
+    modules at views of its own parameter (what its optimizer holds), without copying it."""
     cfg = config_from_dict({"model": {"name": "tiny"}})
 
     def pool_of(n: int) -> AdapterPool:
@@ -82,15 +82,20 @@ def test_a_client_costs_its_weights_not_modules_and_switching_copies_nothing():
     ids = torch.randint(0, 200, (2, 16))
     for name in ("c3", "c7", "c3"):
         many.activate(name)
-        ptrs = [p.data_ptr() for p in many.parameters(name)]
-        running = {id(p) for n, p in many.model.named_parameters() if "lora_" in n and p.requires_grad}
-        assert running == {id(p) for p in many.parameters(name)}  # its own parameters, and only they train
-        many.model(input_ids=ids, labels=ids).loss.backward()
-        assert all(p.grad is not None for p in many.parameters(name))
-        assert all(p.grad is None for p in many.parameters("c5"))
-        assert [p.data_ptr() for p in many.parameters(name)] == ptrs
-        for p in many.parameters(name):
-            p.grad = None
+        (flat,) = many.parameters(name)
+        ptr = flat.data_ptr()
+        lane = many.lanes[many.lane_of(name)]
+        assert {m.weight.untyped_storage().data_ptr() for _, m in lane} == {ptr}  # views of its own weights
+        assert not [n for n, p in many.model.named_parameters() if p.requires_grad]  # the base never trains
+        assert flat.requires_grad and not many.parameters("c5")[0].requires_grad
+        for _ in range(2):  # the second forward after an in-place update of the weights, as a step makes
+            many.model(input_ids=ids, labels=ids).loss.backward()
+            assert flat.grad is not None and flat.grad.abs().sum() > 0
+            with torch.no_grad():
+                flat.add_(0.01)
+            flat.grad = None
+        assert many.parameters("c5")[0].grad is None
+        assert flat.data_ptr() == ptr
 
 
 def test_one_dropout_module_serves_every_layer_and_adapter_with_the_same_masks():
@@ -142,7 +147,7 @@ def test_in_process_uploads_are_the_clients_slots_not_copies(corpus_dir, tmp_pat
     clients = InProcessClients(cfg, personalized_works(cfg, pool, data, device))
     sent = {i: pool.initial for i in range(cfg.federation.clients)}
     ups = clients.train(1, sent, 2).ok
-    slot = {n: p.data_ptr() for n, p in pool.named_parameters("client-01")}
+    slot = {n: v.data_ptr() for n, v in pool.view("client-01").items()}
     assert {v.data_ptr() for v in ups[1].adapter.values()} == set(slot.values())
     before = {k: v.clone() for k, v in ups[1].adapter.items()}
     rows = clients.evaluate_peers(1, {i: u.adapter for i, u in ups.items()}, 1).ok

@@ -1,9 +1,9 @@
 """Many LoRA adapters on one frozen base model, using peft's multi-adapter support.
 
-Each client's adapter is its own set of LoRA parameters, run by binding them into one of peft's
-adapters of the same PeftModel: activating a client is a pointer switch (no weight is copied), and
-each client's optimizer owns only its own parameters. State dicts in peft's format are the exchange
-unit.
+Each client's adapter is its own LoRA weights, held back to back in one flat parameter (two when a
+learner freezes some of them) and run by binding views of it into one of peft's adapters of the same
+PeftModel: activating a client is a pointer switch (no weight is copied), and each client's optimizer owns
+only its own parameter. State dicts in peft's format are the exchange unit.
 """
 
 from __future__ import annotations
@@ -80,14 +80,64 @@ def lane_name(index: int, rank: int) -> str:
     return f"lane{index}_r{rank}"
 
 
+PIECES = "cotune_pieces"  # attribute of a flat parameter: the sizes of the weights it holds, in order
+
+
+def piece_sizes(param: torch.Tensor) -> tuple[int, ...] | None:
+    """The sizes of the LoRA weights a flat parameter holds back to back (None for any other tensor), so
+    that gradient clipping can take its norm weight by weight, as over peft's own parameters."""
+    return getattr(param, PIECES, None)
+
+
+def flat_parameter(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
+    """`tensors` copied back to back into one parameter (no gradient until a learner switches it on)."""
+    flat = nn.Parameter(torch.cat([t.detach().reshape(-1) for t in tensors]), requires_grad=False)
+    setattr(flat, PIECES, tuple(t.numel() for t in tensors))
+    return flat
+
+
+class FlatWeights:
+    """One client's LoRA weights, back to back in flat parameters, as FSDP keeps a module's: one for all of
+    them, or (after `regroup`) one for those a learner trains and one for those it freezes (FFA-LoRA's A).
+    A client then costs its bytes and a handful of tensor objects (three AdamW tensors per trained
+    parameter), not ~240 parameters and ~720 AdamW tensors of ~0.6 KiB each (~0.55 MiB per SmolLM2
+    client). Its weights are views of the flat parameters, in the key order of a saved adapter."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.shapes = {key: value.shape for key, value in state.items()}
+        self.groups: list[tuple[nn.Parameter, list[str]]] = []
+        self.regroup([list(state)], state)
+
+    def regroup(self, groups: Sequence[Sequence[str]], values: Mapping[str, torch.Tensor]) -> None:
+        """New flat parameters, one per non-empty group of keys, holding `values`."""
+        self.groups = [(flat_parameter([values[key] for key in keys]), list(keys)) for keys in groups if keys]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [flat for flat, _ in self.groups]
+
+    def views(self, detach: bool = False) -> dict[str, torch.Tensor]:
+        """Each weight as a view of its flat parameter, by state key in saved order; without `detach` the
+        views are in the autograd graph of a flat parameter that takes gradients (one split node each, so a
+        backward hands each flat parameter one gradient)."""
+        out: dict[str, torch.Tensor] = {}
+        for flat, keys in self.groups:
+            source = flat.detach() if detach else flat
+            for key, piece in zip(keys, source.split(list(getattr(flat, PIECES))), strict=True):
+                out[key] = piece.view(self.shapes[key])
+        return {key: out[key] for key in self.shapes}
+
+
 class AdapterPool:
     """N named adapters (clients) sharing one base model; all start from the same initialisation.
 
-    A client's adapter is its own LoRA weights (`nn.Parameter`s, keyed as in a saved peft adapter), not
-    a peft adapter of its own: peft's adapters ("lanes", one per rank and per client that must run at
-    the same time) are bound to a client by pointing their A and B modules at its parameters. So a
-    simulated client costs its weights and ~240 tensor objects, not ~240 `nn.Linear` modules with their
-    hook dictionaries (~0.55 MiB per SmolLM2 client), and switching clients never copies a weight.
+    A client's adapter is its own LoRA weights (`FlatWeights`: flat parameters whose views are keyed as
+    in a saved peft adapter), not a peft adapter of its own: peft's adapters ("lanes", one per rank and
+    per client that must run at the same time) are bound to a client by pointing their A and B modules at
+    views of its weights. So a simulated client costs its weights and a few tensor objects, not ~240
+    `nn.Linear` modules with their hook dictionaries (~0.55 MiB per SmolLM2 client) nor ~960 parameter and
+    AdamW tensors (~0.55 MiB more), and switching clients never copies a weight. A lane holds detached
+    views, except during a forward that builds a graph, when the lanes of clients that take gradients
+    hold views in it (`graph_views`, `detach_views`).
 
     With `ranks` (one per name) the adapters differ in rank; each starts from the first r ranks of one
     initialisation at `initial_rank` (default: the largest), drawn from the seed of torch's default
@@ -119,7 +169,8 @@ class AdapterPool:
         self.share_stateless(lane_name(0, first_rank))
         self.lanes: dict[str, list[tuple[str, nn.Linear]]] = {}  # lane -> (state key, its A or B module)
         self.bound: dict[str, str] = {}  # lane -> the client whose weights it runs
-        self.weights: dict[str, dict[str, nn.Parameter]] = {}  # client -> its weights, by state key
+        self.graphed: set[str] = set()  # lanes whose views are in an autograd graph (during a forward)
+        self.weights: dict[str, FlatWeights] = {}  # client -> its weights
         self.active: str | None = None
         first_lane = self.lane(0, first_rank)
         initial = {key: module.weight.detach() for key, module in self.lanes[first_lane]}
@@ -131,6 +182,11 @@ class AdapterPool:
             self.add_weights(name, resize_rank(self.initial, self.ranks[name]))
         self.activate(self.names[0])
         self.original: dict[str, torch.Tensor] = {}  # base weights before `set_base_update`, by module
+        network = self.model.get_base_model()
+        self.hooks = [
+            network.register_forward_pre_hook(self.graph_views),
+            network.register_forward_hook(self.detach_views),
+        ]
 
     # ---- lanes: the peft adapters that run clients' weights -----------------------------------------
     def lane(self, index: int, rank: int) -> str:
@@ -165,21 +221,60 @@ class AdapterPool:
     def lane_of(self, name: str) -> str:
         return lane_name(0, self.ranks[name])
 
-    def bind(self, lane: str, name: str) -> None:
-        """Point `lane`'s A and B modules at client `name`'s weights (no weight is copied)."""
-        if self.bound.get(lane) == name:
+    def bind(self, lane: str, name: str, graph: bool = False) -> None:
+        """Point `lane`'s A and B modules at views of client `name`'s weights (no weight is copied):
+        detached ones, or (`graph`, made anew each time) views in the autograd graph of its parameters."""
+        if self.bound.get(lane) == name and not graph and lane not in self.graphed:
             return
-        weights = self.weights[name]
+        views = self.weights[name].views(detach=not graph)
         for key, module in self.lanes[lane]:
-            module.weight = weights[key]
+            if isinstance(module.weight, nn.Parameter):  # peft's own, until the lane's first binding
+                del module.weight
+            module.weight = views[key]
         self.bound[lane] = name
+        (self.graphed.add if graph else self.graphed.discard)(lane)
+
+    def graph_views(self, *_: object) -> None:
+        """Before a forward that builds a graph: the lanes of clients that take gradients get views in it,
+        made now (one split per flat parameter, so a backward hands each flat parameter one gradient)."""
+        if torch.is_grad_enabled():
+            for lane, name in self.bound.items():
+                if any(param.requires_grad for param in self.parameters(name)):
+                    self.bind(lane, name, graph=True)
+
+    def detach_views(self, *_: object) -> None:
+        """After that forward: detached views again (the graph keeps what it saved). Outside a forward no
+        lane holds a view that an optimizer step could change in place under an autograd graph."""
+        for lane in list(self.graphed):
+            self.bind(lane, self.bound[lane])
 
     def add_weights(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
-        """Client `name`'s weights: the tensors of `state` themselves (fresh ones), as parameters."""
+        """Client `name`'s weights: a copy of `state`, back to back in one flat parameter."""
         device = next(iter(self.initial.values())).device
-        self.weights[name] = {
-            k: nn.Parameter(v.detach().to(device), requires_grad=False) for k, v in state.items()
-        }
+        self.weights[name] = FlatWeights({k: v.detach().to(device) for k, v in state.items()})
+
+    def split_parameters(
+        self, name: str, frozen: Sequence[str] = ()
+    ) -> tuple[nn.Parameter, list[nn.Parameter]]:
+        """Client `name`'s parameter a learner trains and those it freezes (weights whose key has a part
+        of `frozen`, e.g. "lora_A" for FFA-LoRA), regrouping its weights when they are not split so yet
+        (before any optimizer holds them): AdamW keeps no moments for frozen weights."""
+        weights = self.weights[name]
+        keys = list(weights.shapes)
+        cold = [key for key in keys if any(part in key for part in frozen)]
+        groups = [[key for key in keys if key not in cold], cold]
+        if not groups[0]:
+            raise ValueError(f"freezing {list(frozen)} leaves client {name} nothing to train")
+        if [group for group in groups if group] != [group_keys for _, group_keys in weights.groups]:
+            trainable = any(p.requires_grad for p in weights.parameters())
+            weights.regroup(groups, self.state(name))
+            for param in weights.parameters():
+                param.requires_grad_(trainable)
+            for lane in [lane for lane, client in self.bound.items() if client == name]:
+                del self.bound[lane]  # its views are of the old parameters
+                self.bind(lane, name)
+        trained, *rest = weights.parameters()
+        return trained, rest
 
     @contextmanager
     def lanes_for(self, names: Sequence[str], trainable: bool = False) -> Iterator[list[str]]:
@@ -271,11 +366,8 @@ class AdapterPool:
                 )
 
     def parameters(self, name: str) -> list[nn.Parameter]:
-        return list(self.weights[name].values())
-
-    def named_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
-        """Client `name`'s weights by state key, in the order of a saved adapter (and of its optimizer)."""
-        return list(self.weights[name].items())
+        """Client `name`'s flat parameters (one, or two after `split_parameters` froze some weights)."""
+        return self.weights[name].parameters()
 
     def state(self, name: str) -> AdapterState:
         """A detached copy of one adapter's weights, keyed as in a saved peft adapter."""
@@ -283,12 +375,12 @@ class AdapterPool:
 
     def view(self, name: str) -> AdapterState:
         """One adapter's weights themselves (detached, not copied): they change when the slot does."""
-        return {k: v.detach() for k, v in self.weights[name].items()}
+        return self.weights[name].views(detach=True)
 
     def load_state(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         """Copy weights in place (cast to the slot's dtype), so optimizers keep pointing at the same
         parameters; keys without `lora_` are ignored, as peft's loader does."""
-        weights = self.weights[name]
+        weights = self.view(name)
         unexpected = [k for k in state if "lora_" in k and k not in weights]
         if unexpected:
             raise KeyError(f"adapter state has keys this model does not: {unexpected[:3]}")
@@ -330,4 +422,6 @@ class AdapterPool:
         """Remove every adapter and give the untouched base model back (for the next run), with any
         merged update (`set_base_update`) taken out again."""
         self.set_base_update(None)
+        for hook in self.hooks:
+            hook.remove()
         return self.model.unload()

@@ -36,6 +36,33 @@ def micro_batches(
     return list(parts), sum(int(b["attention_mask"].sum()) for b in parts)
 
 
+def one_parameter_state(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state as a learner's (one flat parameter): states saved when each LoRA weight was a
+    parameter of its own (cotune before flat weights) have their moments joined back to back, in the
+    parameters' order, which is the order the flat parameter holds the weights in."""
+    groups = state["param_groups"]
+    if len(groups) == 1 and len(groups[0]["params"]) == 1:
+        return state
+    indices = [i for group in groups for i in group["params"]]
+    moments = state["state"]
+    if moments and sorted(moments) != sorted(indices):
+        raise ValueError(
+            "this optimizer state has moments for only some of its parameters; it cannot be joined"
+        )
+    joined = {}
+    if moments:
+        first = moments[indices[0]]
+        joined = {
+            0: {
+                key: first[key]
+                if key == "step"
+                else torch.cat([moments[i][key].reshape(-1) for i in indices])
+                for key in first
+            }
+        }
+    return {"state": joined, "param_groups": [{**groups[0], "params": [0]}]}
+
+
 @dataclass(frozen=True)
 class StepLog:
     """What `Learner.train` did: one loss per optimizer step, tokens seen, seconds taken."""
@@ -66,12 +93,10 @@ class Learner:
         frozen: Sequence[str] = (),
     ) -> None:
         self.pool, self.slot, self.data, self.cfg, self.device = pool, slot, data, train, device
-        named = pool.named_parameters(slot)
-        # `frozen`: parameter-name parts this learner never trains (FFA-LoRA: "lora_A"): no optimizer
+        # `frozen`: weight-name parts this learner never trains (FFA-LoRA: "lora_A"): no optimizer
         # state, and no gradient either (switched off after each activation, which turns them back on)
-        self.frozen_params = [p for n, p in named if any(part in n for part in frozen)]
-        trained = [p for n, p in named if not any(part in n for part in frozen)]
-        self.optimizer = make_optimizer(trained, train)
+        trained, self.frozen_params = pool.split_parameters(slot, frozen)
+        self.optimizer = make_optimizer([trained], train)
         self.scheduler = make_scheduler(self.optimizer, max(1, total_steps), train)
         per_step = train.batch_size * (train.grad_accum if accumulate else 1)
         self.sampler = WindowSampler(len(data), per_step, seed)
@@ -117,7 +142,11 @@ class Learner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(one_parameter_state(state["optimizer"]))
+        for param in self.optimizer.param_groups[0]["params"]:
+            moments = self.optimizer.state.get(param)
+            if moments and moments["exp_avg"].shape != param.shape:
+                raise ValueError("this optimizer state was saved for an adapter of another size")
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         if "random_stream" in state:  # trainer states saved before learners had their own stream lack it

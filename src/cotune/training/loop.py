@@ -13,10 +13,23 @@ import torch
 from torch import nn
 
 from cotune.config.schema import TrainConfig
+from cotune.models.lora import piece_sizes
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(list(params), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def clip_gradients(params: Sequence[torch.Tensor], max_norm: float) -> None:
+    """torch's `clip_grad_norm_`, with a flat parameter's gradient taken weight by weight (`piece_sizes`), in
+    order: the same norm, to the bit, as clipping the adapter's weights as peft holds them."""
+    grads: list[torch.Tensor] = []
+    for param in params:
+        if param.grad is not None:
+            sizes = piece_sizes(param)
+            grads.extend([param.grad] if sizes is None else param.grad.split(list(sizes)))
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
@@ -78,7 +91,7 @@ def optimizer_step(
     """Clip the accumulated gradients, step the optimizer and the schedule, clear the gradients."""
     if max_grad_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        clip_gradients(params, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
