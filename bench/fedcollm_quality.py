@@ -8,7 +8,9 @@ the FedCoLLM - FedAvg SLM difference paired by seed, and the server's validation
 distillation (when distill.val_fraction > 0). The test split is only ever evaluated, never used to choose
 anything. Results are rewritten after every finished seed (a long sweep can be read while it runs). A
 killed sweep run again resumes each unfinished seed from its last round checkpoint and keeps finished
-ones (`--fresh` starts over).
+ones (`--fresh` starts over). Seeds the results file records but this clone has no runs for (a sweep split
+over sessions or machines) are kept from it when their config matches up to the seed, so
+`--seeds 1` after a committed seed 0 writes the two-seed table.
 
     python bench/fedcollm_quality.py                                             # SmolLM2 fast variant
     python bench/fedcollm_quality.py --config examples/fedcollm-qwen.yaml \\
@@ -206,6 +208,31 @@ def collect_seed(out: Path) -> dict[str, Any] | None:
     }
 
 
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config without what may differ between the seeds of one table (the seed, the run's name)."""
+    run = {k: v for k, v in (config.get("run") or {}).items() if k not in ("seed", "out_dir", "name")}
+    return {**config, "run": run}
+
+
+def carried_seeds(previous: dict[str, Any], done: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The seeds the results file already records that this invocation has no runs for (their run
+    directories are gone: a fresh clone, another machine), kept as recorded so a sweep split over sessions
+    adds up to one table. Only seeds whose config matches this invocation's up to the seed are kept; a
+    mismatch drops them with a note rather than mixing budgets in one mean."""
+    if not done:
+        return {}
+    reference = comparable(next(iter(done.values()))["config"])
+    kept = {}
+    for seed, figures in (previous.get("per_seed") or {}).items():
+        if seed in done:
+            continue
+        if comparable(figures.get("config") or {}) != reference:
+            print(f"[drop] seed {seed} of the previous results: its config differs from this one", flush=True)
+            continue
+        kept[seed] = figures
+    return kept
+
+
 def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}"
 
@@ -240,17 +267,24 @@ def main() -> None:
             took = run_seed(args.config, args.overrides, s, outs[s], args.fresh)
             if took is not None:  # a resumed seed adds its last part to the time already spent
                 seconds[str(s)] = took + (seconds.get(str(s), 0.0) if resumed else 0.0)
-        write_results(args, name, seeds, outs, seconds)
+        write_results(args, name, seeds, outs, seconds, previous)
 
 
 def write_results(
-    args: argparse.Namespace, name: str, seeds: list[int | None], outs: dict[int | None, Path], seconds: dict
+    args: argparse.Namespace,
+    name: str,
+    seeds: list[int | None],
+    outs: dict[int | None, Path],
+    seconds: dict,
+    previous: dict[str, Any],
 ) -> None:
     per_seed = {str(s): collect_seed(outs[s]) for s in seeds}
     done = {s: v for s, v in per_seed.items() if v is not None}
     if not done:
         print("no finished run to collect", flush=True)
         return
+    carried = carried_seeds(previous, done)
+    done = dict(sorted({**carried, **done}.items(), key=lambda kv: kv[0]))
     import torch
 
     first = next(iter(done.values()))
@@ -326,7 +360,8 @@ def write_results(
         "task": cfg.get("task"),
     }
     unfinished = [s for s in seeds if str(s) not in done or not all(done[str(s)]["ended"].values())]
-    commits = {str(s): seed_commits(outs[s]) for s in seeds if str(s) in done}
+    commits = {str(s): seed_commits(outs[s]) for s in seeds if str(s) in done and str(s) not in carried}
+    commits.update({s: (previous.get("commits_by_seed") or {}).get(s, []) for s in carried})
     code = "; ".join(f"seed {s}: {', '.join(c) or 'not recorded'}" for s, c in commits.items())
     md = [
         f"FedCoLLM family, `{shown}` {' '.join(args.overrides)}; seeds {', '.join(map(str, shown_seeds))} "
@@ -364,6 +399,9 @@ def write_results(
             ]
     plots = []
     for s in shown_seeds:
+        if s in carried:  # its runs are gone: the plots the results already hold
+            plots += sorted(p.name for p in (HERE / "results").glob(f"fedcollm_quality_{name}_seed{s}_*.png"))
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             from cotune.reporting.report import write_report
 

@@ -1,0 +1,42 @@
+"""bench/fedcollm_quality.py keeps the seeds its results file records when their runs are gone, so a sweep
+split over sessions (fresh clones) adds up to one table, and never mixes budgets in one mean."""
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "fedcollm_quality.py"
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("fedcollm_quality_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def figures(seed: int, lr: float = 1e-3, accuracy: float = 0.5) -> dict:
+    config = {"train": {"lr": lr}, "run": {"seed": seed, "name": f"n{seed}", "out_dir": "runs", "threads": 1}}
+    return {"config": config, "accuracy": {"slm_fedcollm": accuracy}}
+
+
+def test_recorded_seeds_without_runs_are_kept_when_only_the_seed_differs():
+    bench = bench_module()
+    previous = {"per_seed": {"0": figures(0, accuracy=0.74), "1": figures(1, accuracy=0.1)}}
+    done = {"1": figures(1, accuracy=0.7)}
+    carried = bench.carried_seeds(previous, done)
+    assert list(carried) == ["0"]  # seed 1 ran here: this run's figures replace the recorded ones
+    assert carried["0"]["accuracy"]["slm_fedcollm"] == 0.74
+
+
+def test_recorded_seeds_of_another_budget_are_dropped():
+    bench = bench_module()
+    previous = {"per_seed": {"0": figures(0, lr=1e-4)}}
+    assert bench.carried_seeds(previous, {"1": figures(1)}) == {}
+    other_threads = figures(0)
+    other_threads["config"]["run"]["threads"] = 2
+    assert bench.carried_seeds({"per_seed": {"0": other_threads}}, {"1": figures(1)}) == {}
+
+
+def test_nothing_is_carried_without_a_run_of_this_invocation():
+    bench = bench_module()
+    assert bench.carried_seeds({"per_seed": {"0": figures(0)}}, {}) == {}
