@@ -209,8 +209,11 @@ def collect_seed(out: Path) -> dict[str, Any] | None:
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's config without what may differ between the seeds of one table (the seed, the run's name)."""
-    run = {k: v for k, v in (config.get("run") or {}).items() if k not in ("seed", "out_dir", "name")}
+    """A run's config without what may differ between the seeds of one table: the seed, the run's name, and
+    `run.compare` (a seed's variants may run as separate invocations, e.g. two at a time; each seeds its
+    data and adapters alone exactly as beside its siblings)."""
+    skip = ("seed", "out_dir", "name", "compare")
+    run = {k: v for k, v in (config.get("run") or {}).items() if k not in skip}
     return {**config, "run": run}
 
 
@@ -362,6 +365,7 @@ def write_results(
     unfinished = [s for s in seeds if str(s) not in done or not all(done[str(s)]["ended"].values())]
     commits = {str(s): seed_commits(outs[s]) for s in seeds if str(s) in done and str(s) not in carried}
     commits.update({s: (previous.get("commits_by_seed") or {}).get(s, []) for s in carried})
+    commits = {s: commits[s] for s in done if s in commits}  # in seed order
     code = "; ".join(f"seed {s}: {', '.join(c) or 'not recorded'}" for s, c in commits.items())
     md = [
         f"FedCoLLM family, `{shown}` {' '.join(args.overrides)}; seeds {', '.join(map(str, shown_seeds))} "

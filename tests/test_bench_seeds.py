@@ -26,6 +26,9 @@ def test_recorded_seeds_without_runs_are_kept_when_only_the_seed_differs():
     carried = bench.carried_seeds(previous, done)
     assert list(carried) == ["0"]  # seed 1 ran here: this run's figures replace the recorded ones
     assert carried["0"]["accuracy"]["slm_fedcollm"] == 0.74
+    split = figures(2)  # its variants ran as separate invocations
+    split["config"]["run"]["compare"] = ["zero_shot"]
+    assert list(bench.carried_seeds({"per_seed": {"0": figures(0)}}, {"2": split})) == ["0"]
 
 
 def test_recorded_seeds_of_another_budget_are_dropped():
