@@ -363,9 +363,9 @@ def write_results(
         "task": cfg.get("task"),
     }
     unfinished = [s for s in seeds if str(s) not in done or not all(done[str(s)]["ended"].values())]
-    commits = {str(s): seed_commits(outs[s]) for s in seeds if str(s) in done and str(s) not in carried}
-    commits.update({s: (previous.get("commits_by_seed") or {}).get(s, []) for s in carried})
-    commits = {s: commits[s] for s in done if s in commits}  # in seed order
+    out_of = {str(s): outs[s] for s in seeds}
+    recorded = previous.get("commits_by_seed") or {}
+    commits = {s: recorded.get(s, []) if s in carried else seed_commits(out_of[s]) for s in done}
     code = "; ".join(f"seed {s}: {', '.join(c) or 'not recorded'}" for s, c in commits.items())
     md = [
         f"FedCoLLM family, `{shown}` {' '.join(args.overrides)}; seeds {', '.join(map(str, shown_seeds))} "
