@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from cotune.algorithms.fedcollm import check_payload, fedavg_weights, plan_of
 from cotune.config.schema import ExperimentConfig
 from cotune.data.task_data import TaskData
-from cotune.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
+from cotune.evaluation.multiple_choice import MCExample, MCResult, evaluate_multiple_choice
 from cotune.models.lora import AdapterPool
 from cotune.records import (
     CommRecord,
@@ -212,7 +212,7 @@ class FedCoLLMLoop:
         self.sizes: list[int] = [0] * self.n  # n_k as each client described itself
         self.members = Membership(cfg, files.log, self.console)
         self.activity = Activity(self.console)
-        self.val_cache: dict[tuple[bool, str], ValScore] = {}  # server validation scores by adapter weights
+        self.val_cache: dict[Any, MCResult] = {}  # server validation results, keyed as eval_cache
         self.train_s = 0.0  # the last round's training time (its round record is logged after evaluation)
 
     def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
@@ -418,22 +418,32 @@ class FedCoLLMLoop:
     def val_score(self, pool: AdapterPool, name: str) -> ValScore:
         """Accuracy and choice-level loss of adapter `name` on the server's validation split; weights
         already scored are not rescored (omega starts a round as the last one kept)."""
+        examples = self.task.public_val
+        res = self.scored(pool, name, examples, self.val_cache)
+        return ValScore(res.acc, choice_nll(res.logliks, [ex.answer for ex in examples]), res.n)
+
+    def scored(
+        self, pool: AdapterPool, name: str, examples: Sequence[MCExample], cache: dict[Any, MCResult]
+    ) -> MCResult:
+        """Multiple-choice result of adapter `name` on `examples`, kept in `cache` (one per split) by model
+        role, adapter weights and eval settings: an adapter already scored is not rescored."""
         t, task = self.cfg.train, self.cfg.task
         assert task is not None
-        key = (pool is self.server.llm, adapter_digest(pool, name))
-        if key not in self.val_cache:
+        key = (self.role(pool), adapter_digest(pool, name), task.max_length, t.eval_batch_size)
+        if key not in cache:
             pool.activate(name)
-            examples = self.task.public_val
-            res = evaluate_multiple_choice(
+            cache[key] = evaluate_multiple_choice(
                 pool.model,
                 self.server.tokenizer,
                 examples,
                 batch_size=t.eval_batch_size,
                 max_length=task.max_length,
             )
-            nll = choice_nll(res.logliks, [ex.answer for ex in examples])
-            self.val_cache[key] = ValScore(res.acc, nll, res.n)
-        return self.val_cache[key]
+        return cache[key]
+
+    def role(self, pool: AdapterPool) -> Role:
+        """Which of the server's two models `pool` is."""
+        return "llm" if pool is self.server.llm else "slm"
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, r: int) -> str:
@@ -460,32 +470,16 @@ class FedCoLLMLoop:
 
     def log_mc(self, r: int, pool: AdapterPool, name: str, client: int | None) -> float:
         res = self.mc(pool, name)
-        model: Literal["slm", "llm"] = "llm" if pool is self.server.llm else "slm"
         self.files.log(
-            McRecord(round=r, model=model, client=client, acc=res.acc, acc_norm=res.acc_norm, n=res.n)
+            McRecord(
+                round=r, model=self.role(pool), client=client, acc=res.acc, acc_norm=res.acc_norm, n=res.n
+            )
         )
         return res.acc
 
     def mc(self, pool: AdapterPool, name: str) -> MCResult:
-        """Accuracy of adapter `name`; an adapter whose weights were already scored is not rescored."""
-        t, task = self.cfg.train, self.cfg.task
-        assert task is not None
-        key = (
-            "llm" if pool is self.server.llm else "slm",
-            adapter_digest(pool, name),
-            task.max_length,
-            t.eval_batch_size,
-        )
-        if key not in self.eval_cache:
-            pool.activate(name)
-            self.eval_cache[key] = evaluate_multiple_choice(
-                pool.model,
-                self.server.tokenizer,
-                self.task.test,
-                batch_size=t.eval_batch_size,
-                max_length=task.max_length,
-            )
-        return self.eval_cache[key]
+        """Accuracy of adapter `name` on the held-out test split."""
+        return self.scored(pool, name, self.task.test, self.eval_cache)
 
     # ---- state ----------------------------------------------------------------------------------------
     def checkpoint(self, r: int) -> None:
