@@ -469,17 +469,13 @@ class FedCoLLMLoop:
         return "  ".join(shown)
 
     def log_mc(self, r: int, pool: AdapterPool, name: str, client: int | None) -> float:
-        res = self.mc(pool, name)
+        res = self.scored(pool, name, self.task.test, self.eval_cache)  # the held-out test split
         self.files.log(
             McRecord(
                 round=r, model=self.role(pool), client=client, acc=res.acc, acc_norm=res.acc_norm, n=res.n
             )
         )
         return res.acc
-
-    def mc(self, pool: AdapterPool, name: str) -> MCResult:
-        """Accuracy of adapter `name` on the held-out test split."""
-        return self.scored(pool, name, self.task.test, self.eval_cache)
 
     # ---- state ----------------------------------------------------------------------------------------
     def checkpoint(self, r: int) -> None:
