@@ -1049,6 +1049,56 @@ def test_a_node_worker_reports_failures_and_absence_with_what_to_do(corpus_dir, 
         forward(str(node_worker), bad, ctx)
 
 
+def test_a_stuck_node_worker_fails_the_message_within_the_timeout_not_never(tmp_path):
+    """A worker that accepts and never answers: the ClientApp's side gives up after its reply timeout
+    (worker-timeout= of the node config) with a reason that says what to do."""
+    path = tmp_path / "stuck.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(server.accept()[0]), daemon=True).start()
+    ctx = next(iter(InProcessGrid(1).contexts.values()))
+    ctx.node_config["worker-timeout"] = 0.5
+    msg = Message(RecordDict(), dst_node_id=ctx.node_id, message_type=p.TRAIN)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"did not reply within 0\.5s .*raise worker-timeout="):
+        forward(str(path), msg, ctx)
+    assert time.monotonic() - t0 < 5
+    ctx.node_config["worker-timeout"] = "soon"
+    with pytest.raises(WorkerError, match="worker-timeout .* must be seconds > 0"):
+        forward(str(path), msg, ctx)
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def test_a_client_that_never_sends_does_not_hold_the_node_worker(tmp_path):
+    """The worker drops a connection whose request does not come within its I/O timeout and serves the
+    next message."""
+    path = tmp_path / "sock" / "w.sock"
+    logged: list[str] = []
+    worker = NodeWorker(path, lambda m, c: Message(RecordDict(), reply_to=m), log=logged.append, io_timeout=0.3)
+    thread = threading.Thread(target=worker.serve_forever, daemon=True)
+    thread.start()
+    try:
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(str(path))  # and sends nothing
+        grid = InProcessGrid(1)
+        ctx = next(iter(grid.contexts.values()))
+        msg = Message(RecordDict(), dst_node_id=ctx.node_id, message_type=p.TRAIN)
+        msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        t0 = time.monotonic()
+        reply = forward(str(path), msg, ctx, timeout=10)
+        assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+        assert time.monotonic() - t0 < 5
+        assert any("no complete request or reply within 0.3s" in line for line in logged)
+        silent.close()
+    finally:
+        worker.stop()
+        thread.join(timeout=10)
+
+
 def test_a_node_worker_never_replaces_a_file_or_a_live_worker(tmp_path, node_worker):
     precious = tmp_path / "notes.txt"
     precious.write_text("mine")
