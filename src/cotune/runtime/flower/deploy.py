@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -130,7 +131,7 @@ def submit(
     run_config: Mapping[str, str | int | float],
     log_path: Path,
     timeout: float | None = None,
-    echo: IO[str] | None = None,
+    echo: IO[str] | Progress | None = None,
 ) -> int:
     """`flwr run APP cotune --run-config FILE --stream`: start the run and follow its log until it ends."""
     overrides = log_path.with_suffix(".run-config.toml")
@@ -353,6 +354,24 @@ def check_tls(conn: socket.socket, host: str, shown: str, ca: Path, timeout: flo
         ) from None
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+class Progress:
+    """Where `submit` copies the `flwr run --stream` lines, so the terminal follows the run as it goes
+    (the ServerApp's rounds, clients and evaluation lines): to `console`'s file, without colour codes
+    unless that is a terminal, without the outcome marker (read from the log afterwards)."""
+
+    def __init__(self, console: Console) -> None:
+        self.file, self.keep_colour = console.file, console.is_terminal
+
+    def write(self, line: str) -> None:
+        if OUTCOME_MARK in line or not line.strip():
+            return
+        self.file.write(line if self.keep_colour else ANSI_ESCAPE.sub("", line))
+        self.file.flush()
+
+
 # ---- a local federation ------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -568,7 +587,7 @@ class LocalFederation:
         app_dir: Path,
         run_config: Mapping[str, str | int | float],
         timeout: float | None = None,
-        echo: IO[str] | None = None,
+        echo: IO[str] | Progress | None = None,
     ) -> int:
         return submit(app_dir, self.flwr_home, run_config, self.work_dir / "flwr-run.log", timeout, echo)
 
@@ -660,7 +679,8 @@ def run_on_flower(
                 console.print(f"local Flower federation: SuperLink {fed.address}, {fed.n_nodes} SuperNodes")
                 for d, v in runs:
                     console.print(f"[bold]{_label(v)}[/] on Flower -> {d}")
-                    fed.run(app_dir, {"config-yaml": dump_config(v), "run-dir": str(d), **settings}, timeout)
+                    run_config = {"config-yaml": dump_config(v), "run-dir": str(d), **settings}
+                    fed.run(app_dir, run_config, timeout, echo=Progress(console))
                     check_outcome(d, log)
             return
         home = Path(tmp) / "flwr-home"
@@ -669,9 +689,8 @@ def run_on_flower(
         )
         for d, v in runs:
             console.print(f"[bold]{_label(v)}[/] on Flower ({superlink}) -> {d}")
-            submit(
-                app_dir, home, {"config-yaml": dump_config(v), "run-dir": str(d), **settings}, log, timeout
-            )
+            run_config = {"config-yaml": dump_config(v), "run-dir": str(d), **settings}
+            submit(app_dir, home, run_config, log, timeout, echo=Progress(console))
             check_outcome(d, log)
 
 
