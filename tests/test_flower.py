@@ -6,9 +6,11 @@ SuperNodes) is tests/integration/test_flower_local.py.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,6 +31,7 @@ pytest.importorskip("flwr")
 
 import torch
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
@@ -63,7 +66,8 @@ from cotune.training.loop import make_optimizer, make_scheduler
 ROOT = Path(__file__).resolve().parents[1]
 
 # A node's fate: given (client index, message), return None to answer normally, "silent" to never
-# answer (a disconnected SuperNode), "error" to raise in the ClientApp (Flower's error reply), or
+# answer (a disconnected SuperNode), "gone" for the SuperLink's node-unavailable reply, "error" to
+# raise in the ClientApp (Flower's error reply), or
 # "nan" to answer with an adapter full of NaN (a broken or malicious node).
 Fate = Callable[[int, Message], str | None]
 
@@ -138,6 +142,10 @@ class InProcessGrid(Grid):
         try:
             if fate == "error":
                 raise RuntimeError("simulated ClientApp crash")
+            if fate == "gone":  # what the SuperLink answers for a SuperNode it lost
+                return Message(
+                    Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=msg
+                )
             # a copy, as the wire would deliver it (SecAgg+ messages share one content object)
             reply = client_app(copy.deepcopy(msg), ctx)
             if fate == "claims a billion" and p.INFO in reply.content.config_records:
@@ -1049,6 +1057,58 @@ def test_a_node_worker_reports_failures_and_absence_with_what_to_do(corpus_dir, 
         forward(str(node_worker), bad, ctx)
 
 
+def test_a_stuck_node_worker_fails_the_message_within_the_timeout_not_never(tmp_path):
+    """A worker that accepts and never answers: the ClientApp's side gives up after its reply timeout
+    (worker-timeout= of the node config) with a reason that says what to do."""
+    path = tmp_path / "stuck.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(server.accept()[0]), daemon=True).start()
+    ctx = next(iter(InProcessGrid(1).contexts.values()))
+    ctx.node_config["worker-timeout"] = 0.5
+    msg = Message(RecordDict(), dst_node_id=ctx.node_id, message_type=p.TRAIN)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"did not reply within 0\.5s .*raise worker-timeout="):
+        forward(str(path), msg, ctx)
+    assert time.monotonic() - t0 < 5
+    ctx.node_config["worker-timeout"] = "soon"
+    with pytest.raises(WorkerError, match=r"worker-timeout .* must be seconds > 0"):
+        forward(str(path), msg, ctx)
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def test_a_client_that_never_sends_does_not_hold_the_node_worker(tmp_path):
+    """The worker drops a connection whose request does not come within its I/O timeout and serves the
+    next message."""
+    path = tmp_path / "sock" / "w.sock"
+    logged: list[str] = []
+    worker = NodeWorker(
+        path, lambda m, c: Message(RecordDict(), reply_to=m), log=logged.append, io_timeout=0.3
+    )
+    thread = threading.Thread(target=worker.serve_forever, daemon=True)
+    thread.start()
+    try:
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(str(path))  # and sends nothing
+        grid = InProcessGrid(1)
+        ctx = next(iter(grid.contexts.values()))
+        msg = Message(RecordDict(), dst_node_id=ctx.node_id, message_type=p.TRAIN)
+        msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        t0 = time.monotonic()
+        reply = forward(str(path), msg, ctx, timeout=10)
+        assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+        assert time.monotonic() - t0 < 5
+        assert any("no complete request or reply within 0.3s" in line for line in logged)
+        silent.close()
+    finally:
+        worker.stop()
+        thread.join(timeout=10)
+
+
 def test_a_node_worker_never_replaces_a_file_or_a_live_worker(tmp_path, node_worker):
     precious = tmp_path / "notes.txt"
     precious.write_text("mine")
@@ -1087,3 +1147,145 @@ def test_cli_worker_refuses_a_path_that_is_not_a_socket(tmp_path):
     )
     assert done.returncode == 2 and "error:" in done.stderr and "not a socket" in done.stderr
     assert precious.read_text() == "a,b\n"
+
+
+# ---- why a Flower run did not complete: the cause in the CLI's error, with what to do ------------------
+def _cli_run(*args: str):
+    from typer.testing import CliRunner
+
+    from cotune.cli.main import app
+
+    result = CliRunner().invoke(app, ["run", *args])
+    return result.exit_code, " ".join(result.output.split())  # rich wraps long lines
+
+
+def _config_file(corpus_dir: Path, tmp_path: Path, **sections) -> Path:
+    import yaml
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny_tree(corpus_dir, tmp_path, run={"threads": 1}, **sections)))
+    return path
+
+
+def _serve(handle: Callable[[socket.socket], None]) -> int:
+    """A TCP server on 127.0.0.1 that hands each connection to `handle`; returns its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def loop() -> None:
+        while True:
+            conn, _ = server.accept()
+            with conn, contextlib.suppress(OSError):
+                handle(conn)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return int(server.getsockname()[1])
+
+
+def test_an_unreachable_superlink_is_named_as_such_at_once(corpus_dir, tmp_path):
+    from cotune.runtime.flower.deploy import free_port
+
+    cfg = _config_file(corpus_dir, tmp_path)
+    closed = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    code, said = _cli_run(
+        str(cfg), "--out", str(tmp_path / "r"), "--backend", "flower", "--superlink", closed
+    )
+    assert code == 2 and f"error: --superlink {closed}: connection refused" in said, said
+    assert "start the SuperLink" in said and "did not complete" not in said
+    assert time.monotonic() - t0 < 30 and not (tmp_path / "r").exists()
+    code, said = _cli_run(str(cfg), "--backend", "flower", "--superlink", "no-port-here")
+    assert code == 2 and "is not HOST:PORT" in said
+
+
+def test_a_wrong_ca_certificate_is_named_as_such(corpus_dir, tmp_path):
+    """A SuperLink serving TLS with a certificate of one CA; the user gives another CA (or a non-TLS
+    SuperLink gets a CA): the error says which, before anything is submitted."""
+    import ssl
+
+    from cotune.runtime.flower.pki import make_server_files
+
+    theirs, wrong = make_server_files(tmp_path / "pki"), make_server_files(tmp_path / "other-pki")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(theirs.cert, theirs.key)
+    port = _serve(lambda conn: tls.wrap_socket(conn, server_side=True).close())
+    cfg = _config_file(corpus_dir, tmp_path)
+    args = [str(cfg), "--out", str(tmp_path / "r"), "--backend", "flower", "--superlink", f"127.0.0.1:{port}"]
+    code, said = _cli_run(*args, "--root-certificates", str(wrong.ca))
+    assert code == 2 and "TLS certificate does not verify against --root-certificates" in said, said
+    assert "give the CA that signed the SuperLink's certificate" in said
+    code, said = _cli_run(*args, "--root-certificates", str(theirs.key))  # not a certificate at all
+    assert code == 2 and "not a readable PEM CA certificate" in said, said
+    plain = _serve(lambda conn: (conn.recv(64), conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")))
+    args[-1] = f"127.0.0.1:{plain}"
+    code, said = _cli_run(*args, "--root-certificates", str(theirs.ca))
+    assert code == 2 and "no TLS handshake" in said and "--insecure" in said, said
+
+
+def test_what_flwr_run_logged_is_named_when_the_run_never_started(tmp_path):
+    from cotune.runtime.flower.deploy import FLWR_AUTH_FAILED, FLWR_UNAVAILABLE
+
+    log = tmp_path / "flwr-run.log"
+    for mark, cause in [
+        (FLWR_UNAVAILABLE, "could not reach the SuperLink"),
+        (FLWR_AUTH_FAILED, "flwr login"),
+    ]:
+        log.write_text(f"Using SuperLink: cotune (10.0.0.1:8000)\n│ {mark}. Please check │\n")
+        with pytest.raises(FlowerRunError, match=f"did not complete the run: .*{cause}.*log: {log}"):
+            check_outcome(tmp_path / "run", log)
+    log.write_text("something else\n")
+    with pytest.raises(FlowerRunError, match=r"did not complete the run \(log: "):
+        check_outcome(tmp_path / "run", log)
+
+
+class PartialGrid(InProcessGrid):
+    """Only some SuperNodes ever connect (the others not started, not registered, or without the CA)."""
+
+    def __init__(self, n_nodes: int, joined: set[int], fate: Fate | None = None) -> None:
+        super().__init__(n_nodes, fate)
+        self.joined = joined
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n, c in self.contexts.items() if int(c.node_config["partition-id"]) in self.joined]
+
+
+@pytest.mark.parametrize(
+    ("grid", "settings", "cause"),
+    [
+        (
+            lambda: PartialGrid(2, {0}),
+            ServerSettings(connect_timeout=0.2),
+            r"client\(s\) 1 not joined: .*"
+            r"not registered \(`flwr supernode register KEY\.pub`.*raise --connect-timeout",
+        ),
+        (
+            lambda: InProcessGrid(2, lambda i, m: "gone" if i == 1 and p.job_of(m).round == 1 else None),
+            None,
+            r"client\(s\) 1 lost: the SuperLink reports the SuperNode gone",
+        ),
+        (
+            lambda: InProcessGrid(2, lambda i, m: "silent" if i == 1 and p.job_of(m).round == 1 else None),
+            ServerSettings(round_timeout=0.3),
+            r"client\(s\) 1 lost: .*did not answer within federation\.client_timeout",
+        ),
+    ],
+    ids=["not-joined", "node-unavailable", "no-reply"],
+)
+def test_a_missing_or_lost_supernode_is_named_with_what_to_do(
+    corpus_dir, tmp_path, monkeypatch, grid, settings, cause
+):
+    """Through the CLI (the federation replaced by the in-process grid): the stop says which clients,
+    why (not joined / lost), what to do, and how to continue; never a ClientApp's error text."""
+    import cotune.runtime.flower.deploy as deploy
+
+    def fake_run_on_flower(runs, console, **kwargs):
+        for run_dir, cfg in runs:
+            run_server(cfg, run_dir, grid(), settings or ServerSettings.from_config(cfg), say=lambda s: None)
+            check_outcome(run_dir)
+
+    monkeypatch.setattr(deploy, "run_on_flower", fake_run_on_flower)
+    cfg = _config_file(corpus_dir, tmp_path, federation={"clients": 2, "rounds": 2})
+    out = tmp_path / "r"
+    code, said = _cli_run(str(cfg), "--out", str(out), "--backend", "flower", "--superlink", "10.0.0.1:8000")
+    assert code == 2 and "the run stopped" in said, said
+    assert re.search(cause, said), said
+    assert f"cotune run --resume {out} --backend flower" in said

@@ -267,3 +267,22 @@ def test_a_secure_federation_admits_only_its_members(corpus_dir, tmp_path):
             ["flwr", "supernode", "ls", CONNECTION], env=flower_env(plain), capture_output=True, text=True
         )
         assert refused.returncode != 0
+
+
+def test_cli_backend_flower_streams_the_rounds_to_the_terminal(corpus_dir, tmp_path):
+    """`cotune run --backend flower` (a local federation), output piped: the ServerApp's lines (nodes,
+    rounds) reach the terminal while it runs, without colour codes or the outcome marker."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    tree = tiny_tree(corpus_dir, tmp_path, federation={"clients": CLIENTS, "rounds": 1}, run={"threads": 1})
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(tree))
+    cmd = [sys.executable, "-m", "cotune.cli.main", "run", str(cfg_path), "--out", str(tmp_path / "r")]
+    done = subprocess.run([*cmd, "--backend", "flower"], capture_output=True, text=True, timeout=600)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-3000:]
+    assert f"{CLIENTS} SuperNode(s) connected" in said and "round 1/1" in said, said[-3000:]
+    assert "\x1b[" not in said and "cotune-outcome:" not in said

@@ -43,3 +43,27 @@ def test_two_actors_give_the_embedded_adapters(corpus_dir, tmp_path):
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[c][k], theirs[c][k]) for c in ours for k in ours[c])
     assert load_run(sim).ended and (sim / "flower" / "node-state").is_dir()
+
+
+def test_the_terminal_gets_cotunes_lines_not_flowers_warnings_or_colour_codes(corpus_dir, tmp_path):
+    """`cotune run --backend flower-simulation`, output piped: no deprecation notices, no warnings of
+    Flower or Ray, no ANSI escape codes; they are kept in RUN_DIR/flower/simulation.log."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    tree = tiny_tree(corpus_dir, tmp_path, federation={"rounds": 1}, run={"threads": 1})
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "sim"
+    cmd = [sys.executable, "-m", "cotune.cli.main", "run", str(cfg_path), "--out", str(out)]
+    done = subprocess.run(
+        [*cmd, "--backend", "flower-simulation"], capture_output=True, text=True, timeout=600
+    )
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-3000:]
+    assert "round 1/1" in said  # cotune's own progress is there
+    for noise in ("DeprecationWarning", "FutureWarning", "DEPRECATED FEATURE", "\x1b[", "flwr: "):
+        assert noise not in said, (noise, said[-3000:])
+    assert "DEPRECATED FEATURE" in (out / "flower" / "simulation.log").read_text()

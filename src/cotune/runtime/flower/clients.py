@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from cotune.algorithms.ranks import rank_of, rank_slice
@@ -129,7 +130,12 @@ class FlowerClients:
             i = by_id.get(reply.metadata.reply_to_message_id)
             if i is None or i in out.ok or i in out.failed:
                 continue
-            if reply.has_error():
+            if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                out.failed[i] = (
+                    f"SuperNode {self.nodes[i]} is unavailable (the SuperLink lost it: stopped, or its "
+                    "connection dropped)"
+                )
+            elif reply.has_error():
                 out.failed[i] = (
                     f"SuperNode {self.nodes[i]}: error reply (code {reply.error.code}): {reply.error.reason}"
                 )
@@ -174,7 +180,10 @@ class FlowerClients:
             self.nodes[i], out.ok[i] = node, info
         for i in range(self.n):
             if i not in self.nodes:
-                out.failed[i] = f"no SuperNode with partition-id {i} joined"
+                out.failed[i] = (
+                    f"no SuperNode with partition-id {i} joined within {self.settings.connect_timeout:g}s "
+                    "(not started, not registered with the SuperLink, or without its CA certificate?)"
+                )
         for i in sorted(out.ok):
             inf = out.ok[i]
             holds = (

@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -129,7 +131,7 @@ def submit(
     run_config: Mapping[str, str | int | float],
     log_path: Path,
     timeout: float | None = None,
-    echo: IO[str] | None = None,
+    echo: IO[str] | Progress | None = None,
 ) -> int:
     """`flwr run APP cotune --run-config FILE --stream`: start the run and follow its log until it ends."""
     overrides = log_path.with_suffix(".run-config.toml")
@@ -187,19 +189,187 @@ def run_outcome(run_dir: Path, log_path: Path | None = None) -> dict[str, Any]:
 
 
 def check_outcome(run_dir: Path, log_path: Path | None = None) -> None:
+    """Raise FlowerRunError, naming the cause and what to do, unless the run completed."""
     outcome = run_outcome(run_dir, log_path)
     event = outcome.get("event")
     if event == "end":
         return
     where = f" (log: {log_path})" if log_path else ""
     if event == "stopped":
+        causes = node_causes(run_dir)
         raise FlowerRunError(
             f"{run_dir}: the run stopped: {outcome.get('reason')}; "
             f"last complete checkpoint: round {outcome.get('last_checkpoint')}"
+            + (f". {causes}" if causes else "")
+            + where
         )
     if event == "failed":
         raise FlowerRunError(f"{run_dir}: the ServerApp failed: {outcome.get('error')}{where}")
-    raise FlowerRunError(f"{run_dir}: the ServerApp did not complete the run{where}")
+    cause = log_cause(log_path.read_text(errors="replace") if log_path and log_path.exists() else "")
+    raise FlowerRunError(
+        f"{run_dir}: the ServerApp did not complete the run{': ' + cause if cause else ''}{where}"
+    )
+
+
+# ---- why a Flower run did not complete --------------------------------------------------------------
+# What `flwr run` (flwr 1.41, flwr/cli/utils.py) prints for a SuperLink it cannot reach or that refuses it.
+FLWR_UNAVAILABLE = "Connection to the SuperLink is unavailable"
+FLWR_AUTH_FAILED = "Authentication failed"
+LOG_CAUSES = (
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the SuperLink's TLS certificate did not verify against the CA certificate given "
+        "(--root-certificates): give the CA that signed the SuperLink's certificate",
+    ),
+    (
+        FLWR_UNAVAILABLE,
+        "flwr run could not reach the SuperLink (connection refused, unreachable, or a TLS mismatch: "
+        "--root-certificates for a SuperLink started with --ssl-*, none for one started with --insecure); "
+        "check --superlink HOST:PORT and that the SuperLink runs there",
+    ),
+    (
+        FLWR_AUTH_FAILED,
+        "the SuperLink refused this client (authentication failed): it requires a Flower account; "
+        "log in with `flwr login` or submit from a machine the SuperLink admits",
+    ),
+)
+# The classes of a node's failure, by the reasons FlowerClients gives (clients.py): what to do for each.
+NODE_CAUSES = (
+    (
+        "joined",
+        "not joined: a SuperNode that never joins is not started, points at another --superlink, is "
+        "not registered (`flwr supernode register KEY.pub`, with --enable-supernode-auth) or does not "
+        "trust the SuperLink's CA (--root-certificates): see its log, or raise --connect-timeout",
+    ),
+    (
+        "unavailable",
+        "lost: the SuperLink reports the SuperNode gone (stopped, or its connection dropped)",
+    ),
+    (
+        "no reply within",
+        "lost: the SuperNode did not answer within federation.client_timeout (disconnected, or slower "
+        "than the timeout)",
+    ),
+    ("error reply", "failed: the SuperNode's ClientApp raised (see the fault records in metrics.jsonl)"),
+)
+
+
+def log_cause(text: str) -> str | None:
+    """What the `flwr run` log says went wrong, in words, or None when it names no known cause."""
+    return next((cause for mark, cause in LOG_CAUSES if mark in text), None)
+
+
+def node_causes(run_dir: Path) -> str:
+    """The clients dropped in the last round that lost any (where the run stopped), by cause, with what
+    to do; then how to continue. Only cotune's own classes are named, never a ClientApp's error text
+    (it could quote data)."""
+    path = run_dir / "metrics.jsonl"
+    dropped = [
+        m
+        for m in (read_metrics(path) if path.exists() else [])
+        if m.get("type") == "fault" and m.get("event") == "client_dropped"
+    ]
+    faults = [m for m in dropped if m.get("round") == dropped[-1].get("round")] if dropped else []
+    by_cause: dict[str, list[int]] = {}
+    for f in faults:
+        reason = str(f.get("reason", ""))
+        cause = next((c for mark, c in NODE_CAUSES if mark in reason), "failed (see metrics.jsonl)")
+        by_cause.setdefault(cause, []).append(int(f.get("client", -1)))
+    parts = [f"client(s) {', '.join(map(str, sorted(set(cs))))} {cause}" for cause, cs in by_cause.items()]
+    if not parts:
+        return ""
+    return (
+        "; ".join(parts)
+        + ". Start the missing SuperNodes (same partition-id and state-dir), then continue with "
+        f"`cotune run --resume {run_dir} --backend flower`"
+    )
+
+
+PROBE_TIMEOUT = 10.0  # seconds for the TCP connect and the TLS handshake with a --superlink
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT (or [IPv6]:PORT) of --superlink, refused when it is not one."""
+    shown = address if len(address) <= 80 else address[:80] + "..."
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FlowerRunError(f"--superlink {shown!r} is not HOST:PORT (e.g. coordinator.example.org:8000)")
+    return host, int(port)
+
+
+def probe_superlink(address: str, root_certificates: Path | None, timeout: float = PROBE_TIMEOUT) -> None:
+    """Before a run is submitted: can this machine reach the SuperLink, and (with a CA certificate)
+    does its TLS certificate verify? `flwr run` reports every such failure as "Connection to the
+    SuperLink is unavailable"; this names the cause and what to do, in seconds."""
+    host, port = split_address(address)
+    shown = f"{host}:{port}" if len(host) <= 80 else f"{host[:80]}...:{port}"
+    try:
+        conn = socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror:
+        raise FlowerRunError(
+            f"--superlink {shown}: the host name does not resolve: check the address "
+            "(HOST:PORT of the SuperLink)"
+        ) from None
+    except ConnectionRefusedError:
+        raise FlowerRunError(
+            f"--superlink {shown}: connection refused, nothing listens there: start the SuperLink "
+            "(flower-superlink) or give its host and --port (default 8000)"
+        ) from None
+    except (TimeoutError, OSError) as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+        raise FlowerRunError(
+            f"--superlink {shown} is unreachable ({why} within {timeout:g}s): check the address, the "
+            "network and any firewall between this machine and the SuperLink's port"
+        ) from None
+    with conn:
+        if root_certificates is not None:
+            check_tls(conn, host, shown, Path(root_certificates), timeout)
+
+
+def check_tls(conn: socket.socket, host: str, shown: str, ca: Path, timeout: float) -> None:
+    """A TLS handshake with the SuperLink, verified against `ca` as Flower verifies it."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca))
+    except (ssl.SSLError, OSError) as exc:
+        raise FlowerRunError(
+            f"--root-certificates {ca}: not a readable PEM CA certificate "
+            f"({getattr(exc, 'reason', None) or getattr(exc, 'strerror', None) or type(exc).__name__}): "
+            "give the CA certificate the SuperLink's certificate was signed with"
+        ) from None
+    conn.settimeout(timeout)
+    try:
+        context.wrap_socket(conn, server_hostname=host).close()
+    except ssl.SSLCertVerificationError as exc:
+        raise FlowerRunError(
+            f"--superlink {shown}: the SuperLink's TLS certificate does not verify against "
+            f"--root-certificates {ca} ({exc.verify_message}): give the CA that signed the SuperLink's "
+            "certificate (its --ssl-ca-certfile), and a certificate that names this host"
+        ) from None
+    except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+        raise FlowerRunError(
+            f"--superlink {shown}: no TLS handshake ({getattr(exc, 'reason', None) or type(exc).__name__}): "
+            "the SuperLink probably runs with --insecure; leave out --root-certificates only if it is "
+            "meant to (127.0.0.1 demos), otherwise start it with --ssl-*"
+        ) from None
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+class Progress:
+    """Where `submit` copies the `flwr run --stream` lines, so the terminal follows the run as it goes
+    (the ServerApp's rounds, clients and evaluation lines): to `console`'s file, without colour codes
+    unless that is a terminal, without the outcome marker (read from the log afterwards)."""
+
+    def __init__(self, console: Console) -> None:
+        self.file, self.keep_colour = console.file, console.is_terminal
+
+    def write(self, line: str) -> None:
+        if OUTCOME_MARK in line or not line.strip():
+            return
+        self.file.write(line if self.keep_colour else ANSI_ESCAPE.sub("", line))
+        self.file.flush()
 
 
 # ---- a local federation ------------------------------------------------------------------------------
@@ -417,7 +587,7 @@ class LocalFederation:
         app_dir: Path,
         run_config: Mapping[str, str | int | float],
         timeout: float | None = None,
-        echo: IO[str] | None = None,
+        echo: IO[str] | Progress | None = None,
     ) -> int:
         return submit(app_dir, self.flwr_home, run_config, self.work_dir / "flwr-run.log", timeout, echo)
 
@@ -494,6 +664,8 @@ def run_on_flower(
     """
     if not runs:
         return
+    if superlink is not None:  # the cause of a failure to reach it, before anything is written or sent
+        probe_superlink(superlink, root_certificates)
     run_dir, cfg = runs[0]
     with tempfile.TemporaryDirectory(prefix="cotune-flower-") as tmp:
         work = run_dir / "flower"  # logs of the federation and of `flwr run` stay with the run
@@ -507,7 +679,8 @@ def run_on_flower(
                 console.print(f"local Flower federation: SuperLink {fed.address}, {fed.n_nodes} SuperNodes")
                 for d, v in runs:
                     console.print(f"[bold]{_label(v)}[/] on Flower -> {d}")
-                    fed.run(app_dir, {"config-yaml": dump_config(v), "run-dir": str(d), **settings}, timeout)
+                    run_config = {"config-yaml": dump_config(v), "run-dir": str(d), **settings}
+                    fed.run(app_dir, run_config, timeout, echo=Progress(console))
                     check_outcome(d, log)
             return
         home = Path(tmp) / "flwr-home"
@@ -516,9 +689,8 @@ def run_on_flower(
         )
         for d, v in runs:
             console.print(f"[bold]{_label(v)}[/] on Flower ({superlink}) -> {d}")
-            submit(
-                app_dir, home, {"config-yaml": dump_config(v), "run-dir": str(d), **settings}, log, timeout
-            )
+            run_config = {"config-yaml": dump_config(v), "run-dir": str(d), **settings}
+            submit(app_dir, home, run_config, log, timeout, echo=Progress(console))
             check_outcome(d, log)
 
 

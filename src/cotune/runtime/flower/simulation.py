@@ -8,12 +8,20 @@ actor's resources, so the pool has (CPUs / client_cpus) actors here, one per GPU
 SuperNode (`node_state.py`), under `RUN_DIR/flower/node-state`, so any actor can serve any node and
 a run resumes like a deployment one. Needs the `simulation` extra (`pip install -e '.[simulation]'`:
 flwr[simulation], i.e. Ray).
+
+Flower's and Ray's chatter (deprecation notices, INFO lines in colour, the actors' output) goes to
+`RUN_DIR/flower/simulation.log`, not the terminal; `cotune --verbose` shows it there too (without
+colour codes when the output is not a terminal).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Sequence
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,4 +97,54 @@ def simulate(
         run_server(cfg, run_dir, grid, ServerSettings.from_config(cfg), say=console.print, resume=resume)
 
     console.print(f"[bold]{cfg.algorithm}[/]: {cfg.federation.clients} virtual SuperNodes -> {run_dir}")
-    run_simulation(server, client_app, num_supernodes=cfg.federation.clients, backend_config=backend)
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)  # `cotune --verbose`
+    log_path = run_dir / "flower" / "simulation.log"
+    console.print(f"Flower's and Ray's messages: {log_path}", highlight=False)
+    # The actors' output reaches this terminal only under --verbose (Ray keeps it in its session logs).
+    backend = {**backend, "init_args": {"logging_level": "ERROR", "log_to_driver": verbose}}
+    with quiet_flower(log_path, verbose):
+        run_simulation(server, client_app, num_supernodes=cfg.federation.clients, backend_config=backend)
+
+
+@contextlib.contextmanager
+def quiet_flower(log_path: Path, verbose: bool) -> Iterator[None]:
+    """Flower's log and Python warnings into `log_path` for the duration; on the terminal only when
+    `verbose`, and without colour codes unless stderr is a terminal."""
+    from flwr.common.logger import FLOWER_LOGGER, console_handler, update_console_handler
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    propagate = FLOWER_LOGGER.propagate
+    FLOWER_LOGGER.addHandler(handler)
+    FLOWER_LOGGER.propagate = False  # the root logger's handler (cli: basicConfig) would repeat every line
+    if verbose:
+        update_console_handler(colored=sys.stderr.isatty())
+    else:
+        FLOWER_LOGGER.removeHandler(console_handler)
+
+    def to_log(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: object = None,
+        line: str | None = None,
+    ) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+        record = logging.LogRecord("py.warnings", logging.WARNING, filename, lineno, text, None, None)
+        handler.emit(record)
+        if verbose:
+            print(text, file=sys.stderr)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = to_log
+            yield
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+        handler.close()
+        FLOWER_LOGGER.propagate = propagate
+        if console_handler not in FLOWER_LOGGER.handlers:
+            FLOWER_LOGGER.addHandler(console_handler)

@@ -11,6 +11,11 @@ protobuf encodings (no pickle): request = message, context; answer = "ok", reply
 context carries the node's state, e.g. SecAgg+'s, back to Flower) or "error", the reason. The socket
 is created private (0600, in a 0700 directory created if missing) and the worker answers only
 processes of its own user.
+
+Timeouts, so that a stuck peer never hangs the other side: the ClientApp connects within
+CONNECT_TIMEOUT and sends within IO_TIMEOUT, then waits at most `worker-timeout` seconds (node
+config; default REPLY_TIMEOUT) for the reply; the worker drops a connection whose request does not
+arrive within IO_TIMEOUT (and goes on with the next), and one that does not take its reply as long.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
@@ -30,6 +36,10 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
 WORKER_KEY = "worker"  # the SuperNode's --node-config key naming its worker's socket
+TIMEOUT_KEY = "worker-timeout"  # --node-config: seconds the ClientApp waits for its worker's reply
+CONNECT_TIMEOUT = 10.0  # seconds to connect to a listening worker (a local socket: at once)
+IO_TIMEOUT = 60.0  # seconds to move one request or reply (megabytes over a local socket: well under 1 s)
+REPLY_TIMEOUT = 3600.0  # seconds of work per message, at most (a round of local training on a CPU)
 _LENGTH = struct.Struct(">Q")
 _OK, _ERROR = b"ok", b"error"
 MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path is 108 bytes on Linux, with the terminating NUL
@@ -74,24 +84,58 @@ def decode(message: bytes, context: bytes) -> tuple[Message, Context]:
 
 
 # ---- the ClientApp's side -----------------------------------------------------------------------------
-def forward(socket_path: str, message: Message, context: Context) -> Message:
-    """The worker's reply to `message`; the worker's updated node state is written into `context`."""
+def reply_timeout(node_config: Mapping[str, Any]) -> float:
+    """`worker-timeout` of the SuperNode's node config (seconds, > 0), or REPLY_TIMEOUT."""
+    given = node_config.get(TIMEOUT_KEY)
+    if given is None:
+        return REPLY_TIMEOUT
     try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        seconds = float(given)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise WorkerError(f"{TIMEOUT_KEY} in the SuperNode's --node-config must be seconds > 0")
+    return seconds
+
+
+def forward(
+    socket_path: str,
+    message: Message,
+    context: Context,
+    timeout: float | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> Message:
+    """The worker's reply to `message`; the worker's updated node state is written into `context`.
+    Waits at most `timeout` seconds for the reply (default: the node config's worker-timeout)."""
+    timeout = reply_timeout(context.node_config) if timeout is None else timeout
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(connect_timeout)
         conn.connect(socket_path)
     except OSError as exc:
+        conn.close()
+        why = f"no answer within {connect_timeout:g}s" if isinstance(exc, TimeoutError) else exc.strerror
         raise WorkerError(
-            f"no cotune node worker answers at {socket_path} ({exc.strerror or exc}): start it with "
+            f"no cotune node worker answers at {socket_path} ({why or exc}): start it with "
             f"`cotune flower worker --socket {socket_path}` on this SuperNode's machine, or remove "
             f"{WORKER_KEY}= from the SuperNode's --node-config"
         ) from None
     with conn:
-        send_frames(conn, *encode(message, context))
         try:
+            conn.settimeout(IO_TIMEOUT)
+            send_frames(conn, *encode(message, context))
+            conn.settimeout(timeout)
             status = recv_frame(conn)
+            conn.settimeout(IO_TIMEOUT)
             if status == _ERROR:
                 raise WorkerError(recv_frame(conn).decode())
             reply, state = decode(recv_frame(conn), recv_frame(conn))
+        except TimeoutError:
+            raise WorkerError(
+                f"the cotune node worker at {socket_path} did not reply within {conn.gettimeout():g}s "
+                f"(stuck, or busy with another message: see its log; if its work takes longer, raise "
+                f"{TIMEOUT_KEY}= in the SuperNode's --node-config)"
+            ) from None
         except ConnectionError:
             raise WorkerError(
                 f"the cotune node worker at {socket_path} closed the connection before replying "
@@ -161,8 +205,11 @@ def answer(conn: socket.socket, app: App) -> str:
 class NodeWorker:
     """Answers messages at a socket path, one at a time, until `stop()` (the CLI: SIGTERM / SIGINT)."""
 
-    def __init__(self, path: Path, app: App, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, path: Path, app: App, log: Callable[[str], None] = print, io_timeout: float = IO_TIMEOUT
+    ) -> None:
         self.path, self.app, self.log = path.expanduser().absolute(), app, log
+        self.io_timeout = io_timeout  # for reading a request and sending a reply; the work itself has none
         self.server = open_socket(self.path)
         self.server.settimeout(0.5)  # how often serve_forever looks at the stop flag
         self.stopping = False
@@ -179,7 +226,7 @@ class NodeWorker:
                 except TimeoutError:
                     continue
                 with conn:
-                    conn.settimeout(None)
+                    conn.settimeout(self.io_timeout)  # a ClientApp that sends nothing does not hold us
                     self.serve_one(conn)
         finally:
             self.server.close()
@@ -193,6 +240,8 @@ class NodeWorker:
         start = time.perf_counter()
         try:
             what = answer(conn, self.app)
+        except TimeoutError:
+            what = f"dropped a connection: no complete request or reply within {self.io_timeout:g}s"
         except (ConnectionError, OSError) as exc:
             what = f"connection lost ({type(exc).__name__})"
         except Exception as exc:  # a request that is not two of Flower's frames: the worker goes on
