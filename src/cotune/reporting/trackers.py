@@ -7,8 +7,8 @@ of them are offline by default, under the run directory: TensorBoard event files
 MLflow file store in `mlruns/` (unless MLFLOW_TRACKING_URI names another), W&B in offline mode in
 `wandb/` (unless WANDB_MODE says otherwise). TensorBoard and MLflow are the `trackers` extra (`make
 setup` installs it), W&B is `pip install wandb`; a missing one is refused before any work starts.
-MLflow's usage telemetry is turned off (MLFLOW_DISABLE_TELEMETRY) unless the user set it. Only numbers leave the run:
-metric values, and the resolved config as MLflow parameters / W&B config.
+MLflow's usage telemetry is turned off (MLFLOW_DISABLE_TELEMETRY) unless the user set it. Only
+numbers leave the run: metric values, and the resolved config as MLflow parameters / W&B config.
 """
 
 from __future__ import annotations
