@@ -475,12 +475,15 @@ class RobustnessConfig(Section):
     )
 
 
+DEFAULT_DELTA = 1e-5
+
+
 class PrivacyConfig(Section):
     """Client-level differential privacy: per-client update clipping + Gaussian noise (DP-FedAvg)."""
 
     clip_norm: PositiveFloat | None = Field(None, description="L2 bound C on each client's update; None: off")
     noise_multiplier: float = Field(0.0, ge=0.0, description="noise std = noise_multiplier x C (per sum)")
-    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="epsilon is reported at this delta")
+    delta: float = Field(DEFAULT_DELTA, gt=0.0, lt=1.0, description="epsilon is reported at this delta")
     seed: int | None = Field(
         None, description="seed of the noise (reproducible runs); None: fresh OS entropy every round"
     )
@@ -489,11 +492,30 @@ class PrivacyConfig(Section):
     def enabled(self) -> bool:
         return self.clip_norm is not None
 
+    @property
+    def no_guarantee(self) -> str | None:
+        """Clipping without noise bounds each client's influence (a robustness measure, also used to
+        measure update norms) but gives no privacy: the warning a run prints then, else None."""
+        if self.clip_norm is None or self.noise_multiplier > 0:
+            return None
+        return (
+            "privacy.clip_norm without privacy.noise_multiplier clips updates but gives NO differential "
+            "privacy guarantee (epsilon is unbounded); set privacy.noise_multiplier > 0 for one"
+        )
+
     @model_validator(mode="after")
     def _noise_needs_clipping(self) -> PrivacyConfig:
         if self.noise_multiplier > 0 and self.clip_norm is None:
             raise ValueError(
                 "privacy.noise_multiplier needs privacy.clip_norm (the noise is calibrated to it)"
+            )
+        # compared with the defaults, not model_fields_set: a saved config.yaml spells out every field
+        changed = {"delta": self.delta != DEFAULT_DELTA, "seed": self.seed is not None}
+        unread = sorted(k for k, v in changed.items() if v and self.clip_norm is None)
+        if unread:
+            raise ValueError(
+                f"privacy.{' and privacy.'.join(unread)} without privacy.clip_norm: differential privacy is "
+                "off, so nothing reads it; set privacy.clip_norm (and noise_multiplier) or remove it"
             )
         return self
 
@@ -600,6 +622,12 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "privacy.clip_norm (differential privacy) needs robustness.aggregator 'mean': the noise is "
                 "calibrated to the sensitivity of a (weighted) mean"
+            )
+        if self.privacy.enabled and self.privacy.delta >= 1.0 / n:
+            raise ValueError(
+                f"privacy.delta {self.privacy.delta:g} >= 1/federation.clients (1/{n}): a mechanism that "
+                "publishes one whole client's update with probability delta would meet that guarantee; "
+                f"choose privacy.delta well below 1/{n} (e.g. 1e-5)"
             )
         s = self.strategy
         if not self.is_cotuning and s.selection == "topk" and s.topk > n:

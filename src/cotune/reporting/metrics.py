@@ -30,10 +30,12 @@ from cotune.records import (
     DistillValRecord,
     EvalRecord,
     McRecord,
+    PrivacySpent,
     RunEvent,
     TrustRecord,
     parse_record,
 )
+from cotune.reporting.text import printable
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -109,8 +111,21 @@ def config_value(config: Mapping[str, Any], dotted: str, default: Any = None) ->
 
 def client_label(client: int, names: Sequence[str]) -> str:
     """A client as reports show it: "3 (business)" when the run named it by its data, else "3"."""
-    name = names[client] if client < len(names) else ""
+    name = printable(names[client]) if client < len(names) else ""
     return f"{client} ({name})" if name else str(client)
+
+
+def client_label_across(client: int, runs: Sequence[RunSummary]) -> str:
+    """Client `client` in a table or plot shared by several runs: named by each run's own data.
+
+    "3 (business)" when every run that names it agrees; "3 (fedavg: business; local: sport)" when runs of
+    different owners (data.clients) are compared, so no row carries another run's name.
+    """
+    named = [(run.label, run.client_names[client]) for run in runs if client < len(run.client_names)]
+    named = [(label, name) for label, name in named if name]
+    if len({name for _, name in named}) <= 1:
+        return f"{client} ({printable(named[0][1])})" if named else str(client)
+    return f"{client} ({'; '.join(f'{label}: {printable(name)}' for label, name in named)})"
 
 
 @dataclass
@@ -135,6 +150,7 @@ class RunSummary:
     mc: dict[str, dict[int, list[McRecord]]] = field(default_factory=dict)
     comm: list[CommRecord] = field(default_factory=list)  # sorted by (round, client)
     client_names: list[str] = field(default_factory=list)  # by index, from the start record ("" unknown)
+    privacy: PrivacySpent | None = None  # client-level DP: the privacy spent after the last aggregation
 
     def client_label(self, client: int) -> str:
         return client_label(client, self.client_names)
@@ -143,6 +159,11 @@ class RunSummary:
     # and each round's distillation summary (which step each model kept), sorted by round
     distill_val: list[DistillValRecord] = field(default_factory=list)
     distill: list[DistillRecord] = field(default_factory=list)
+
+    @property
+    def dp_enabled(self) -> bool:
+        """Client-level DP was on: the config sets privacy.clip_norm, or the run logged privacy spent."""
+        return self.privacy is not None or config_value(self.config, "privacy.clip_norm") is not None
 
     @property
     def is_cotuning(self) -> bool:
@@ -318,6 +339,7 @@ def load_run(run_dir: Path) -> RunSummary:
     run_strategy: str | None = None
     run_algorithm: str | None = None
     client_names: list[str] = []
+    privacy: PrivacySpent | None = None
     ended = False
     for rec in filter(None, map(parse_record, records)):  # later records of the same key win
         match rec:
@@ -333,6 +355,9 @@ def load_run(run_dir: Path) -> RunSummary:
                 distill_val[(rec.round, rec.model, rec.step)] = rec
             case DistillRecord():
                 distill[rec.round] = rec
+            case PrivacySpent():
+                if privacy is None or rec.round >= privacy.round:
+                    privacy = rec
             case RunEvent(event="start"):
                 run_strategy = run_strategy or rec.strategy
                 run_algorithm = run_algorithm or rec.algorithm
@@ -346,6 +371,7 @@ def load_run(run_dir: Path) -> RunSummary:
         label = str(strategy) if strategy else (run_strategy or run_dir.resolve().name)
     else:
         label = algorithm
+    label = printable(label)  # a directory name, or config text: shown on terminals and in reports
     ppl_split = "test" if "test" in by_split else "val"
     ppl_by_round = by_split.get(ppl_split, {})
     return RunSummary(
@@ -366,6 +392,7 @@ def load_run(run_dir: Path) -> RunSummary:
         },
         comm=[comm[key] for key in sorted(comm)],
         client_names=client_names,
+        privacy=privacy,
         distill_val=[distill_val[key] for key in sorted(distill_val)],
         distill=[distill[key] for key in sorted(distill)],
     )
@@ -374,7 +401,9 @@ def load_run(run_dir: Path) -> RunSummary:
 def unique_labels(runs: Sequence[RunSummary]) -> list[str]:
     """Labels that tell runs apart: a label shared by several runs gets the run's directory name appended."""
     counts = Counter(r.label for r in runs)
-    labels = [f"{r.label} ({r.run_dir.resolve().name})" if counts[r.label] > 1 else r.label for r in runs]
+    labels = [
+        f"{r.label} ({printable(r.run_dir.resolve().name)})" if counts[r.label] > 1 else r.label for r in runs
+    ]
     still = Counter(labels)
     seen: Counter[str] = Counter()
     out: list[str] = []

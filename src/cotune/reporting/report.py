@@ -18,8 +18,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cotune.caches import confine_caches
 from cotune.records import CommRecord, DistillValRecord
-from cotune.reporting.metrics import RunSummary, client_label, config_value, load_runs, unique_labels
+from cotune.reporting.files import replace_atomically, write_text_atomically
+from cotune.reporting.metrics import (
+    RunSummary,
+    client_label,
+    client_label_across,
+    config_value,
+    load_runs,
+    unique_labels,
+)
+from cotune.reporting.text import printable
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -66,8 +76,7 @@ def comparison_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[st
     finals = [run.final_ppl() for run in runs]
     clients = sorted({c for final in finals for c in final})
     header = ["client", *unique_labels(runs)]
-    names = next((run.client_names for run in runs if run.client_names), [])
-    rows = [[client_label(c, names), *(_fmt(final.get(c)) for final in finals)] for c in clients]
+    rows = [[client_label_across(c, runs), *(_fmt(final.get(c)) for final in finals)] for c in clients]
     rows.append(["mean ± std", *(_fmt_mean_std(list(final.values())) for final in finals)])
     return header, rows
 
@@ -334,6 +343,11 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
+def save_png(fig: Figure, path: Path) -> None:
+    """Save the figure as a PNG at `path` atomically (a kill leaves the old plot or the new one)."""
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+
+
 def _ppl_y_axis(ax: Axes, values: Sequence[float]) -> None:
     """Log y when the perplexities span a wide range, labelled with plain numbers (not 6×10²)."""
     from matplotlib.ticker import LogFormatter
@@ -365,7 +379,7 @@ def _plot_ppl_per_round(runs: Sequence[RunSummary], labels: Sequence[str], path:
     ax.set_title(f"Mean {split} perplexity over clients, per round")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     return True
 
 
@@ -388,8 +402,7 @@ def _plot_ppl_per_client(runs: Sequence[RunSummary], labels: Sequence[str], path
         if annotate:
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     _ppl_y_axis(ax, [v for final in finals for v in final.values()])
-    named = next((run for run in runs if run.client_names), runs[0])
-    ax.set_xticks(range(len(clients)), [named.client_label(c) for c in clients], fontsize=8)
+    ax.set_xticks(range(len(clients)), [client_label_across(c, runs) for c in clients], fontsize=8)
     ax.set_xlabel("client")
     split = ppl_split_name(runs).split(" ")[0]
     ax.set_ylabel(f"{split} perplexity")
@@ -397,7 +410,7 @@ def _plot_ppl_per_client(runs: Sequence[RunSummary], labels: Sequence[str], path
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.set_axisbelow(True)
     fig.legend(loc="outside lower center", ncols=min(n, 4), fontsize="small")  # never over the bars
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     return True
 
 
@@ -427,7 +440,7 @@ def _plot_trust(matrix: list[list[float]], title: str, path: Path, names: Sequen
     ax.set_xlabel("client j (gives)")
     ax.set_ylabel("client i (receives)")
     ax.set_title(title)
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
 
 
 def _accuracy_series(run: RunSummary) -> list[tuple[str, list[tuple[int, float]]]]:
@@ -478,7 +491,7 @@ def _plot_accuracy_per_round(runs: Sequence[RunSummary], labels: Sequence[str], 
     ax.set_title("Multiple-choice test accuracy per round (SLM solid, LLM dashed)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     return True
 
 
@@ -557,7 +570,7 @@ def _plot_distill_validation(runs: Sequence[RunSummary], labels: Sequence[str], 
     ax.set_title("Validation accuracy along distillation (SLM solid, LLM dashed, * kept)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     return True
 
 
@@ -575,6 +588,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
     runs = load_runs([Path(d) for d in run_dirs])
     labels = [run.label for run in runs]
     out = Path(out_dir) if out_dir is not None else Path(run_dirs[0])
+    confine_caches(out)  # matplotlib's font cache goes next to the report, not under ~
     plots = out / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
 
@@ -606,7 +620,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
 
     md = _report_markdown(runs, labels, has_round_plot, has_client_plot, trust_plots, has_acc_plot)
     path = out / REPORT_FILE
-    path.write_text(md, encoding="utf-8")
+    write_text_atomically(path, md)
     return path
 
 
@@ -645,7 +659,7 @@ def _report_markdown(
             _setting(run, "run.seed"),
             _final_eval_round(run),
             "yes" if run.ended else "no",
-            f"`{run.run_dir.resolve()}`",
+            f"`{printable(run.run_dir.resolve(), limit=1000)}`",
         ]
         for run, label in zip(runs, labels, strict=True)
     ]
@@ -673,7 +687,77 @@ def _report_markdown(
         )
     if any_cotuning:
         parts += _cotuning_markdown([run for run in runs if run.is_cotuning], has_acc_plot)
+    parts += privacy_markdown(runs, labels)
     return "\n".join(parts).rstrip() + "\n"
+
+
+PRIVACY_HEADER = [
+    "run",
+    "ε",
+    "δ",
+    "clipping norm C",
+    "noise multiplier σ",
+    "sample rate q",
+    "rounds",
+    "noise",
+]
+ACCOUNTANT = "Opacus RDP accountant (client level: one step per aggregation round)"
+
+
+def privacy_rows(runs: Sequence[RunSummary], labels: Sequence[str]) -> list[list[str]]:
+    """One row per run with DP on: the privacy spent after its last aggregation, else its settings."""
+    rows = []
+    for run, label in zip(runs, labels, strict=True):
+        if not run.dp_enabled:
+            continue
+        spent = run.privacy
+        if spent is None:  # no aggregation recorded yet (killed early): the configured settings
+            sigma = config_value(run.config, "privacy.noise_multiplier", 0.0)
+            rows.append(
+                [
+                    label,
+                    MISSING,
+                    _setting(run, "privacy.delta"),
+                    _setting(run, "privacy.clip_norm"),
+                    str(sigma),
+                    MISSING,
+                    "0",
+                    MISSING,
+                ]
+            )
+            continue
+        eps = "∞ (no noise: no privacy guarantee)" if spent.epsilon is None else _fmt(spent.epsilon)
+        rows.append(
+            [
+                label,
+                eps,
+                f"{spent.delta:g}",
+                MISSING if spent.clip_norm is None else f"{spent.clip_norm:g}",
+                f"{spent.noise_multiplier:g}",
+                f"{spent.sample_rate:.3g}",
+                str(spent.round),
+                spent.noise,
+            ]
+        )
+    return rows
+
+
+def privacy_markdown(runs: Sequence[RunSummary], labels: Sequence[str]) -> list[str]:
+    """The differential-privacy section: present whenever a run had client-level DP on."""
+    rows = privacy_rows(runs, labels)
+    if not rows:
+        return []
+    return [
+        "## Differential privacy",
+        "",
+        "Client-level DP (DP-FedAvg): each client's update clipped to L2 norm ≤ C, Gaussian noise of "
+        "std σ·C on the sum. ε is the privacy spent at δ after the rounds shown, computed by the "
+        f"{ACCOUNTANT} with sample rate q (clients asked per round / clients). Only adapter updates are "
+        "covered: trust evidence (peer perplexities, public-set predictions) is not noised.",
+        "",
+        _md_table(PRIVACY_HEADER, rows, align_right_from=1),
+        "",
+    ]
 
 
 def _final_eval_round(run: RunSummary) -> str:

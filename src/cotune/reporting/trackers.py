@@ -5,9 +5,10 @@ A record becomes scalars tagged `<kind>[/<model|split|phase>]/<field>[/<client>]
 `privacy/epsilon`), and a trust matrix also becomes a grey-scale heatmap image (`trust/matrix`). All
 of them are offline by default, under the run directory: TensorBoard event files in `tensorboard/`, an
 MLflow file store in `mlruns/` (unless MLFLOW_TRACKING_URI names another), W&B in offline mode in
-`wandb/` (unless WANDB_MODE says otherwise). Each is an optional extra (`pip install
-'cotune[trackers]'`); a missing one is refused before any work starts. Only numbers leave the run:
-metric values, and the resolved config as MLflow parameters / W&B config.
+`wandb/` (unless WANDB_MODE says otherwise). TensorBoard and MLflow are the `trackers` extra (`make
+setup` installs it), W&B is `pip install wandb`; a missing one is refused before any work starts.
+MLflow's usage telemetry is turned off (MLFLOW_DISABLE_TELEMETRY) unless the user set it. Only
+numbers leave the run: metric values, and the resolved config as MLflow parameters / W&B config.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def check_trackers(names: Sequence[str]) -> None:
     if missing:
         which = "it" if len(missing) == 1 else "them"
         raise TrackerError(
-            f"run.loggers {missing}: not installed; install the extra (pip install 'cotune[trackers]' for "
-            f"tensorboard and mlflow, pip install wandb for wandb) or remove {which}"
+            f"run.loggers {missing}: not installed; install them (tensorboard, mlflow: the trackers extra, "
+            f"which make setup installs, or pip install -e '.[trackers]' in the cotune checkout; wandb: "
+            f"pip install wandb) or remove {which}"
         )
 
 
@@ -94,6 +96,7 @@ class TensorBoard:
 
 class MLflow:
     def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports, no id file under ~
         import mlflow
 
         self.mlflow = mlflow

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from cotune.algorithms.fedcollm import plan_of
+from cotune.caches import confine_caches
 from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
 from cotune.data.windows import FederatedData
@@ -72,7 +73,10 @@ def run_experiment(
     """
     console = console or Console(stderr=True)
     run_dir = run_dir or default_run_dir(cfg)
+    confine_caches(run_dir)  # before matplotlib, MLflow or a torch compile cache is first used
     check_trackers(cfg.run.loggers)  # before anything is created
+    if cfg.privacy.no_guarantee:
+        console.print(f"warning: {cfg.privacy.no_guarantee}", highlight=False, markup=False)
     if backend in FLOWER_BACKENDS:
         require_flwr()  # before anything is created
         from cotune.runtime.flower.deploy import check_flower_config
@@ -251,6 +255,7 @@ def resume_experiment(
     """
     console = console or Console(stderr=True)
     cfg = resume_config(run_dir, overrides)
+    confine_caches(run_dir)
     check_trackers(cfg.run.loggers)
     on_flower = is_flower_run(run_dir)
     if not on_flower and any(flower.get(k) is not None for k in ("superlink", "root_certificates")):

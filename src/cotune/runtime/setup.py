@@ -26,6 +26,7 @@ from cotune.data.windows import ClientData, FederatedData, federated_data
 from cotune.models.compat import check_same_tokenizer
 from cotune.models.loader import load_base_model, resolve_device, resolve_dtype
 from cotune.models.lora import AdapterPool
+from cotune.reporting.text import printable
 from cotune.runtime import guard
 from cotune.runtime.client import ClientWork
 from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER, Server
@@ -72,9 +73,11 @@ def load_windows(
     with console.status("building client datasets"):
         data = federated_data(cfg.data, cfg.federation.clients, tokenizer, cfg.run.seed)
     for i, c in enumerate(data.clients):
-        labels = ", ".join(f"{k}:{v}" for k, v in sorted(c.label_counts.items()))
+        labels = ", ".join(f"{printable(k)}:{v}" for k, v in sorted(c.label_counts.items()))  # owners' names
         test = "" if c.test is None else f" / {len(c.test)} test"
-        console.print(f"  client {i}: {len(c.train)} train / {len(c.val)} val{test} windows  ({labels})")
+        console.print(
+            f"  client {i}: {len(c.train)} train / {len(c.val)} val{test} windows  ({labels})", markup=False
+        )
     console.print(f"  public reference set: {len(data.public)} windows of {cfg.data.seq_len} tokens")
     return data
 
