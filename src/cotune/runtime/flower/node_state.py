@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from cotune.reporting.files import replace_atomically
 from cotune.state import AdapterState
 
 STATE_ENV = "COTUNE_NODE_STATE"
@@ -67,11 +68,7 @@ class NodeStateStore:
 
     def write(self, path: Path, content: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".tmp-{os.getpid()}-{path.name}"
-        torch.save(content, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: torch.save(content, tmp))
 
     @property
     def base_path(self) -> Path:
