@@ -313,7 +313,7 @@ class FedCoLLMLoop:
                 secure_weights=secure,
             )
         for k, up in sorted(replies.ok.items()):
-            check_trained(self.cfg, r, k, float(up.metrics["loss"]), up.adapter)
+            check_trained(self.cfg, r, k, float(up.metrics["loss"]), up.adapter, sent[k])
         for k, up in list(replies.ok.items()):
             try:
                 self.check(up.adapter)

@@ -169,7 +169,7 @@ class PersonalizedLoop:
         self.members.note_failures(r, "train", replies)
         losses = []
         for i, up in sorted(replies.ok.items()):
-            check_trained(self.cfg, r, i, float(up.metrics["loss"]), up.adapter)
+            check_trained(self.cfg, r, i, float(up.metrics["loss"]), up.adapter, round_start[i])
         for i, up in sorted(replies.ok.items()):
             self.received[i] += state_bytes(up.adapter)
             self.adapters[i] = up.adapter
