@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -130,9 +131,10 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     start = time.perf_counter()
     logger.info("converting %s to a safetensors cache (one-off, dequantization is slow)", gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=str(gguf), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=str(gguf), dtype=torch.float32, local_files_only=True
-    )
+    with no_loading_bars():
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=str(gguf), dtype=torch.float32, local_files_only=True
+        )
     _ensure_pad(tokenizer)
     # The weights are already dequantized; without this save_pretrained refuses or re-quantizes.
     model.hf_quantizer = None  # type: ignore[assignment]  # transformers annotates no None
@@ -169,11 +171,25 @@ def _load_gguf(
     return model, tokenizer, f"{gguf} via cache {cached}"
 
 
+@contextlib.contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """transformers' own progress bars (loading weights, dequantizing) off while a model loads: cotune
+    shows its own status, and tqdm's carriage-return bars are noise in a piped log."""
+    was_off = transformers.utils.logging.is_progress_bar_enabled() is False
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_off:
+            transformers.utils.logging.enable_progress_bar()
+
+
 def _load_pretrained(
     source: str | Path, dtype: torch.dtype, *, local_files_only: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+    with no_loading_bars():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
     return model, tokenizer
 
 

@@ -26,6 +26,7 @@ from cotune.algorithms.fedcollm import check_payload, fedavg_weights, plan_of
 from cotune.config.schema import ExperimentConfig
 from cotune.data.task_data import TaskData
 from cotune.evaluation.multiple_choice import MCExample, MCResult, evaluate_multiple_choice
+from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import AdapterPool
 from cotune.records import (
     CommRecord,
@@ -39,7 +40,7 @@ from cotune.records import (
 from cotune.reporting.progress import Activity
 from cotune.runtime.claims import checked_sizes
 from cotune.runtime.membership import Membership
-from cotune.runtime.pipeline import AggregationPipeline
+from cotune.runtime.pipeline import AggregationPipeline, check_trained
 from cotune.runtime.port import Clients
 from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
 from cotune.state import AdapterState, copied, state_bytes
@@ -311,6 +312,8 @@ class FedCoLLMLoop:
                 lambda k, loss: advance(note=f"{client_name(k)} loss {loss:.3f}"),
                 secure_weights=secure,
             )
+        for k, up in sorted(replies.ok.items()):
+            check_trained(self.cfg, r, k, float(up.metrics["loss"]), up.adapter, sent[k])
         for k, up in list(replies.ok.items()):
             try:
                 self.check(up.adapter)
@@ -500,8 +503,12 @@ class FedCoLLMLoop:
         self.files.checkpoint(r, writers, state)
 
     def restore(self) -> int:
-        r, path, state = self.files.resume()
         s = self.server
+        slm = AdapterSpec.of(s.slm.view(SERVER))
+        expected = {client_name(k): slm for k in range(self.n)} | {SERVER: slm}
+        if s.llm is not None:
+            expected[LLM_ADAPTER] = AdapterSpec.of(s.llm.view(LLM_ADAPTER))
+        r, path, state = self.files.resume(expected)
         device = s.theta.device
         for k in range(self.n):
             self.client_adapters[k] = {

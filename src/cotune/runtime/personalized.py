@@ -23,12 +23,13 @@ from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice, resize_ran
 from cotune.algorithms.trust import PredictionDistance
 from cotune.config.names import MERGING_STRATEGIES
 from cotune.config.schema import ExperimentConfig
+from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import wide_initialisation
 from cotune.records import CommRecord, EvalRecord, RoundRecord, RunEvent, TrainRecord, TrustRecord
 from cotune.reporting.progress import Activity
 from cotune.runtime import guard
 from cotune.runtime.membership import Membership
-from cotune.runtime.pipeline import AggregationPipeline
+from cotune.runtime.pipeline import AggregationPipeline, check_trained
 from cotune.runtime.port import TEST_PREFIX, Clients, Prediction
 from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
 from cotune.state import AdapterState, copied, state_bytes
@@ -167,6 +168,8 @@ class PersonalizedLoop:
         replies = self.clients.train(r, self.send(self.members.active()), self.steps_in_round(r), on_step)
         self.members.note_failures(r, "train", replies)
         losses = []
+        for i, up in sorted(replies.ok.items()):
+            check_trained(self.cfg, r, i, float(up.metrics["loss"]), up.adapter, round_start[i])
         for i, up in sorted(replies.ok.items()):
             self.received[i] += state_bytes(up.adapter)
             self.adapters[i] = up.adapter
@@ -333,7 +336,8 @@ class PersonalizedLoop:
         return adapter if self.base is None else flora_stack([self.base, adapter])
 
     def restore(self) -> int:
-        r, path, state = self.files.resume()
+        spec = AdapterSpec.of(self.adapters[0])  # before the restore: the pool's own initialisation
+        r, path, state = self.files.resume({client_name(i): spec for i in range(self.n)})
         device = self.adapters[0][next(iter(self.adapters[0]))].device
         saved = [
             {k: v.to(device) for k, v in load_adapter(path / client_name(i)).items()} for i in range(self.n)

@@ -30,7 +30,21 @@ from cotune.config.schema import ExperimentConfig
 from cotune.records import FaultRecord, PrivacyClip, PrivacySpent
 from cotune.runtime import guard
 from cotune.runtime.guard import Log
+from cotune.runtime.rundir import client_name
 from cotune.state import AdapterState
+from cotune.training.divergence import check_training
+
+
+def check_trained(
+    cfg: ExperimentConfig, round_: int, client: int, loss: float, upload: AdapterState, sent: AdapterState
+) -> None:
+    """Stop the run when client `client`'s local training in `round_` from `sent` to `upload` diverged
+    (`training.divergence`: a non-finite loss or adapter, an exploded update). A simulated attacker's
+    upload is what the screening above is for, so only its (honest) loss counts."""
+    adapter = {} if guard.is_attacker(cfg, client, round_) else upload
+    scale = cfg.lora.alpha / cfg.lora.r  # one scale at every rank (models.lora.lora_config)
+    check_training(client_name(client), round_, loss, adapter, sent, scale, cfg.train.lr)
+
 
 # evidence(accepted, adapters) -> (the members it could be gathered from, evidence about them)
 Evidence = Callable[[list[int], list[AdapterState]], tuple[list[int], TrustEvidence]]

@@ -21,6 +21,7 @@ from cotune.config.loader import load_config
 from cotune.config.schema import ExperimentConfig
 from cotune.data.tasks import load_task_file
 from cotune.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
+from cotune.models.adapter_check import AdapterSpec, check_adapter
 from cotune.models.lora import AdapterPool
 from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER
 from cotune.runtime.rundir import ResumeError, client_name, load_adapter, newest_intact
@@ -76,9 +77,11 @@ def open_tuned(
     model_cfg, lora = (
         (cfg.llm.model, cfg.llm.lora) if name == LLM_ADAPTER and cfg.llm else (cfg.model, cfg.lora)
     )
+    state, file = load_adapter(adapter_dir), adapter_dir / "adapter_model.safetensors"
+    check_adapter(file, state)  # what needs no model, before it loads
     base, tokenizer, device = load_model(cfg, model_cfg, console)
-    state = load_adapter(adapter_dir)
     pool = AdapterPool(base, lora, [name], [rank_of(state)])  # clients may differ in rank (lora.ranks)
+    check_adapter(file, state, AdapterSpec.of(pool.view(name)))
     pool.load_state(name, {k: v.to(device) for k, v in state.items()})
     pool.activate(name)
     pool.model.eval()

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from cotune.config.loader import NO_DEFAULT, dump_config, load_config, setting_default
 from cotune.config.schema import ExperimentConfig
+from cotune.models.adapter_check import AdapterSpec, adapter_problem
 from cotune.records import Record, RunEvent
 from cotune.reporting.metrics import append_metrics, read_metrics
 from cotune.reporting.trackers import Trackers
@@ -209,11 +210,16 @@ def is_flower_run(run_dir: Path) -> bool:
     return found is not None and found[2].get("backend") == "flower"
 
 
-def newest_intact(run_dir: Path) -> tuple[int, Path, dict[str, Any], list[str]] | None:
+def newest_intact(
+    run_dir: Path, expected: Mapping[str, AdapterSpec] | None = None
+) -> tuple[int, Path, dict[str, Any], list[str]] | None:
     """The newest checkpoint whose state and adapters all load: (round, path, state, what was skipped).
+    With `expected` (adapter name -> the run's spec of it), each of those adapters must also be there
+    and be one of this run's (`adapter_problem`: keys, shapes, dtype, finite weights).
 
     Checkpoints are renamed into place complete, so a damaged one was damaged afterwards (a disk
-    fault, a truncated copy); the rounds after the intact one are simply run again.
+    fault, a truncated copy, a foreign or diverged adapter put there); the rounds after the intact one
+    are simply run again.
     """
     skipped = []
     for r, path in reversed(list_checkpoints(run_dir)):
@@ -221,11 +227,28 @@ def newest_intact(run_dir: Path) -> tuple[int, Path, dict[str, Any], list[str]] 
             state = load_state(path / STATE_FILE)
             for adapter in sorted(path.glob("*/adapter_model.safetensors")):
                 load_file(str(adapter))
+            problem = adapters_problem(path, expected or {})
         except Exception as exc:  # any damage: unpickling, safetensors, truncation, permissions
             skipped.append(f"{path.name} ({type(exc).__name__})")
             continue
+        if problem is not None:
+            skipped.append(f"{path.name} ({problem})")
+            continue
         return r, path, state, skipped
     return None if not skipped else (-1, run_dir, {}, skipped)
+
+
+def adapters_problem(path: Path, expected: Mapping[str, AdapterSpec]) -> str | None:
+    """What is wrong with the first of checkpoint `path`'s `expected` adapters that is missing or not one
+    of this run's (its name and the problem), or None."""
+    for name, spec in expected.items():
+        file = path / name / "adapter_model.safetensors"
+        if not file.is_file():
+            return f"{name}: no adapter file"
+        problem = adapter_problem(load_file(str(file)), spec)
+        if problem is not None:
+            return f"{name}: {problem}"
+    return None
 
 
 # ---- what a running loop writes -------------------------------------------------------------------------
@@ -272,10 +295,12 @@ class RunFiles:
 
         write_round(self.run_dir, round_, contents)
 
-    def open_latest(self, warn: bool = True) -> tuple[int, Path, dict[str, Any]]:
+    def open_latest(
+        self, warn: bool = True, expected: Mapping[str, AdapterSpec] | None = None
+    ) -> tuple[int, Path, dict[str, Any]]:
         """The newest intact checkpoint and its state (damaged newer ones are skipped, with a warning),
-        refused if another config wrote it."""
-        found = newest_intact(self.run_dir)
+        refused if another config wrote it; `expected`: the adapters it must hold (`newest_intact`)."""
+        found = newest_intact(self.run_dir, expected)
         if found is None:
             raise ResumeError(f"{self.run_dir} has no completed checkpoint to resume from")
         r, path, state, skipped = found
@@ -302,9 +327,10 @@ class RunFiles:
             return None
         return written_fingerprint(self.cfg, written) if isinstance(written, dict) else None
 
-    def resume(self) -> tuple[int, Path, dict[str, Any]]:
-        """Open the latest checkpoint, restore the RNG, drop the metrics of the unfinished round."""
-        r, path, state = self.open_latest()
+    def resume(self, expected: Mapping[str, AdapterSpec]) -> tuple[int, Path, dict[str, Any]]:
+        """Open the latest checkpoint that holds every `expected` adapter as this run's, restore the RNG,
+        drop the metrics of the unfinished round."""
+        r, path, state = self.open_latest(expected=expected)
         restore_rng(state["rng"])
         self.truncate_metrics(r)
         self.log(RunEvent(event="resume", after_round=r))
