@@ -131,6 +131,28 @@ def test_a_learning_rate_that_explodes_the_update_stops_the_run_keeping_round_0(
     assert [r for r, _ in list_checkpoints(tmp_path / "run")] == [0]
 
 
+def test_a_run_that_expects_untrusted_clients_screens_an_exploded_update_instead_of_stopping(
+    capsys, corpus_dir, tmp_path
+):
+    """With robustness.max_update_norm the same exploded updates are rejected by the screening (one
+    faulty client must not stop a federation built to withstand it); with all of them rejected, too few
+    clients are left and the run stops that way (exit 3), not as a divergence."""
+    tree = tiny_tree(corpus_dir, tmp_path, federation={"clients": 2, "rounds": 2, "local_steps": 3})
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    code, text = cotune(
+        capsys, "run", cfg, "train.lr=10", "robustness.max_update_norm=1.0", "--out", tmp_path / "run"
+    )
+    assert "training diverged" not in text
+    assert code == 3, text
+    rejected = [
+        line
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"update_rejected"' in line
+    ]
+    assert rejected
+
+
 def test_loading_a_saved_model_prints_no_progress_bar(capfd, tmp_path):
     tokenizer = byte_tokenizer()
     model = build_tiny_model(ModelConfig(name="tiny").tiny, len(tokenizer))

@@ -39,8 +39,15 @@ def check_trained(
     cfg: ExperimentConfig, round_: int, client: int, loss: float, upload: AdapterState, sent: AdapterState
 ) -> None:
     """Stop the run when client `client`'s local training in `round_` from `sent` to `upload` diverged
-    (`training.divergence`: a non-finite loss or adapter, an exploded update). A simulated attacker's
-    upload is what the screening above is for, so only its (honest) loss counts."""
+    (`training.divergence`: a non-finite loss or adapter, an exploded update).
+
+    A run that declares untrusted clients (`robustness.max_update_norm` or a robust aggregator) screens
+    bad uploads instead (`update_rejected`, and `federation.min_clients` stops it when too few are left):
+    one faulty or malicious client must not stop a federation built to withstand it. Likewise a
+    simulated attacker's upload is what the screening is for, so only its (honest) loss counts."""
+    r = cfg.robustness
+    if r.max_update_norm is not None or r.aggregator != "mean":
+        return
     adapter = {} if guard.is_attacker(cfg, client, round_) else upload
     scale = cfg.lora.alpha / cfg.lora.r  # one scale at every rank (models.lora.lora_config)
     check_training(client_name(client), round_, loss, adapter, sent, scale, cfg.train.lr)
