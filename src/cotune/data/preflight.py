@@ -47,7 +47,7 @@ def data_problems(cfg: ExperimentConfig) -> list[str]:
         if task is None:
             return out
         if task.source is not None and task.source.corpus == "files":
-            out += text_problems("task.source.path", task.source)
+            out += text_problems("task.source.path", task.source, "task.source.text_column")
         named = [("task.path", task.path), ("task.public", task.public), ("task.test", task.test)]
         named += [(f"task.clients[{i}]", p) for i, p in enumerate(task.clients or [])]
         for key, path in named:
@@ -59,7 +59,8 @@ def data_problems(cfg: ExperimentConfig) -> list[str]:
         sources = [(f"data.clients[{i}]", p) for i, p in enumerate(data.clients)]
         sources += [("data.public", data.public)] if data.public is not None else []
         for key, path in sources:
-            out += text_problems(key, SourceConfig(corpus="files", path=path, text_column=data.text_column))
+            source = SourceConfig(corpus="files", path=path, text_column=data.text_column)
+            out += text_problems(key, source, "data.text_column")
         return out
     keyed = (
         [("data.path", s) for s in data.resolved_sources()]
@@ -68,18 +69,21 @@ def data_problems(cfg: ExperimentConfig) -> list[str]:
     )
     for key, src in keyed:
         if src.corpus == "files":
-            out += text_problems(key, src)
+            setting = (
+                "data.sources[].text_column" if key == "data.path" else key[: -len("path")] + "text_column"
+            )
+            out += text_problems(key, src, setting)
     return out
 
 
-def text_problems(key: str, src: SourceConfig) -> list[str]:
+def text_problems(key: str, src: SourceConfig, setting: str) -> list[str]:
     """Problems of a files source (language-model text): its path, folder, tables' and JSONL's text."""
     assert src.path is not None
     root = src.path.expanduser()
     files, problems = path_files(root)
     out = [f"{key}: {p}" for p in problems]
     for f in files:
-        out += [f"{key}: {p}" for p in file_problems(f, src)]
+        out += [f"{key}: {p}" for p in file_problems(f, src, setting)]
     return out
 
 
@@ -96,9 +100,10 @@ def path_files(root: Path) -> tuple[list[Path], list[str]]:
     return scan.files, scan.problems
 
 
-def file_problems(f: Path, src: SourceConfig) -> Iterator[str]:
+def file_problems(f: Path, src: SourceConfig, setting: str) -> Iterator[str]:
+    """Problems of one file of a files source; `setting`: the config key that names its text column."""
     if is_table(f):
-        yield from table_problems(f, [src.text_column], "text_column")
+        yield from table_problems(f, [src.text_column], setting)
     elif f.suffix.lower() == ".jsonl":
         yield from jsonl_problems(f, lambda line, where: jsonl_document(line, where, src.text_column))
     elif f.stat().st_size > MAX_TEXT_BYTES:
