@@ -174,7 +174,7 @@ class DataConfig(Section):
         if self.clients is None:
             if self.public is not None:
                 raise ValueError("data.public is the public set of per-owner data: it needs data.clients")
-            if "text_column" in self.model_fields_set:
+            if self.text_column != "text":
                 raise ValueError(
                     "data.text_column names per-owner data's column: it needs data.clients "
                     "(a source names its own: data.sources[].text_column)"
