@@ -41,6 +41,9 @@ CHUNK_CHARS = 1 << 16  # a longer text is tokenised piece by piece (fast tokeniz
 # grow their memory faster than linearly with the length of one text: a 20 MB line took 4 GB)
 
 
+BATCH_CHARS = 1 << 21
+
+
 def text_chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
     """`text` in pieces of at most `size` characters, each cut just before a space between two words
     (so every piece but the first starts with " word", as BPE pre-tokenisers split it: the tokens are
@@ -70,10 +73,16 @@ def tokenize(docs: Sequence[Document], tokenizer: PreTrainedTokenizerBase) -> li
             pieces.append(piece)
             owner.append(i)
     parts: list[list[torch.Tensor]] = [[] for _ in docs]
-    for start in range(0, len(pieces), 256):
-        batch = tokenizer(pieces[start : start + 256], add_special_tokens=False)["input_ids"]
-        for i, ids in zip(owner[start : start + 256], batch, strict=True):
+    start = 0
+    while start < len(pieces):  # batches of up to 256 pieces and BATCH_CHARS (the tokenizer's output is
+        end, chars = start, 0  # ~50 bytes a token until it becomes int32 ids)
+        while end < len(pieces) and end - start < 256 and (end == start or chars < BATCH_CHARS):
+            chars += len(pieces[end])
+            end += 1
+        batch = tokenizer(pieces[start:end], add_special_tokens=False)["input_ids"]
+        for i, ids in zip(owner[start:end], batch, strict=True):
             parts[i].append(torch.tensor(ids, dtype=torch.int32))
+        start = end
     return [p[0] if len(p) == 1 else torch.cat(p) for p in parts]
 
 
