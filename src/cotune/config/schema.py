@@ -164,12 +164,21 @@ class DataConfig(Section):
     public: Path | None = Field(
         None, description="with data.clients: the public reference files (prediction trust needs them)"
     )
+    text_column: str = Field(
+        "text",
+        description="with data.clients: the column (or .jsonl key) of the owners' and data.public's text",
+    )
 
     @model_validator(mode="after")
     def _owners_bring_their_own(self) -> DataConfig:
         if self.clients is None:
             if self.public is not None:
                 raise ValueError("data.public is the public set of per-owner data: it needs data.clients")
+            if self.text_column != "text":
+                raise ValueError(
+                    "data.text_column names per-owner data's column: it needs data.clients "
+                    "(a source names its own: data.sources[].text_column)"
+                )
             return self
         shared = sorted(k for k in ("sources", "path", "partition") if k in self.model_fields_set)
         if shared:

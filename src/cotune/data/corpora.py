@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cotune.config.schema import SourceConfig
 from cotune.data.errors import DataError
+from cotune.data.files import data_files, read_regular_bytes
 from cotune.data.tables import is_saved_dataset, is_table, load_table, require_columns
 
 
@@ -30,7 +31,7 @@ def read_user_text(path: Path) -> str:
 
     The error names where, never what: the bytes may be private data.
     """
-    data = path.read_bytes()
+    data = read_regular_bytes(path)
     nul = data.find(b"\x00")
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1
@@ -91,27 +92,23 @@ def _python(src: SourceConfig) -> Iterable[Document]:
 
 
 def _files(src: SourceConfig) -> Iterable[Document]:
-    """.txt files are one document each; .jsonl lines are {"text": ..., "label": optional}.
+    """Text files (.txt, .md, .py, ... : `files.TEXT_SUFFIXES`) are one document each; .jsonl lines are
+    {"text": ..., "label": optional}; tables give one document per row.
 
     A directory of sub-directories gives one label per sub-directory (like the BBC layout);
-    otherwise the label is the file's stem.
+    otherwise the label is the file's stem. Only regular files are read (`files.data_files`).
     """
     assert src.path is not None
     root = src.path.expanduser()
-    if not root.exists():
-        raise DataError(f"data path {str(root)!r} does not exist")
     if is_saved_dataset(root):
         yield from table_documents(root, src, root.name)
         return
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in FILE_SUFFIXES)
-    if not files:
-        raise DataError(f"no {', '.join(sorted(FILE_SUFFIXES))} files under {str(root)!r}")
-    for f in files:
+    for f in data_files(root):
         rel = f.relative_to(root) if root.is_dir() else Path(f.name)
         default_label = rel.parts[0] if len(rel.parts) > 1 else f.stem
         if is_table(f):
             yield from table_documents(f, src, default_label)
-        elif f.suffix == ".jsonl":
+        elif f.suffix.lower() == ".jsonl":
             for n, line in enumerate(read_user_text(f).splitlines(), 1):
                 if line.strip():
                     text, label = jsonl_document(line, f"{f}:{n}", src.text_column, src.label_column)
@@ -120,13 +117,10 @@ def _files(src: SourceConfig) -> Iterable[Document]:
             yield Document(read_user_text(f), default_label, str(f))
 
 
-FILE_SUFFIXES = {".txt", ".jsonl", ".parquet", ".csv", ".json", ".arrow"}
-
-
 def table_documents(path: Path, src: SourceConfig, default_label: str) -> Iterable[Document]:
     """One document per row of a table: its `text_column`, labelled by `label_column` where it has one."""
     table = load_table(path)
-    require_columns(table, [src.text_column], path, "document text (source text_column)")
+    require_columns(table, [src.text_column], path, "document text (text_column in the config)")
     has_label = src.label_column in table.column_names
     for n, row in enumerate(table, 1):
         text = row[src.text_column]

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cotune.config.schema import PartitionConfig, SourceConfig, TaskColumns
 from cotune.data.corpora import DataError, Document, load_source, read_user_text
+from cotune.data.files import path_problem
 from cotune.data.partition import partition as label_partition
 from cotune.data.tables import is_table, load_table, require_columns
 from cotune.evaluation.multiple_choice import MCExample, encode_pair
@@ -117,7 +118,7 @@ def topic_task(
 # --- user JSONL -----------------------------------------------------------------------------------
 
 
-def _parse_row(row: Any, where: str) -> TaskExample:
+def parse_task_row(row: Any, where: str) -> TaskExample:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     prompt, choices, answer = row.get("prompt"), row.get("choices"), row.get("answer")
@@ -159,14 +160,14 @@ def load_task_file(path: Path, columns: TaskColumns | None = None) -> list[TaskE
         return load_jsonl_task(path, columns)
     table = load_table(path)
     require_columns(table, [columns.prompt, columns.choices, columns.answer], path, "task")
-    examples = [_parse_row(_renamed(row, columns), f"{path} row {n}") for n, row in enumerate(table, 1)]
+    examples = [parse_task_row(_renamed(row, columns), f"{path} row {n}") for n, row in enumerate(table, 1)]
     if not examples:
         raise DataError(f"task file {str(path)!r} has no examples")
     return examples
 
 
 def _renamed(row: dict[str, Any], columns: TaskColumns) -> dict[str, Any]:
-    """A row's fields under the names `_parse_row` reads; JSON text in the choices column is decoded."""
+    """A row's fields under the names `parse_task_row` reads; JSON text in the choices column is decoded."""
     out = {
         "prompt": row.get(columns.prompt),
         "choices": row.get(columns.choices),
@@ -174,7 +175,7 @@ def _renamed(row: dict[str, Any], columns: TaskColumns) -> dict[str, Any]:
         "label": row.get(columns.label),
     }
     if isinstance(out["choices"], str) and out["choices"].lstrip().startswith("["):
-        with contextlib.suppress(json.JSONDecodeError):  # else left as text: _parse_row refuses it
+        with contextlib.suppress(json.JSONDecodeError):  # else left as text: parse_task_row refuses it
             out["choices"] = json.loads(out["choices"])
     return out
 
@@ -186,23 +187,28 @@ def load_jsonl_task(path: Path, columns: TaskColumns | None = None) -> list[Task
     and other keys are ignored.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"task file {str(path)!r} does not exist")
+    problem = path_problem(path)
+    if problem is not None or path.is_dir():
+        raise DataError(f"task file {problem or f'{path}: a folder, not a .jsonl file or table'}")
     examples = []
     for n, line in enumerate(read_user_text(path).splitlines(), 1):
         if not line.strip():
             continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: invalid JSON ({err.msg})") from None
-        if columns is not None and isinstance(row, dict):
-            row = _renamed(row, columns)
-        examples.append(_parse_row(row, where))
+        examples.append(task_line(line, f"{path}:{n}", columns))
     if not examples:
         raise DataError(f"task file {str(path)!r} has no examples")
     return examples
+
+
+def task_line(line: str, where: str, columns: TaskColumns | None = None) -> TaskExample:
+    """One JSONL line of a task file (its keys renamed by `columns`); errors name `where`, not what."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: invalid JSON ({err.msg})") from None
+    if columns is not None and isinstance(row, dict):
+        row = _renamed(row, columns)
+    return parse_task_row(row, where)
 
 
 def build_task(

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cotune.config.schema import DataConfig, SourceConfig
 from cotune.data.corpora import DataError, Document, load_documents
+from cotune.data.files import owner_name
 from cotune.data.partition import partition
 
 
@@ -36,27 +37,83 @@ class FederatedData:
     mixtures: torch.Tensor  # clients x labels
 
 
-def tokenize(docs: Sequence[Document], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    texts = [d.text for d in docs]
-    ids: list[list[int]] = []
-    for start in range(0, len(texts), 256):
-        ids.extend(tokenizer(texts[start : start + 256], add_special_tokens=False)["input_ids"])
-    return ids
+CHUNK_CHARS = 1 << 16  # a longer text is tokenised piece by piece (fast tokenizers slow down and
+# grow their memory faster than linearly with the length of one text: a 20 MB line took 4 GB)
+
+
+BATCH_CHARS = 1 << 21
+
+
+def text_chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """`text` in pieces of at most `size` characters, each cut just before a space between two words
+    (so every piece but the first starts with " word", as BPE pre-tokenisers split it: the tokens are
+    the whole text's), else before any whitespace, else hard; a text of at most `size` is one piece."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        cut = text.rfind(" ", start + 1, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1 : cut + 2].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:
+            cut = max(text.rfind(ws, start + 1, end) for ws in " \n\t")
+        cut = cut if cut > start else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def tokenize(docs: Sequence[Document], tokenizer: PreTrainedTokenizerBase) -> list[torch.Tensor]:
+    """Each document's token ids (int32, 4 bytes a token); long documents in pieces (`text_chunks`),
+    so memory stays a small multiple of the text's size."""
+    pieces: list[str] = []
+    owner: list[int] = []
+    for i, d in enumerate(docs):
+        for piece in text_chunks(d.text):
+            pieces.append(piece)
+            owner.append(i)
+    parts: list[list[torch.Tensor]] = [[] for _ in docs]
+    start = 0
+    while start < len(pieces):  # batches of up to 256 pieces and BATCH_CHARS (the tokenizer's output is
+        end, chars = start, 0  # ~50 bytes a token until it becomes int32 ids)
+        while end < len(pieces) and end - start < 256 and (end == start or chars < BATCH_CHARS):
+            chars += len(pieces[end])
+            end += 1
+        batch = tokenizer(pieces[start:end], add_special_tokens=False)["input_ids"]
+        for i, ids in zip(owner[start:end], batch, strict=True):
+            parts[i].append(torch.tensor(ids, dtype=torch.int32))
+        start = end
+    return [p[0] if len(p) == 1 else torch.cat(p) for p in parts]
+
+
+def joined(
+    token_lists: Sequence[Sequence[int] | torch.Tensor], eos_id: int, need: int | None
+) -> torch.Tensor:
+    """The documents' ids back to back, each followed by EOS (int32), stopping once `need` are in."""
+    eos = torch.tensor([eos_id], dtype=torch.int32)
+    pieces: list[torch.Tensor] = []
+    total = 0
+    for ids in token_lists:
+        pieces += [torch.as_tensor(ids, dtype=torch.int32), eos]
+        total += len(ids) + 1
+        if need is not None and total >= need:
+            break
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
+
+
+def cut_windows(stream: torch.Tensor, seq_len: int, limit: int | None) -> torch.Tensor:
+    """Non-overlapping seq_len windows from the head of `stream` (at most `limit`), as int64 ids."""
+    n = len(stream) // seq_len if limit is None else min(limit, len(stream) // seq_len)
+    return stream[: n * seq_len].to(torch.long).view(n, seq_len)
 
 
 def pack_windows(
-    token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int, limit: int | None
+    token_lists: Sequence[Sequence[int] | torch.Tensor], seq_len: int, eos_id: int, limit: int | None
 ) -> torch.Tensor:
     """Concatenate documents (EOS-separated) and cut into non-overlapping seq_len windows."""
-    stream: list[int] = []
-    need = None if limit is None else limit * seq_len
-    for ids in token_lists:
-        stream.extend(ids)
-        stream.append(eos_id)
-        if need is not None and len(stream) >= need:
-            break
-    n = len(stream) // seq_len if limit is None else min(limit, len(stream) // seq_len)
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return cut_windows(
+        joined(token_lists, eos_id, None if limit is None else limit * seq_len), seq_len, limit
+    )
 
 
 def _take_public(order: list[int], lengths: list[int], tokens_needed: int) -> tuple[list[int], list[int]]:
@@ -122,7 +179,7 @@ def build_federated_data(
 
 
 def client_windows(
-    docs: Sequence[Document], token_lists: Sequence[Sequence[int]], cfg: DataConfig, eos: int, client: int
+    docs: Sequence[Document], token_lists: Sequence[torch.Tensor], cfg: DataConfig, eos: int, client: int
 ) -> ClientData:
     """One client's train / validation / test windows from its (shuffled) documents, split by document."""
     train_docs, val_docs, test_docs = split_documents(list(range(len(docs))), cfg, client)
@@ -160,23 +217,19 @@ def checked_client_data(
 
 
 def positional_windows(
-    docs: Sequence[Document], token_lists: Sequence[Sequence[int]], cfg: DataConfig, eos: int, client: int
+    docs: Sequence[Document], token_lists: Sequence[torch.Tensor], cfg: DataConfig, eos: int, client: int
 ) -> ClientData:
     """An owner with too few documents to split by document (one long file): its text as one stream,
     split by position — training the head, then validation, then the test tail — so no window spans two
     splits."""
-    stream: list[int] = []
-    for ids in token_lists:
-        stream.extend(ids)
-        stream.append(eos)
+    stream = joined(token_lists, eos, None)
     n = len(stream)
     n_test = round(cfg.test_fraction * n)
     n_val = round(cfg.val_fraction * n)
     cut_val, cut_test = n - n_val - n_test, n - n_test
 
-    def windows(part: list[int], limit: int | None) -> torch.Tensor:
-        k = len(part) // cfg.seq_len if limit is None else min(limit, len(part) // cfg.seq_len)
-        return torch.tensor(part[: k * cfg.seq_len], dtype=torch.long).view(k, cfg.seq_len)
+    def windows(part: torch.Tensor, limit: int | None) -> torch.Tensor:
+        return cut_windows(part, cfg.seq_len, limit)
 
     train = windows(stream[:cut_val], cfg.max_train_windows)
     val = windows(stream[cut_val:cut_test], cfg.max_val_windows)
@@ -184,14 +237,18 @@ def positional_windows(
     return checked_client_data(docs, train, val, test, cfg, client, n, " by position")
 
 
+def owner_source(path: Path | str, cfg: DataConfig, label: str | None = None) -> SourceConfig:
+    """The files source of one owner's path (or data.public): tables' text in data.text_column."""
+    return SourceConfig(corpus="files", path=Path(path), label=label, text_column=cfg.text_column)
+
+
 def owner_data(
     path: Path, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, client: int
 ) -> ClientData:
     """A data owner's windows from its own files (data.clients, or a Flower node's data-path): split by
     document when it has enough documents, else by position within its text."""
-    label = Path(path).stem  # the owner's name: its directory, or its file without the extension
     try:
-        docs = load_documents([SourceConfig(corpus="files", path=Path(path), label=label)])
+        docs = load_documents([owner_source(path, cfg, owner_name(path))])
     except DataError as exc:
         raise DataError(f"client {client}: {exc}") from exc
     if not docs:
@@ -218,11 +275,11 @@ def build_owned_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
     assert eos is not None
     public = torch.zeros((0, cfg.seq_len), dtype=torch.long)
     if cfg.public is not None and cfg.public_windows:
-        docs = load_documents([SourceConfig(corpus="files", path=cfg.public)])
+        docs = load_documents([owner_source(cfg.public, cfg)])
         public = pack_windows(tokenize(docs, tokenizer), cfg.seq_len, eos, cfg.public_windows)
         if len(public) == 0:
             raise DataError(f"data.public has too little text for one public window of {cfg.seq_len} tokens")
-    labels = [Path(p).stem for p in cfg.clients]
+    labels = [owner_name(p) for p in cfg.clients]
     return FederatedData(clients=clients, public=public, label_names=labels, mixtures=torch.eye(len(clients)))
 
 

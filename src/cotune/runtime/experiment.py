@@ -20,6 +20,7 @@ from cotune.algorithms.fedcollm import plan_of
 from cotune.caches import confine_caches
 from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
+from cotune.data.preflight import check_data
 from cotune.data.windows import FederatedData
 from cotune.records import RunEvent, parse_record
 from cotune.reporting.metrics import METRICS_FILE, read_metrics
@@ -77,6 +78,8 @@ def run_experiment(
     check_trackers(cfg.run.loggers)  # before anything is created
     if cfg.privacy.no_guarantee:
         console.print(f"warning: {cfg.privacy.no_guarantee}", highlight=False, markup=False)
+    if flower.get("superlink") is None:  # a remote federation's data lies on its SuperNodes
+        check_data(cfg)  # every data problem at once, before any model loads
     if backend in FLOWER_BACKENDS:
         require_flwr()  # before anything is created
         from cotune.runtime.flower.deploy import check_flower_config
@@ -278,6 +281,8 @@ def resume_experiment(
         prepare_resumed_dir(d, v, status)
         require_flwr()
         run_federated(backend, [(d.resolve(), v)], console, resume=status == "resumable", **flower)
+    if local:
+        check_data(cfg)  # every data problem at once, before any model loads
     with ExitStack() as held:
         for d, v, status in local:
             held.enter_context(run_lock(d))
