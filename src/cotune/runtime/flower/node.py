@@ -21,11 +21,19 @@ import yaml
 
 from cotune.algorithms.fedcollm import check_payload
 from cotune.config.loader import config_from_dict
-from cotune.config.schema import ExperimentConfig, SourceConfig
+from cotune.config.schema import ExperimentConfig
 from cotune.data.corpora import load_documents
 from cotune.data.task_data import EncodedSet, build_task_data, encode
 from cotune.data.tasks import build_task
-from cotune.data.windows import ClientData, FederatedData, federated_data, owner_data, pack_windows, tokenize
+from cotune.data.windows import (
+    ClientData,
+    FederatedData,
+    federated_data,
+    owner_data,
+    owner_source,
+    pack_windows,
+    tokenize,
+)
 from cotune.runtime.client import ClientWork
 from cotune.runtime.flower.node_state import NodeStateStore, default_state_dir
 from cotune.runtime.setup import (
@@ -164,7 +172,7 @@ class Node:
         """The public reference set (prediction trust); the server checks it is the same on every node."""
         dcfg = self.cfg.data
         if self.settings.public_path:
-            docs = load_documents([SourceConfig(corpus="files", path=Path(self.settings.public_path))])
+            docs = load_documents([owner_source(self.settings.public_path, dcfg)])
             eos = self.tokenizer.eos_token_id
             return pack_windows(tokenize(docs, self.tokenizer), dcfg.seq_len, eos, dcfg.public_windows)
         if self.settings.data_path:
