@@ -239,7 +239,7 @@ def _tuned(run_dir: Path, client: int | None, server: bool, llm: bool, check: An
     try:
         adapter = find_adapter(run_dir, client, server, llm)
         if check is not None:
-            check()
+            check(adapter)
         return load_tuned(adapter, err)
     except (AssetError, ResumeError) as e:  # RuntimeErrors that are ordinary conditions
         _fail(str(e))
@@ -258,7 +258,7 @@ def generate(
     from cotune.runtime.results import check_prompt
     from cotune.runtime.results import generate as run_generate
 
-    tuned = _tuned(run_dir, client, server, llm, lambda: check_prompt(prompt))
+    tuned = _tuned(run_dir, client, server, llm, lambda _: check_prompt(prompt))
     out.print(run_generate(tuned, prompt, max_new_tokens), markup=False, highlight=False)
 
 
@@ -289,7 +289,7 @@ def evaluate(
 
     examples: list[Any] = []
 
-    def read_task() -> None:  # the whole file is checked before the model loads
+    def read_task(_: Any) -> None:  # the whole file is checked before the model loads
         examples.extend(load_task_file(task, task_columns(columns)))
 
     tuned = _tuned(run_dir, client, server, llm, read_task)
@@ -308,10 +308,15 @@ def export(
     merge: Annotated[bool, typer.Option("--merge", help="a standalone model, the adapter merged in")] = False,
 ) -> None:
     """Export one of the run's adapters (PEFT format), or a merged model directory (--merge)."""
-    from cotune.runtime.results import check_export_target
+    from cotune.runtime.results import check_export_target, exported_config
     from cotune.runtime.results import export as run_export
 
-    tuned = _tuned(run_dir, client, server, llm, lambda: check_export_target(out_dir))
+    def check(adapter: Any) -> None:
+        check_export_target(out_dir)
+        if not merge:
+            exported_config(adapter)
+
+    tuned = _tuned(run_dir, client, server, llm, check)
     path, skipped = run_export(tuned, out_dir, merge)
     if skipped:
         err.print(

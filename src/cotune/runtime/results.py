@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -92,6 +93,14 @@ def run_config(run_dir: Path) -> ExperimentConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not a run directory (no config.yaml): {give}")
+    try:
+        yaml.safe_load(path.read_bytes())  # its parser's message would quote the file: say only where
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise RunDirError(
+            f"{path}{where} is not valid YAML, so {run_dir} is not a cotune run directory"
+        ) from None
     try:
         return load_config(path)
     except ConfigError as e:
@@ -271,9 +280,10 @@ def base_model_id(name: str) -> str:
     return asset.hub_id if asset is not None and asset.hub_id else name
 
 
-def exported_config(tuned: TunedModel) -> dict[str, Any]:
-    """The checkpoint's adapter_config.json, checked against the run's adapter spec, naming the base model."""
-    path = tuned.adapter_dir / "adapter_config.json"
+def exported_config(adapter: Adapter) -> dict[str, Any]:
+    """The checkpoint's adapter_config.json, checked against the run's adapter spec and the weights' rank
+    (cheap: called before the model loads too), naming the base model so that others can load it."""
+    path = adapter.adapter_dir / "adapter_config.json"
     damaged = "the checkpoint is damaged: export another round or rerun the run"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -283,8 +293,8 @@ def exported_config(tuned: TunedModel) -> dict[str, Any]:
         raise RunDirError(f"{path} cannot be read ({e.strerror or type(e).__name__}): {damaged}") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise RunDirError(f"{path} is not valid JSON: {damaged}") from None
-    model_cfg, lora = adapter_spec(tuned.cfg, tuned.adapter_dir.name)
-    rank = tuned.pool.ranks[tuned.adapter_dir.name]
+    model_cfg, lora = adapter_spec(adapter.cfg, adapter.name)
+    rank = rank_of(load_adapter(adapter.adapter_dir))
     expected = lora_config(lora, rank)
     if (
         not isinstance(config, dict)
@@ -342,8 +352,8 @@ def export(tuned: TunedModel, out: Path, merge: bool = False) -> tuple[Path, lis
     existing directory that has content. Returns the directory and the names of the checkpoint files
     left out: only the files above are exported, never one cotune does not write (e.g. a pickle)."""
     check_export_target(out)
-    out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     if merge:
+        out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         merged = tuned.pool.model.merge_and_unload()
         progress = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # its bar would land in piped logs
@@ -355,8 +365,9 @@ def export(tuned: TunedModel, out: Path, merge: bool = False) -> tuple[Path, lis
                 hf_logging.enable_progress_bar()
         normal_modes(out)
         return out, []
-    config = exported_config(tuned)
+    config = exported_config(Adapter(tuned.cfg, tuned.adapter_dir.name, tuned.adapter_dir))
     skipped = sorted(p.name for p in tuned.adapter_dir.iterdir() if p.name not in ADAPTER_FILES)
+    out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     write_new(
         out / "adapter_model.safetensors", (tuned.adapter_dir / "adapter_model.safetensors").read_bytes()
     )
