@@ -229,3 +229,16 @@ def test_export_refuses_an_output_with_content_before_the_model_loads(capsys, ru
     target = tmp_path / "taken"
     target.write_text(CANARY)
     refused(*cotune(capsys, "export", run_dir, target, "--client", "0"), "exists and is not empty")
+
+
+def test_a_model_asset_that_cannot_be_had_is_an_ordinary_error(capsys, monkeypatch, run_dir, tmp_path):
+    """AssetError is a RuntimeError: these commands reported it as a bug (exit 1)."""
+    from cotune.assets import AssetError
+
+    def offline(*args, **kwargs):
+        raise AssetError("asset smollm2-135m-instruct is not cached and PyPI cannot be reached: fetch it")
+
+    monkeypatch.setattr(results, "load_model", offline)
+    for args in commands(run_dir, tmp_path):
+        code, text = cotune(capsys, *args)
+        assert code == 2 and text.startswith("error: asset") and "internal error" not in text, text
