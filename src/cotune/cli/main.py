@@ -228,11 +228,21 @@ ServerOpt = Annotated[bool, typer.Option("--server", help="FedCoLLM: the server'
 LlmOpt = Annotated[bool, typer.Option("--llm", help="FedCoLLM: the server LLM's adapter (omega)")]
 
 
-def _tuned(run_dir: Path, client: int | None, server: bool, llm: bool) -> Any:
-    from cotune.runtime.results import open_tuned
+def _tuned(run_dir: Path, client: int | None, server: bool, llm: bool, check: Any = None) -> Any:
+    """The run's named adapter on its base model; `check` (the command's own input checks) runs after the
+    run directory is found and before the model loads, so every ordinary mistake costs no model load."""
+    from cotune.assets import AssetError
+    from cotune.runtime.results import find_adapter, load_tuned
+    from cotune.runtime.rundir import ResumeError
 
     session.run_dir = None
-    return open_tuned(run_dir, client, server, llm, err)
+    try:
+        adapter = find_adapter(run_dir, client, server, llm)
+        if check is not None:
+            check(adapter)
+        return load_tuned(adapter, err)
+    except (AssetError, ResumeError) as e:  # RuntimeErrors that are ordinary conditions
+        _fail(str(e))
 
 
 @app.command()
@@ -245,9 +255,11 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
 ) -> None:
     """Generate (greedy) with the base model and one of the run's adapters."""
+    from cotune.runtime.results import check_prompt
     from cotune.runtime.results import generate as run_generate
 
-    out.print(run_generate(_tuned(run_dir, client, server, llm), prompt, max_new_tokens), markup=False)
+    tuned = _tuned(run_dir, client, server, llm, lambda _: check_prompt(prompt))
+    out.print(run_generate(tuned, prompt, max_new_tokens), markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -259,17 +271,31 @@ def evaluate(
             "--task", help='JSONL {"prompt", "choices", "answer"} per line, or a parquet/CSV/JSON/arrow table'
         ),
     ],
+    columns: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--columns",
+            help="where the task keeps its fields, as in task.columns: FIELD=COLUMN pairs, e.g. "
+            "--columns prompt=question,choices=options,answer=gold (fields: prompt, choices, answer, label)",
+        ),
+    ] = None,
     client: ClientOpt = None,
     server: ServerOpt = False,
     llm: LlmOpt = False,
 ) -> None:
     """Multiple-choice accuracy of one of the run's adapters on your own task file."""
-    from cotune.runtime.results import evaluate_task
+    from cotune.data.tasks import load_task_file
+    from cotune.runtime.results import evaluate_task, task_columns
 
-    tuned = _tuned(run_dir, client, server, llm)
-    result = evaluate_task(tuned, task, tuned.cfg.train.eval_batch_size)
+    examples: list[Any] = []
+
+    def read_task(_: Any) -> None:  # the whole file is checked before the model loads
+        examples.extend(load_task_file(task, task_columns(columns)))
+
+    tuned = _tuned(run_dir, client, server, llm, read_task)
+    result = evaluate_task(tuned, examples, tuned.cfg.train.eval_batch_size)
     scores = f"acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}  (n={result.n})"
-    out.print(f"{tuned.adapter_dir.name} on {task}: {scores}")
+    out.print(f"{tuned.adapter_dir.name} on {task}: {scores}", markup=False, highlight=False)
 
 
 @app.command()
@@ -282,15 +308,30 @@ def export(
     merge: Annotated[bool, typer.Option("--merge", help="a standalone model, the adapter merged in")] = False,
 ) -> None:
     """Export one of the run's adapters (PEFT format), or a merged model directory (--merge)."""
+    from cotune.runtime.results import check_export_target, exported_config
     from cotune.runtime.results import export as run_export
 
-    path = run_export(_tuned(run_dir, client, server, llm), out_dir, merge)
+    def check(adapter: Any) -> None:
+        check_export_target(out_dir)
+        if not merge:
+            exported_config(adapter)
+
+    tuned = _tuned(run_dir, client, server, llm, check)
+    path, skipped = run_export(tuned, out_dir, merge)
+    if skipped:
+        err.print(
+            f"warning: not exported from {tuned.adapter_dir}: {', '.join(repr(n) for n in skipped)} "
+            "(cotune writes only adapter_model.safetensors and adapter_config.json there; check who added "
+            "the others)",
+            markup=False,
+            highlight=False,
+        )
     kind = (
         "merged model (AutoModelForCausalLM.from_pretrained)"
         if merge
         else "adapter (PeftModel.from_pretrained)"
     )
-    out.print(f"{kind}: {path}")
+    out.print(f"{kind}: {path}", markup=False, highlight=False)
 
 
 @flower_app.command("app-dir")

@@ -8,23 +8,30 @@ is all a user needs (plus the offline model assets).
 
 from __future__ import annotations
 
-import shutil
+import copy
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from cotune.algorithms.ranks import rank_of
-from cotune.config.loader import load_config
-from cotune.config.schema import ExperimentConfig
-from cotune.data.tasks import load_task_file
-from cotune.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
+from cotune.assets import ASSETS
+from cotune.config.loader import ConfigError, load_config
+from cotune.config.schema import ExperimentConfig, LoraSettings, ModelConfig, TaskColumns
+from cotune.evaluation.multiple_choice import MCExample, MCResult, evaluate_multiple_choice
 from cotune.models.adapter_check import AdapterSpec, check_adapter
-from cotune.models.lora import AdapterPool
+from cotune.models.lora import AdapterPool, lora_config
 from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER
-from cotune.runtime.rundir import ResumeError, client_name, load_adapter, newest_intact
+from cotune.runtime.rundir import client_name, load_adapter, newest_intact
 from cotune.runtime.setup import load_model
 
 
@@ -37,6 +44,26 @@ class TunedModel:
     device: torch.device
     cfg: ExperimentConfig
     adapter_dir: Path  # the adapter in PEFT format, in the checkpoint it was read from
+
+
+class RunDirError(ValueError):
+    """A path given as a run directory that a command cannot use; the message says what to give instead."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter of a run, found in its newest intact checkpoint."""
+
+    cfg: ExperimentConfig
+    name: str
+    adapter_dir: Path
+
+
+def adapter_spec(cfg: ExperimentConfig, name: str) -> tuple[ModelConfig, LoraSettings]:
+    """The base model and LoRA settings adapter `name` was trained with (the server LLM's are its own)."""
+    if name == LLM_ADAPTER and cfg.llm is not None:
+        return cfg.llm.model, cfg.llm.lora
+    return cfg.model, cfg.lora
 
 
 def adapter_name(cfg: ExperimentConfig, client: int | None, server: bool, llm: bool) -> str:
@@ -56,6 +83,51 @@ def adapter_name(cfg: ExperimentConfig, client: int | None, server: bool, llm: b
     return SERVER
 
 
+def run_config(run_dir: Path) -> ExperimentConfig:
+    """The config of a run directory, or a RunDirError saying why `run_dir` is not one (before any model
+    loads: a wrong path is the commonest mistake)."""
+    give = "give the folder `cotune run` wrote (it holds config.yaml and checkpoints/)"
+    if not run_dir.exists():
+        raise RunDirError(f"{run_dir} does not exist: {give}")
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a run directory: {give}")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no config.yaml): {give}")
+    try:
+        yaml.safe_load(path.read_bytes())  # its parser's message would quote the file: say only where
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise RunDirError(
+            f"{path}{where} is not valid YAML, so {run_dir} is not a cotune run directory"
+        ) from None
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise RunDirError(f"{run_dir} is not a cotune run directory: {e}") from None
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path} is not UTF-8 text, so {run_dir} is not a cotune run directory") from None
+
+
+def find_adapter(
+    run_dir: Path, client: int | None = None, server: bool = False, llm: bool = False
+) -> Adapter:
+    """Where the named adapter lies in the run's newest intact checkpoint (no model is loaded)."""
+    cfg = run_config(run_dir)
+    name = adapter_name(cfg, client, server, llm)
+    found = newest_intact(run_dir)
+    if found is None or found[0] < 0:
+        raise RunDirError(
+            f"{run_dir} has no intact checkpoint to take the adapter from (the run stopped before its "
+            "first round was saved, or its checkpoints are damaged): run it again, or `cotune run --resume`"
+        )
+    adapter_dir = found[1] / name
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise RunDirError(f"{run_dir}: its checkpoint round {found[0]} holds no adapter {name!r}")
+    return Adapter(cfg, name, adapter_dir)
+
+
 def open_tuned(
     run_dir: Path,
     client: int | None = None,
@@ -64,21 +136,16 @@ def open_tuned(
     console: Console | None = None,
 ) -> TunedModel:
     """The base model with the named adapter of the run's newest intact checkpoint."""
-    if not (run_dir / "config.yaml").is_file():
-        raise ResumeError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    name = adapter_name(cfg, client, server, llm)
-    found = newest_intact(run_dir)
-    if found is None or found[0] < 0:
-        raise ResumeError(f"{run_dir} has no intact checkpoint to take the adapter from")
-    adapter_dir = found[1] / name
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise ResumeError(f"{run_dir}: its checkpoint round {found[0]} holds no adapter {name!r}")
-    model_cfg, lora = (
-        (cfg.llm.model, cfg.llm.lora) if name == LLM_ADAPTER and cfg.llm else (cfg.model, cfg.lora)
-    )
+    return load_tuned(find_adapter(run_dir, client, server, llm), console)
+
+
+def load_tuned(adapter: Adapter, console: Console | None = None) -> TunedModel:
+    """The base model with `adapter` active (what `find_adapter` found), once the adapter is checked to
+    be this run's: what needs no model before it loads, its shapes against the run's pool after."""
+    cfg, name, adapter_dir = adapter.cfg, adapter.name, adapter.adapter_dir
+    model_cfg, lora = adapter_spec(cfg, name)
     state, file = load_adapter(adapter_dir), adapter_dir / "adapter_model.safetensors"
-    check_adapter(file, state)  # what needs no model, before it loads
+    check_adapter(file, state)
     base, tokenizer, device = load_model(cfg, model_cfg, console)
     pool = AdapterPool(base, lora, [name], [rank_of(state)])  # clients may differ in rank (lora.ranks)
     check_adapter(file, state, AdapterSpec.of(pool.view(name)))
@@ -88,48 +155,226 @@ def open_tuned(
     return TunedModel(pool, tokenizer, device, cfg, adapter_dir)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """The prompt as the model expects it: through its chat template when it has one."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+def check_prompt(prompt: str) -> None:
+    """Refuse a prompt with nothing to continue before the model loads (an empty one crashes generate)."""
+    if not prompt.strip():
+        raise ValueError(
+            'the prompt is empty: give the text to continue, e.g. cotune generate RUN_DIR "Write a headline '
+            'about ..." --client 0'
         )
-        return list(ids)
-    return list(tokenizer.encode(prompt))
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The prompt as the model expects it: through its chat template when it has one.
+
+    `return_dict=False` asks for the token ids themselves; transformers 5 otherwise answers with a
+    BatchEncoding, which is also accepted in case a tokenizer ignores the flag.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        ids: Any = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+    else:
+        ids = tokenizer.encode(prompt)
+    if isinstance(ids, Mapping):
+        ids = ids["input_ids"]
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):  # one conversation, batched
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+def generation_config(tuned: TunedModel, max_new_tokens: int) -> GenerationConfig:
+    """Greedy decoding from the model's own config (its stop tokens), without its sampling settings,
+    which greedy decoding ignores with a warning; the pad id falls back to the end-of-text id."""
+    config = copy.deepcopy(tuned.pool.model.generation_config)
+    tok = tuned.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    config.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None)
+    config.update(max_new_tokens=max_new_tokens, max_length=None, pad_token_id=pad)
+    if config.eos_token_id is None:
+        config.eos_token_id = tok.eos_token_id
+    return config
+
+
+def check_context(tuned: TunedModel, n_prompt: int, max_new_tokens: int) -> None:
+    """Refuse a prompt plus continuation longer than the positions the model has."""
+    limit = getattr(tuned.pool.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and n_prompt + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt is {n_prompt} tokens and --max-new-tokens {max_new_tokens}: the model reads at most "
+            f"{limit} tokens; shorten the prompt or lower --max-new-tokens"
+        )
 
 
 @torch.no_grad()
 def generate(tuned: TunedModel, prompt: str, max_new_tokens: int = 64) -> str:
     """Greedy continuation of `prompt` (reproducible: no sampling)."""
-    ids = torch.tensor([prompt_ids(tuned.tokenizer, prompt)], device=tuned.device)
+    check_prompt(prompt)
+    token_ids = prompt_ids(tuned.tokenizer, prompt)
+    if not token_ids:
+        raise ValueError("the prompt encodes to no tokens: give some text to continue")
+    check_context(tuned, len(token_ids), max_new_tokens)
+    ids = torch.tensor([token_ids], dtype=torch.long, device=tuned.device)
     out = tuned.pool.model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tuned.tokenizer.pad_token_id,
+        generation_config=generation_config(tuned, max_new_tokens),
     )
     return str(tuned.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
-def evaluate_task(tuned: TunedModel, task_file: Path, batch_size: int = 8, max_length: int = 512) -> MCResult:
-    """Multiple-choice accuracy of the adapter on the user's JSONL task file."""
-    examples = load_task_file(task_file)
+COLUMN_FIELDS = tuple(TaskColumns.model_fields)
+
+
+def task_columns(specs: list[str] | None) -> TaskColumns:
+    """`--columns prompt=question,choices=options` (repeatable) as the TaskColumns `load_task_file` reads."""
+    given: dict[str, str] = {}
+    for spec in specs or []:
+        for pair in spec.split(","):
+            field, sep, column = (part.strip() for part in pair.partition("="))
+            if not sep or not field or not column:
+                raise ValueError(
+                    "--columns takes FIELD=COLUMN pairs separated by commas, e.g. "
+                    "--columns prompt=question,choices=options,answer=gold"
+                )
+            if field not in COLUMN_FIELDS:
+                raise ValueError(
+                    f"--columns: unknown field {field[:40]!r}; the fields are {', '.join(COLUMN_FIELDS)}"
+                )
+            if field in given:
+                raise ValueError(f"--columns names the column of {field!r} twice")
+            given[field] = column
+    return TaskColumns(**given)
+
+
+def evaluate_task(
+    tuned: TunedModel, examples: Sequence[MCExample], batch_size: int = 8, max_length: int = 512
+) -> MCResult:
+    """Multiple-choice accuracy of the adapter on the user's task (read with `load_task_file`)."""
     return evaluate_multiple_choice(
-        tuned.pool.model, tuned.tokenizer, examples, batch_size=batch_size, max_length=max_length
+        tuned.pool.model, tuned.tokenizer, list(examples), batch_size=batch_size, max_length=max_length
     )
 
 
-def export(tuned: TunedModel, out: Path, merge: bool = False) -> Path:
-    """The adapter in PEFT format, or (`merge`) a standalone model directory with the adapter folded
-    into the weights, which `AutoModelForCausalLM.from_pretrained(out)` loads offline. Never over an
-    existing directory that has content."""
+# ---- export ---------------------------------------------------------------------------------------------
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # what is taken from a checkpoint
+FILE_MODE, DIR_MODE = 0o644, 0o755  # exported files are for sharing: never the run directory's modes
+
+
+def check_export_target(out: Path) -> None:
+    """Refuse an output that exists with content, or a place that cannot be written (before any load)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty: choose another output directory")
-    if not merge:
-        shutil.copytree(tuned.adapter_dir, out, dirs_exist_ok=True)
-        return out
-    merged = tuned.pool.model.merge_and_unload()
-    merged.save_pretrained(out)
-    tuned.tokenizer.save_pretrained(out)
-    return out
+    parent = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write under {parent}: choose an output directory you can write")
+
+
+def base_model_id(name: str) -> str:
+    """What to name as the base model so others can load the adapter: the Hugging Face hub id of a
+    built-in asset (it was trained on that model's GGUF, dequantized), else the run's model.name."""
+    asset = ASSETS.get(name)
+    return asset.hub_id if asset is not None and asset.hub_id else name
+
+
+def exported_config(adapter: Adapter) -> dict[str, Any]:
+    """The checkpoint's adapter_config.json, checked against the run's adapter spec and the weights' rank
+    (cheap: called before the model loads too), naming the base model so that others can load it."""
+    path = adapter.adapter_dir / "adapter_config.json"
+    damaged = "the checkpoint is damaged: export another round or rerun the run"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing: {damaged}") from None
+    except OSError as e:
+        raise RunDirError(f"{path} cannot be read ({e.strerror or type(e).__name__}): {damaged}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RunDirError(f"{path} is not valid JSON: {damaged}") from None
+    model_cfg, lora = adapter_spec(adapter.cfg, adapter.name)
+    rank = rank_of(load_adapter(adapter.adapter_dir))
+    expected = lora_config(lora, rank)
+    if (
+        not isinstance(config, dict)
+        or config.get("peft_type") != "LORA"
+        or config.get("r") != rank
+        or not isinstance(config.get("lora_alpha"), int | float)
+        or not math.isclose(config["lora_alpha"], expected.lora_alpha)
+        or not isinstance(config.get("target_modules"), list)
+        or set(config["target_modules"]) != set(expected.target_modules or [])
+    ):
+        raise RunDirError(
+            f"{path} does not describe this run's LoRA adapter (type, rank, alpha, targets): {damaged}"
+        )
+    config.update(base_model_name_or_path=base_model_id(model_cfg.name), inference_mode=True)
+    return config
+
+
+def model_card(tuned: TunedModel) -> str:
+    """README.md of an exported adapter: which run adapter it is and what its base model is exactly."""
+    model_cfg, _ = adapter_spec(tuned.cfg, tuned.adapter_dir.name)
+    asset = ASSETS.get(model_cfg.name)
+    base = f"`{base_model_id(model_cfg.name)}`"
+    if asset is not None:
+        base += (
+            f": trained on cotune's asset `{asset.name}` ({asset.description}), dequantized, so the "
+            "hub's full-precision weights give slightly different outputs"
+        )
+    return (
+        f"# LoRA adapter `{tuned.adapter_dir.name}` exported by cotune\n\n"
+        f"From checkpoint `{tuned.adapter_dir.parent.name}`. Base model {base}.\n\n"
+        "Load it with `PeftModel.from_pretrained(base_model, this_folder)`.\n"
+    )
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Create `path` with exported-file permissions (the umask still applies)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def normal_modes(out: Path) -> None:
+    """Give everything under `out` exported-file permissions: transformers writes weights through
+    private (0600) temporary files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((DIR_MODE if path.is_dir() else FILE_MODE) & ~umask)
+
+
+def export(tuned: TunedModel, out: Path, merge: bool = False) -> tuple[Path, list[str]]:
+    """The adapter in PEFT format, or (`merge`) a standalone model directory with the adapter folded
+    into the weights, which `AutoModelForCausalLM.from_pretrained(out)` loads offline. Never over an
+    existing directory that has content. Returns the directory and the names of the checkpoint files
+    left out: only the files above are exported, never one cotune does not write (e.g. a pickle)."""
+    check_export_target(out)
+    if merge:
+        out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        merged = tuned.pool.model.merge_and_unload()
+        progress = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its bar would land in piped logs
+        try:
+            merged.save_pretrained(out)
+            tuned.tokenizer.save_pretrained(out)
+        finally:
+            if progress:
+                hf_logging.enable_progress_bar()
+        normal_modes(out)
+        return out, []
+    config = exported_config(Adapter(tuned.cfg, tuned.adapter_dir.name, tuned.adapter_dir))
+    skipped = sorted(p.name for p in tuned.adapter_dir.iterdir() if p.name not in ADAPTER_FILES)
+    out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    write_new(
+        out / "adapter_model.safetensors", (tuned.adapter_dir / "adapter_model.safetensors").read_bytes()
+    )
+    write_new(out / "adapter_config.json", json.dumps(config, indent=2).encode())
+    write_new(out / "README.md", model_card(tuned).encode())
+    return out, skipped
