@@ -3,6 +3,8 @@ that remove a setting, and ordinary conditions that end in one `error:` paragrap
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cotune.cli.main import app
+from cotune.cli.main import app, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples/tiny-personalized.yaml"
@@ -35,8 +37,11 @@ def _no_run_starts(monkeypatch):
 
 
 def _run(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["run", *args])
-    return result.exit_code, " ".join(result.output.split())  # rich wraps long lines
+    """`cotune run ARGS` through the whole error boundary (`cli()`): exit code and output, unwrapped."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), pytest.raises(SystemExit) as ended:
+        cli(["run", *args])
+    return int(ended.value.code or 0), " ".join(out.getvalue().split())  # rich wraps long lines
 
 
 def _config(tmp_path: Path, text: str, name: str = "exp.yaml") -> str:
@@ -144,3 +149,40 @@ def test_run_help_describes_config_overrides_and_backends():
     fragments = ("experiment YAML (see", "key=value settings over CONFIG", "target_modules=[q_proj,v_proj]")
     for fragment in (*fragments, "key=null removes a setting", "flower-simulation"):
         assert fragment in text, text
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("model.tiny.hidden_size=66", "model.tiny.hidden_size 66 is not divisible by model.tiny.num_heads 4"),
+        ("model.tiny.num_kv_heads=3", "model.tiny.num_heads 4 is not divisible by model.tiny.num_kv_heads 3"),
+        ("model.tiny.hidden_size=12", "hidden_size / num_heads = 3 must be even"),
+    ],
+)
+def test_an_impossible_tiny_model_shape_is_a_config_error(tmp_path, override, fragment):
+    code, out = _run(str(EXAMPLE), override, "--out", str(tmp_path / "r"))
+    assert code == 2 and fragment in out and "internal error" not in out, out
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_a_device_this_machine_lacks_is_refused_before_the_run_starts(tmp_path, device):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    code, out = _run(str(EXAMPLE), f"device={device}", "--out", str(tmp_path / "r"))
+    assert code == 2 and f"device '{device}' requested but" in out and "internal error" not in out, out
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_an_embedding_lora_target_is_a_clear_error(tmp_path, monkeypatch, target):
+    monkeypatch.undo()  # this one is found when the model is built: let the run start
+    small = ["federation.rounds=1", "run.compare=[]", "data.sources=[{corpus: bbc, max_docs: 8}]"]
+    code, out = _run(
+        str(EXAMPLE), f"lora.target_modules=[q_proj,{target}]", *small, "--out", str(tmp_path / "r")
+    )
+    assert code == 2 and f"lora.target_modules ['{target}']: the model's embeddings" in out, out
+    assert "internal error" not in out
