@@ -186,3 +186,53 @@ def test_an_embedding_lora_target_is_a_clear_error(tmp_path, monkeypatch, target
     )
     assert code == 2 and f"lora.target_modules ['{target}']: the model's embeddings" in out, out
     assert "internal error" not in out
+
+
+def test_an_error_message_is_printed_without_console_markup(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    monkeypatch.undo()  # the trackers are checked by the run, before any work
+    code, out = _run(str(EXAMPLE), "run.loggers=[wandb]", "--out", str(tmp_path / "r"))
+    assert code == 2 and "pip install 'cotune[trackers]'" in out, out
+
+
+def test_a_config_that_cannot_be_read_gets_read_advice_not_write_advice(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    path = Path(_config(tmp_path, "algorithm: personalized\n"))
+    path.chmod(0)
+    try:
+        code, out = _run(str(path))
+    finally:
+        path.chmod(0o600)
+    assert code == 2 and f"permission denied reading {path}" in out and "you can write" not in out, out
+
+
+def test_an_os_error_without_a_file_name_says_how_to_find_it():
+    import errno
+
+    from cotune.cli.errors import os_error_text
+
+    text = os_error_text(OSError(errno.EFBIG, "File too large"))
+    assert text.startswith("File too large (errno 27)") and "--debug" in text and not text.endswith(":")
+    named = os_error_text(OSError(errno.EFBIG, "File too large", "/runs/x/metrics.jsonl"))
+    assert "/runs/x/metrics.jsonl" in named and "ulimit -f" in named
+
+
+def test_permission_denied_on_reading_gives_read_advice(tmp_path, monkeypatch):
+    """As root nothing is unreadable: the decision is checked with os.access answering as for a user."""
+    import errno
+
+    import cotune.cli.errors as errors
+
+    existing = tmp_path / "corpus.txt"
+    existing.write_text("x")
+    monkeypatch.setattr(errors.os, "access", lambda path, mode: False)
+    read = errors.os_error_text(PermissionError(errno.EACCES, "Permission denied", str(existing)))
+    assert read.startswith(f"permission denied reading {existing}") and "you can write" not in read
+    write = errors.os_error_text(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "new")))
+    assert "choose a location you can write" in write

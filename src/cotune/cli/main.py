@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cotune.cli.errors import INTERRUPTED_EXIT, report_failure, report_interrupt
+from cotune.cli.errors import INTERRUPTED_EXIT, print_error, report_failure, report_interrupt
 
 
 def _keep_argument_help() -> None:
@@ -84,7 +84,7 @@ def cli(argv: list[str] | None = None) -> NoReturn:
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    print_error(err, message)
     raise typer.Exit(code)
 
 
