@@ -133,6 +133,7 @@ def report_interrupt(console: Console, run_dir: Path | None) -> int:
         console.print(
             f"interrupted: every completed round is kept; continue with `cotune run --resume {run_dir}`",
             highlight=False,
+            markup=False,  # a run directory may be named with brackets
         )
     else:
         console.print("interrupted before any round was completed: nothing to resume", highlight=False)

@@ -156,7 +156,8 @@ def run(
     CONFIG is an experiment YAML (start from examples/tiny-personalized.yaml). Each OVERRIDE is a
     dotted key=value read as YAML that replaces one setting of CONFIG, e.g. train.lr=1e-3
     federation.rounds=4 "lora.target_modules=\[q_proj,v_proj]"; key=null removes a setting (back to
-    its default), e.g. data.sources=null data.partition=null "data.clients=\[alice/,bob/]".
+    its default; one that may be null is set to null), e.g. data.sources=null data.partition=null
+    "data.clients=\[alice/,bob/]".
     --backend: embedded (default: every client in this process), flower or flower-simulation.
     """
     from cotune.config import ConfigError, load_config
