@@ -11,11 +11,13 @@ traceback, still without local variables.
 from __future__ import annotations
 
 import errno
+import os
 import traceback
 from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.text import Text
 
 ORDINARY_EXIT = 2
 BUG_EXIT = 1
@@ -31,6 +33,19 @@ def validation_text(exc: ValidationError) -> str:
     return f"invalid {exc.title}: " + "; ".join(parts)
 
 
+def print_error(console: Console, message: str) -> None:
+    """`error: MESSAGE`, the message printed as it is: `[trackers]` or `[q_proj]` are text, not markup."""
+    console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
+
+
+def is_read_problem(filename: str | os.PathLike[str] | None) -> bool:
+    """Whether a permission problem on `filename` is one of reading it (it exists and cannot be read)."""
+    if not filename:
+        return False
+    path = Path(filename)
+    return path.exists() and not os.access(path, os.R_OK)
+
+
 def os_error_text(exc: OSError) -> str:
     if exc.errno is None:  # raised by cotune with its own message
         return str(exc)
@@ -40,11 +55,20 @@ def os_error_text(exc: OSError) -> str:
             f"no space left on the device{' writing' + name if name else ''}: free some space; every "
             "completed round is kept, continue with `cotune run --resume RUN_DIR`"
         )
+    if not exc.filename:  # the file is not known here; the traceback says where it was
+        return (
+            f"{exc.strerror or type(exc).__name__} (errno {exc.errno}) on a file cotune was reading or "
+            "writing; rerun with --debug to see where"
+        )
+    if isinstance(exc, PermissionError) and is_read_problem(exc.filename):
+        return f"permission denied reading{name}: make it readable for your user, or use another file"
     if isinstance(exc, PermissionError):
         return f"permission denied:{name}; choose a location you can write (e.g. --out DIR)"
     if isinstance(exc, IsADirectoryError | NotADirectoryError | FileExistsError | FileNotFoundError):
         return f"{exc.strerror or type(exc).__name__}:{name}"
-    if exc.errno is not None and exc.strerror:
+    if exc.errno == errno.EFBIG:
+        return f"file too large:{name}: it reached the file size limit (ulimit -f) or the file system's"
+    if exc.strerror:
         return f"{exc.strerror}:{name}"
     return str(exc)
 
@@ -64,7 +88,7 @@ def ordinary_text(exc: BaseException) -> str | None:
             "out of memory: lower train.batch_size or train.eval_batch_size (or data.seq_len / "
             "task.max_length), or use a smaller model"
         )
-    if isinstance(exc, UnicodeDecodeError):
+    if isinstance(exc, UnicodeDecodeError):  # the raising site names the file where it can (ValueError)
         return (
             f"a file is not valid {exc.encoding} text (undecodable byte at offset {exc.start}): save it as "
             "UTF-8 text"
@@ -92,13 +116,13 @@ def report_failure(exc: BaseException, console: Console, debug: bool) -> int:
         console.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
     text = ordinary_text(exc)
     if text is not None:
-        console.print(f"[bold red]error:[/] {text}", highlight=False)
+        print_error(console, text)
         return ORDINARY_EXIT
     hint = "" if debug else "; rerun with --debug to see the traceback"
-    console.print(
-        f"[bold red]error:[/] internal error {type(exc).__name__} at {where_in_cotune(exc)}. This is a bug "
+    print_error(
+        console,
+        f"internal error {type(exc).__name__} at {where_in_cotune(exc)}. This is a bug "
         f"in cotune, please report it{hint} (it shows no local variables, but may quote messages).",
-        highlight=False,
     )
     return BUG_EXIT
 
@@ -109,6 +133,7 @@ def report_interrupt(console: Console, run_dir: Path | None) -> int:
         console.print(
             f"interrupted: every completed round is kept; continue with `cotune run --resume {run_dir}`",
             highlight=False,
+            markup=False,  # a run directory may be named with brackets
         )
     else:
         console.print("interrupted before any round was completed: nothing to resume", highlight=False)

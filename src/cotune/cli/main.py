@@ -5,17 +5,35 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from cotune.cli.errors import INTERRUPTED_EXIT, report_failure, report_interrupt
+from cotune.cli.errors import INTERRUPTED_EXIT, print_error, report_failure, report_interrupt
 
+
+def _keep_argument_help() -> None:
+    """typer 0.20 sets an argument's help before click >= 8.3's Argument.__init__, which resets it to None:
+    `--help` would show every CONFIG / RUN_DIR argument without its description. Set it again after."""
+    init = typer.core.TyperArgument.__init__
+    if getattr(init, "keeps_help", False):
+        return
+
+    def keeping_help(self: typer.core.TyperArgument, *args: Any, help: str | None = None, **kw: Any) -> None:
+        init(self, *args, help=help, **kw)
+        self.help = help
+
+    keeping_help.keeps_help = True  # type: ignore[attr-defined]
+    typer.core.TyperArgument.__init__ = keeping_help  # type: ignore[method-assign]
+
+
+_keep_argument_help()
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -45,6 +63,7 @@ class Session:
 
 
 session = Session()
+T = TypeVar("T")
 
 
 def cli(argv: list[str] | None = None) -> NoReturn:
@@ -65,7 +84,7 @@ def cli(argv: list[str] | None = None) -> NoReturn:
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    print_error(err, message)
     raise typer.Exit(code)
 
 
@@ -98,9 +117,10 @@ def print_comparison(run_dirs: list[Path]) -> None:
 
 @app.command()
 def run(
-    config: Annotated[Path | None, typer.Argument(help="experiment YAML")] = None,
+    config: Annotated[Path | None, typer.Argument(help="experiment YAML (see examples/)")] = None,
     overrides: Annotated[
-        list[str] | None, typer.Argument(help="dotted overrides, e.g. train.lr=1e-3")
+        list[str] | None,
+        typer.Argument(help="key=value settings over CONFIG's, e.g. train.lr=1e-3 federation.rounds=4"),
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<name>)")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue this run directory")] = None,
@@ -131,45 +151,87 @@ def run(
         typer.Option("--client-gpus", help="flower-simulation: GPUs per actor (e.g. 1, or 0.5 to share)"),
     ] = 0.0,
 ) -> None:
-    """Run an experiment (or --resume one) and write its run directory."""
-    from cotune.assets import AssetError
+    r"""Run an experiment (or --resume one) and write its run directory.
+
+    CONFIG is an experiment YAML (start from examples/tiny-personalized.yaml). Each OVERRIDE is a
+    dotted key=value read as YAML that replaces one setting of CONFIG, e.g. train.lr=1e-3
+    federation.rounds=4 "lora.target_modules=\[q_proj,v_proj]"; key=null removes a setting (back to
+    its default; one that may be null is set to null), e.g. data.sources=null data.partition=null
+    "data.clients=\[alice/,bob/]".
+    --backend: embedded (default: every client in this process), flower or flower-simulation.
+    """
     from cotune.config import ConfigError, load_config
-    from cotune.data.corpora import DataError
-    from cotune.models.compat import TokenizerMismatchError
-    from cotune.models.lora import LoraTargetError
-    from cotune.reporting.report import write_report
-    from cotune.runtime.experiment import resume_experiment, run_experiment
-    from cotune.runtime.flower import FlowerRunError  # importable without the flower extra
-    from cotune.runtime.guard import TooFewClients
-    from cotune.runtime.lock import RunDirBusy
-    from cotune.runtime.rundir import ResumeError, default_run_dir
 
     if backend not in ("embedded", "flower", "flower-simulation"):
         _fail(f"unknown --backend {backend!r}: embedded, flower or flower-simulation")
     if backend != "flower" and resume is None and (superlink is not None or root_certificates is not None):
         _fail("--superlink and --root-certificates need --backend flower")
-    if backend == "flower-simulation":
-        flower: dict[str, Any] = {"client_cpus": client_cpus, "client_gpus": client_gpus}
-    else:
-        flower = {
+    flower: dict[str, Any] = (
+        {"client_cpus": client_cpus, "client_gpus": client_gpus}
+        if backend == "flower-simulation"
+        else {
             "superlink": superlink,
             "root_certificates": root_certificates,
             "connect_timeout": connect_timeout,
         }
-    try:
-        if resume is not None:  # on the backend the run used: a Flower run resumes on Flower
-            session.run_dir = resume
-            asked = resume_overrides(resume, config, overrides, out_dir)
-            federated = backend if backend != "embedded" else "flower"  # a Flower run resumes on Flower
-            dirs = resume_experiment(resume, err, asked, federated, **flower)
-        else:
-            if config is None:
-                _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
+    )
+    if resume is not None:
+        session.run_dir = resume
+        asked = resume_overrides(resume, config, overrides, out_dir)
+        dirs = start_run(lambda: _resume(resume, asked, backend, flower))
+    else:  # the config first, before torch and the runtime are imported: its errors come in a blink
+        if config is None:
+            _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
+        try:
             cfg = load_config(config, overrides or [])
-            session.run_dir = out_dir or default_run_dir(cfg)
-            dirs = run_experiment(
-                cfg, session.run_dir, err, backend, **(flower if backend != "embedded" else {})
-            )
+        except ConfigError as e:
+            _fail(str(e))
+        if backend != "flower" or superlink is None:  # the clients run on this machine: so must the device
+            start_run(lambda: check_device(cfg.device))
+        dirs = start_run(lambda: _start(cfg, out_dir, backend, flower))
+    from cotune.reporting.report import write_report
+
+    report = write_report(dirs)
+    print_comparison(dirs)
+    out.print(f"run directory: {dirs[0]}\nreport: {report}")
+
+
+def check_device(spec: str) -> None:
+    """Refuse a device this machine does not have before any model or data loads."""
+    from cotune.models.loader import resolve_device
+
+    resolve_device(spec)
+
+
+def _start(cfg: Any, out_dir: Path | None, backend: str, flower: dict[str, Any]) -> list[Path]:
+    from cotune.runtime.experiment import run_experiment
+    from cotune.runtime.rundir import default_run_dir
+
+    session.run_dir = out_dir or default_run_dir(cfg)
+    return run_experiment(cfg, session.run_dir, err, backend, **(flower if backend != "embedded" else {}))
+
+
+def _resume(run_dir: Path, asked: list[str], backend: str, flower: dict[str, Any]) -> list[Path]:
+    from cotune.runtime.experiment import resume_experiment
+
+    federated = backend if backend != "embedded" else "flower"  # a Flower run resumes on Flower
+    return resume_experiment(run_dir, err, asked, federated, **flower)
+
+
+def start_run(work: Callable[[], T]) -> T:
+    """`work`, with the run's ordinary failures (imported only now: they pull in torch) as `error:` lines."""
+    from cotune.assets import AssetError
+    from cotune.config import ConfigError
+    from cotune.data.corpora import DataError
+    from cotune.models.compat import TokenizerMismatchError
+    from cotune.models.lora import LoraTargetError
+    from cotune.runtime.flower import FlowerRunError  # importable without the flower extra
+    from cotune.runtime.guard import TooFewClients
+    from cotune.runtime.lock import RunDirBusy
+    from cotune.runtime.rundir import ResumeError
+
+    try:
+        return work()
     except (
         AssetError,
         TokenizerMismatchError,
@@ -186,9 +248,6 @@ def run(
         _fail(str(e))
     except TooFewClients as e:  # too few clients left: stopped cleanly, last checkpoint intact
         _fail(str(e), code=3)
-    report = write_report(dirs)
-    print_comparison(dirs)
-    out.print(f"run directory: {dirs[0]}\nreport: {report}")
 
 
 def resume_overrides(

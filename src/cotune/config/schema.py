@@ -47,6 +47,27 @@ class TinyModelConfig(Section):
     )
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _attention_shape(self) -> TinyModelConfig:
+        """A shape Llama attention cannot split is refused here, not as a crash when the model is built."""
+        kv = self.num_kv_heads or self.num_heads
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.tiny.hidden_size {self.hidden_size} is not divisible by model.tiny.num_heads "
+                f"{self.num_heads}: each head gets hidden_size / num_heads dimensions"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(
+                f"model.tiny.hidden_size / num_heads = {self.hidden_size // self.num_heads} must be even "
+                "(rotary position embeddings rotate pairs of dimensions)"
+            )
+        if self.num_heads % kv:
+            raise ValueError(
+                f"model.tiny.num_heads {self.num_heads} is not divisible by model.tiny.num_kv_heads {kv}: "
+                "grouped-query attention shares each key/value head among a whole number of heads"
+            )
+        return self
+
 
 class ModelConfig(Section):
     name: str = Field(

@@ -50,6 +50,10 @@ class ModelNotFoundError(FileNotFoundError):
     """The model name is neither tiny, an asset, an existing path nor a reachable hub id."""
 
 
+class DeviceError(ValueError):
+    """The configured device is not on this machine: a setting to change, not a bug."""
+
+
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
@@ -72,7 +76,7 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise RuntimeError(
+            raise DeviceError(
                 f"device {spec!r} requested but CUDA is not available (torch {torch.__version__}, {build}); "
                 "use device: auto or cpu"
             )
@@ -80,10 +84,10 @@ def resolve_device(spec: str) -> torch.device:
         if device.index is None:
             return torch.device("cuda", torch.cuda.current_device())
         if device.index >= count:
-            raise RuntimeError(f"device {spec!r} requested but only {count} CUDA device(s) are visible")
+            raise DeviceError(f"device {spec!r} requested but only {count} CUDA device(s) are visible")
     elif device.type == "mps":
         if not _mps_available():
-            raise RuntimeError(f"device {spec!r} requested but MPS is not available; use device: auto or cpu")
+            raise DeviceError(f"device {spec!r} requested but MPS is not available; use device: auto or cpu")
     elif device.type != "cpu":
         raise ValueError(f"unsupported device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
     return device

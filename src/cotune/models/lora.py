@@ -49,8 +49,23 @@ def lora_config(settings: LoraSettings, rank: int | None = None) -> LoraConfig:
     )
 
 
+def embedding_module_names(model: nn.Module) -> set[str]:
+    """Names of the input and output embeddings (lm_head): peft adapts them as embeddings, saving the
+    base weights with the adapter, which a client's upload must never carry."""
+    ends = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if any(mod is e for e in ends)}
+
+
 def check_targets(model: nn.Module, settings: LoraSettings) -> None:
-    available = linear_module_names(model)
+    """Refuse target modules cotune cannot adapt, before any adapter is built."""
+    embeddings = embedding_module_names(model)
+    available = [n for n in linear_module_names(model) if n not in embeddings]
+    tied = [t for t in settings.target_modules if t in embeddings]
+    if tied:
+        raise LoraTargetError(
+            f"lora.target_modules {tied}: the model's embeddings / output layer cannot be LoRA targets "
+            f"(their adapter would carry the base weights); choose among: {', '.join(available)}"
+        )
     missing = [t for t in settings.target_modules if t not in available]
     if missing:
         raise LoraTargetError(
