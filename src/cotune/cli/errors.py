@@ -19,6 +19,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
 
+from cotune.reporting.text import printable_lines
+
 ORDINARY_EXIT = 2
 BUG_EXIT = 1
 INTERRUPTED_EXIT = 130
@@ -34,8 +36,9 @@ def validation_text(exc: ValidationError) -> str:
 
 
 def print_error(console: Console, message: str) -> None:
-    """`error: MESSAGE`, the message printed as it is: `[trackers]` or `[q_proj]` are text, not markup."""
-    console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
+    """`error: MESSAGE`, the message printed as it is: `[trackers]` or `[q_proj]` are text, not markup, and
+    a control character in a path it names is shown escaped, never sent to the terminal."""
+    console.print(Text.assemble(("error:", "bold red"), " ", printable_lines(message)), highlight=False)
 
 
 def is_read_problem(filename: str | os.PathLike[str] | None) -> bool:

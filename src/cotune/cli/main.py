@@ -14,8 +14,10 @@ import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cotune.cli.errors import INTERRUPTED_EXIT, print_error, report_failure, report_interrupt
+from cotune.reporting.text import printable_lines
 
 
 def _keep_argument_help() -> None:
@@ -52,6 +54,11 @@ app.add_typer(flower_app, name="flower")
 
 out = Console()
 err = Console(stderr=True)
+
+
+def say(text: str) -> None:
+    """A line of the command's own output; the paths it names are shown escaped, never as markup."""
+    out.print(printable_lines(text), markup=False, highlight=False)
 
 
 @dataclass
@@ -193,7 +200,7 @@ def run(
 
     report = write_report(dirs)
     print_comparison(dirs)
-    out.print(f"run directory: {dirs[0]}\nreport: {report}")
+    say(f"run directory: {dirs[0]}\nreport: {report}")
 
 
 def check_device(spec: str) -> None:
@@ -279,7 +286,7 @@ def report(
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     print_comparison(run_dirs)
-    out.print(f"report: {path}")
+    say(f"report: {path}")
 
 
 ClientOpt = Annotated[int | None, typer.Option("--client", help="client K's adapter")]
@@ -443,9 +450,9 @@ def flower_outcome(
 
         check_outcome(run_dir.resolve(), log)
     except FlowerRunError as e:
-        err.print(f"[bold red]{e}[/]", highlight=False)
+        err.print(Text(printable_lines(e), style="bold red"), highlight=False)
         raise typer.Exit(1) from None
-    out.print(f"{run_dir}: completed")
+    say(f"{run_dir}: completed")
 
 
 @assets_app.command("list")
@@ -475,7 +482,7 @@ def assets_fetch(
             path = fetch(name)
         except (AssetError, KeyError) as e:
             _fail(str(e))
-        out.print(f"{name}: {path}")
+        say(f"{name}: {path}")
 
 
 @assets_app.command("verify")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import unicodedata
 
-__all__ = ["MAX_NAME", "printable"]
+__all__ = ["MAX_NAME", "printable", "printable_lines"]
 
 MAX_NAME = 80  # characters of a name shown; a longer one ends in "…"
 _UNSAFE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
@@ -33,3 +33,9 @@ def printable(name: object, limit: int = MAX_NAME) -> str:
     """
     text = "".join(_escaped(c) if unicodedata.category(c) in _UNSAFE else c for c in str(name))
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def printable_lines(text: object) -> str:
+    """A message of one or more lines, made safe as `printable` makes a name, whole (not cut) and with its
+    line breaks kept: an error paragraph can name a folder whose name holds an escape sequence."""
+    return "\n".join(printable(line, limit=len(line) + 1) for line in str(text).split("\n"))

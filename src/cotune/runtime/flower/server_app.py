@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from cotune.algorithms.fedcollm import plan_of
-from cotune.config.loader import apply_overrides, config_from_dict, dump_config, load_config
+from cotune.config.loader import apply_overrides, config_from_dict, dump_config, load_config, parse_yaml
 from cotune.config.schema import ExperimentConfig
 from cotune.records import RunEvent
 from cotune.runtime.checkpoint import latest_checkpoint
@@ -57,7 +56,8 @@ def experiment_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     overrides = str(run_config.get("overrides", "") or "").split()
     text = str(run_config.get("config-yaml", "") or "")
     if text:
-        return config_from_dict(apply_overrides(yaml.safe_load(text) or {}, overrides), "(config-yaml)")
+        tree = parse_yaml(text, "(config-yaml)") or {}  # duplicate keys refused, aliases bounded
+        return config_from_dict(apply_overrides(tree, overrides), "(config-yaml)")
     path = str(run_config.get("config", "") or "")
     if not path:
         raise ValueError("the run config needs 'config' (a YAML path) or 'config-yaml' (the YAML text)")
