@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from rich.console import Console
 from safetensors.torch import load_file
 from tests.conftest import tiny_tree
 from tests.test_cotuning import task_file, tree  # noqa: F401  (task_file: the FedCoLLM task fixture)
@@ -58,7 +60,13 @@ from cotune.runtime.flower.deploy import (
 from cotune.runtime.flower.handlers import node_app
 from cotune.runtime.flower.node import NodeSettings, node_config
 from cotune.runtime.flower.node_state import NodeStateStore
-from cotune.runtime.flower.server_app import check_resumable, experiment_config, prepare_run_dir, run_server
+from cotune.runtime.flower.server_app import (
+    build_loop,
+    check_resumable,
+    experiment_config,
+    prepare_run_dir,
+    run_server,
+)
 from cotune.runtime.flower.worker import WORKER_KEY, NodeWorker, WorkerError, forward
 from cotune.runtime.rundir import ResumeError, is_flower_run
 from cotune.training.loop import make_optimizer, make_scheduler
@@ -285,6 +293,32 @@ def test_flower_protocol_gives_the_embedded_results_bit_for_bit(corpus_dir, tmp_
     types = {t for _, t in grid.sent}
     assert (p.EVALUATE_PEERS in types) == (strategy == "validation")
     assert (p.PREDICT in types) == (strategy == "prediction")
+
+
+def test_evaluation_and_evidence_count_each_client_as_its_reply_arrives(corpus_dir, tmp_path):
+    """The progress of evaluate / evaluate_peers / predict on Flower: on_done once per client whose reply
+    (an answer or an error) arrived; a silent node is not counted."""
+
+    def fate(i: int, msg: Message) -> str | None:
+        return {1: "error", 3: "silent"}.get(i) if msg.metadata.message_type != p.DESCRIBE else None
+
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "validation"})
+    prepare_run_dir(tmp_path / "run", cfg)
+    clients = FlowerClients(
+        cfg, InProcessGrid(4, fate), cfg.family, ServerSettings(round_timeout=0.5), say=print
+    )
+    loop = build_loop(cfg, tmp_path / "run", clients, Console(file=io.StringIO()))
+    clients.describe()
+    adapters = dict(enumerate(loop.adapters))
+    for exchange in (
+        lambda on_done: clients.evaluate(1, adapters, on_done),
+        lambda on_done: clients.evaluate_peers(1, adapters, 1, on_done),
+        lambda on_done: clients.predict(1, adapters, 1, 4, 5, on_done),
+    ):
+        done: list[int] = []
+        replies = exchange(done.append)
+        assert sorted(replies.ok) == [0, 2] and sorted(replies.failed) == [1, 3]
+        assert sorted(done) == [0, 1, 2]
 
 
 def test_a_nan_upload_from_a_supernode_is_rejected_as_in_the_embedded_runtime(corpus_dir, tmp_path):

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import io
+import re
 import time
+from pathlib import Path
 
+import pytest
+import yaml
 from rich.console import Console
+from tests.conftest import tiny_tree
+from tests.test_cotuning import task_file  # noqa: F401  (a fixture)
+from tests.test_cotuning import tree as cotuning_tree
+from typer.testing import CliRunner
 
+from cotune.cli.main import app
+from cotune.reporting import progress
+from cotune.reporting.metrics import read_metrics
 from cotune.reporting.progress import Activity
 
 
@@ -55,3 +66,53 @@ def test_a_terminal_gets_a_transient_bar():
         advance(note="client-00 loss 2.000")
         advance(note="client-01 loss 1.000")
     assert "round 1/1 · training" in out.getvalue()
+
+
+# ---- the counts of real runs: every phase that ends, ends at its total ------------------------------------
+PHASE_END = re.compile(r"^(round \S+ · [^:]+): (\d+)/(\d+) · .*· done$")
+
+
+def _piped_run(tree_: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """`cotune run` with its output piped, a line at every count (EVERY 0): the lines of the run."""
+    monkeypatch.setattr(progress, "EVERY", 0.0)
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump(tree_))
+    result = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    return result.output.splitlines()
+
+
+def _phase_ends(lines: list[str]) -> dict[str, tuple[int, int]]:
+    """Each phase's closing line: (count, total) by its description."""
+    return {m[1]: (int(m[2]), int(m[3])) for m in map(PHASE_END.match, lines) if m}
+
+
+@pytest.mark.parametrize("strategy", ["validation", "prediction"])
+def test_personalized_evaluation_and_trust_evidence_count_clients(
+    corpus_dir, tmp_path, monkeypatch, strategy
+):
+    lines = _piped_run(tiny_tree(corpus_dir, tmp_path, strategy={"name": strategy}), tmp_path, monkeypatch)
+    ends = _phase_ends(lines)
+    clients = 4
+    assert ends["round 0/2 · evaluation before training"] == (clients, clients)
+    for r in (1, 2):
+        assert ends[f"round {r}/2 · evaluation"] == (clients, clients)
+        assert ends[f"round {r}/2 · aggregation ({strategy})"] == (clients, clients)
+    assert any(line.startswith("round 1/2 · evaluation: 1/4 · ") for line in lines)  # counted as it goes
+
+
+def test_fedcollm_evaluation_counts_choices_and_validation_shows_in_distillation(
+    task_file,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    tree_ = cotuning_tree(task_file, tmp_path)
+    lines = _piped_run(tree_, tmp_path, monkeypatch)
+    ends = _phase_ends(lines)
+    mc = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["type"] == "mc"]
+    for r in (0, 1, 2):
+        scored = sum(3 * m["n"] for m in mc if m["round"] == r)  # SLM and LLM, 3 choices per question
+        assert scored > 0
+        assert ends[f"round {r}/2 · evaluation on the test split"] == (scored, scored)
+    distilling = [x for x in lines if x.startswith("round 1 · mutual distillation: ")]
+    assert any(re.search(r"· (SLM|LLM) validation \d+/\d+ choices$", x) for x in distilling)

@@ -8,7 +8,7 @@ Tokenisation, left truncation and batching follow the harness so numbers are com
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 Request = tuple[list[int], list[int]]
+OnScored = Callable[[int], None]  # (requests) scored by the batch just run: progress, in choices
 
 
 class Encoder(Protocol):
@@ -111,6 +112,7 @@ def score_requests(
     batch_size: int = 8,
     max_length: int = 512,
     pad_id: int = 0,
+    on_scored: OnScored | None = None,
 ) -> list[float]:
     """Summed log-probability of each continuation given its context, in the order of ``requests``.
 
@@ -124,7 +126,8 @@ def score_requests(
     Log-softmax runs only on the continuation rows of one batch's logits, never on the full
     (B, T, V) tensor. Inputs longer than ``max_length`` lose context tokens from the left;
     continuation tokens are always kept. The model is put in eval mode (no dropout) and its
-    previous mode restored afterwards.
+    previous mode restored afterwards. ``on_scored(n)`` after each batch, with the number of requests
+    it scored (they add up to ``len(requests)``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -135,7 +138,8 @@ def score_requests(
     shared = {i for _, users in groups for i in users}
     scores: list[float] = [0.0] * len(windows)
     if groups:
-        for i, value in _score_shared_contexts(model, groups, requests, batch_size, pad_id).items():
+        shared_scores = _score_shared_contexts(model, groups, requests, batch_size, pad_id, on_scored)
+        for i, value in shared_scores.items():
             scores[i] = value
     inputs: dict[tuple[int, ...], list[int]] = {}  # distinct model input -> the requests it serves
     for i, (inp, _) in enumerate(windows):
@@ -170,6 +174,8 @@ def score_requests(
             del logits
             for i, value in zip(served, torch.stack(sums).tolist(), strict=True):
                 scores[i] = float(value)
+            if on_scored is not None:
+                on_scored(len(served))
     finally:
         model.train(was_training)
     return scores
@@ -216,6 +222,7 @@ def _score_shared_contexts(
     requests: Sequence[Request],
     batch_size: int,
     pad_id: int,
+    on_scored: OnScored | None = None,
 ) -> dict[int, float]:
     """Scores of the requests in `groups`: each context is run once with the KV cache kept, then all its
     continuations in one batch on top of the cache, so a k-way question with multi-token choices costs
@@ -268,6 +275,8 @@ def _score_shared_contexts(
                     total = total + logprobs.gather(-1, target[:, None]).sum()
                 scores[i] = float(total)
             del out, logits, cache
+            if on_scored is not None:
+                on_scored(len(rows))
     finally:
         model.train(was_training)
     return scores
@@ -319,10 +328,12 @@ def evaluate_multiple_choice(
     batch_size: int = 8,
     max_length: int = 512,
     add_bos: bool = False,
+    on_scored: OnScored | None = None,
 ) -> MCResult:
     """acc and acc_norm over ``examples``; every choice of every example is scored in one batched pass.
 
-    The choices of one example share its prompt's forward pass (see `score_requests`).
+    The choices of one example share its prompt's forward pass (see `score_requests`). ``on_scored(n)``
+    after each batch: n choices scored, ``choice_count(examples)`` in all.
     """
     if not examples:
         raise ValueError("nothing to evaluate: no multiple-choice examples")
@@ -332,7 +343,9 @@ def evaluate_multiple_choice(
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    flat = score_requests(model, requests, batch_size=batch_size, max_length=max_length, pad_id=pad_id)
+    flat = score_requests(
+        model, requests, batch_size=batch_size, max_length=max_length, pad_id=pad_id, on_scored=on_scored
+    )
     logliks: list[list[float]] = []
     correct = correct_norm = 0
     offset = 0
@@ -345,3 +358,8 @@ def evaluate_multiple_choice(
         correct_norm += pred_norm == example.answer
     n = len(examples)
     return MCResult(acc=correct / n, acc_norm=correct_norm / n, n=n, logliks=logliks)
+
+
+def choice_count(examples: Sequence[MCExample]) -> int:
+    """How many choices `evaluate_multiple_choice` scores on `examples`: its progress total."""
+    return sum(len(ex.choices) for ex in examples)

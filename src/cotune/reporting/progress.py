@@ -25,6 +25,7 @@ from rich.progress import (
 )
 
 Advance = Callable[..., None]  # advance(n: int = 1, note: str = "")
+EVERY = 10.0  # seconds between two plain lines of one phase (and the shortest phase that gets a closing line)
 
 
 def _clock(seconds: float) -> str:
@@ -35,8 +36,8 @@ def _clock(seconds: float) -> str:
 class Activity:
     """The run's live progress: `phase(description, total)` yields `advance(n=1, note="")`."""
 
-    def __init__(self, console: Console, every: float = 10.0, live: bool | None = None) -> None:
-        self.console, self.every = console, every
+    def __init__(self, console: Console, every: float | None = None, live: bool | None = None) -> None:
+        self.console, self.every = console, EVERY if every is None else every
         self.live = console.is_terminal if live is None else live
 
     @contextmanager
@@ -93,7 +94,7 @@ class Activity:
             show_if_due()
 
         def heartbeat() -> None:
-            while not stop.wait(self.every / 4):
+            while not stop.wait(max(self.every / 4, 0.01)):
                 show_if_due()
 
         beat = threading.Thread(target=heartbeat, daemon=True)

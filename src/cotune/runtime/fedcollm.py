@@ -25,7 +25,13 @@ from transformers import PreTrainedTokenizerBase
 from cotune.algorithms.fedcollm import check_payload, fedavg_weights, plan_of
 from cotune.config.schema import ExperimentConfig
 from cotune.data.task_data import TaskData
-from cotune.evaluation.multiple_choice import MCExample, MCResult, evaluate_multiple_choice
+from cotune.evaluation.multiple_choice import (
+    MCExample,
+    MCResult,
+    OnScored,
+    choice_count,
+    evaluate_multiple_choice,
+)
 from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import AdapterPool
 from cotune.records import (
@@ -37,7 +43,7 @@ from cotune.records import (
     RunEvent,
     TrainRecord,
 )
-from cotune.reporting.progress import Activity
+from cotune.reporting.progress import Activity, Advance
 from cotune.runtime.claims import checked_sizes
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline, check_trained
@@ -257,8 +263,13 @@ class FedCoLLMLoop:
         self.console.print(f"round {r}/{self.rounds}  {shown}  ({wall:.1f}s)")
 
     def evaluate_live(self, r: int) -> str:
-        with self.activity.phase(f"round {r}/{self.cfg.federation.rounds} · evaluation on the test split"):
-            return self.evaluate(r)
+        """`evaluate`, shown as a phase counted in the test split's choices, per model to score."""
+        logged = self.logged_mc(r)
+        models = len([t for t in self.evaluation_targets(r) if t not in logged])
+        total = models * choice_count(self.task.test) or None  # None: all logged, nothing to score
+        description = f"round {r}/{self.cfg.federation.rounds} · evaluation on the test split"
+        with self.activity.phase(description, total) as advance:
+            return self.evaluate(r, advance)
 
     def join(self) -> None:
         """Admit the clients that answer, with n_k as each described itself (FedAvg's weights)."""
@@ -353,10 +364,10 @@ class FedCoLLMLoop:
         if d.reset_optimizer:  # theta was just replaced by the average: last round's moments describe another
             s.theta.reset_optimizer()
             s.omega.reset_optimizer()
-        tracks = {role: self.val_track(r, role) for role in ROLES}
         totals, t0 = DistillTotals(), time.perf_counter()
         order = self.distill_order(self.distill_batches())
         with self.activity.phase(f"round {r} · mutual distillation", d.epochs * len(order)) as advance:
+            tracks = {role: self.val_track(r, role, advance) for role in ROLES}  # scores the round's start
             for epoch in range(d.epochs):
                 if epoch:
                     order = self.distill_order(self.distill_batches())
@@ -365,7 +376,7 @@ class FedCoLLMLoop:
                     totals.add(role, ce, kd, nbytes)
                     tracks[role].after_step()
                     advance(note=f"{role.upper()} ce {ce:.3f} kd {kd:.3f}")
-        kept = {role: track.finish() for role, track in tracks.items()}
+            kept = {role: track.finish() for role, track in tracks.items()}
         self.files.log(totals.record(r, d.topk, time.perf_counter() - t0, kept))
 
     def distill_batches(self) -> list[Batch]:
@@ -402,14 +413,24 @@ class FedCoLLMLoop:
             )
         return ce, kd, signal.nbytes
 
-    def val_track(self, r: int, role: Role) -> ValTrack:
+    def val_track(self, r: int, role: Role, advance: Advance) -> ValTrack:
+        """`role`'s validation track; a scoring shows on the distillation phase (its count is in steps)
+        as a note of the validation choices scored so far."""
         s = self.server
         pool, name = (s.slm, SERVER) if role == "slm" else (s.llm, LLM_ADAPTER)
         assert pool is not None
         d = self.cfg.distill
+        of = choice_count(self.task.public_val)
 
         def score() -> ValScore:
-            return self.val_score(pool, name)
+            done = 0
+
+            def scored(n: int) -> None:
+                nonlocal done
+                done += n
+                advance(0, note=f"{role.upper()} validation {done}/{of} choices")
+
+            return self.val_score(pool, name, scored)
 
         def log(step: int, v: ValScore) -> None:
             self.files.log(DistillValRecord(round=r, model=role, step=step, acc=v.acc, nll=v.nll, n=v.n))
@@ -418,18 +439,24 @@ class FedCoLLMLoop:
             pool, name, score if self.task.public_val else None, log, d.val_every or 1, d.keep == "best"
         )
 
-    def val_score(self, pool: AdapterPool, name: str) -> ValScore:
+    def val_score(self, pool: AdapterPool, name: str, on_scored: OnScored | None = None) -> ValScore:
         """Accuracy and choice-level loss of adapter `name` on the server's validation split; weights
         already scored are not rescored (omega starts a round as the last one kept)."""
         examples = self.task.public_val
-        res = self.scored(pool, name, examples, self.val_cache)
+        res = self.scored(pool, name, examples, self.val_cache, on_scored)
         return ValScore(res.acc, choice_nll(res.logliks, [ex.answer for ex in examples]), res.n)
 
     def scored(
-        self, pool: AdapterPool, name: str, examples: Sequence[MCExample], cache: dict[Any, MCResult]
+        self,
+        pool: AdapterPool,
+        name: str,
+        examples: Sequence[MCExample],
+        cache: dict[Any, MCResult],
+        on_scored: OnScored | None = None,
     ) -> MCResult:
         """Multiple-choice result of adapter `name` on `examples`, kept in `cache` (one per split) by model
-        role, adapter weights and eval settings: an adapter already scored is not rescored."""
+        role, adapter weights and eval settings: an adapter already scored is not rescored (and counts
+        as scored at once in `on_scored`, so a phase still reaches its total)."""
         t, task = self.cfg.train, self.cfg.task
         assert task is not None
         key = (self.role(pool), adapter_digest(pool, name), task.max_length, t.eval_batch_size)
@@ -441,7 +468,10 @@ class FedCoLLMLoop:
                 examples,
                 batch_size=t.eval_batch_size,
                 max_length=task.max_length,
+                on_scored=on_scored,
             )
+        elif on_scored is not None:
+            on_scored(choice_count(examples))
         return cache[key]
 
     def role(self, pool: AdapterPool) -> Role:
@@ -449,30 +479,47 @@ class FedCoLLMLoop:
         return "llm" if pool is self.server.llm else "slm"
 
     # ---- evaluation -----------------------------------------------------------------------------------
-    def evaluate(self, r: int) -> str:
-        """Multiple-choice accuracy on the held-out test split of whatever this algorithm trains; a
-        result already in the metrics (a resumed round's) is not computed again."""
-        plan, s, shown = self.plan, self.server, []
-        logged = {(m["model"], m["client"]): float(m["acc"]) for m in self.files.logged("mc", r)}
+    def evaluation_targets(self, r: int) -> list[tuple[Role, int | None]]:
+        """What round r's evaluation scores, in order: (model, client), client None for the server's."""
+        plan, targets = self.plan, list[tuple[Role, int | None]]()
         if r == 0 or plan.local_training:
             per_client = plan.local_training and not plan.aggregate and r > 0  # standalone
-            accs = []
-            for client in range(self.n) if per_client else [None]:
-                if ("slm", client) not in logged:
-                    name = SERVER if client is None else client_name(client)
-                    if client is not None:
-                        s.slm.load_state(name, self.client_adapters[client])
-                    logged["slm", client] = self.log_mc(r, s.slm, name, client)
-                accs.append(logged["slm", client])
+            targets += [("slm", client) for client in (range(self.n) if per_client else [None])]
+        if self.server.llm is not None and (r == 0 or plan.uses_llm):
+            targets.append(("llm", None))
+        return targets
+
+    def logged_mc(self, r: int) -> dict[tuple[Role, int | None], float]:
+        """Round r's accuracies already in the metrics (a resumed round's), by (model, client)."""
+        return {(m["model"], m["client"]): float(m["acc"]) for m in self.files.logged("mc", r)}
+
+    def evaluate(self, r: int, on_scored: OnScored | None = None) -> str:
+        """Multiple-choice accuracy on the held-out test split of whatever this algorithm trains; a
+        result already in the metrics (a resumed round's) is not computed again."""
+        s, shown = self.server, []
+        targets, logged = self.evaluation_targets(r), self.logged_mc(r)
+        for role, client in targets:
+            if (role, client) in logged:
+                continue
+            if role == "llm":
+                assert s.llm is not None
+                logged[role, client] = self.log_mc(r, s.llm, LLM_ADAPTER, None, on_scored)
+                continue
+            name = SERVER if client is None else client_name(client)
+            if client is not None:
+                s.slm.load_state(name, self.client_adapters[client])
+            logged[role, client] = self.log_mc(r, s.slm, name, client, on_scored)
+        accs = [logged[t] for t in targets if t[0] == "slm"]
+        if accs:
             shown.append(f"SLM acc {sum(accs) / len(accs):.3f}")
-        if s.llm is not None and (r == 0 or plan.uses_llm):
-            if ("llm", None) not in logged:
-                logged["llm", None] = self.log_mc(r, s.llm, LLM_ADAPTER, None)
+        if ("llm", None) in targets:
             shown.append(f"LLM acc {logged['llm', None]:.3f}")
         return "  ".join(shown)
 
-    def log_mc(self, r: int, pool: AdapterPool, name: str, client: int | None) -> float:
-        res = self.scored(pool, name, self.task.test, self.eval_cache)  # the held-out test split
+    def log_mc(
+        self, r: int, pool: AdapterPool, name: str, client: int | None, on_scored: OnScored | None = None
+    ) -> float:
+        res = self.scored(pool, name, self.task.test, self.eval_cache, on_scored)  # the held-out test split
         self.files.log(
             McRecord(
                 round=r, model=self.role(pool), client=client, acc=res.acc, acc_norm=res.acc_norm, n=res.n

@@ -17,7 +17,7 @@ from cotune.config.names import UPLOAD_ATTACKS
 from cotune.config.schema import ExperimentConfig
 from cotune.runtime import guard
 from cotune.runtime.client import ClientWork, train_works_together
-from cotune.runtime.port import OnStep, Prediction, Replies, TrainReplies, Upload
+from cotune.runtime.port import OnDone, OnStep, Prediction, Replies, TrainReplies, Upload
 from cotune.state import AdapterState, copied
 
 CLAIM = 10**9  # the example count a simulated `inflated_claim` attacker reports
@@ -127,15 +127,23 @@ class InProcessClients:
 
         return guard.run_clients_together(group, together)
 
-    def evaluate(self, round_: int, adapters: Mapping[int, AdapterState]) -> Replies[dict[str, float]]:
+    def evaluate(
+        self, round_: int, adapters: Mapping[int, AdapterState], on_done: OnDone | None = None
+    ) -> Replies[dict[str, float]]:
         replies: Replies[dict[str, float]] = Replies()
         for i, state in adapters.items():
             self.works[i].adopt(state)
             replies.ok[i] = self.works[i].evaluate()
+            if on_done is not None:
+                on_done(i)
         return replies
 
     def evaluate_peers(
-        self, round_: int, adapters: Mapping[int, AdapterState], val_batches: int
+        self,
+        round_: int,
+        adapters: Mapping[int, AdapterState],
+        val_batches: int,
+        on_done: OnDone | None = None,
     ) -> Replies[list[float]]:
         """Each client scores every peer on its validation windows. With `federation.parallel_clients`
         K > 1, each peer stays in its own slot and a client scores K of them per forward (one
@@ -145,21 +153,40 @@ class InProcessClients:
             for j, state in adapters.items():  # usually there already: an upload is its slot
                 self.works[j].adopt(state)
             slots = [self.works[j].learner.slot for j in adapters]
-            return Replies(
-                ok={i: self.works[i].peer_perplexity_in_slots(slots, val_batches, together) for i in adapters}
-            )
-        # copies: a peer's adapter may be a client's upload, which lives in the slot each client's scoring
-        # overwrites (see Clients.train)
-        peers = [copied(a) for a in adapters.values()]
-        return Replies(ok={i: self.works[i].peer_perplexity(peers, val_batches) for i in adapters})
+
+            def row(i: int) -> list[float]:
+                return self.works[i].peer_perplexity_in_slots(slots, val_batches, together)
+
+        else:
+            # copies: a peer's adapter may be a client's upload, which lives in the slot each client's
+            # scoring overwrites (see Clients.train)
+            peers = [copied(a) for a in adapters.values()]
+
+            def row(i: int) -> list[float]:
+                return self.works[i].peer_perplexity(peers, val_batches)
+
+        replies: Replies[list[float]] = Replies()
+        for i in adapters:
+            replies.ok[i] = row(i)
+            if on_done is not None:
+                on_done(i)
+        return replies
 
     def predict(
-        self, round_: int, adapters: Mapping[int, AdapterState], batches: int, batch_size: int, k: int
+        self,
+        round_: int,
+        adapters: Mapping[int, AdapterState],
+        batches: int,
+        batch_size: int,
+        k: int,
+        on_done: OnDone | None = None,
     ) -> Replies[Prediction]:
         replies: Replies[Prediction] = Replies()
         for i, state in adapters.items():
             self.works[i].adopt(state)
             replies.ok[i] = self.works[i].predict(batches, batch_size, k)
+            if on_done is not None:
+                on_done(i)
         return replies
 
     def set_base(self, update: AdapterState | None) -> None:

@@ -26,15 +26,17 @@ from cotune.config.schema import ExperimentConfig
 from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import wide_initialisation
 from cotune.records import CommRecord, EvalRecord, RoundRecord, RunEvent, TrainRecord, TrustRecord
-from cotune.reporting.progress import Activity
+from cotune.reporting.progress import Activity, Advance
 from cotune.runtime import guard
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline, check_trained
-from cotune.runtime.port import TEST_PREFIX, Clients, Prediction
+from cotune.runtime.port import TEST_PREFIX, Clients, OnDone, Prediction
 from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
 from cotune.state import AdapterState, copied, state_bytes
 
 SaveAdapter = Callable[[AdapterState, Path], None]  # writes one adapter in PEFT format
+# The evidence that takes an exchange with every client (one answer each): the aggregation's progress unit
+CLIENT_EVIDENCE = frozenset({"perplexity", "prediction_distance"})
 
 
 def prediction_distance(predictions: list[Prediction], k: int) -> torch.Tensor:
@@ -114,9 +116,14 @@ class PersonalizedLoop:
         return names
 
     def round_zero(self) -> None:
-        with self.activity.phase(f"round 0/{self.cfg.federation.rounds} · evaluation before training"):
-            self.evaluate(0)
+        self.evaluate_live(0, "evaluation before training")
         self.checkpoint(0)
+
+    def evaluate_live(self, r: int, what: str = "evaluation") -> float:
+        """`evaluate`, shown as a phase counted in clients."""
+        clients = self.members.present()
+        with self.activity.phase(f"round {r}/{self.cfg.federation.rounds} · {what}", len(clients)) as advance:
+            return self.evaluate(r, clients, lambda i: advance(note=client_name(i)))
 
     # ---- the loop -------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> None:
@@ -138,12 +145,13 @@ class PersonalizedLoop:
                 r, lambda client, loss: advance(note=f"{client_name(client)} loss {loss:.3f}")
             )
         t_train = time.perf_counter() - t0
-        with self.activity.phase(f"round {r}/{rounds} · aggregation ({self.cfg.strategy.name})"):
-            self.aggregate(r, round_start)
-        mean_ppl = None
-        if self.cfg.is_eval_round(r):
-            with self.activity.phase(f"round {r}/{rounds} · evaluation"):
-                mean_ppl = self.evaluate(r)
+        exchanges = len(REQUIRED_EVIDENCE[self.cfg.strategy.name] & CLIENT_EVIDENCE)
+        answers = exchanges * len(self.members.active()) or None  # None: no exchange, nothing to count
+        with self.activity.phase(
+            f"round {r}/{rounds} · aggregation ({self.cfg.strategy.name})", answers
+        ) as advance:
+            self.aggregate(r, round_start, advance)
+        mean_ppl = self.evaluate_live(r) if self.cfg.is_eval_round(r) else None
         wall = time.perf_counter() - t0
         self.log_traffic(r)
         self.files.log(
@@ -188,22 +196,32 @@ class PersonalizedLoop:
             )
         return sum(losses) / max(1, len(losses)), round_start
 
-    def gather_evidence(self, r: int, members: list[int]) -> tuple[list[int], TrustEvidence]:
-        """What the strategy needs about `members`, from those still in the round; returns them and it."""
+    def gather_evidence(
+        self, r: int, members: list[int], advance: Advance, expected: int
+    ) -> tuple[list[int], TrustEvidence]:
+        """What the strategy needs about `members`, from those still in the round; returns them and it.
+        `advance` counts the clients' answers, one per client and exchange (`CLIENT_EVIDENCE`); of the
+        `expected` clients (the phase's count), those left out (screened, gone) are counted at once."""
         s = self.cfg.strategy
         need = REQUIRED_EVIDENCE[s.name]
         sent = [i for i in members if i in self.members.active()]
+        if expected > len(sent):
+            advance((expected - len(sent)) * len(need & CLIENT_EVIDENCE))
+
+        def done(i: int) -> None:
+            advance(note=client_name(i))
+
         rows: dict[int, list[float]] | None = None
         predictions: dict[int, Prediction] | None = None
         if "perplexity" in need:  # every client receives every peer's adapter
             peers = {i: self.adapters[i] for i in sent}
             self.sent.update({i: sum(state_bytes(a) for a in peers.values()) for i in sent})
-            replies = self.clients.evaluate_peers(r, peers, s.val_batches)
+            replies = self.clients.evaluate_peers(r, peers, s.val_batches, done)
             self.members.note_failures(r, "evidence", replies)
             rows = replies.ok
         if "prediction_distance" in need:
             bs = self.cfg.train.eval_batch_size
-            got = self.clients.predict(r, self.send(sent), s.public_batches, bs, s.logits_topk)
+            got = self.clients.predict(r, self.send(sent), s.public_batches, bs, s.logits_topk, done)
             self.members.note_failures(r, "evidence", got)
             predictions = got.ok
             self.received.update(
@@ -224,7 +242,7 @@ class PersonalizedLoop:
             ev.mixtures = label_mixtures([self.members.joined[i] for i in members])
         return members, ev
 
-    def aggregate(self, r: int, round_start: list[AdapterState]) -> None:
+    def aggregate(self, r: int, round_start: list[AdapterState], advance: Advance) -> None:
         """Screen the uploads, mix the accepted ones; the others keep their round-start adapter."""
         answered = self.members.active()
         uploads = [self.adapters[i] for i in answered]
@@ -234,7 +252,7 @@ class PersonalizedLoop:
         def evidence(accepted: list[int], adapters: list[AdapterState]) -> tuple[list[int], TrustEvidence]:
             for i, state in zip(accepted, adapters, strict=True):  # evidence is taken on what was uploaded
                 self.adapters[i] = state
-            return self.gather_evidence(r, accepted)
+            return self.gather_evidence(r, accepted, advance, len(answered))
 
         mixed = self.pipeline.personalized(
             r, self.n, answered, uploads, [round_start[i] for i in answered], evidence
@@ -274,10 +292,10 @@ class PersonalizedLoop:
         )
         self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
 
-    def evaluate(self, r: int) -> float:
-        """Each active client's validation (and test) loss and perplexity; returns their mean validation
+    def evaluate(self, r: int, clients: list[int], on_done: OnDone | None = None) -> float:
+        """Each of `clients`' validation (and test) loss and perplexity; returns their mean validation
         perplexity (what the console shows; reports read the test records)."""
-        replies = self.clients.evaluate(r, self.send(self.members.present()))
+        replies = self.clients.evaluate(r, self.send(clients), on_done)
         self.members.note_failures(r, "evaluate", replies)
         ppls = []
         for i, m in sorted(replies.ok.items()):

@@ -23,6 +23,9 @@ TEST_PREFIX = "test_"  # an evaluate reply's test-split metrics, beside the vali
 # Per public batch, the top-k logits of one client: (values, indices), each (batch, seq, k).
 TopK = list[tuple[torch.Tensor, torch.Tensor]]
 OnStep = Callable[[int, float], None]  # (client, loss) after each local optimizer step
+# (client) once a client's part of an exchange is over (answered or failed): the unit of progress of
+# evaluation and trust evidence, the one every transport can count (on Flower, a reply arriving)
+OnDone = Callable[[int], None]
 
 
 @dataclass
@@ -85,19 +88,32 @@ class Clients(Protocol):
         """
         ...
 
-    def evaluate(self, round_: int, adapters: Mapping[int, AdapterState]) -> Replies[dict[str, float]]:
+    def evaluate(
+        self, round_: int, adapters: Mapping[int, AdapterState], on_done: OnDone | None = None
+    ) -> Replies[dict[str, float]]:
         """Client i evaluates adapters[i] on its own validation data (loss, ppl, acc, tokens) and, when it
-        holds a test split, on that too (the same keys prefixed TEST_PREFIX)."""
+        holds a test split, on that too (the same keys prefixed TEST_PREFIX). `on_done(i)` as each
+        client's part is over, here and in `evaluate_peers` and `predict`."""
         ...
 
     def evaluate_peers(
-        self, round_: int, adapters: Mapping[int, AdapterState], val_batches: int
+        self,
+        round_: int,
+        adapters: Mapping[int, AdapterState],
+        val_batches: int,
+        on_done: OnDone | None = None,
     ) -> Replies[list[float]]:
         """Client i's row of P: the perplexity of every given adapter (in key order) on its data."""
         ...
 
     def predict(
-        self, round_: int, adapters: Mapping[int, AdapterState], batches: int, batch_size: int, k: int
+        self,
+        round_: int,
+        adapters: Mapping[int, AdapterState],
+        batches: int,
+        batch_size: int,
+        k: int,
+        on_done: OnDone | None = None,
     ) -> Replies[Prediction]:
         """Client i's top-k logits with adapters[i] on the shared public reference set."""
         ...

@@ -24,7 +24,7 @@ from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
 from cotune.runtime.flower import protocol as p
 from cotune.runtime.flower import secagg
-from cotune.runtime.port import OnStep, Prediction, Replies, TrainReplies, Upload
+from cotune.runtime.port import OnDone, OnStep, Prediction, Replies, TrainReplies, Upload
 from cotune.runtime.rundir import config_fingerprint
 from cotune.state import AdapterState
 
@@ -99,15 +99,20 @@ class FlowerClients:
             self.base_held.clear()
 
     # ---- exchanges --------------------------------------------------------------------------------------
-    def send_and_receive(self, messages: list[Message]) -> list[Message]:
+    def send_and_receive(
+        self, messages: list[Message], on_reply: Callable[[Message], None] | None = None
+    ) -> list[Message]:
         """Flower's Grid.send_and_receive, asking for replies every `poll_interval` instead of every 3 s:
-        the replies that came within `round_timeout`."""
+        the replies that came within `round_timeout`, each given to `on_reply` as it arrives."""
         pending = set(self.grid.push_messages(messages))
         deadline = time.monotonic() + self.settings.round_timeout
         replies: list[Message] = []
         while pending:
             got = list(self.grid.pull_messages(pending))
             replies += got
+            if on_reply is not None:
+                for reply in got:
+                    on_reply(reply)
             pending -= {m.metadata.reply_to_message_id for m in got}
             if not pending or time.monotonic() >= deadline:
                 break
@@ -115,16 +120,34 @@ class FlowerClients:
         return replies
 
     def exchange(
-        self, round_: int, message_type: str, bodies: Mapping[int, RecordDict]
+        self,
+        round_: int,
+        message_type: str,
+        bodies: Mapping[int, RecordDict],
+        on_done: OnDone | None = None,
     ) -> Replies[RecordDict]:
-        """One message per client; replies by client, and why the others gave none."""
+        """One message per client; replies by client, and why the others gave none. `on_done(i)` as
+        client i's reply (an answer or an error) arrives."""
         messages = {
             i: Message(body, dst_node_id=self.nodes[i], message_type=message_type, group_id=str(round_))
             for i, body in bodies.items()
         }
-        replies = self.send_and_receive(list(messages.values()))
         # By the message replied to, not the sender: the SuperLink itself answers for an unavailable node.
-        by_id = {m.metadata.message_id: i for i, m in messages.items()}
+        # (Message ids are given as the messages are pushed.)
+        by_id: dict[str, int] = {}
+        heard: set[int] = set()
+
+        def arrived(reply: Message) -> None:
+            if not by_id:
+                by_id.update({m.metadata.message_id: i for i, m in messages.items()})
+            i = by_id.get(reply.metadata.reply_to_message_id)
+            if on_done is not None and i is not None and i not in heard:
+                heard.add(i)
+                on_done(i)
+
+        replies = self.send_and_receive(list(messages.values()), arrived)
+        if not by_id:
+            by_id.update({m.metadata.message_id: i for i, m in messages.items()})
         out: Replies[RecordDict] = Replies()
         for reply in replies:
             i = by_id.get(reply.metadata.reply_to_message_id)
@@ -244,28 +267,41 @@ class FlowerClients:
                 out.failed[i] = "did not complete the SecAgg+ round"
         return out
 
-    def evaluate(self, round_: int, adapters: Mapping[int, AdapterState]) -> Replies[dict[str, float]]:
+    def evaluate(
+        self, round_: int, adapters: Mapping[int, AdapterState], on_done: OnDone | None = None
+    ) -> Replies[dict[str, float]]:
         job = self.job(round_)
         bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
-        got = self.exchange(round_, p.EVALUATE, bodies)
+        got = self.exchange(round_, p.EVALUATE, bodies, on_done)
         return Replies({i: metrics(body) for i, body in got.ok.items()}, got.failed)
 
     def evaluate_peers(
-        self, round_: int, adapters: Mapping[int, AdapterState], val_batches: int
+        self,
+        round_: int,
+        adapters: Mapping[int, AdapterState],
+        val_batches: int,
+        on_done: OnDone | None = None,
     ) -> Replies[list[float]]:
         peers = {f"{p.PEER_PREFIX}{j}": p.tensors_to_record(a) for j, a in adapters.items()}
         job = self.job(round_, peers=list(adapters), val_batches=val_batches)
-        got = self.exchange(round_, p.EVALUATE_PEERS, {i: self.body(i, job, peers) for i in adapters})
+        bodies = {i: self.body(i, job, peers) for i in adapters}
+        got = self.exchange(round_, p.EVALUATE_PEERS, bodies, on_done)
         rows = {i: [float(x) for x in body.metric_records[p.METRICS]["ppl"]] for i, body in got.ok.items()}  # type: ignore[union-attr]
         return Replies(rows, got.failed)
 
     def predict(
-        self, round_: int, adapters: Mapping[int, AdapterState], batches: int, batch_size: int, k: int
+        self,
+        round_: int,
+        adapters: Mapping[int, AdapterState],
+        batches: int,
+        batch_size: int,
+        k: int,
+        on_done: OnDone | None = None,
     ) -> Replies[Prediction]:
         """A node predicts with the adapter it holds, which is the one the loop holds for it."""
         job = self.job(round_, public_batches=batches, batch_size=batch_size, k=k)
         bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
-        got = self.exchange(round_, p.PREDICT, bodies)
+        got = self.exchange(round_, p.PREDICT, bodies, on_done)
         out: Replies[Prediction] = Replies(failed=got.failed)
         for i, body in got.ok.items():
             info = body.config_records[p.INFO]
