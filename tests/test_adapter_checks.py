@@ -162,3 +162,20 @@ def test_loading_a_saved_model_prints_no_progress_bar(capfd, tmp_path):
     load_base_model(ModelConfig(name=str(tmp_path / "m")), torch.device("cpu"), torch.float32)
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "\r" not in err and "it/s]" not in err, err
+
+
+def test_a_round_stops_only_when_every_client_diverged():
+    """One client's exploded or non-finite upload is one bad upload among good ones (the screening's);
+    when every client of the round diverged, the cause is the run's settings and the run stops."""
+    from cotune.training.divergence import TrainingDiverged, check_round
+
+    start = {"m.lora_A.weight": torch.zeros(2, 8), "m.lora_B.weight": torch.zeros(8, 2)}
+    fine = {"m.lora_A.weight": torch.full((2, 8), 0.01), "m.lora_B.weight": torch.full((8, 2), 0.01)}
+    exploded = {"m.lora_A.weight": torch.full((2, 8), 30.0), "m.lora_B.weight": torch.full((8, 2), 30.0)}
+    nan = {**fine, "m.lora_B.weight": torch.full((8, 2), float("nan"))}
+    check_round(2, {"client-00": (3.0, fine, start), "client-01": (3.0, exploded, start)}, 2.0, "train.lr")
+    check_round(2, {"client-00": (3.0, nan, start), "client-01": (3.0, fine, start)}, 2.0, "train.lr")
+    with pytest.raises(TrainingDiverged, match=r"client-00 in round 2: its update exploded .*1 other client"):
+        check_round(2, {"client-00": (3.0, exploded, start), "client-01": (3.0, nan, start)}, 2.0, "train.lr")
+    with pytest.raises(TrainingDiverged, match="loss is not finite"):
+        check_round(1, {"client-03": (float("nan"), fine, start)}, 2.0, "train.lr")

@@ -26,6 +26,7 @@ from cotune.assets import (
 from cotune.config.schema import ModelConfig, TinyModelConfig
 from cotune.models import loader
 from cotune.models.loader import (
+    DeviceError,
     ModelNotFoundError,
     gguf_cache_dir,
     load_base_model,
@@ -248,9 +249,9 @@ def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
     _no_accelerators(monkeypatch)
     assert resolve_device("auto") == CPU
     assert resolve_device("CPU") == CPU
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+    with pytest.raises(DeviceError, match="CUDA is not available"):  # an ordinary condition: exit 2
         resolve_device("cuda")
-    with pytest.raises(RuntimeError, match="MPS is not available"):
+    with pytest.raises(DeviceError, match="MPS is not available"):
         resolve_device("mps")
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("gpu")

@@ -225,11 +225,11 @@ def test_a_run_stopped_during_a_test_evaluation_resumes_it_without_training_agai
     (full,) = run_experiment(config_from_dict(tree(task_file, tmp_path, algorithm, run={"name": "full"})))
     original, calls = fedcollm.FedCoLLMLoop.log_mc, []
 
-    def stops(self, r, pool, name, client):
+    def stops(self, r, pool, name, client, *more):
         calls.append(r)
         if calls.count(stop_at) == 2:
             raise RuntimeError("stopped")
-        return original(self, r, pool, name, client)
+        return original(self, r, pool, name, client, *more)
 
     monkeypatch.setattr(fedcollm.FedCoLLMLoop, "log_mc", stops)
     cfg = config_from_dict(tree(task_file, tmp_path, algorithm, run={"name": "part"}))

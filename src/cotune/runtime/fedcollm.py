@@ -323,8 +323,9 @@ class FedCoLLMLoop:
                 lambda k, loss: advance(note=f"{client_name(k)} loss {loss:.3f}"),
                 secure_weights=secure,
             )
-        for k, up in sorted(replies.ok.items()):
-            check_trained(self.cfg, r, k, float(up.metrics["loss"]), up.adapter, sent[k])
+        check_trained(
+            self.cfg, r, {k: (float(up.metrics["loss"]), up.adapter, sent[k]) for k, up in replies.ok.items()}
+        )
         for k, up in list(replies.ok.items()):
             try:
                 self.check(up.adapter)

@@ -176,8 +176,8 @@ class PersonalizedLoop:
         replies = self.clients.train(r, self.send(self.members.active()), self.steps_in_round(r), on_step)
         self.members.note_failures(r, "train", replies)
         losses = []
-        for i, up in sorted(replies.ok.items()):
-            check_trained(self.cfg, r, i, float(up.metrics["loss"]), up.adapter, round_start[i])
+        trained = {i: (float(up.metrics["loss"]), up.adapter, round_start[i]) for i, up in replies.ok.items()}
+        check_trained(self.cfg, r, trained)
         for i, up in sorted(replies.ok.items()):
             self.received[i] += state_bytes(up.adapter)
             self.adapters[i] = up.adapter

@@ -32,25 +32,29 @@ from cotune.runtime import guard
 from cotune.runtime.guard import Log
 from cotune.runtime.rundir import client_name
 from cotune.state import AdapterState
-from cotune.training.divergence import check_training
+from cotune.training.divergence import check_round
 
 
 def check_trained(
-    cfg: ExperimentConfig, round_: int, client: int, loss: float, upload: AdapterState, sent: AdapterState
+    cfg: ExperimentConfig, round_: int, trained: Mapping[int, tuple[float, AdapterState, AdapterState]]
 ) -> None:
-    """Stop the run when client `client`'s local training in `round_` from `sent` to `upload` diverged
-    (`training.divergence`: a non-finite loss or adapter, an exploded update).
+    """Stop the run when every client that trained in `round_` diverged (`training.divergence.check_round`):
+    `trained` maps each client to (its loss, its upload, the adapter it was sent).
 
-    A run that declares untrusted clients (`robustness.max_update_norm` or a robust aggregator) screens
-    bad uploads instead (`update_rejected`, and `federation.min_clients` stops it when too few are left):
-    one faulty or malicious client must not stop a federation built to withstand it. Likewise a
-    simulated attacker's upload is what the screening is for, so only its (honest) loss counts."""
+    Not in runs that break themselves on purpose or expect untrusted clients: with `simulation.attack`
+    the damage is the experiment (honest clients trained from a poisoned average diverge too), and
+    `robustness.max_update_norm` or a robust aggregator screen bad uploads instead (`update_rejected`;
+    `federation.min_clients` stops the run when too few are left)."""
     r = cfg.robustness
-    if r.max_update_norm is not None or r.aggregator != "mean":
+    if cfg.simulation.attack.clients or r.max_update_norm is not None or r.aggregator != "mean":
         return
-    adapter = {} if guard.is_attacker(cfg, client, round_) else upload
     scale = cfg.lora.alpha / cfg.lora.r  # one scale at every rank (models.lora.lora_config)
-    check_training(client_name(client), round_, loss, adapter, sent, scale, cfg.train.lr)
+    lower = f"train.lr (this run's is {cfg.train.lr:.3g})"
+    if cfg.is_cotuning:  # the clients start from the server's distilled theta
+        lower += (
+            f" or distill.slm_lr ({cfg.distill.slm_lr or cfg.train.lr:.3g}: the clients start from its theta)"
+        )
+    check_round(round_, {client_name(k): v for k, v in trained.items()}, scale, lower)
 
 
 # evidence(accepted, adapters) -> (the members it could be gathered from, evidence about them)

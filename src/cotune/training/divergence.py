@@ -9,8 +9,8 @@ Training has diverged when, after a client's local steps,
   and a working LoRA's update is far smaller still, so an update this large drowns the model it adapts:
   its predictions collapse towards uniform (loss near log(vocab size)), as `train.lr=10` does on the
   tiny model within one round, while the loss alone stays near where a random model starts.
-A diverged run stops (`TrainingDiverged`, exit 2) with its completed rounds kept; nothing here changes
-what training computes (it only reads the uploads).
+A run stops (`TrainingDiverged`, exit 2) with its completed rounds kept when every client of a round
+diverged (`check_round`); nothing here changes what training computes (it only reads the uploads).
 """
 
 from __future__ import annotations
@@ -71,22 +71,30 @@ def divergence(
     return None
 
 
-def check_training(
-    client: str,
+def check_round(
     round_: int,
-    loss: float,
-    adapter: Mapping[str, Tensor],
-    start: Mapping[str, Tensor],
+    trained: Mapping[str, tuple[float, Mapping[str, Tensor], Mapping[str, Tensor]]],
     scale: float,
-    lr: float,
+    lower: str,
 ) -> None:
-    """Stop the run when `client`'s training in `round_` (from `start` to `adapter`) diverged, saying
-    what to do."""
-    what = divergence(loss, adapter, start, scale)
-    if what is not None:
-        kept = "round 0" if round_ == 1 else f"rounds 0-{round_ - 1}"
-        raise TrainingDiverged(
-            f"training diverged: {client} in round {round_}: {what}. The run stopped; its checkpoints of "
-            f"{kept} are kept. Start a new run with a lower train.lr (this run's is {lr:.3g}) or with "
-            "train.max_grad_norm set; a resume would diverge again"
-        )
+    """Stop the run when every client that trained in `round_` diverged: `trained` maps each client's name
+    to (its loss, its adapter, the adapter it started from).
+
+    Every client, because then the cause is the run's settings (all clients share them), and going on only
+    wastes the remaining rounds (`lower` names the settings to lower, with their values). One client
+    that diverges alone is one bad upload among good ones, which the screening and the aggregation deal
+    with (a non-finite upload is always rejected): it must not stop a federation whose other clients are
+    fine."""
+    found = {
+        name: divergence(loss, adapter, start, scale) for name, (loss, adapter, start) in trained.items()
+    }
+    if not found or any(what is None for what in found.values()):
+        return
+    first = min(found)
+    kept = "round 0" if round_ == 1 else f"rounds 0-{round_ - 1}"
+    others = f" (and so did the {len(found) - 1} other client(s) of the round)" if len(found) > 1 else ""
+    raise TrainingDiverged(
+        f"training diverged: {first} in round {round_}: {found[first]}{others}. The run stopped; its "
+        f"checkpoints of {kept} are kept. Start a new run with a lower {lower} or with train.max_grad_norm "
+        "set; a resume would diverge again"
+    )
