@@ -5,6 +5,7 @@
 - `bench/index.md` (and the tables and plots it links, under `bench/results/`): bench/README.md itself.
 - Links from a page under docs/ to a file of the repository outside it (`../examples/x.yaml`, valid
   on GitHub) become plain text naming that file, and `../bench/README.md#...` the benchmarks page.
+- A pipe in code in a table cell, escaped for GitHub, loses its backslash (Python-Markdown needs none).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
+CODE_SPAN = re.compile(r"`[^`\n]*`")
 OUTSIDE_LINK = re.compile(r"\[([^\]]+)\]\(\.\./([^)#\s]+)(#[^)\s]*)?\)")
 
 
@@ -49,11 +51,21 @@ def outside_link(match: re.Match[str]) -> str:
     return text if text.strip("`") == target else f"{text} (`{target}`)"
 
 
+def table_code_pipes(markdown: str) -> str:
+    """GitHub wants `a\\|b` for a pipe in code in a table cell and shows `a|b`; Python-Markdown's tables
+    already keep a pipe inside code in its cell and would show the backslash: drop it there."""
+    return "\n".join(
+        CODE_SPAN.sub(lambda m: m.group(0).replace("\\|", "|"), line) if line.startswith("|") else line
+        for line in markdown.split("\n")
+    )
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
     """The config reference from the schema as it is now; links that only make sense in the repository
     rewritten (pages at docs/ top level only)."""
     if page.file.src_uri == "config-reference.md":
         return config_reference()
+    markdown = table_code_pipes(markdown)
     if "/" in page.file.src_uri:
         return markdown
     return OUTSIDE_LINK.sub(outside_link, markdown)
