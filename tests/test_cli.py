@@ -1,4 +1,4 @@
-"""The README's commands, end to end, through the real CLI."""
+"""The commands of the README and docs/outputs.md (run, resume, report), end to end, through the real CLI."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Reports and privacy under P12: per-run client labels, names with control characters, atomic report
 files, meaningless DP settings, the report's privacy section, caches kept in the run directory, and the
-README's MLflow read-back command run as written."""
+docs' MLflow read-back command (docs/outputs.md) run as written."""
 
 from __future__ import annotations
 
@@ -191,11 +191,12 @@ def test_report_has_a_privacy_section_whenever_dp_is_on(corpus_dir, tmp_path):
     assert "Differential privacy" not in (tmp_path / "plain" / "runs" / "t" / "report.md").read_text()
 
 
-# ---- items 2 and 6: MLflow read-back as the README writes it; caches inside the run directory ---------
+# ---- items 2 and 6: MLflow read-back as docs/outputs.md writes it; caches inside the run directory ---------
 
 
 def _readme_command(prefix: str) -> str:
-    section = (ROOT / "README.md").read_text().split("## Experiment trackers", 1)[1].split("\n## ", 1)[0]
+    text = (ROOT / "docs" / "outputs.md").read_text()
+    section = text.split("## Experiment trackers", 1)[1].split("\n## ", 1)[0]
     (line,) = [ln for ln in section.splitlines() if ln.startswith(prefix)]
     return line
 

@@ -34,18 +34,22 @@ class Section(BaseModel):
 class TinyModelConfig(Section):
     """A randomly initialised Llama-style model built from a config: no download, for tests."""
 
-    hidden_size: PositiveInt = 64
-    num_layers: PositiveInt = 2
-    num_heads: PositiveInt = 4
-    intermediate_size: PositiveInt = 128
-    max_position_embeddings: PositiveInt = 512
+    hidden_size: PositiveInt = Field(
+        64, description="model width (divisible by num_heads; each head's share even)"
+    )
+    num_layers: PositiveInt = Field(2, description="decoder layers")
+    num_heads: PositiveInt = Field(4, description="attention heads")
+    intermediate_size: PositiveInt = Field(128, description="width of each layer's MLP")
+    max_position_embeddings: PositiveInt = Field(
+        512, description="longest sequence the model takes, in tokens"
+    )
     num_kv_heads: PositiveInt | None = Field(None, description="grouped-query attention (default: num_heads)")
     vocab_size: PositiveInt | None = Field(
         None,
         description="embedding rows (default: the byte tokenizer's 258); more gives a real model's output "
         "layer cost, e.g. 49152 for a SmolLM2-shaped benchmark model",
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of the random weights")
 
     @model_validator(mode="after")
     def _attention_shape(self) -> TinyModelConfig:
@@ -70,19 +74,32 @@ class TinyModelConfig(Section):
 
 
 class ModelConfig(Section):
+    """The base model every client fine-tunes (FedCoLLM: the clients' small model, SLM)."""
+
     name: str = Field(
         "tiny",
         description="'tiny', an asset name (cotune assets list), a hub id, a local directory or a .gguf file",
     )
-    tiny: TinyModelConfig = TinyModelConfig()
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tiny: TinyModelConfig = Field(
+        TinyModelConfig(), description="name: tiny: the sizes of the random test model"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="compute dtype; auto: bfloat16 on a CUDA GPU that supports it natively, else float32",
+    )
 
 
 class LoraSettings(Section):
+    """The LoRA adapter each client trains: its shape is what travels."""
+
     r: PositiveInt = Field(8, description="the LoRA rank (with lora.ranks: the rank lora.alpha refers to)")
-    alpha: PositiveFloat = 16
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    alpha: PositiveFloat = Field(16, description="LoRA scale: the weight update is alpha / r x B A")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA branch's input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        description="the linear modules that get a LoRA (a name the model lacks is an error listing its own)",
+    )
     ranks: list[PositiveInt | str] | None = Field(
         None,
         description="a rank per client (a number, or a name from lora.tiers): clients of different hardware "
@@ -123,7 +140,9 @@ class LoraSettings(Section):
 class SourceConfig(Section):
     """One labelled text source; its documents are tagged with a label that partitioners use."""
 
-    corpus: Literal["bbc", "wikipedia", "python", "files"]
+    corpus: Literal["bbc", "wikipedia", "python", "files"] = Field(
+        description="bbc news, wikipedia vital articles, python (the standard library's source), or files"
+    )
     path: Path | None = Field(
         None,
         description="for corpus=files: a .txt/.jsonl/.parquet/.csv/.json/.arrow file, a directory of "
@@ -133,11 +152,16 @@ class SourceConfig(Section):
     label_column: str = Field(
         "label", description="tables and .jsonl: the label column (optional in the data)"
     )
-    languages: list[Literal["en", "fr", "es"]] = Field(default_factory=lambda: ["en"])  # type: ignore[arg-type]
-    label_by: Literal["topic", "language", "source"] = "topic"
+    languages: list[Literal["en", "fr", "es"]] = Field(
+        default_factory=lambda: ["en"],  # type: ignore[arg-type]
+        description="wikipedia: the languages to read",
+    )
+    label_by: Literal["topic", "language", "source"] = Field(
+        "topic", description="what a document's label is: its topic, its language or its source"
+    )
     labels: list[str] | None = Field(None, description="keep only documents with these labels")
     label: str | None = Field(None, description="override: give every document of this source this label")
-    max_docs: PositiveInt | None = None
+    max_docs: PositiveInt | None = Field(None, description="read at most this many documents")
 
     @model_validator(mode="after")
     def _files_need_path(self) -> SourceConfig:
@@ -147,7 +171,13 @@ class SourceConfig(Section):
 
 
 class PartitionConfig(Section):
-    kind: Literal["one_label", "mixed", "dirichlet", "iid"] = "one_label"
+    """How the documents (or examples) are dealt to the clients by label."""
+
+    kind: Literal["one_label", "mixed", "dirichlet", "iid"] = Field(
+        "one_label",
+        description="one_label: one label per client; mixed: major_fraction of one label, the rest the next; "
+        "dirichlet: label shares drawn with concentration alpha; iid: at random",
+    )
     labels: list[str] | None = Field(
         None, description="label order for client assignment (default: sorted labels)"
     )
@@ -156,11 +186,17 @@ class PartitionConfig(Section):
 
 
 class DataConfig(Section):
-    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(corpus="bbc")], min_length=1)
+    """The personalized family's text: where it comes from, how it is split across clients, its windows."""
+
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig(corpus="bbc")],
+        min_length=1,
+        description="the labelled text sources, read in order",
+    )
     path: Path | None = Field(
         None, description="shortcut for your own data: replaces 'sources' by one files source at this path"
     )
-    seq_len: PositiveInt = 128
+    seq_len: PositiveInt = Field(128, description="tokens per window (documents are packed, EOS-separated)")
     val_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="share of each client's documents for validation (validation trust)"
     )
@@ -172,8 +208,8 @@ class DataConfig(Section):
         "seen by any trust evidence; reports score it (0: no test split, reports fall back to validation)",
     )
     max_train_windows: PositiveInt | None = Field(None, description="cap per client")
-    max_val_windows: PositiveInt = 32
-    max_test_windows: PositiveInt = 32
+    max_val_windows: PositiveInt = Field(32, description="cap on each client's validation windows")
+    max_test_windows: PositiveInt = Field(32, description="cap on each client's test windows")
     public_windows: int = Field(32, ge=0, description="shared public reference set (prediction trust)")
     partition: PartitionConfig = PartitionConfig()
     clients: list[Path] | None = Field(
@@ -225,15 +261,21 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    lr: PositiveFloat = 2e-3
-    batch_size: PositiveInt = 8
-    grad_accum: PositiveInt = 1
-    max_grad_norm: float | None = Field(1.0, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    """Each client's local training: AdamW with a warmup + cosine learning-rate schedule."""
+
+    lr: PositiveFloat = Field(2e-3, description="peak learning rate")
+    batch_size: PositiveInt = Field(8, description="windows (FedCoLLM: examples) per forward/backward pass")
+    grad_accum: PositiveInt = Field(1, description="forward/backward passes per optimizer step")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping norm (null: no clipping)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1)")
-    warmup_ratio: float = Field(0.02, ge=0.0, lt=1.0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    eval_batch_size: PositiveInt = 8
+    warmup_ratio: float = Field(
+        0.02, ge=0.0, lt=1.0, description="share of the steps that warm the learning rate up"
+    )
+    min_lr_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="the cosine schedule ends at this share of lr"
+    )
+    eval_batch_size: PositiveInt = Field(8, description="windows (examples) per evaluation forward pass")
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> TrainConfig:
@@ -243,8 +285,10 @@ class TrainConfig(Section):
 
 
 class FederationConfig(Section):
-    clients: PositiveInt = 4
-    rounds: PositiveInt = 16
+    """The federation's schedule: clients, rounds, who takes part and how long they may take."""
+
+    clients: PositiveInt = Field(4, description="number of clients (data owners)")
+    rounds: PositiveInt = Field(16, description="aggregation rounds")
     local_steps: PositiveInt = Field(
         25, description="local optimizer steps between aggregations (trust_every)"
     )
@@ -318,12 +362,20 @@ class FederationConfig(Section):
 
 
 class StrategyConfig(Section):
-    name: StrategyName = "fedavg"
+    """Personalized family: how each client's adapter is mixed from the others' (the trust matrix W)."""
+
+    name: StrategyName = Field(
+        "fedavg", description="the strategy: what W is (the strategy table in Methods)"
+    )
     tau: PositiveFloat | None = Field(
         None, description="softmax temperature (default: 0.1 prediction, else 1)"
     )
-    selection: Literal["all", "topk", "threshold"] = "all"
-    topk: PositiveInt = 3
+    selection: Literal["all", "topk", "threshold"] = Field(
+        "all",
+        description="all: softmax over every score; topk: over each row's topk largest (the rest get 0); "
+        "threshold: over the scores above threshold, always keeping the 2 largest",
+    )
+    topk: PositiveInt = Field(3, description="selection topk: scores kept per row")
     threshold: float | None = Field(
         None, description="on pre-softmax scores (default: 0.5 weight, -30 validation, -50 prediction)"
     )
@@ -345,8 +397,10 @@ class StrategyConfig(Section):
 
 
 class RunConfig(Section):
-    seed: int = 0
-    out_dir: Path = Path("runs")
+    """The run as a whole: its seed, where it is written, what it is compared with and reported to."""
+
+    seed: int = Field(0, description="seed of the data partition, initialisation and every client's batches")
+    out_dir: Path = Field(Path("runs"), description="the directory run directories are created in")
     name: str | None = Field(
         None,
         description="run directory name inside run.out_dir (default: the config file's stem)",
@@ -367,18 +421,18 @@ class RunConfig(Section):
 class LLMConfig(Section):
     """The server's large model (FedCoLLM): its frozen base and its server-only LoRA."""
 
-    model: ModelConfig = ModelConfig()
-    lora: LoraSettings = LoraSettings()
+    model: ModelConfig = Field(ModelConfig(), description="the LLM's base model (keys as model)")
+    lora: LoraSettings = Field(LoraSettings(), description="the LLM's server-only LoRA omega (keys as lora)")
     lr: PositiveFloat | None = Field(None, description="LLM learning rate (default: train.lr)")
 
 
 class TaskColumns(Section):
     """Where a task table keeps each field (parquet / CSV / JSON / arrow / save_to_disk, and .jsonl keys)."""
 
-    prompt: str = "prompt"
-    choices: str = "choices"
-    answer: str = "answer"
-    label: str = "label"
+    prompt: str = Field("prompt", description="the question")
+    choices: str = Field("choices", description="the list of choices (a CSV holds it as JSON text)")
+    answer: str = Field("answer", description="the right answer: its index or the choice itself")
+    label: str = Field("label", description="the example's label (optional; task.partition deals by it)")
 
 
 class TaskConfig(Section):
@@ -392,7 +446,9 @@ class TaskConfig(Section):
     )
     labels: list[str] | None = Field(None, description="choices of a topic task (default: every label)")
     max_chars: PositiveInt = Field(600, description="topic task: article text cut to this many characters")
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="share held out as the test set (stratified)"
+    )
     max_test_examples: PositiveInt | None = Field(None, description="evaluate on at most this many")
     partition: PartitionConfig | None = Field(
         None, description="None/iid: the paper's split (train set into 1 public + K client parts)"
@@ -437,7 +493,9 @@ class DistillConfig(Section):
     """Server-side mutual knowledge distillation (FedCoLLM step 4)."""
 
     lam: float = Field(1.0, ge=0.0, description="weight of the KL term")
-    temperature: PositiveFloat = 1.0
+    temperature: PositiveFloat = Field(
+        1.0, description="temperature T of both KL terms (scaled by T squared)"
+    )
     topk: PositiveInt | None = Field(None, description="keep only the teacher's top-k logits (ref: 128)")
     kd_target: Literal["vocab", "choices"] = Field(
         "vocab",
@@ -566,20 +624,31 @@ class AttackConfig(Section):
 class FaultConfig(Section):
     """An injected fault (embedded runtimes only): the client raises, or takes `seconds` longer."""
 
-    client: int = Field(ge=0)
+    client: int = Field(ge=0, description="index of the faulty client")
     rounds: list[PositiveInt] | None = Field(None, description="rounds it happens in (None: every round)")
-    kind: Literal["error", "delay"] = "error"
+    kind: Literal["error", "delay"] = Field(
+        "error", description="error: its round work raises; delay: it waits"
+    )
     seconds: float = Field(0.0, ge=0.0, description="delay: extra seconds of the client's round work")
 
 
 class SimulationConfig(Section):
+    """Simulated attacks and faults, for experiments (embedded runtimes only)."""
+
     attack: AttackConfig = AttackConfig()
     faults: list[FaultConfig] = Field(default_factory=list)
 
 
 class ExperimentConfig(Section):
-    algorithm: Algorithm = "personalized"
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """One experiment: the whole YAML file."""
+
+    algorithm: Algorithm = Field(
+        "personalized",
+        description="personalized (a LoRA per client, mixed by strategy), or fedcollm and its baselines",
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: CUDA (bf16 where supported), else MPS, else CPU"
+    )
     model: ModelConfig = ModelConfig()
     lora: LoraSettings = LoraSettings()
     data: DataConfig = DataConfig()
