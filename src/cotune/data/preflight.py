@@ -108,6 +108,11 @@ def file_problems(f: Path, src: SourceConfig, setting: str) -> Iterator[str]:
         yield from jsonl_problems(f, lambda line, where: jsonl_document(line, where, src.text_column))
     elif f.stat().st_size > MAX_TEXT_BYTES:
         yield f"{f}: over the {MAX_TEXT_BYTES >> 20} MiB limit for one text file; split it into several files"
+    elif f.stat().st_size <= PARSE_LIMIT:  # binary or not UTF-8: found now, not after the model loads
+        try:
+            read_user_text(f)
+        except DataError as exc:
+            yield str(exc)
 
 
 def task_problems(key: str, path: Path, columns: TaskColumns) -> list[str]:
