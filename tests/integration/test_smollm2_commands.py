@@ -2,7 +2,8 @@
 
 The tiny model has no chat template, so only a real model shows that `generate` works (it did not with
 transformers 5); the exports must load with peft / transformers on the base others would use.
-Flower on SmolLM2 is in test_flower_local.py / test_flower_simulation.py.
+The Flower paths run here too, on Flower's simulation engine (the deployment's processes on the tiny model
+are in test_flower_local.py): the same run gives the same adapters.
 """
 
 from __future__ import annotations
@@ -116,3 +117,26 @@ def test_assets_list_and_verify(capsys):
     assert code == 0 and NAME in text, text
     code, text = cotune(capsys, "assets", "verify", NAME)
     assert code == 0 and f"{NAME}: intact" in text, text
+
+
+def test_flower_simulation_gives_the_embedded_adapters(run_dir, tmp_path):
+    """`cotune run --backend flower-simulation` of the same SmolLM2 config: every client's adapter equals
+    the embedded run's (the same algorithm code, only the transport differs)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cmd = [sys.executable, "-m", "cotune.cli.main", "run", str(run_dir.parent / "smol.yaml")]
+    done = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "sim"), "--backend", "flower-simulation"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    for client in ("client-00", "client-01"):
+        adapter = f"checkpoints/round-0001/{client}/adapter_model.safetensors"
+        embedded, simulated = load_file(str(run_dir / adapter)), load_file(str(tmp_path / "sim" / adapter))
+        assert embedded.keys() == simulated.keys()
+        assert max(float((embedded[k] - simulated[k]).abs().max()) for k in embedded) == 0.0
