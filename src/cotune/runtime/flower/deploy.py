@@ -630,10 +630,13 @@ def check_flower_config(cfg: ExperimentConfig) -> None:
         )
     if not cfg.federation.secure_aggregation:
         return
-    if not cfg.is_cotuning or cfg.algorithm not in ("fedcollm", "fedavg"):
+    from cotune.algorithms.fedcollm import PLANS  # torch: only where a run is about to start
+
+    averaged = [name for name, plan in PLANS.items() if plan.local_training and plan.aggregate]
+    if not cfg.is_cotuning or cfg.algorithm not in averaged:
         raise FlowerRunError(
-            "federation.secure_aggregation is implemented for the FedAvg step of algorithm fedcollm or "
-            f"fedavg (FedCoLLM family), not for {cfg.algorithm}/{cfg.strategy.name}"
+            "federation.secure_aggregation is implemented for the FedAvg step of algorithm "
+            f"{' or '.join(averaged)} (FedCoLLM family), not for {cfg.algorithm}/{cfg.strategy.name}"
         )
     rob = cfg.robustness
     if rob.max_update_norm is not None or rob.aggregator != "mean" or cfg.privacy.enabled:
