@@ -8,7 +8,7 @@
   dependency installation), each with its node worker (worker.py) unless told not to, and stops
   every process it started, children included.
 - `run_on_flower` is what `cotune run CONFIG --backend flower` calls (through the orchestrator, which
-  prepares the run directories): run each variant, and raise if the server stopped or failed.
+  prepares the run directories, and the backend registry, `runtime/backends.py`): run each variant, and raise if the server stopped or failed.
 """
 
 from __future__ import annotations
