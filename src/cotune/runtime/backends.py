@@ -192,7 +192,7 @@ class FlowerSimulation(OnFlower):
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Embedded(), Flower(), FlowerSimulation())}
-EMBEDDED = BACKENDS["embedded"]
+EMBEDDED, FLOWER = BACKENDS["embedded"], BACKENDS["flower"]
 
 
 def described() -> str:
@@ -214,4 +214,4 @@ def resuming_on(name: str) -> Backend:
     """The backend a resumed Flower run continues on: the one named, or for embedded (the default: a run
     resumes where it ran) a Flower deployment. A run that ran embedded resumes embedded whatever this is."""
     chosen = backend_named(name)
-    return chosen if chosen.federated else BACKENDS["flower"]
+    return chosen if chosen.federated else FLOWER

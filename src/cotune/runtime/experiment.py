@@ -24,7 +24,7 @@ from cotune.data.preflight import check_data
 from cotune.records import RunEvent, parse_record
 from cotune.reporting.metrics import METRICS_FILE, read_metrics
 from cotune.reporting.trackers import check_trackers
-from cotune.runtime.backends import EMBEDDED, EmbeddedOptions, Options, backend_named, resuming_on
+from cotune.runtime.backends import EMBEDDED, FLOWER, EmbeddedOptions, Options, backend_named, resuming_on
 from cotune.runtime.compose import has_client_step
 from cotune.runtime.lock import LOCK_FILE, run_lock
 from cotune.runtime.rundir import (
@@ -48,7 +48,7 @@ def run_experiment(
     cfg: ExperimentConfig,
     run_dir: Path | None = None,
     console: Console | None = None,
-    backend: str = "embedded",
+    backend: str = EMBEDDED.name,
     options: Options | None = None,
 ) -> list[Path]:
     """Run the configured experiment, then each `run.compare` entry on identical data and init.
@@ -125,7 +125,7 @@ def resume_experiment(
     run_dir: Path,
     console: Console | None = None,
     overrides: Sequence[str] = (),
-    backend: str = "flower",
+    backend: str = FLOWER.name,
     options: Options | None = None,
 ) -> list[Path]:
     """Finish a run and every `run.compare` sibling: each continues after its newest intact

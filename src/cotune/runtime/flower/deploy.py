@@ -7,8 +7,9 @@
 - `LocalFederation` starts a SuperLink and N SuperNodes on 127.0.0.1 (insecure, no runtime
   dependency installation), each with its node worker (worker.py) unless told not to, and stops
   every process it started, children included.
-- `run_on_flower` is what `cotune run CONFIG --backend flower` calls (through the orchestrator, which
-  prepares the run directories, and the backend registry, `runtime/backends.py`): run each variant, and raise if the server stopped or failed.
+- `run_on_flower` is what `cotune run CONFIG --backend flower` calls (through the backend registry,
+  `runtime/backends.py`, once the orchestrator has prepared the run directories): run each variant,
+  and raise if the server stopped or failed.
 """
 
 from __future__ import annotations
