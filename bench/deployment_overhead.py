@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from cotune.config import load_config  # noqa: E402
 from cotune.reporting.metrics import read_metrics  # noqa: E402
+from cotune.runtime.backends import FlowerOptions  # noqa: E402
 from cotune.runtime.experiment import run_experiment  # noqa: E402
 from cotune.runtime.flower.deploy import LocalFederation  # noqa: E402
 
@@ -98,7 +99,7 @@ def run_mode(mode: str, cfg, out: Path) -> dict:
             cfg.federation.clients, out / "federation", workers=mode.endswith("workers")
         ) as fed:
             (run_dir,) = run_experiment(
-                cfg, out / "run", backend="flower", superlink=fed.address, timeout=3600
+                cfg, out / "run", backend="flower", options=FlowerOptions(superlink=fed.address, timeout=3600)
             )
             messages = messages_of(fed.work_dir)
             readiness = readiness_of(fed.work_dir)

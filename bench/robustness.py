@@ -125,7 +125,7 @@ class Runner:
     def run(self, tree: dict, name: str) -> tuple[Path, str]:
         """Returns the run directory and how it ended (completed / the error)."""
         from cotune.config import config_from_dict
-        from cotune.runtime.experiment import run_personalized_variant
+        from cotune.runtime.embedded import run_personalized_variant
         from cotune.runtime.rundir import init_run_dir
 
         cfg = config_from_dict(tree)

@@ -151,6 +151,31 @@ def test_run_help_describes_config_overrides_and_backends():
         assert fragment in text, text
 
 
+def test_run_help_lists_every_backend_of_the_registry():
+    from cotune.runtime.backends import BACKENDS
+
+    result = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    text = " ".join(result.output.replace("│", " ").split())  # the help box's borders, where it wraps
+    for backend in BACKENDS.values():
+        assert f"{backend.name} ({backend.summary})" in text, text
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--connect-timeout", "5"], "--connect-timeout needs --backend flower, not embedded"),
+        (["--backend", "flower-simulation", "--superlink", "h:1"], "--superlink needs --backend flower, not"),
+        (["--backend", "flower", "--client-gpus", "1"], "--client-gpus needs --backend flower-simulation"),
+        (["--backend", "nope"], "unknown --backend 'nope': embedded, flower or flower-simulation"),
+    ],
+)
+def test_an_option_of_another_backend_is_refused_before_the_run_starts(tmp_path, args, fragment):
+    """Each backend takes only its own options (runtime/backends.py): another's is refused, not ignored."""
+    code, out = _run(str(EXAMPLE), "--out", str(tmp_path / "r"), *args)
+    assert code == 2 and fragment in out and "internal error" not in out, out
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [

@@ -61,11 +61,11 @@ from cotune.runtime.flower.handlers import node_app
 from cotune.runtime.flower.node import NodeSettings, node_config
 from cotune.runtime.flower.node_state import NodeStateStore
 from cotune.runtime.flower.server_app import (
-    build_loop,
     check_resumable,
     experiment_config,
     prepare_run_dir,
     run_server,
+    server_loop,
 )
 from cotune.runtime.flower.worker import WORKER_KEY, NodeWorker, WorkerError, forward
 from cotune.runtime.rundir import ResumeError, is_flower_run
@@ -307,7 +307,7 @@ def test_evaluation_and_evidence_count_each_client_as_its_reply_arrives(corpus_d
     clients = FlowerClients(
         cfg, InProcessGrid(4, fate), cfg.family, ServerSettings(round_timeout=0.5), say=print
     )
-    loop = build_loop(cfg, tmp_path / "run", clients, Console(file=io.StringIO()))
+    loop = server_loop(cfg, tmp_path / "run", clients, Console(file=io.StringIO()))
     clients.describe()
     adapters = dict(enumerate(loop.adapters))
     for exchange in (
@@ -707,7 +707,8 @@ def test_cli_backend_flower_runs_reports_and_resumes_on_flower(corpus_dir, tmp_p
     args = ["run", str(cfg_path), "--out", str(out), "--backend", "flower", "--superlink", "10.0.0.1:8000"]
     result = runner.invoke(app, [*args, "--root-certificates", str(cfg_path)])
     assert result.exit_code == 0, result.output
-    assert calls == [{"superlink": "10.0.0.1:8000", "root_certificates": cfg_path, "connect_timeout": 120.0}]
+    given = {"superlink": "10.0.0.1:8000", "root_certificates": cfg_path, "connect_timeout": 120.0}
+    assert calls == [{**given, "timeout": None, "resume": False}]
     assert (out / "report.md").is_file() and is_flower_run(out)
 
     def said(result) -> str:  # rich wraps long lines
@@ -717,9 +718,7 @@ def test_cli_backend_flower_runs_reports_and_resumes_on_flower(corpus_dir, tmp_p
     shutil.rmtree(out / "checkpoints" / "round-0001")  # as if the run died during round 1
     result = runner.invoke(app, ["run", "--resume", str(out), "--superlink", "10.0.0.1:8000"])
     assert result.exit_code == 0, result.output
-    assert calls == [
-        {"superlink": "10.0.0.1:8000", "root_certificates": None, "connect_timeout": 120.0, "resume": True}
-    ]
+    assert calls == [{**given, "root_certificates": None, "timeout": None, "resume": True}]
 
     def stopped(runs, console, **kwargs):
         raise FlowerRunError(
@@ -732,7 +731,9 @@ def test_cli_backend_flower_runs_reports_and_resumes_on_flower(corpus_dir, tmp_p
     result = runner.invoke(app, ["run", str(cfg_path), "--backend", "nope"])
     assert result.exit_code == 2 and "unknown --backend" in said(result)
     result = runner.invoke(app, ["run", str(cfg_path), "--superlink", "h:1"])
-    assert result.exit_code == 2 and "need --backend flower" in said(result)
+    assert result.exit_code == 2 and "--superlink needs --backend flower" in said(result)
+    result = runner.invoke(app, ["run", str(cfg_path), "--backend", "flower", "--client-cpus", "2"])
+    assert result.exit_code == 2 and "--client-cpus needs --backend flower-simulation" in said(result)
 
 
 def test_run_flower_without_flwr_says_how_to_install(monkeypatch, corpus_dir, tmp_path):

@@ -241,13 +241,13 @@ def test_an_out_that_is_a_file_is_refused(capsys, corpus_dir, tmp_path):
 
 
 def test_a_bug_shows_where_but_no_message_locals_or_data(capsys, corpus_dir, tmp_path, monkeypatch):
-    import cotune.runtime.experiment as experiment
+    import cotune.runtime.embedded as embedded
 
     def broken(*args, **kwargs):
         private_line = SECRET  # a local variable holding user text
         raise KeyError(private_line)
 
-    monkeypatch.setattr(experiment, "run_embedded", broken)
+    monkeypatch.setattr(embedded, "run_embedded", broken)
     code, text = cotune(capsys, "run", config(tmp_path, corpus_dir), "--out", tmp_path / "r")
     assert code == 1 and "internal error KeyError at" in text and "rerun with --debug" in text
     assert SECRET not in text and "private_line" not in text and "Traceback" not in text
@@ -296,11 +296,11 @@ def test_ctrl_c_says_the_run_can_be_resumed(capsys, corpus_dir, tmp_path, monkey
 def test_resource_problems_are_one_error_paragraph(
     capsys, corpus_dir, tmp_path, monkeypatch, error, fragment
 ):
-    import cotune.runtime.experiment as experiment
+    import cotune.runtime.embedded as embedded
 
     def fails(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(experiment, "run_embedded", fails)
+    monkeypatch.setattr(embedded, "run_embedded", fails)
     code, text = cotune(capsys, "run", config(tmp_path, corpus_dir), "--out", tmp_path / "r")
     assert code == 2 and f"error: {fragment}" in text and "Traceback" not in text

@@ -27,6 +27,7 @@ from tests.conftest import tiny_tree
 from tests.test_flower import _adapters, _records, max_adapter_diff
 
 from cotune.config import config_from_dict, dump_config, load_config
+from cotune.runtime.backends import FlowerOptions
 from cotune.runtime.checkpoint import list_checkpoints
 from cotune.runtime.experiment import resume_experiment, run_experiment
 from cotune.runtime.flower import FlowerRunError
@@ -135,7 +136,10 @@ def test_two_supernodes_give_the_embedded_adapters(federation, corpus_dir, tmp_p
     if via == "run_flower":  # what `cotune run CONFIG --backend flower --superlink HOST:PORT` calls
         try:
             (run_dir,) = run_experiment(
-                cfg, tmp_path / "flower", backend="flower", superlink=federation.address, timeout=900
+                cfg,
+                tmp_path / "flower",
+                backend="flower",
+                options=FlowerOptions(superlink=federation.address, timeout=900),
             )
         except FlowerRunError as e:
             pytest.fail(f"{e}\n{federation.logs()}")
@@ -218,7 +222,7 @@ def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
     federation.start_node(1)  # the owner brings its node back, with its state-dir
     t0 = time.perf_counter()
     try:
-        resume_experiment(run_dir, superlink=federation.address, timeout=900)
+        resume_experiment(run_dir, options=FlowerOptions(superlink=federation.address, timeout=900))
     except FlowerRunError as e:
         pytest.fail(f"{e}\n{federation.logs()}")
     diff = max_adapter_diff(_adapters(embedded), _adapters(run_dir))
@@ -245,7 +249,10 @@ def test_a_secure_federation_admits_only_its_members(corpus_dir, tmp_path):
         fed.start_node(1, name="no-ca", tls=False)  # plain text to a TLS SuperLink
         try:
             (run_dir,) = run_experiment(
-                cfg, tmp_path / "flower", backend="flower", superlink=fed.address, root_certificates=fed.ca
+                cfg,
+                tmp_path / "flower",
+                backend="flower",
+                options=FlowerOptions(superlink=fed.address, root_certificates=fed.ca),
             )
         except FlowerRunError as e:
             pytest.fail(f"{e}\n{fed.logs()}")

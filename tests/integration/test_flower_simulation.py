@@ -19,6 +19,7 @@ from tests.conftest import tiny_tree
 
 from cotune.config import config_from_dict
 from cotune.reporting.metrics import load_run
+from cotune.runtime.backends import SimulationOptions
 from cotune.runtime.checkpoint import latest_checkpoint
 from cotune.runtime.experiment import run_experiment
 
@@ -35,7 +36,9 @@ def test_two_actors_give_the_embedded_adapters(corpus_dir, tmp_path):
     cfg = config_from_dict(tree)
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
     t0 = time.perf_counter()
-    (sim,) = run_experiment(cfg, tmp_path / "sim", backend="flower-simulation", client_cpus=1.0)
+    (sim,) = run_experiment(
+        cfg, tmp_path / "sim", backend="flower-simulation", options=SimulationOptions(client_cpus=1.0)
+    )
     print(
         f"\nsimulation: {time.perf_counter() - t0:.0f}s for {cfg.federation.rounds} rounds, 4 virtual nodes"
     )

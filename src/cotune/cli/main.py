@@ -18,6 +18,16 @@ from rich.text import Text
 
 from cotune.cli.errors import INTERRUPTED_EXIT, print_error, report_failure, report_interrupt
 from cotune.reporting.text import printable_lines
+from cotune.runtime.backends import (  # no heavy imports: the CLI still validates a config in a blink
+    EMBEDDED,
+    Backend,
+    FlowerOptions,
+    Options,
+    SimulationOptions,
+    backend_named,
+    described,
+    resuming_on,
+)
 
 
 def _keep_argument_help() -> None:
@@ -131,13 +141,7 @@ def run(
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<name>)")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue this run directory")] = None,
-    backend: Annotated[
-        str,
-        typer.Option(
-            "--backend",
-            help="embedded (one process), flower (SuperLink + SuperNodes) or flower-simulation (Ray actors)",
-        ),
-    ] = "embedded",
+    backend: Annotated[str, typer.Option("--backend", help=described())] = EMBEDDED.name,
     superlink: Annotated[
         str | None,
         typer.Option(
@@ -148,15 +152,28 @@ def run(
         Path | None, typer.Option("--root-certificates", help="flower: CA certificate, TLS to --superlink")
     ] = None,
     connect_timeout: Annotated[
-        float, typer.Option("--connect-timeout", help="flower: seconds to wait for the SuperNodes")
-    ] = 120.0,
+        float | None,
+        typer.Option(
+            "--connect-timeout",
+            help=f"flower: seconds to wait for the SuperNodes (default {FlowerOptions.connect_timeout:g})",
+        ),
+    ] = None,
     client_cpus: Annotated[
-        float, typer.Option("--client-cpus", help="flower-simulation: CPUs per actor (actors = CPUs / this)")
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            "--client-cpus",
+            help="flower-simulation: CPUs per actor (actors = CPUs / this; "
+            f"default {SimulationOptions.client_cpus:g})",
+        ),
+    ] = None,
     client_gpus: Annotated[
-        float,
-        typer.Option("--client-gpus", help="flower-simulation: GPUs per actor (e.g. 1, or 0.5 to share)"),
-    ] = 0.0,
+        float | None,
+        typer.Option(
+            "--client-gpus",
+            help="flower-simulation: GPUs per actor (e.g. 1, or 0.5 to share; "
+            f"default {SimulationOptions.client_gpus:g})",
+        ),
+    ] = None,
 ) -> None:
     r"""Run an experiment (or --resume one) and write its run directory.
 
@@ -165,27 +182,26 @@ def run(
     federation.rounds=4 "lora.target_modules=\[q_proj,v_proj]"; key=null removes a setting (back to
     its default; one that may be null is set to null), e.g. data.sources=null data.partition=null
     "data.clients=\[alice/,bob/]".
-    --backend: embedded (default: every client in this process), flower or flower-simulation.
+    A run resumes on the backend it ran on (a Flower run on a deployment unless --backend names the other).
     """
     from cotune.config import ConfigError, load_config
 
-    if backend not in ("embedded", "flower", "flower-simulation"):
-        _fail(f"unknown --backend {backend!r}: embedded, flower or flower-simulation")
-    if backend != "flower" and resume is None and (superlink is not None or root_certificates is not None):
-        _fail("--superlink and --root-certificates need --backend flower")
-    flower: dict[str, Any] = (
-        {"client_cpus": client_cpus, "client_gpus": client_gpus}
-        if backend == "flower-simulation"
-        else {
-            "superlink": superlink,
-            "root_certificates": root_certificates,
-            "connect_timeout": connect_timeout,
-        }
-    )
+    given = {
+        "superlink": superlink,
+        "root_certificates": root_certificates,
+        "connect_timeout": connect_timeout,
+        "client_cpus": client_cpus,
+        "client_gpus": client_gpus,
+    }
+    try:  # the backend and its options: every option given must be one of that backend's
+        chosen = resuming_on(backend) if resume is not None else backend_named(backend)
+        options = chosen.make_options({k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        _fail(str(e))
     if resume is not None:
         session.run_dir = resume
         asked = resume_overrides(resume, config, overrides, out_dir)
-        dirs = start_run(lambda: _resume(resume, asked, backend, flower))
+        dirs = start_run(lambda: _resume(resume, asked, chosen, options))
     else:  # the config first, before torch and the runtime are imported: its errors come in a blink
         if config is None:
             _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
@@ -193,9 +209,9 @@ def run(
             cfg = load_config(config, overrides or [])
         except ConfigError as e:
             _fail(str(e))
-        if backend != "flower" or superlink is None:  # the clients run on this machine: so must the device
+        if options.local_clients:  # the clients run on this machine: so must the device
             start_run(lambda: check_device(cfg.device))
-        dirs = start_run(lambda: _start(cfg, out_dir, backend, flower))
+        dirs = start_run(lambda: _start(cfg, out_dir, chosen, options))
     from cotune.reporting.report import write_report
 
     report = write_report(dirs)
@@ -210,19 +226,18 @@ def check_device(spec: str) -> None:
     resolve_device(spec)
 
 
-def _start(cfg: Any, out_dir: Path | None, backend: str, flower: dict[str, Any]) -> list[Path]:
+def _start(cfg: Any, out_dir: Path | None, backend: Backend, options: Options) -> list[Path]:
     from cotune.runtime.experiment import run_experiment
     from cotune.runtime.rundir import default_run_dir
 
     session.run_dir = out_dir or default_run_dir(cfg)
-    return run_experiment(cfg, session.run_dir, err, backend, **(flower if backend != "embedded" else {}))
+    return run_experiment(cfg, session.run_dir, err, backend.name, options)
 
 
-def _resume(run_dir: Path, asked: list[str], backend: str, flower: dict[str, Any]) -> list[Path]:
+def _resume(run_dir: Path, asked: list[str], backend: Backend, options: Options) -> list[Path]:
     from cotune.runtime.experiment import resume_experiment
 
-    federated = backend if backend != "embedded" else "flower"  # a Flower run resumes on Flower
-    return resume_experiment(run_dir, err, asked, federated, **flower)
+    return resume_experiment(run_dir, err, asked, backend.name, options)
 
 
 def start_run(work: Callable[[], T]) -> T:

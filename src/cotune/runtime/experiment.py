@@ -1,8 +1,10 @@
-"""The orchestrator: from a validated config to finished run directories, on either transport.
+"""The orchestrator: from a validated config to finished run directories, on any backend.
 
-It names and creates the run directories (the main run and one sibling per `run.compare` entry),
-builds the in-process clients and the round loop of the config's family, or hands the variants to
-the Flower deployment; the CLI and the tests call it. Nothing below it imports it.
+It names and creates the run directories (the main run and one sibling per `run.compare` entry) and
+hands them to a backend of the registry (`runtime/backends.py`): the variants with a client step to
+the chosen backend, the others (centralized, zero_shot) to the embedded one. `--resume` finds where
+each run stands and continues it on the backend it ran on. The CLI and the tests call it; nothing
+below it imports it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ import logging
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
-import torch
 from rich.console import Console
 
 from cotune.algorithms.fedcollm import plan_of
@@ -21,15 +21,12 @@ from cotune.caches import confine_caches
 from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
 from cotune.data.preflight import check_data
-from cotune.data.windows import FederatedData
 from cotune.records import RunEvent, parse_record
 from cotune.reporting.metrics import METRICS_FILE, read_metrics
 from cotune.reporting.trackers import check_trackers
-from cotune.runtime.fedcollm import FedCoLLMLoop
-from cotune.runtime.flower import require_flwr
-from cotune.runtime.inprocess import InProcessClients
+from cotune.runtime.backends import EMBEDDED, FLOWER, EmbeddedOptions, Options, backend_named, resuming_on
+from cotune.runtime.compose import has_client_step
 from cotune.runtime.lock import LOCK_FILE, run_lock
-from cotune.runtime.personalized import PersonalizedLoop
 from cotune.runtime.rundir import (
     ResumeError,
     RunFiles,
@@ -43,18 +40,6 @@ from cotune.runtime.rundir import (
     resume_config,
     variant,
 )
-from cotune.runtime.setup import (
-    adapter_pool,
-    fedcollm_pools,
-    fedcollm_server,
-    fedcollm_works,
-    load_fedcollm_models,
-    load_model,
-    load_task,
-    load_windows,
-    needs_llm,
-    personalized_works,
-)
 
 log = logging.getLogger("cotune")
 
@@ -63,33 +48,29 @@ def run_experiment(
     cfg: ExperimentConfig,
     run_dir: Path | None = None,
     console: Console | None = None,
-    backend: str = "embedded",
-    **flower: Any,
+    backend: str = EMBEDDED.name,
+    options: Options | None = None,
 ) -> list[Path]:
     """Run the configured experiment, then each `run.compare` entry on identical data and init.
 
-    `backend="flower"` runs the variants that have a client step on a Flower federation (`flower`:
-    the options of `cotune.runtime.flower.deploy.run_on_flower`) and the others in this process.
+    `backend` names one of `runtime.backends.BACKENDS` and `options` are its options (default: its
+    defaults); on a Flower backend the variants without a client step run in this process.
     Returns the run directories, the main run first.
     """
+    chosen = backend_named(backend)
+    options = chosen.checked(options)
     console = console or Console(stderr=True)
     run_dir = run_dir or default_run_dir(cfg)
     confine_caches(run_dir)  # before matplotlib, MLflow or a torch compile cache is first used
     check_trackers(cfg.run.loggers)  # before anything is created
     if cfg.privacy.no_guarantee:
         console.print(f"warning: {cfg.privacy.no_guarantee}", highlight=False, markup=False)
-    if flower.get("superlink") is None:  # a remote federation's data lies on its SuperNodes
-        check_data(cfg)  # every data problem at once, before any model loads
-    if backend in FLOWER_BACKENDS:
-        require_flwr()  # before anything is created
-        from cotune.runtime.flower.deploy import check_flower_config
-
-        check_flower_config(cfg)
+    chosen.check(cfg, options)  # every problem the backend can see, before anything is created
+    if chosen.federated:
         run_dir = run_dir.resolve()  # the ServerApp may run elsewhere
     dirs = comparison_dirs(run_dir, cfg)
     pairs = list(zip(dirs, [cfg] + [variant(cfg, s) for s in baseline_names(cfg)], strict=True))
-    on_flower = backend in FLOWER_BACKENDS
-    federated = [(d, v) for d, v in pairs if on_flower and has_client_step(v)]
+    federated = [(d, v) for d, v in pairs if chosen.federated and has_client_step(v)]
     local = [(d, v) for d, v in pairs if (d, v) not in federated]
     created = [d for d in dirs if not d.exists()]
     try:
@@ -98,38 +79,15 @@ def run_experiment(
                 held.enter_context(run_lock(d))
             for d, v in pairs:
                 init_run_dir(d, v)
-            for d, v in local if on_flower else []:
+            for d, v in local if chosen.federated else []:
                 console.print(f"[bold]algorithm {v.algorithm}[/] has no client step: embedded runtime -> {d}")
-            run_embedded([v for _, v in local], [d for d, _ in local], console)
+            EMBEDDED.run(local, console, EmbeddedOptions())
         if federated:
-            run_federated(backend, federated, console, **flower)
+            chosen.run(federated, console, options)
     except BaseException:
         discard_unstarted(created)
         raise
     return dirs
-
-
-FLOWER_BACKENDS = ("flower", "flower-simulation")
-
-
-def run_federated(
-    backend: str, runs: list[tuple[Path, ExperimentConfig]], console: Console, **options: Any
-) -> None:
-    """The runs with a client step on Flower: a deployment (real or local SuperNodes) or Flower's
-    simulation engine (virtual SuperNodes on Ray actors); `options` are that backend's."""
-    if backend == "flower-simulation":
-        from cotune.runtime.flower.simulation import run_on_simulation
-
-        run_on_simulation(runs, console, **options)
-    else:
-        from cotune.runtime.flower.deploy import run_on_flower
-
-        run_on_flower(runs, console, **options)
-
-
-def has_client_step(cfg: ExperimentConfig) -> bool:
-    """Whether the variant has a client step (what runs on SuperNodes); centralized and zero_shot do not."""
-    return not cfg.is_cotuning or plan_of(cfg.algorithm).local_training
 
 
 def discard_unstarted(dirs: list[Path]) -> None:
@@ -142,84 +100,6 @@ def discard_unstarted(dirs: list[Path]) -> None:
             for name in ("config.yaml", LOCK_FILE):
                 (d / name).unlink(missing_ok=True)
             d.rmdir()
-
-
-def run_embedded(
-    variants: list[ExperimentConfig],
-    dirs: list[Path],
-    console: Console,
-    resume: Sequence[bool] | None = None,
-) -> None:
-    """The variants in this process, on one loaded base model (or pair) and one data split; `resume[i]`:
-    variant i continues from its checkpoint (default: every variant starts)."""
-    if not variants:
-        return
-    resumed = list(resume) if resume is not None else [False] * len(variants)
-    if variants[0].is_cotuning:
-        run_fedcollm_family(variants, dirs, console, resumed)
-    else:
-        run_personalized(variants, dirs, console, resumed)
-
-
-def run_personalized(
-    variants: list[ExperimentConfig], dirs: list[Path], console: Console, resume: Sequence[bool]
-) -> None:
-    cfg = variants[0]
-    base, tokenizer, device = load_model(cfg, console=console)
-    data = load_windows(cfg, tokenizer, console)
-    for d, v, resumed in zip(dirs, variants, resume, strict=True):
-        console.print(f"[bold]strategy {v.strategy.name}[/] -> {d}")
-        base = run_personalized_variant(v, d, base, data, device, console, resumed)
-
-
-def run_personalized_variant(
-    cfg: ExperimentConfig,
-    run_dir: Path,
-    base: torch.nn.Module,
-    data: FederatedData,
-    device: torch.device,
-    console: Console,
-    resume: bool = False,
-) -> torch.nn.Module:
-    """One personalized run on a loaded base model and data split; gives the untouched base back."""
-    pool = adapter_pool(cfg, base)
-    slot = pool.names[0]
-    clients = InProcessClients(cfg, personalized_works(cfg, pool, data, device))
-    loop = PersonalizedLoop(
-        cfg,
-        clients,
-        pool.initial,
-        lambda s, p: pool.save(slot, p, s),
-        RunFiles(run_dir, cfg),
-        console,
-        pool.base_bytes(),
-    )
-    try:
-        loop.run(resume)
-    finally:
-        base = pool.unload()
-    return base
-
-
-def run_fedcollm_family(
-    variants: list[ExperimentConfig], dirs: list[Path], console: Console, resume: Sequence[bool]
-) -> None:
-    """FedCoLLM and its baselines: load the SLM (and the LLM once, if any variant needs it)."""
-    cfg = variants[0]
-    slm_base, llm_base, tokenizer, device = load_fedcollm_models(
-        cfg, console, any(needs_llm(v) for v in variants)
-    )
-    task = load_task(cfg, tokenizer, console)
-    eval_cache: dict = {}  # one base model per role and one test split: scores carry across variants
-    for d, v, resumed in zip(dirs, variants, resume, strict=True):
-        console.print(f"[bold]algorithm {v.algorithm}[/] -> {d}")
-        slm, llm = fedcollm_pools(v, slm_base, llm_base)
-        clients = InProcessClients(v, fedcollm_works(v, slm, task, device, len(tokenizer)))
-        server = fedcollm_server(v, slm, llm, task, tokenizer, device)
-        FedCoLLMLoop(v, clients, server, task, RunFiles(d, v), console, eval_cache).run(resumed)
-        slm_base = slm.unload()
-        if llm is not None:
-            llm_base = llm.unload()
 
 
 def run_status(run_dir: Path, cfg: ExperimentConfig) -> str:
@@ -245,23 +125,25 @@ def resume_experiment(
     run_dir: Path,
     console: Console | None = None,
     overrides: Sequence[str] = (),
-    backend: str = "flower",
-    **flower: Any,
+    backend: str = FLOWER.name,
+    options: Options | None = None,
 ) -> list[Path]:
     """Finish a run and every `run.compare` sibling: each continues after its newest intact
     checkpoint, on the backend the run used; one with nothing completed starts over in place; a
     complete one is left as it is. The ones that run in this process run in one call, on one model
     load (and FedCoLLM's shared test scores). `overrides` may change only how it runs (`RUNTIME_SETTINGS`).
     A Flower run resumes on Flower (`backend`: "flower", a deployment, or "flower-simulation";
-    `flower`: that backend's options), its SuperNodes reloading their trainer states from their own
+    `options`: that backend's), its SuperNodes reloading their trainer states from their own
     state-dir. Returns the run directories.
     """
+    chosen = resuming_on(backend)
+    options = chosen.checked(options)
     console = console or Console(stderr=True)
     cfg = resume_config(run_dir, overrides)
     confine_caches(run_dir)
     check_trackers(cfg.run.loggers)
     on_flower = is_flower_run(run_dir)
-    if not on_flower and any(flower.get(k) is not None for k in ("superlink", "root_certificates")):
+    if not on_flower and options.names_a_federation:
         raise ResumeError(f"{run_dir} ran in one process (embedded): resume it without Flower options")
     dirs = comparison_dirs(run_dir, cfg)
     todo: list[tuple[Path, ExperimentConfig, str]] = []
@@ -279,8 +161,7 @@ def resume_experiment(
     local = [run for run in todo if run not in remote]
     for d, v, status in remote:
         prepare_resumed_dir(d, v, status)
-        require_flwr()
-        run_federated(backend, [(d.resolve(), v)], console, resume=status == "resumable", **flower)
+        chosen.resume([(d.resolve(), v)], console, options, [status == "resumable"])
     if local:
         check_data(cfg)  # every data problem at once, before any model loads
     with ExitStack() as held:
@@ -288,7 +169,7 @@ def resume_experiment(
             held.enter_context(run_lock(d))
             prepare_resumed_dir(d, v, status)
         resumed = [status == "resumable" for _, _, status in local]
-        run_embedded([v for _, v, _ in local], [d for d, _, _ in local], console, resumed)
+        EMBEDDED.resume([(d, v) for d, v, _ in local], console, EmbeddedOptions(), resumed)
     return dirs
 
 

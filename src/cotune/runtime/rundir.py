@@ -204,10 +204,17 @@ def variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     return cfg.model_copy(update=update, deep=True)
 
 
+# Where a run's clients keep their trainer states, as each checkpoint records it ("backend"): in the
+# checkpoint itself (every client in this process), or on the SuperNodes (both Flower backends, which
+# can therefore resume each other's runs).
+CLIENTS_IN_PROCESS = "embedded"
+CLIENTS_ON_FLOWER = "flower"
+
+
 def is_flower_run(run_dir: Path) -> bool:
-    """A run directory written by the Flower backend (its clients' trainer states live on the nodes)."""
+    """A run directory written by a Flower backend (its clients' trainer states live on the nodes)."""
     found = newest_intact(run_dir)
-    return found is not None and found[2].get("backend") == "flower"
+    return found is not None and found[2].get("backend") == CLIENTS_ON_FLOWER
 
 
 def newest_intact(
@@ -255,7 +262,7 @@ def adapters_problem(path: Path, expected: Mapping[str, AdapterSpec]) -> str | N
 class RunFiles:
     """A round loop's view of its run directory: append metrics, write and open checkpoints."""
 
-    def __init__(self, run_dir: Path, cfg: ExperimentConfig, backend: str = "embedded") -> None:
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, backend: str = CLIENTS_IN_PROCESS) -> None:
         self.run_dir, self.cfg, self.backend = Path(run_dir), cfg, backend
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.fingerprint = config_fingerprint(cfg)

@@ -7,8 +7,9 @@
 - `LocalFederation` starts a SuperLink and N SuperNodes on 127.0.0.1 (insecure, no runtime
   dependency installation), each with its node worker (worker.py) unless told not to, and stops
   every process it started, children included.
-- `run_on_flower` is what `cotune run CONFIG --backend flower` calls (through the orchestrator, which
-  prepares the run directories): run each variant, and raise if the server stopped or failed.
+- `run_on_flower` is what `cotune run CONFIG --backend flower` calls (through the backend registry,
+  `runtime/backends.py`, once the orchestrator has prepared the run directories): run each variant,
+  and raise if the server stopped or failed.
 """
 
 from __future__ import annotations
@@ -630,10 +631,13 @@ def check_flower_config(cfg: ExperimentConfig) -> None:
         )
     if not cfg.federation.secure_aggregation:
         return
-    if not cfg.is_cotuning or cfg.algorithm not in ("fedcollm", "fedavg"):
+    from cotune.algorithms.fedcollm import PLANS  # torch: only where a run is about to start
+
+    averaged = [name for name, plan in PLANS.items() if plan.local_training and plan.aggregate]
+    if not cfg.is_cotuning or cfg.algorithm not in averaged:
         raise FlowerRunError(
-            "federation.secure_aggregation is implemented for the FedAvg step of algorithm fedcollm or "
-            f"fedavg (FedCoLLM family), not for {cfg.algorithm}/{cfg.strategy.name}"
+            "federation.secure_aggregation is implemented for the FedAvg step of algorithm "
+            f"{' or '.join(averaged)} (FedCoLLM family), not for {cfg.algorithm}/{cfg.strategy.name}"
         )
     rob = cfg.robustness
     if rob.max_update_norm is not None or rob.aggregator != "mean" or cfg.privacy.enabled:

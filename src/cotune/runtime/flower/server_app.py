@@ -27,22 +27,21 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from cotune.algorithms.fedcollm import plan_of
 from cotune.config.loader import apply_overrides, config_from_dict, dump_config, load_config, parse_yaml
 from cotune.config.schema import ExperimentConfig
 from cotune.records import RunEvent
 from cotune.runtime.checkpoint import latest_checkpoint
+from cotune.runtime.compose import fedcollm_loop, has_client_step, personalized_loop
 from cotune.runtime.fedcollm import FedCoLLMLoop
 from cotune.runtime.flower.clients import FlowerClients, ServerSettings
 from cotune.runtime.flower.deploy import OUTCOME_MARK, check_flower_config, run_outcome, with_run_settings
 from cotune.runtime.guard import TooFewClients
 from cotune.runtime.lock import run_lock
 from cotune.runtime.personalized import PersonalizedLoop
-from cotune.runtime.rundir import ResumeError, RunFiles, default_run_dir, is_flower_run
+from cotune.runtime.rundir import CLIENTS_ON_FLOWER, ResumeError, RunFiles, default_run_dir, is_flower_run
 from cotune.runtime.setup import (
     adapter_pool,
     fedcollm_pools,
-    fedcollm_server,
     load_fedcollm_models,
     load_model,
     load_task,
@@ -77,30 +76,24 @@ def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
 
 def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
     """A Flower run directory of this very config, with a checkpoint to continue from."""
-    RunFiles(run_dir, cfg, backend="flower").open_latest()
+    RunFiles(run_dir, cfg, backend=CLIENTS_ON_FLOWER).open_latest()
     if not is_flower_run(run_dir):
         raise ResumeError(f"{run_dir} was not run on Flower: resume it with `cotune run --resume` alone")
 
 
-def build_loop(
+def server_loop(
     cfg: ExperimentConfig, run_dir: Path, clients: FlowerClients, console: Console
 ) -> PersonalizedLoop | FedCoLLMLoop:
-    """The family's round loop with the SuperNodes as its clients; the models are built as in-process."""
-    files = RunFiles(run_dir, cfg, backend="flower")
+    """The family's round loop (`runtime/compose.py`, as in process) with the SuperNodes as its clients."""
+    files = RunFiles(run_dir, cfg, backend=CLIENTS_ON_FLOWER)
     if cfg.is_cotuning:  # the LLM and its LoRA only ever exist here, in the ServerApp
         slm_base, llm_base, tokenizer, device = load_fedcollm_models(cfg, console, needs_llm(cfg))
         task = load_task(cfg, tokenizer, console)
-        slm, llm = fedcollm_pools(cfg, slm_base, llm_base)
-        return FedCoLLMLoop(
-            cfg, clients, fedcollm_server(cfg, slm, llm, task, tokenizer, device), task, files, console
-        )
+        pools = fedcollm_pools(cfg, slm_base, llm_base)
+        return fedcollm_loop(cfg, files, pools, task, tokenizer, device, clients, console)
     # personalized: the server only needs the initial adapter every client starts from (on its CPU)
     base, _, _ = load_model(cfg, console=console, device=torch.device("cpu"))
-    pool = adapter_pool(cfg, base, [0])
-    slot = pool.names[0]
-    return PersonalizedLoop(
-        cfg, clients, pool.initial, lambda s, d: pool.save(slot, d, s), files, console, pool.base_bytes()
-    )
+    return personalized_loop(cfg, files, adapter_pool(cfg, base, [0]), clients, console)
 
 
 def run_server(
@@ -114,7 +107,7 @@ def run_server(
     """Run the rounds (or, `resume`, those after the last checkpoint); "completed" or "stopped" (too
     few clients left), as metrics.jsonl says; a failure is logged and raised."""
     check_flower_config(cfg)
-    if cfg.is_cotuning and not plan_of(cfg.algorithm).local_training:
+    if not has_client_step(cfg):
         raise ValueError(
             f"algorithm {cfg.algorithm!r} has no client step, so nothing runs on the SuperNodes: run it "
             "with the embedded runtime (`cotune run CONFIG`; `cotune run --backend flower` does so for it)"
@@ -127,9 +120,9 @@ def run_server(
 def run_rounds(
     cfg: ExperimentConfig, run_dir: Path, clients: FlowerClients, say: Callable[[str], None], resume: bool
 ) -> str:
-    files = RunFiles(run_dir, cfg, backend="flower")
+    files = RunFiles(run_dir, cfg, backend=CLIENTS_ON_FLOWER)
     try:
-        build_loop(cfg, run_dir, clients, Console(stderr=True)).run(resume)
+        server_loop(cfg, run_dir, clients, Console(stderr=True)).run(resume)
     except TooFewClients as stop:
         last = latest_checkpoint(run_dir)
         files.log(RunEvent(event="stopped", reason=str(stop), last_checkpoint=last[0] if last else None))
