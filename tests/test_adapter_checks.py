@@ -179,3 +179,14 @@ def test_a_round_stops_only_when_every_client_diverged():
         check_round(2, {"client-00": (3.0, exploded, start), "client-01": (3.0, nan, start)}, 2.0, "train.lr")
     with pytest.raises(TrainingDiverged, match="loss is not finite"):
         check_round(1, {"client-03": (float("nan"), fine, start)}, 2.0, "train.lr")
+
+
+def test_checkpoint_files_get_normal_permissions(finished):
+    """safetensors writes its files 0600; a checkpoint's weights get a normal file's mode (under the
+    umask), like every other file of the run, so whoever may read the run directory may use them."""
+    from cotune.reporting.files import DIR_MODE, FILE_MODE, umask
+
+    mask = umask()
+    for path in (finished / "checkpoints").rglob("*"):
+        want = (DIR_MODE if path.is_dir() else FILE_MODE) & ~mask
+        assert path.stat().st_mode & 0o777 == want, path

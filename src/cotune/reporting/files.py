@@ -14,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["replace_atomically", "write_text_atomically"]
+__all__ = ["DIR_MODE", "FILE_MODE", "normal_modes", "replace_atomically", "write_text_atomically"]
+
+FILE_MODE, DIR_MODE = 0o644, 0o755  # what a file or folder cotune writes gets, under the umask
 
 
 def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
@@ -27,7 +29,7 @@ def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the report gets a normal file's mode
+        os.chmod(tmp, FILE_MODE & ~umask())  # mkstemp makes 0600; the report gets a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -39,7 +41,18 @@ def write_text_atomically(path: Path, text: str) -> None:
     replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (reading it means setting it: it is put back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def normal_modes(root: Path) -> None:
+    """Give `root` and everything under it a normal file's or folder's mode under the umask: safetensors
+    and transformers write weights through private (0600) files, which another user of a shared
+    checkpoint or export could not read."""
+    mask = umask()
+    for path in [root, *Path(root).rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((DIR_MODE if path.is_dir() else FILE_MODE) & ~mask)

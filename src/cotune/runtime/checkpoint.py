@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cotune.reporting.files import normal_modes
 from cotune.runtime.lock import pid_alive
 
 ROUND_DIR = re.compile(r"^round-(\d{4,})$")
@@ -52,6 +53,7 @@ def write_checkpoint(run_dir: Path, round_: int, write_contents, keep_last: int 
     tmp = root / f".tmp-{round_dir_name(round_)}-{os.getpid()}"
     tmp.mkdir()
     write_contents(tmp)
+    normal_modes(tmp)  # safetensors writes 0600 weight files
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:

@@ -21,7 +21,6 @@ import torch
 import yaml
 from rich.console import Console
 from transformers import GenerationConfig, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from cotune.algorithms.ranks import rank_of
 from cotune.assets import ASSETS
@@ -29,7 +28,9 @@ from cotune.config.loader import ConfigError, load_config
 from cotune.config.schema import ExperimentConfig, LoraSettings, ModelConfig, TaskColumns
 from cotune.evaluation.multiple_choice import MCExample, MCResult, evaluate_multiple_choice
 from cotune.models.adapter_check import AdapterSpec, check_adapter
+from cotune.models.loader import no_loading_bars
 from cotune.models.lora import AdapterPool, lora_config
+from cotune.reporting.files import DIR_MODE, FILE_MODE, normal_modes
 from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER
 from cotune.runtime.rundir import client_name, load_adapter, newest_intact
 from cotune.runtime.setup import load_model
@@ -265,7 +266,6 @@ def evaluate_task(
 
 # ---- export ---------------------------------------------------------------------------------------------
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # what is taken from a checkpoint
-FILE_MODE, DIR_MODE = 0o644, 0o755  # exported files are for sharing: never the run directory's modes
 
 
 def check_export_target(out: Path) -> None:
@@ -340,16 +340,6 @@ def write_new(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def normal_modes(out: Path) -> None:
-    """Give everything under `out` exported-file permissions: transformers writes weights through
-    private (0600) temporary files."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in out.rglob("*"):
-        if not path.is_symlink():
-            path.chmod((DIR_MODE if path.is_dir() else FILE_MODE) & ~umask)
-
-
 def export(tuned: TunedModel, out: Path, merge: bool = False) -> tuple[Path, list[str]]:
     """The adapter in PEFT format, or (`merge`) a standalone model directory with the adapter folded
     into the weights, which `AutoModelForCausalLM.from_pretrained(out)` loads offline. Never over an
@@ -359,14 +349,9 @@ def export(tuned: TunedModel, out: Path, merge: bool = False) -> tuple[Path, lis
     if merge:
         out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         merged = tuned.pool.model.merge_and_unload()
-        progress = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # its bar would land in piped logs
-        try:
+        with no_loading_bars():  # its bar would land in piped logs
             merged.save_pretrained(out)
             tuned.tokenizer.save_pretrained(out)
-        finally:
-            if progress:
-                hf_logging.enable_progress_bar()
         normal_modes(out)
         return out, []
     config = exported_config(Adapter(tuned.cfg, tuned.adapter_dir.name, tuned.adapter_dir))
