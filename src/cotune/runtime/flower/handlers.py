@@ -13,13 +13,12 @@ trust evidence actions `evaluate.peers` (validation trust) and `query.predict` (
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice
@@ -104,7 +103,7 @@ def save(node: Node, job: p.Job) -> None:
     node.store(job.run_key).save(job.round, node.work.adapter(), node.trainer_state())
 
 
-def reply(message: Message, records: dict[str, ArrayRecord | ConfigRecord | MetricRecord]) -> Message:
+def reply(message: Message, records: dict[str, ArrayRecord | ConfigRecord]) -> Message:
     return Message(RecordDict(dict(records)), reply_to=message)
 
 
@@ -116,12 +115,7 @@ def adopt_sent(node: Node, message: Message) -> None:
 @node_app.query("describe")
 def describe(message: Message, context: Context) -> Message:
     with open_node(message, context) as (_, node):
-        info = node.work.describe()
-        record = ConfigRecord({k: v for k, v in info.items() if k not in ("label_names", "mixture")})
-        record["label_names"] = json.dumps(info.get("label_names", []))
-        record["mixture"] = json.dumps(info.get("mixture", []))
-        record["own_data"] = bool(node.settings.data_path)  # its n_k cannot be checked by the server
-        return reply(message, {p.INFO: record})
+        return reply(message, {p.REPORT: p.encode(node.work.describe())})
 
 
 @node_app.train()
@@ -131,11 +125,10 @@ def train(message: Message, context: Context) -> Message:
     with open_node(message, context) as (job, node):
         adopt_sent(node, message)
         steps = job.args.get("steps")  # FedCoLLM: the node's own budget (local_epochs depends on its data)
-        metrics = node.work.train(None if steps is None else int(steps))
+        report = node.work.train(None if steps is None else int(steps))
         save(node, job)
         return reply(
-            message,
-            {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.METRICS: MetricRecord(dict(metrics))},
+            message, {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.REPORT: p.encode(report)}
         )
 
 
@@ -143,8 +136,7 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     with open_node(message, context) as (_, node):
         adopt_sent(node, message)
-        metrics = node.work.evaluate()
-        return reply(message, {p.METRICS: MetricRecord(dict(metrics))})
+        return reply(message, {p.REPORT: p.encode(node.work.evaluate())})
 
 
 @node_app.evaluate("peers")
@@ -153,7 +145,7 @@ def evaluate_peers(message: Message, context: Context) -> Message:
         peers = [int(j) for j in job.args["peers"]]
         adapters = [p.record_to_tensors(message.content.array_records[f"{p.PEER_PREFIX}{j}"]) for j in peers]
         row = node.work.peer_perplexity(adapters, int(job.args["val_batches"]))
-        return reply(message, {p.METRICS: MetricRecord({"ppl": [float(x) for x in row]})})
+        return reply(message, {p.REPORT: p.encode(row)})
 
 
 @node_app.query("predict")
@@ -162,8 +154,7 @@ def predict(message: Message, context: Context) -> Message:
         adopt_sent(node, message)
         a = job.args
         pred = node.work.predict(int(a["public_batches"]), int(a["batch_size"]), int(a["k"]))
-        info = ConfigRecord({"public_hash": pred.public_hash, "vocab": pred.vocab})
-        return reply(message, {p.LOGITS: p.topk_to_record(pred.topk), p.INFO: info})
+        return reply(message, p.prediction_records(pred))
 
 
 def secure_train(message: Message, context: Context) -> Message:
@@ -173,9 +164,9 @@ def secure_train(message: Message, context: Context) -> Message:
         if node.family != "fedcollm":
             raise ValueError("secure aggregation is implemented for the FedCoLLM family's FedAvg step")
         node.adopt(adapter)
-        metrics = node.work.train()
+        report = node.work.train()
         save(node, job)
         weight = int(
             job.args.get("weights", {}).get(str(node.index), node.weight())
         )  # the server's checked n_k
-        return secagg.fit_reply(message, node.work.adapter(), list(adapter), weight, metrics)
+        return secagg.fit_reply(message, node.work.adapter(), list(adapter), weight, dict(p.encode(report)))
