@@ -49,6 +49,9 @@ PAYLOADS = [
         mixture=(0.25, 0.75),
     ),
     ClientInfo(1, "cuda:0", examples=90, own_data=True),
+    p.Job("fedcollm", "model:\n  name: tiny\n", "ab12", 3, "k", {0: 2, 2: 1}, None, weights={0: 30, 2: 40}),
+    p.Job("personalized", "", "", 1, peers=p.PeerArgs((0, 2, 3), 2), base=p.BaseRange(4, 2)),
+    p.Job("personalized", "", "", 1, steps=5, predict=p.PredictArgs(2, 4, 8)),
 ]
 
 

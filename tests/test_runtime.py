@@ -157,7 +157,9 @@ def test_in_process_uploads_are_the_clients_slots_not_copies(corpus_dir, tmp_pat
         clients.works[1].peer_perplexity([{k: v.clone() for k, v in ups[j].adapter.items()}], 1).ppl[0]
         for j in ups
     ]
-    assert list(rows[1].ppl) == alone  # each peer scored as itself, though the uploads live in the slots being written
+    assert (
+        list(rows[1].ppl) == alone
+    )  # each peer scored as itself, though the uploads live in the slots being written
 
 
 def _run(corpus_dir, tmp_path, name, **sections):

@@ -92,15 +92,16 @@ class FlowerClients:
     def n(self) -> int:
         return self.cfg.federation.clients
 
-    def job(self, round_: int, **args: Any) -> p.Job:
-        return p.Job(self.family, self.config_yaml, self.fingerprint, round_, args, self.run_key, self.resume)
+    def job(self, round_: int) -> p.Job:
+        """The header of this round's messages; an action adds its arguments (`dataclasses.replace`)."""
+        return p.Job(self.family, self.config_yaml, self.fingerprint, round_, self.run_key, self.resume)
 
     def body(self, client: int, job: p.Job, records: Mapping[str, Any] | None = None) -> RecordDict:
         """A message to `client`: the job, `records`, and what it lacks of the merged base update (FLoRA)."""
         if self.base is None:
             return p.content(job, records)
         rank, start = rank_of(self.base), self.base_held.get(client, 0)
-        job = replace(job, args={**job.args, "base_rank": rank, "base_from": start})
+        job = replace(job, base=p.BaseRange(rank, start))
         missing = {p.BASE: p.tensors_to_record(rank_slice(self.base, start, rank))} if start < rank else {}
         return p.content(job, {**(records or {}), **missing})
 
@@ -239,7 +240,7 @@ class FlowerClients:
     ) -> TrainReplies:
         if secure_weights is not None:
             return self.secure_train(round_, adapters, secure_weights)
-        job = self.job(round_) if steps is None else self.job(round_, steps=steps)
+        job = replace(self.job(round_), steps=steps)
         bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
         device = next(iter(next(iter(adapters.values())).values())).device  # the loop's adapters' device
         got = decoded(self.exchange(round_, p.TRAIN, bodies), lambda body: upload(body, device))
@@ -254,7 +255,7 @@ class FlowerClients:
         clients = sorted(adapters)
         payload = adapters[clients[0]]  # theta, the same for every client
         client_of = {self.nodes[i]: i for i in clients}
-        record = self.job(round_, weights={str(i): int(weights[i]) for i in clients}).to_record()
+        record = p.encode(replace(self.job(round_), weights={i: int(weights[i]) for i in clients}))
         result = secagg.secure_average(
             self.grid,
             [self.nodes[i] for i in clients],
@@ -297,7 +298,7 @@ class FlowerClients:
         on_done: OnDone | None = None,
     ) -> Replies[PeerScores]:
         peers = {f"{p.PEER_PREFIX}{j}": p.tensors_to_record(a) for j, a in adapters.items()}
-        job = self.job(round_, peers=list(adapters), val_batches=val_batches)
+        job = replace(self.job(round_), peers=p.PeerArgs(tuple(adapters), val_batches))
         bodies = {i: self.body(i, job, peers) for i in adapters}
         got = self.exchange(round_, p.EVALUATE_PEERS, bodies, on_done)
         return decoded(got, lambda body: report(body, PeerScores))
@@ -312,7 +313,7 @@ class FlowerClients:
         on_done: OnDone | None = None,
     ) -> Replies[Prediction]:
         """A node predicts with the adapter it holds, which is the one the loop holds for it."""
-        job = self.job(round_, public_batches=batches, batch_size=batch_size, k=k)
+        job = replace(self.job(round_), predict=p.PredictArgs(batches, batch_size, k))
         bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
         return decoded(self.exchange(round_, p.PREDICT, bodies, on_done), p.prediction_of)
 

@@ -62,10 +62,9 @@ def open_job(job: p.Job, context: Context, message: Message | None = None) -> It
 def merge_base(node: Node, job: p.Job, message: Message) -> None:
     """FLoRA: merge the server's history into this node's base. The node keeps the history it was sent
     on its own disk; a message brings only the components it does not hold yet (from `base_from`)."""
-    rank = int(job.args.get("base_rank", 0))
-    if not rank:
+    if job.base is None or not job.base.rank:
         return
-    start = int(job.args["base_from"])
+    rank, start = job.base.rank, job.base.start
     store = node.store(job.run_key)
     held = store.load_base()
     if start and (held is None or rank_of(held) < start):
@@ -124,8 +123,7 @@ def train(message: Message, context: Context) -> Message:
         return secure_train(message, context)
     with open_node(message, context) as (job, node):
         adopt_sent(node, message)
-        steps = job.args.get("steps")  # FedCoLLM: the node's own budget (local_epochs depends on its data)
-        report = node.work.train(None if steps is None else int(steps))
+        report = node.work.train(job.steps)  # None (FedCoLLM): its own budget (local_epochs: its data)
         save(node, job)
         return reply(
             message, {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.REPORT: p.encode(report)}
@@ -142,9 +140,12 @@ def evaluate(message: Message, context: Context) -> Message:
 @node_app.evaluate("peers")
 def evaluate_peers(message: Message, context: Context) -> Message:
     with open_node(message, context) as (job, node):
-        peers = [int(j) for j in job.args["peers"]]
-        adapters = [p.record_to_tensors(message.content.array_records[f"{p.PEER_PREFIX}{j}"]) for j in peers]
-        row = node.work.peer_perplexity(adapters, int(job.args["val_batches"]))
+        asked = job.peers
+        if asked is None:
+            raise ValueError("an evaluate.peers message without its peers")
+        records = message.content.array_records
+        adapters = [p.record_to_tensors(records[f"{p.PEER_PREFIX}{j}"]) for j in asked.peers]
+        row = node.work.peer_perplexity(adapters, asked.val_batches)
         return reply(message, {p.REPORT: p.encode(row)})
 
 
@@ -152,21 +153,21 @@ def evaluate_peers(message: Message, context: Context) -> Message:
 def predict(message: Message, context: Context) -> Message:
     with open_node(message, context) as (job, node):
         adopt_sent(node, message)
-        a = job.args
-        pred = node.work.predict(int(a["public_batches"]), int(a["batch_size"]), int(a["k"]))
+        a = job.predict
+        if a is None:
+            raise ValueError("a query.predict message without its arguments")
+        pred = node.work.predict(a.batches, a.batch_size, a.k)
         return reply(message, p.prediction_records(pred))
 
 
 def secure_train(message: Message, context: Context) -> Message:
     """A SecAgg+ round's training (FedCoLLM family): the same work, the legacy fit format for the mod."""
     config, adapter = secagg.fit_request(message)
-    with open_job(p.Job.from_record(ConfigRecord(config)), context) as (job, node):
+    with open_job(p.decode(ConfigRecord(config), p.Job), context) as (job, node):
         if node.family != "fedcollm":
             raise ValueError("secure aggregation is implemented for the FedCoLLM family's FedAvg step")
         node.adopt(adapter)
         report = node.work.train()
         save(node, job)
-        weight = int(
-            job.args.get("weights", {}).get(str(node.index), node.weight())
-        )  # the server's checked n_k
+        weight = (job.weights or {}).get(node.index, node.weight())  # the server's checked n_k
         return secagg.fit_reply(message, node.work.adapter(), list(adapter), weight, dict(p.encode(report)))

@@ -156,7 +156,32 @@ def prediction_of(body: RecordDict) -> Prediction:
     return Prediction(record_to_topk(body.array_records[LOGITS]), vocab, public_hash)
 
 
-# ---- the job record: what every message to a node carries ------------------------------------------------
+# ---- the job: what every message to a node carries (through the codec above) ------------------------------
+@dataclass(frozen=True)
+class PeerArgs:
+    """`evaluate.peers`: whose adapters the message brings (their rows' order) and how many batches."""
+
+    peers: tuple[int, ...]
+    val_batches: int
+
+
+@dataclass(frozen=True)
+class PredictArgs:
+    """`query.predict`: how many public batches of which size, and the top-k logits to keep."""
+
+    batches: int
+    batch_size: int
+    k: int
+
+
+@dataclass(frozen=True)
+class BaseRange:
+    """FLoRA: the merged update's rank, and the first component the message brings (`BASE`)."""
+
+    rank: int
+    start: int
+
+
 @dataclass(frozen=True)
 class Job:
     """The header of a message to a node: which experiment, which round, and the action's arguments."""
@@ -165,51 +190,27 @@ class Job:
     config_yaml: str  # the resolved experiment config, as `cotune run` would write config.yaml
     fingerprint: str  # config_fingerprint(cfg): a node refuses to mix state from two configs
     round: int
-    args: Mapping[str, Any]
     run_key: str = ""  # names this run across Flower runs (a resumed run is a new Flower run)
     # After `--resume`: client -> the last round it trained before the crash, whose state it reloads.
     resume: Mapping[int, int] | None = None
-
-    def to_record(self) -> ConfigRecord:
-        resume = "" if self.resume is None else json.dumps({str(k): r for k, r in self.resume.items()})
-        return ConfigRecord(
-            {
-                "family": self.family,
-                "config": self.config_yaml,
-                "fingerprint": self.fingerprint,
-                "round": self.round,
-                "args": json.dumps(dict(self.args)),
-                "run_key": self.run_key,
-                "resume": resume,
-            }
-        )
-
-    @classmethod
-    def from_record(cls, record: ConfigRecord) -> Job:
-        return cls(
-            family=str(record["family"]),
-            config_yaml=str(record["config"]),
-            fingerprint=str(record["fingerprint"]),
-            round=int(record["round"]),  # type: ignore[arg-type]
-            args=json.loads(str(record["args"])),
-            run_key=str(record.get("run_key", "")),
-            resume={int(k): int(v) for k, v in json.loads(resume).items()}
-            if (resume := str(record.get("resume", "")))
-            else None,
-        )
+    steps: int | None = None  # train: local steps (None: the node's own budget, FedCoLLM's local_epochs)
+    peers: PeerArgs | None = None
+    predict: PredictArgs | None = None
+    weights: Mapping[int, int] | None = None  # SecAgg+ train: each client's server-checked FedAvg weight
+    base: BaseRange | None = None
 
 
 def job_of(message: Message) -> Job:
     if JOB not in message.content:
         raise ValueError(f"message {message.metadata.message_type!r} has no {JOB!r} record")
-    return Job.from_record(message.content.config_records[JOB])
+    return decode(message.content.config_records[JOB], Job)
 
 
 def content(
     job: Job, records: Mapping[str, ArrayRecord | ConfigRecord | MetricRecord] | None = None
 ) -> RecordDict:
     """A message body: the job header plus named records."""
-    body = RecordDict({JOB: job.to_record()})
+    body = RecordDict({JOB: encode(job)})
     for key, record in (records or {}).items():
         body[key] = record
     return body
