@@ -21,6 +21,7 @@ import time
 import tomllib
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,7 @@ from cotune.runtime.flower.server_app import (
     server_loop,
 )
 from cotune.runtime.flower.worker import WORKER_KEY, NodeWorker, WorkerError, forward
+from cotune.runtime.port import ClientInfo
 from cotune.runtime.rundir import ResumeError, is_flower_run
 from cotune.training.loop import make_optimizer, make_scheduler
 
@@ -156,8 +158,9 @@ class InProcessGrid(Grid):
                 )
             # a copy, as the wire would deliver it (SecAgg+ messages share one content object)
             reply = client_app(copy.deepcopy(msg), ctx)
-            if fate == "claims a billion" and p.INFO in reply.content.config_records:
-                reply.content.config_records[p.INFO]["examples"] = 10**9
+            if fate == "claims a billion" and p.REPORT in reply.content.config_records:
+                info = p.decode(reply.content.config_records[p.REPORT], ClientInfo)
+                reply.content.config_records[p.REPORT] = p.encode(replace(info, examples=10**9))
             if fate == "nan" and p.ADAPTER in reply.content.array_records:
                 sent = p.record_to_tensors(reply.content.array_records[p.ADAPTER])
                 poisoned = {k: torch.full_like(v, float("nan")) for k, v in sent.items()}
@@ -646,7 +649,7 @@ def test_fedcollm_nodes_hold_the_slm_only_and_refuse_other_payloads(task_file, t
     node = Node("fedcollm", cfg, NodeSettings(1, 3))
     assert node.pool.names == ["client-01"]  # its own SLM adapter: no server slot, no LLM
     assert node.pool.model.config.hidden_size == cfg.model.tiny.hidden_size != cfg.llm.model.tiny.hidden_size
-    assert node.work.describe()["examples"] == len(node.task_data) > 0
+    assert node.work.describe().examples == len(node.task_data) > 0
     wrong = {k: torch.zeros(*v[:-1], v[-1] + 1) for k, v in node.shapes.items()}
     with pytest.raises(ValueError, match="not exactly the SLM adapter"):
         node.adopt(wrong)
@@ -839,7 +842,7 @@ def test_fedcollm_data_owners_can_bring_their_own_task_file(task_file, tmp_path)
     clients = FlowerClients(cfg, grid, "fedcollm", say=lambda s: None)
     described = clients.describe()
     # n_k as the nodes report them, not the config's split
-    assert {i: info["examples"] for i, info in described.ok.items()} == {0: 90, 1: 90, 2: 90}
+    assert {i: info.examples for i, info in described.ok.items()} == {0: 90, 1: 90, 2: 90}
     assert _run_flower_in_process(cfg, tmp_path / "run", grid) == "completed"
     assert len(_records(tmp_path / "run", "comm")) == 3
     # claims the server cannot check: no bound given, so FedAvg weighs every client the same, said
@@ -871,9 +874,9 @@ def test_claims_of_nodes_with_their_own_data_are_capped_at_max_examples(task_fil
     cfg = config_from_dict(tree(task_file, tmp_path, "fedavg", federation={"max_examples": 50}))
     logged = []
     infos = {
-        0: {"examples": 30},
-        1: {"examples": 10**9, "own_data": True},
-        2: {"examples": 40, "own_data": True},
+        0: ClientInfo(0, "cpu", examples=30),
+        1: ClientInfo(1, "cpu", examples=10**9, own_data=True),
+        2: ClientInfo(2, "cpu", examples=40, own_data=True),
     }
     assert checked_sizes(cfg, infos, [30, 30, 30], logged.append) == [30, 50, 40]
     assert [(r.client, r.event) for r in logged] == [(1, "claim_rejected")]

@@ -250,7 +250,7 @@ def test_a_peer_of_another_rank_is_scored_as_its_own_model_would_be(corpus_dir, 
     ]
     works = personalized_works(cfg, pool, load_windows(cfg, tokenizer, Console(quiet=True)), device)
     own = works[0].adapter()
-    row = works[0].peer_perplexity(peers, val_batches=2)
+    row = works[0].peer_perplexity(peers, val_batches=2).ppl
     assert all(torch.equal(v, own[k]) for k, v in works[0].adapter().items())
     val = works[0].val
     base_alone, _, _ = load_model(cfg)

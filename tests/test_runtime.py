@@ -154,10 +154,12 @@ def test_in_process_uploads_are_the_clients_slots_not_copies(corpus_dir, tmp_pat
     # scoring peers left every slot as it was
     assert all(torch.equal(before[k], v) for k, v in ups[1].adapter.items())
     alone = [
-        clients.works[1].peer_perplexity([{k: v.clone() for k, v in ups[j].adapter.items()}], 1)[0]
+        clients.works[1].peer_perplexity([{k: v.clone() for k, v in ups[j].adapter.items()}], 1).ppl[0]
         for j in ups
     ]
-    assert rows[1] == alone  # each peer scored as itself, though the uploads live in the slots being written
+    assert (
+        list(rows[1].ppl) == alone
+    )  # each peer scored as itself, though the uploads live in the slots being written
 
 
 def _run(corpus_dir, tmp_path, name, **sections):

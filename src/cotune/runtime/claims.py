@@ -15,23 +15,23 @@ does not take as it came (a `FaultRecord`, event `claim_rejected`, like a reject
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from cotune.config.schema import ExperimentConfig
 from cotune.records import FaultRecord
 from cotune.runtime.guard import Log
+from cotune.runtime.port import ClientInfo
 
 
 def checked_sizes(
-    cfg: ExperimentConfig, infos: Mapping[int, Mapping[str, Any]], expected: Sequence[int], log: Log
+    cfg: ExperimentConfig, infos: Mapping[int, ClientInfo], expected: Sequence[int], log: Log
 ) -> list[int]:
     """n_k for every client (0 for those that did not join) from their descriptions, checked."""
     sizes = [0] * cfg.federation.clients
     bound = cfg.federation.max_examples
     unverifiable = []
     for k, info in sorted(infos.items()):
-        claimed = int(info.get("examples", 0))
-        if not info.get("own_data"):
+        claimed = info.examples or 0
+        if not info.own_data:
             sizes[k] = expected[k]
             if claimed != expected[k]:
                 reason = f"claimed {claimed} examples, its part of the config's split has {expected[k]}"

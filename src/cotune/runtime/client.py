@@ -17,7 +17,7 @@ import torch
 
 from cotune.algorithms.ranks import rank_of
 from cotune.evaluation.lm import evaluate_lm, evaluate_lm_through
-from cotune.runtime.port import TEST_PREFIX, Prediction
+from cotune.runtime.port import ClientInfo, EvalReport, PeerScores, Prediction, TrainReport
 from cotune.state import AdapterState
 from cotune.training.learner import Learner, StepLog
 from cotune.training.together import train_together
@@ -37,7 +37,7 @@ class ClientWork:
     reports and nothing else reads (the trust never sees it); `public` gives the shared
     reference set for prediction trust when asked (built lazily: only that strategy needs it);
     `budget` is the client's own steps per round where it decides them (FedCoLLM's local_epochs
-    depend on its data); `info` is its description for the server.
+    depend on its data); `info` is its description for the server (`setup.client_info`).
     """
 
     def __init__(
@@ -50,12 +50,12 @@ class ClientWork:
         public: Callable[[], torch.Tensor] | None = None,
         eval_batch_size: int = 8,
         budget: int | None = None,
-        info: Mapping[str, Any] | None = None,
+        info: ClientInfo,
     ) -> None:
         self.index, self.learner, self.val, self.test = index, learner, val, test
         self._public = public
         self.eval_batch_size, self.budget = eval_batch_size, budget
-        self.info = dict(info or {})
+        self.info = info
 
     @property
     def pool(self):  # the AdapterPool holding this client's slot
@@ -83,12 +83,10 @@ class ClientWork:
         self.pool.load_state(self.learner.slot, {k: v.to(device) for k, v in state.items()})
 
     # ---- the work ---------------------------------------------------------------------------------
-    def train(
-        self, steps: int | None = None, on_step: Callable[[float], None] | None = None
-    ) -> dict[str, float]:
+    def train(self, steps: int | None = None, on_step: Callable[[float], None] | None = None) -> TrainReport:
         """Local steps on its own data (`steps`, else its own budget); the round's training metrics."""
         n = self.steps(steps)
-        return self.train_metrics(self.learner.train(n, on_step), n)
+        return self.train_report(self.learner.train(n, on_step), n)
 
     def steps(self, steps: int | None) -> int:
         """The round's `steps`, else the client's own budget."""
@@ -97,31 +95,28 @@ class ClientWork:
             raise ValueError("this client has no step budget of its own: the round must give `steps`")
         return n
 
-    def train_metrics(self, log: StepLog, n: int) -> dict[str, float]:
+    def train_report(self, log: StepLog, n: int) -> TrainReport:
         """What a client reports of its round's training."""
-        return {
-            "loss": log.mean_loss,
-            "last_loss": log.losses[-1] if log.losses else float("nan"),
-            "lr": self.learner.lr,
-            "tokens_per_s": log.tokens / log.seconds if log.seconds else 0.0,
-            "steps": float(n),
-            "wall_s": log.seconds,
-        }
+        return TrainReport(
+            loss=log.mean_loss,
+            last_loss=log.losses[-1] if log.losses else float("nan"),
+            lr=self.learner.lr,
+            tokens_per_s=log.tokens / log.seconds if log.seconds else 0.0,
+            steps=n,
+            wall_s=log.seconds,
+        )
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> EvalReport:
         """Loss, perplexity and next-token accuracy of its adapter on its validation windows, and on its
-        test windows (keys prefixed `test_`) when it has some."""
+        test windows when it has some."""
         self.pool.activate(self.learner.slot)
-        res = evaluate_lm(self.pool.model, self._val(), self.eval_batch_size)
-        out = {k: float(v) for k, v in res.as_dict().items()}
+        val = evaluate_lm(self.pool.model, self._val(), self.eval_batch_size)
+        test = None
         if self.test is not None and len(self.test):
             test = evaluate_lm(self.pool.model, self.test, self.eval_batch_size)
-            out.update({f"{TEST_PREFIX}{k}": float(v) for k, v in test.as_dict().items()})
-        return out
+        return EvalReport(val, test)
 
-    def peer_perplexity(
-        self, adapters: Sequence[Mapping[str, torch.Tensor]], val_batches: int
-    ) -> list[float]:
+    def peer_perplexity(self, adapters: Sequence[Mapping[str, torch.Tensor]], val_batches: int) -> PeerScores:
         """Its row of P: the perplexity of each given adapter on its own validation windows."""
         own = self.adapter()
         rank = rank_of(own)
@@ -138,9 +133,9 @@ class ClientWork:
             row.append(res.ppl)
         self.pool.activate(self.learner.slot)
         self.adopt(own)
-        return row
+        return PeerScores(tuple(row))
 
-    def peer_perplexity_in_slots(self, slots: Sequence[str], val_batches: int, together: int) -> list[float]:
+    def peer_perplexity_in_slots(self, slots: Sequence[str], val_batches: int, together: int) -> PeerScores:
         """Its row of P from peer adapters already loaded in `slots` of its pool, scored `together` at a
         time in one mixed-adapter forward per batch (nothing of its own slot is overwritten)."""
         row: list[float] = []
@@ -150,7 +145,7 @@ class ClientWork:
                     self.pool.model, self._val(), self.eval_batch_size, lanes, val_batches
                 )
             row += [res.ppl for res in scores]
-        return row
+        return PeerScores(tuple(row))
 
     @torch.no_grad()
     def predict(self, batches: int, batch_size: int, k: int) -> Prediction:
@@ -168,8 +163,8 @@ class ClientWork:
             out.append((values.cpu(), indices.cpu()))
         return Prediction(out, vocab, windows_hash(public))
 
-    def describe(self) -> dict[str, Any]:
-        return {"partition": self.index, **self.info, "device": str(self.learner.device)}
+    def describe(self) -> ClientInfo:
+        return self.info
 
     # ---- trainer state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -186,9 +181,9 @@ class ClientWork:
 
 def train_works_together(
     works: Sequence[ClientWork], steps: int | None, on_step: Sequence[Callable[[float], None] | None]
-) -> list[dict[str, float]]:
+) -> list[TrainReport]:
     """The local steps of several clients of one adapter pool as shared forward/backward passes
     (federation.parallel_clients): each ends as if it had trained alone; its metrics as `train`'s."""
     budgets = [work.steps(steps) for work in works]
     logs = train_together([work.learner for work in works], budgets, on_step)
-    return [work.train_metrics(log, n) for work, log, n in zip(works, logs, budgets, strict=True)]
+    return [work.train_report(log, n) for work, log, n in zip(works, logs, budgets, strict=True)]

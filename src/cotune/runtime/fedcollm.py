@@ -323,9 +323,7 @@ class FedCoLLMLoop:
                 lambda k, loss: advance(note=f"{client_name(k)} loss {loss:.3f}"),
                 secure_weights=secure,
             )
-        check_trained(
-            self.cfg, r, {k: (float(up.metrics["loss"]), up.adapter, sent[k]) for k, up in replies.ok.items()}
-        )
+        check_trained(self.cfg, r, {k: (up.report.loss, up.adapter, sent[k]) for k, up in replies.ok.items()})
         for k, up in list(replies.ok.items()):
             try:
                 self.check(up.adapter)
@@ -338,8 +336,7 @@ class FedCoLLMLoop:
         for k, up in sorted(replies.ok.items()):
             self.client_adapters[k] = copied(up.adapter)  # kept past the client's next exchange
             updates[k] = up.adapter
-            m = up.metrics
-            self.files.log(TrainRecord(model="slm", round=r, client=k, loss=m["loss"], lr=m["lr"]))
+            self.files.log(TrainRecord(model="slm", round=r, client=k, loss=up.report.loss, lr=up.report.lr))
         return updates, replies.mean
 
     def log_traffic(self, r: int, updates: dict[int, AdapterState], down: int) -> None:

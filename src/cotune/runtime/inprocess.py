@@ -11,13 +11,25 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from cotune.config.names import UPLOAD_ATTACKS
 from cotune.config.schema import ExperimentConfig
 from cotune.runtime import guard
 from cotune.runtime.client import ClientWork, train_works_together
-from cotune.runtime.port import OnDone, OnStep, Prediction, Replies, TrainReplies, Upload
+from cotune.runtime.port import (
+    ClientInfo,
+    EvalReport,
+    OnDone,
+    OnStep,
+    PeerScores,
+    Prediction,
+    Replies,
+    TrainReplies,
+    TrainReport,
+    Upload,
+)
 from cotune.state import AdapterState, copied
 
 CLAIM = 10**9  # the example count a simulated `inflated_claim` attacker reports
@@ -50,13 +62,13 @@ class InProcessClients:
     def n(self) -> int:
         return len(self.works)
 
-    def describe(self) -> Replies[dict[str, Any]]:
+    def describe(self) -> Replies[ClientInfo]:
         """Each client's description; a simulated `inflated_claim` attacker claims 10^9 examples."""
         a = self.cfg.simulation.attack
         liars = set(a.clients) if a.kind == "inflated_claim" else set()
         return Replies(
             ok={
-                w.index: {**w.describe(), **({"examples": CLAIM} if w.index in liars else {})}
+                w.index: replace(w.describe(), examples=CLAIM) if w.index in liars else w.describe()
                 for w in self.works
             }
         )
@@ -115,13 +127,13 @@ class InProcessClients:
         if len(group) == 1:
             (i,) = group
 
-            def alone() -> dict[str, float]:
+            def alone() -> TrainReport:
                 adopt_all()
                 return works[0].train(steps, shown(i))
 
             return {i: guard.run_client(self.cfg, round_, i, alone)}
 
-        def together() -> list[dict[str, float]]:
+        def together() -> list[TrainReport]:
             adopt_all()
             return train_works_together(works, steps, [shown(i) for i in group])
 
@@ -129,8 +141,8 @@ class InProcessClients:
 
     def evaluate(
         self, round_: int, adapters: Mapping[int, AdapterState], on_done: OnDone | None = None
-    ) -> Replies[dict[str, float]]:
-        replies: Replies[dict[str, float]] = Replies()
+    ) -> Replies[EvalReport]:
+        replies: Replies[EvalReport] = Replies()
         for i, state in adapters.items():
             self.works[i].adopt(state)
             replies.ok[i] = self.works[i].evaluate()
@@ -144,7 +156,7 @@ class InProcessClients:
         adapters: Mapping[int, AdapterState],
         val_batches: int,
         on_done: OnDone | None = None,
-    ) -> Replies[list[float]]:
+    ) -> Replies[PeerScores]:
         """Each client scores every peer on its validation windows. With `federation.parallel_clients`
         K > 1, each peer stays in its own slot and a client scores K of them per forward (one
         mixed-adapter batch); otherwise each peer in turn in the client's own slot, as a SuperNode does."""
@@ -154,7 +166,7 @@ class InProcessClients:
                 self.works[j].adopt(state)
             slots = [self.works[j].learner.slot for j in adapters]
 
-            def row(i: int) -> list[float]:
+            def row(i: int) -> PeerScores:
                 return self.works[i].peer_perplexity_in_slots(slots, val_batches, together)
 
         else:
@@ -162,10 +174,10 @@ class InProcessClients:
             # scoring overwrites (see Clients.train)
             peers = [copied(a) for a in adapters.values()]
 
-            def row(i: int) -> list[float]:
+            def row(i: int) -> PeerScores:
                 return self.works[i].peer_perplexity(peers, val_batches)
 
-        replies: Replies[list[float]] = Replies()
+        replies: Replies[PeerScores] = Replies()
         for i in adapters:
             replies.ok[i] = row(i)
             if on_done is not None:

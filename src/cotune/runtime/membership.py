@@ -15,7 +15,7 @@ from rich.console import Console
 
 from cotune.config.schema import ExperimentConfig
 from cotune.runtime import guard
-from cotune.runtime.port import Replies
+from cotune.runtime.port import ClientInfo, Replies
 
 
 def participants(cfg: ExperimentConfig, r: int, joined: Sequence[int]) -> list[int]:
@@ -36,11 +36,11 @@ class Membership:
     def __init__(self, cfg: ExperimentConfig, log: guard.Log, console: Console) -> None:
         self.cfg, self.log, self.console = cfg, log, console
         self.n = cfg.federation.clients
-        self.joined: dict[int, dict[str, Any]] = {}  # client -> its description, for those that answered
+        self.joined: dict[int, ClientInfo] = {}  # client -> its description, for those that answered
         self.drawn: list[int] = []  # clients drawn to train in the round in progress
         self.dropped: set[int] = set()  # clients dropped from the round in progress
 
-    def join(self, replies: Replies[dict[str, Any]]) -> None:
+    def join(self, replies: Replies[ClientInfo]) -> None:
         """Admit the clients that described themselves; the others are dropped from round 0."""
         self.joined = dict(sorted(replies.ok.items()))
         self.drawn = list(self.joined)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import torch
 from rich.console import Console
@@ -23,6 +23,7 @@ from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice, resize_ran
 from cotune.algorithms.trust import PredictionDistance
 from cotune.config.names import MERGING_STRATEGIES
 from cotune.config.schema import ExperimentConfig
+from cotune.evaluation.lm import LMEval
 from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import wide_initialisation
 from cotune.records import CommRecord, EvalRecord, RoundRecord, RunEvent, TrainRecord, TrustRecord
@@ -30,7 +31,7 @@ from cotune.reporting.progress import Activity, Advance
 from cotune.runtime import guard
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline, check_trained
-from cotune.runtime.port import TEST_PREFIX, Clients, OnDone, Prediction
+from cotune.runtime.port import ClientInfo, Clients, OnDone, Prediction
 from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
 from cotune.state import AdapterState, copied, state_bytes
 
@@ -52,14 +53,14 @@ def prediction_distance(predictions: list[Prediction], k: int) -> torch.Tensor:
     return dist.distances()
 
 
-def label_mixtures(infos: list[dict[str, Any]]) -> torch.Tensor:
+def label_mixtures(infos: list[ClientInfo]) -> torch.Tensor:
     """Clients x labels, from each client's (label_names, mixture) description (the oracle's evidence)."""
     names: list[str] = []
     for info in infos:
-        names += [n for n in info["label_names"] if n not in names]
+        names += [n for n in info.label_names if n not in names]
     m = torch.zeros(len(infos), len(names))
     for a, info in enumerate(infos):
-        for name, x in zip(info["label_names"], info["mixture"], strict=True):
+        for name, x in zip(info.label_names, info.mixture, strict=True):
             m[a, names.index(name)] = x
     return m
 
@@ -110,8 +111,8 @@ class PersonalizedLoop:
         """Each client by its data: its main label (what a report shows next to the index)."""
         names = []
         for i in range(self.n):
-            info = self.members.joined.get(i, {})
-            mixture, labels = info.get("mixture") or [], info.get("label_names") or []
+            info = self.members.joined.get(i)
+            mixture, labels = (info.mixture, info.label_names) if info is not None else ((), ())
             names.append(labels[max(range(len(mixture)), key=mixture.__getitem__)] if mixture else "")
         return names
 
@@ -176,22 +177,22 @@ class PersonalizedLoop:
         replies = self.clients.train(r, self.send(self.members.active()), self.steps_in_round(r), on_step)
         self.members.note_failures(r, "train", replies)
         losses = []
-        trained = {i: (float(up.metrics["loss"]), up.adapter, round_start[i]) for i, up in replies.ok.items()}
+        trained = {i: (up.report.loss, up.adapter, round_start[i]) for i, up in replies.ok.items()}
         check_trained(self.cfg, r, trained)
         for i, up in sorted(replies.ok.items()):
             self.received[i] += state_bytes(up.adapter)
             self.adapters[i] = up.adapter
-            m = up.metrics
-            losses.append(float(m["loss"]))
+            m = up.report
+            losses.append(m.loss)
             self.files.log(
                 TrainRecord(
                     round=r,
                     client=i,
                     step=self.step_at_end(r),
-                    loss=m["loss"],
-                    last_loss=m["last_loss"],
-                    lr=m["lr"],
-                    tokens_per_s=m["tokens_per_s"],
+                    loss=m.loss,
+                    last_loss=m.last_loss,
+                    lr=m.lr,
+                    tokens_per_s=m.tokens_per_s,
                 )
             )
         return sum(losses) / max(1, len(losses)), round_start
@@ -211,14 +212,14 @@ class PersonalizedLoop:
         def done(i: int) -> None:
             advance(note=client_name(i))
 
-        rows: dict[int, list[float]] | None = None
+        rows: dict[int, tuple[float, ...]] | None = None
         predictions: dict[int, Prediction] | None = None
         if "perplexity" in need:  # every client receives every peer's adapter
             peers = {i: self.adapters[i] for i in sent}
             self.sent.update({i: sum(state_bytes(a) for a in peers.values()) for i in sent})
             replies = self.clients.evaluate_peers(r, peers, s.val_batches, done)
             self.members.note_failures(r, "evidence", replies)
-            rows = replies.ok
+            rows = {i: scores.ppl for i, scores in replies.ok.items()}
         if "prediction_distance" in need:
             bs = self.cfg.train.eval_batch_size
             got = self.clients.predict(r, self.send(sent), s.public_batches, bs, s.logits_topk, done)
@@ -298,23 +299,23 @@ class PersonalizedLoop:
         replies = self.clients.evaluate(r, self.send(clients), on_done)
         self.members.note_failures(r, "evaluate", replies)
         ppls = []
-        for i, m in sorted(replies.ok.items()):
-            ppls.append(float(m["ppl"]))
-            self.files.log(self.eval_record(r, i, "val", m, ""))
-            if f"{TEST_PREFIX}ppl" in m:
-                self.files.log(self.eval_record(r, i, "test", m, TEST_PREFIX))
+        for i, report in sorted(replies.ok.items()):
+            ppls.append(report.val.ppl)
+            self.files.log(self.eval_record(r, i, "val", report.val))
+            if report.test is not None:
+                self.files.log(self.eval_record(r, i, "test", report.test))
         return sum(ppls) / max(1, len(ppls))
 
-    def eval_record(self, r: int, client: int, split: str, m: Mapping[str, Any], prefix: str) -> EvalRecord:
+    def eval_record(self, r: int, client: int, split: Literal["val", "test"], scores: LMEval) -> EvalRecord:
         return EvalRecord(
             round=r,
             step=self.step_at_end(r),
             client=client,
             split=split,
-            loss=m[f"{prefix}loss"],
-            ppl=m[f"{prefix}ppl"],
-            acc=m[f"{prefix}acc"],
-            tokens=int(m[f"{prefix}tokens"]),
+            loss=scores.loss,
+            ppl=scores.ppl,
+            acc=scores.acc,
+            tokens=scores.tokens,
         )
 
     # ---- traffic --------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
+from cotune.evaluation.lm import LMEval
 from cotune.state import AdapterState
 
 T = TypeVar("T")
-TEST_PREFIX = "test_"  # an evaluate reply's test-split metrics, beside the validation ones
 
 # Per public batch, the top-k logits of one client: (values, indices), each (batch, seq, k).
 TopK = list[tuple[torch.Tensor, torch.Tensor]]
@@ -36,12 +36,67 @@ class Replies(Generic[T]):
     failed: dict[int, str] = field(default_factory=dict)
 
 
+# ---- what the clients answer: one frozen dataclass per kind of answer ------------------------------------
+# In process a report passes as it is; on Flower it travels through the one codec of the wire module
+# (`runtime.flower.protocol.encode` / `decode`), which carries every field, `extra` included, exactly.
+
+# Metrics a client reports beyond a report's typed fields: JSON values (numbers, strings, booleans, lists
+# and string-keyed mappings of them, nested), carried as they are on every transport.
+Extra = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """How a client's local training of one round went."""
+
+    loss: float  # mean loss of the round's steps
+    last_loss: float  # the last step's loss (nan without a step)
+    lr: float  # the learning rate after the round
+    tokens_per_s: float
+    steps: int
+    wall_s: float
+    extra: Extra = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """A client's scores of the adapter it was sent: on its validation windows and, when it holds a test
+    split, on that (which nothing but the reports reads: the trust never sees it)."""
+
+    val: LMEval
+    test: LMEval | None = None
+    extra: Extra = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PeerScores:
+    """Client i's row of P (validation trust): each peer adapter's perplexity on its validation windows,
+    in the order the peers were sent."""
+
+    ppl: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """Who a client is (its answer to `describe`): what the server weighs and checks it by."""
+
+    partition: int  # which client of the config it is
+    device: str
+    examples: int | None = None  # FedCoLLM family: n_k, its FedAvg weight as it claims it
+    own_data: bool = False  # trains on its own files (a SuperNode's data-path): n_k cannot be checked
+    train_windows: int | None = None  # personalized family: its token windows by split
+    val_windows: int | None = None
+    test_windows: int | None = None
+    label_names: tuple[str, ...] = ()  # its label mixture (the oracle's evidence, a report's client names)
+    mixture: tuple[float, ...] = ()
+
+
 @dataclass(frozen=True)
 class Upload:
     """A client's answer to `train`: its adapter after local training, and how training went."""
 
     adapter: AdapterState
-    metrics: Mapping[str, float]
+    report: TrainReport
 
 
 @dataclass
@@ -66,7 +121,7 @@ class Clients(Protocol):
     @property
     def n(self) -> int: ...
 
-    def describe(self) -> Replies[dict[str, Any]]:
+    def describe(self) -> Replies[ClientInfo]:
         """Who takes part: each client's description (examples, windows, label mixture)."""
         ...
 
@@ -90,10 +145,10 @@ class Clients(Protocol):
 
     def evaluate(
         self, round_: int, adapters: Mapping[int, AdapterState], on_done: OnDone | None = None
-    ) -> Replies[dict[str, float]]:
+    ) -> Replies[EvalReport]:
         """Client i evaluates adapters[i] on its own validation data (loss, ppl, acc, tokens) and, when it
-        holds a test split, on that too (the same keys prefixed TEST_PREFIX). `on_done(i)` as each
-        client's part is over, here and in `evaluate_peers` and `predict`."""
+        holds a test split, on that too. `on_done(i)` as each client's part is over, here and in
+        `evaluate_peers` and `predict`."""
         ...
 
     def evaluate_peers(
@@ -102,7 +157,7 @@ class Clients(Protocol):
         adapters: Mapping[int, AdapterState],
         val_batches: int,
         on_done: OnDone | None = None,
-    ) -> Replies[list[float]]:
+    ) -> Replies[PeerScores]:
         """Client i's row of P: the perplexity of every given adapter (in key order) on its data."""
         ...
 

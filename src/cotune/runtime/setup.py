@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from cotune.reporting.text import printable
 from cotune.runtime import guard
 from cotune.runtime.client import ClientWork
 from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER, Server
+from cotune.runtime.port import ClientInfo
 from cotune.runtime.rundir import client_name
 from cotune.training.learner import Learner
 
@@ -93,6 +95,49 @@ def adapter_pool(
     return AdapterPool(base, cfg.lora, [client_name(i) for i in indices], ranks, cfg.lora.max_rank)
 
 
+@dataclass(frozen=True)
+class LabelMixture:
+    """A client's label proportions: the federation's split gives them, an owner of its own files
+    counts them in its windows (`of_windows`)."""
+
+    names: tuple[str, ...]
+    shares: tuple[float, ...]
+
+    @classmethod
+    def of_split(cls, data: FederatedData, index: int) -> LabelMixture:
+        return cls(tuple(data.label_names), tuple(float(x) for x in data.mixtures[index]))
+
+    @classmethod
+    def of_windows(cls, data: ClientData) -> LabelMixture:
+        names = sorted(data.label_counts)
+        total = sum(data.label_counts.values())
+        return cls(tuple(names), tuple(data.label_counts[n] / total for n in names))
+
+
+def client_info(
+    index: int,
+    device: torch.device,
+    *,
+    windows: ClientData | None = None,
+    labels: LabelMixture | None = None,
+    examples: int | None = None,
+    own_data: bool = False,
+) -> ClientInfo:
+    """A client's description, built here for every transport: the personalized family's window counts
+    and label mixture, or the FedCoLLM family's n_k; `own_data` for a data owner's own files."""
+    return ClientInfo(
+        partition=index,
+        device=str(device),
+        examples=examples,
+        own_data=own_data,
+        train_windows=None if windows is None else len(windows.train),
+        val_windows=None if windows is None else len(windows.val),
+        test_windows=None if windows is None else (0 if windows.test is None else len(windows.test)),
+        label_names=() if labels is None else labels.names,
+        mixture=() if labels is None else labels.shares,
+    )
+
+
 def personalized_work(
     cfg: ExperimentConfig,
     index: int,
@@ -100,7 +145,8 @@ def personalized_work(
     data: ClientData,
     public: Callable[[], torch.Tensor],
     device: torch.device,
-    info: dict,
+    labels: LabelMixture,
+    own_data: bool = False,
     slot: str | None = None,
 ) -> ClientWork:
     """Client `index` of personalized fine-tuning: its windows, its learner, its description."""
@@ -119,13 +165,6 @@ def personalized_work(
         device,
         frozen=FROZEN_PARTS.get(cfg.strategy.name, ()),
     )
-    test_windows = 0 if data.test is None else len(data.test)
-    info = {
-        "train_windows": len(data.train),
-        "val_windows": len(data.val),
-        "test_windows": test_windows,
-        **info,
-    }
     return ClientWork(
         index,
         learner,
@@ -133,7 +172,7 @@ def personalized_work(
         test=data.test,
         public=public,
         eval_batch_size=tcfg.eval_batch_size,
-        info=info,
+        info=client_info(index, device, windows=data, labels=labels, own_data=own_data),
     )
 
 
@@ -144,15 +183,7 @@ def personalized_works(
     if len(data.clients) != cfg.federation.clients:
         raise ValueError(f"data has {len(data.clients)} clients, config asks for {cfg.federation.clients}")
     return [
-        personalized_work(
-            cfg,
-            i,
-            pool,
-            c,
-            lambda: data.public,
-            device,
-            {"label_names": list(data.label_names), "mixture": [float(x) for x in data.mixtures[i]]},
-        )
+        personalized_work(cfg, i, pool, c, lambda: data.public, device, LabelMixture.of_split(data, i))
         for i, c in enumerate(data.clients)
     ]
 
@@ -211,7 +242,13 @@ def fedcollm_pools(
 
 
 def fedcollm_work(
-    cfg: ExperimentConfig, index: int, pool: AdapterPool, data: EncodedSet, device: torch.device, vocab: int
+    cfg: ExperimentConfig,
+    index: int,
+    pool: AdapterPool,
+    data: EncodedSet,
+    device: torch.device,
+    vocab: int,
+    own_data: bool = False,
 ) -> ClientWork:
     """Client `index` of the FedCoLLM family: its SLM slot, its private set D_k, its own budget."""
     if is_garbage_attacker(cfg, index):  # a simulated attacker trains on random answers
@@ -230,7 +267,8 @@ def fedcollm_work(
         device,
         frozen=FROZEN_PARTS["ffa_lora"] if cfg.federation.ffa_lora else (),
     )
-    return ClientWork(index, learner, budget=budget, info={"examples": len(data)})
+    info = client_info(index, device, examples=len(data), own_data=own_data)
+    return ClientWork(index, learner, budget=budget, info=info)
 
 
 def fedcollm_works(

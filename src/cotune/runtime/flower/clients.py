@@ -8,14 +8,14 @@ computation happens in the loops (ServerApp) or in `ClientWork` (the ClientApp).
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
-from flwr.app import Message, RecordDict
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
@@ -24,10 +24,22 @@ from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
 from cotune.runtime.flower import protocol as p
 from cotune.runtime.flower import secagg
-from cotune.runtime.port import OnDone, OnStep, Prediction, Replies, TrainReplies, Upload
+from cotune.runtime.port import (
+    ClientInfo,
+    EvalReport,
+    OnDone,
+    OnStep,
+    PeerScores,
+    Prediction,
+    Replies,
+    TrainReplies,
+    TrainReport,
+    Upload,
+)
 from cotune.runtime.rundir import config_fingerprint
 from cotune.state import AdapterState
 
+R = TypeVar("R")
 DEFAULT_ROUND_TIMEOUT = 600.0  # seconds per exchange when federation.client_timeout is not set
 # How often the server asks the SuperLink for replies. Flower's Grid.send_and_receive sleeps 3 s between
 # asks, which every exchange pays (1.5 s on average); the ServerApp runs beside the SuperLink, so the
@@ -80,15 +92,16 @@ class FlowerClients:
     def n(self) -> int:
         return self.cfg.federation.clients
 
-    def job(self, round_: int, **args: Any) -> p.Job:
-        return p.Job(self.family, self.config_yaml, self.fingerprint, round_, args, self.run_key, self.resume)
+    def job(self, round_: int) -> p.Job:
+        """The header of this round's messages; an action adds its arguments (`dataclasses.replace`)."""
+        return p.Job(self.family, self.config_yaml, self.fingerprint, round_, self.run_key, self.resume)
 
     def body(self, client: int, job: p.Job, records: Mapping[str, Any] | None = None) -> RecordDict:
         """A message to `client`: the job, `records`, and what it lacks of the merged base update (FLoRA)."""
         if self.base is None:
             return p.content(job, records)
         rank, start = rank_of(self.base), self.base_held.get(client, 0)
-        job = replace(job, args={**job.args, "base_rank": rank, "base_from": start})
+        job = replace(job, base=p.BaseRange(rank, start))
         missing = {p.BASE: p.tensors_to_record(rank_slice(self.base, start, rank))} if start < rank else {}
         return p.content(job, {**(records or {}), **missing})
 
@@ -174,7 +187,7 @@ class FlowerClients:
                 self.base_held.pop(i, None)
         return out
 
-    def describe(self) -> Replies[dict[str, Any]]:
+    def describe(self) -> Replies[ClientInfo]:
         """Wait for the SuperNodes, ask each which client (partition-id) it is, map clients to nodes."""
         deadline = time.monotonic() + self.settings.connect_timeout
         node_ids = list(self.grid.get_node_ids())
@@ -185,19 +198,19 @@ class FlowerClients:
         messages = [Message(p.content(self.job(0)), dst_node_id=n, message_type=p.DESCRIBE) for n in node_ids]
         replies = self.send_and_receive(messages)
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        out: Replies[dict[str, Any]] = Replies()
+        out: Replies[ClientInfo] = Replies()
         for reply in replies:
             node = node_of.get(reply.metadata.reply_to_message_id)
             if node is None:
                 continue
-            if reply.has_error():
-                self.say(f"WARNING SuperNode {node} could not join: {reply.error.reason}")
+            try:
+                if reply.has_error():
+                    raise ValueError(reply.error.reason)
+                info = report(reply.content, ClientInfo)
+            except ValueError as e:
+                self.say(f"WARNING SuperNode {node} could not join: {e}")
                 continue
-            record = reply.content.config_records[p.INFO]
-            info = {k: record[k] for k in record}
-            info["label_names"] = json.loads(str(info["label_names"]))
-            info["mixture"] = json.loads(str(info["mixture"]))
-            i = int(info["partition"])  # type: ignore[arg-type]
+            i = info.partition
             if i in self.nodes:
                 raise ValueError(f"SuperNodes {self.nodes[i]} and {node} both have partition-id {i}")
             self.nodes[i], out.ok[i] = node, info
@@ -210,9 +223,9 @@ class FlowerClients:
         for i in sorted(out.ok):
             inf = out.ok[i]
             holds = (
-                f"{inf['examples']} examples"
-                if "examples" in inf
-                else f"{inf['train_windows']} train / {inf['val_windows']} val windows"
+                f"{inf.examples} examples"
+                if inf.examples is not None
+                else f"{inf.train_windows} train / {inf.val_windows} val windows"
             )
             self.say(f"  client {i}: SuperNode {self.nodes[i]}, {holds}")
         return out
@@ -227,16 +240,13 @@ class FlowerClients:
     ) -> TrainReplies:
         if secure_weights is not None:
             return self.secure_train(round_, adapters, secure_weights)
-        job = self.job(round_) if steps is None else self.job(round_, steps=steps)
+        job = replace(self.job(round_), steps=steps)
         bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
-        got = self.exchange(round_, p.TRAIN, bodies)
-        out = TrainReplies(failed=got.failed)
-        for i, body in got.ok.items():
-            device = next(iter(adapters[i].values())).device
-            state = {k: v.to(device) for k, v in p.record_to_tensors(body.array_records[p.ADAPTER]).items()}
-            out.ok[i] = Upload(state, metrics(body))
+        device = next(iter(next(iter(adapters.values())).values())).device  # the loop's adapters' device
+        got = decoded(self.exchange(round_, p.TRAIN, bodies), lambda body: upload(body, device))
+        for i in got.ok:
             self.note_trained(i, round_)
-        return out
+        return TrainReplies(got.ok, got.failed)
 
     def secure_train(
         self, round_: int, adapters: Mapping[int, AdapterState], weights: Mapping[int, float]
@@ -245,7 +255,7 @@ class FlowerClients:
         clients = sorted(adapters)
         payload = adapters[clients[0]]  # theta, the same for every client
         client_of = {self.nodes[i]: i for i in clients}
-        record = self.job(round_, weights={str(i): int(weights[i]) for i in clients}).to_record()
+        record = p.encode(replace(self.job(round_), weights={i: int(weights[i]) for i in clients}))
         result = secagg.secure_average(
             self.grid,
             [self.nodes[i] for i in clients],
@@ -260,20 +270,25 @@ class FlowerClients:
         for node, m in result.metrics.items():
             if node in client_of and result.average is not None:
                 # The individual uploads are never seen; comm accounting counts the same-sized masked vectors.
-                out.ok[client_of[node]] = Upload(payload, {k: float(v) for k, v in m.items()})
+                try:
+                    trained = p.decode(ConfigRecord(m), TrainReport)
+                except ValueError as e:
+                    out.failed[client_of[node]] = f"unreadable reply: {e}"
+                    continue
+                out.ok[client_of[node]] = Upload(payload, trained)
                 self.note_trained(client_of[node], round_)
         for i in clients:
-            if i not in out.ok:
+            if i not in out.ok and i not in out.failed:
                 out.failed[i] = "did not complete the SecAgg+ round"
         return out
 
     def evaluate(
         self, round_: int, adapters: Mapping[int, AdapterState], on_done: OnDone | None = None
-    ) -> Replies[dict[str, float]]:
+    ) -> Replies[EvalReport]:
         job = self.job(round_)
         bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
         got = self.exchange(round_, p.EVALUATE, bodies, on_done)
-        return Replies({i: metrics(body) for i, body in got.ok.items()}, got.failed)
+        return decoded(got, lambda body: report(body, EvalReport))
 
     def evaluate_peers(
         self,
@@ -281,13 +296,12 @@ class FlowerClients:
         adapters: Mapping[int, AdapterState],
         val_batches: int,
         on_done: OnDone | None = None,
-    ) -> Replies[list[float]]:
+    ) -> Replies[PeerScores]:
         peers = {f"{p.PEER_PREFIX}{j}": p.tensors_to_record(a) for j, a in adapters.items()}
-        job = self.job(round_, peers=list(adapters), val_batches=val_batches)
+        job = replace(self.job(round_), peers=p.PeerArgs(tuple(adapters), val_batches))
         bodies = {i: self.body(i, job, peers) for i in adapters}
         got = self.exchange(round_, p.EVALUATE_PEERS, bodies, on_done)
-        rows = {i: [float(x) for x in body.metric_records[p.METRICS]["ppl"]] for i, body in got.ok.items()}  # type: ignore[union-attr]
-        return Replies(rows, got.failed)
+        return decoded(got, lambda body: report(body, PeerScores))
 
     def predict(
         self,
@@ -299,15 +313,9 @@ class FlowerClients:
         on_done: OnDone | None = None,
     ) -> Replies[Prediction]:
         """A node predicts with the adapter it holds, which is the one the loop holds for it."""
-        job = self.job(round_, public_batches=batches, batch_size=batch_size, k=k)
+        job = replace(self.job(round_), predict=p.PredictArgs(batches, batch_size, k))
         bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
-        got = self.exchange(round_, p.PREDICT, bodies, on_done)
-        out: Replies[Prediction] = Replies(failed=got.failed)
-        for i, body in got.ok.items():
-            info = body.config_records[p.INFO]
-            topk = p.record_to_topk(body.array_records[p.LOGITS])
-            out.ok[i] = Prediction(topk, int(info["vocab"]), str(info["public_hash"]))  # type: ignore[arg-type]
-        return out
+        return decoded(self.exchange(round_, p.PREDICT, bodies, on_done), p.prediction_of)
 
     def note_trained(self, client: int, round_: int) -> None:
         """From now on the node continues from its latest state (no longer the resumed round's)."""
@@ -331,6 +339,25 @@ class FlowerClients:
         self.base_held.clear()  # what the nodes hold is not known after a resume: each gets it all again
 
 
-def metrics(body: RecordDict) -> dict[str, float]:
-    m = body.metric_records[p.METRICS]
-    return {k: float(m[k]) for k in m if not isinstance(m[k], list)}  # type: ignore[arg-type]
+def report(body: RecordDict, kind: type[R]) -> R:
+    """The typed payload of a reply (`protocol.decode`)."""
+    if p.REPORT not in body.config_records:
+        raise ValueError(f"a reply without its {kind.__name__} (a node of another cotune version?)")
+    return p.decode(body.config_records[p.REPORT], kind)
+
+
+def upload(body: RecordDict, device: torch.device) -> Upload:
+    """A train reply: the trained adapter (moved to `device`) and its report."""
+    state = {k: v.to(device) for k, v in p.record_to_tensors(body.array_records[p.ADAPTER]).items()}
+    return Upload(state, report(body, TrainReport))
+
+
+def decoded(got: Replies[RecordDict], decode: Callable[[RecordDict], R]) -> Replies[R]:
+    """Each reply's payload; a reply that does not decode makes its client a failed one (named why)."""
+    out: Replies[R] = Replies(failed=dict(got.failed))
+    for i, body in got.ok.items():
+        try:
+            out.ok[i] = decode(body)
+        except (ValueError, KeyError) as e:
+            out.failed[i] = f"unreadable reply: {e}"
+    return out

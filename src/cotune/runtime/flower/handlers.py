@@ -13,13 +13,12 @@ trust evidence actions `evaluate.peers` (validation trust) and `query.predict` (
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice
@@ -63,10 +62,9 @@ def open_job(job: p.Job, context: Context, message: Message | None = None) -> It
 def merge_base(node: Node, job: p.Job, message: Message) -> None:
     """FLoRA: merge the server's history into this node's base. The node keeps the history it was sent
     on its own disk; a message brings only the components it does not hold yet (from `base_from`)."""
-    rank = int(job.args.get("base_rank", 0))
-    if not rank:
+    if job.base is None or not job.base.rank:
         return
-    start = int(job.args["base_from"])
+    rank, start = job.base.rank, job.base.start
     store = node.store(job.run_key)
     held = store.load_base()
     if start and (held is None or rank_of(held) < start):
@@ -104,7 +102,7 @@ def save(node: Node, job: p.Job) -> None:
     node.store(job.run_key).save(job.round, node.work.adapter(), node.trainer_state())
 
 
-def reply(message: Message, records: dict[str, ArrayRecord | ConfigRecord | MetricRecord]) -> Message:
+def reply(message: Message, records: dict[str, ArrayRecord | ConfigRecord]) -> Message:
     return Message(RecordDict(dict(records)), reply_to=message)
 
 
@@ -116,12 +114,7 @@ def adopt_sent(node: Node, message: Message) -> None:
 @node_app.query("describe")
 def describe(message: Message, context: Context) -> Message:
     with open_node(message, context) as (_, node):
-        info = node.work.describe()
-        record = ConfigRecord({k: v for k, v in info.items() if k not in ("label_names", "mixture")})
-        record["label_names"] = json.dumps(info.get("label_names", []))
-        record["mixture"] = json.dumps(info.get("mixture", []))
-        record["own_data"] = bool(node.settings.data_path)  # its n_k cannot be checked by the server
-        return reply(message, {p.INFO: record})
+        return reply(message, {p.REPORT: p.encode(node.work.describe())})
 
 
 @node_app.train()
@@ -130,12 +123,10 @@ def train(message: Message, context: Context) -> Message:
         return secure_train(message, context)
     with open_node(message, context) as (job, node):
         adopt_sent(node, message)
-        steps = job.args.get("steps")  # FedCoLLM: the node's own budget (local_epochs depends on its data)
-        metrics = node.work.train(None if steps is None else int(steps))
+        report = node.work.train(job.steps)  # None (FedCoLLM): its own budget (local_epochs: its data)
         save(node, job)
         return reply(
-            message,
-            {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.METRICS: MetricRecord(dict(metrics))},
+            message, {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.REPORT: p.encode(report)}
         )
 
 
@@ -143,39 +134,40 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     with open_node(message, context) as (_, node):
         adopt_sent(node, message)
-        metrics = node.work.evaluate()
-        return reply(message, {p.METRICS: MetricRecord(dict(metrics))})
+        return reply(message, {p.REPORT: p.encode(node.work.evaluate())})
 
 
 @node_app.evaluate("peers")
 def evaluate_peers(message: Message, context: Context) -> Message:
     with open_node(message, context) as (job, node):
-        peers = [int(j) for j in job.args["peers"]]
-        adapters = [p.record_to_tensors(message.content.array_records[f"{p.PEER_PREFIX}{j}"]) for j in peers]
-        row = node.work.peer_perplexity(adapters, int(job.args["val_batches"]))
-        return reply(message, {p.METRICS: MetricRecord({"ppl": [float(x) for x in row]})})
+        asked = job.peers
+        if asked is None:
+            raise ValueError("an evaluate.peers message without its peers")
+        records = message.content.array_records
+        adapters = [p.record_to_tensors(records[f"{p.PEER_PREFIX}{j}"]) for j in asked.peers]
+        row = node.work.peer_perplexity(adapters, asked.val_batches)
+        return reply(message, {p.REPORT: p.encode(row)})
 
 
 @node_app.query("predict")
 def predict(message: Message, context: Context) -> Message:
     with open_node(message, context) as (job, node):
         adopt_sent(node, message)
-        a = job.args
-        pred = node.work.predict(int(a["public_batches"]), int(a["batch_size"]), int(a["k"]))
-        info = ConfigRecord({"public_hash": pred.public_hash, "vocab": pred.vocab})
-        return reply(message, {p.LOGITS: p.topk_to_record(pred.topk), p.INFO: info})
+        a = job.predict
+        if a is None:
+            raise ValueError("a query.predict message without its arguments")
+        pred = node.work.predict(a.batches, a.batch_size, a.k)
+        return reply(message, p.prediction_records(pred))
 
 
 def secure_train(message: Message, context: Context) -> Message:
     """A SecAgg+ round's training (FedCoLLM family): the same work, the legacy fit format for the mod."""
     config, adapter = secagg.fit_request(message)
-    with open_job(p.Job.from_record(ConfigRecord(config)), context) as (job, node):
+    with open_job(p.decode(ConfigRecord(config), p.Job), context) as (job, node):
         if node.family != "fedcollm":
             raise ValueError("secure aggregation is implemented for the FedCoLLM family's FedAvg step")
         node.adopt(adapter)
-        metrics = node.work.train()
+        report = node.work.train()
         save(node, job)
-        weight = int(
-            job.args.get("weights", {}).get(str(node.index), node.weight())
-        )  # the server's checked n_k
-        return secagg.fit_reply(message, node.work.adapter(), list(adapter), weight, metrics)
+        weight = (job.weights or {}).get(node.index, node.weight())  # the server's checked n_k
+        return secagg.fit_reply(message, node.work.adapter(), list(adapter), weight, dict(p.encode(report)))

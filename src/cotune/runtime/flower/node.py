@@ -37,6 +37,7 @@ from cotune.data.windows import (
 from cotune.runtime.client import ClientWork
 from cotune.runtime.flower.node_state import NodeStateStore, default_state_dir
 from cotune.runtime.setup import (
+    LabelMixture,
     adapter_pool,
     fedcollm_work,
     load_model,
@@ -135,7 +136,13 @@ class Node:
             self.work = self.personalized_work()
         elif family == "fedcollm":
             self.work = fedcollm_work(
-                cfg, self.index, self.pool, self.task_data, self.device, len(self.tokenizer)
+                cfg,
+                self.index,
+                self.pool,
+                self.task_data,
+                self.device,
+                len(self.tokenizer),
+                own_data=bool(settings.data_path),
             )
         else:
             raise ValueError(f"this cotune ClientApp does not implement the {family!r} family")
@@ -208,17 +215,9 @@ class Node:
         return split.clients[self.index]
 
     def personalized_work(self) -> ClientWork:
-        data = self.windows
-        if self.settings.data_path:
-            labels = sorted(data.label_counts)
-            total = sum(data.label_counts.values())
-            info = {"label_names": labels, "mixture": [data.label_counts[n] / total for n in labels]}
-        else:
-            info = {
-                "label_names": list(self.federated.label_names),
-                "mixture": [float(x) for x in self.federated.mixtures[self.index]],
-            }
-        return personalized_work(self.cfg, self.index, self.pool, data, self.public, self.device, info)
+        data, own = self.windows, bool(self.settings.data_path)
+        labels = LabelMixture.of_windows(data) if own else LabelMixture.of_split(self.federated, self.index)
+        return personalized_work(self.cfg, self.index, self.pool, data, self.public, self.device, labels, own)
 
     # ---- state between messages ---------------------------------------------------------------------
     def adopt(self, state: AdapterState) -> None:
