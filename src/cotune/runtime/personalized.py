@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from cotune.algorithms.personalized import REQUIRED_EVIDENCE, TrustEvidence
+from cotune.algorithms.personalized import TrustEvidence
 from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice, resize_rank
 from cotune.algorithms.trust import PredictionDistance
-from cotune.config.names import MERGING_STRATEGIES
 from cotune.config.schema import ExperimentConfig
 from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import wide_initialisation
@@ -91,7 +90,7 @@ class PersonalizedLoop:
             for i in range(self.n)
         ]
         # FLoRA: the aggregates merged into every client's base so far, stacked (None: the original base)
-        self.merging = cfg.strategy.name in MERGING_STRATEGIES
+        self.merging = cfg.strategy.spec.merge != "none"
         self.base: AdapterState | None = None
         self.pipeline = AggregationPipeline(cfg, files.log)
         self.members = Membership(cfg, files.log, self.console)
@@ -145,7 +144,7 @@ class PersonalizedLoop:
                 r, lambda client, loss: advance(note=f"{client_name(client)} loss {loss:.3f}")
             )
         t_train = time.perf_counter() - t0
-        exchanges = len(REQUIRED_EVIDENCE[self.cfg.strategy.name] & CLIENT_EVIDENCE)
+        exchanges = len(self.cfg.strategy.spec.evidence & CLIENT_EVIDENCE)
         answers = exchanges * len(self.members.active()) or None  # None: no exchange, nothing to count
         with self.activity.phase(
             f"round {r}/{rounds} · aggregation ({self.cfg.strategy.name})", answers
@@ -203,7 +202,7 @@ class PersonalizedLoop:
         `advance` counts the clients' answers, one per client and exchange (`CLIENT_EVIDENCE`); of the
         `expected` clients (the phase's count), those left out (screened, gone) are counted at once."""
         s = self.cfg.strategy
-        need = REQUIRED_EVIDENCE[s.name]
+        need = s.spec.evidence
         sent = [i for i in members if i in self.members.active()]
         if expected > len(sent):
             advance((expected - len(sent)) * len(need & CLIENT_EVIDENCE))

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cotune.algorithms.attacks import garbage_tokens
 from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
-from cotune.algorithms.personalized import FROZEN_PARTS
+from cotune.config.names import STRATEGY_SPECS
 from cotune.config.schema import ExperimentConfig, ModelConfig
 from cotune.data.corpora import DataError
 from cotune.data.task_data import EncodedSet, TaskData, build_task_data
@@ -117,7 +117,7 @@ def personalized_work(
         cfg.federation.total_steps,
         cfg.run.seed * 1000 + index,
         device,
-        frozen=FROZEN_PARTS.get(cfg.strategy.name, ()),
+        frozen=cfg.strategy.spec.frozen_parts,
     )
     test_windows = 0 if data.test is None else len(data.test)
     info = {
@@ -228,7 +228,7 @@ def fedcollm_work(
         budget * cfg.federation.rounds,
         cfg.run.seed * 1000 + index,
         device,
-        frozen=FROZEN_PARTS["ffa_lora"] if cfg.federation.ffa_lora else (),
+        frozen=STRATEGY_SPECS["ffa_lora"].frozen_parts if cfg.federation.ffa_lora else (),
     )
     return ClientWork(index, learner, budget=budget, info={"examples": len(data)})
 
