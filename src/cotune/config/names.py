@@ -58,9 +58,10 @@ class StrategySpec:
     # where DP noise goes: one draw on the uniform mean everyone gets, or one on each upload (clients
     # that take different weighted sums, or an aggregate computed from the uploads themselves)
     dp_noise: Literal["central", "per_upload"] = "per_upload"
-    # "update": the aggregate is merged into every client's base weights and every client restarts from
-    # a fresh LoRA (the port's `set_base`; checkpoints hold the merged history stacked before each adapter)
-    merge: Literal["none", "update"] = "none"
+    # whether the aggregate is merged into every client's base weights (the port's `set_base`; checkpoints
+    # hold the merged history stacked before each adapter): "update", all of it, and every client restarts
+    # from a fresh LoRA; "residual", all but its last lora.r components, which every client keeps
+    merge: Literal["none", "update", "residual"] = "none"
     mixed_ranks: bool = False  # accepts clients of different LoRA ranks (lora.ranks)
     tau: float = 1.0  # the default softmax temperature of its trust scores (strategy.tau)
     threshold: float = 0.0  # the default score threshold (strategy.threshold, selection: threshold)

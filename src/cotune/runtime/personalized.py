@@ -278,18 +278,28 @@ class PersonalizedLoop:
         )
 
     def merge(self, r: int, update: AdapterState | None) -> None:
-        """FLoRA: the round's stacked update joins the history merged into every client's base weights,
-        and every client starts the next round from a fresh LoRA (drawn from the run seed and round)."""
+        """The round's aggregate joins the history merged into every client's base weights, as the row's
+        `merge` says. "update" (FLoRA): all of it, and every client starts the next round from a fresh
+        LoRA (drawn from the run seed and round). "residual" (FedEx-LoRA): all but its last lora.r
+        components, which every client keeps as its adapter."""
+        rule, own = self.cfg.strategy.spec.merge, None
+        if update is not None and rule == "residual":
+            total = rank_of(update)
+            cut = total - self.cfg.lora.rank_of(0)
+            update, own = rank_slice(update, 0, cut), rank_slice(update, cut, total)
         if update is not None:
             self.base = update if self.base is None else flora_stack([self.base, update])
             self.clients.set_base(self.base)
             # every client's base takes it, so each is counted once for it, in the round it is made (on
             # Flower a client not asked this round gets it with its next message)
             self.sent.update({i: state_bytes(update) for i in range(self.n)})
-        fresh = wide_initialisation(
-            self.adapters[0], self.cfg.lora.max_rank, guard.generator("flora", self.cfg.run.seed, r)
-        )
-        self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
+        if own is not None:
+            self.adapters = [own] * self.n
+        elif rule == "update":
+            fresh = wide_initialisation(
+                self.adapters[0], self.cfg.lora.max_rank, guard.generator("flora", self.cfg.run.seed, r)
+            )
+            self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
 
     def evaluate(self, r: int, clients: list[int], on_done: OnDone | None = None) -> float:
         """Each of `clients`' validation (and test) loss and perplexity; returns their mean validation
