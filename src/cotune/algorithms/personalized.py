@@ -16,7 +16,14 @@ from typing import TypeVar
 import torch
 
 from cotune.algorithms.aggregation import mix_adapters, mix_part
-from cotune.algorithms.ranks import flexlora_mix, flora_stack, hetlora_mix, hetlora_weights, rank_of
+from cotune.algorithms.ranks import (
+    fedex_stack,
+    flexlora_mix,
+    flora_stack,
+    hetlora_mix,
+    hetlora_weights,
+    rank_of,
+)
 from cotune.algorithms.robust import robust_average
 from cotune.algorithms.trust import (
     identity_trust,
@@ -171,6 +178,12 @@ def mix_flora(adapters: Sequence[AdapterState], trust: torch.Tensor, how: Mixing
     return [stacked] * len(adapters)
 
 
+def mix_fedex(adapters: Sequence[AdapterState], trust: torch.Tensor, how: Mixing) -> list[AdapterState]:
+    """FedEx-LoRA: FedAvg's adapter with the residual of the products stacked before it, which every
+    client shares; the round loop merges the residual into the base (`merge: residual`)."""
+    return [fedex_stack(adapters, trust)] * len(adapters)
+
+
 MIX_RULES: dict[MixRule, MixFn] = {  # one per name in config.names.MixRule
     "keep": mix_keep,
     "mean": mix_mean,
@@ -179,6 +192,7 @@ MIX_RULES: dict[MixRule, MixFn] = {  # one per name in config.names.MixRule
     "hetlora": mix_hetlora,
     "flexlora": mix_flexlora,
     "flora": mix_flora,
+    "fedex": mix_fedex,
 }
 
 

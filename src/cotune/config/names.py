@@ -28,6 +28,7 @@ StrategyName = Literal[
     "hetlora",
     "flexlora",
     "flora",
+    "fedex_lora",
 ]
 # What a strategy needs the runtime to measure before an aggregation (a field of
 # algorithms.personalized.TrustEvidence each; "perplexity" and "prediction_distance" take an exchange
@@ -38,7 +39,7 @@ Evidence = Literal["adapters", "perplexity", "prediction_distance", "mixtures"]
 TrustRule = Literal[
     "identity", "uniform", "update_norms", "weight_similarity", "validation", "prediction", "oracle"
 ]
-MixRule = Literal["keep", "mean", "weighted", "shared_part", "hetlora", "flexlora", "flora"]
+MixRule = Literal["keep", "mean", "weighted", "shared_part", "hetlora", "flexlora", "flora", "fedex"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ STRATEGY_SPECS: dict[StrategyName, StrategySpec] = {
     ),
     "flexlora": StrategySpec(trust="uniform", mix="flexlora", mixed_ranks=True),
     "flora": StrategySpec(trust="uniform", mix="flora", merge="update", mixed_ranks=True),
+    # FedEx-LoRA (arXiv 2410.09432): FedAvg's A and B, the residual of their product merged into the base
+    "fedex_lora": StrategySpec(trust="uniform", mix="fedex", merge="residual"),
 }
 # The strategies that accept clients of different LoRA ranks (the others mix tensors element-wise).
 MIXED_RANK_STRATEGIES: tuple[StrategyName, ...] = tuple(n for n, s in STRATEGY_SPECS.items() if s.mixed_ranks)
