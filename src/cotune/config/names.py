@@ -40,6 +40,7 @@ TrustRule = Literal[
     "identity", "uniform", "update_norms", "weight_similarity", "validation", "prediction", "oracle"
 ]
 MixRule = Literal["keep", "mean", "weighted", "shared_part", "hetlora", "flexlora", "flora", "fedex"]
+LoraPart = Literal["lora_A", "lora_B"]  # the two LoRA matrices, as peft names them in a key
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class StrategySpec:
     trust: TrustRule  # how W is computed
     mix: MixRule  # how W is applied to the adapters
     evidence: frozenset[Evidence] = frozenset()  # what the runtime must measure first
-    shared_part: str | None = None  # the one LoRA matrix that is mixed (and DP-clipped); None: all
-    frozen_parts: tuple[str, ...] = ()  # the LoRA matrices the clients do not train
+    shared_part: LoraPart | None = None  # the one LoRA matrix that is mixed (and DP-clipped); None: all
+    frozen_parts: tuple[LoraPart, ...] = ()  # the LoRA matrices the clients do not train
     # where DP noise goes: one draw on the uniform mean everyone gets, or one on each upload (clients
     # that take different weighted sums, or an aggregate computed from the uploads themselves)
     dp_noise: Literal["central", "per_upload"] = "per_upload"
