@@ -71,6 +71,21 @@ def test_every_strategy_row_is_complete() -> None:
         assert spec.dp_noise in ("central", "per_upload") and spec.tau > 0, name
 
 
+@pytest.mark.parametrize(
+    ("name", "compare", "refused"),
+    [("prediction", [], True), ("validation", ["prediction"], True), ("validation", [], False)],
+)
+def test_the_config_reads_what_a_row_needs(name: str, compare: list[str], refused: bool) -> None:
+    """The config refuses on the rows (before any work): prediction evidence needs a public set."""
+    tree = {"strategy": {"name": name}, "run": {"compare": compare}}
+    tree |= {"federation": {"clients": 2}, "data": {"clients": ["a", "b"]}}
+    if refused:
+        with pytest.raises(ValueError, match="public reference set"):
+            config_from_dict(tree)
+    else:
+        config_from_dict(tree)
+
+
 def test_a_fedcollm_config_holds_only_what_its_family_reads() -> None:
     dumped = yaml.safe_load(dump_config(config_from_dict(FEDCOLLM_TREE)))
     assert set(dumped) == set(FAMILY_SECTIONS["fedcollm"])
