@@ -882,7 +882,7 @@ def test_claims_of_nodes_with_their_own_data_are_capped_at_max_examples(task_fil
     assert [(r.client, r.event) for r in logged] == [(1, "claim_rejected")]
 
 
-@pytest.mark.parametrize("strategy", ["validation", "prediction", "flora"])
+@pytest.mark.parametrize("strategy", ["validation", "prediction", "flora", "fedex_lora"])
 def test_partial_participation_on_flower_gives_the_embedded_results(corpus_dir, tmp_path, strategy):
     cfg = _cfg(
         corpus_dir, tmp_path, strategy={"name": strategy}, federation={"rounds": 3, "clients_per_round": 2}

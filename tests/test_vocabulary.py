@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 
 from cotune.algorithms.fedcollm import PLANS
-from cotune.algorithms.personalized import REQUIRED_EVIDENCE
+from cotune.algorithms.personalized import MIX_RULES, TRUST_RULES, TrustEvidence
+from cotune.algorithms.robust import AGGREGATORS
 from cotune.config import ConfigError, config_from_dict, dump_config, load_config
-from cotune.config.names import FAMILY_SECTIONS, FEDCOLLM_ALGORITHMS, STRATEGIES
+from cotune.config.names import (
+    FAMILY_SECTIONS,
+    FEDCOLLM_ALGORITHMS,
+    STRATEGIES,
+    STRATEGY_SPECS,
+    Aggregator,
+    Evidence,
+    MixRule,
+    TrustRule,
+)
 from cotune.records import (
     KINDS,
     CommRecord,
@@ -41,7 +53,37 @@ FEDCOLLM_TREE = {
 
 def test_every_name_has_its_table_entry() -> None:
     assert set(PLANS) == set(FEDCOLLM_ALGORITHMS)
-    assert set(REQUIRED_EVIDENCE) == set(STRATEGIES)
+    assert set(AGGREGATORS) == set(get_args(Aggregator)) and all(map(callable, AGGREGATORS.values()))
+
+
+def test_every_strategy_row_is_complete() -> None:
+    """One row per strategy name, and everything a row names exists: its trust and mix functions, its
+    evidence as a field the runtime fills, the shared part a shared_part mix needs."""
+    assert list(STRATEGY_SPECS) == list(STRATEGIES)  # the Literal's order: run.compare, error messages
+    assert set(TRUST_RULES) == set(get_args(TrustRule)) and set(MIX_RULES) == set(get_args(MixRule))
+    assert all(map(callable, [*TRUST_RULES.values(), *MIX_RULES.values()]))
+    evidence_fields = {f.name for f in fields(TrustEvidence)}
+    assert set(get_args(Evidence)) <= evidence_fields
+    for name, spec in STRATEGY_SPECS.items():
+        assert spec.trust in TRUST_RULES and spec.mix in MIX_RULES, name
+        assert spec.evidence <= set(get_args(Evidence)), name
+        assert (spec.mix == "shared_part") == (spec.shared_part is not None), name
+        assert spec.dp_noise in ("central", "per_upload") and spec.tau > 0, name
+
+
+@pytest.mark.parametrize(
+    ("name", "compare", "refused"),
+    [("prediction", [], True), ("validation", ["prediction"], True), ("validation", [], False)],
+)
+def test_the_config_reads_what_a_row_needs(name: str, compare: list[str], refused: bool) -> None:
+    """The config refuses on the rows (before any work): prediction evidence needs a public set."""
+    tree = {"strategy": {"name": name}, "run": {"compare": compare}}
+    tree |= {"federation": {"clients": 2}, "data": {"clients": ["a", "b"]}}
+    if refused:
+        with pytest.raises(ValueError, match="public reference set"):
+            config_from_dict(tree)
+    else:
+        config_from_dict(tree)
 
 
 def test_a_fedcollm_config_holds_only_what_its_family_reads() -> None:

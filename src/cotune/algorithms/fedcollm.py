@@ -14,8 +14,8 @@ from typing import Literal, cast
 
 import torch
 
-from cotune.algorithms.robust import Aggregator, robust_average
-from cotune.config.names import FedCoLLMAlgorithm
+from cotune.algorithms.robust import robust_average
+from cotune.config.names import Aggregator, FedCoLLMAlgorithm
 from cotune.state import AdapterState
 
 

@@ -13,6 +13,9 @@ of different ranks are compared through their products. Two published rules:
 - FLoRA (Wang et al., arXiv 2409.05976): stack the clients' factors, B = [w_1 B_1 ... w_K B_K] and
   A = [A_1; ...; A_K], so that B A = sum_k w_k B_k A_k exactly, at rank sum_k r_k; every client merges
   that update into its base weights and starts a fresh LoRA (`flora_stack`, `rank_slice`).
+- FedEx-LoRA (Singhal et al., arXiv 2410.09432): average A and B (as FedAvg does) and fold the residual
+  sum_k w_k B_k A_k - B_mean A_mean into the base weights, so that base + B_mean A_mean is the exact
+  average of the products; the residual is FLoRA's stack with -B_mean A_mean appended (`fedex_stack`).
 
 The SVD of sum_j w_j B_j A_j never forms the out x in matrix: stacking the B_j side by side and the A_j
 on top of each other (FLoRA's construction, arXiv 2409.05976) gives the same product with inner
@@ -31,6 +34,7 @@ from cotune.algorithms.aggregation import mix_adapters
 from cotune.state import AdapterState
 
 __all__ = [
+    "fedex_stack",
     "flexlora_mix",
     "flora_stack",
     "hetlora_mix",
@@ -107,6 +111,16 @@ def flora_stack(
         out[a_key] = torch.cat([a[a_key] for a in adapters], 0)
         out[b_key] = torch.cat([x * a[b_key] for x, a in zip(w, adapters, strict=True)], 1)
     return out
+
+
+def fedex_stack(adapters: Sequence[Mapping[str, Tensor]], trust: Tensor) -> AdapterState:
+    """FedEx-LoRA's exact aggregate for W's first row w, as one stacked adapter: the residual
+    sum_k w_k B_k A_k - B_mean A_mean (FLoRA's factors of the clients, then -B_mean over A_mean), then the
+    averaged adapter itself (A and B mixed apart, as FedAvg does: its last r components). Its product is
+    sum_k w_k B_k A_k with no approximation; the round loop merges all but the last r into the base."""
+    mean = mix_adapters(adapters, trust)[0]
+    weights = [float(x) for x in trust[0]]
+    return flora_stack([*adapters, mean, mean], [*weights, -1.0, 1.0])
 
 
 def update_norm(state: Mapping[str, Tensor]) -> float:

@@ -11,18 +11,17 @@ arbitrary (Byzantine) uploads.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from cotune.algorithms.aggregation import check_same_layout, weighted_average
+from cotune.config.names import Aggregator
 from cotune.state import AdapterState
 
-Aggregator = Literal["mean", "median", "trimmed_mean"]
-
 __all__ = [
+    "AGGREGATORS",
     "check_update",
     "coordinate_median",
     "robust_average",
@@ -132,6 +131,37 @@ def trimmed_mean(adapters: Sequence[Mapping[str, Tensor]], trim_fraction: float)
     return _robust(adapters, math.floor(trim_fraction * n))
 
 
+def mean_of(
+    adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None, trim_fraction: float
+) -> AdapterState:
+    """The (weighted) mean: plain FedAvg."""
+    return weighted_average(adapters, weights)
+
+
+def median_of(
+    adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None, trim_fraction: float
+) -> AdapterState:
+    """The coordinate-wise median (ignores the weights)."""
+    return coordinate_median(adapters)
+
+
+def trimmed_mean_of(
+    adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None, trim_fraction: float
+) -> AdapterState:
+    """The coordinate-wise trimmed mean (ignores the weights)."""
+    return trimmed_mean(adapters, trim_fraction)
+
+
+# (adapters, weights or None for uniform, trim_fraction) -> the aggregate
+AggregatorFn = Callable[[Sequence[Mapping[str, Tensor]], Sequence[float] | None, float], AdapterState]
+# One row per robustness.aggregator name (config.names.Aggregator; tests/test_vocabulary.py checks it).
+AGGREGATORS: dict[Aggregator, AggregatorFn] = {
+    "mean": mean_of,
+    "median": median_of,
+    "trimmed_mean": trimmed_mean_of,
+}
+
+
 def robust_average(
     adapters: Sequence[Mapping[str, Tensor]],
     aggregator: Aggregator = "mean",
@@ -139,10 +169,6 @@ def robust_average(
     weights: Sequence[float] | None = None,
 ) -> AdapterState:
     """The FedAvg step with the configured aggregator; median and trimmed mean ignore `weights`."""
-    if aggregator == "mean":
-        return weighted_average(adapters, weights)
-    if aggregator == "median":
-        return coordinate_median(adapters)
-    if aggregator == "trimmed_mean":
-        return trimmed_mean(adapters, trim_fraction)
-    raise ValueError(f"unknown aggregator {aggregator!r}; expected mean, median or trimmed_mean")
+    if aggregator not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {aggregator!r}; expected {', '.join(AGGREGATORS)}")
+    return AGGREGATORS[aggregator](adapters, weights, trim_fraction)

@@ -18,11 +18,15 @@ from cotune.config.names import (
     LLM_ALGORITHMS,
     MIXED_RANK_STRATEGIES,
     STRATEGIES,
+    STRATEGY_SPECS,
+    Aggregator,
     Algorithm,
     AttackKind,
     Family,
     StrategyName,
+    StrategySpec,
     family_of,
+    strategy_spec,
 )
 
 
@@ -103,7 +107,7 @@ class LoraSettings(Section):
     ranks: list[PositiveInt | str] | None = Field(
         None,
         description="a rank per client (a number, or a name from lora.tiers): clients of different hardware "
-        "(strategies local, hetlora, flexlora, flora, and validation / prediction / oracle trust); every "
+        f"(strategies {', '.join(MIXED_RANK_STRATEGIES)}); every "
         "client's LoRA scale stays alpha / r",
     )
     tiers: dict[str, PositiveInt] = Field(
@@ -384,16 +388,17 @@ class StrategyConfig(Section):
     public_batches: PositiveInt = Field(2, description="prediction trust: batches of the public set")
 
     @property
+    def spec(self) -> StrategySpec:
+        """This strategy's row of `config.names.STRATEGY_SPECS`."""
+        return STRATEGY_SPECS[self.name]
+
+    @property
     def temperature(self) -> float:
-        if self.tau is not None:
-            return self.tau
-        return 0.1 if self.name == "prediction" else 1.0
+        return self.spec.tau if self.tau is None else self.tau
 
     @property
     def score_threshold(self) -> float:
-        if self.threshold is not None:
-            return self.threshold
-        return {"weight": 0.5, "validation": -30.0, "prediction": -50.0}.get(self.name, 0.0)
+        return self.spec.threshold if self.threshold is None else self.threshold
 
 
 class RunConfig(Section):
@@ -553,7 +558,7 @@ class RobustnessConfig(Section):
     max_update_norm: PositiveFloat | None = Field(
         None, description="reject an upload whose update (upload - round's reference) has a larger L2 norm"
     )
-    aggregator: Literal["mean", "median", "trimmed_mean"] = Field(
+    aggregator: Aggregator = Field(
         "mean",
         description="the FedAvg step (strategy fedavg; FedCoLLM-family SLM average): weighted mean, "
         "coordinate-wise median or trimmed mean",
@@ -791,7 +796,8 @@ class ExperimentConfig(Section):
                 f"data.clients lists {len(owned)} path(s) for federation.clients {self.federation.clients}: "
                 "give one per client"
             )
-        if "prediction" in [self.strategy.name, *self.run.compare] and self.data.public is None:
+        compared = [strategy_spec(s) for s in [self.strategy.name, *self.run.compare]]
+        if any("prediction_distance" in s.evidence for s in compared) and self.data.public is None:
             raise ValueError(
                 "prediction trust compares the clients on a public reference set: with data.clients, give "
                 "it as data.public (the same files for every client)"

@@ -18,10 +18,9 @@ from typing import Literal
 import torch
 from rich.console import Console
 
-from cotune.algorithms.personalized import REQUIRED_EVIDENCE, TrustEvidence
+from cotune.algorithms.personalized import TrustEvidence
 from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice, resize_rank
 from cotune.algorithms.trust import PredictionDistance
-from cotune.config.names import MERGING_STRATEGIES
 from cotune.config.schema import ExperimentConfig
 from cotune.evaluation.lm import LMEval
 from cotune.models.adapter_check import AdapterSpec
@@ -92,7 +91,7 @@ class PersonalizedLoop:
             for i in range(self.n)
         ]
         # FLoRA: the aggregates merged into every client's base so far, stacked (None: the original base)
-        self.merging = cfg.strategy.name in MERGING_STRATEGIES
+        self.merging = cfg.strategy.spec.merge != "none"
         self.base: AdapterState | None = None
         self.pipeline = AggregationPipeline(cfg, files.log)
         self.members = Membership(cfg, files.log, self.console)
@@ -146,7 +145,7 @@ class PersonalizedLoop:
                 r, lambda client, loss: advance(note=f"{client_name(client)} loss {loss:.3f}")
             )
         t_train = time.perf_counter() - t0
-        exchanges = len(REQUIRED_EVIDENCE[self.cfg.strategy.name] & CLIENT_EVIDENCE)
+        exchanges = len(self.cfg.strategy.spec.evidence & CLIENT_EVIDENCE)
         answers = exchanges * len(self.members.active()) or None  # None: no exchange, nothing to count
         with self.activity.phase(
             f"round {r}/{rounds} · aggregation ({self.cfg.strategy.name})", answers
@@ -204,7 +203,7 @@ class PersonalizedLoop:
         `advance` counts the clients' answers, one per client and exchange (`CLIENT_EVIDENCE`); of the
         `expected` clients (the phase's count), those left out (screened, gone) are counted at once."""
         s = self.cfg.strategy
-        need = REQUIRED_EVIDENCE[s.name]
+        need = s.spec.evidence
         sent = [i for i in members if i in self.members.active()]
         if expected > len(sent):
             advance((expected - len(sent)) * len(need & CLIENT_EVIDENCE))
@@ -280,18 +279,28 @@ class PersonalizedLoop:
         )
 
     def merge(self, r: int, update: AdapterState | None) -> None:
-        """FLoRA: the round's stacked update joins the history merged into every client's base weights,
-        and every client starts the next round from a fresh LoRA (drawn from the run seed and round)."""
+        """The round's aggregate joins the history merged into every client's base weights, as the row's
+        `merge` says. "update" (FLoRA): all of it, and every client starts the next round from a fresh
+        LoRA (drawn from the run seed and round). "residual" (FedEx-LoRA): all but its last lora.r
+        components, which every client keeps as its adapter."""
+        rule, own = self.cfg.strategy.spec.merge, None
+        if update is not None and rule == "residual":
+            total = rank_of(update)
+            cut = total - self.cfg.lora.rank_of(0)
+            update, own = rank_slice(update, 0, cut), rank_slice(update, cut, total)
         if update is not None:
             self.base = update if self.base is None else flora_stack([self.base, update])
             self.clients.set_base(self.base)
             # every client's base takes it, so each is counted once for it, in the round it is made (on
             # Flower a client not asked this round gets it with its next message)
             self.sent.update({i: state_bytes(update) for i in range(self.n)})
-        fresh = wide_initialisation(
-            self.adapters[0], self.cfg.lora.max_rank, guard.generator("flora", self.cfg.run.seed, r)
-        )
-        self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
+        if own is not None:
+            self.adapters = [own] * self.n
+        elif rule == "update":
+            fresh = wide_initialisation(
+                self.adapters[0], self.cfg.lora.max_rank, guard.generator("flora", self.cfg.run.seed, r)
+            )
+            self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
 
     def evaluate(self, r: int, clients: list[int], on_done: OnDone | None = None) -> float:
         """Each of `clients`' validation (and test) loss and perplexity; returns their mean validation

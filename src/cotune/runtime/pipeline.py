@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from cotune.algorithms.fedcollm import aggregate_slm, fedavg_weights
-from cotune.algorithms.personalized import SHARED_PART, TrustEvidence, aggregate
+from cotune.algorithms.personalized import TrustEvidence, aggregate
 from cotune.algorithms.privacy import add_gaussian_noise, clip_uploads, epsilon_spent, noise_std
 from cotune.algorithms.robust import screen_updates
+from cotune.config.names import STRATEGY_SPECS
 from cotune.config.schema import ExperimentConfig
 from cotune.records import FaultRecord, PrivacyClip, PrivacySpent
 from cotune.runtime import guard
@@ -144,11 +145,11 @@ class AggregationPipeline:
         A client left out (rejected, or lost while the evidence was gathered) keeps its own adapter:
         that is the caller's business.
         """
-        part = SHARED_PART.get(self.cfg.strategy.name)  # FFA-/FedSA-LoRA share one matrix: DP covers it
+        spec = self.cfg.strategy.spec
+        part = spec.shared_part  # FFA-/FedSA-LoRA share one matrix: DP covers it
         accepted, adapters = self.screen(round_, clients, uploads, references, n_clients, part)
-        # a uniform mean (fedavg, and the shared matrix of FFA-/FedSA-LoRA): one noise draw on it; else
-        # (trust mixing: every client takes another weighted sum) one draw per upload
-        central = self.cfg.strategy.name in ("fedavg", *SHARED_PART)
+        # the row says where the noise goes: one draw on the uniform mean everyone gets, or one per upload
+        central = spec.dp_noise == "central"
         if self.privacy.enabled and not central:
             adapters = [
                 {**a, **self.noise(round_, shared_only(a, part), 1.0, stream=i)}
@@ -182,7 +183,7 @@ class AggregationPipeline:
         `sizes[k]` is client k's n_k; `check` refuses an accepted upload that is not the SLM adapter.
         """
         # FFA-LoRA (federation.ffa_lora): every upload keeps theta's A, so only B is clipped and noised
-        part = SHARED_PART["ffa_lora"] if self.cfg.federation.ffa_lora else None
+        part = STRATEGY_SPECS["ffa_lora"].shared_part if self.cfg.federation.ffa_lora else None
         accepted, kept = self.screen(round_, clients, uploads, [reference] * len(clients), n_clients, part)
         for u in kept:
             check(u)

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cotune.algorithms.attacks import garbage_tokens
 from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
-from cotune.algorithms.personalized import FROZEN_PARTS
+from cotune.config.names import STRATEGY_SPECS
 from cotune.config.schema import ExperimentConfig, ModelConfig
 from cotune.data.corpora import DataError
 from cotune.data.task_data import EncodedSet, TaskData, build_task_data
@@ -163,7 +163,7 @@ def personalized_work(
         cfg.federation.total_steps,
         cfg.run.seed * 1000 + index,
         device,
-        frozen=FROZEN_PARTS.get(cfg.strategy.name, ()),
+        frozen=cfg.strategy.spec.frozen_parts,
     )
     return ClientWork(
         index,
@@ -265,7 +265,7 @@ def fedcollm_work(
         budget * cfg.federation.rounds,
         cfg.run.seed * 1000 + index,
         device,
-        frozen=FROZEN_PARTS["ffa_lora"] if cfg.federation.ffa_lora else (),
+        frozen=STRATEGY_SPECS["ffa_lora"].frozen_parts if cfg.federation.ffa_lora else (),
     )
     info = client_info(index, device, examples=len(data), own_data=own_data)
     return ClientWork(index, learner, budget=budget, info=info)
