@@ -32,7 +32,9 @@ from cotune.runtime.experiment import resume_experiment, run_experiment
 from cotune.runtime.flower import FlowerRunError
 from cotune.runtime.flower.deploy import LocalFederation, check_outcome, run_outcome, write_app_dir
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs this module: the module-scoped federation starts once, and two real federations
+# never compete for the two cores
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-local")]
 
 ROOT = Path(__file__).resolve().parents[2]
 
