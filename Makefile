@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint docs demo tiny clean
+.PHONY: setup test test-fast lint docs demo tiny clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Every test, on every core (pytest-xdist); tests sharing a module-scoped run carry one xdist_group.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+
+# The inner loop: unit and tiny in-process tests, no test marked slow (> ~2 s) or integration.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow and not integration"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

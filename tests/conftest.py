@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# rich wraps what it prints at $COLUMNS (80 when unset) and breaks a word longer than that: the temporary
+# paths tests expect in error messages grow under pytest-xdist (.../popen-gw0/...), so print wide enough
+# for any of them, whatever the terminal says.
+os.environ["COLUMNS"] = "240"
 
 WORDS = {
     "alpha": ["apple", "apricot", "avocado", "almond", "anchovy", "artichoke", "arugula"],

@@ -83,6 +83,7 @@ def nan(path: Path) -> None:
     ],
     ids=["foreign-shape", "nan", "missing"],
 )
+@pytest.mark.slow
 def test_resume_skips_a_checkpoint_with_a_foreign_nan_or_missing_adapter(
     capsys, finished, tmp_path, damage, what
 ):
@@ -118,6 +119,7 @@ def test_eval_refuses_an_adapter_of_another_model(capsys, finished, tmp_path):
     assert CANARY not in text
 
 
+@pytest.mark.slow
 def test_a_learning_rate_that_explodes_the_update_stops_the_run_keeping_round_0(capsys, corpus_dir, tmp_path):
     """train.lr=10 on the tiny model: the loss stays near log(vocab) (where a random model starts), but the
     update drowns the model; before, the run ended with exit 0 and no word."""
@@ -131,6 +133,7 @@ def test_a_learning_rate_that_explodes_the_update_stops_the_run_keeping_round_0(
     assert [r for r, _ in list_checkpoints(tmp_path / "run")] == [0]
 
 
+@pytest.mark.slow
 def test_a_run_that_expects_untrusted_clients_screens_an_exploded_update_instead_of_stopping(
     capsys, corpus_dir, tmp_path
 ):

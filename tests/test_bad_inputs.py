@@ -120,6 +120,7 @@ def test_bad_input_is_a_clear_error_and_starts_no_run(name, tmp_path, corpus_dir
     assert not out.exists() or not any(out.iterdir())  # no run directory left behind
 
 
+@pytest.mark.slow
 def test_resume_with_a_checkpoint_from_another_config_is_refused_before_loading(corpus_dir, tmp_path):
     exp = _write(tmp_path, tiny_tree(corpus_dir, tmp_path, federation={"rounds": 1}))
     out = tmp_path / "r"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 from tests.conftest import tiny_tree
 from typer.testing import CliRunner
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_tiny_personalized_example_end_to_end(tmp_path):
     out = tmp_path / "tiny"
     result = runner.invoke(app, ["run", str(ROOT / "examples/tiny-personalized.yaml"), "--out", str(out)])
@@ -31,6 +33,7 @@ def test_tiny_personalized_example_end_to_end(tmp_path):
     assert "mean ± std" in result.output
 
 
+@pytest.mark.slow
 def test_cli_resume_continues_a_run(corpus_dir, tmp_path):
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_tree(corpus_dir, tmp_path)))
@@ -43,6 +46,7 @@ def test_cli_resume_continues_a_run(corpus_dir, tmp_path):
     assert load_run(out).final_round() == 2
 
 
+@pytest.mark.slow
 def test_cli_report_compares_runs(corpus_dir, tmp_path):
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_tree(corpus_dir, tmp_path, run={"compare": ["local"]})))
@@ -69,6 +73,7 @@ def test_run_into_a_non_empty_directory_is_refused(corpus_dir, tmp_path):
     assert (out / "something").read_text() == "x"
 
 
+@pytest.mark.slow
 def test_fedcollm_tiny_example_runs_every_algorithm(tmp_path):
     out = tmp_path / "fc"
     every = "run.compare=[zero_shot,standalone,fedavg,centralized]"

@@ -50,6 +50,7 @@ def _config(tmp_path: Path, text: str, name: str = "exp.yaml") -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_a_config_error_is_reported_without_importing_torch(tmp_path):
     """`cotune run` reads and validates the config before importing torch and the runtime (~5 s)."""
     bad = _config(tmp_path, "algorithm: personalized\nno_such_key: 1\n")

@@ -77,6 +77,7 @@ def records(run_dir, kind):
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.slow
 def test_every_algorithm_runs_through_the_same_round(task_file, tmp_path, algorithm):
     (run_dir,) = run_experiment(config_from_dict(tree(task_file, tmp_path, algorithm)))
     mc = records(run_dir, "mc")
@@ -138,6 +139,7 @@ def spy(monkeypatch):
     return made
 
 
+@pytest.mark.slow
 def test_clients_start_the_next_round_from_the_distilled_adapter(task_file, tmp_path, spy):
     run_experiment(config_from_dict(tree(task_file, tmp_path, distill={"keep": "last"})))  # the paper's rule
     rt = spy[0]
@@ -149,6 +151,7 @@ def test_clients_start_the_next_round_from_the_distilled_adapter(task_file, tmp_
     assert any(not torch.equal(rt.distilled[0][k], rt.averages[0][k]) for k in rt.averages[0])
 
 
+@pytest.mark.slow
 def test_server_average_is_weighted_by_client_examples(task_file, tmp_path, spy):
     run_experiment(config_from_dict(tree(task_file, tmp_path, "fedavg")))
     rt = spy[0]
@@ -158,6 +161,7 @@ def test_server_average_is_weighted_by_client_examples(task_file, tmp_path, spy)
         torch.testing.assert_close(server[key], expected[key])
 
 
+@pytest.mark.slow
 def test_payload_holds_the_slm_adapter_only(task_file, tmp_path, spy):
     run_experiment(config_from_dict(tree(task_file, tmp_path)))
     rt = spy[0]
@@ -175,6 +179,7 @@ def test_payload_holds_the_slm_adapter_only(task_file, tmp_path, spy):
         check_payload({**payload, "server.lora_A.weight": torch.zeros(1)}, rt.slm_shapes)
 
 
+@pytest.mark.slow
 def test_communication_is_the_adapter_size(task_file, tmp_path):
     (run_dir,) = run_experiment(config_from_dict(tree(task_file, tmp_path, "fedavg")))
     comm = records(run_dir, "comm")
@@ -184,6 +189,7 @@ def test_communication_is_the_adapter_size(task_file, tmp_path):
     assert all(0 < c["ratio"] < 0.1 for c in comm)
 
 
+@pytest.mark.slow
 def test_distillation_trains_the_llm_only_on_the_server(task_file, tmp_path, spy):
     run_experiment(config_from_dict(tree(task_file, tmp_path, distill={"topk": 8})))
     rt = spy[0]
@@ -197,6 +203,7 @@ def test_distillation_trains_the_llm_only_on_the_server(task_file, tmp_path, spy
     assert ckpt.is_file()
 
 
+@pytest.mark.slow
 def test_cotuning_resume_ends_with_the_same_adapters(task_file, tmp_path):
     import shutil
 
@@ -213,6 +220,7 @@ def test_cotuning_resume_ends_with_the_same_adapters(task_file, tmp_path):
 
 
 @pytest.mark.parametrize(("algorithm", "stop_at"), [("fedcollm", 0), ("standalone", 1)])
+@pytest.mark.slow
 def test_a_run_stopped_during_a_test_evaluation_resumes_it_without_training_again(
     task_file, tmp_path, monkeypatch, algorithm, stop_at
 ):
@@ -270,6 +278,7 @@ def test_a_run_stopped_during_a_test_evaluation_resumes_it_without_training_agai
         assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+@pytest.mark.slow
 def test_resuming_a_comparison_loads_the_models_once_and_scores_round_zero_once(
     task_file, tmp_path, monkeypatch
 ):
@@ -333,6 +342,7 @@ def test_different_tokenizers_are_refused():
         check_same_tokenizer(a, b, ("slm", "llm"))
 
 
+@pytest.mark.slow
 def test_compare_variants_score_the_zero_shot_models_once(task_file, tmp_path, monkeypatch):
     """Every variant starts from the same base + fresh adapter: its round-0 accuracy is computed once."""
     calls = []
@@ -361,6 +371,7 @@ def test_compare_variants_score_the_zero_shot_models_once(task_file, tmp_path, m
     assert len(calls) == 3
 
 
+@pytest.mark.slow
 def test_fedcollm_clients_trained_together_end_as_one_by_one(task_file, tmp_path):
     """federation.parallel_clients: 2 (answer-only batches of different widths, groups of 2 and 1): the
     clients' uploads, hence the server's adapters, match training one client after another."""
@@ -379,6 +390,7 @@ def test_fedcollm_clients_trained_together_end_as_one_by_one(task_file, tmp_path
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_clients_draw_the_same_randomness_in_every_algorithm(task_file, tmp_path):
     """With LoRA dropout on, nothing differs before round 1's aggregation: the clients' round-1 losses
     are bit-equal across fedcollm, fedavg and standalone (building the LLM, its adapter and the server

@@ -40,6 +40,7 @@ def test_shared_context_scores_match_per_choice_scores_on_the_device():
     assert max(abs(a - b) for a, b in zip(shared, alone, strict=True)) <= TOL * scale
 
 
+@pytest.mark.slow
 def test_clients_trained_together_match_one_by_one_on_the_device():
     names = ["c0", "c1", "c2", "c3"]
     g = torch.Generator().manual_seed(0)
@@ -67,6 +68,7 @@ def test_clients_trained_together_match_one_by_one_on_the_device():
             )
 
 
+@pytest.mark.slow
 def test_a_personalized_run_trains_on_the_device(corpus_dir, tmp_path):
     tree = tiny_tree(corpus_dir, tmp_path, strategy={"name": "validation"})
     tree["device"] = DEVICE.type

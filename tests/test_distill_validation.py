@@ -70,6 +70,7 @@ def test_validation_settings_without_a_split_are_config_errors(task_file, tmp_pa
         config_from_dict(tree(task_file, tmp_path, distill={"slm_lr": 0.0}))
 
 
+@pytest.mark.slow
 def test_both_models_are_scored_along_each_rounds_distillation(task_file, tmp_path):  # noqa: F811
     cfg = tree(task_file, tmp_path, distill={"val_fraction": 0.3, "val_every": 2, "keep": "last"})
     (run_dir,) = run_experiment(config_from_dict(cfg))
@@ -115,6 +116,7 @@ def scoring_spy(monkeypatch):
     return made
 
 
+@pytest.mark.slow
 def test_keep_best_ends_each_round_with_the_best_scored_adapter(task_file, tmp_path, scoring_spy):  # noqa: F811
     distill = {"val_fraction": 0.3, "keep": "best", "slm_lr": 0.3, "reset_optimizer": True}
     (run_dir,) = run_experiment(config_from_dict(tree(task_file, tmp_path, distill=distill)))
@@ -133,6 +135,7 @@ def test_keep_best_ends_each_round_with_the_best_scored_adapter(task_file, tmp_p
     assert loop.adam_steps == [{3}, {3}]
 
 
+@pytest.mark.slow
 def test_without_reset_theta_keeps_its_moments_and_takes_its_own_lr(task_file, tmp_path, scoring_spy):  # noqa: F811
     cfg = tree(task_file, tmp_path, distill={"slm_lr": 0.004}, llm={"lr": 0.002})
     run_experiment(config_from_dict(cfg))
@@ -233,6 +236,7 @@ def bare_choices_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_fedcollm_distils_over_the_choices(bare_choices_file, tmp_path):
     tree_ = tree(bare_choices_file, tmp_path, distill={"kd_target": "choices"})
     (run_dir,) = run_experiment(config_from_dict(tree_))
@@ -247,6 +251,7 @@ def test_kd_over_choices_that_share_their_first_token_is_refused(task_file, tmp_
         run_experiment(cfg)
 
 
+@pytest.mark.slow
 def test_when_every_distillation_is_rejected_fedcollms_slm_is_fedavgs(task_file, tmp_path):  # noqa: F811
     """keep 'best' with a server lr that wrecks theta: each round keeps the average (step 0), and since the
     clients draw the same batches and dropout in both algorithms, the SLM ends bit-equal to FedAvg's."""

@@ -85,6 +85,7 @@ def _product(state):
     return {k: state[k.replace("lora_A", "lora_B")] @ state[k] for k in state if "lora_A" in k}
 
 
+@pytest.mark.slow
 def test_a_flora_run_merges_every_round_and_saves_each_client_as_one_adapter(corpus_dir, tmp_path):
     cfg = _tiny(
         corpus_dir, tmp_path, lora={"ranks": RANKS}, strategy={"name": "flora"}, run={"name": "flora"}
@@ -120,6 +121,7 @@ def test_a_flora_run_merges_every_round_and_saves_each_client_as_one_adapter(cor
     assert logged and ppl == pytest.approx(logged[0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_flora_resumes_bit_exact_and_gives_the_base_back_to_the_next_variant(corpus_dir, tmp_path):
     def run(name, **sections):
         return run_experiment(

@@ -277,6 +277,7 @@ def test_top_k_logits_give_the_distances_of_the_full_logits():
 
 # ---- the protocol against the embedded runtime -----------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["fedavg", "local", "weight", "validation", "prediction", "oracle"])
+@pytest.mark.slow
 def test_flower_protocol_gives_the_embedded_results_bit_for_bit(corpus_dir, tmp_path, strategy):
     cfg = _cfg(corpus_dir, tmp_path, strategy={"name": strategy})
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
@@ -298,6 +299,7 @@ def test_flower_protocol_gives_the_embedded_results_bit_for_bit(corpus_dir, tmp_
     assert (p.PREDICT in types) == (strategy == "prediction")
 
 
+@pytest.mark.slow
 def test_evaluation_and_evidence_count_each_client_as_its_reply_arrives(corpus_dir, tmp_path):
     """The progress of evaluate / evaluate_peers / predict on Flower: on_done once per client whose reply
     (an answer or an error) arrived; a silent node is not counted."""
@@ -353,6 +355,7 @@ def test_a_nan_upload_from_a_supernode_is_rejected_as_in_the_embedded_runtime(co
     ],
     ids=["median", "dp"],
 )
+@pytest.mark.slow
 def test_robust_and_private_fedavg_on_flower_match_the_embedded_runtime(corpus_dir, tmp_path, sections):
     cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "fedavg"}, **sections)
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
@@ -398,6 +401,7 @@ def _resume_in_process(cfg, run_dir: Path, grid: InProcessGrid) -> str:
 
 
 @pytest.mark.parametrize("strategy", ["validation", "prediction"])
+@pytest.mark.slow
 def test_a_flower_run_resumes_after_the_server_died_with_the_uninterrupted_adapters(
     corpus_dir, tmp_path, strategy
 ):
@@ -419,6 +423,7 @@ def test_a_flower_run_resumes_after_the_server_died_with_the_uninterrupted_adapt
 
 
 @pytest.mark.parametrize("algorithm", ["fedcollm", "standalone"])
+@pytest.mark.slow
 def test_a_fedcollm_flower_run_resumes_with_the_uninterrupted_adapters(task_file, tmp_path, algorithm):  # noqa: F811
     cfg = config_from_dict(tree(task_file, tmp_path, algorithm, run={"threads": 1}, federation={"rounds": 3}))
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
@@ -458,6 +463,7 @@ def test_only_a_flower_checkpoint_of_this_config_is_resumed_on_flower(corpus_dir
 
 
 # ---- faults ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_client_that_disconnects_is_reported_and_the_round_goes_on(corpus_dir, tmp_path):
     cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "validation"}, federation={"min_clients": 3})
 
@@ -480,6 +486,7 @@ def test_a_client_that_disconnects_is_reported_and_the_round_goes_on(corpus_dir,
     assert max_adapter_diff({"c": round1["client-00"]}, {"c": final["client-00"]}) > 0.0
 
 
+@pytest.mark.slow
 def test_too_few_clients_stop_the_run_cleanly_with_the_last_checkpoint_intact(corpus_dir, tmp_path):
     cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "prediction"})
 
@@ -683,6 +690,7 @@ def test_server_only_algorithms_are_not_sent_to_supernodes(task_file, tmp_path):
 
 
 # ---- the command line ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_backend_flower_runs_reports_and_resumes_on_flower(corpus_dir, tmp_path, monkeypatch):
     """`cotune run CONFIG --backend flower`: the CLI hands the config to run_flower, whose federation is
     replaced by the in-process grid here (the real processes: tests/integration/test_flower_local.py)."""
@@ -751,6 +759,7 @@ def test_run_flower_without_flwr_says_how_to_install(monkeypatch, corpus_dir, tm
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_a_client_dropped_from_one_round_is_asked_again_in_the_next(corpus_dir, tmp_path):
     """federation.client_timeout on Flower: no reply in time drops the client from that round only."""
     cfg = _cfg(
@@ -918,6 +927,7 @@ def test_a_long_lived_node_process_loads_the_base_model_once(corpus_dir, tmp_pat
 
 
 @pytest.mark.parametrize("strategy", ["hetlora", "flexlora", "validation"])
+@pytest.mark.slow
 def test_clients_of_different_ranks_give_the_embedded_results_on_flower(corpus_dir, tmp_path, strategy):
     """Each SuperNode builds its client at its own rank from the same widest initialisation; the adapters,
     trust matrices and per-client traffic match the embedded run's."""
@@ -941,6 +951,7 @@ def test_clients_of_different_ranks_give_the_embedded_results_on_flower(corpus_d
         assert strip[0] == strip[1] and strip[0]
 
 
+@pytest.mark.slow
 def test_flora_on_flower_gives_the_embedded_results_sends_each_node_what_it_lacks_and_resumes(
     corpus_dir, tmp_path
 ):
@@ -1051,6 +1062,7 @@ def node_worker(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["validation", "prediction"])
+@pytest.mark.slow
 def test_a_node_worker_gives_the_same_results_bit_for_bit(corpus_dir, tmp_path, strategy, node_worker):
     cfg = _cfg(corpus_dir, tmp_path, strategy={"name": strategy})
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
@@ -1175,6 +1187,7 @@ def test_the_clientapp_imports_no_torch_when_a_worker_does_the_work():
     assert done.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_cli_worker_refuses_a_path_that_is_not_a_socket(tmp_path):
     precious = tmp_path / "data.csv"
     precious.write_text("a,b\n")

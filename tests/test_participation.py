@@ -93,6 +93,7 @@ def test_fedcollm_family_averages_the_drawn_clients(task_file, tmp_path, algorit
         assert sorted(c["client"] for c in records(run_dir, "comm") if c["round"] == r) == drawn
 
 
+@pytest.mark.slow
 def test_dp_accounts_for_the_sampling_rate(corpus_dir, tmp_path):
     private = {"clip_norm": 0.05, "noise_multiplier": 1.0, "seed": 3}
     full = config_from_dict(tiny_tree(corpus_dir, tmp_path, privacy=private, federation={"rounds": 2}))

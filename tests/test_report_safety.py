@@ -174,6 +174,7 @@ def test_clipping_without_noise_warns_and_the_report_says_no_guarantee(corpus_di
     assert "## Differential privacy" in md and "∞ (no noise: no privacy guarantee)" in md
 
 
+@pytest.mark.slow
 def test_report_has_a_privacy_section_whenever_dp_is_on(corpus_dir, tmp_path):
     privacy = {"clip_norm": 0.1, "noise_multiplier": 1.0, "seed": 0}
     tree = tiny_tree(corpus_dir, tmp_path, federation={"rounds": 2}, privacy=privacy)
@@ -201,6 +202,7 @@ def _readme_command(prefix: str) -> str:
     return line
 
 
+@pytest.mark.slow
 def test_the_readme_mlflow_read_back_works_as_written(corpus_dir, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -221,6 +223,7 @@ def test_the_readme_mlflow_read_back_works_as_written(corpus_dir, tmp_path, monk
     assert got and got == pytest.approx(want)
 
 
+@pytest.mark.slow
 def test_a_run_writes_no_cache_outside_its_directory(corpus_dir, tmp_path):
     home, tmp = tmp_path / "home", tmp_path / "tmp"
     home.mkdir(), tmp.mkdir()

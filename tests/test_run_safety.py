@@ -155,6 +155,7 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_started_over(capsys, co
     assert len(starts) == 1  # the abandoned attempt's records are gone
 
 
+@pytest.mark.slow
 def test_resume_finishes_every_compare_sibling(capsys, corpus_dir, tmp_path):
     out = tmp_path / "run"
     cfg = config(tmp_path, corpus_dir, run={"compare": ["local", "weight"]})
@@ -168,6 +169,7 @@ def test_resume_finishes_every_compare_sibling(capsys, corpus_dir, tmp_path):
         assert load_run(d).final_round() == 2 and load_run(d).ended
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(capsys, corpus_dir, tmp_path):
     cfg = config(tmp_path, corpus_dir)
     whole, out = tmp_path / "whole", tmp_path / "run"

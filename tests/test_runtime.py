@@ -260,6 +260,7 @@ def test_runs_without_a_test_split_report_validation_and_say_so(corpus_dir, tmp_
 
 
 @pytest.mark.parametrize("strategy", ["validation", "prediction"])
+@pytest.mark.slow
 def test_clients_trained_together_end_as_one_by_one(corpus_dir, tmp_path, strategy):
     """federation.parallel_clients: 3 (groups of 3 and 1) gives the adapters, losses and trust of training
     one client after another."""
@@ -294,6 +295,7 @@ def test_flower_refuses_clients_trained_together(corpus_dir, tmp_path):
         check_flower_config(cfg)
 
 
+@pytest.mark.slow
 def test_resume_ends_with_the_same_adapters(corpus_dir, tmp_path):
     sections = {"strategy": {"name": "validation"}, "federation": {"rounds": 3}, "lora": {"dropout": 0.1}}
     (full,) = _run(corpus_dir, tmp_path, "full", **sections)

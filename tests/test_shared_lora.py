@@ -101,6 +101,7 @@ def _all(run_dir, which=-1):
     }
 
 
+@pytest.mark.slow
 def test_ffa_lora_in_the_fedavg_step_of_the_fedcollm_family(task_file, tmp_path):  # noqa: F811
     """federation.ffa_lora: FedAvg's clients train only B, so theta's A stays the initial one and the average
     is exact; with DP the noise goes on B only. The personalized family refuses it (strategy ffa_lora)."""

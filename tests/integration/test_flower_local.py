@@ -34,6 +34,9 @@ from cotune.runtime.flower import FlowerRunError
 from cotune.runtime.flower.deploy import LocalFederation, check_outcome, run_outcome, write_app_dir
 
 pytestmark = pytest.mark.slow
+# the tests on the module-scoped federation run on one xdist worker, so it starts once; the others (each
+# with a federation of its own) go to whichever worker is free
+SHARED_FEDERATION = pytest.mark.xdist_group("flower-federation")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,6 +132,7 @@ def _run(fed: LocalFederation, cfg, tmp_path: Path, **settings) -> Path:
     # node's disk into a freshly loaded base
     [("fedavg", "run_flower"), ("validation", "flwr run"), ("flora", "flwr run")],
 )
+@SHARED_FEDERATION
 def test_two_supernodes_give_the_embedded_adapters(federation, corpus_dir, tmp_path, strategy, via):
     cfg = _cfg(corpus_dir, tmp_path, strategy)
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
@@ -157,6 +161,7 @@ def test_two_supernodes_give_the_embedded_adapters(federation, corpus_dir, tmp_p
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
 
 
+@SHARED_FEDERATION
 def test_fedcollm_on_two_supernodes_gives_the_embedded_adapters(federation, tmp_path):
     """One round of examples/fedcollm-tiny.yaml (2 clients), through `cotune run --backend flower`:
     the LLM and its LoRA stay in the ServerApp."""

@@ -23,7 +23,8 @@ from cotune.runtime.backends import SimulationOptions
 from cotune.runtime.checkpoint import latest_checkpoint
 from cotune.runtime.experiment import run_experiment
 
-pytestmark = pytest.mark.slow
+# one xdist worker: never two Ray clusters at once on this machine
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
 def adapters(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -24,7 +24,8 @@ from cotune.config.schema import ModelConfig
 from cotune.models.loader import load_base_model
 from cotune.runtime.results import open_tuned
 
-pytestmark = pytest.mark.integration
+# one xdist worker: the module-scoped SmolLM2 run is trained once
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("smollm2-commands")]
 
 NAME = "smollm2-135m-instruct"
 REPO = Path(__file__).resolve().parents[2]
