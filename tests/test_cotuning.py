@@ -134,7 +134,7 @@ def spy(monkeypatch):
         made[-1].starts.append(work.adapter())
         return real_train(work, *args, **kwargs)
 
-    monkeypatch.setattr("cotune.runtime.experiment.FedCoLLMLoop", factory)
+    monkeypatch.setattr("cotune.runtime.compose.FedCoLLMLoop", factory)
     monkeypatch.setattr(ClientWork, "train", train)
     return made
 
@@ -286,15 +286,15 @@ def test_resuming_a_comparison_loads_the_models_once_and_scores_round_zero_once(
     and the zero-shot test scores (the same models in every variant) computed once, not per sibling."""
     import shutil
 
-    from cotune.runtime import experiment
+    from cotune.runtime import embedded
 
     cfg = config_from_dict(tree(task_file, tmp_path, run={"name": "c", "compare": ["zero_shot", "fedavg"]}))
     main, zero_shot, fedavg = run_experiment(cfg)
     shutil.rmtree(zero_shot)  # never started
     shutil.rmtree(fedavg / "checkpoints")  # nothing completed
     loads, scored = [], []
-    load, score = experiment.load_fedcollm_models, fedcollm.evaluate_multiple_choice
-    monkeypatch.setattr(experiment, "load_fedcollm_models", lambda *a, **k: loads.append(1) or load(*a, **k))
+    load, score = embedded.load_fedcollm_models, fedcollm.evaluate_multiple_choice
+    monkeypatch.setattr(embedded, "load_fedcollm_models", lambda *a, **k: loads.append(1) or load(*a, **k))
     monkeypatch.setattr(
         fedcollm, "evaluate_multiple_choice", lambda *a, **k: scored.append(1) or score(*a, **k)
     )

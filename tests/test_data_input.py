@@ -18,7 +18,7 @@ from tests.conftest import tiny_tree
 from tests.test_cotuning import task_file, tree  # noqa: F401  (task_file is a fixture)
 from typer.testing import CliRunner
 
-import cotune.runtime.experiment as experiment
+import cotune.runtime.embedded as embedded
 from cotune.cli.main import app
 from cotune.config.schema import DataConfig, SourceConfig
 from cotune.data import files, tables, windows
@@ -55,8 +55,8 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_: object, **__: object) -> None:
         raise AssertionError("a model was loaded before the data was checked")
 
-    monkeypatch.setattr(experiment, "load_model", refuse)
-    monkeypatch.setattr(experiment, "load_fedcollm_models", refuse)
+    monkeypatch.setattr(embedded, "load_model", refuse)
+    monkeypatch.setattr(embedded, "load_fedcollm_models", refuse)
 
 
 def owner(root: Path, name: str, n: int = 6, suffix: str = ".txt") -> Path:

@@ -112,7 +112,7 @@ def scoring_spy(monkeypatch):
         made.append(ScoringSpy(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr("cotune.runtime.experiment.FedCoLLMLoop", factory)
+    monkeypatch.setattr("cotune.runtime.compose.FedCoLLMLoop", factory)
     return made
 
 

@@ -153,16 +153,16 @@ def test_robust_aggregators_resist_a_scaled_attacker(corpus_dir, tmp_path, aggre
 
 
 def test_garbage_data_attacker_trains_on_random_tokens(corpus_dir, tmp_path, monkeypatch):
-    from cotune.runtime import experiment
+    from cotune.runtime import embedded
 
     made = []
-    real = experiment.personalized_works
+    real = embedded.personalized_works
 
     def factory(cfg, pool, data, device):
         made.append((real(cfg, pool, data, device), data))
         return made[-1][0]
 
-    monkeypatch.setattr(experiment, "personalized_works", factory)
+    monkeypatch.setattr(embedded, "personalized_works", factory)
     run_dir = _run(
         corpus_dir,
         tmp_path,
