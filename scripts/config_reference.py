@@ -171,12 +171,17 @@ def render_section(
             else:
                 nested.append((held, sub))
                 description += f" (keys: [`{sub}`](#{anchor(sub)}))"
-        row = [f"`{key}`", f"`{type_of(field)}`", f"`{default_of(field)}`", description]
-        out.append("| " + " | ".join(cell(c) for c in row) + " |")
+        out.append(table_row(key, field, description))
     out.append("")
     for held, sub in nested:
         if held not in seen:
             render_section(held, sub, seen, out)
+
+
+def table_row(key: str, field: FieldInfo, description: str) -> str:
+    """One key's row: its name, type, default and description, as table cells."""
+    row = [f"`{key}`", f"`{type_of(field)}`", f"`{default_of(field)}`", description]
+    return "| " + " | ".join(cell(c) for c in row) + " |"
 
 
 def anchor(path: str) -> str:
@@ -194,8 +199,7 @@ def render() -> str:
         for held in sections_of(field.annotation):
             sections.append((held, name))
             description += f" (keys: [`{name}`](#{anchor(name)}))"
-        row = [f"`{name}`", f"`{type_of(field)}`", f"`{default_of(field)}`", description]
-        out.append("| " + " | ".join(cell(c) for c in row) + " |")
+        out.append(table_row(name, field, description))
     out.append("")
     for held, name in sections:
         if held not in seen:
