@@ -131,6 +131,27 @@ class McRecord(Record):
     n: Int | None = None
 
 
+class GenRecord(Record):
+    """Generated text judged against the reference responses of one split.
+
+    FedCoLLM family: one model (`model` slm / llm; `client` None for the global adapter, an index for a
+    standalone client's); personalized family: one client's own adapter (`model` None). `ppl` is the
+    perplexity of the reference responses (teacher-forced, response tokens only, the stop token included).
+    """
+
+    type: Literal["gen"] = "gen"
+    round: Int
+    n: Int
+    exact_match: Float
+    f1: Float
+    rouge_l: Float
+    ppl: Float
+    split: Literal["val", "test"] = "test"
+    model: Literal["slm", "llm"] | None = None
+    client: Int | None = None
+    step: Int | None = None
+
+
 class CommRecord(Record):
     """One client's traffic in one round, against the full (small) model's size.
 
@@ -233,6 +254,7 @@ KINDS: dict[tuple[str, str | None], type[Record]] = {
     ("eval", None): EvalRecord,
     ("trust", None): TrustRecord,
     ("mc", None): McRecord,
+    ("gen", None): GenRecord,
     ("comm", None): CommRecord,
     ("distill", None): DistillRecord,
     ("distill_val", None): DistillValRecord,
