@@ -458,3 +458,14 @@ def test_owned_generation_files(tmp_path: Path) -> None:
     assert (
         [len(c) for c in data.clients] == [6, 6] and len(data.test) == 4 and data.splits.labels == ["a", "b"]
     )
+
+
+def test_a_template_that_refuses_a_conversation_is_a_data_error_without_its_text() -> None:
+    tok = chatml_tokenizer()
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception(messages[0]['content']) }}{% endif %}"
+        + CHATML
+    )
+    with pytest.raises(DataError, match="chat template refused a conversation") as err:
+        gen_requests(tok, [GenExample("u", "a", history=(("system", CANARY),))], 64)
+    assert CANARY not in str(err.value)

@@ -458,6 +458,7 @@ TaskKind = Literal["multiple_choice", "generation"]
 GenLayout = Literal["auto", "prompt", "alpaca", "chat"]
 # the shipped generation task of each corpus (task.kind generation with task.source)
 GENERATION_CORPORA: dict[str, str] = {"bbc": "headline", "python": "docstring"}
+DEFAULT_MAX_NEW_TOKENS = 48
 
 
 class TaskConfig(Section):
@@ -475,8 +476,9 @@ class TaskConfig(Section):
     )
     path: Path | None = Field(
         None,
-        description='task file: JSONL {"prompt": ..., "choices": [...], "answer": ...}, or a parquet / CSV / '
-        "JSON / arrow file or save_to_disk folder with those columns (task.columns renames them)",
+        description='task file: JSONL {"prompt": ..., "choices": [...], "answer": ...} (kind generation: '
+        "a layout of task.layout), or a parquet / CSV / JSON / arrow file or save_to_disk folder with those "
+        "columns (task.columns renames them)",
     )
     labels: list[str] | None = Field(None, description="choices of a topic task (default: every label)")
     max_chars: PositiveInt = Field(
@@ -514,7 +516,8 @@ class TaskConfig(Section):
         "tokenizer without one): the plain format 'User:\\n<prompt>\\n\\nAssistant:\\n'",
     )
     max_new_tokens: PositiveInt = Field(
-        48, description="generation: the decoding budget, tokens generated at most per example"
+        DEFAULT_MAX_NEW_TOKENS,
+        description="generation: the decoding budget, tokens generated at most per example",
     )
 
     @model_validator(mode="after")
@@ -547,7 +550,11 @@ class TaskConfig(Section):
         if self.kind == "multiple_choice":
             unread = [
                 k
-                for k, default in (("layout", "auto"), ("chat_template", "auto"), ("max_new_tokens", 48))
+                for k, default in (
+                    ("layout", "auto"),
+                    ("chat_template", "auto"),
+                    ("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+                )
                 if getattr(self, k) != default
             ]
             if unread:

@@ -178,7 +178,8 @@ def gen_line(line: str, where: str, columns: TaskColumns, layout: GenLayout = "a
 
 
 def gen_rows(path: Path, columns: TaskColumns, layout: GenLayout) -> Iterator[tuple[str, Any]]:
-    """(where, parse thunk input) of every row of a JSONL file or table: where is file:line or row N."""
+    """(where, item) of every row: a JSONL line's text (where: file:line), or a table row with the layout
+    found from the table's columns (where: file row N)."""
     if is_table(path):
         table = load_table(path)
         kind = row_layout(table.column_names, columns) if layout == "auto" else layout
@@ -352,7 +353,15 @@ def plain_prompt(example: GenExample) -> str:
 
 def template_prompt(tokenizer: PreTrainedTokenizerBase, example: GenExample) -> str:
     """The conversation through the tokenizer's chat template, ending with its generation prompt."""
-    text = tokenizer.apply_chat_template(example.conversation(), tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(
+            example.conversation(), tokenize=False, add_generation_prompt=True
+        )
+    except Exception as exc:  # jinja2's TemplateError and what a template raises: its message may quote data
+        raise DataError(
+            f"the tokenizer's chat template refused a conversation ({type(exc).__name__}; e.g. roles it does "
+            "not take, such as a system turn); set task.chat_template: none for the plain format"
+        ) from None
     assert isinstance(text, str)
     return text
 
