@@ -438,19 +438,54 @@ class TaskColumns(Section):
     choices: str = Field("choices", description="the list of choices (a CSV holds it as JSON text)")
     answer: str = Field("answer", description="the right answer: its index or the choice itself")
     label: str = Field("label", description="the example's label (optional; task.partition deals by it)")
+    response: str = Field(
+        "response",
+        description="generation, prompt layout: the reference response (the prompt is in 'prompt')",
+    )
+    instruction: str = Field("instruction", description="generation, Alpaca layout: the instruction")
+    input: str = Field(
+        "input", description="generation, Alpaca layout: the optional input, joined to the instruction"
+    )
+    output: str = Field("output", description="generation, Alpaca layout: the reference response")
+    messages: str = Field(
+        "messages",
+        description="generation, chat layout: the list of {role, content} turns (a CSV holds it as JSON "
+        "text); the last assistant turn is the response",
+    )
+
+
+TaskKind = Literal["multiple_choice", "generation"]
+GenLayout = Literal["auto", "prompt", "alpaca", "chat"]
+# the shipped generation task of each corpus (task.kind generation with task.source)
+GENERATION_CORPORA: dict[str, str] = {"bbc": "headline", "python": "docstring"}
+DEFAULT_MAX_NEW_TOKENS = 48
 
 
 class TaskConfig(Section):
-    """A multiple-choice task: a topic task from a corpus source, or the user's JSONL."""
+    """The FedCoLLM family's task: multiple choice (a topic task or the user's file) or generation."""
 
-    source: SourceConfig | None = Field(None, description="topic task from a corpus (e.g. corpus: bbc)")
+    kind: TaskKind = Field(
+        "multiple_choice",
+        description="multiple_choice: pick one of the example's choices (accuracy); generation: write the "
+        "response (prompt / Alpaca / chat files; with task.source: bbc headlines, python docstrings)",
+    )
+    source: SourceConfig | None = Field(
+        None,
+        description="a task built from a corpus (e.g. corpus: bbc): a topic task, or with kind generation "
+        "bbc's article -> headline or python's function -> docstring first line",
+    )
     path: Path | None = Field(
         None,
-        description='task file: JSONL {"prompt": ..., "choices": [...], "answer": ...}, or a parquet / CSV / '
-        "JSON / arrow file or save_to_disk folder with those columns (task.columns renames them)",
+        description='task file: JSONL {"prompt": ..., "choices": [...], "answer": ...} (kind generation: '
+        "a layout of task.layout), or a parquet / CSV / JSON / arrow file or save_to_disk folder with those "
+        "columns (task.columns renames them)",
     )
     labels: list[str] | None = Field(None, description="choices of a topic task (default: every label)")
-    max_chars: PositiveInt = Field(600, description="topic task: article text cut to this many characters")
+    max_chars: PositiveInt = Field(
+        600,
+        description="a task from task.source: article text cut to this many characters (on a word "
+        "boundary; python docstring task: the function's code, by whole lines)",
+    )
     test_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="share held out as the test set (stratified)"
     )
@@ -470,6 +505,20 @@ class TaskConfig(Section):
     )
     public: Path | None = Field(None, description="with task.clients: the server's public set D_a (JSONL)")
     test: Path | None = Field(None, description="with task.clients: the held-out test set (JSONL)")
+    layout: GenLayout = Field(
+        "auto",
+        description="generation files: prompt {prompt, response}, alpaca {instruction, input, output} or "
+        "chat {messages}; auto: by the columns present (messages, else instruction, else prompt)",
+    )
+    chat_template: Literal["auto", "none"] = Field(
+        "auto",
+        description="generation: auto applies the tokenizer's chat template when it has one; none (or a "
+        "tokenizer without one): the plain format 'User:\\n<prompt>\\n\\nAssistant:\\n'",
+    )
+    max_new_tokens: PositiveInt = Field(
+        DEFAULT_MAX_NEW_TOKENS,
+        description="generation: the decoding budget, tokens generated at most per example",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskConfig:
@@ -491,6 +540,41 @@ class TaskConfig(Section):
         split = sorted(k for k in ("partition", "test_fraction") if k in self.model_fields_set)
         if split:
             raise ValueError(f"task.clients is already split by owner: remove task.{', task.'.join(split)}")
+        return self
+
+    @model_validator(mode="after")
+    def _kind_fits_the_settings(self) -> TaskConfig:
+        """Settings one task kind reads and the other would ignore, and a corpus without a generation task.
+
+        Compared with the defaults, not model_fields_set: a saved config.yaml spells out every field."""
+        if self.kind == "multiple_choice":
+            unread = [
+                k
+                for k, default in (
+                    ("layout", "auto"),
+                    ("chat_template", "auto"),
+                    ("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+                )
+                if getattr(self, k) != default
+            ]
+            if unread:
+                raise ValueError(
+                    f"task.{', task.'.join(unread)} {'is' if len(unread) == 1 else 'are'} read by generation "
+                    "tasks only: set task.kind: generation, or remove it"
+                )
+            return self
+        if self.labels is not None:
+            raise ValueError(
+                "task.labels are the choices of a multiple-choice topic task; a generation task has no "
+                "choices: keep only some labels with task.source.labels"
+            )
+        corpus = self.source.corpus if self.source is not None else None
+        if corpus is not None and corpus not in GENERATION_CORPORA:
+            raise ValueError(
+                f"task.kind generation: corpus '{corpus}' has no generation task (shipped: "
+                f"{', '.join(f'{c} ({t})' for c, t in GENERATION_CORPORA.items())}); give your own "
+                "generation file with task.path"
+            )
         return self
 
 
@@ -709,6 +793,11 @@ class ExperimentConfig(Section):
     def _sections_for_algorithm(self) -> ExperimentConfig:
         if self.is_cotuning and self.task is None:
             raise ValueError(f"algorithm '{self.algorithm}' needs a 'task' section (a multiple-choice task)")
+        if self.task is not None and self.task.kind == "generation" and self.distill.kd_target == "choices":
+            raise ValueError(
+                "distill.kd_target 'choices' distils over a multiple-choice task's choices; a generation "
+                "task has none: use distill.kd_target 'vocab'"
+            )
         names: tuple[str, ...] = FEDCOLLM_ALGORITHMS if self.is_cotuning else STRATEGIES
         wrong = [c for c in self.run.compare if c not in names]
         if wrong:

@@ -14,10 +14,11 @@ import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cotune.config.schema import ExperimentConfig, SourceConfig, TaskColumns
+from cotune.config.schema import ExperimentConfig, SourceConfig, TaskConfig
 from cotune.data.corpora import jsonl_document, read_user_text
 from cotune.data.errors import DataError
 from cotune.data.files import MAX_TEXT_BYTES, no_files_message, path_problem, scan_folder
+from cotune.data.generation import gen_line, layout_columns, row_layout
 from cotune.data.tables import is_saved_dataset, is_table
 from cotune.data.tasks import task_line
 
@@ -52,7 +53,7 @@ def data_problems(cfg: ExperimentConfig) -> list[str]:
         named += [(f"task.clients[{i}]", p) for i, p in enumerate(task.clients or [])]
         for key, path in named:
             if path is not None:
-                out += task_problems(key, Path(path), task.columns)
+                out += task_problems(key, Path(path), task)
         return out
     data = cfg.data
     if data.clients is not None:
@@ -115,20 +116,41 @@ def file_problems(f: Path, src: SourceConfig, setting: str) -> Iterator[str]:
             yield str(exc)
 
 
-def task_problems(key: str, path: Path, columns: TaskColumns) -> list[str]:
-    """Problems of one task file: its status, its kind (JSONL or a table), its columns or lines."""
+def task_problems(key: str, path: Path, task: TaskConfig) -> list[str]:
+    """Problems of one task file: its status, its kind (JSONL or a table), its columns or lines; a
+    generation task's file is read in its layout (task.layout, or found from the columns)."""
     problem = path_problem(path.expanduser())
     if problem is not None:
         return [f"{key}: {problem}"]
     path = path.expanduser()
+    columns = task.columns
+    generation = task.kind == "generation"
     if is_table(path):
-        wanted = [columns.prompt, columns.choices, columns.answer]
-        return [f"{key}: {p}" for p in table_problems(path, wanted, "task.columns")]
+        return [f"{key}: {p}" for p in table_problems(path, task_columns(path, task), "task.columns")]
     if path.is_dir():
         return [f"{key}: {path}: a folder, not a task file (.jsonl, a table or a save_to_disk folder)"]
-    return [
-        f"{key}: {p}" for p in jsonl_problems(path, lambda line, where: task_line(line, where, columns), True)
-    ]
+
+    def parse(line: str, where: str) -> object:
+        if generation:
+            return gen_line(line, where, columns, task.layout)
+        return task_line(line, where, columns)
+
+    return [f"{key}: {p}" for p in jsonl_problems(path, parse, True)]
+
+
+def task_columns(path: Path, task: TaskConfig) -> list[str]:
+    """The columns a task table needs: the multiple-choice fields, or those of its generation layout
+    (found from the header where that is cheap to read)."""
+    columns = task.columns
+    if task.kind != "generation":
+        return [columns.prompt, columns.choices, columns.answer]
+    if task.layout != "auto":
+        return layout_columns(task.layout, columns)
+    try:
+        names = table_columns(path)
+    except DataError:
+        names = None  # table_problems reports it
+    return layout_columns(row_layout(names or [], columns), columns)
 
 
 def jsonl_problems(f: Path, parse: Callable[[str, str], object], need_rows: bool = False) -> Iterator[str]:

@@ -1,10 +1,13 @@
-"""A multiple-choice task made ready for federated co-tuning: splits, tokenized sets, batches."""
+"""A task (multiple choice or generation) made ready for federated co-tuning: splits, tokenized sets,
+batches. Both kinds give the same `EncodedSet`s: prompt + target rows whose labels are -100 except on the
+target (the right answer; the response and its stop token)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Generic, Literal
 
 import numpy as np
 import torch
@@ -12,7 +15,9 @@ from transformers import PreTrainedTokenizerBase
 
 from cotune.config.schema import TaskConfig
 from cotune.data.corpora import DataError
+from cotune.data.generation import GenExample, gen_requests, load_gen_file, shipped_task, training_tensors
 from cotune.data.tasks import (
+    Example,
     TaskSplits,
     build_task,
     encode_for_training,
@@ -52,13 +57,17 @@ class EncodedSet:
 
 
 @dataclass
-class TaskData:
-    splits: TaskSplits
+class TaskData(Generic[Example]):
+    """Examples are MCExamples (task.kind multiple_choice) or GenExamples (generation: evaluation
+    encodes them with `generation.gen_requests`)."""
+
+    splits: TaskSplits[Example]
     public: EncodedSet  # the server's public set D_a (less its validation split): what it trains on
     clients: list[EncodedSet]  # private sets D_k
     union: EncodedSet  # all client data + D_a (less its validation split): the centralized baseline's
-    test: list[MCExample]  # held-out multiple-choice evaluation set
-    public_val: list[MCExample] = field(default_factory=list)  # the server's validation split of D_a
+    test: list[Example]  # held-out evaluation set
+    public_val: list[Example] = field(default_factory=list)  # the server's validation split of D_a
+    duplicates: int = 0  # a shipped generation task: duplicated examples dropped before the split
 
     @property
     def client_sizes(self) -> list[int]:
@@ -70,6 +79,30 @@ def encode(
 ) -> EncodedSet:
     ids, mask, labels = encode_for_training(tokenizer, examples, max_length)
     return EncodedSet(ids, mask, labels, choice_first_tokens(tokenizer, examples) if choices else None)
+
+
+def encode_generation(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[GenExample],
+    max_length: int,
+    chat_template: Literal["auto", "none"] = "auto",
+) -> EncodedSet:
+    """Generation examples as a training set: prompt + response rows (chat template or plain format,
+    `generation.fit_lengths` truncation), loss on the response tokens and their stop token only."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
+    requests = gen_requests(tokenizer, examples, max_length, chat_template)
+    return EncodedSet(*training_tensors(requests, int(pad_id)))
+
+
+def encode_task_set(
+    cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Any], choices: bool = False
+) -> EncodedSet:
+    """A training set of the task's kind; `choices` (the public set's choice tokens) for multiple choice."""
+    if cfg.kind == "generation":
+        return encode_generation(tokenizer, examples, cfg.max_length, cfg.chat_template)
+    return encode(tokenizer, examples, cfg.max_length, choices=choices)
 
 
 def choice_first_tokens(tokenizer: PreTrainedTokenizerBase, examples: Sequence[MCExample]) -> torch.Tensor:
@@ -89,7 +122,7 @@ def choice_first_tokens(tokenizer: PreTrainedTokenizerBase, examples: Sequence[M
     return out
 
 
-def carve_validation(public: Sequence[MCExample], fraction: float) -> tuple[list[MCExample], list[MCExample]]:
+def carve_validation(public: Sequence[Example], fraction: float) -> tuple[list[Example], list[Example]]:
     """(train, val): the last round(fraction x |D_a|) examples of the (already shuffled) public set
     become the server's validation split; both parts keep at least one example."""
     if fraction == 0.0:
@@ -103,19 +136,31 @@ def carve_validation(public: Sequence[MCExample], fraction: float) -> tuple[list
     return list(public[: len(public) - n_val]), list(public[len(public) - n_val :])
 
 
-def owned_splits(cfg: TaskConfig) -> TaskSplits:
-    """Per-owner data (task.clients): every client's own JSONL task file, the server's public set and
+def task_file(cfg: TaskConfig, path: Path) -> list[Any]:
+    """One task file of the task's kind: multiple-choice examples or generation examples."""
+    if cfg.kind == "generation":
+        return list(load_gen_file(path, cfg.columns, cfg.layout))
+    return list(load_task_file(path, cfg.columns))
+
+
+def owned_set(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, path: Path) -> EncodedSet:
+    """A client's own task file (a Flower SuperNode's data-path) as its training set."""
+    return encode_task_set(cfg, tokenizer, task_file(cfg, path))
+
+
+def owned_splits(cfg: TaskConfig) -> TaskSplits[Any]:
+    """Per-owner data (task.clients): every client's own task file, the server's public set and
     the held-out test set from their own files; errors name the file (and line)."""
     assert cfg.clients is not None and cfg.public is not None and cfg.test is not None
-    clients: list[list[MCExample]] = []
+    clients: list[list[Any]] = []
     for c, path in enumerate(cfg.clients):
-        examples = load_task_file(Path(path), cfg.columns)
+        examples = task_file(cfg, Path(path))
         if not examples:
             raise DataError(f"client {c}'s task file {path} has no examples")
-        clients.append(list(examples))
-    public: list[MCExample] = list(load_task_file(Path(cfg.public), cfg.columns))
-    test: list[MCExample] = list(load_task_file(Path(cfg.test), cfg.columns))
-    parts: list[list[MCExample]] = [public, test, *clients]
+        clients.append(examples)
+    public = task_file(cfg, Path(cfg.public))
+    test = task_file(cfg, Path(cfg.test))
+    parts: list[list[Any]] = [public, test, *clients]
     labels = sorted({example_label(ex) for part in parts for ex in part})
     return TaskSplits(public=public, clients=clients, test=test, labels=labels)
 
@@ -126,17 +171,26 @@ def build_task_data(
     tokenizer: PreTrainedTokenizerBase,
     seed: int,
     public_val_fraction: float = 0.0,
-) -> TaskData:
+) -> TaskData[Any]:
     """The task's splits, tokenized. `public_val_fraction` of D_a becomes the server's validation split:
     no algorithm trains on it (the centralized baseline's union leaves it out too); the client splits and
-    the test split do not depend on it."""
+    the test split do not depend on it. A generation task splits as a multiple-choice one (by label)."""
     rng = np.random.default_rng(seed)
+    duplicates = 0
     if cfg.clients is not None:
         splits = owned_splits(cfg)
     else:
-        examples = build_task(
-            cfg.source, cfg.path, labels=cfg.labels, max_chars=cfg.max_chars, columns=cfg.columns
-        )
+        examples: list[Any]
+        if cfg.kind == "generation" and cfg.source is not None:
+            built = shipped_task(cfg.source, cfg.max_chars)
+            examples, duplicates = built.examples, built.duplicates
+        elif cfg.kind == "generation":
+            assert cfg.path is not None
+            examples = task_file(cfg, Path(cfg.path))
+        else:
+            examples = build_task(
+                cfg.source, cfg.path, labels=cfg.labels, max_chars=cfg.max_chars, columns=cfg.columns
+            )
         splits = split_task(examples, n_clients, cfg.test_fraction, cfg.partition, rng)
     if not splits.public:
         raise DataError("the public set D_a is empty: FedCoLLM's server needs labelled public examples")
@@ -148,9 +202,10 @@ def build_task_data(
     union = [ex for part in [public, *splits.clients] for ex in part]
     return TaskData(
         splits=splits,
-        public=encode(tokenizer, public, cfg.max_length, choices=True),
-        clients=[encode(tokenizer, part, cfg.max_length) for part in splits.clients],
-        union=encode(tokenizer, union, cfg.max_length),
+        public=encode_task_set(cfg, tokenizer, public, choices=True),
+        clients=[encode_task_set(cfg, tokenizer, part) for part in splits.clients],
+        union=encode_task_set(cfg, tokenizer, union),
         test=test,
         public_val=public_val,
+        duplicates=duplicates,
     )

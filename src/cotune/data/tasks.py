@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -49,10 +49,15 @@ class TaskExample(MCExample):
             object.__setattr__(self, "label", self.choices[self.answer].strip())
 
 
-def example_label(example: MCExample) -> str:
-    """The example's label; a plain MCExample (no label) is labelled by its stripped answer choice."""
+def example_label(example: object) -> str:
+    """The example's label (a TaskExample's, a generation example's); a plain MCExample (no label) is
+    labelled by its stripped answer choice."""
     label = getattr(example, "label", "")
-    return label if isinstance(label, str) and label else example.choices[example.answer].strip()
+    if isinstance(label, str) and label:
+        return label
+    if not isinstance(example, MCExample):
+        raise TypeError(f"{type(example).__name__} has no label")
+    return example.choices[example.answer].strip()
 
 
 # --- topic classification -------------------------------------------------------------------------
@@ -235,11 +240,14 @@ def build_task(
 # --- splits ---------------------------------------------------------------------------------------
 
 
+Example = TypeVar("Example")  # a task's example: MCExample (multiple choice) or GenExample (generation)
+
+
 @dataclass
-class TaskSplits:
-    public: list[MCExample]  # the server's labelled public set
-    clients: list[list[MCExample]]  # each client's private training set
-    test: list[MCExample]  # stratified held-out set, seen by nobody during training
+class TaskSplits(Generic[Example]):
+    public: list[Example]  # the server's labelled public set
+    clients: list[list[Example]]  # each client's private training set
+    test: list[Example]  # stratified held-out set, seen by nobody during training
     labels: list[str]  # sorted label set of the whole task
 
     @property
@@ -262,13 +270,13 @@ def _n_test(n: int, fraction: float) -> int:
 
 
 def split_task(
-    examples: Sequence[MCExample],
+    examples: Sequence[Example],
     n_clients: int,
     test_fraction: float,
     partition: PartitionConfig | None,
     rng: np.random.Generator,
     public_share: float | None = None,
-) -> TaskSplits:
+) -> TaskSplits[Example]:
     """Stratified test hold-out, then the FedCoLLM split of the rest into a public set and K clients.
 
     IID (partition None or kind "iid"): the shuffled training set is cut into K+1 equal parts, part 0 the
@@ -317,7 +325,7 @@ def split_task(
     if empty:
         raise DataError(f"clients {empty} got no training examples; use more data or fewer clients")
 
-    def pick(ix: Iterable[int]) -> list[MCExample]:
+    def pick(ix: Iterable[int]) -> list[Example]:
         return [examples[int(i)] for i in ix]
 
     return TaskSplits(
@@ -366,6 +374,16 @@ def encode_for_training(
             )
         rows.append((prompt_ids[-keep:], answer_ids))
 
+    return pad_rows(rows, pad_id)
+
+
+def pad_rows(
+    rows: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each (N, L) with L the longest row: each row is a prompt and
+    its target (answer, response) back to back, right-padded with `pad_id`; labels are IGNORE_INDEX on
+    the prompt and the padding, so the loss falls on the target only. One example per row (no packing),
+    so attention never crosses examples."""
     width = max((len(p) + len(a) for p, a in rows), default=0)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -23,8 +23,7 @@ from cotune.algorithms.fedcollm import check_payload
 from cotune.config.loader import config_from_dict
 from cotune.config.schema import ExperimentConfig
 from cotune.data.corpora import load_documents
-from cotune.data.task_data import EncodedSet, build_task_data, encode
-from cotune.data.tasks import build_task
+from cotune.data.task_data import EncodedSet, build_task_data, owned_set
 from cotune.data.windows import (
     ClientData,
     FederatedData,
@@ -195,13 +194,7 @@ class Node:
         task = self.cfg.task
         assert task is not None
         if self.settings.data_path:
-            examples = build_task(
-                path=Path(self.settings.data_path),
-                labels=task.labels,
-                max_chars=task.max_chars,
-                columns=task.columns,
-            )
-            return encode(self.tokenizer, examples, task.max_length)
+            return owned_set(task, self.tokenizer, Path(self.settings.data_path))
         cfg = self.cfg
         key = [
             task.model_dump(mode="json"),
