@@ -48,7 +48,8 @@ from cotune.runtime.claims import checked_sizes
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline, check_trained
 from cotune.runtime.port import Clients
-from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
+from cotune.runtime.rounds import RoundTimes, run_rounds
+from cotune.runtime.rundir import RunFiles, client_name, load_adapter
 from cotune.state import AdapterState, copied, state_bytes
 from cotune.training.distill import student_step, teacher_signal
 from cotune.training.learner import Learner
@@ -188,6 +189,16 @@ class Server:
     distill_batches: int  # distillation batches per pass over D_a
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What a round's local training hands to its aggregation: theta as broadcast (None: nothing is
+    broadcast), the checked uploads by client, and their mean when the transport computed it (SecAgg+)."""
+
+    payload: AdapterState | None
+    updates: dict[int, AdapterState]
+    mean: AdapterState | None
+
+
 class FedCoLLMLoop:
     """FedCoLLM's rounds (or a baseline's) over any `Clients` transport."""
 
@@ -220,56 +231,18 @@ class FedCoLLMLoop:
         self.members = Membership(cfg, files.log, self.console)
         self.activity = Activity(self.console)
         self.val_cache: dict[Any, MCResult] = {}  # server validation results, keyed as eval_cache
-        self.train_s = 0.0  # the last round's training time (its round record is logged after evaluation)
 
     def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
         """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA)."""
         check_payload(payload, self.slm_shapes)
 
-    # ---- the loop -------------------------------------------------------------------------------------
+    # ---- the loop (its order: runtime/rounds.py) ----------------------------------------------------
     def run(self, resume: bool = False) -> None:
-        self.join()
-        start = first_round(self.files, resume, self.restore, self.round_zero)
-        if resume:  # the restored round may have stopped during its evaluation
-            self.close_round(start - 1, time.perf_counter() - self.train_s)
-        for r in range(start, self.rounds + 1):
-            t0 = time.perf_counter()
-            self.members.start_round(r)
-            self.run_round(r)
-            self.train_s = time.perf_counter() - t0
-            self.checkpoint(r)  # the round's work is safe before its evaluation, which can take long
-            self.close_round(r, t0)
-        self.files.log(RunEvent(event="end", algorithm=self.cfg.algorithm))
+        run_rounds(self, resume)
 
     @property
     def rounds(self) -> int:
         return self.cfg.federation.rounds if self.plan.trains else 0
-
-    def round_zero(self) -> None:
-        self.checkpoint(0)
-        self.evaluate_live(0)
-
-    def close_round(self, r: int, t0: float) -> None:
-        """Round r's evaluation (what of it is not in the metrics yet: after a resume, only what a stopped
-        run had not logged) and its round record, unless a run that stopped after it logged that."""
-        if r == 0:
-            self.evaluate_live(0)
-            return
-        if self.files.logged("round", r):
-            return
-        shown = self.evaluate_live(r) if self.cfg.is_eval_round(r) else ""
-        wall = time.perf_counter() - t0
-        self.files.log(RoundRecord(round=r, step=r, wall_s=wall, train_s=self.train_s))
-        self.console.print(f"round {r}/{self.rounds}  {shown}  ({wall:.1f}s)")
-
-    def evaluate_live(self, r: int) -> str:
-        """`evaluate`, shown as a phase counted in the test split's choices, per model to score."""
-        logged = self.logged_mc(r)
-        models = len([t for t in self.evaluation_targets(r) if t not in logged])
-        total = models * choice_count(self.task.test) or None  # None: all logged, nothing to score
-        description = f"round {r}/{self.cfg.federation.rounds} · evaluation on the test split"
-        with self.activity.phase(description, total) as advance:
-            return self.evaluate(r, advance)
 
     def join(self) -> None:
         """Admit the clients that answer, with n_k as each described itself (FedAvg's weights)."""
@@ -277,25 +250,44 @@ class FedCoLLMLoop:
         expected = [len(part) for part in self.task.clients]
         self.sizes = checked_sizes(self.cfg, self.members.joined, expected, self.files.log)
 
+    def client_names(self) -> list[str] | None:
+        return None
+
+    def end_event(self) -> RunEvent:
+        return RunEvent(event="end", algorithm=self.cfg.algorithm)
+
+    def close_round(self, r: int, times: RoundTimes) -> tuple[RoundRecord, str]:
+        record = RoundRecord(round=r, step=r, wall_s=times.wall_s, train_s=times.train_s)
+        shown = self.shown(r) if self.cfg.is_eval_round(r) else ""
+        return record, f"round {r}/{self.rounds}  {shown}  ({times.wall_s:.1f}s)"
+
     # ---- the round ------------------------------------------------------------------------------------
-    def run_round(self, r: int) -> None:
-        plan, slm = self.plan, self.server.slm
-        payload = slm.state(SERVER) if plan.broadcast else None
+    def train(self, r: int) -> Trained:
+        """1. broadcast theta (SLM adapter keys only); 2. local training on private data (answer-only
+        loss): the payload sent, the checked uploads by client, and a mean the transport computed."""
+        payload = self.server.slm.state(SERVER) if self.plan.broadcast else None
         if payload is not None:
-            self.check(payload)  # 1. broadcast theta^t: SLM adapter keys only
-        if plan.local_training:  # 2. local training on private data, answer-only loss
-            updates, mean = self.train_clients(r, payload)
-            if plan.aggregate:  # 3. upload + weighted FedAvg -> theta^{t,0}
-                assert payload is not None
-                self.log_traffic(r, updates, state_bytes(payload))
-                if mean is None:
-                    ks = sorted(updates)
-                    mean = self.pipeline.fedavg(
-                        r, self.n, ks, [updates[k] for k in ks], payload, self.sizes, self.check
-                    )
-                self.check(mean)
-                slm.load_state(SERVER, mean)
-        if plan.distill:  # 4. mutual distillation on D_a; 5. the distilled theta is broadcast next round
+            self.check(payload)
+        if not self.plan.local_training:
+            return Trained(payload, {}, None)
+        return Trained(payload, *self.train_clients(r, payload))
+
+    def aggregate(self, r: int, trained: Trained) -> None:
+        """3. upload + weighted FedAvg -> theta^{t,0}; 4. mutual distillation on D_a (the distilled theta
+        is broadcast next round); or the centralized baseline's LLM steps."""
+        plan, payload = self.plan, trained.payload
+        if plan.local_training and plan.aggregate:
+            assert payload is not None
+            updates, mean = trained.updates, trained.mean
+            self.log_traffic(r, updates, state_bytes(payload))
+            if mean is None:
+                ks = sorted(updates)
+                mean = self.pipeline.fedavg(
+                    r, self.n, ks, [updates[k] for k in ks], payload, self.sizes, self.check
+                )
+            self.check(mean)
+            self.server.slm.load_state(SERVER, mean)
+        if plan.distill:
             self.distill(r)
         if plan.central_llm:
             omega, steps = self.server.omega, self.server.central_steps
@@ -489,28 +481,34 @@ class FedCoLLMLoop:
 
     def logged_mc(self, r: int) -> dict[tuple[Role, int | None], float]:
         """Round r's accuracies already in the metrics (a resumed round's), by (model, client)."""
-        return {(m["model"], m["client"]): float(m["acc"]) for m in self.files.logged("mc", r)}
+        return {(m.model, m.client): m.acc for m in self.files.logged(McRecord, r)}
 
-    def evaluate(self, r: int, on_scored: OnScored | None = None) -> str:
-        """Multiple-choice accuracy on the held-out test split of whatever this algorithm trains; a
-        result already in the metrics (a resumed round's) is not computed again."""
-        s, shown = self.server, []
-        targets, logged = self.evaluation_targets(r), self.logged_mc(r)
-        for role, client in targets:
-            if (role, client) in logged:
-                continue
-            if role == "llm":
-                assert s.llm is not None
-                logged[role, client] = self.log_mc(r, s.llm, LLM_ADAPTER, None, on_scored)
-                continue
-            name = SERVER if client is None else client_name(client)
-            if client is not None:
-                s.slm.load_state(name, self.client_adapters[client])
-            logged[role, client] = self.log_mc(r, s.slm, name, client, on_scored)
-        accs = [logged[t] for t in targets if t[0] == "slm"]
+    def evaluate(self, r: int) -> None:
+        """Multiple-choice accuracy on the held-out test split of whatever this algorithm trains, shown as
+        a phase counted in the split's choices per model to score; a result already in the metrics (a
+        resumed round's) is not computed again."""
+        s, logged = self.server, self.logged_mc(r)
+        todo = [t for t in self.evaluation_targets(r) if t not in logged]
+        total = len(todo) * choice_count(self.task.test) or None  # None: all logged, nothing to score
+        description = f"round {r}/{self.cfg.federation.rounds} · evaluation on the test split"
+        with self.activity.phase(description, total) as on_scored:
+            for role, client in todo:
+                if role == "llm":
+                    assert s.llm is not None
+                    self.log_mc(r, s.llm, LLM_ADAPTER, None, on_scored)
+                    continue
+                name = SERVER if client is None else client_name(client)
+                if client is not None:
+                    s.slm.load_state(name, self.client_adapters[client])
+                self.log_mc(r, s.slm, name, client, on_scored)
+
+    def shown(self, r: int) -> str:
+        """Round r's accuracies as the console line shows them (the mean SLM accuracy, the LLM's)."""
+        targets, logged, shown = self.evaluation_targets(r), self.logged_mc(r), []
+        accs = [logged[t] for t in targets if t[0] == "slm" and t in logged]
         if accs:
             shown.append(f"SLM acc {sum(accs) / len(accs):.3f}")
-        if ("llm", None) in targets:
+        if ("llm", None) in logged:
             shown.append(f"LLM acc {logged['llm', None]:.3f}")
         return "  ".join(shown)
 
@@ -526,7 +524,7 @@ class FedCoLLMLoop:
         return res.acc
 
     # ---- state ----------------------------------------------------------------------------------------
-    def checkpoint(self, r: int) -> None:
+    def checkpoint(self, r: int, scaffold: Mapping[str, Any]) -> None:
         s = self.server
         writers: dict[str, Callable[[Path], None]] = {
             client_name(k): partial(s.slm.save, client_name(k), state=self.client_adapters[k])
@@ -542,12 +540,11 @@ class FedCoLLMLoop:
             "step": r,
             "clients": self.clients.state_dict(),
             "server": learners,
-            "participants": self.members.active(),
-            "train_s": self.train_s,  # the round record of a round resumed during its evaluation
+            **scaffold,
         }
         self.files.checkpoint(r, writers, state)
 
-    def restore(self) -> int:
+    def restore(self) -> tuple[int, Mapping[str, Any]]:
         s = self.server
         slm = AdapterSpec.of(s.slm.view(SERVER))
         expected = {client_name(k): slm for k in range(self.n)} | {SERVER: slm}
@@ -565,5 +562,4 @@ class FedCoLLMLoop:
             s.llm.load_state(LLM_ADAPTER, load_adapter(path / LLM_ADAPTER))
             s.omega.load_state_dict(state["server"]["omega"])
         self.clients.load_state_dict(state["clients"])
-        self.train_s = float(state.get("train_s", 0.0))  # checkpoints of older versions lack it
-        return r
+        return r, state
