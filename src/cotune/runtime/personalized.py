@@ -151,12 +151,20 @@ class PersonalizedLoop:
     def evaluate(self, r: int) -> None:
         """Each present client's validation (and test) metrics, those not logged yet (a resumed round's),
         shown as a phase counted in clients."""
-        done = {e.client for e in self.files.logged(EvalRecord, r) if e.split == "val"}
-        clients = [i for i in self.members.present() if i not in done]
+        logged = {(e.client, e.split) for e in self.files.logged(EvalRecord, r)}
+        present = self.members.present()
+        clients = [i for i in present if any((i, split) not in logged for split in self.eval_splits(i))]
+        # those the stopped run evaluated were sent their adapter too: the round's traffic counts them
+        self.sent.update({i: state_bytes(self.adapters[i]) for i in present if i not in clients})
         what = "evaluation before training" if r == 0 else "evaluation"
         with self.activity.phase(f"round {r}/{self.rounds} · {what}", len(clients)) as advance:
             if clients:
-                self.evaluate_clients(r, clients, lambda i: advance(note=client_name(i)))
+                self.evaluate_clients(r, clients, logged, lambda i: advance(note=client_name(i)))
+
+    def eval_splits(self, client: int) -> tuple[Literal["val", "test"], ...]:
+        """The splits a client's evaluation reports: validation, and test when it has test windows."""
+        info = self.members.joined.get(client)
+        return ("val", "test") if info is not None and info.test_windows else ("val",)
 
     def close_round(self, r: int, times: RoundTimes) -> tuple[RoundRecord, str]:
         """The round's traffic (its evaluation's messages included), then its record and console line:
@@ -311,14 +319,21 @@ class PersonalizedLoop:
             )
             self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
 
-    def evaluate_clients(self, r: int, clients: list[int], on_done: OnDone | None = None) -> None:
-        """Each of `clients`' validation (and test) loss and perplexity, logged."""
+    def evaluate_clients(
+        self, r: int, clients: list[int], logged: set[tuple[int, str]], on_done: OnDone | None = None
+    ) -> None:
+        """Each of `clients`' validation (and test) loss and perplexity, logged unless in `logged` (a
+        resumed round's, by client and split)."""
         replies = self.clients.evaluate(r, self.send(clients), on_done)
         self.members.note_failures(r, "evaluate", replies)
         for i, report in sorted(replies.ok.items()):
-            self.files.log(self.eval_record(r, i, "val", report.val))
-            if report.test is not None:
-                self.files.log(self.eval_record(r, i, "test", report.test))
+            splits: tuple[tuple[Literal["val", "test"], LMEval | None], ...] = (
+                ("val", report.val),
+                ("test", report.test),
+            )
+            for split, scores in splits:
+                if scores is not None and (i, split) not in logged:
+                    self.files.log(self.eval_record(r, i, split, scores))
 
     def eval_record(self, r: int, client: int, split: Literal["val", "test"], scores: LMEval) -> EvalRecord:
         return EvalRecord(
