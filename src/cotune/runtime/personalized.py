@@ -11,7 +11,7 @@ client's adapter and asks its `Clients` port for the work.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from pathlib import Path
 from typing import Any, Literal
 
@@ -320,7 +320,7 @@ class PersonalizedLoop:
             self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
 
     def evaluate_clients(
-        self, r: int, clients: list[int], logged: set[tuple[int, str]], on_done: OnDone | None = None
+        self, r: int, clients: list[int], logged: Set[tuple[int, str]], on_done: OnDone | None = None
     ) -> None:
         """Each of `clients`' validation (and test) loss and perplexity, logged unless in `logged` (a
         resumed round's, by client and split)."""
