@@ -39,6 +39,7 @@ from cotune.records import (
     DistillRecord,
     DistillValRecord,
     McRecord,
+    Record,
     RoundRecord,
     RunEvent,
     TrainRecord,
@@ -199,6 +200,155 @@ class Trained:
     mean: AdapterState | None
 
 
+class Scorer:
+    """Multiple-choice scoring of the server's adapters (test split and validation split alike)."""
+
+    def __init__(self, cfg: ExperimentConfig, server: Server) -> None:
+        self.cfg, self.server = cfg, server
+
+    def scored(
+        self,
+        pool: AdapterPool,
+        name: str,
+        examples: Sequence[MCExample],
+        cache: dict[Any, MCResult],
+        on_scored: OnScored | None = None,
+    ) -> MCResult:
+        """Multiple-choice result of adapter `name` on `examples`, kept in `cache` (one per split) by model
+        role, adapter weights and eval settings: an adapter already scored is not rescored (and counts
+        as scored at once in `on_scored`, so a phase still reaches its total)."""
+        t, task = self.cfg.train, self.cfg.task
+        assert task is not None
+        key = (self.role(pool), adapter_digest(pool, name), task.max_length, t.eval_batch_size)
+        if key not in cache:
+            pool.activate(name)
+            cache[key] = evaluate_multiple_choice(
+                pool.model,
+                self.server.tokenizer,
+                examples,
+                batch_size=t.eval_batch_size,
+                max_length=task.max_length,
+                on_scored=on_scored,
+            )
+        elif on_scored is not None:
+            on_scored(choice_count(examples))
+        return cache[key]
+
+    def role(self, pool: AdapterPool) -> Role:
+        """Which of the server's two models `pool` is."""
+        return "llm" if pool is self.server.llm else "slm"
+
+
+class Distillation:
+    """Step 4 of a FedCoLLM round: mutual distillation of theta (SLM) and omega (LLM) on the server's
+    public data D_a, both scored along the way on its validation split (`ValTrack`)."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        server: Server,
+        task: TaskData,
+        scorer: Scorer,
+        log: Callable[[Record], None],
+        activity: Activity,
+    ) -> None:
+        self.cfg, self.server, self.task, self.scorer = cfg, server, task, scorer
+        self.log, self.activity = log, activity
+        self.vocab_size = len(server.tokenizer)
+        self.val_cache: dict[Any, MCResult] = {}  # validation results, keyed as `Scorer.scored` keys
+
+    def run(self, r: int) -> None:
+        """Per batch an SLM step (the LLM teaches) then an LLM step (the SLM teaches); with order 'epoch'
+        a full SLM pass then a full LLM pass. The server's validation split scores both models along the
+        way; with keep 'best' each ends the round with its best-scored adapter."""
+        s, d = self.server, self.cfg.distill
+        assert s.omega is not None
+        if d.reset_optimizer:  # theta was just replaced by the average: last round's moments describe another
+            s.theta.reset_optimizer()
+            s.omega.reset_optimizer()
+        totals, t0 = DistillTotals(), time.perf_counter()
+        order = self.distill_order(self.distill_batches())
+        with self.activity.phase(f"round {r} · mutual distillation", d.epochs * len(order)) as advance:
+            tracks = {role: self.val_track(r, role, advance) for role in ROLES}  # scores the round's start
+            for epoch in range(d.epochs):
+                if epoch:
+                    order = self.distill_order(self.distill_batches())
+                for role, batch in order:
+                    ce, kd, nbytes = self.distill_step(role, batch)
+                    totals.add(role, ce, kd, nbytes)
+                    tracks[role].after_step()
+                    advance(note=f"{role.upper()} ce {ce:.3f} kd {kd:.3f}")
+            kept = {role: track.finish() for role, track in tracks.items()}
+        self.log(totals.record(r, d.topk, time.perf_counter() - t0, kept))
+
+    def distill_batches(self) -> list[Batch]:
+        """One pass over D_a: the public batches of this round, from theta's data cursor."""
+        return [b for _ in range(self.server.distill_batches) for b in self.server.theta.next_batches()[0]]
+
+    def distill_order(self, batches: list[Batch]) -> list[tuple[Role, Batch]]:
+        if self.cfg.distill.order == "batch":  # SLM step then LLM step on each batch
+            return [(role, b) for b in batches for role in ROLES]
+        return [(role, b) for role in ROLES for b in batches]  # a full SLM pass, then a full LLM pass
+
+    def distill_step(self, role: Role, batch: Batch) -> tuple[float, float, int]:
+        """One step of `role` (student) against the other model (teacher): (ce, kd, teacher signal bytes)."""
+        s, d = self.server, self.cfg.distill
+        assert s.llm is not None and s.omega is not None
+        if role == "slm":
+            student, teacher, learner = s.slm, s.llm, s.theta
+        else:
+            student, teacher, learner = s.llm, s.slm, s.omega
+        s.slm.activate(SERVER)
+        s.llm.activate(LLM_ADAPTER)
+        assert isinstance(batch, Mapping)
+        signal = teacher_signal(teacher.model, batch, self.vocab_size, d.topk, d.kd_target)
+        with learner.rng.active():  # the student's dropout: its learner's own stream
+            ce, kd = student_step(
+                student.model,
+                signal,
+                batch,
+                learner.optimizer,
+                learner.scheduler,
+                d,
+                self.vocab_size,
+                self.cfg.train.max_grad_norm,
+            )
+        return ce, kd, signal.nbytes
+
+    def val_track(self, r: int, role: Role, advance: Advance) -> ValTrack:
+        """`role`'s validation track; a scoring shows on the distillation phase (its count is in steps)
+        as a note of the validation choices scored so far."""
+        s = self.server
+        pool, name = (s.slm, SERVER) if role == "slm" else (s.llm, LLM_ADAPTER)
+        assert pool is not None
+        d = self.cfg.distill
+        of = choice_count(self.task.public_val)
+
+        def score() -> ValScore:
+            done = 0
+
+            def scored(n: int) -> None:
+                nonlocal done
+                done += n
+                advance(0, note=f"{role.upper()} validation {done}/{of} choices")
+
+            return self.val_score(pool, name, scored)
+
+        def log(step: int, v: ValScore) -> None:
+            self.log(DistillValRecord(round=r, model=role, step=step, acc=v.acc, nll=v.nll, n=v.n))
+
+        return ValTrack(
+            pool, name, score if self.task.public_val else None, log, d.val_every or 1, d.keep == "best"
+        )
+
+    def val_score(self, pool: AdapterPool, name: str, on_scored: OnScored | None = None) -> ValScore:
+        """Accuracy and choice-level loss of adapter `name` on the server's validation split; weights
+        already scored are not rescored (omega starts a round as the last one kept)."""
+        examples = self.task.public_val
+        res = self.scorer.scored(pool, name, examples, self.val_cache, on_scored)
+        return ValScore(res.acc, choice_nll(res.logliks, [ex.answer for ex in examples]), res.n)
+
+
 class FedCoLLMLoop:
     """FedCoLLM's rounds (or a baseline's) over any `Clients` transport."""
 
@@ -221,7 +371,6 @@ class FedCoLLMLoop:
         if self.plan.uses_llm and (server.llm is None or server.omega is None):
             raise ValueError(f"algorithm '{cfg.algorithm}' needs the server LLM")
         self.n = cfg.federation.clients
-        self.vocab_size = len(server.tokenizer)
         self.full_slm_bytes = server.slm.base_bytes()
         initial = server.slm.state(SERVER)
         self.slm_shapes = {k: v.shape for k, v in initial.items()}
@@ -230,7 +379,8 @@ class FedCoLLMLoop:
         self.sizes: list[int] = [0] * self.n  # n_k as each client described itself
         self.members = Membership(cfg, files.log, self.console)
         self.activity = Activity(self.console)
-        self.val_cache: dict[Any, MCResult] = {}  # server validation results, keyed as eval_cache
+        self.scorer = Scorer(cfg, server)
+        self.distillation = Distillation(cfg, server, task, self.scorer, files.log, self.activity)
 
     def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
         """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA)."""
@@ -296,6 +446,10 @@ class FedCoLLMLoop:
                 loss = omega.train(steps, lambda loss: advance(note=f"loss {loss:.3f}")).mean_loss
             self.files.log(TrainRecord(model="llm", round=r, client=None, loss=loss, lr=omega.lr))
 
+    def distill(self, r: int) -> None:
+        """4. mutual distillation on D_a (`Distillation`); the distilled theta is broadcast next round."""
+        self.distillation.run(r)
+
     def train_clients(
         self, r: int, payload: AdapterState | None
     ) -> tuple[dict[int, AdapterState], AdapterState | None]:
@@ -344,130 +498,6 @@ class FedCoLLMLoop:
                 )
             )
 
-    # ---- 4. mutual distillation on D_a -------------------------------------------------------------
-    def distill(self, r: int) -> None:
-        """Per batch an SLM step (the LLM teaches) then an LLM step (the SLM teaches); with order 'epoch'
-        a full SLM pass then a full LLM pass. The server's validation split scores both models along the
-        way; with keep 'best' each ends the round with its best-scored adapter."""
-        s, d = self.server, self.cfg.distill
-        assert s.omega is not None
-        if d.reset_optimizer:  # theta was just replaced by the average: last round's moments describe another
-            s.theta.reset_optimizer()
-            s.omega.reset_optimizer()
-        totals, t0 = DistillTotals(), time.perf_counter()
-        order = self.distill_order(self.distill_batches())
-        with self.activity.phase(f"round {r} · mutual distillation", d.epochs * len(order)) as advance:
-            tracks = {role: self.val_track(r, role, advance) for role in ROLES}  # scores the round's start
-            for epoch in range(d.epochs):
-                if epoch:
-                    order = self.distill_order(self.distill_batches())
-                for role, batch in order:
-                    ce, kd, nbytes = self.distill_step(role, batch)
-                    totals.add(role, ce, kd, nbytes)
-                    tracks[role].after_step()
-                    advance(note=f"{role.upper()} ce {ce:.3f} kd {kd:.3f}")
-            kept = {role: track.finish() for role, track in tracks.items()}
-        self.files.log(totals.record(r, d.topk, time.perf_counter() - t0, kept))
-
-    def distill_batches(self) -> list[Batch]:
-        """One pass over D_a: the public batches of this round, from theta's data cursor."""
-        return [b for _ in range(self.server.distill_batches) for b in self.server.theta.next_batches()[0]]
-
-    def distill_order(self, batches: list[Batch]) -> list[tuple[Role, Batch]]:
-        if self.cfg.distill.order == "batch":  # SLM step then LLM step on each batch
-            return [(role, b) for b in batches for role in ROLES]
-        return [(role, b) for role in ROLES for b in batches]  # a full SLM pass, then a full LLM pass
-
-    def distill_step(self, role: Role, batch: Batch) -> tuple[float, float, int]:
-        """One step of `role` (student) against the other model (teacher): (ce, kd, teacher signal bytes)."""
-        s, d = self.server, self.cfg.distill
-        assert s.llm is not None and s.omega is not None
-        if role == "slm":
-            student, teacher, learner = s.slm, s.llm, s.theta
-        else:
-            student, teacher, learner = s.llm, s.slm, s.omega
-        s.slm.activate(SERVER)
-        s.llm.activate(LLM_ADAPTER)
-        assert isinstance(batch, Mapping)
-        signal = teacher_signal(teacher.model, batch, self.vocab_size, d.topk, d.kd_target)
-        with learner.rng.active():  # the student's dropout: its learner's own stream
-            ce, kd = student_step(
-                student.model,
-                signal,
-                batch,
-                learner.optimizer,
-                learner.scheduler,
-                d,
-                self.vocab_size,
-                self.cfg.train.max_grad_norm,
-            )
-        return ce, kd, signal.nbytes
-
-    def val_track(self, r: int, role: Role, advance: Advance) -> ValTrack:
-        """`role`'s validation track; a scoring shows on the distillation phase (its count is in steps)
-        as a note of the validation choices scored so far."""
-        s = self.server
-        pool, name = (s.slm, SERVER) if role == "slm" else (s.llm, LLM_ADAPTER)
-        assert pool is not None
-        d = self.cfg.distill
-        of = choice_count(self.task.public_val)
-
-        def score() -> ValScore:
-            done = 0
-
-            def scored(n: int) -> None:
-                nonlocal done
-                done += n
-                advance(0, note=f"{role.upper()} validation {done}/{of} choices")
-
-            return self.val_score(pool, name, scored)
-
-        def log(step: int, v: ValScore) -> None:
-            self.files.log(DistillValRecord(round=r, model=role, step=step, acc=v.acc, nll=v.nll, n=v.n))
-
-        return ValTrack(
-            pool, name, score if self.task.public_val else None, log, d.val_every or 1, d.keep == "best"
-        )
-
-    def val_score(self, pool: AdapterPool, name: str, on_scored: OnScored | None = None) -> ValScore:
-        """Accuracy and choice-level loss of adapter `name` on the server's validation split; weights
-        already scored are not rescored (omega starts a round as the last one kept)."""
-        examples = self.task.public_val
-        res = self.scored(pool, name, examples, self.val_cache, on_scored)
-        return ValScore(res.acc, choice_nll(res.logliks, [ex.answer for ex in examples]), res.n)
-
-    def scored(
-        self,
-        pool: AdapterPool,
-        name: str,
-        examples: Sequence[MCExample],
-        cache: dict[Any, MCResult],
-        on_scored: OnScored | None = None,
-    ) -> MCResult:
-        """Multiple-choice result of adapter `name` on `examples`, kept in `cache` (one per split) by model
-        role, adapter weights and eval settings: an adapter already scored is not rescored (and counts
-        as scored at once in `on_scored`, so a phase still reaches its total)."""
-        t, task = self.cfg.train, self.cfg.task
-        assert task is not None
-        key = (self.role(pool), adapter_digest(pool, name), task.max_length, t.eval_batch_size)
-        if key not in cache:
-            pool.activate(name)
-            cache[key] = evaluate_multiple_choice(
-                pool.model,
-                self.server.tokenizer,
-                examples,
-                batch_size=t.eval_batch_size,
-                max_length=task.max_length,
-                on_scored=on_scored,
-            )
-        elif on_scored is not None:
-            on_scored(choice_count(examples))
-        return cache[key]
-
-    def role(self, pool: AdapterPool) -> Role:
-        """Which of the server's two models `pool` is."""
-        return "llm" if pool is self.server.llm else "slm"
-
     # ---- evaluation -----------------------------------------------------------------------------------
     def evaluation_targets(self, r: int) -> list[tuple[Role, int | None]]:
         """What round r's evaluation scores, in order: (model, client), client None for the server's."""
@@ -515,10 +545,15 @@ class FedCoLLMLoop:
     def log_mc(
         self, r: int, pool: AdapterPool, name: str, client: int | None, on_scored: OnScored | None = None
     ) -> float:
-        res = self.scored(pool, name, self.task.test, self.eval_cache, on_scored)  # the held-out test split
+        res = self.scorer.scored(pool, name, self.task.test, self.eval_cache, on_scored)  # test split
         self.files.log(
             McRecord(
-                round=r, model=self.role(pool), client=client, acc=res.acc, acc_norm=res.acc_norm, n=res.n
+                round=r,
+                model=self.scorer.role(pool),
+                client=client,
+                acc=res.acc,
+                acc_norm=res.acc_norm,
+                n=res.n,
             )
         )
         return res.acc
