@@ -109,8 +109,8 @@ class Spy(fedcollm.FedCoLLMLoop):
         self.uploads.append([updates[k] for k in sorted(updates)])
         return updates, mean
 
-    def run_round(self, r):
-        super().run_round(r)
+    def aggregate(self, r, trained):
+        super().aggregate(r, trained)
         self.averages.append(self.server.slm.state(fedcollm.SERVER)) if not self.plan.distill else None
 
     def distill(self, r):
@@ -245,16 +245,16 @@ def test_a_run_stopped_during_a_test_evaluation_resumes_it_without_training_agai
         run_experiment(cfg)
     part = tmp_path / "runs" / f"part.{algorithm}"
     assert len(records(part, "mc")) == 1 + stop_at  # fedcollm round 0: SLM, not LLM; standalone: + client 0
-    trained, run_round = [], fedcollm.FedCoLLMLoop.run_round
+    trained, train = [], fedcollm.FedCoLLMLoop.train
 
     def counted(self, r):
         trained.append(r)
-        return run_round(self, r)
+        return train(self, r)
 
     monkeypatch.setattr(
         fedcollm.FedCoLLMLoop, "log_mc", lambda self, r, *a: calls.append(r) or original(self, r, *a)
     )
-    monkeypatch.setattr(fedcollm.FedCoLLMLoop, "run_round", counted)
+    monkeypatch.setattr(fedcollm.FedCoLLMLoop, "train", counted)
     calls.clear()
     resume_experiment(part)
     assert trained == list(range(stop_at + 1, 3))  # the stopped round's training is not done again

@@ -98,7 +98,7 @@ class ScoringSpy(fedcollm.FedCoLLMLoop):
         super().distill(r)
         self.after = getattr(self, "after", [])
         if self.task.public_val:
-            self.after.append(self.val_score(self.server.slm, fedcollm.SERVER))
+            self.after.append(self.distillation.val_score(self.server.slm, fedcollm.SERVER))
         state = self.server.theta.optimizer.state
         self.adam_steps = getattr(self, "adam_steps", [])
         self.adam_steps.append({int(s["step"]) for s in state.values()})

@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "cotune.runtime.lock": 3,
     "cotune.runtime.guard": 3,
     "cotune.runtime.membership": 3,
+    "cotune.runtime.rounds": 3,
     "cotune.runtime.claims": 3,
     "cotune.runtime.pipeline": 3,
     "cotune.runtime.port": 3,

@@ -261,14 +261,14 @@ def test_a_bug_shows_where_but_no_message_locals_or_data(capsys, corpus_dir, tmp
 def test_ctrl_c_says_the_run_can_be_resumed(capsys, corpus_dir, tmp_path, monkeypatch):
     import cotune.runtime.personalized as personalized
 
-    real = personalized.PersonalizedLoop.run_round
+    real = personalized.PersonalizedLoop.train
 
     def interrupted(self, r, *args):
         if r == 2:
             raise KeyboardInterrupt
         return real(self, r, *args)
 
-    monkeypatch.setattr(personalized.PersonalizedLoop, "run_round", interrupted)
+    monkeypatch.setattr(personalized.PersonalizedLoop, "train", interrupted)
     out = tmp_path / "run"
     code, text = cotune(capsys, "run", config(tmp_path, corpus_dir), "--out", out)
     assert (
@@ -276,7 +276,7 @@ def test_ctrl_c_says_the_run_can_be_resumed(capsys, corpus_dir, tmp_path, monkey
         and f"interrupted: every completed round is kept; continue with `cotune run --resume {out}`" in text
     )
     assert "Traceback" not in text
-    monkeypatch.setattr(personalized.PersonalizedLoop, "run_round", real)
+    monkeypatch.setattr(personalized.PersonalizedLoop, "train", real)
     assert cotune(capsys, "run", "--resume", out)[0] == 0
 
 

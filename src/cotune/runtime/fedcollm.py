@@ -39,6 +39,7 @@ from cotune.records import (
     DistillRecord,
     DistillValRecord,
     McRecord,
+    Record,
     RoundRecord,
     RunEvent,
     TrainRecord,
@@ -48,7 +49,8 @@ from cotune.runtime.claims import checked_sizes
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline, check_trained
 from cotune.runtime.port import Clients
-from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
+from cotune.runtime.rounds import RoundTimes, run_rounds
+from cotune.runtime.rundir import RunFiles, client_name, load_adapter
 from cotune.state import AdapterState, copied, state_bytes
 from cotune.training.distill import student_step, teacher_signal
 from cotune.training.learner import Learner
@@ -188,172 +190,74 @@ class Server:
     distill_batches: int  # distillation batches per pass over D_a
 
 
-class FedCoLLMLoop:
-    """FedCoLLM's rounds (or a baseline's) over any `Clients` transport."""
+@dataclass(frozen=True)
+class Trained:
+    """What a round's local training hands to its aggregation: theta as broadcast (None: nothing is
+    broadcast), the checked uploads by client, and their mean when the transport computed it (SecAgg+)."""
+
+    payload: AdapterState | None
+    updates: dict[int, AdapterState]
+    mean: AdapterState | None
+
+
+class Scorer:
+    """Multiple-choice scoring of the server's adapters (test split and validation split alike)."""
+
+    def __init__(self, cfg: ExperimentConfig, server: Server) -> None:
+        self.cfg, self.server = cfg, server
+
+    def scored(
+        self,
+        pool: AdapterPool,
+        name: str,
+        examples: Sequence[MCExample],
+        cache: dict[Any, MCResult],
+        on_scored: OnScored | None = None,
+    ) -> MCResult:
+        """Multiple-choice result of adapter `name` on `examples`, kept in `cache` (one per split) by model
+        role, adapter weights and eval settings: an adapter already scored is not rescored (and counts
+        as scored at once in `on_scored`, so a phase still reaches its total)."""
+        t, task = self.cfg.train, self.cfg.task
+        assert task is not None
+        key = (self.role(pool), adapter_digest(pool, name), task.max_length, t.eval_batch_size)
+        if key not in cache:
+            pool.activate(name)
+            cache[key] = evaluate_multiple_choice(
+                pool.model,
+                self.server.tokenizer,
+                examples,
+                batch_size=t.eval_batch_size,
+                max_length=task.max_length,
+                on_scored=on_scored,
+            )
+        elif on_scored is not None:
+            on_scored(choice_count(examples))
+        return cache[key]
+
+    def role(self, pool: AdapterPool) -> Role:
+        """Which of the server's two models `pool` is."""
+        return "llm" if pool is self.server.llm else "slm"
+
+
+class Distillation:
+    """Step 4 of a FedCoLLM round: mutual distillation of theta (SLM) and omega (LLM) on the server's
+    public data D_a, both scored along the way on its validation split (`ValTrack`)."""
 
     def __init__(
         self,
         cfg: ExperimentConfig,
-        clients: Clients,
         server: Server,
         task: TaskData,
-        files: RunFiles,
-        console: Console | None = None,
-        eval_cache: dict[Any, MCResult] | None = None,
+        scorer: Scorer,
+        log: Callable[[Record], None],
+        activity: Activity,
     ) -> None:
-        self.cfg, self.clients, self.server, self.task, self.files = cfg, clients, server, task, files
-        self.console = console or Console(stderr=True)
-        # Test accuracy by (model, adapter weights, eval settings): run.compare variants share one,
-        # so the zero-shot evaluation that every variant starts with runs once, not once each.
-        self.eval_cache = eval_cache if eval_cache is not None else {}
-        self.plan = plan_of(cfg.algorithm)
-        if self.plan.uses_llm and (server.llm is None or server.omega is None):
-            raise ValueError(f"algorithm '{cfg.algorithm}' needs the server LLM")
-        self.n = cfg.federation.clients
+        self.cfg, self.server, self.task, self.scorer = cfg, server, task, scorer
+        self.log, self.activity = log, activity
         self.vocab_size = len(server.tokenizer)
-        self.full_slm_bytes = server.slm.base_bytes()
-        initial = server.slm.state(SERVER)
-        self.slm_shapes = {k: v.shape for k, v in initial.items()}
-        self.client_adapters: dict[int, AdapterState] = {k: dict(initial) for k in range(self.n)}
-        self.pipeline = AggregationPipeline(cfg, files.log)
-        self.sizes: list[int] = [0] * self.n  # n_k as each client described itself
-        self.members = Membership(cfg, files.log, self.console)
-        self.activity = Activity(self.console)
-        self.val_cache: dict[Any, MCResult] = {}  # server validation results, keyed as eval_cache
-        self.train_s = 0.0  # the last round's training time (its round record is logged after evaluation)
+        self.val_cache: dict[Any, MCResult] = {}  # validation results, keyed as `Scorer.scored` keys
 
-    def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
-        """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA)."""
-        check_payload(payload, self.slm_shapes)
-
-    # ---- the loop -------------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> None:
-        self.join()
-        start = first_round(self.files, resume, self.restore, self.round_zero)
-        if resume:  # the restored round may have stopped during its evaluation
-            self.close_round(start - 1, time.perf_counter() - self.train_s)
-        for r in range(start, self.rounds + 1):
-            t0 = time.perf_counter()
-            self.members.start_round(r)
-            self.run_round(r)
-            self.train_s = time.perf_counter() - t0
-            self.checkpoint(r)  # the round's work is safe before its evaluation, which can take long
-            self.close_round(r, t0)
-        self.files.log(RunEvent(event="end", algorithm=self.cfg.algorithm))
-
-    @property
-    def rounds(self) -> int:
-        return self.cfg.federation.rounds if self.plan.trains else 0
-
-    def round_zero(self) -> None:
-        self.checkpoint(0)
-        self.evaluate_live(0)
-
-    def close_round(self, r: int, t0: float) -> None:
-        """Round r's evaluation (what of it is not in the metrics yet: after a resume, only what a stopped
-        run had not logged) and its round record, unless a run that stopped after it logged that."""
-        if r == 0:
-            self.evaluate_live(0)
-            return
-        if self.files.logged("round", r):
-            return
-        shown = self.evaluate_live(r) if self.cfg.is_eval_round(r) else ""
-        wall = time.perf_counter() - t0
-        self.files.log(RoundRecord(round=r, step=r, wall_s=wall, train_s=self.train_s))
-        self.console.print(f"round {r}/{self.rounds}  {shown}  ({wall:.1f}s)")
-
-    def evaluate_live(self, r: int) -> str:
-        """`evaluate`, shown as a phase counted in the test split's choices, per model to score."""
-        logged = self.logged_mc(r)
-        models = len([t for t in self.evaluation_targets(r) if t not in logged])
-        total = models * choice_count(self.task.test) or None  # None: all logged, nothing to score
-        description = f"round {r}/{self.cfg.federation.rounds} · evaluation on the test split"
-        with self.activity.phase(description, total) as advance:
-            return self.evaluate(r, advance)
-
-    def join(self) -> None:
-        """Admit the clients that answer, with n_k as each described itself (FedAvg's weights)."""
-        self.members.join(self.clients.describe())
-        expected = [len(part) for part in self.task.clients]
-        self.sizes = checked_sizes(self.cfg, self.members.joined, expected, self.files.log)
-
-    # ---- the round ------------------------------------------------------------------------------------
-    def run_round(self, r: int) -> None:
-        plan, slm = self.plan, self.server.slm
-        payload = slm.state(SERVER) if plan.broadcast else None
-        if payload is not None:
-            self.check(payload)  # 1. broadcast theta^t: SLM adapter keys only
-        if plan.local_training:  # 2. local training on private data, answer-only loss
-            updates, mean = self.train_clients(r, payload)
-            if plan.aggregate:  # 3. upload + weighted FedAvg -> theta^{t,0}
-                assert payload is not None
-                self.log_traffic(r, updates, state_bytes(payload))
-                if mean is None:
-                    ks = sorted(updates)
-                    mean = self.pipeline.fedavg(
-                        r, self.n, ks, [updates[k] for k in ks], payload, self.sizes, self.check
-                    )
-                self.check(mean)
-                slm.load_state(SERVER, mean)
-        if plan.distill:  # 4. mutual distillation on D_a; 5. the distilled theta is broadcast next round
-            self.distill(r)
-        if plan.central_llm:
-            omega, steps = self.server.omega, self.server.central_steps
-            assert omega is not None
-            with self.activity.phase(f"round {r} · LLM on the union of the data", steps) as advance:
-                loss = omega.train(steps, lambda loss: advance(note=f"loss {loss:.3f}")).mean_loss
-            self.files.log(TrainRecord(model="llm", round=r, client=None, loss=loss, lr=omega.lr))
-
-    def train_clients(
-        self, r: int, payload: AdapterState | None
-    ) -> tuple[dict[int, AdapterState], AdapterState | None]:
-        """Each client trains theta (or, standalone, its own adapter); their checked uploads by client."""
-        sent = {k: payload if payload is not None else self.client_adapters[k] for k in self.members.active()}
-        secure = None
-        if self.cfg.federation.secure_aggregation and self.plan.aggregate:
-            w = fedavg_weights([self.sizes[k] for k in sent], self.cfg.federation.weighting)
-            secure = dict(zip(sent, w, strict=True))
-        fed = self.cfg.federation
-        total = None if fed.local_epochs is not None else fed.local_steps * len(sent)  # epochs: steps vary
-        with self.activity.phase(f"round {r}/{fed.rounds} · client training", total) as advance:
-            replies = self.clients.train(
-                r,
-                sent,
-                None,
-                lambda k, loss: advance(note=f"{client_name(k)} loss {loss:.3f}"),
-                secure_weights=secure,
-            )
-        check_trained(self.cfg, r, {k: (up.report.loss, up.adapter, sent[k]) for k, up in replies.ok.items()})
-        for k, up in list(replies.ok.items()):
-            try:
-                self.check(up.adapter)
-            except ValueError as e:
-                del replies.ok[k]
-                replies.failed[k] = f"refused upload: {e}"
-        self.members.note_failures(r, "train", replies)
-        self.client_adapters.update(sent)  # a dropped client keeps what it was sent
-        updates = {}
-        for k, up in sorted(replies.ok.items()):
-            self.client_adapters[k] = copied(up.adapter)  # kept past the client's next exchange
-            updates[k] = up.adapter
-            self.files.log(TrainRecord(model="slm", round=r, client=k, loss=up.report.loss, lr=up.report.lr))
-        return updates, replies.mean
-
-    def log_traffic(self, r: int, updates: dict[int, AdapterState], down: int) -> None:
-        for k, u in updates.items():
-            self.files.log(
-                CommRecord(
-                    round=r,
-                    client=k,
-                    bytes_up=state_bytes(u),
-                    bytes_down=down,
-                    full_slm_bytes=self.full_slm_bytes,
-                    ratio=state_bytes(u) / self.full_slm_bytes,
-                )
-            )
-
-    # ---- 4. mutual distillation on D_a -------------------------------------------------------------
-    def distill(self, r: int) -> None:
+    def run(self, r: int) -> None:
         """Per batch an SLM step (the LLM teaches) then an LLM step (the SLM teaches); with order 'epoch'
         a full SLM pass then a full LLM pass. The server's validation split scores both models along the
         way; with keep 'best' each ends the round with its best-scored adapter."""
@@ -375,7 +279,7 @@ class FedCoLLMLoop:
                     tracks[role].after_step()
                     advance(note=f"{role.upper()} ce {ce:.3f} kd {kd:.3f}")
             kept = {role: track.finish() for role, track in tracks.items()}
-        self.files.log(totals.record(r, d.topk, time.perf_counter() - t0, kept))
+        self.log(totals.record(r, d.topk, time.perf_counter() - t0, kept))
 
     def distill_batches(self) -> list[Batch]:
         """One pass over D_a: the public batches of this round, from theta's data cursor."""
@@ -431,7 +335,7 @@ class FedCoLLMLoop:
             return self.val_score(pool, name, scored)
 
         def log(step: int, v: ValScore) -> None:
-            self.files.log(DistillValRecord(round=r, model=role, step=step, acc=v.acc, nll=v.nll, n=v.n))
+            self.log(DistillValRecord(round=r, model=role, step=step, acc=v.acc, nll=v.nll, n=v.n))
 
         return ValTrack(
             pool, name, score if self.task.public_val else None, log, d.val_every or 1, d.keep == "best"
@@ -441,40 +345,158 @@ class FedCoLLMLoop:
         """Accuracy and choice-level loss of adapter `name` on the server's validation split; weights
         already scored are not rescored (omega starts a round as the last one kept)."""
         examples = self.task.public_val
-        res = self.scored(pool, name, examples, self.val_cache, on_scored)
+        res = self.scorer.scored(pool, name, examples, self.val_cache, on_scored)
         return ValScore(res.acc, choice_nll(res.logliks, [ex.answer for ex in examples]), res.n)
 
-    def scored(
-        self,
-        pool: AdapterPool,
-        name: str,
-        examples: Sequence[MCExample],
-        cache: dict[Any, MCResult],
-        on_scored: OnScored | None = None,
-    ) -> MCResult:
-        """Multiple-choice result of adapter `name` on `examples`, kept in `cache` (one per split) by model
-        role, adapter weights and eval settings: an adapter already scored is not rescored (and counts
-        as scored at once in `on_scored`, so a phase still reaches its total)."""
-        t, task = self.cfg.train, self.cfg.task
-        assert task is not None
-        key = (self.role(pool), adapter_digest(pool, name), task.max_length, t.eval_batch_size)
-        if key not in cache:
-            pool.activate(name)
-            cache[key] = evaluate_multiple_choice(
-                pool.model,
-                self.server.tokenizer,
-                examples,
-                batch_size=t.eval_batch_size,
-                max_length=task.max_length,
-                on_scored=on_scored,
-            )
-        elif on_scored is not None:
-            on_scored(choice_count(examples))
-        return cache[key]
 
-    def role(self, pool: AdapterPool) -> Role:
-        """Which of the server's two models `pool` is."""
-        return "llm" if pool is self.server.llm else "slm"
+class FedCoLLMLoop:
+    """FedCoLLM's rounds (or a baseline's) over any `Clients` transport."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        clients: Clients,
+        server: Server,
+        task: TaskData,
+        files: RunFiles,
+        console: Console | None = None,
+        eval_cache: dict[Any, MCResult] | None = None,
+    ) -> None:
+        self.cfg, self.clients, self.server, self.task, self.files = cfg, clients, server, task, files
+        self.console = console or Console(stderr=True)
+        # Test accuracy by (model, adapter weights, eval settings): run.compare variants share one,
+        # so the zero-shot evaluation that every variant starts with runs once, not once each.
+        self.eval_cache = eval_cache if eval_cache is not None else {}
+        self.plan = plan_of(cfg.algorithm)
+        if self.plan.uses_llm and (server.llm is None or server.omega is None):
+            raise ValueError(f"algorithm '{cfg.algorithm}' needs the server LLM")
+        self.n = cfg.federation.clients
+        self.full_slm_bytes = server.slm.base_bytes()
+        initial = server.slm.state(SERVER)
+        self.slm_shapes = {k: v.shape for k, v in initial.items()}
+        self.client_adapters: dict[int, AdapterState] = {k: dict(initial) for k in range(self.n)}
+        self.pipeline = AggregationPipeline(cfg, files.log)
+        self.sizes: list[int] = [0] * self.n  # n_k as each client described itself
+        self.members = Membership(cfg, files.log, self.console)
+        self.activity = Activity(self.console)
+        self.scorer = Scorer(cfg, server)
+        self.distillation = Distillation(cfg, server, task, self.scorer, files.log, self.activity)
+
+    def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
+        """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA)."""
+        check_payload(payload, self.slm_shapes)
+
+    # ---- the loop (its order: runtime/rounds.py) ----------------------------------------------------
+    def run(self, resume: bool = False) -> None:
+        run_rounds(self, resume)
+
+    @property
+    def rounds(self) -> int:
+        return self.cfg.federation.rounds if self.plan.trains else 0
+
+    def join(self) -> None:
+        """Admit the clients that answer, with n_k as each described itself (FedAvg's weights)."""
+        self.members.join(self.clients.describe())
+        expected = [len(part) for part in self.task.clients]
+        self.sizes = checked_sizes(self.cfg, self.members.joined, expected, self.files.log)
+
+    def client_names(self) -> list[str] | None:
+        return None
+
+    def end_event(self) -> RunEvent:
+        return RunEvent(event="end", algorithm=self.cfg.algorithm)
+
+    def close_round(self, r: int, times: RoundTimes) -> tuple[RoundRecord, str]:
+        record = RoundRecord(round=r, step=r, wall_s=times.wall_s, train_s=times.train_s)
+        shown = self.shown(r) if self.cfg.is_eval_round(r) else ""
+        return record, f"round {r}/{self.rounds}  {shown}  ({times.wall_s:.1f}s)"
+
+    # ---- the round ------------------------------------------------------------------------------------
+    def train(self, r: int) -> Trained:
+        """1. broadcast theta (SLM adapter keys only); 2. local training on private data (answer-only
+        loss): the payload sent, the checked uploads by client, and a mean the transport computed."""
+        payload = self.server.slm.state(SERVER) if self.plan.broadcast else None
+        if payload is not None:
+            self.check(payload)
+        if not self.plan.local_training:
+            return Trained(payload, {}, None)
+        return Trained(payload, *self.train_clients(r, payload))
+
+    def aggregate(self, r: int, trained: Trained) -> None:
+        """3. upload + weighted FedAvg -> theta^{t,0}; 4. mutual distillation on D_a (the distilled theta
+        is broadcast next round); or the centralized baseline's LLM steps."""
+        plan, payload = self.plan, trained.payload
+        if plan.local_training and plan.aggregate:
+            assert payload is not None
+            updates, mean = trained.updates, trained.mean
+            self.log_traffic(r, updates, state_bytes(payload))
+            if mean is None:
+                ks = sorted(updates)
+                mean = self.pipeline.fedavg(
+                    r, self.n, ks, [updates[k] for k in ks], payload, self.sizes, self.check
+                )
+            self.check(mean)
+            self.server.slm.load_state(SERVER, mean)
+        if plan.distill:
+            self.distill(r)
+        if plan.central_llm:
+            omega, steps = self.server.omega, self.server.central_steps
+            assert omega is not None
+            with self.activity.phase(f"round {r} · LLM on the union of the data", steps) as advance:
+                loss = omega.train(steps, lambda loss: advance(note=f"loss {loss:.3f}")).mean_loss
+            self.files.log(TrainRecord(model="llm", round=r, client=None, loss=loss, lr=omega.lr))
+
+    def distill(self, r: int) -> None:
+        """4. mutual distillation on D_a (`Distillation`); the distilled theta is broadcast next round."""
+        self.distillation.run(r)
+
+    def train_clients(
+        self, r: int, payload: AdapterState | None
+    ) -> tuple[dict[int, AdapterState], AdapterState | None]:
+        """Each client trains theta (or, standalone, its own adapter); their checked uploads by client."""
+        sent = {k: payload if payload is not None else self.client_adapters[k] for k in self.members.active()}
+        secure = None
+        if self.cfg.federation.secure_aggregation and self.plan.aggregate:
+            w = fedavg_weights([self.sizes[k] for k in sent], self.cfg.federation.weighting)
+            secure = dict(zip(sent, w, strict=True))
+        fed = self.cfg.federation
+        total = None if fed.local_epochs is not None else fed.local_steps * len(sent)  # epochs: steps vary
+        with self.activity.phase(f"round {r}/{fed.rounds} · client training", total) as advance:
+            replies = self.clients.train(
+                r,
+                sent,
+                None,
+                lambda k, loss: advance(note=f"{client_name(k)} loss {loss:.3f}"),
+                secure_weights=secure,
+            )
+        check_trained(self.cfg, r, {k: (up.report.loss, up.adapter, sent[k]) for k, up in replies.ok.items()})
+        for k, up in list(replies.ok.items()):
+            try:
+                self.check(up.adapter)
+            except ValueError as e:
+                del replies.ok[k]
+                replies.failed[k] = f"refused upload: {e}"
+        self.members.note_failures(r, "train", replies)
+        self.client_adapters.update(sent)  # a dropped client keeps what it was sent
+        updates = {}
+        for k, up in sorted(replies.ok.items()):
+            self.client_adapters[k] = copied(up.adapter)  # kept past the client's next exchange
+            updates[k] = up.adapter
+            self.files.log(TrainRecord(model="slm", round=r, client=k, loss=up.report.loss, lr=up.report.lr))
+        return updates, replies.mean
+
+    def log_traffic(self, r: int, updates: dict[int, AdapterState], down: int) -> None:
+        for k, u in updates.items():
+            self.files.log(
+                CommRecord(
+                    round=r,
+                    client=k,
+                    bytes_up=state_bytes(u),
+                    bytes_down=down,
+                    full_slm_bytes=self.full_slm_bytes,
+                    ratio=state_bytes(u) / self.full_slm_bytes,
+                )
+            )
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def evaluation_targets(self, r: int) -> list[tuple[Role, int | None]]:
@@ -489,44 +511,55 @@ class FedCoLLMLoop:
 
     def logged_mc(self, r: int) -> dict[tuple[Role, int | None], float]:
         """Round r's accuracies already in the metrics (a resumed round's), by (model, client)."""
-        return {(m["model"], m["client"]): float(m["acc"]) for m in self.files.logged("mc", r)}
+        return {(m.model, m.client): m.acc for m in self.files.logged(McRecord, r)}
 
-    def evaluate(self, r: int, on_scored: OnScored | None = None) -> str:
-        """Multiple-choice accuracy on the held-out test split of whatever this algorithm trains; a
-        result already in the metrics (a resumed round's) is not computed again."""
-        s, shown = self.server, []
-        targets, logged = self.evaluation_targets(r), self.logged_mc(r)
-        for role, client in targets:
-            if (role, client) in logged:
-                continue
-            if role == "llm":
-                assert s.llm is not None
-                logged[role, client] = self.log_mc(r, s.llm, LLM_ADAPTER, None, on_scored)
-                continue
-            name = SERVER if client is None else client_name(client)
-            if client is not None:
-                s.slm.load_state(name, self.client_adapters[client])
-            logged[role, client] = self.log_mc(r, s.slm, name, client, on_scored)
-        accs = [logged[t] for t in targets if t[0] == "slm"]
+    def evaluate(self, r: int) -> None:
+        """Multiple-choice accuracy on the held-out test split of whatever this algorithm trains, shown as
+        a phase counted in the split's choices per model to score; a result already in the metrics (a
+        resumed round's) is not computed again."""
+        s, logged = self.server, self.logged_mc(r)
+        todo = [t for t in self.evaluation_targets(r) if t not in logged]
+        total = len(todo) * choice_count(self.task.test) or None  # None: all logged, nothing to score
+        description = f"round {r}/{self.cfg.federation.rounds} · evaluation on the test split"
+        with self.activity.phase(description, total) as on_scored:
+            for role, client in todo:
+                if role == "llm":
+                    assert s.llm is not None
+                    self.log_mc(r, s.llm, LLM_ADAPTER, None, on_scored)
+                    continue
+                name = SERVER if client is None else client_name(client)
+                if client is not None:
+                    s.slm.load_state(name, self.client_adapters[client])
+                self.log_mc(r, s.slm, name, client, on_scored)
+
+    def shown(self, r: int) -> str:
+        """Round r's accuracies as the console line shows them (the mean SLM accuracy, the LLM's)."""
+        targets, logged, shown = self.evaluation_targets(r), self.logged_mc(r), []
+        accs = [logged[t] for t in targets if t[0] == "slm" and t in logged]
         if accs:
             shown.append(f"SLM acc {sum(accs) / len(accs):.3f}")
-        if ("llm", None) in targets:
+        if ("llm", None) in logged:
             shown.append(f"LLM acc {logged['llm', None]:.3f}")
         return "  ".join(shown)
 
     def log_mc(
         self, r: int, pool: AdapterPool, name: str, client: int | None, on_scored: OnScored | None = None
     ) -> float:
-        res = self.scored(pool, name, self.task.test, self.eval_cache, on_scored)  # the held-out test split
+        res = self.scorer.scored(pool, name, self.task.test, self.eval_cache, on_scored)  # test split
         self.files.log(
             McRecord(
-                round=r, model=self.role(pool), client=client, acc=res.acc, acc_norm=res.acc_norm, n=res.n
+                round=r,
+                model=self.scorer.role(pool),
+                client=client,
+                acc=res.acc,
+                acc_norm=res.acc_norm,
+                n=res.n,
             )
         )
         return res.acc
 
     # ---- state ----------------------------------------------------------------------------------------
-    def checkpoint(self, r: int) -> None:
+    def checkpoint(self, r: int, scaffold: Mapping[str, Any]) -> None:
         s = self.server
         writers: dict[str, Callable[[Path], None]] = {
             client_name(k): partial(s.slm.save, client_name(k), state=self.client_adapters[k])
@@ -542,12 +575,11 @@ class FedCoLLMLoop:
             "step": r,
             "clients": self.clients.state_dict(),
             "server": learners,
-            "participants": self.members.active(),
-            "train_s": self.train_s,  # the round record of a round resumed during its evaluation
+            **scaffold,
         }
         self.files.checkpoint(r, writers, state)
 
-    def restore(self) -> int:
+    def restore(self) -> tuple[int, Mapping[str, Any]]:
         s = self.server
         slm = AdapterSpec.of(s.slm.view(SERVER))
         expected = {client_name(k): slm for k in range(self.n)} | {SERVER: slm}
@@ -565,5 +597,4 @@ class FedCoLLMLoop:
             s.llm.load_state(LLM_ADAPTER, load_adapter(path / LLM_ADAPTER))
             s.omega.load_state_dict(state["server"]["omega"])
         self.clients.load_state_dict(state["clients"])
-        self.train_s = float(state.get("train_s", 0.0))  # checkpoints of older versions lack it
-        return r
+        return r, state

@@ -51,6 +51,12 @@ class Membership:
         self.dropped = set()
         self.drawn = participants(self.cfg, r, list(self.joined))
 
+    def resume_round(self, drawn: Sequence[int], dropped: Sequence[int]) -> None:
+        """Continue a round from its checkpoint: the clients that trained in it and those dropped from it
+        (a resumed round's evaluation covers whom the stopped run's would have)."""
+        self.drawn = [i for i in drawn if i in self.joined]
+        self.dropped = set(dropped)
+
     def active(self) -> list[int]:
         """The clients that train in the round in progress: drawn and not dropped from it."""
         return [i for i in self.drawn if i not in self.dropped]

@@ -3,17 +3,17 @@
 Every client keeps its own LoRA. Each round: every client trains its adapter locally; the loop
 gathers the evidence its trust strategy needs (the adapters, peers' perplexity on each client's
 validation data, or top-k predictions on a shared public set); the aggregation pipeline screens the
-uploads and mixes them with the trust matrix; the clients evaluate; a checkpoint is written.
-The loop owns every client's adapter and asks its `Clients` port for the work.
+uploads and mixes them with the trust matrix; a checkpoint is written; the clients evaluate (the
+order and the resume rule are `runtime/rounds.py`'s, the same for FedCoLLM). The loop owns every
+client's adapter and asks its `Clients` port for the work.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Set
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from rich.console import Console
@@ -31,7 +31,8 @@ from cotune.runtime import guard
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline, check_trained
 from cotune.runtime.port import ClientInfo, Clients, OnDone, Prediction
-from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
+from cotune.runtime.rounds import RoundTimes, run_rounds
+from cotune.runtime.rundir import RunFiles, client_name, load_adapter
 from cotune.state import AdapterState, copied, state_bytes
 
 SaveAdapter = Callable[[AdapterState, Path], None]  # writes one adapter in PEFT format
@@ -115,74 +116,90 @@ class PersonalizedLoop:
             names.append(labels[max(range(len(mixture)), key=mixture.__getitem__)] if mixture else "")
         return names
 
-    def round_zero(self) -> None:
-        self.evaluate_live(0, "evaluation before training")
-        self.checkpoint(0)
-
-    def evaluate_live(self, r: int, what: str = "evaluation") -> float:
-        """`evaluate`, shown as a phase counted in clients."""
-        clients = self.members.present()
-        with self.activity.phase(f"round {r}/{self.cfg.federation.rounds} · {what}", len(clients)) as advance:
-            return self.evaluate(r, clients, lambda i: advance(note=client_name(i)))
-
-    # ---- the loop -------------------------------------------------------------------------------------
+    # ---- the loop (its order: runtime/rounds.py) ----------------------------------------------------
     def run(self, resume: bool = False) -> None:
-        fed = self.cfg.federation
-        self.members.join(self.clients.describe())
-        start = first_round(self.files, resume, self.restore, self.round_zero, self.client_names())
-        for r in range(start, fed.rounds + 1):
-            self.run_round(r)
-        self.files.log(RunEvent(event="end", strategy=self.cfg.strategy.name))
+        run_rounds(self, resume)
 
-    def run_round(self, r: int) -> None:
-        t0 = time.perf_counter()
-        self.members.start_round(r)
+    @property
+    def rounds(self) -> int:
+        return self.cfg.federation.rounds
+
+    def join(self) -> None:
+        self.members.join(self.clients.describe())
+
+    def end_event(self) -> RunEvent:
+        return RunEvent(event="end", strategy=self.cfg.strategy.name)
+
+    def train(self, r: int) -> list[AdapterState]:
+        """The round's local training, shown as a phase counted in steps; every client's adapter as the
+        round started (what a rejected upload falls back to). The round's traffic counts start here."""
         self.sent, self.received = Counter(), Counter()
-        rounds = self.cfg.federation.rounds
         total = self.steps_in_round(r) * len(self.members.active())
-        with self.activity.phase(f"round {r}/{rounds} · training", total) as advance:
-            train_loss, round_start = self.train(
+        with self.activity.phase(f"round {r}/{self.rounds} · training", total) as advance:
+            return self.train_clients(
                 r, lambda client, loss: advance(note=f"{client_name(client)} loss {loss:.3f}")
             )
-        t_train = time.perf_counter() - t0
+
+    def aggregate(self, r: int, round_start: list[AdapterState]) -> None:
+        """`mix`, shown as a phase counted in the clients' answers to the evidence exchanges."""
         exchanges = len(self.cfg.strategy.spec.evidence & CLIENT_EVIDENCE)
         answers = exchanges * len(self.members.active()) or None  # None: no exchange, nothing to count
-        with self.activity.phase(
-            f"round {r}/{rounds} · aggregation ({self.cfg.strategy.name})", answers
-        ) as advance:
-            self.aggregate(r, round_start, advance)
-        mean_ppl = self.evaluate_live(r) if self.cfg.is_eval_round(r) else None
-        wall = time.perf_counter() - t0
-        self.log_traffic(r)
-        self.files.log(
-            RoundRecord(
-                round=r,
-                step=self.step_at_end(r),
-                wall_s=wall,
-                train_s=t_train,
-                mean_val_ppl=mean_ppl,
-                participants=self.members.active(),
-            )
+        description = f"round {r}/{self.rounds} · aggregation ({self.cfg.strategy.name})"
+        with self.activity.phase(description, answers) as advance:
+            self.mix(r, round_start, advance)
+
+    def evaluate(self, r: int) -> None:
+        """Each present client's validation (and test) metrics, those not logged yet (a resumed round's),
+        shown as a phase counted in clients."""
+        logged = {(e.client, e.split) for e in self.files.logged(EvalRecord, r)}
+        present = self.members.present()
+        clients = [i for i in present if any((i, split) not in logged for split in self.eval_splits(i))]
+        # those the stopped run evaluated were sent their adapter too: the round's traffic counts them
+        self.sent.update({i: state_bytes(self.adapters[i]) for i in present if i not in clients})
+        what = "evaluation before training" if r == 0 else "evaluation"
+        with self.activity.phase(f"round {r}/{self.rounds} · {what}", len(clients)) as advance:
+            if clients:
+                self.evaluate_clients(r, clients, logged, lambda i: advance(note=client_name(i)))
+
+    def eval_splits(self, client: int) -> tuple[Literal["val", "test"], ...]:
+        """The splits a client's evaluation reports: validation, and test when it has test windows."""
+        info = self.members.joined.get(client)
+        return ("val", "test") if info is not None and info.test_windows else ("val",)
+
+    def close_round(self, r: int, times: RoundTimes) -> tuple[RoundRecord, str]:
+        """The round's traffic (its evaluation's messages included), then its record and console line:
+        the mean training loss and, on evaluation rounds, the mean validation perplexity (from the
+        round's logged records, so a resumed round reads what its stopped run logged)."""
+        if not self.files.logged(CommRecord, r):
+            self.log_traffic(r)
+        losses = [t.loss for t in self.files.logged(TrainRecord, r)]
+        ppls = [e.ppl for e in self.files.logged(EvalRecord, r) if e.split == "val"]
+        mean_ppl = sum(ppls) / max(1, len(ppls)) if self.cfg.is_eval_round(r) else None
+        step = self.step_at_end(r)
+        record = RoundRecord(
+            round=r,
+            step=step,
+            wall_s=times.wall_s,
+            train_s=times.train_s,
+            mean_val_ppl=mean_ppl,
+            participants=self.members.active(),
         )
-        text = f"train loss {train_loss:.3f}"
+        text = f"train loss {sum(losses) / max(1, len(losses)):.3f}"
         text += f"  mean val ppl {mean_ppl:.2f}" if mean_ppl is not None else ""
-        self.console.print(f"round {r}/{rounds}  step {self.step_at_end(r)}  {text}  ({wall:.1f}s)")
-        self.checkpoint(r)
+        return record, f"round {r}/{self.rounds}  step {step}  {text}  ({times.wall_s:.1f}s)"
 
     # ---- phases ---------------------------------------------------------------------------------------
-    def train(self, r: int, on_step: Callable[[int, float], None]) -> tuple[float, list[AdapterState]]:
+    def train_clients(self, r: int, on_step: Callable[[int, float], None]) -> list[AdapterState]:
         """Every active client trains its adapter; their uploads replace the loop's copies for now."""
         round_start = list(self.adapters)
         replies = self.clients.train(r, self.send(self.members.active()), self.steps_in_round(r), on_step)
         self.members.note_failures(r, "train", replies)
-        losses = []
         trained = {i: (up.report.loss, up.adapter, round_start[i]) for i, up in replies.ok.items()}
         check_trained(self.cfg, r, trained)
         for i, up in sorted(replies.ok.items()):
             self.received[i] += state_bytes(up.adapter)
             self.adapters[i] = up.adapter
             m = up.report
-            losses.append(m.loss)
             self.files.log(
                 TrainRecord(
                     round=r,
@@ -194,7 +211,7 @@ class PersonalizedLoop:
                     tokens_per_s=m.tokens_per_s,
                 )
             )
-        return sum(losses) / max(1, len(losses)), round_start
+        return round_start
 
     def gather_evidence(
         self, r: int, members: list[int], advance: Advance, expected: int
@@ -242,7 +259,7 @@ class PersonalizedLoop:
             ev.mixtures = label_mixtures([self.members.joined[i] for i in members])
         return members, ev
 
-    def aggregate(self, r: int, round_start: list[AdapterState], advance: Advance) -> None:
+    def mix(self, r: int, round_start: list[AdapterState], advance: Advance) -> None:
         """Screen the uploads, mix the accepted ones; the others keep their round-start adapter."""
         answered = self.members.active()
         uploads = [self.adapters[i] for i in answered]
@@ -302,18 +319,21 @@ class PersonalizedLoop:
             )
             self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
 
-    def evaluate(self, r: int, clients: list[int], on_done: OnDone | None = None) -> float:
-        """Each of `clients`' validation (and test) loss and perplexity; returns their mean validation
-        perplexity (what the console shows; reports read the test records)."""
+    def evaluate_clients(
+        self, r: int, clients: list[int], logged: Set[tuple[int, str]], on_done: OnDone | None = None
+    ) -> None:
+        """Each of `clients`' validation (and test) loss and perplexity, logged unless in `logged` (a
+        resumed round's, by client and split)."""
         replies = self.clients.evaluate(r, self.send(clients), on_done)
         self.members.note_failures(r, "evaluate", replies)
-        ppls = []
         for i, report in sorted(replies.ok.items()):
-            ppls.append(report.val.ppl)
-            self.files.log(self.eval_record(r, i, "val", report.val))
-            if report.test is not None:
-                self.files.log(self.eval_record(r, i, "test", report.test))
-        return sum(ppls) / max(1, len(ppls))
+            splits: tuple[tuple[Literal["val", "test"], LMEval | None], ...] = (
+                ("val", report.val),
+                ("test", report.test),
+            )
+            for split, scores in splits:
+                if scores is not None and (i, split) not in logged:
+                    self.files.log(self.eval_record(r, i, split, scores))
 
     def eval_record(self, r: int, client: int, split: Literal["val", "test"], scores: LMEval) -> EvalRecord:
         return EvalRecord(
@@ -346,7 +366,7 @@ class PersonalizedLoop:
             )
 
     # ---- state ----------------------------------------------------------------------------------------
-    def checkpoint(self, r: int) -> None:
+    def checkpoint(self, r: int, scaffold: Mapping[str, Any]) -> None:
         saved = [self.as_saved(state) for state in self.adapters]
         writers = {
             client_name(i): (lambda d, s=state: self.save_adapter(s, d)) for i, state in enumerate(saved)
@@ -354,7 +374,9 @@ class PersonalizedLoop:
         state = {
             "step": self.step_at_end(r),
             "clients": self.clients.state_dict(),
-            "participants": self.members.active(),
+            # the round's traffic so far: a round resumed during its evaluation logs it whole
+            "traffic": {"sent": dict(self.sent), "received": dict(self.received)},
+            **scaffold,
         }
         self.files.checkpoint(r, writers, state)
 
@@ -363,7 +385,7 @@ class PersonalizedLoop:
         stacked before the client's own LoRA, so the saved adapter on the original base is that model."""
         return adapter if self.base is None else flora_stack([self.base, adapter])
 
-    def restore(self) -> int:
+    def restore(self) -> tuple[int, Mapping[str, Any]]:
         spec = AdapterSpec.of(self.adapters[0])  # before the restore: the pool's own initialisation
         r, path, state = self.files.resume({client_name(i): spec for i in range(self.n)})
         device = self.adapters[0][next(iter(self.adapters[0]))].device
@@ -376,4 +398,6 @@ class PersonalizedLoop:
         if self.base is not None:
             self.clients.set_base(self.base)
         self.clients.load_state_dict(state["clients"])
-        return r
+        traffic = state.get("traffic", {})  # checkpoints of older versions lack it
+        self.sent, self.received = Counter(traffic.get("sent", {})), Counter(traffic.get("received", {}))
+        return r, state

@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from safetensors.torch import load_file
@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from cotune.config.loader import NO_DEFAULT, dump_config, load_config, setting_default
 from cotune.config.schema import ExperimentConfig
 from cotune.models.adapter_check import AdapterSpec, adapter_problem
-from cotune.records import Record, RunEvent
+from cotune.records import Record, RunEvent, parse_record
 from cotune.reporting.metrics import append_metrics, read_metrics
 from cotune.reporting.trackers import Trackers
 from cotune.runtime.checkpoint import list_checkpoints, load_state, restore_rng, rng_state, save_state
@@ -34,6 +34,7 @@ from cotune.runtime.lock import LOCK_FILE
 from cotune.state import AdapterState
 
 STATE_FILE = "state.pt"
+R = TypeVar("R", bound=Record)
 
 
 class ResumeError(RuntimeError):
@@ -272,13 +273,13 @@ class RunFiles:
         append_metrics(self.metrics_path, record.line())
         self.trackers.log(record)
 
-    def logged(self, kind: str, round_: int) -> list[dict[str, Any]]:
-        """The records of type `kind` of round `round_` already in metrics.jsonl (a resumed round's)."""
+    def logged(self, kind: type[R], round_: int) -> list[R]:
+        """The records of class `kind` of round `round_` already in metrics.jsonl (a resumed round's), typed
+        (`parse_record`; a line cut short by a stop, or of a kind this version does not know, is skipped)."""
         if not self.metrics_path.is_file():
             return []
-        return [
-            m for m in read_metrics(self.metrics_path) if m.get("type") == kind and m.get("round") == round_
-        ]
+        found = (parse_record(m) for m in read_metrics(self.metrics_path))
+        return [rec for rec in found if isinstance(rec, kind) and getattr(rec, "round", None) == round_]
 
     def checkpoint(
         self,
@@ -356,29 +357,3 @@ class RunFiles:
 def load_adapter(directory: Path) -> AdapterState:
     """An adapter saved in PEFT format."""
     return load_file(str(directory / "adapter_model.safetensors"))
-
-
-def first_round(
-    files: RunFiles,
-    resume: bool,
-    restore: Callable[[], int],
-    round_zero: Callable[[], None],
-    client_names: list[str] | None = None,
-) -> int:
-    """The first round a loop runs: the one after the restored checkpoint, or 1 after a fresh start
-    (the start record, then `round_zero`: round 0's evaluation and checkpoint)."""
-    if resume:
-        return restore() + 1
-    cfg = files.cfg
-    files.log(
-        RunEvent(
-            event="start",
-            algorithm=cfg.algorithm,
-            strategy=main_name(cfg),
-            clients=cfg.federation.clients,
-            backend=files.backend,
-            client_names=client_names,
-        )
-    )
-    round_zero()
-    return 1
