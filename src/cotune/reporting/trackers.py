@@ -21,10 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cotune.config.names import TrackerName
 from cotune.records import Record
 
-TRACKERS = ("tensorboard", "mlflow", "wandb")
-MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 QUALIFIERS = ("model", "split", "phase", "event")  # fields that say which series a record belongs to
 IDENTIFIERS = ("type", "round", "step", "client", "time", "n", *QUALIFIERS)
 
@@ -34,7 +33,8 @@ class TrackerError(ValueError):
 
 
 def installed(name: str) -> bool:
-    return importlib.util.find_spec(MODULES[name]) is not None
+    """Whether a tracker's package is importable (each tracker's package has the tracker's name)."""
+    return importlib.util.find_spec(name) is not None
 
 
 def check_trackers(names: Sequence[str]) -> None:
@@ -139,7 +139,7 @@ class WandB:
         self.run.finish()
 
 
-OPENERS: dict[str, Callable[[Path, dict[str, Any]], Tracker]] = {
+OPENERS: dict[TrackerName, Callable[[Path, dict[str, Any]], Tracker]] = {
     "tensorboard": TensorBoard,
     "mlflow": MLflow,
     "wandb": WandB,
@@ -160,7 +160,7 @@ def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Trackers:
     """The run's trackers, opened on the first record and closed by the run's end record."""
 
-    def __init__(self, names: Sequence[str], run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, names: Sequence[TrackerName], run_dir: Path, config: dict[str, Any]) -> None:
         check_trackers(names)  # also where a ServerApp runs: refused before its first round
         self.names, self.run_dir, self.config = list(names), run_dir, config
         self.open: list[Tracker] | None = None

@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
 from rich.console import Console
@@ -25,7 +24,7 @@ from cotune.config.schema import ExperimentConfig
 from cotune.evaluation.lm import LMEval
 from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import wide_initialisation
-from cotune.records import CommRecord, EvalRecord, RoundRecord, RunEvent, TrainRecord, TrustRecord
+from cotune.records import CommRecord, EvalRecord, RoundRecord, RunEvent, Split, TrainRecord, TrustRecord
 from cotune.reporting.progress import Activity, Advance
 from cotune.runtime import guard
 from cotune.runtime.membership import Membership
@@ -315,7 +314,7 @@ class PersonalizedLoop:
                 self.files.log(self.eval_record(r, i, "test", report.test))
         return sum(ppls) / max(1, len(ppls))
 
-    def eval_record(self, r: int, client: int, split: Literal["val", "test"], scores: LMEval) -> EvalRecord:
+    def eval_record(self, r: int, client: int, split: Split, scores: LMEval) -> EvalRecord:
         return EvalRecord(
             round=r,
             step=self.step_at_end(r),
