@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "cotune.reporting": 0,
     "cotune.state": 0,
     "cotune.records": 0,
+    "cotune.errors": 0,
     "cotune.models": 1,
     "cotune.data": 1,
     "cotune.evaluation": 1,

@@ -23,10 +23,11 @@ from torch import nn
 
 from cotune.algorithms.ranks import lora_pairs, rank_of, resize_rank
 from cotune.config.schema import LoraSettings
+from cotune.errors import OrdinaryError
 from cotune.state import AdapterState, copied
 
 
-class LoraTargetError(ValueError):
+class LoraTargetError(ValueError, OrdinaryError):
     """The configured LoRA target modules do not exist in the model."""
 
 

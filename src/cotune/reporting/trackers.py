@@ -22,13 +22,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from cotune.config.names import TrackerName
+from cotune.errors import OrdinaryError
 from cotune.records import Record
 
 QUALIFIERS = ("model", "split", "phase", "event")  # fields that say which series a record belongs to
 IDENTIFIERS = ("type", "round", "step", "client", "time", "n", *QUALIFIERS)
 
 
-class TrackerError(ValueError):
+class TrackerError(ValueError, OrdinaryError):
     """A configured tracker cannot be used (its package is missing)."""
 
 

@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cotune.errors import OrdinaryError
+
 LOCK_FILE = ".lock"
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(RuntimeError, OrdinaryError):
     """Another live process holds the run directory."""
 
 

@@ -26,6 +26,7 @@ from cotune.algorithms.ranks import rank_of
 from cotune.assets import ASSETS
 from cotune.config.loader import ConfigError, load_config
 from cotune.config.schema import ExperimentConfig, LoraSettings, ModelConfig, TaskColumns
+from cotune.errors import OrdinaryError
 from cotune.evaluation.multiple_choice import MCExample, MCResult, evaluate_multiple_choice
 from cotune.models.adapter_check import AdapterSpec, check_adapter
 from cotune.models.loader import no_loading_bars
@@ -47,7 +48,7 @@ class TunedModel:
     adapter_dir: Path  # the adapter in PEFT format, in the checkpoint it was read from
 
 
-class RunDirError(ValueError):
+class RunDirError(ValueError, OrdinaryError):
     """A path given as a run directory that a command cannot use; the message says what to give instead."""
 
 

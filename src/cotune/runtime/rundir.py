@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from cotune.config.loader import NO_DEFAULT, dump_config, load_config, setting_default
 from cotune.config.schema import ExperimentConfig
+from cotune.errors import OrdinaryError
 from cotune.models.adapter_check import AdapterSpec, adapter_problem
 from cotune.records import Record, RunEvent
 from cotune.reporting.metrics import append_metrics, read_metrics
@@ -36,7 +37,7 @@ from cotune.state import AdapterState
 STATE_FILE = "state.pt"
 
 
-class ResumeError(RuntimeError):
+class ResumeError(RuntimeError, OrdinaryError):
     """A run directory that cannot be resumed with this config."""
 
 
