@@ -184,3 +184,34 @@ def test_reading_is_lenient_with_older_and_newer_writers() -> None:
     assert isinstance(old_comm, CommRecord) and old_comm.ratio == pytest.approx(0.01)  # filled in
     newer = parse_record({"type": "eval", "round": 2.0, "client": 1, "ppl": 4.0, "future_field": {"x": 1}})
     assert isinstance(newer, EvalRecord) and newer.round == 2 and newer.split == "val"
+
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "cotune"
+
+
+def string_constants(path: Path) -> set[str]:
+    """Every string literal of a module (f-string parts included), read with `ast` (nothing imported)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+
+
+def test_run_directory_names_are_spelled_only_in_layout() -> None:
+    """config.yaml, metrics.jsonl, checkpoints/, state.pt, the adapter files, ...: one constant each in
+    cotune/layout.py, imported wherever a path is built (a name that is also a tracker's is left out)."""
+    import cotune.layout as layout
+
+    names = {v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)}
+    names -= {"tensorboard", "flower"}  # also a tracker name (run.loggers) and a backend name (--backend)
+    spelled = {
+        f"{path.relative_to(SRC)}: {name}"
+        for path in SRC.rglob("*.py")
+        if path.name != "layout.py"
+        for name in names & string_constants(path)
+    }
+    assert not spelled, sorted(spelled)

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from cotune.errors import OrdinaryError
+from cotune.layout import CHECKPOINTS_DIR
 from cotune.reporting.text import printable_lines
 
 ORDINARY_EXIT = 2
@@ -135,7 +136,7 @@ def report_failure(exc: BaseException, console: Console, debug: bool) -> int:
 
 def report_interrupt(console: Console, run_dir: Path | None) -> int:
     """Ctrl-C: one line saying what is kept and how to go on."""
-    if run_dir is not None and (run_dir / "checkpoints").is_dir():
+    if run_dir is not None and (run_dir / CHECKPOINTS_DIR).is_dir():
         console.print(
             f"interrupted: every completed round is kept; continue with `cotune run --resume {run_dir}`",
             highlight=False,

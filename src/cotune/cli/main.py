@@ -18,6 +18,7 @@ from rich.text import Text
 
 from cotune.cli.errors import INTERRUPTED_EXIT, print_error, report_failure, report_interrupt
 from cotune.errors import OrdinaryError
+from cotune.layout import CONFIG_FILE
 from cotune.reporting.text import printable_lines
 from cotune.runtime.backends import (  # no heavy imports: the CLI still validates a config in a blink
     EMBEDDED,
@@ -262,8 +263,8 @@ def resume_overrides(
         _fail(f"--resume continues {run_dir} in place; --out does not go with it")
     given = ([str(config)] if config is not None else []) + list(overrides or [])
     if given and "=" not in given[0]:
-        if Path(given[0]).resolve() != (run_dir / "config.yaml").resolve():
-            _fail(f"--resume continues {run_dir} with its own config.yaml; do not pass another CONFIG")
+        if Path(given[0]).resolve() != (run_dir / CONFIG_FILE).resolve():
+            _fail(f"--resume continues {run_dir} with its own {CONFIG_FILE}; do not pass another CONFIG")
         given = given[1:]
     return given
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from cotune.caches import confine_caches
 from cotune.config.names import ROLES
+from cotune.layout import PLOTS_DIR, REPORT_FILE
 from cotune.records import CommRecord, DistillValRecord
 from cotune.reporting.files import replace_atomically, write_text_atomically
 from cotune.reporting.metrics import (
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-REPORT_FILE = "report.md"
-PLOTS_DIR = "plots"
 ANNOTATE_MAX_CLIENTS = 12  # heatmap cells get their value written in up to this many clients
 LOG_Y_RATIO = 20.0  # use a log y axis when max/min of the plotted perplexities exceeds this
 MISSING = "—"

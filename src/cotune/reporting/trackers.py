@@ -23,6 +23,7 @@ import numpy as np
 
 from cotune.config.names import TrackerName
 from cotune.errors import OrdinaryError
+from cotune.layout import MLFLOW_DIR, TENSORBOARD_DIR
 from cotune.records import Record
 
 QUALIFIERS = ("model", "split", "phase", "event")  # fields that say which series a record belongs to
@@ -83,7 +84,7 @@ class TensorBoard:
     def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=10)
+        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), flush_secs=10)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, value, step)
@@ -103,7 +104,7 @@ class MLflow:
         self.mlflow = mlflow
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # a file store in the run directory: offline, and what mlflow-skinny can write
-            uri = (run_dir / "mlruns").resolve().as_uri()
+            uri = (run_dir / MLFLOW_DIR).resolve().as_uri()
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps it, in maintenance
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name("cotune")

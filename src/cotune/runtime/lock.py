@@ -18,8 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cotune.errors import OrdinaryError
-
-LOCK_FILE = ".lock"
+from cotune.layout import LOCK_FILE
 
 
 class RunDirBusy(RuntimeError, OrdinaryError):

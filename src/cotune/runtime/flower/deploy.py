@@ -38,6 +38,7 @@ from rich.console import Console
 
 from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
+from cotune.layout import FLOWER_DIR, FLWR_RUN_LOG, METRICS_FILE, NODE_STATE_DIR
 from cotune.reporting.metrics import read_metrics
 from cotune.runtime.flower import FLOWER_ENV, FlowerRunError
 from cotune.runtime.flower.pki import make_node_keys, make_server_files
@@ -170,7 +171,7 @@ OUTCOME_MARK = "cotune-outcome: "  # the ServerApp's last line, for runs whose d
 
 def run_outcome(run_dir: Path, log_path: Path | None = None) -> dict[str, Any]:
     """The last run event the ServerApp wrote (end, stopped, failed), from metrics.jsonl or else its log."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if path.exists():
         events = [m for m in read_metrics(path) if m.get("type") == "run"]
         if events:
@@ -251,7 +252,7 @@ NODE_CAUSES = (
         "lost: the SuperNode did not answer within federation.client_timeout (disconnected, or slower "
         "than the timeout)",
     ),
-    ("error reply", "failed: the SuperNode's ClientApp raised (see the fault records in metrics.jsonl)"),
+    ("error reply", f"failed: the SuperNode's ClientApp raised (see the fault records in {METRICS_FILE})"),
 )
 
 
@@ -264,7 +265,7 @@ def node_causes(run_dir: Path) -> str:
     """The clients dropped in the last round that lost any (where the run stopped), by cause, with what
     to do; then how to continue. Only cotune's own classes are named, never a ClientApp's error text
     (it could quote data)."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     dropped = [
         m
         for m in (read_metrics(path) if path.exists() else [])
@@ -274,7 +275,7 @@ def node_causes(run_dir: Path) -> str:
     by_cause: dict[str, list[int]] = {}
     for f in faults:
         reason = str(f.get("reason", ""))
-        cause = next((c for mark, c in NODE_CAUSES if mark in reason), "failed (see metrics.jsonl)")
+        cause = next((c for mark, c in NODE_CAUSES if mark in reason), f"failed (see {METRICS_FILE})")
         by_cause.setdefault(cause, []).append(int(f.get("client", -1)))
     parts = [f"client(s) {', '.join(map(str, sorted(set(cs))))} {cause}" for cause, cs in by_cause.items()]
     if not parts:
@@ -510,7 +511,7 @@ class LocalFederation:
         last two are how the tests show that strangers are refused)."""
         name = name or f"supernode-{i}"
         cfg: dict[str, str | int] = {"partition-id": i, "num-partitions": self.n_nodes}
-        cfg["state-dir"] = str(self.work_dir / "node-state")  # trainer states, kept for a resume
+        cfg["state-dir"] = str(self.work_dir / NODE_STATE_DIR)  # trainer states, kept for a resume
         if self.workers:
             cfg[WORKER_KEY] = str(self.start_worker(name))
         cfg.update(self.node_config(i) if self.node_config else {})
@@ -590,7 +591,7 @@ class LocalFederation:
         timeout: float | None = None,
         echo: IO[str] | Progress | None = None,
     ) -> int:
-        return submit(app_dir, self.flwr_home, run_config, self.work_dir / "flwr-run.log", timeout, echo)
+        return submit(app_dir, self.flwr_home, run_config, self.work_dir / FLWR_RUN_LOG, timeout, echo)
 
     def logs(self) -> str:
         """The tail of every log, for a failure message."""
@@ -672,12 +673,12 @@ def run_on_flower(
         probe_superlink(superlink, root_certificates)
     run_dir, cfg = runs[0]
     with tempfile.TemporaryDirectory(prefix="cotune-flower-") as tmp:
-        work = run_dir / "flower"  # logs of the federation and of `flwr run` stay with the run
+        work = run_dir / FLOWER_DIR  # logs of the federation and of `flwr run` stay with the run
         work.mkdir(parents=True, exist_ok=True)
         app_dir = write_app_dir(Path(tmp) / APP_NAME)
         settings: dict[str, Any] = {"connect-timeout": connect_timeout, "resume": resume}
         # min-clients and round-timeout come with the config
-        log = work / "flwr-run.log"
+        log = work / FLWR_RUN_LOG
         if superlink is None:
             with LocalFederation(cfg.federation.clients, work) as fed:
                 console.print(f"local Flower federation: SuperLink {fed.address}, {fed.n_nodes} SuperNodes")

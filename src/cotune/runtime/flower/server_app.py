@@ -29,6 +29,7 @@ from rich.console import Console
 
 from cotune.config.loader import apply_overrides, config_from_dict, dump_config, load_config, parse_yaml
 from cotune.config.schema import ExperimentConfig
+from cotune.layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE
 from cotune.records import RunEvent
 from cotune.runtime.checkpoint import latest_checkpoint
 from cotune.runtime.compose import fedcollm_loop, has_client_step, personalized_loop
@@ -65,8 +66,8 @@ def experiment_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
 
 def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
     """Create the run directory, or accept one prepared for this config (config.yaml, nothing run yet)."""
-    config_file = run_dir / "config.yaml"
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+    config_file = run_dir / CONFIG_FILE
+    if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINTS_DIR).exists():
         raise FileExistsError(f"run directory {run_dir} already holds a run; choose another run-dir")
     if config_file.exists() and config_file.read_text() != dump_config(cfg):
         raise FileExistsError(f"{config_file} was written for another config; choose another run-dir")
