@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "cotune.records": 0,
     "cotune.errors": 0,
     "cotune.layout": 0,
+    "cotune.seeds": 0,
     "cotune.models": 1,
     "cotune.data": 1,
     "cotune.evaluation": 1,

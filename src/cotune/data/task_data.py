@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -21,6 +20,7 @@ from cotune.data.tasks import (
     split_task,
 )
 from cotune.evaluation.multiple_choice import MCExample, encode_pair
+from cotune.seeds import numpy_rng
 
 
 @dataclass
@@ -130,7 +130,7 @@ def build_task_data(
     """The task's splits, tokenized. `public_val_fraction` of D_a becomes the server's validation split:
     no algorithm trains on it (the centralized baseline's union leaves it out too); the client splits and
     the test split do not depend on it."""
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng("partition", seed)
     if cfg.clients is not None:
         splits = owned_splits(cfg)
     else:

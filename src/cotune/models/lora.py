@@ -25,6 +25,7 @@ from cotune.algorithms.ranks import lora_pairs, rank_of, resize_rank
 from cotune.config.schema import LoraSettings
 from cotune.errors import OrdinaryError
 from cotune.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from cotune.seeds import torch_generator
 from cotune.state import AdapterState, copied
 
 
@@ -82,7 +83,7 @@ def wide_initialisation(
     """peft's LoRA initialisation at `rank` for the modules of `like`: A Kaiming-uniform (a = sqrt 5),
     B zero. Drawn from a generator of its own (default: seeded like torch's default one), not from the
     default one, so it does not depend on how many adapters a pool made before."""
-    generator = generator or torch.Generator().manual_seed(torch.initial_seed())
+    generator = generator or torch_generator("global", torch.initial_seed())
     out: AdapterState = {}
     for a_key, b_key in lora_pairs(like).values():
         a, b = like[a_key], like[b_key]

@@ -13,17 +13,15 @@ The aggregation point itself (screening, clipping, noise, aggregators) is `runti
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from cotune.algorithms.attacks import attack_upload
 from cotune.config.schema import ExperimentConfig
 from cotune.records import FaultRecord, Record, RunEvent
+from cotune.seeds import torch_generator
 from cotune.state import AdapterState
 
 Log = Callable[[Record], None]
@@ -43,15 +41,6 @@ class ClientOutcome:
     value: Any = None
     reason: str | None = None
     seconds: float = 0.0
-
-
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def generator(*parts: object) -> torch.Generator:
-    """A CPU generator seeded from `parts`: reproducible, and independent of the global RNG."""
-    return torch.Generator().manual_seed(_seed(*parts))
 
 
 def run_client(cfg: ExperimentConfig, round_: int, client: int, work: Callable[[], Any]) -> ClientOutcome:
@@ -130,5 +119,5 @@ def attacked(
 ) -> AdapterState:
     """What a simulated attacker uploads instead of `upload` (seeded by run.seed, round and client)."""
     a = cfg.simulation.attack
-    g = generator("attack", cfg.run.seed, round_, client)
+    g = torch_generator("attack", cfg.run.seed, round_, client)
     return attack_upload(a.kind, upload, reference, a.scale, g)

@@ -16,6 +16,7 @@ from rich.console import Console
 from cotune.config.schema import ExperimentConfig
 from cotune.runtime import guard
 from cotune.runtime.port import ClientInfo, Replies
+from cotune.seeds import torch_generator
 
 
 def participants(cfg: ExperimentConfig, r: int, joined: Sequence[int]) -> list[int]:
@@ -25,7 +26,7 @@ def participants(cfg: ExperimentConfig, r: int, joined: Sequence[int]) -> list[i
     m = cfg.federation.sampled_per_round
     if m >= len(joined):
         return list(joined)
-    order = torch.randperm(len(joined), generator=guard.generator("participants", cfg.run.seed, r))
+    order = torch.randperm(len(joined), generator=torch_generator("participants", cfg.run.seed, r))
     return sorted(joined[int(i)] for i in order[:m])
 
 

@@ -26,11 +26,11 @@ from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import wide_initialisation
 from cotune.records import CommRecord, EvalRecord, RoundRecord, RunEvent, Split, TrainRecord, TrustRecord
 from cotune.reporting.progress import Activity, Advance
-from cotune.runtime import guard
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline, check_trained
 from cotune.runtime.port import ClientInfo, Clients, OnDone, Prediction
 from cotune.runtime.rundir import RunFiles, client_name, first_round, load_adapter
+from cotune.seeds import torch_generator
 from cotune.state import AdapterState, copied, state_bytes
 
 SaveAdapter = Callable[[AdapterState, Path], None]  # writes one adapter in PEFT format
@@ -297,7 +297,7 @@ class PersonalizedLoop:
             self.adapters = [own] * self.n
         elif rule == "update":
             fresh = wide_initialisation(
-                self.adapters[0], self.cfg.lora.max_rank, guard.generator("flora", self.cfg.run.seed, r)
+                self.adapters[0], self.cfg.lora.max_rank, torch_generator("flora", self.cfg.run.seed, r)
             )
             self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
 

@@ -16,7 +16,6 @@ robustness.aggregator) is decided here, not by flags tested inside the loops.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from cotune.records import FaultRecord, PrivacyClip, PrivacySpent
 from cotune.runtime import guard
 from cotune.runtime.guard import Log
 from cotune.runtime.rundir import client_name
+from cotune.seeds import fresh_generator, torch_generator
 from cotune.state import AdapterState
 from cotune.training.divergence import check_round
 
@@ -202,8 +202,8 @@ class AggregationPipeline:
     def generator(self, round_: int, stream: object = 0) -> torch.Generator:
         seed = self.privacy.seed
         if seed is None:
-            return torch.Generator().manual_seed(secrets.randbits(63))
-        return guard.generator("privacy", seed, round_, stream)
+            return fresh_generator()
+        return torch_generator("privacy", seed, round_, stream)
 
     def noise(
         self, round_: int, state: Mapping[str, torch.Tensor], max_weight: float, stream: object = 0
