@@ -34,6 +34,8 @@ LAYERS: dict[str, int] = {
     "cotune.runtime.checkpoint": 3,
     "cotune.runtime.lock": 3,
     "cotune.runtime.guard": 3,
+    "cotune.runtime.quorum": 3,
+    "cotune.runtime.simulated": 3,
     "cotune.runtime.membership": 3,
     "cotune.runtime.claims": 3,
     "cotune.runtime.pipeline": 3,

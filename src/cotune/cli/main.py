@@ -245,7 +245,7 @@ def _resume(run_dir: Path, asked: list[str], backend: Backend, options: Options)
 def start_run(work: Callable[[], T]) -> T:
     """`work`, with the run's ordinary failures as `error:` lines: cotune's own (`OrdinaryError`) and the
     OS errors it raises with a message of its own, printed as they are; too few clients left, exit 3."""
-    from cotune.runtime.guard import TooFewClients  # imported only now: it pulls in torch
+    from cotune.runtime.quorum import TooFewClients  # imported only now: it pulls in torch
 
     try:
         return work()

@@ -11,7 +11,7 @@ robustness.aggregator) is decided here, not by flags tested inside the loops.
 * Client-level DP: every accepted update is clipped to `privacy.clip_norm`; Gaussian noise goes on
   the mean (fedavg, where one draw covers everyone) or on each upload (trust mixing, where clients
   take different weighted sums); epsilon is logged after each aggregation.
-* `require`: too few accepted uploads stops the run cleanly (`guard.TooFewClients`).
+* `require`: too few accepted uploads stops the run cleanly (`quorum.TooFewClients`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from cotune.algorithms.robust import screen_updates
 from cotune.config.names import STRATEGY_SPECS
 from cotune.config.schema import ExperimentConfig
 from cotune.records import FaultRecord, PrivacyClip, PrivacySpent
-from cotune.runtime import guard
-from cotune.runtime.guard import Log
+from cotune.runtime import quorum
+from cotune.runtime.quorum import Log
 from cotune.runtime.rundir import client_name
 from cotune.seeds import fresh_generator, torch_generator
 from cotune.state import AdapterState
@@ -125,7 +125,7 @@ class AggregationPipeline:
                     clip_norm=p.clip_norm,
                 )
             )
-        guard.require(
+        quorum.require(
             self.cfg, self.log, round_, len(accepted), n_clients, "sent an acceptable update", default=1
         )
         return accepted, kept

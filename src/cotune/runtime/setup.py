@@ -17,7 +17,6 @@ import torch
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
-from cotune.algorithms.attacks import garbage_tokens
 from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
 from cotune.config.names import STRATEGY_SPECS
 from cotune.config.schema import ExperimentConfig, ModelConfig
@@ -32,7 +31,8 @@ from cotune.runtime.client import ClientWork
 from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER, Server
 from cotune.runtime.port import ClientInfo
 from cotune.runtime.rundir import client_name
-from cotune.seeds import LLM_SLOT, SERVER_SLOT, stream_seed, torch_generator
+from cotune.runtime.simulated import garbage_data, is_garbage_attacker
+from cotune.seeds import LLM_SLOT, SERVER_SLOT, stream_seed
 from cotune.training.learner import Learner
 
 
@@ -154,7 +154,7 @@ def personalized_work(
     train = data.train
     if is_garbage_attacker(cfg, index):  # a simulated attacker trains on random tokens
         vocab = pool.model.get_input_embeddings().num_embeddings
-        train = garbage_tokens(train, vocab, torch_generator("garbage", cfg.run.seed, index))
+        train = garbage_data(cfg, index, train, vocab)
     tcfg = cfg.train
     learner = Learner(
         pool,
@@ -187,11 +187,6 @@ def personalized_works(
         personalized_work(cfg, i, pool, c, lambda: data.public, device, LabelMixture.of_split(data, i))
         for i, c in enumerate(data.clients)
     ]
-
-
-def is_garbage_attacker(cfg: ExperimentConfig, index: int) -> bool:
-    a = cfg.simulation.attack
-    return a.kind == "garbage_data" and index in a.clients
 
 
 # ---- FedCoLLM family ----------------------------------------------------------------------------------
@@ -253,9 +248,7 @@ def fedcollm_work(
 ) -> ClientWork:
     """Client `index` of the FedCoLLM family: its SLM slot, its private set D_k, its own budget."""
     if is_garbage_attacker(cfg, index):  # a simulated attacker trains on random answers
-        ids = garbage_tokens(
-            data.input_ids, vocab, torch_generator("garbage", cfg.run.seed, index), mask=data.attention_mask
-        )
+        ids = garbage_data(cfg, index, data.input_ids, vocab, mask=data.attention_mask)
         data = EncodedSet(ids, data.attention_mask, torch.where(data.labels != -100, ids, data.labels))
     budget = client_budget(cfg, len(data))
     learner = Learner(

@@ -36,9 +36,9 @@ from cotune.runtime.compose import fedcollm_loop, has_client_step, personalized_
 from cotune.runtime.fedcollm import FedCoLLMLoop
 from cotune.runtime.flower.clients import FlowerClients, ServerSettings
 from cotune.runtime.flower.deploy import OUTCOME_MARK, check_flower_config, run_outcome, with_run_settings
-from cotune.runtime.guard import TooFewClients
 from cotune.runtime.lock import run_lock
 from cotune.runtime.personalized import PersonalizedLoop
+from cotune.runtime.quorum import TooFewClients
 from cotune.runtime.rundir import CLIENTS_ON_FLOWER, ResumeError, RunFiles, default_run_dir, is_flower_run
 from cotune.runtime.setup import (
     adapter_pool,
