@@ -53,6 +53,10 @@ LAYERS: dict[str, int] = {
     "cotune.runtime.results": 7,
     "cotune.runtime.flower.server_app": 7,
     "cotune.runtime.flower.deploy": 7,
+    "cotune.runtime.flower.app": 7,
+    "cotune.runtime.flower.outcome": 7,
+    "cotune.runtime.flower.probe": 7,
+    "cotune.runtime.flower.federation": 7,
     "cotune.runtime.flower.simulation": 7,
     "cotune.cli": 8,
 }

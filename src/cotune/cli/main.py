@@ -402,7 +402,7 @@ def flower_app_dir(path: Annotated[Path, typer.Argument(help="directory to write
     from cotune.runtime.flower import require_flwr
 
     require_flwr()  # an OrdinaryError without the flower extra: the error boundary prints it
-    from cotune.runtime.flower.deploy import write_app_dir
+    from cotune.runtime.flower.app import write_app_dir
 
     out.print(str(write_app_dir(path)))
 
@@ -436,7 +436,7 @@ def flower_outcome(
 
     try:
         require_flwr()
-        from cotune.runtime.flower.deploy import check_outcome
+        from cotune.runtime.flower.outcome import check_outcome
 
         check_outcome(run_dir.resolve(), log)
     except FlowerRunError as e:

@@ -34,8 +34,10 @@ from cotune.records import RunEvent
 from cotune.runtime.checkpoint import latest_checkpoint
 from cotune.runtime.compose import fedcollm_loop, has_client_step, personalized_loop
 from cotune.runtime.fedcollm import FedCoLLMLoop
+from cotune.runtime.flower.app import with_run_settings
 from cotune.runtime.flower.clients import FlowerClients, ServerSettings
-from cotune.runtime.flower.deploy import OUTCOME_MARK, check_flower_config, run_outcome, with_run_settings
+from cotune.runtime.flower.deploy import check_flower_config
+from cotune.runtime.flower.outcome import OUTCOME_MARK, run_outcome
 from cotune.runtime.lock import run_lock
 from cotune.runtime.personalized import PersonalizedLoop
 from cotune.runtime.quorum import TooFewClients

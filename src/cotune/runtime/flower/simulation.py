@@ -30,8 +30,8 @@ from rich.console import Console
 from cotune.config.schema import ExperimentConfig
 from cotune.layout import FLOWER_DIR, NODE_STATE_DIR, SIMULATION_LOG
 from cotune.runtime.flower import FlowerRunError
-from cotune.runtime.flower.deploy import check_outcome
 from cotune.runtime.flower.node_state import STATE_ENV
+from cotune.runtime.flower.outcome import check_outcome
 
 
 def require_ray() -> None:
