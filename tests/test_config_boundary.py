@@ -262,3 +262,49 @@ def test_permission_denied_on_reading_gives_read_advice(tmp_path, monkeypatch):
     assert read.startswith(f"permission denied reading {existing}") and "you can write" not in read
     write = errors.os_error_text(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "new")))
     assert "choose a location you can write" in write
+
+
+def test_every_ordinary_error_type_carries_the_one_marker():
+    """cotune's ordinary error types derive from `cotune.errors.OrdinaryError` (and keep their usual base),
+    so the CLI names them in one place: the boundary prints any of them as `error:`, exit 2."""
+    from cotune.assets import AssetError
+    from cotune.config import ConfigError
+    from cotune.data.errors import DataError
+    from cotune.errors import OrdinaryError
+    from cotune.models.compat import TokenizerMismatchError
+    from cotune.models.lora import LoraTargetError
+    from cotune.runtime.flower import FlowerRunError
+    from cotune.runtime.lock import RunDirBusy
+    from cotune.runtime.rundir import ResumeError
+
+    for kind in (AssetError, ConfigError, DataError, TokenizerMismatchError, LoraTargetError, FlowerRunError):
+        assert issubclass(kind, OrdinaryError), kind
+    assert issubclass(RunDirBusy, RuntimeError) and issubclass(ResumeError, OrdinaryError)
+
+
+@pytest.mark.parametrize("kind", ["ResumeError", "RunDirBusy", "AssetError"])
+def test_an_ordinary_runtime_error_is_an_error_paragraph_wherever_it_is_raised(tmp_path, monkeypatch, kind):
+    """Not only where `cotune run` expects one: `cotune report` meeting a RuntimeError-based ordinary error
+    (which report does not catch) still ends in `error:` and exit 2, not a bug report."""
+    import cotune.assets
+    import cotune.reporting.report as report
+    import cotune.runtime.lock
+    import cotune.runtime.rundir
+
+    where = {
+        "ResumeError": cotune.runtime.rundir,
+        "RunDirBusy": cotune.runtime.lock,
+        "AssetError": cotune.assets,
+    }
+    error = getattr(where[kind], kind)
+
+    def refuse(*args, **kwargs):
+        raise error("the run directory is held elsewhere: wait for it to finish")
+
+    monkeypatch.setattr(report, "write_report", refuse)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), pytest.raises(SystemExit) as ended:
+        cli(["report", str(tmp_path)])
+    text = " ".join(out.getvalue().split())
+    assert ended.value.code == 2 and "error: the run directory is held elsewhere" in text, text
+    assert "internal error" not in text

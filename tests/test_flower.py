@@ -49,18 +49,13 @@ from cotune.runtime.checkpoint import latest_checkpoint, list_checkpoints
 from cotune.runtime.experiment import run_experiment
 from cotune.runtime.flower import FlowerRunError
 from cotune.runtime.flower import protocol as p
+from cotune.runtime.flower.app import APP_COMPONENTS, APP_CONFIG, with_run_settings, write_app_dir
 from cotune.runtime.flower.client_app import app as client_app
 from cotune.runtime.flower.clients import FlowerClients, ServerSettings
-from cotune.runtime.flower.deploy import (
-    APP_COMPONENTS,
-    APP_CONFIG,
-    check_outcome,
-    with_run_settings,
-    write_app_dir,
-)
 from cotune.runtime.flower.handlers import node_app
 from cotune.runtime.flower.node import NodeSettings, node_config
 from cotune.runtime.flower.node_state import NodeStateStore
+from cotune.runtime.flower.outcome import check_outcome
 from cotune.runtime.flower.server_app import (
     check_resumable,
     experiment_config,
@@ -1233,7 +1228,7 @@ def _serve(handle: Callable[[socket.socket], None]) -> int:
 
 
 def test_an_unreachable_superlink_is_named_as_such_at_once(corpus_dir, tmp_path):
-    from cotune.runtime.flower.deploy import free_port
+    from cotune.runtime.flower.federation import free_port
 
     cfg = _config_file(corpus_dir, tmp_path)
     closed = f"127.0.0.1:{free_port()}"
@@ -1273,7 +1268,7 @@ def test_a_wrong_ca_certificate_is_named_as_such(corpus_dir, tmp_path):
 
 
 def test_what_flwr_run_logged_is_named_when_the_run_never_started(tmp_path):
-    from cotune.runtime.flower.deploy import FLWR_AUTH_FAILED, FLWR_UNAVAILABLE
+    from cotune.runtime.flower.outcome import FLWR_AUTH_FAILED, FLWR_UNAVAILABLE
 
     log = tmp_path / "flwr-run.log"
     for mark, cause in [

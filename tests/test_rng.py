@@ -43,3 +43,49 @@ def test_stream_state_resumes_the_same_draws():
     b.load_state_dict(saved)
     with b.active():
         assert torch.equal(torch.rand(4), after)
+
+
+def test_every_stream_keeps_the_seed_it_had_before_one_function_derived_them():
+    """cotune.seeds.stream_seed gives each stream exactly its old seed (the adapter digests depend on it)."""
+    import hashlib
+
+    import numpy as np
+
+    from cotune.seeds import LLM_SLOT, SERVER_SLOT, numpy_rng, stream_seed, torch_generator
+
+    def old_hash(*parts: object) -> int:  # runtime/guard.py's generator before
+        return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+
+    seed = 42
+    assert stream_seed("learner", seed, 3) == seed * 1000 + 3
+    assert stream_seed("learner", seed, SERVER_SLOT) == seed * 1000 + 999
+    assert stream_seed("learner", seed, LLM_SLOT) == seed * 1000 + 998
+    assert stream_seed("batches", 42003, 2) == 42003 * 100_003 + 2
+    assert stream_seed("global", seed) == stream_seed("model", seed) == seed
+    for stream, at in [("attack", (2, 1)), ("garbage", (1,)), ("flora", (3,)), ("participants", (2,))]:
+        assert stream_seed(stream, seed, *at) == old_hash(stream, seed, *at)  # type: ignore[arg-type]
+    assert stream_seed("privacy", 9, 2, 0) == old_hash("privacy", 9, 2, 0)
+    assert stream_seed("participants", 2**62 + 5, 10) == 4798808633872535878  # the old formula's value
+    g = torch.Generator().manual_seed(old_hash("attack", seed, 1, 0))
+    assert torch.equal(
+        torch.rand(3, generator=torch_generator("attack", seed, 1, 0)), torch.rand(3, generator=g)
+    )
+    assert (numpy_rng("partition", seed).permutation(50) == np.random.default_rng(seed).permutation(50)).all()
+    assert (
+        numpy_rng("documents", seed, 4).permutation(50) == np.random.default_rng([seed, 4]).permutation(50)
+    ).all()
+
+
+def test_no_module_seeds_a_generator_but_through_cotune_seeds():
+    """Every random stream's seed comes from `stream_seed`: no other module builds a seeded generator."""
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "cotune"
+    found = [
+        f"{path.relative_to(src)}: {mark}"
+        for path in src.rglob("*.py")
+        if path.name != "seeds.py"
+        for mark in ("default_rng(", "Generator().manual_seed(", "* 1000 +", "100_003")
+        if mark in path.read_text(encoding="utf-8")
+    ]
+    assert not found, found

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from cotune.algorithms.aggregation import weighted_average
-from cotune.algorithms.attacks import attack_upload, garbage_tokens
 from cotune.algorithms.personalized import TrustEvidence, aggregate
 from cotune.algorithms.privacy import (
     add_gaussian_noise,
@@ -27,6 +26,7 @@ from cotune.algorithms.robust import (
     update_delta,
 )
 from cotune.config.schema import StrategyConfig
+from cotune.runtime.simulated import attack_upload, garbage_tokens
 
 
 def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -11,10 +11,10 @@ from tests.test_cotuning import task_file, tree  # noqa: F401  (task_file is a f
 from cotune.algorithms.robust import state_norm, update_delta
 from cotune.config import config_from_dict
 from cotune.reporting.metrics import read_metrics
-from cotune.runtime import guard
+from cotune.runtime import simulated
 from cotune.runtime.checkpoint import latest_checkpoint, list_checkpoints
 from cotune.runtime.experiment import run_experiment
-from cotune.runtime.guard import TooFewClients
+from cotune.runtime.quorum import TooFewClients
 
 
 def _run(corpus_dir, tmp_path, **sections):
@@ -42,7 +42,7 @@ def _finite(state):
 
 def _poison(monkeypatch, make):
     """Client(s) of simulation.attack upload make(upload) instead of the honest update."""
-    monkeypatch.setattr(guard, "attacked", lambda cfg, r, k, upload, ref: make(upload))
+    monkeypatch.setattr(simulated, "attacked", lambda cfg, r, k, upload, ref: make(upload))
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from cotune.records import (
     DistillValRecord,
     EvalRecord,
     FaultRecord,
+    GenRecord,
     McRecord,
     PrivacyClip,
     PrivacySpent,
@@ -138,6 +139,8 @@ RECORDS: list[Record] = [
         participants=[0, 1],
     ),
     McRecord(round=0, model="slm", client=None, acc=0.5, acc_norm=0.55, n=20),
+    GenRecord(round=1, n=8, exact_match=0.125, f1=0.5, rouge_l=0.25, ppl=9.5, model="slm", client=None),
+    GenRecord(round=1, n=8, exact_match=0.0, f1=0.25, rouge_l=0.5, ppl=12.0, client=2, step=4),
     CommRecord(round=1, client=0, bytes_up=10, bytes_down=10, full_slm_bytes=1000, ratio=0.01),
     DistillRecord(
         round=1, step=2, slm_ce=1, slm_kd=0.5, llm_ce=1, llm_kd=0.4, teacher_bytes=64, topk=None, wall_s=0.1
@@ -184,3 +187,34 @@ def test_reading_is_lenient_with_older_and_newer_writers() -> None:
     assert isinstance(old_comm, CommRecord) and old_comm.ratio == pytest.approx(0.01)  # filled in
     newer = parse_record({"type": "eval", "round": 2.0, "client": 1, "ppl": 4.0, "future_field": {"x": 1}})
     assert isinstance(newer, EvalRecord) and newer.round == 2 and newer.split == "val"
+
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "cotune"
+
+
+def string_constants(path: Path) -> set[str]:
+    """Every string literal of a module (f-string parts included), read with `ast` (nothing imported)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+
+
+def test_run_directory_names_are_spelled_only_in_layout() -> None:
+    """config.yaml, metrics.jsonl, checkpoints/, state.pt, the adapter files, ...: one constant each in
+    cotune/layout.py, imported wherever a path is built (a name that is also a tracker's is left out)."""
+    import cotune.layout as layout
+
+    names = {v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)}
+    names -= {"tensorboard", "flower"}  # also a tracker name (run.loggers) and a backend name (--backend)
+    spelled = {
+        f"{path.relative_to(SRC)}: {name}"
+        for path in SRC.rglob("*.py")
+        if path.name != "layout.py"
+        for name in names & string_constants(path)
+    }
+    assert not spelled, sorted(spelled)

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from cotune.config.names import Role
+
 
 def _not_bool(value: Any) -> Any:
     """JSON true/false are not numbers here (pydantic would read them as 1/0)."""
@@ -23,6 +25,7 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
+Split = Literal["val", "test"]  # which held-out part of a client's data a score is on
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 
@@ -81,7 +84,7 @@ class TrainRecord(Record):
     client: Int | None
     loss: Float
     lr: Float
-    model: Literal["slm", "llm"] | None = None  # FedCoLLM family
+    model: Role | None = None  # FedCoLLM family
     step: Int | None = None  # personalized family
     last_loss: Float | None = None
     tokens_per_s: Float | None = None
@@ -94,7 +97,7 @@ class EvalRecord(Record):
     round: Int
     client: Int
     ppl: Float
-    split: Literal["val", "test"] = "val"
+    split: Split = "val"
     step: Int | None = None
     loss: Float | None = None
     acc: Float | None = None
@@ -124,7 +127,7 @@ class McRecord(Record):
 
     type: Literal["mc"] = "mc"
     round: Int
-    model: Literal["slm", "llm"]
+    model: Role
     client: Int | None
     acc: Float
     acc_norm: Float = float("nan")
@@ -146,8 +149,8 @@ class GenRecord(Record):
     f1: Float
     rouge_l: Float
     ppl: Float
-    split: Literal["val", "test"] = "test"
-    model: Literal["slm", "llm"] | None = None
+    split: Split = "test"
+    model: Role | None = None
     client: Int | None = None
     step: Int | None = None
 
@@ -201,7 +204,7 @@ class DistillValRecord(Record):
 
     type: Literal["distill_val"] = "distill_val"
     round: Int
-    model: Literal["slm", "llm"]
+    model: Role
     step: Int
     acc: Float
     nll: Float

@@ -31,7 +31,9 @@ from cotune.runtime.backends import FlowerOptions
 from cotune.runtime.checkpoint import list_checkpoints
 from cotune.runtime.experiment import resume_experiment, run_experiment
 from cotune.runtime.flower import FlowerRunError
-from cotune.runtime.flower.deploy import LocalFederation, check_outcome, run_outcome, write_app_dir
+from cotune.runtime.flower.app import write_app_dir
+from cotune.runtime.flower.federation import LocalFederation
+from cotune.runtime.flower.outcome import check_outcome, run_outcome
 
 pytestmark = pytest.mark.slow
 # the tests on the module-scoped federation run on one xdist worker, so it starts once; the others (each
@@ -244,7 +246,7 @@ def test_a_secure_federation_admits_only_its_members(corpus_dir, tmp_path):
     import json
     import subprocess
 
-    from cotune.runtime.flower.deploy import CONNECTION, flower_env, write_connection
+    from cotune.runtime.flower.app import CONNECTION, flower_env, write_connection
 
     cfg = _cfg(corpus_dir, tmp_path, "fedavg")
     cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 1})})

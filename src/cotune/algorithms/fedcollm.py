@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import cast
 
 import torch
 
 from cotune.algorithms.robust import robust_average
-from cotune.config.names import Aggregator, FedCoLLMAlgorithm
+from cotune.config.names import Aggregator, FedCoLLMAlgorithm, Weighting
 from cotune.state import AdapterState
 
 
@@ -57,9 +57,7 @@ def plan_of(algorithm: str) -> RoundPlan:
     return PLANS[cast(FedCoLLMAlgorithm, algorithm)]
 
 
-def fedavg_weights(
-    n_examples: Sequence[int], weighting: Literal["examples", "uniform"] = "examples"
-) -> list[float]:
+def fedavg_weights(n_examples: Sequence[int], weighting: Weighting = "examples") -> list[float]:
     """The FedAvg weights: n_k, or 1 for every client."""
     return list(map(float, n_examples)) if weighting == "examples" else [1.0] * len(n_examples)
 
@@ -67,7 +65,7 @@ def fedavg_weights(
 def aggregate_slm(
     updates: Sequence[Mapping[str, torch.Tensor]],
     n_examples: Sequence[int],
-    weighting: Literal["examples", "uniform"] = "examples",
+    weighting: Weighting = "examples",
     aggregator: Aggregator = "mean",
     trim_fraction: float = 0.1,
 ) -> AdapterState:

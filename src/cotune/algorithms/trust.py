@@ -11,16 +11,15 @@ Everything is a pure function on tensors; results are float32 N×N on CPU.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from cotune.algorithms.aggregation import check_same_layout
+from cotune.config.names import Selection
 
 __all__ = [
     "PredictionDistance",
-    "Selection",
     "identity_trust",
     "oracle_trust",
     "prediction_scores",
@@ -31,8 +30,6 @@ __all__ = [
     "validation_scores",
     "weight_similarity",
 ]
-
-Selection = Literal["all", "topk", "threshold"]
 
 # Same eps as torch.nn.functional.cosine_similarity: each norm is clamped to it, so zero vectors give 0.
 _COSINE_EPS = 1e-8

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from cotune.errors import OrdinaryError
+
 logger = logging.getLogger(__name__)
 
 MARKER = ".cotune-fetched.json"
@@ -31,7 +33,7 @@ HASH_ON_LOAD = 64 * 2**20  # bytes: a file up to this size is hashed on every lo
 _CHUNK = 1 << 20
 
 
-class AssetError(RuntimeError):
+class AssetError(RuntimeError, OrdinaryError):
     """An asset could not be found, downloaded or verified; the message says what to do next."""
 
 

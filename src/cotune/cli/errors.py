@@ -2,9 +2,9 @@
 
 cotune exists for data that must not leave its owner, so a failure never prints a traceback with
 local variables (which can hold lines of training text), and never the text itself: an ordinary
-condition (bad input, file system, encoding, memory, device) ends in one `error:` paragraph that
-names the problem and what to do, exit code 2; anything else is a bug, reported by its type and
-where it happened in cotune (no message: it could quote data), exit code 1. `--debug` adds the
+condition (bad input, file system, encoding, memory, device; cotune's own `OrdinaryError`s) ends in one
+`error:` paragraph that names the problem and what to do, exit code 2; anything else is a bug, reported
+by its type and where it happened in cotune (no message: it could quote data), exit code 1. `--debug` adds the
 traceback, still without local variables.
 """
 
@@ -19,6 +19,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
 
+from cotune.errors import OrdinaryError
+from cotune.layout import CHECKPOINTS_DIR
 from cotune.reporting.text import printable_lines
 
 ORDINARY_EXIT = 2
@@ -86,6 +88,8 @@ def ordinary_text(exc: BaseException) -> str | None:
     """The error paragraph for an ordinary condition, or None when the exception is a bug."""
     if isinstance(exc, ValidationError):
         return validation_text(exc)
+    if isinstance(exc, OrdinaryError):  # cotune's own: its message says what to do
+        return str(exc)
     if is_out_of_memory(exc):
         return (
             "out of memory: lower train.batch_size or train.eval_batch_size (or data.seq_len / "
@@ -132,7 +136,7 @@ def report_failure(exc: BaseException, console: Console, debug: bool) -> int:
 
 def report_interrupt(console: Console, run_dir: Path | None) -> int:
     """Ctrl-C: one line saying what is kept and how to go on."""
-    if run_dir is not None and (run_dir / "checkpoints").is_dir():
+    if run_dir is not None and (run_dir / CHECKPOINTS_DIR).is_dir():
         console.print(
             f"interrupted: every completed round is kept; continue with `cotune run --resume {run_dir}`",
             highlight=False,

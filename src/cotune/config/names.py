@@ -126,6 +126,18 @@ Algorithm = Literal["personalized", FedCoLLMAlgorithm]
 
 # The FedAvg step's aggregator (robustness.aggregator): one function each in algorithms.robust.AGGREGATORS.
 Aggregator = Literal["mean", "median", "trimmed_mean"]
+# The FedAvg step's client weights (federation.weighting): n_k (local examples) or uniform.
+Weighting = Literal["examples", "uniform"]
+# Which trust scores a personalized client's softmax keeps (strategy.selection; algorithms.trust).
+Selection = Literal["all", "topk", "threshold"]
+# The FedCoLLM family's two models: the small one every client trains, the server's large one. Within a
+# distillation batch (distill.order: batch) the SLM steps first.
+Role = Literal["slm", "llm"]
+ROLES: tuple[Role, Role] = ("slm", "llm")
+# Experiment trackers (run.loggers): one opener each in reporting.trackers.OPENERS.
+TrackerName = Literal["tensorboard", "mlflow", "wandb"]
+# Injected faults (simulation.faults[].kind): the client's round work raises, or takes longer.
+FaultKind = Literal["error", "delay"]
 
 # Simulated attackers (`simulation.attack.kind`): what replaces an upload, training data or claim.
 AttackKind = Literal["noise", "sign_flip", "scale", "nan", "garbage_data", "inflated_claim"]

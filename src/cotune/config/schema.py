@@ -23,8 +23,12 @@ from cotune.config.names import (
     Algorithm,
     AttackKind,
     Family,
+    FaultKind,
+    Selection,
     StrategyName,
     StrategySpec,
+    TrackerName,
+    Weighting,
     family_of,
     strategy_spec,
 )
@@ -302,7 +306,7 @@ class FederationConfig(Section):
     local_epochs: PositiveInt | None = Field(
         None, description="fedcollm family: local epochs per round (overrides local_steps when set)"
     )
-    weighting: Literal["examples", "uniform"] = Field(
+    weighting: Weighting = Field(
         "examples", description="fedcollm family: FedAvg weights n_k (local examples) or uniform"
     )
     ffa_lora: bool = Field(
@@ -374,7 +378,7 @@ class StrategyConfig(Section):
     tau: PositiveFloat | None = Field(
         None, description="softmax temperature (default: 0.1 prediction, else 1)"
     )
-    selection: Literal["all", "topk", "threshold"] = Field(
+    selection: Selection = Field(
         "all",
         description="all: softmax over every score; topk: over each row's topk largest (the rest get 0); "
         "threshold: over the scores above threshold, always keeping the 2 largest",
@@ -417,7 +421,7 @@ class RunConfig(Section):
     )
     threads: PositiveInt | None = Field(None, description="torch CPU threads (default: torch's choice)")
     eval_every: PositiveInt = Field(1, description="evaluate every this many rounds (and always at the end)")
-    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+    loggers: list[TrackerName] = Field(
         default_factory=list,
         description="experiment trackers that mirror metrics.jsonl (offline, under the run directory)",
     )
@@ -715,9 +719,7 @@ class FaultConfig(Section):
 
     client: int = Field(ge=0, description="index of the faulty client")
     rounds: list[PositiveInt] | None = Field(None, description="rounds it happens in (None: every round)")
-    kind: Literal["error", "delay"] = Field(
-        "error", description="error: its round work raises; delay: it waits"
-    )
+    kind: FaultKind = Field("error", description="error: its round work raises; delay: it waits")
     seconds: float = Field(0.0, ge=0.0, description="delay: extra seconds of the client's round work")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cotune.errors import OrdinaryError
 
-class DataError(ValueError):
+
+class DataError(ValueError, OrdinaryError):
     """Data that cannot make the requested federation (missing, empty, too short, wrong columns)."""

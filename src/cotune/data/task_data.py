@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal
 
-import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -26,6 +25,7 @@ from cotune.data.tasks import (
     split_task,
 )
 from cotune.evaluation.multiple_choice import MCExample, encode_pair
+from cotune.seeds import numpy_rng
 
 
 @dataclass
@@ -175,7 +175,7 @@ def build_task_data(
     """The task's splits, tokenized. `public_val_fraction` of D_a becomes the server's validation split:
     no algorithm trains on it (the centralized baseline's union leaves it out too); the client splits and
     the test split do not depend on it. A generation task splits as a multiple-choice one (by label)."""
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng("partition", seed)
     duplicates = 0
     if cfg.clients is not None:
         splits = owned_splits(cfg)

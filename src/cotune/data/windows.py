@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -19,6 +18,7 @@ from cotune.config.schema import DataConfig, SourceConfig
 from cotune.data.corpora import DataError, Document, load_documents
 from cotune.data.files import owner_name
 from cotune.data.partition import partition
+from cotune.seeds import numpy_rng, torch_generator
 
 
 @dataclass
@@ -148,7 +148,7 @@ def build_federated_data(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate documents")
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng("partition", seed)
 
     order = [int(i) for i in rng.permutation(len(docs))]
     public_idx, rest = _take_public(order, [len(t) for t in token_lists], cfg.public_windows * cfg.seq_len)
@@ -256,7 +256,7 @@ def owner_data(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate documents")
-    order = [int(i) for i in np.random.default_rng([seed, client]).permutation(len(docs))]
+    order = [int(i) for i in numpy_rng("documents", seed, client).permutation(len(docs))]
     docs = [docs[i] for i in order]
     token_lists = tokenize(docs, tokenizer)
     n_split = 1 + (1 if cfg.test_fraction > 0 else 0)  # a document for validation (and one for test)
@@ -301,7 +301,7 @@ class WindowSampler:
         self._perm = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch_generator("batches", self.seed, self.epoch)
         return torch.randperm(self.n, generator=g)
 
     def next_indices(self) -> torch.Tensor:

@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cotune.errors import OrdinaryError
+
 MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 A_PART, B_PART = ".lora_A.", ".lora_B."
 
 
-class AdapterMismatch(ValueError):
+class AdapterMismatch(ValueError, OrdinaryError):
     """A saved adapter that is not one of this run's (its message names the file and what is wrong)."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from cotune.errors import OrdinaryError
 
-class TokenizerMismatchError(ValueError):
+
+class TokenizerMismatchError(ValueError, OrdinaryError):
     """The LLM and the SLM do not share a tokenizer, so their logits are not comparable."""
 
 

@@ -27,6 +27,7 @@ from huggingface_hub import is_offline_mode
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cotune.assets import ASSETS, cache_root, fetch, get_asset
+from cotune.errors import OrdinaryError
 from cotune.models.tiny import build_tiny_model, byte_tokenizer
 
 if TYPE_CHECKING:
@@ -46,11 +47,11 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(FileNotFoundError, OrdinaryError):
     """The model name is neither tiny, an asset, an existing path nor a reachable hub id."""
 
 
-class DeviceError(ValueError):
+class DeviceError(ValueError, OrdinaryError):
     """The configured device is not on this machine: a setting to change, not a bug."""
 
 

@@ -23,10 +23,13 @@ from torch import nn
 
 from cotune.algorithms.ranks import lora_pairs, rank_of, resize_rank
 from cotune.config.schema import LoraSettings
+from cotune.errors import OrdinaryError
+from cotune.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from cotune.seeds import torch_generator
 from cotune.state import AdapterState, copied
 
 
-class LoraTargetError(ValueError):
+class LoraTargetError(ValueError, OrdinaryError):
     """The configured LoRA target modules do not exist in the model."""
 
 
@@ -80,7 +83,7 @@ def wide_initialisation(
     """peft's LoRA initialisation at `rank` for the modules of `like`: A Kaiming-uniform (a = sqrt 5),
     B zero. Drawn from a generator of its own (default: seeded like torch's default one), not from the
     default one, so it does not depend on how many adapters a pool made before."""
-    generator = generator or torch.Generator().manual_seed(torch.initial_seed())
+    generator = generator or torch_generator("global", torch.initial_seed())
     out: AdapterState = {}
     for a_key, b_key in lora_pairs(like).values():
         a, b = like[a_key], like[b_key]
@@ -418,12 +421,12 @@ class AdapterPool:
         directory.mkdir(parents=True, exist_ok=True)
         weights = self.state(name) if state is None else state
         tensors = {k: v.contiguous().cpu() for k, v in weights.items()}
-        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config = self.model.peft_config[lane_name(0, self.ranks[self.names[0]])].to_dict()
         rank = rank_of(weights)  # `state` may be another client's adapter, of another rank
         config.update(r=rank, lora_alpha=self.settings.alpha * rank / self.settings.r)
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-        (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=str))
 
     def adapter_bytes(self, name: str | None = None) -> int:
         """Size of adapter `name` (default: the first), what one client's upload weighs."""

@@ -7,6 +7,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cotune.config.schema import TinyModelConfig
+from cotune.seeds import stream_seed
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -43,6 +44,6 @@ def build_tiny_model(cfg: TinyModelConfig, vocab_size: int) -> LlamaForCausalLM:
         tie_word_embeddings=True,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(stream_seed("model", cfg.seed))
         model = LlamaForCausalLM(config)
     return model

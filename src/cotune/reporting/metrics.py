@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from cotune.config.names import PERSONALIZED, family_of
+from cotune.layout import CONFIG_FILE, METRICS_FILE
 from cotune.records import (
     CommRecord,
     DistillRecord,
@@ -36,9 +37,6 @@ from cotune.records import (
     parse_record,
 )
 from cotune.reporting.text import printable
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
 
 
 def _json_default(obj: Any) -> Any:

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cotune.caches import confine_caches
+from cotune.config.names import ROLES
+from cotune.layout import PLOTS_DIR, REPORT_FILE
 from cotune.records import CommRecord, DistillValRecord
 from cotune.reporting.files import replace_atomically, write_text_atomically
 from cotune.reporting.metrics import (
@@ -35,8 +37,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-REPORT_FILE = "report.md"
-PLOTS_DIR = "plots"
 ANNOTATE_MAX_CLIENTS = 12  # heatmap cells get their value written in up to this many clients
 LOG_Y_RATIO = 20.0  # use a log y axis when max/min of the plotted perplexities exceeds this
 MISSING = "—"
@@ -449,7 +449,7 @@ def _accuracy_series(run: RunSummary) -> list[tuple[str, list[tuple[int, float]]
     """
     trained = any(r > 0 for by_round in run.mc.values() for r in by_round)
     out: list[tuple[str, list[tuple[int, float]]]] = []
-    for model in ("slm", "llm"):
+    for model in ROLES:
         curve = run.mc_curve(model)
         if curve and (not trained or any(r > 0 for r, _ in curve)):
             out.append((model, curve))
@@ -505,7 +505,7 @@ def distill_val_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[s
             (d.round, "llm"): d.llm_kept for d in run.distill
         }
         for rnd in sorted({v.round for v in run.distill_val}):
-            for model in ("slm", "llm"):
+            for model in ROLES:
                 curve = [v for v in run.distill_val if v.round == rnd and v.model == model]
                 if not curve:
                     continue

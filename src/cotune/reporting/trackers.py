@@ -21,20 +21,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cotune.config.names import TrackerName
+from cotune.errors import OrdinaryError
+from cotune.layout import MLFLOW_DIR, TENSORBOARD_DIR
 from cotune.records import Record
 
-TRACKERS = ("tensorboard", "mlflow", "wandb")
-MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 QUALIFIERS = ("model", "split", "phase", "event")  # fields that say which series a record belongs to
 IDENTIFIERS = ("type", "round", "step", "client", "time", "n", *QUALIFIERS)
 
 
-class TrackerError(ValueError):
+class TrackerError(ValueError, OrdinaryError):
     """A configured tracker cannot be used (its package is missing)."""
 
 
 def installed(name: str) -> bool:
-    return importlib.util.find_spec(MODULES[name]) is not None
+    """Whether a tracker's package is importable (each tracker's package has the tracker's name)."""
+    return importlib.util.find_spec(name) is not None
 
 
 def check_trackers(names: Sequence[str]) -> None:
@@ -82,7 +84,7 @@ class TensorBoard:
     def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=10)
+        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), flush_secs=10)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, value, step)
@@ -102,7 +104,7 @@ class MLflow:
         self.mlflow = mlflow
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # a file store in the run directory: offline, and what mlflow-skinny can write
-            uri = (run_dir / "mlruns").resolve().as_uri()
+            uri = (run_dir / MLFLOW_DIR).resolve().as_uri()
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps it, in maintenance
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name("cotune")
@@ -139,7 +141,7 @@ class WandB:
         self.run.finish()
 
 
-OPENERS: dict[str, Callable[[Path, dict[str, Any]], Tracker]] = {
+OPENERS: dict[TrackerName, Callable[[Path, dict[str, Any]], Tracker]] = {
     "tensorboard": TensorBoard,
     "mlflow": MLflow,
     "wandb": WandB,
@@ -160,7 +162,7 @@ def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Trackers:
     """The run's trackers, opened on the first record and closed by the run's end record."""
 
-    def __init__(self, names: Sequence[str], run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, names: Sequence[TrackerName], run_dir: Path, config: dict[str, Any]) -> None:
         check_trackers(names)  # also where a ServerApp runs: refused before its first round
         self.names, self.run_dir, self.config = list(names), run_dir, config
         self.open: list[Tracker] | None = None

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cotune.layout import CHECKPOINTS_DIR
 from cotune.reporting.files import normal_modes
 from cotune.runtime.lock import pid_alive
 
@@ -21,7 +22,7 @@ ROUND_DIR = re.compile(r"^round-(\d{4,})$")
 
 
 def checkpoint_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return run_dir / CHECKPOINTS_DIR
 
 
 def round_dir_name(round_: int) -> str:

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 
 from cotune.config.schema import ExperimentConfig
 from cotune.records import FaultRecord
-from cotune.runtime.guard import Log
 from cotune.runtime.port import ClientInfo
+from cotune.runtime.quorum import Log
 
 
 def checked_sizes(

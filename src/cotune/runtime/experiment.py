@@ -21,12 +21,13 @@ from cotune.caches import confine_caches
 from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
 from cotune.data.preflight import check_data
+from cotune.layout import CHECKPOINTS_DIR, CONFIG_FILE, LOCK_FILE, METRICS_FILE
 from cotune.records import RunEvent, parse_record
-from cotune.reporting.metrics import METRICS_FILE, read_metrics
+from cotune.reporting.metrics import read_metrics
 from cotune.reporting.trackers import check_trackers
 from cotune.runtime.backends import EMBEDDED, FLOWER, EmbeddedOptions, Options, backend_named, resuming_on
 from cotune.runtime.compose import has_client_step
-from cotune.runtime.lock import LOCK_FILE, run_lock
+from cotune.runtime.lock import run_lock
 from cotune.runtime.rundir import (
     ResumeError,
     RunFiles,
@@ -96,8 +97,8 @@ def discard_unstarted(dirs: list[Path]) -> None:
     A model, data or LoRA-target error found while loading then leaves no half-made run behind.
     """
     for d in dirs:
-        if d.is_dir() and {p.name for p in d.iterdir()} <= {"config.yaml", LOCK_FILE}:
-            for name in ("config.yaml", LOCK_FILE):
+        if d.is_dir() and {p.name for p in d.iterdir()} <= {CONFIG_FILE, LOCK_FILE}:
+            for name in (CONFIG_FILE, LOCK_FILE):
                 (d / name).unlink(missing_ok=True)
             d.rmdir()
 
@@ -105,13 +106,13 @@ def discard_unstarted(dirs: list[Path]) -> None:
 def run_status(run_dir: Path, cfg: ExperimentConfig) -> str:
     """One of: "complete" (last round checkpointed, end recorded), "resumable" (an intact checkpoint
     to continue from) or "unstarted" (nothing completed)."""
-    found = newest_intact(run_dir) if (run_dir / "config.yaml").is_file() else None
+    found = newest_intact(run_dir) if (run_dir / CONFIG_FILE).is_file() else None
     if found is None:
         return "unstarted"
     if found[0] < 0:
         raise ResumeError(
             f"every checkpoint in {run_dir} is damaged ({', '.join(found[3])}): remove "
-            f"{run_dir / 'checkpoints'} to start that run over"
+            f"{run_dir / CHECKPOINTS_DIR} to start that run over"
         )
     last = cfg.federation.rounds if not cfg.is_cotuning or plan_of(cfg.algorithm).trains else 0
     path = run_dir / METRICS_FILE
@@ -180,6 +181,6 @@ def prepare_resumed_dir(d: Path, v: ExperimentConfig, status: str) -> None:
         (d / METRICS_FILE).unlink(missing_ok=True)
     d.mkdir(parents=True, exist_ok=True)
     if status == "unstarted":
-        (d / "config.yaml").write_text(dump_config(v))
+        (d / CONFIG_FILE).write_text(dump_config(v))
     else:
-        record_runtime_settings(d / "config.yaml", v)
+        record_runtime_settings(d / CONFIG_FILE, v)

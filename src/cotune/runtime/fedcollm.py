@@ -16,13 +16,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
 from cotune.algorithms.fedcollm import check_payload, fedavg_weights, plan_of
+from cotune.config.names import ROLES, Role
 from cotune.config.schema import ExperimentConfig
 from cotune.data.task_data import TaskData
 from cotune.evaluation.multiple_choice import (
@@ -67,10 +68,6 @@ def adapter_digest(pool: AdapterPool, name: str) -> str:
         h.update(key.encode())
         h.update(tensor.float().cpu().numpy().tobytes())
     return h.hexdigest()
-
-
-Role = Literal["slm", "llm"]
-ROLES: tuple[Role, Role] = ("slm", "llm")  # within a batch (order 'batch'), the SLM steps first
 
 
 def choice_nll(logliks: Sequence[Sequence[float]], answers: Sequence[int]) -> float:

@@ -14,9 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from cotune.config.names import UPLOAD_ATTACKS
 from cotune.config.schema import ExperimentConfig
-from cotune.runtime import guard
+from cotune.runtime import guard, simulated
 from cotune.runtime.client import ClientWork, train_works_together
 from cotune.runtime.port import (
     ClientInfo,
@@ -31,8 +30,6 @@ from cotune.runtime.port import (
     Upload,
 )
 from cotune.state import AdapterState, copied
-
-CLAIM = 10**9  # the example count a simulated `inflated_claim` attacker reports
 
 
 @functools.cache
@@ -64,11 +61,11 @@ class InProcessClients:
 
     def describe(self) -> Replies[ClientInfo]:
         """Each client's description; a simulated `inflated_claim` attacker claims 10^9 examples."""
-        a = self.cfg.simulation.attack
-        liars = set(a.clients) if a.kind == "inflated_claim" else set()
         return Replies(
             ok={
-                w.index: replace(w.describe(), examples=CLAIM) if w.index in liars else w.describe()
+                w.index: replace(w.describe(), examples=simulated.CLAIM)
+                if simulated.claims_inflated(self.cfg, w.index)
+                else w.describe()
                 for w in self.works
             }
         )
@@ -98,11 +95,7 @@ class InProcessClients:
                     replies.failed[i] = outcome.reason or "failed"
                     continue
                 upload, sent = self.works[i].upload(), adapters[i]
-                if (
-                    guard.is_attacker(self.cfg, i, round_)
-                    and self.cfg.simulation.attack.kind in UPLOAD_ATTACKS
-                ):
-                    upload = guard.attacked(self.cfg, round_, i, upload, sent)
+                upload = simulated.uploaded(self.cfg, round_, i, upload, sent)  # or a simulated attacker's
                 replies.ok[i] = Upload(upload, outcome.value)
         return replies
 

@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-LOCK_FILE = ".lock"
+from cotune.errors import OrdinaryError
+from cotune.layout import LOCK_FILE
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(RuntimeError, OrdinaryError):
     """Another live process holds the run directory."""
 
 

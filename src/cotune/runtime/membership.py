@@ -14,8 +14,9 @@ import torch
 from rich.console import Console
 
 from cotune.config.schema import ExperimentConfig
-from cotune.runtime import guard
+from cotune.runtime import quorum
 from cotune.runtime.port import ClientInfo, Replies
+from cotune.seeds import torch_generator
 
 
 def participants(cfg: ExperimentConfig, r: int, joined: Sequence[int]) -> list[int]:
@@ -25,7 +26,7 @@ def participants(cfg: ExperimentConfig, r: int, joined: Sequence[int]) -> list[i
     m = cfg.federation.sampled_per_round
     if m >= len(joined):
         return list(joined)
-    order = torch.randperm(len(joined), generator=guard.generator("participants", cfg.run.seed, r))
+    order = torch.randperm(len(joined), generator=torch_generator("participants", cfg.run.seed, r))
     return sorted(joined[int(i)] for i in order[:m])
 
 
@@ -33,7 +34,7 @@ class Membership:
     """The joined clients (with their descriptions), the ones drawn for the current round, and the
     ones dropped from it."""
 
-    def __init__(self, cfg: ExperimentConfig, log: guard.Log, console: Console) -> None:
+    def __init__(self, cfg: ExperimentConfig, log: quorum.Log, console: Console) -> None:
         self.cfg, self.log, self.console = cfg, log, console
         self.n = cfg.federation.clients
         self.joined: dict[int, ClientInfo] = {}  # client -> its description, for those that answered
@@ -74,7 +75,7 @@ class Membership:
         """Log every client that gave no answer, drop it from this round, stop if too few are left."""
         for i, reason in sorted(replies.failed.items()):
             self.dropped.add(i)
-            guard.log_dropped(self.log, r, i, reason, phase)
+            quorum.log_dropped(self.log, r, i, reason, phase)
             self.console.print(f"[yellow]client {i} dropped from round {r} ({phase}):[/] {reason}")
         total = expected if expected is not None else len(self.drawn)
-        guard.require(self.cfg, self.log, r, len(self.active()), total, "answered")
+        quorum.require(self.cfg, self.log, r, len(self.active()), total, "answered")

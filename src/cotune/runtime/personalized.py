@@ -25,14 +25,14 @@ from cotune.config.schema import ExperimentConfig
 from cotune.evaluation.lm import LMEval
 from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import wide_initialisation
-from cotune.records import CommRecord, EvalRecord, RoundRecord, RunEvent, TrainRecord, TrustRecord
+from cotune.records import CommRecord, EvalRecord, RoundRecord, RunEvent, Split, TrainRecord, TrustRecord
 from cotune.reporting.progress import Activity, Advance
-from cotune.runtime import guard
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline, check_trained
 from cotune.runtime.port import ClientInfo, Clients, OnDone, Prediction
 from cotune.runtime.rounds import RoundTimes, run_rounds
 from cotune.runtime.rundir import RunFiles, client_name, load_adapter
+from cotune.seeds import torch_generator
 from cotune.state import AdapterState, copied, state_bytes
 
 SaveAdapter = Callable[[AdapterState, Path], None]  # writes one adapter in PEFT format
@@ -315,7 +315,7 @@ class PersonalizedLoop:
             self.adapters = [own] * self.n
         elif rule == "update":
             fresh = wide_initialisation(
-                self.adapters[0], self.cfg.lora.max_rank, guard.generator("flora", self.cfg.run.seed, r)
+                self.adapters[0], self.cfg.lora.max_rank, torch_generator("flora", self.cfg.run.seed, r)
             )
             self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
 
@@ -335,7 +335,7 @@ class PersonalizedLoop:
                 if scores is not None and (i, split) not in logged:
                     self.files.log(self.eval_record(r, i, split, scores))
 
-    def eval_record(self, r: int, client: int, split: Literal["val", "test"], scores: LMEval) -> EvalRecord:
+    def eval_record(self, r: int, client: int, split: Split, scores: LMEval) -> EvalRecord:
         return EvalRecord(
             round=r,
             step=self.step_at_end(r),

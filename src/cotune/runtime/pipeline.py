@@ -11,12 +11,11 @@ robustness.aggregator) is decided here, not by flags tested inside the loops.
 * Client-level DP: every accepted update is clipped to `privacy.clip_norm`; Gaussian noise goes on
   the mean (fedavg, where one draw covers everyone) or on each upload (trust mixing, where clients
   take different weighted sums); epsilon is logged after each aggregation.
-* `require`: too few accepted uploads stops the run cleanly (`guard.TooFewClients`).
+* `require`: too few accepted uploads stops the run cleanly (`quorum.TooFewClients`).
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,9 +28,10 @@ from cotune.algorithms.robust import screen_updates
 from cotune.config.names import STRATEGY_SPECS
 from cotune.config.schema import ExperimentConfig
 from cotune.records import FaultRecord, PrivacyClip, PrivacySpent
-from cotune.runtime import guard
-from cotune.runtime.guard import Log
+from cotune.runtime import quorum
+from cotune.runtime.quorum import Log
 from cotune.runtime.rundir import client_name
+from cotune.seeds import fresh_generator, torch_generator
 from cotune.state import AdapterState
 from cotune.training.divergence import check_round
 
@@ -125,7 +125,7 @@ class AggregationPipeline:
                     clip_norm=p.clip_norm,
                 )
             )
-        guard.require(
+        quorum.require(
             self.cfg, self.log, round_, len(accepted), n_clients, "sent an acceptable update", default=1
         )
         return accepted, kept
@@ -202,8 +202,8 @@ class AggregationPipeline:
     def generator(self, round_: int, stream: object = 0) -> torch.Generator:
         seed = self.privacy.seed
         if seed is None:
-            return torch.Generator().manual_seed(secrets.randbits(63))
-        return guard.generator("privacy", seed, round_, stream)
+            return fresh_generator()
+        return torch_generator("privacy", seed, round_, stream)
 
     def noise(
         self, round_: int, state: Mapping[str, torch.Tensor], max_weight: float, stream: object = 0

@@ -26,7 +26,9 @@ from cotune.algorithms.ranks import rank_of
 from cotune.assets import ASSETS
 from cotune.config.loader import ConfigError, load_config
 from cotune.config.schema import ExperimentConfig, LoraSettings, ModelConfig, TaskColumns
+from cotune.errors import OrdinaryError
 from cotune.evaluation.multiple_choice import MCExample, MCResult, evaluate_multiple_choice
+from cotune.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE
 from cotune.models.adapter_check import AdapterSpec, check_adapter
 from cotune.models.loader import no_loading_bars
 from cotune.models.lora import AdapterPool, lora_config
@@ -47,7 +49,7 @@ class TunedModel:
     adapter_dir: Path  # the adapter in PEFT format, in the checkpoint it was read from
 
 
-class RunDirError(ValueError):
+class RunDirError(ValueError, OrdinaryError):
     """A path given as a run directory that a command cannot use; the message says what to give instead."""
 
 
@@ -92,7 +94,7 @@ def run_config(run_dir: Path) -> ExperimentConfig:
         raise RunDirError(f"{run_dir} does not exist: {give}")
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is a file, not a run directory: {give}")
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not a run directory (no config.yaml): {give}")
     try:
@@ -124,7 +126,7 @@ def find_adapter(
             "first round was saved, or its checkpoints are damaged): run it again, or `cotune run --resume`"
         )
     adapter_dir = found[1] / name
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise RunDirError(f"{run_dir}: its checkpoint round {found[0]} holds no adapter {name!r}")
     return Adapter(cfg, name, adapter_dir)
 
@@ -145,7 +147,7 @@ def load_tuned(adapter: Adapter, console: Console | None = None) -> TunedModel:
     be this run's: what needs no model before it loads, its shapes against the run's pool after."""
     cfg, name, adapter_dir = adapter.cfg, adapter.name, adapter.adapter_dir
     model_cfg, lora = adapter_spec(cfg, name)
-    state, file = load_adapter(adapter_dir), adapter_dir / "adapter_model.safetensors"
+    state, file = load_adapter(adapter_dir), adapter_dir / ADAPTER_WEIGHTS
     check_adapter(file, state)
     base, tokenizer, device = load_model(cfg, model_cfg, console)
     pool = AdapterPool(base, lora, [name], [rank_of(state)])  # clients may differ in rank (lora.ranks)
@@ -265,7 +267,7 @@ def evaluate_task(
 
 
 # ---- export ---------------------------------------------------------------------------------------------
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # what is taken from a checkpoint
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)  # what is taken from a checkpoint
 
 
 def check_export_target(out: Path) -> None:
@@ -287,7 +289,7 @@ def base_model_id(name: str) -> str:
 def exported_config(adapter: Adapter) -> dict[str, Any]:
     """The checkpoint's adapter_config.json, checked against the run's adapter spec and the weights' rank
     (cheap: called before the model loads too), naming the base model so that others can load it."""
-    path = adapter.adapter_dir / "adapter_config.json"
+    path = adapter.adapter_dir / ADAPTER_CONFIG
     damaged = "the checkpoint is damaged: export another round or rerun the run"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -357,9 +359,7 @@ def export(tuned: TunedModel, out: Path, merge: bool = False) -> tuple[Path, lis
     config = exported_config(Adapter(tuned.cfg, tuned.adapter_dir.name, tuned.adapter_dir))
     skipped = sorted(p.name for p in tuned.adapter_dir.iterdir() if p.name not in ADAPTER_FILES)
     out.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    write_new(
-        out / "adapter_model.safetensors", (tuned.adapter_dir / "adapter_model.safetensors").read_bytes()
-    )
-    write_new(out / "adapter_config.json", json.dumps(config, indent=2).encode())
+    write_new(out / ADAPTER_WEIGHTS, (tuned.adapter_dir / ADAPTER_WEIGHTS).read_bytes())
+    write_new(out / ADAPTER_CONFIG, json.dumps(config, indent=2).encode())
     write_new(out / "README.md", model_card(tuned).encode())
     return out, skipped

@@ -24,20 +24,19 @@ from safetensors.torch import load_file
 
 from cotune.config.loader import NO_DEFAULT, dump_config, load_config, setting_default
 from cotune.config.schema import ExperimentConfig
+from cotune.errors import OrdinaryError
+from cotune.layout import ADAPTER_WEIGHTS, CONFIG_FILE, LOCK_FILE, METRICS_FILE, STATE_FILE
 from cotune.models.adapter_check import AdapterSpec, adapter_problem
 from cotune.records import Record, RunEvent, parse_record
 from cotune.reporting.metrics import append_metrics, read_metrics
 from cotune.reporting.trackers import Trackers
 from cotune.runtime.checkpoint import list_checkpoints, load_state, restore_rng, rng_state, save_state
 from cotune.runtime.checkpoint import write_checkpoint as write_round
-from cotune.runtime.lock import LOCK_FILE
 from cotune.state import AdapterState
 
-STATE_FILE = "state.pt"
 R = TypeVar("R", bound=Record)
 
-
-class ResumeError(RuntimeError):
+class ResumeError(RuntimeError, OrdinaryError):
     """A run directory that cannot be resumed with this config."""
 
 
@@ -135,7 +134,7 @@ def _at_default(key: str, value: Any) -> bool:
 
 def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """The run directory's own config, with overrides that only change how it runs (else refused)."""
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise ResumeError(f"{run_dir} is not a run directory (no config.yaml)")
     saved = load_config(path)
@@ -183,8 +182,8 @@ def init_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
     if run_dir.is_file():
         raise FileExistsError(f"{run_dir} is a file, not a run directory: choose another --out")
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        found = newest_intact(run_dir) if (run_dir / "config.yaml").is_file() else None
-        if not (run_dir / "config.yaml").is_file():
+        found = newest_intact(run_dir) if (run_dir / CONFIG_FILE).is_file() else None
+        if not (run_dir / CONFIG_FILE).is_file():
             what = "it is not a cotune run directory, so cotune will not write into it"
         elif found is None:
             what = f"it has no completed round: `cotune run --resume {run_dir}` starts it over"
@@ -192,7 +191,7 @@ def init_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
             what = f"`cotune run --resume {run_dir}` continues it after round {found[0]}"
         raise FileExistsError(f"run directory {run_dir} is not empty; {what}; or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
 
 
 def variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
@@ -250,7 +249,7 @@ def adapters_problem(path: Path, expected: Mapping[str, AdapterSpec]) -> str | N
     """What is wrong with the first of checkpoint `path`'s `expected` adapters that is missing or not one
     of this run's (its name and the problem), or None."""
     for name, spec in expected.items():
-        file = path / name / "adapter_model.safetensors"
+        file = path / name / ADAPTER_WEIGHTS
         if not file.is_file():
             return f"{name}: no adapter file"
         problem = adapter_problem(load_file(str(file)), spec)
@@ -265,7 +264,7 @@ class RunFiles:
 
     def __init__(self, run_dir: Path, cfg: ExperimentConfig, backend: str = CLIENTS_IN_PROCESS) -> None:
         self.run_dir, self.cfg, self.backend = Path(run_dir), cfg, backend
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS_FILE
         self.fingerprint = config_fingerprint(cfg)
         self.trackers = Trackers(cfg.run.loggers, self.run_dir, cfg.family_dump())
 
@@ -328,7 +327,7 @@ class RunFiles:
 
     def fingerprint_as_written(self) -> str | None:
         """This config's fingerprint under the cotune version that wrote the run's config.yaml."""
-        path = self.run_dir / "config.yaml"
+        path = self.run_dir / CONFIG_FILE
         try:
             written = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -356,4 +355,4 @@ class RunFiles:
 
 def load_adapter(directory: Path) -> AdapterState:
     """An adapter saved in PEFT format."""
-    return load_file(str(directory / "adapter_model.safetensors"))
+    return load_file(str(directory / ADAPTER_WEIGHTS))

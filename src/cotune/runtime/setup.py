@@ -17,7 +17,6 @@ import torch
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
-from cotune.algorithms.attacks import garbage_tokens
 from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
 from cotune.config.names import STRATEGY_SPECS
 from cotune.config.schema import ExperimentConfig, ModelConfig
@@ -28,15 +27,17 @@ from cotune.models.compat import check_same_tokenizer
 from cotune.models.loader import load_base_model, resolve_device, resolve_dtype
 from cotune.models.lora import AdapterPool
 from cotune.reporting.text import printable
-from cotune.runtime import guard
 from cotune.runtime.client import ClientWork
 from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER, Server
 from cotune.runtime.port import ClientInfo
 from cotune.runtime.rundir import client_name
+from cotune.runtime.simulated import garbage_data, is_garbage_attacker
+from cotune.seeds import LLM_SLOT, SERVER_SLOT, stream_seed
 from cotune.training.learner import Learner
 
 
 def seed_everything(seed: int) -> None:
+    seed = stream_seed("global", seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -153,7 +154,7 @@ def personalized_work(
     train = data.train
     if is_garbage_attacker(cfg, index):  # a simulated attacker trains on random tokens
         vocab = pool.model.get_input_embeddings().num_embeddings
-        train = garbage_tokens(train, vocab, guard.generator("garbage", cfg.run.seed, index))
+        train = garbage_data(cfg, index, train, vocab)
     tcfg = cfg.train
     learner = Learner(
         pool,
@@ -161,7 +162,7 @@ def personalized_work(
         train,
         tcfg,
         cfg.federation.total_steps,
-        cfg.run.seed * 1000 + index,
+        stream_seed("learner", cfg.run.seed, index),
         device,
         frozen=cfg.strategy.spec.frozen_parts,
     )
@@ -186,11 +187,6 @@ def personalized_works(
         personalized_work(cfg, i, pool, c, lambda: data.public, device, LabelMixture.of_split(data, i))
         for i, c in enumerate(data.clients)
     ]
-
-
-def is_garbage_attacker(cfg: ExperimentConfig, index: int) -> bool:
-    a = cfg.simulation.attack
-    return a.kind == "garbage_data" and index in a.clients
 
 
 # ---- FedCoLLM family ----------------------------------------------------------------------------------
@@ -252,9 +248,7 @@ def fedcollm_work(
 ) -> ClientWork:
     """Client `index` of the FedCoLLM family: its SLM slot, its private set D_k, its own budget."""
     if is_garbage_attacker(cfg, index):  # a simulated attacker trains on random answers
-        ids = garbage_tokens(
-            data.input_ids, vocab, guard.generator("garbage", cfg.run.seed, index), mask=data.attention_mask
-        )
+        ids = garbage_data(cfg, index, data.input_ids, vocab, mask=data.attention_mask)
         data = EncodedSet(ids, data.attention_mask, torch.where(data.labels != -100, ids, data.labels))
     budget = client_budget(cfg, len(data))
     learner = Learner(
@@ -263,7 +257,7 @@ def fedcollm_work(
         data,
         cfg.train,
         budget * cfg.federation.rounds,
-        cfg.run.seed * 1000 + index,
+        stream_seed("learner", cfg.run.seed, index),
         device,
         frozen=STRATEGY_SPECS["ffa_lora"].frozen_parts if cfg.federation.ffa_lora else (),
     )
@@ -312,7 +306,7 @@ def fedcollm_server(
         task.public,
         t if slm_lr is None else t.model_copy(update={"lr": slm_lr}),
         per_round * rounds,
-        seed * 1000 + 999,
+        stream_seed("learner", seed, SERVER_SLOT),
         device,
         accumulate=False,
     )
@@ -321,7 +315,15 @@ def fedcollm_server(
         llm_lr = cfg.llm.lr if cfg.llm is not None and cfg.llm.lr is not None else t.lr
         lt = t.model_copy(update={"lr": llm_lr})
         if plan_of(cfg.algorithm).central_llm:
-            omega = Learner(llm, LLM_ADAPTER, task.union, lt, central * rounds, seed * 1000 + 998, device)
+            omega = Learner(
+                llm,
+                LLM_ADAPTER,
+                task.union,
+                lt,
+                central * rounds,
+                stream_seed("learner", seed, LLM_SLOT),
+                device,
+            )
         else:
             omega = Learner(  # its own seed: its dropout stream differs from theta's
                 llm,
@@ -329,7 +331,7 @@ def fedcollm_server(
                 task.public,
                 lt,
                 per_round * rounds,
-                seed * 1000 + 998,
+                stream_seed("learner", seed, LLM_SLOT),
                 device,
                 accumulate=False,
             )

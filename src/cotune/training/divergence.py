@@ -21,11 +21,13 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from cotune.errors import OrdinaryError
+
 UPDATE_RMS_LIMIT = 1.0
 A_PART, B_PART = ".lora_A.", ".lora_B."
 
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(ValueError, OrdinaryError):
     """A client's training diverged: the run stops with the rounds completed so far kept."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from cotune.errors import OrdinaryError
+
 # No traffic to flower.ai from any process that imports this package (telemetry and the CLI update
 # check are on by default in flwr); set before flwr is imported by the submodules.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -28,7 +30,7 @@ FLOWER_ENV = {
 }
 
 
-class FlowerRunError(RuntimeError):
+class FlowerRunError(RuntimeError, OrdinaryError):
     """The Flower run did not complete: the server stopped (too few clients) or failed."""
 
 

@@ -42,6 +42,7 @@ from cotune.runtime.setup import (
     load_model,
     personalized_work,
 )
+from cotune.seeds import stream_seed
 from cotune.state import AdapterState
 
 
@@ -238,7 +239,7 @@ class Node:
     def seed_if_new(self) -> None:
         """Before its first training: this node's own dropout stream (a SuperNode is its own process)."""
         if not self.rng_restored:
-            torch.manual_seed(self.cfg.run.seed * 1000 + self.index)
+            torch.manual_seed(stream_seed("learner", self.cfg.run.seed, self.index))
             self.rng_restored = True
 
     def weight(self) -> int:

@@ -29,15 +29,18 @@ from rich.console import Console
 
 from cotune.config.loader import apply_overrides, config_from_dict, dump_config, load_config, parse_yaml
 from cotune.config.schema import ExperimentConfig
+from cotune.layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE
 from cotune.records import RunEvent
 from cotune.runtime.checkpoint import latest_checkpoint
 from cotune.runtime.compose import fedcollm_loop, has_client_step, personalized_loop
 from cotune.runtime.fedcollm import FedCoLLMLoop
+from cotune.runtime.flower.app import with_run_settings
 from cotune.runtime.flower.clients import FlowerClients, ServerSettings
-from cotune.runtime.flower.deploy import OUTCOME_MARK, check_flower_config, run_outcome, with_run_settings
-from cotune.runtime.guard import TooFewClients
+from cotune.runtime.flower.deploy import check_flower_config
+from cotune.runtime.flower.outcome import OUTCOME_MARK, run_outcome
 from cotune.runtime.lock import run_lock
 from cotune.runtime.personalized import PersonalizedLoop
+from cotune.runtime.quorum import TooFewClients
 from cotune.runtime.rundir import CLIENTS_ON_FLOWER, ResumeError, RunFiles, default_run_dir, is_flower_run
 from cotune.runtime.setup import (
     adapter_pool,
@@ -65,8 +68,8 @@ def experiment_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
 
 def prepare_run_dir(run_dir: Path, cfg: ExperimentConfig) -> None:
     """Create the run directory, or accept one prepared for this config (config.yaml, nothing run yet)."""
-    config_file = run_dir / "config.yaml"
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+    config_file = run_dir / CONFIG_FILE
+    if (run_dir / METRICS_FILE).exists() or (run_dir / CHECKPOINTS_DIR).exists():
         raise FileExistsError(f"run directory {run_dir} already holds a run; choose another run-dir")
     if config_file.exists() and config_file.read_text() != dump_config(cfg):
         raise FileExistsError(f"{config_file} was written for another config; choose another run-dir")

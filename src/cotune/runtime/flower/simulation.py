@@ -28,9 +28,10 @@ from typing import Any
 from rich.console import Console
 
 from cotune.config.schema import ExperimentConfig
+from cotune.layout import FLOWER_DIR, NODE_STATE_DIR, SIMULATION_LOG
 from cotune.runtime.flower import FlowerRunError
-from cotune.runtime.flower.deploy import check_outcome
 from cotune.runtime.flower.node_state import STATE_ENV
+from cotune.runtime.flower.outcome import check_outcome
 
 
 def require_ray() -> None:
@@ -68,7 +69,7 @@ def run_on_simulation(
         # The actors inherit this process's environment: the virtual nodes keep their state where a
         # local deployment's SuperNodes do (RUN_DIR/flower/node-state), so either can resume the run.
         before = os.environ.get(STATE_ENV)
-        os.environ[STATE_ENV] = str(run_dir / "flower" / "node-state")
+        os.environ[STATE_ENV] = str(run_dir / FLOWER_DIR / NODE_STATE_DIR)
         try:
             simulate(cfg, run_dir, backend, console, resume)
         finally:
@@ -98,7 +99,7 @@ def simulate(
 
     console.print(f"[bold]{cfg.algorithm}[/]: {cfg.federation.clients} virtual SuperNodes -> {run_dir}")
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)  # `cotune --verbose`
-    log_path = run_dir / "flower" / "simulation.log"
+    log_path = run_dir / FLOWER_DIR / SIMULATION_LOG
     console.print(f"Flower's and Ray's messages: {log_path}", highlight=False)
     # The actors' output reaches this terminal only under --verbose (Ray keeps it in its session logs).
     backend = {**backend, "init_args": {"logging_level": "ERROR", "log_to_driver": verbose}}
