@@ -23,6 +23,26 @@ WORDS = {
 }
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep `--dist loadgroup` grouping: pytest-xdist (3.8) tells the controller a test's xdist_group by
+    appending "@group" to `item._nodeid`, which pytest 9 no longer reads (the id lives in `item._id`), so
+    every test became its own group and each module-scoped run (a Flower federation, the SmolLM2 run)
+    was built once per worker. Append the suffix where xdist's did not take."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = sorted(
+            {
+                str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                for m in item.iter_markers("xdist_group")
+            }
+        )
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
+            item._id = type(item._id).parse(item.nodeid + suffix)
+
+
 @pytest.fixture(autouse=True)
 def node_state_in_tmp(tmp_path_factory, monkeypatch) -> Path:
     """SuperNodes keep their trainer states under XDG_STATE_HOME: a temporary one, never the home dir."""

@@ -103,11 +103,11 @@ def test_a_stopped_supernode_takes_its_worker_along_and_a_restart_leaves_nothing
     assert not _alive(seen | {first, second, third})
 
 
-def _cfg(corpus_dir: Path, tmp_path: Path, strategy: str):
+def _cfg(corpus_dir: Path, tmp_path: Path, strategy: str, rounds: int = 2):
     tree = tiny_tree(
         corpus_dir,
         tmp_path,
-        federation={"clients": CLIENTS},
+        federation={"clients": CLIENTS, "rounds": rounds},
         strategy={"name": strategy},
         run={"threads": 1, "eval_every": 2},  # rounds 0 and 2 evaluated: one exchange less per run
     )
@@ -129,14 +129,15 @@ def _run(fed: LocalFederation, cfg, tmp_path: Path, **settings) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("strategy", "via"),
-    # both ways of starting a run; flora: every message is a fresh process that merges the history kept on its
-    # node's disk into a freshly loaded base
-    [("fedavg", "run_flower"), ("validation", "flwr run"), ("flora", "flwr run")],
+    ("strategy", "via", "rounds"),
+    # both ways of starting a run (one round each: the way in is the claim); flora: every message is a fresh
+    # process that merges the history kept on its node's disk into a freshly loaded base (two rounds: the
+    # second merges the first's)
+    [("fedavg", "run_flower", 1), ("validation", "flwr run", 1), ("flora", "flwr run", 2)],
 )
 @SHARED_FEDERATION
-def test_two_supernodes_give_the_embedded_adapters(federation, corpus_dir, tmp_path, strategy, via):
-    cfg = _cfg(corpus_dir, tmp_path, strategy)
+def test_two_supernodes_give_the_embedded_adapters(federation, corpus_dir, tmp_path, strategy, via, rounds):
+    cfg = _cfg(corpus_dir, tmp_path, strategy, rounds)
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
     t0 = time.perf_counter()
     if via == "run_flower":  # what `cotune run CONFIG --backend flower --superlink HOST:PORT` calls
@@ -199,8 +200,7 @@ def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
 ):
     """Runs last: it stops supernode-1 after round 1's checkpoint. With min_clients = all, round 2
     cannot go on; the node is restarted and `cotune run --resume` ends with the embedded adapters."""
-    cfg = _cfg(corpus_dir, tmp_path, "fedavg")
-    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 3})})
+    cfg = _cfg(corpus_dir, tmp_path, "fedavg", rounds=2)
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
     run_dir = tmp_path / "flower"
 
@@ -235,7 +235,7 @@ def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
     diff = max_adapter_diff(_adapters(embedded), _adapters(run_dir))
     print(f"\nresumed Flower run {time.perf_counter() - t0:.0f}s, max |adapter diff| vs embedded {diff:.3g}")
     assert diff <= TOLERANCE
-    assert [r for r, _ in list_checkpoints(run_dir)][-1] == 3
+    assert [r for r, _ in list_checkpoints(run_dir)][-1] == 2
 
 
 def test_a_secure_federation_admits_only_its_members(corpus_dir, tmp_path):
@@ -248,8 +248,7 @@ def test_a_secure_federation_admits_only_its_members(corpus_dir, tmp_path):
 
     from cotune.runtime.flower.app import CONNECTION, flower_env, write_connection
 
-    cfg = _cfg(corpus_dir, tmp_path, "fedavg")
-    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 1})})
+    cfg = _cfg(corpus_dir, tmp_path, "fedavg", rounds=1)
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
     with LocalFederation(CLIENTS, tmp_path / "secure", secure=True, workers=False) as fed:
         fed.start_node(1, name="stranger", register=False)  # its key is not registered
