@@ -21,8 +21,10 @@ from cotune.evaluation.generation import (
     generation_count,
     greedy_decode,
     normalize_answer,
+    pad_token_id,
     response_nll,
     rouge_l,
+    stop_token_ids,
     token_f1,
 )
 from cotune.models.lora import AdapterPool, lora_config
@@ -355,3 +357,15 @@ def test_max_examples_bounds_the_evaluation(tok, model):
     assert res.n == 2 == sum(done) == generation_count(requests, 2) and len(res.predictions) == 2
     with pytest.raises(ValueError, match="no generation examples"):
         evaluate_generation(model, [], stop_ids=[], pad_id=0, decode=tok.decode)
+
+
+def test_stop_and_pad_ids(tok, model):
+    from types import SimpleNamespace
+
+    assert stop_token_ids(model, tok) == sorted({2, tok.eos_token_id})  # LlamaConfig's EOS 2 and the byte EOS
+    many = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 5]))
+    assert stop_token_ids(many, SimpleNamespace(eos_token_id=5)) == [5, 7]
+    assert stop_token_ids(nn.Linear(1, 1), SimpleNamespace(eos_token_id=None)) == []
+    assert pad_token_id(tok) == tok.pad_token_id
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=3)) == 3
+    assert pad_token_id(SimpleNamespace()) == 0

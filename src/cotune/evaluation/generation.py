@@ -127,6 +127,26 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 # ---- decoding -------------------------------------------------------------------------------------------
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """The ids that end a generated response: the model's generation config's EOS ids (one or a list:
+    instruct models often name the end-of-turn and the end-of-text token) and the tokenizer's EOS."""
+    config = getattr(model, "generation_config", None)
+    named = getattr(config, "eos_token_id", None)
+    ids = [] if named is None else [named] if isinstance(named, int) else list(named)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted({int(i) for i in ids})
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that fills left padding (never attended): the tokenizer's pad, else its EOS, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def _left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask) of token rows left-padded to the longest."""
     width = max(len(r) for r in rows)
