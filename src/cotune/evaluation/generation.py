@@ -28,7 +28,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -391,3 +391,24 @@ def evaluate_generation(
 def generation_count(requests: Sequence[GenRequest], max_examples: int | None = None) -> int:
     """How many examples `evaluate_generation` scores: its progress total."""
     return len(requests) if max_examples is None else min(len(requests), max(max_examples, 0))
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model reads (its config's `max_position_embeddings`; None: not stated)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
+def fit_context(requests: Sequence[GenRequest], context: int | None, max_new_tokens: int) -> list[GenRequest]:
+    """The requests with each prompt cut from the left (as `fit_lengths` cuts it) so that the prompt and
+    `max_new_tokens` generated tokens fit in `context` positions; unchanged when they fit (or no limit).
+    The reference response is never cut here: its perplexity is scored as training encoded it."""
+    if context is None:
+        return list(requests)
+    room = context - max_new_tokens
+    if room < 1:
+        raise ValueError(
+            f"task.max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+            f"{context} positions: lower task.max_new_tokens"
+        )
+    return [r if len(r.prompt_ids) <= room else replace(r, prompt_ids=r.prompt_ids[-room:]) for r in requests]

@@ -627,8 +627,9 @@ def _plot_accuracy_per_round(runs: Sequence[RunSummary], labels: Sequence[str], 
 
 
 def distill_val_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
-    """Per run, round and model: the server's validation accuracy (%) and choice-level loss at the start of
-    the round's distillation, after its last step, at its best scored step, and the step the round kept."""
+    """Per run, round and model: the server's validation accuracy (%) and choice-level loss (a generation
+    task: its response loss alone) at the start of the round's distillation, after its last step, at its
+    best scored step, and the step the round kept."""
     header = ["run", "round", "model", "start", "last step", "best step", "kept"]
     rows = []
     for run, label in zip(runs, unique_labels(runs), strict=True):
@@ -640,10 +641,10 @@ def distill_val_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[s
                 curve = [v for v in run.distill_val if v.round == rnd and v.model == model]
                 if not curve:
                     continue
-                best = max(curve, key=lambda v: (v.acc, -v.nll))
+                best = max(curve, key=lambda v: v.merit)
 
                 def cell(v: DistillValRecord) -> str:
-                    return f"{_pct(v.acc)} / {v.nll:.3f}"
+                    return f"{v.nll:.3f}" if v.acc is None else f"{_pct(v.acc)} / {v.nll:.3f}"
 
                 k = kept.get((rnd, model))
                 rows.append(
@@ -661,9 +662,15 @@ def distill_val_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[s
 
 
 def _plot_distill_validation(runs: Sequence[RunSummary], labels: Sequence[str], path: Path) -> bool:
-    """Validation accuracy along each round's distillation (round r spans r-1..r on the x axis), SLM solid,
-    LLM dashed, one colour per run; a star marks the step each round kept."""
+    """Validation accuracy (a generation task: response loss) along each round's distillation (round r
+    spans r-1..r on the x axis), SLM solid, LLM dashed, one colour per run; a star marks the step each
+    round kept."""
     drawn = False
+    loss = any(v.acc is None for run in runs for v in run.distill_val)
+
+    def y(v: DistillValRecord) -> float:
+        return v.nll if loss or v.acc is None else 100.0 * v.acc
+
     fig = _new_figure(7.5, 4.5)
     ax = fig.add_subplot()
     for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
@@ -678,7 +685,7 @@ def _plot_distill_validation(runs: Sequence[RunSummary], labels: Sequence[str], 
                     continue
                 last = max(1, curve[-1].step)
                 xs = [rnd - 1 + v.step / last for v in curve]
-                ys = [100.0 * v.acc for v in curve]
+                ys = [y(v) for v in curve]
                 ax.plot(
                     xs,
                     ys,
@@ -691,14 +698,13 @@ def _plot_distill_validation(runs: Sequence[RunSummary], labels: Sequence[str], 
                 k = kept.get((rnd, model))
                 at = next((v for v in curve if v.step == k), None) if k is not None else None
                 if at is not None:
-                    ax.plot(
-                        [rnd - 1 + at.step / last], [100.0 * at.acc], "*", color=f"C{i % 10}", markersize=12
-                    )
+                    ax.plot([rnd - 1 + at.step / last], [y(at)], "*", color=f"C{i % 10}", markersize=12)
     if not drawn:
         return False
     ax.set_xlabel("round (each round: from its start, the FedAvg average, to its last distillation step)")
-    ax.set_ylabel("server validation accuracy (%)")
-    ax.set_title("Validation accuracy along distillation (SLM solid, LLM dashed, * kept)")
+    what = "response loss" if loss else "accuracy"
+    ax.set_ylabel("server validation response loss" if loss else "server validation accuracy (%)")
+    ax.set_title(f"Validation {what} along distillation (SLM solid, LLM dashed, * kept)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     save_png(fig, path)
@@ -995,7 +1001,8 @@ def _cotuning_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[s
             "Accuracy (%) / choice-level loss on the server's validation split (distill.val_fraction of the "
             "public set, never trained on): at the start of each round's distillation (the SLM: the clients' "
             "FedAvg average), after its last step, at its best scored step, and the step the round kept "
-            "(distill.keep).",
+            "(distill.keep). A generation task is not decoded there: its cells are the teacher-forced loss "
+            "per response token.",
             "",
             _md_table(*distill_val_rows(val_runs)),
             "",
