@@ -242,3 +242,13 @@ def test_eval_scores_an_adapter_on_a_generation_file_without_printing_text(capsy
     bad.write_text(json.dumps({"prompt": CANARY, "response": 3}) + "\n")
     code, text = cotune(capsys, "eval", run_dir, "--task", bad, "--server")
     assert code == 2 and "bad.jsonl:1" in text and CANARY not in text
+
+
+def test_prompts_are_cut_from_the_left_to_leave_room_for_the_decoding_budget():
+    from cotune.evaluation.generation import GenRequest, fit_context
+
+    reqs = [GenRequest((1, 2, 3, 4, 5), (6, 7), "r"), GenRequest((1, 2), (3,), "s")]
+    assert fit_context(reqs, 6, 3) == [GenRequest((3, 4, 5), (6, 7), "r"), reqs[1]]  # 3 + 3 = 6 positions
+    assert fit_context(reqs, None, 3) == reqs and fit_context(reqs, 8, 3) == reqs
+    with pytest.raises(ValueError, match="max_new_tokens 6 leaves no room"):
+        fit_context(reqs, 6, 6)

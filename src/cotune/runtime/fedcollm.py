@@ -232,15 +232,18 @@ class Scorer:
         self.cfg, self.server = cfg, server
         self.generation = cfg.task is not None and cfg.task.kind == "generation"
 
-    def requests(self, examples: Sequence[Any]) -> list[GenRequest]:
+    def requests(self, examples: Sequence[Any], to_decode: bool = True) -> list[GenRequest]:
         """Generation examples as the evaluator takes them: encoded as training encodes them (template,
-        `fit_lengths`), each prompt then cut from the left to leave room for task.max_new_tokens in the
-        shorter context of the server's models (the SLM and the LLM are given the same prompts)."""
+        `fit_lengths`); `to_decode`, each prompt then cut from the left to leave room for
+        task.max_new_tokens in the shorter context of the server's models (the SLM and the LLM are
+        given the same prompts)."""
         task, s = self.cfg.task, self.server
         assert task is not None
+        encoded = gen_requests(s.tokenizer, examples, task.max_length, task.chat_template)
+        if not to_decode:
+            return encoded
         limits = [context_length(p.model) for p in (s.slm, s.llm) if p is not None]
         known = [n for n in limits if n is not None]
-        encoded = gen_requests(s.tokenizer, examples, task.max_length, task.chat_template)
         return fit_context(encoded, min(known) if known else None, task.max_new_tokens)
 
     def generated(
@@ -457,7 +460,7 @@ class Distillation:
         examples = self.task.public_val
         if self.scorer.generation:
             if self.val_requests is None:
-                self.val_requests = self.scorer.requests(examples)
+                self.val_requests = self.scorer.requests(examples, to_decode=False)  # scored as trained
             return self.scorer.response_loss(pool, name, self.val_requests, self.val_cache, on_scored)
         res = self.scorer.scored(pool, name, examples, self.val_cache, on_scored)
         return ValScore(res.acc, choice_nll(res.logliks, [ex.answer for ex in examples]), res.n)
