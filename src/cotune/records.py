@@ -199,16 +199,29 @@ class DistillValRecord(Record):
 
     Step 0 is the round's start (the SLM: the clients' FedAvg average; the LLM: omega as the round found
     it), step s is after the model's s-th distillation step of the round. `nll` is the choice-level loss:
-    -log of the right choice's probability, softmax over the choices' log-likelihoods, averaged.
+    -log of the right choice's probability, softmax over the choices' log-likelihoods, averaged. A
+    generation task is not decoded here: `acc` is None and `nll` the teacher-forced loss per response
+    token (stop tokens included) over the split.
     """
 
     type: Literal["distill_val"] = "distill_val"
     round: Int
     model: Role
     step: Int
-    acc: Float
+    acc: Float | None
     nll: Float
     n: Int
+
+    @property
+    def merit(self) -> tuple[float, float]:
+        """What ranks validation scores (`val_merit`): the higher, the better."""
+        return val_merit(self.acc, self.nll)
+
+
+def val_merit(acc: float | None, nll: float) -> tuple[float, float]:
+    """The order of validation scores, higher better: higher accuracy, then lower loss (the finer signal
+    on a small split); without accuracies (a generation task), lower loss."""
+    return (0.0 if acc is None else acc, -nll)
 
 
 class FaultRecord(Record):

@@ -330,7 +330,9 @@ def evaluate(
     task: Annotated[
         Path,
         typer.Option(
-            "--task", help='JSONL {"prompt", "choices", "answer"} per line, or a parquet/CSV/JSON/arrow table'
+            "--task",
+            help='JSONL {"prompt", "choices", "answer"} per line (generation: {"prompt", "response"}, Alpaca '
+            "or chat rows), or a parquet/CSV/JSON/arrow table",
         ),
     ],
     columns: Annotated[
@@ -344,19 +346,33 @@ def evaluate(
     client: ClientOpt = None,
     server: ServerOpt = False,
     llm: LlmOpt = False,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", min=1, help="generation: the decoding budget (default: the run's)"),
+    ] = None,
 ) -> None:
-    """Multiple-choice accuracy of one of the run's adapters on your own task file."""
-    from cotune.data.tasks import load_task_file
-    from cotune.runtime.results import evaluate_task, task_columns
+    """Score one of the run's adapters on your own task file: multiple-choice accuracy, or for generation
+    data (the run's task.kind, else what the file holds) exact match, F1, ROUGE-L and the responses'
+    perplexity."""
+    from cotune.runtime.results import evaluate_generation_task, evaluate_task, read_eval_task, task_columns
 
     examples: list[Any] = []
+    kind: list[str] = []
 
-    def read_task(_: Any) -> None:  # the whole file is checked before the model loads
-        examples.extend(load_task_file(task, task_columns(columns)))
+    def read_task(adapter: Any) -> None:  # the whole file is checked before the model loads
+        found, rows = read_eval_task(adapter.cfg, task, task_columns(columns))
+        kind.append(found)
+        examples.extend(rows)
 
     tuned = _tuned(run_dir, client, server, llm, read_task)
-    result = evaluate_task(tuned, examples, tuned.cfg.train.eval_batch_size)
-    scores = f"acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}  (n={result.n})"
+    batch = tuned.cfg.train.eval_batch_size
+    if kind[0] == "generation":
+        gen = evaluate_generation_task(tuned, examples, batch, max_new_tokens)
+        scores = f"EM {gen.exact_match:.4f}  F1 {gen.f1:.4f}  ROUGE-L {gen.rouge_l:.4f}  ppl {gen.ppl:.3f}"
+        scores += f"  (n={gen.n})"  # the generated texts are never printed: they may repeat training data
+    else:
+        result = evaluate_task(tuned, examples, batch)
+        scores = f"acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}  (n={result.n})"
     out.print(f"{tuned.adapter_dir.name} on {task}: {scores}", markup=False, highlight=False)
 
 

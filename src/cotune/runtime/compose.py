@@ -7,8 +7,6 @@ they pass and in how many client slots their pool holds.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
@@ -16,9 +14,8 @@ from transformers import PreTrainedTokenizerBase
 from cotune.algorithms.fedcollm import plan_of
 from cotune.config.schema import ExperimentConfig
 from cotune.data.task_data import TaskData
-from cotune.evaluation.multiple_choice import MCResult
 from cotune.models.lora import AdapterPool
-from cotune.runtime.fedcollm import FedCoLLMLoop
+from cotune.runtime.fedcollm import EvalCache, FedCoLLMLoop
 from cotune.runtime.personalized import PersonalizedLoop
 from cotune.runtime.port import Clients
 from cotune.runtime.rundir import RunFiles
@@ -50,7 +47,7 @@ def fedcollm_loop(
     device: torch.device,
     clients: Clients,
     console: Console,
-    eval_cache: dict[Any, MCResult] | None = None,
+    eval_cache: EvalCache | None = None,
 ) -> FedCoLLMLoop:
     """The FedCoLLM-family loop: the server's learners (theta; omega on the LLM pool, when the plan uses
     it) on `pools` (`setup.fedcollm_pools`), the clients behind `clients`."""

@@ -5,7 +5,10 @@ algorithm needs it, the LLM with its server-only LoRA omega (`LLM_ADAPTER`); the
 SLM and their private data. Every algorithm of the family walks the same round; `PLANS` switches
 its steps on or off: 1. broadcast theta; 2. local training on the clients (the `Clients` port);
 3. FedAvg of the uploads (the aggregation pipeline); 4. mutual distillation on D_a; or the
-centralized LLM baseline. Evaluation is multiple-choice accuracy on the held-out test split.
+centralized LLM baseline. Evaluation scores the held-out test split by the task's kind: multiple-choice
+accuracy, or (task.kind generation) greedy generations judged by exact match, F1 and ROUGE-L with the
+reference responses' perplexity. The server's validation split scores a generation task by the
+teacher-forced response loss alone (no decoding inside the distillation loop).
 """
 
 from __future__ import annotations
@@ -25,7 +28,21 @@ from transformers import PreTrainedTokenizerBase
 from cotune.algorithms.fedcollm import check_payload, fedavg_weights, plan_of
 from cotune.config.names import ROLES, Role
 from cotune.config.schema import ExperimentConfig
+from cotune.data.generation import gen_requests
 from cotune.data.task_data import TaskData
+from cotune.evaluation.generation import (
+    GenEval,
+    GenRequest,
+    OnDone,
+    context_length,
+    evaluate_generation,
+    fit_context,
+    generation_count,
+    length_order,
+    pad_token_id,
+    response_nll,
+    stop_token_ids,
+)
 from cotune.evaluation.multiple_choice import (
     MCExample,
     MCResult,
@@ -39,11 +56,13 @@ from cotune.records import (
     CommRecord,
     DistillRecord,
     DistillValRecord,
+    GenRecord,
     McRecord,
     Record,
     RoundRecord,
     RunEvent,
     TrainRecord,
+    val_merit,
 )
 from cotune.reporting.progress import Activity, Advance
 from cotune.runtime.claims import checked_sizes
@@ -81,15 +100,16 @@ def choice_nll(logliks: Sequence[Sequence[float]], answers: Sequence[int]) -> fl
 
 @dataclass(frozen=True)
 class ValScore:
-    """A model on the server's validation split: accuracy, choice-level loss, examples."""
+    """A model on the server's validation split: accuracy (None: a generation task, which is not decoded
+    here), loss (choice-level; generation: the teacher-forced loss per response token), examples."""
 
-    acc: float
+    acc: float | None
     nll: float
     n: int
 
     def better_than(self, other: ValScore) -> bool:
-        """Higher accuracy; at equal accuracy, lower loss (the finer signal on a small split)."""
-        return (self.acc, -self.nll) > (other.acc, -other.nll)
+        """Higher accuracy; at equal accuracy, lower loss; without accuracies, lower loss (`val_merit`)."""
+        return val_merit(self.acc, self.nll) > val_merit(other.acc, other.nll)
 
 
 class ValTrack:
@@ -197,18 +217,105 @@ class Trained:
     mean: AdapterState | None
 
 
+# scores by (kind, model role, adapter weights, settings): see Scorer
+EvalCache = dict[Any, "MCResult | GenEval | ValScore"]
+
+
 class Scorer:
-    """Multiple-choice scoring of the server's adapters (test split and validation split alike)."""
+    """Scoring of the server's adapters (test split and validation split alike): multiple-choice, or for
+    a generation task decoding (`generated`) and the teacher-forced response loss (`response_loss`)."""
 
     def __init__(self, cfg: ExperimentConfig, server: Server) -> None:
         self.cfg, self.server = cfg, server
+        self.generation = cfg.task is not None and cfg.task.kind == "generation"
+
+    def requests(self, examples: Sequence[Any], to_decode: bool = True) -> list[GenRequest]:
+        """Generation examples as the evaluator takes them: encoded as training encodes them (template,
+        `fit_lengths`); `to_decode`, each prompt then cut from the left to leave room for
+        task.max_new_tokens in the shorter context of the server's models (the SLM and the LLM are
+        given the same prompts)."""
+        task, s = self.cfg.task, self.server
+        assert task is not None
+        encoded = gen_requests(s.tokenizer, examples, task.max_length, task.chat_template)
+        if not to_decode:
+            return encoded
+        limits = [context_length(p.model) for p in (s.slm, s.llm) if p is not None]
+        known = [n for n in limits if n is not None]
+        return fit_context(encoded, min(known) if known else None, task.max_new_tokens)
+
+    def generated(
+        self,
+        pool: AdapterPool,
+        name: str,
+        requests: Sequence[GenRequest],
+        cache: EvalCache,
+        on_done: OnDone | None = None,
+    ) -> GenEval:
+        """`evaluate_generation` of adapter `name` on `requests` (at most task.max_test_examples), kept in
+        `cache` as `scored` keeps multiple-choice results: an adapter already scored is not rescored."""
+        t, task = self.cfg.train, self.cfg.task
+        assert task is not None
+        limit = task.max_test_examples
+        settings = (task.max_length, task.chat_template, task.max_new_tokens, limit, t.eval_batch_size)
+        key = ("gen", self.role(pool), adapter_digest(pool, name), *settings)
+        if key not in cache:
+            pool.activate(name)
+            tok = self.server.tokenizer
+            cache[key] = evaluate_generation(
+                pool.model,
+                requests,
+                batch_size=t.eval_batch_size,
+                max_new_tokens=task.max_new_tokens,
+                stop_ids=stop_token_ids(pool.model, tok),
+                pad_id=pad_token_id(tok),
+                decode=lambda ids: str(tok.decode(ids, skip_special_tokens=True)),
+                max_examples=limit,
+                on_done=on_done,
+            )
+        elif on_done is not None:
+            on_done(generation_count(requests, limit))
+        result = cache[key]
+        assert isinstance(result, GenEval)
+        return result
+
+    def response_loss(
+        self,
+        pool: AdapterPool,
+        name: str,
+        requests: Sequence[GenRequest],
+        cache: EvalCache,
+        on_done: OnDone | None = None,
+    ) -> ValScore:
+        """The teacher-forced loss per response token (stop tokens included) of adapter `name` on
+        `requests`, in batches of train.eval_batch_size, longest first; cached as `scored` caches."""
+        t, task = self.cfg.train, self.cfg.task
+        assert task is not None
+        settings = (task.max_length, task.chat_template, t.eval_batch_size)
+        key = ("loss", self.role(pool), adapter_digest(pool, name), *settings)
+        if key not in cache:
+            pool.activate(name)
+            pad, size = pad_token_id(self.server.tokenizer), t.eval_batch_size
+            order = length_order([len(r.prompt_ids) + len(r.response_ids) for r in requests])
+            total, tokens = 0.0, 0
+            for start in range(0, len(order), size):
+                chunk = [requests[i] for i in order[start : start + size]]
+                for loss, n in response_nll(pool.model, chunk, batch_size=size, pad_id=pad):
+                    total, tokens = total + loss, tokens + n
+                if on_done is not None:
+                    on_done(len(chunk))
+            cache[key] = ValScore(None, total / max(1, tokens), len(requests))
+        elif on_done is not None:
+            on_done(len(requests))
+        result = cache[key]
+        assert isinstance(result, ValScore)
+        return result
 
     def scored(
         self,
         pool: AdapterPool,
         name: str,
         examples: Sequence[MCExample],
-        cache: dict[Any, MCResult],
+        cache: EvalCache,
         on_scored: OnScored | None = None,
     ) -> MCResult:
         """Multiple-choice result of adapter `name` on `examples`, kept in `cache` (one per split) by model
@@ -229,7 +336,9 @@ class Scorer:
             )
         elif on_scored is not None:
             on_scored(choice_count(examples))
-        return cache[key]
+        result = cache[key]
+        assert isinstance(result, MCResult)
+        return result
 
     def role(self, pool: AdapterPool) -> Role:
         """Which of the server's two models `pool` is."""
@@ -252,7 +361,8 @@ class Distillation:
         self.cfg, self.server, self.task, self.scorer = cfg, server, task, scorer
         self.log, self.activity = log, activity
         self.vocab_size = len(server.tokenizer)
-        self.val_cache: dict[Any, MCResult] = {}  # validation results, keyed as `Scorer.scored` keys
+        self.val_cache: EvalCache = {}  # validation results, keyed as `Scorer.scored` keys
+        self.val_requests: list[GenRequest] | None = None  # a generation task's validation split, encoded
 
     def run(self, r: int) -> None:
         """Per batch an SLM step (the LLM teaches) then an LLM step (the SLM teaches); with order 'epoch'
@@ -314,12 +424,14 @@ class Distillation:
 
     def val_track(self, r: int, role: Role, advance: Advance) -> ValTrack:
         """`role`'s validation track; a scoring shows on the distillation phase (its count is in steps)
-        as a note of the validation choices scored so far."""
+        as a note of the validation choices (generation: examples) scored so far."""
         s = self.server
         pool, name = (s.slm, SERVER) if role == "slm" else (s.llm, LLM_ADAPTER)
         assert pool is not None
         d = self.cfg.distill
-        of = choice_count(self.task.public_val)
+        generation = self.scorer.generation
+        of = len(self.task.public_val) if generation else choice_count(self.task.public_val)
+        unit = "examples" if generation else "choices"
 
         def score() -> ValScore:
             done = 0
@@ -327,7 +439,7 @@ class Distillation:
             def scored(n: int) -> None:
                 nonlocal done
                 done += n
-                advance(0, note=f"{role.upper()} validation {done}/{of} choices")
+                advance(0, note=f"{role.upper()} validation {done}/{of} {unit}")
 
             return self.val_score(pool, name, scored)
 
@@ -339,9 +451,14 @@ class Distillation:
         )
 
     def val_score(self, pool: AdapterPool, name: str, on_scored: OnScored | None = None) -> ValScore:
-        """Accuracy and choice-level loss of adapter `name` on the server's validation split; weights
-        already scored are not rescored (omega starts a round as the last one kept)."""
+        """Accuracy and choice-level loss of adapter `name` on the server's validation split (generation:
+        the teacher-forced response loss, no accuracy); weights already scored are not rescored (omega
+        starts a round as the last one kept)."""
         examples = self.task.public_val
+        if self.scorer.generation:
+            if self.val_requests is None:
+                self.val_requests = self.scorer.requests(examples, to_decode=False)  # scored as trained
+            return self.scorer.response_loss(pool, name, self.val_requests, self.val_cache, on_scored)
         res = self.scorer.scored(pool, name, examples, self.val_cache, on_scored)
         return ValScore(res.acc, choice_nll(res.logliks, [ex.answer for ex in examples]), res.n)
 
@@ -357,7 +474,7 @@ class FedCoLLMLoop:
         task: TaskData,
         files: RunFiles,
         console: Console | None = None,
-        eval_cache: dict[Any, MCResult] | None = None,
+        eval_cache: EvalCache | None = None,
     ) -> None:
         self.cfg, self.clients, self.server, self.task, self.files = cfg, clients, server, task, files
         self.console = console or Console(stderr=True)
@@ -378,6 +495,7 @@ class FedCoLLMLoop:
         self.activity = Activity(self.console)
         self.scorer = Scorer(cfg, server)
         self.distillation = Distillation(cfg, server, task, self.scorer, files.log, self.activity)
+        self.test_requests: list[GenRequest] | None = None  # a generation task's test split, encoded once
 
     def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
         """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA)."""
@@ -506,38 +624,82 @@ class FedCoLLMLoop:
             targets.append(("llm", None))
         return targets
 
-    def logged_mc(self, r: int) -> dict[tuple[Role, int | None], float]:
-        """Round r's accuracies already in the metrics (a resumed round's), by (model, client)."""
+    def logged_scores(self, r: int) -> dict[tuple[Role, int | None], float]:
+        """Round r's test scores already in the metrics (a resumed round's), by (model, client): the
+        accuracies, or a generation task's ROUGE-L."""
+        if self.scorer.generation:
+            logged = [g for g in self.files.logged(GenRecord, r) if g.split == "test" and g.model is not None]
+            return {(g.model, g.client): g.rouge_l for g in logged if g.model is not None}
         return {(m.model, m.client): m.acc for m in self.files.logged(McRecord, r)}
 
+    def per_target(self) -> int:
+        """What one model's test evaluation counts in the progress display: the test split's choices
+        (multiple choice) or the examples it generates for (generation)."""
+        task = self.cfg.task
+        assert task is not None
+        if self.scorer.generation:
+            return generation_count(self.generation_requests(), task.max_test_examples)
+        return choice_count(self.task.test)
+
+    def generation_requests(self) -> list[GenRequest]:
+        """The test split as generation requests (encoded on first use)."""
+        if self.test_requests is None:
+            self.test_requests = self.scorer.requests(self.task.test)
+        return self.test_requests
+
     def evaluate(self, r: int) -> None:
-        """Multiple-choice accuracy on the held-out test split of whatever this algorithm trains, shown as
-        a phase counted in the split's choices per model to score; a result already in the metrics (a
-        resumed round's) is not computed again."""
-        s, logged = self.server, self.logged_mc(r)
+        """The held-out test split scored for whatever this algorithm trains (multiple-choice accuracy, or
+        generations judged against the references), shown as a phase counted in the split's choices
+        (generation: examples) per model to score; a result already in the metrics (a resumed round's)
+        is not computed again."""
+        s, logged = self.server, self.logged_scores(r)
         todo = [t for t in self.evaluation_targets(r) if t not in logged]
-        total = len(todo) * choice_count(self.task.test) or None  # None: all logged, nothing to score
+        total = len(todo) * self.per_target() if todo else None  # None: all logged, nothing to score
+        log = self.log_gen if self.scorer.generation else self.log_mc
         description = f"round {r}/{self.cfg.federation.rounds} · evaluation on the test split"
         with self.activity.phase(description, total) as on_scored:
             for role, client in todo:
                 if role == "llm":
                     assert s.llm is not None
-                    self.log_mc(r, s.llm, LLM_ADAPTER, None, on_scored)
+                    log(r, s.llm, LLM_ADAPTER, None, on_scored)
                     continue
                 name = SERVER if client is None else client_name(client)
                 if client is not None:
                     s.slm.load_state(name, self.client_adapters[client])
-                self.log_mc(r, s.slm, name, client, on_scored)
+                log(r, s.slm, name, client, on_scored)
 
     def shown(self, r: int) -> str:
-        """Round r's accuracies as the console line shows them (the mean SLM accuracy, the LLM's)."""
-        targets, logged, shown = self.evaluation_targets(r), self.logged_mc(r), []
-        accs = [logged[t] for t in targets if t[0] == "slm" and t in logged]
-        if accs:
-            shown.append(f"SLM acc {sum(accs) / len(accs):.3f}")
+        """Round r's scores as the console line shows them (the mean SLM score, the LLM's): accuracy, or
+        a generation task's ROUGE-L."""
+        targets, logged, shown = self.evaluation_targets(r), self.logged_scores(r), []
+        metric = "ROUGE-L" if self.scorer.generation else "acc"
+        scores = [logged[t] for t in targets if t[0] == "slm" and t in logged]
+        if scores:
+            shown.append(f"SLM {metric} {sum(scores) / len(scores):.3f}")
         if ("llm", None) in logged:
-            shown.append(f"LLM acc {logged['llm', None]:.3f}")
+            shown.append(f"LLM {metric} {logged['llm', None]:.3f}")
         return "  ".join(shown)
+
+    def log_gen(
+        self, r: int, pool: AdapterPool, name: str, client: int | None, on_done: OnDone | None = None
+    ) -> float:
+        """Adapter `name` generating for the test split, logged as a GenRecord of its scores (never the
+        generated texts: they may repeat what a client trained on); its ROUGE-L."""
+        res = self.scorer.generated(pool, name, self.generation_requests(), self.eval_cache, on_done)
+        self.files.log(
+            GenRecord(
+                round=r,
+                model=self.scorer.role(pool),
+                client=client,
+                split="test",
+                n=res.n,
+                exact_match=res.exact_match,
+                f1=res.f1,
+                rouge_l=res.rouge_l,
+                ppl=res.ppl,
+            )
+        )
+        return res.rouge_l
 
     def log_mc(
         self, r: int, pool: AdapterPool, name: str, client: int | None, on_scored: OnScored | None = None

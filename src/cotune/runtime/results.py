@@ -8,25 +8,44 @@ is all a user needs (plus the offline model assets).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 from rich.console import Console
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from cotune.algorithms.ranks import rank_of
 from cotune.assets import ASSETS
 from cotune.config.loader import ConfigError, load_config
-from cotune.config.schema import ExperimentConfig, LoraSettings, ModelConfig, TaskColumns
+from cotune.config.schema import (
+    DEFAULT_MAX_NEW_TOKENS,
+    ExperimentConfig,
+    LoraSettings,
+    ModelConfig,
+    TaskColumns,
+    TaskKind,
+)
+from cotune.data.corpora import read_user_text
+from cotune.data.generation import GenExample, gen_requests, load_gen_file
+from cotune.data.tables import is_table, load_table
+from cotune.data.tasks import load_task_file
 from cotune.errors import OrdinaryError
+from cotune.evaluation.generation import (
+    GenEval,
+    context_length,
+    evaluate_generation,
+    fit_context,
+    greedy_decode,
+    pad_token_id,
+    stop_token_ids,
+)
 from cotune.evaluation.multiple_choice import MCExample, MCResult, evaluate_multiple_choice
 from cotune.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE
 from cotune.models.adapter_check import AdapterSpec, check_adapter
@@ -191,46 +210,34 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return [int(i) for i in ids]
 
 
-def generation_config(tuned: TunedModel, max_new_tokens: int) -> GenerationConfig:
-    """Greedy decoding from the model's own config (its stop tokens), without its sampling settings,
-    which greedy decoding ignores with a warning; the pad id falls back to the end-of-text id."""
-    config = copy.deepcopy(tuned.pool.model.generation_config)
-    tok = tuned.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad is None:
-        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    config.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None)
-    config.update(max_new_tokens=max_new_tokens, max_length=None, pad_token_id=pad)
-    if config.eos_token_id is None:
-        config.eos_token_id = tok.eos_token_id
-    return config
-
-
 def check_context(tuned: TunedModel, n_prompt: int, max_new_tokens: int) -> None:
     """Refuse a prompt plus continuation longer than the positions the model has."""
-    limit = getattr(tuned.pool.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and n_prompt + max_new_tokens > limit:
+    limit = context_length(tuned.pool.model)
+    if limit is not None and n_prompt + max_new_tokens > limit:
         raise ValueError(
             f"the prompt is {n_prompt} tokens and --max-new-tokens {max_new_tokens}: the model reads at most "
             f"{limit} tokens; shorten the prompt or lower --max-new-tokens"
         )
 
 
-@torch.no_grad()
 def generate(tuned: TunedModel, prompt: str, max_new_tokens: int = 64) -> str:
-    """Greedy continuation of `prompt` (reproducible: no sampling)."""
+    """Greedy continuation of `prompt` (reproducible: no sampling), by the decoding that scores
+    generation tasks (`greedy_decode`), stopping at the model's and the tokenizer's end tokens."""
     check_prompt(prompt)
     token_ids = prompt_ids(tuned.tokenizer, prompt)
     if not token_ids:
         raise ValueError("the prompt encodes to no tokens: give some text to continue")
     check_context(tuned, len(token_ids), max_new_tokens)
-    ids = torch.tensor([token_ids], dtype=torch.long, device=tuned.device)
-    out = tuned.pool.model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        generation_config=generation_config(tuned, max_new_tokens),
+    model, tok = tuned.pool.model, tuned.tokenizer
+    [new] = greedy_decode(
+        model,
+        [token_ids],
+        batch_size=1,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_token_ids(model, tok),
+        pad_id=pad_token_id(tok),
     )
-    return str(tuned.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return str(tok.decode(new, skip_special_tokens=True))
 
 
 COLUMN_FIELDS = tuple(TaskColumns.model_fields)
@@ -263,6 +270,76 @@ def evaluate_task(
     """Multiple-choice accuracy of the adapter on the user's task (read with `load_task_file`)."""
     return evaluate_multiple_choice(
         tuned.pool.model, tuned.tokenizer, list(examples), batch_size=batch_size, max_length=max_length
+    )
+
+
+def task_file_kind(cfg: ExperimentConfig, path: Path, columns: TaskColumns) -> TaskKind:
+    """The kind of task `cotune eval --task` scores: the run's task.kind, or (a run without a task: the
+    personalized family) the kind the file's first row has: multiple choice when it has the choices
+    field, generation when it has a response field of a generation layout. Anything else is read as
+    multiple choice, whose loader names what is missing."""
+    if cfg.task is not None:
+        return cfg.task.kind
+    path = Path(path).expanduser()
+    if is_table(path):
+        keys = set(load_table(path).column_names)
+    else:
+        first = next((line for line in read_user_text(path).splitlines() if line.strip()), "{}")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            return "multiple_choice"
+        keys = set(row) if isinstance(row, dict) else set()
+    if columns.choices in keys:
+        return "multiple_choice"
+    generation = {columns.response, columns.output, columns.messages}
+    return "generation" if keys & generation else "multiple_choice"
+
+
+def read_eval_task(cfg: ExperimentConfig, path: Path, columns: TaskColumns) -> tuple[TaskKind, list[Any]]:
+    """The user's task file for `cotune eval`, of the kind `task_file_kind` finds (generation rows in the
+    run's task.layout), every bad row refused at once by its loader, before any model loads."""
+    kind = task_file_kind(cfg, path, columns)
+    if kind == "generation":
+        layout = cfg.task.layout if cfg.task is not None else "auto"
+        return kind, list(load_gen_file(path, columns, layout))
+    return kind, list(load_task_file(path, columns))
+
+
+DEFAULT_EVAL_LENGTH = 512  # tokens per example when the run's config names none
+
+
+def generation_settings(cfg: ExperimentConfig) -> tuple[int, Literal["auto", "none"], int]:
+    """(max_length, chat_template, max_new_tokens) the run encoded and decoded generation data with; the
+    defaults for a run that had none."""
+    task = cfg.task if cfg.task is not None and cfg.task.kind == "generation" else None
+    if task is None:
+        return DEFAULT_EVAL_LENGTH, "auto", DEFAULT_MAX_NEW_TOKENS
+    return task.max_length, task.chat_template, task.max_new_tokens
+
+
+def evaluate_generation_task(
+    tuned: TunedModel,
+    examples: Sequence[GenExample],
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+) -> GenEval:
+    """Greedy generations of the adapter on the user's generation examples, judged against their
+    responses (exact match, F1, ROUGE-L) with the responses' perplexity: the run's encoding (task
+    max_length, chat template) and decoding budget (task.max_new_tokens unless given), the prompts cut
+    to leave room for it in the model's context, as the run's own evaluation does."""
+    max_length, template, budget = generation_settings(tuned.cfg)
+    budget = max_new_tokens or budget
+    model, tok = tuned.pool.model, tuned.tokenizer
+    requests = fit_context(gen_requests(tok, examples, max_length, template), context_length(model), budget)
+    return evaluate_generation(
+        model,
+        requests,
+        batch_size=batch_size,
+        max_new_tokens=budget,
+        stop_ids=stop_token_ids(model, tok),
+        pad_id=pad_token_id(tok),
+        decode=lambda ids: str(tok.decode(ids, skip_special_tokens=True)),
     )
 
 

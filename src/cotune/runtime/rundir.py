@@ -36,6 +36,7 @@ from cotune.state import AdapterState
 
 R = TypeVar("R", bound=Record)
 
+
 class ResumeError(RuntimeError, OrdinaryError):
     """A run directory that cannot be resumed with this config."""
 

@@ -201,6 +201,8 @@ def load_task(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, console
     console.print(
         f"  task: {len(task.public)} public{val}, clients [{sizes}], {len(task.test)} test examples"
     )
+    if task.duplicates:  # a count, never the examples: they may be data
+        console.print(f"  task: {task.duplicates} duplicated examples dropped before the split (same prompt)")
     return task
 
 
@@ -295,8 +297,9 @@ def fedcollm_server(
 ) -> Server:
     """The server's learners: theta on D_a, and omega on D_a (distillation) or on all data (centralized)."""
     t, seed, rounds = cfg.train, cfg.run.seed, cfg.federation.rounds
-    if cfg.distill.kd_target == "choices" and plan_of(cfg.algorithm).distill:
-        check_choice_tokens(task)
+    multiple_choice = cfg.task is not None and cfg.task.kind == "multiple_choice"
+    if cfg.distill.kd_target == "choices" and plan_of(cfg.algorithm).distill and multiple_choice:
+        check_choice_tokens(task)  # a generation task has no choices (the config refuses 'choices' there)
     batches = distill_batches(len(task.public), t.batch_size, cfg.distill.max_steps)
     per_round = batches * cfg.distill.epochs
     slm_lr = cfg.distill.slm_lr
