@@ -45,6 +45,33 @@ def test_generate_with_a_clients_adapter(capsys, personalized_run):
     assert code == 2 and "choose it with --client K" in text
 
 
+def test_generate_uses_the_evaluations_batched_decoding(capsys, personalized_run, monkeypatch):
+    """`cotune generate` prints what generation evaluation would score: `greedy_decode`'s tokens, stopped
+    at the model's and the tokenizer's end tokens, decoded without special tokens."""
+    from cotune.evaluation.generation import greedy_decode, stop_token_ids
+    from cotune.runtime import results
+
+    tuned = open_tuned(personalized_run, client=1)
+    ids = results.prompt_ids(tuned.tokenizer, "apple banana")
+    stops = stop_token_ids(tuned.pool.model, tuned.tokenizer)
+    assert tuned.tokenizer.eos_token_id in stops
+    [new] = greedy_decode(tuned.pool.model, [ids], max_new_tokens=6, stop_ids=stops)
+    calls: list[int] = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return greedy_decode(*args, **kwargs)
+
+    monkeypatch.setattr(results, "greedy_decode", spy)
+    capsys.readouterr()
+    code, text = cotune(
+        capsys, "generate", personalized_run, "apple banana", "--client", "1", "--max-new-tokens", "6"
+    )
+    assert code == 0 and calls == [1]
+    expected = tuned.tokenizer.decode(new, skip_special_tokens=True)
+    assert expected and text.startswith(expected)  # then the model's one-line description
+
+
 def test_export_gives_a_peft_adapter_and_a_merged_model_with_the_same_outputs(
     capsys, personalized_run, tmp_path
 ):

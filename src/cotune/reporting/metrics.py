@@ -6,7 +6,8 @@ types and fields the reader does not know are ignored, so that later features ca
 
 The records are the typed classes of `cotune.records`. Two algorithm families write here: the
 personalized one (test or val perplexity `EvalRecord`, `TrustRecord`) and the FedCoLLM family
-(multiple-choice accuracy `McRecord`, communication `CommRecord`).
+(multiple-choice accuracy `McRecord`, communication `CommRecord`); either may score generated text
+(`GenRecord`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cotune.records import (
     DistillRecord,
     DistillValRecord,
     EvalRecord,
+    GenRecord,
     McRecord,
     PrivacySpent,
     RunEvent,
@@ -151,6 +153,9 @@ class RunSummary:
     comm: list[CommRecord] = field(default_factory=list)  # sorted by (round, client)
     client_names: list[str] = field(default_factory=list)  # by index, from the start record ("" unknown)
     privacy: PrivacySpent | None = None  # client-level DP: the privacy spent after the last aggregation
+    # generated text judged (either family): one record per (round, split, model, client), the last logged
+    # winning, sorted by (split, round, model, client) with the global model (client None) first
+    gen: list[GenRecord] = field(default_factory=list)
 
     def client_label(self, client: int) -> str:
         return client_label(client, self.client_names)
@@ -262,6 +267,45 @@ class RunSummary:
                 out.append((rnd, summary[0]))
         return out
 
+    # ------------------------------------------------------------------ generation
+
+    def gen_split(self) -> str | None:
+        """The split the generation figures come from: test where the run logged it, else validation."""
+        splits = {r.split for r in self.gen}
+        return "test" if "test" in splits else ("val" if splits else None)
+
+    def gen_series(self) -> dict[str | None, dict[int, list[GenRecord]]]:
+        """model (None for a personalized run) -> round -> the records behind that round's figure on
+        gen_split(): the global model's if logged, else every client's; rounds missing a client that
+        other rounds have are left out (as mc_rounds), unless no round is complete."""
+        split = self.gen_split()
+        out: dict[str | None, dict[int, list[GenRecord]]] = {}
+        for rec in self.gen:
+            if rec.split == split:
+                out.setdefault(rec.model, {}).setdefault(rec.round, []).append(rec)
+        for model, by_round in out.items():
+            everyone = {r.client for recs in by_round.values() for r in recs if r.client is not None}
+            for rnd, recs in list(by_round.items()):
+                global_recs = [r for r in recs if r.client is None]
+                by_round[rnd] = global_recs[-1:] if global_recs else recs
+            complete = {  # a round killed mid-evaluation would give a mean over some clients only
+                rnd: recs
+                for rnd, recs in by_round.items()
+                if recs[0].client is None or {r.client for r in recs} >= everyone
+            }
+            out[model] = complete or by_round
+        return out
+
+    def final_gen_round(self) -> int | None:
+        """The last round with a generation figure on gen_split(); None without gen records."""
+        rounds = [rnd for by_round in self.gen_series().values() for rnd in by_round]
+        return max(rounds) if rounds else None
+
+    def gen_curve(self, model: str | None) -> list[tuple[int, float]]:
+        """(round, ROUGE-L of the global model, or the mean over clients) for each round of model."""
+        by_round = self.gen_series().get(model, {})
+        return [(rnd, _mean([r.rouge_l for r in by_round[rnd]])) for rnd in sorted(by_round)]
+
     def comm_per_round(self) -> list[dict[str, Any]]:
         """Per round: client count and means over clients of bytes_up, bytes_down, full_slm_bytes, ratio."""
         by_round: dict[int, list[CommRecord]] = {}
@@ -336,6 +380,7 @@ def load_run(run_dir: Path) -> RunSummary:
     comm: dict[tuple[int, int], CommRecord] = {}
     distill_val: dict[tuple[int, str, int], DistillValRecord] = {}
     distill: dict[int, DistillRecord] = {}
+    gen: dict[tuple[str, int, str, int], GenRecord] = {}
     run_strategy: str | None = None
     run_algorithm: str | None = None
     client_names: list[str] = []
@@ -355,6 +400,8 @@ def load_run(run_dir: Path) -> RunSummary:
                 distill_val[(rec.round, rec.model, rec.step)] = rec
             case DistillRecord():
                 distill[rec.round] = rec
+            case GenRecord():
+                gen[(rec.split, rec.round, rec.model or "", -1 if rec.client is None else rec.client)] = rec
             case PrivacySpent():
                 if privacy is None or rec.round >= privacy.round:
                     privacy = rec
@@ -395,6 +442,7 @@ def load_run(run_dir: Path) -> RunSummary:
         privacy=privacy,
         distill_val=[distill_val[key] for key in sorted(distill_val)],
         distill=[distill[key] for key in sorted(distill)],
+        gen=[gen[key] for key in sorted(gen)],
     )
 
 

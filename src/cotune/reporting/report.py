@@ -8,6 +8,8 @@ keeps `cotune` commands that just print comparison_rows fast.
 Personalized runs are compared by test perplexity (validation for runs without a test split) and
 trust matrices; FedCoLLM-family runs by multiple-choice test accuracy (cotuning_rows) and adapter
 traffic (comm_rows). A report over a mix of both has the sections of each, each over the runs it applies to.
+Runs of either family that scored generated text get the generation sections (gen_rows, gen_round_rows):
+scores only, never a generated or reference text.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cotune.caches import confine_caches
-from cotune.records import CommRecord, DistillValRecord
+from cotune.records import CommRecord, DistillValRecord, GenRecord
 from cotune.reporting.files import replace_atomically, write_text_atomically
 from cotune.reporting.metrics import (
     RunSummary,
@@ -302,10 +304,139 @@ def print_rows_for_cli(runs: Sequence[RunSummary]) -> list[tuple[str, list[str],
         tables.append((ppl_title(ppl_runs), *comparison_rows(ppl_runs)))
     cot_runs = _cotuning_runs(runs)
     if cot_runs:
-        tables.append((COTUNING_TITLE, *cotuning_rows(cot_runs)))
+        if _shows_mc(cot_runs):
+            tables.append((COTUNING_TITLE, *cotuning_rows(cot_runs)))
         if any(run.comm for run in cot_runs):
             tables.append((COMM_TITLE, *comm_rows(cot_runs)))
+    gen_runs = _gen_runs(runs)
+    if gen_runs:
+        tables.append((gen_title(gen_runs), *gen_rows(gen_runs)))
     return tables
+
+
+# ---- generation ----------------------------------------------------------------------------------------
+GEN_HEADER = ("run", "model", "client", "round", "exact match", "F1", "ROUGE-L", "response ppl", "n")
+
+
+def _gen_runs(runs: Sequence[RunSummary]) -> list[RunSummary]:
+    return [run for run in runs if run.gen]
+
+
+def _shows_mc(runs: Sequence[RunSummary]) -> bool:
+    """Whether the multiple-choice sections apply: some run scored choices, or none scored generations
+    (then they say that nothing was recorded, as before generation tasks existed)."""
+    return any(run.mc for run in runs) or not any(run.gen for run in runs)
+
+
+def gen_split_name(runs: Sequence[RunSummary]) -> str:
+    splits = {run.gen_split() for run in runs}
+    return "test" if splits == {"test"} else "validation" if splits == {"val"} else "test or validation"
+
+
+def gen_title(runs: Sequence[RunSummary]) -> str:
+    return f"Generation: final {gen_split_name(runs)} scores"
+
+
+def _model_name(model: str | None) -> str:
+    return MISSING if model is None else model.upper()
+
+
+def _gen_cells(recs: Sequence[GenRecord]) -> list[str]:
+    """exact match, F1, ROUGE-L (%, ± std over clients when several), response ppl and n of records."""
+    cells = []
+    for values in ([r.exact_match for r in recs], [r.f1 for r in recs], [r.rouge_l for r in recs]):
+        mean, std = mean_std(values)
+        cells.append(_pct(mean, std if len(recs) > 1 else None))
+    ppl = [r.ppl for r in recs]
+    cells.append(_fmt(ppl[0]) if len(recs) == 1 else _fmt_mean_std(ppl))
+    cells.append(str(sum(r.n for r in recs)) if len(recs) > 1 else str(recs[0].n))
+    return cells
+
+
+def gen_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: each run's generation scores at each model's final round, one row per client
+    (or the global model), and a mean ± std over clients row when there are several."""
+    rows: list[list[str]] = []
+    for run, label in zip(runs, unique_labels(runs), strict=True):
+        for model, by_round in sorted(run.gen_series().items(), key=lambda item: item[0] or ""):
+            last = max(by_round)
+            recs = by_round[last]
+            for rec in recs:
+                who = "global" if rec.client is None else run.client_label(rec.client)
+                rows.append([label, _model_name(model), who, str(last), *_gen_cells([rec])])
+            if len(recs) > 1:
+                rows.append([label, _model_name(model), "mean ± std", str(last), *_gen_cells(recs)])
+    return list(GEN_HEADER), rows
+
+
+def _gen_series(runs: Sequence[RunSummary]) -> list[tuple[str, list[tuple[int, float]]]]:
+    """(column name, ROUGE-L curve) for each run and model with generation records."""
+    out = []
+    for run, label in zip(runs, unique_labels(runs), strict=True):
+        for model in sorted(run.gen_series(), key=lambda m: m or ""):
+            name = label if model is None else f"{label} {model.upper()}"
+            out.append((name, run.gen_curve(model)))
+    return out
+
+
+def gen_round_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """ROUGE-L (%) per round: the global model's, or the mean over clients; a column per (run, model)."""
+    columns = [(name, dict(curve)) for name, curve in _gen_series(runs)]
+    rounds = sorted({r for _, curve in columns for r in curve})
+    header = ["round", *(name for name, _ in columns)]
+    rows = [[str(r), *(MISSING if r not in c else _pct(c[r]) for _, c in columns)] for r in rounds]
+    return header, rows
+
+
+def _plot_rouge_per_round(runs: Sequence[RunSummary], path: Path) -> bool:
+    """ROUGE-L (%) per round, a line per (run, model)."""
+    from matplotlib.ticker import MaxNLocator
+
+    series = [
+        (name, [(r, 100.0 * v) for r, v in curve if math.isfinite(v)]) for name, curve in _gen_series(runs)
+    ]
+    series = [(name, curve) for name, curve in series if curve]
+    if not series:
+        return False
+    fig = _new_figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    for i, (name, curve) in enumerate(series):
+        xs, ys = zip(*curve, strict=True)
+        ax.plot(xs, ys, "-", marker="o", color=f"C{i % 10}", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round (0 = before training)")
+    ax.set_ylabel(f"{gen_split_name(runs)} ROUGE-L (%)")
+    ax.set_title("ROUGE-L of generated text per round")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    save_png(fig, path)
+    return True
+
+
+def _gen_markdown(runs: Sequence[RunSummary], has_plot: bool) -> list[str]:
+    """The generation sections: final scores per model and client, and ROUGE-L per round."""
+    split = gen_split_name(runs)
+    parts = [f"## {gen_title(runs)}", ""]
+    parts += [
+        f"Greedy generations on the {split} split, scored against the reference responses at each model's "
+        "final round: exact match and F1 after SQuAD's normalisation (lowercase, no punctuation or "
+        "articles, whitespace collapsed; F1 over words), ROUGE-L F-measure (rouge-score, no stemmer), all "
+        "in % and averaged over examples; response ppl is the perplexity of the reference responses "
+        "(teacher-forced, response tokens and the stop token only). Per-client rows are each client's "
+        "own figures; the mean row is mean ± std over clients (population std, ddof=0). n = examples.",
+        "",
+        _md_table(*gen_rows(runs), align_right_from=3),
+        "",
+        f"## Generation: {split} ROUGE-L per round",
+        "",
+        "ROUGE-L (%) of the global model, or the mean over clients; round 0 is before any training.",
+        "",
+        _md_table(*gen_round_rows(runs)),
+        "",
+    ]
+    if has_plot:
+        parts += [f"![{split} ROUGE-L per round](plots/rouge_l_per_round.png)", ""]
+    return parts
 
 
 def _md_cell(text: str) -> str:
@@ -602,6 +733,8 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
     has_acc_plot = bool(cot_runs) and _plot_accuracy_per_round(
         cot_runs, [run.label for run in cot_runs], plots / "accuracy_per_round.png"
     )
+    gen_runs = _gen_runs(runs)
+    has_gen_plot = bool(gen_runs) and _plot_rouge_per_round(gen_runs, plots / "rouge_l_per_round.png")
     val_runs = [run for run in cot_runs if run.distill_val]
     if val_runs:
         _plot_distill_validation(val_runs, unique_labels(val_runs), plots / "distill_validation.png")
@@ -618,7 +751,9 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
         _plot_trust(last[1], f"Trust matrix: {run.label}, round {last[0]}", plots / name, run.client_names)
         trust_plots[i] = f"{PLOTS_DIR}/{name}"
 
-    md = _report_markdown(runs, labels, has_round_plot, has_client_plot, trust_plots, has_acc_plot)
+    md = _report_markdown(
+        runs, labels, has_round_plot, has_client_plot, trust_plots, has_acc_plot, has_gen_plot
+    )
     path = out / REPORT_FILE
     write_text_atomically(path, md)
     return path
@@ -631,6 +766,7 @@ def _report_markdown(
     has_client_plot: bool,
     trust_plots: dict[int, str],
     has_acc_plot: bool = False,
+    has_gen_plot: bool = False,
 ) -> str:
     any_cotuning = any(run.is_cotuning for run in runs)
     parts: list[str] = [f"# cotune report: {', '.join(labels)}", "", "## Runs compared", ""]
@@ -671,8 +807,8 @@ def _report_markdown(
     ]
     if any_cotuning:
         parts[-1:] = [
-            "For FedCoLLM-family runs it is the last round with a multiple-choice accuracy for every "
-            "client (or for the global model).",
+            "For FedCoLLM-family runs it is the last round with a multiple-choice accuracy (on a generation "
+            "task: generation scores) for every client (or for the global model).",
             "",
         ]
 
@@ -687,6 +823,9 @@ def _report_markdown(
         )
     if any_cotuning:
         parts += _cotuning_markdown([run for run in runs if run.is_cotuning], has_acc_plot)
+    gen_runs = _gen_runs(runs)
+    if gen_runs:
+        parts += _gen_markdown(gen_runs, has_gen_plot)
     parts += privacy_markdown(runs, labels)
     return "\n".join(parts).rstrip() + "\n"
 
@@ -761,10 +900,13 @@ def privacy_markdown(runs: Sequence[RunSummary], labels: Sequence[str]) -> list[
 
 
 def _final_eval_round(run: RunSummary) -> str:
-    """The perplexity final round; for a FedCoLLM-family run, its last usable accuracy round."""
+    """The perplexity final round; for a FedCoLLM-family run, its last usable accuracy round; else the
+    last round with generation scores."""
     last = run.final_round()
     if last is None and run.is_cotuning:
         last = run.final_mc_round()
+    if last is None:
+        last = run.final_gen_round()
     return MISSING if last is None else str(last)
 
 
@@ -843,7 +985,38 @@ def _ppl_markdown(
 
 
 def _cotuning_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[str]:
-    """The FedCoLLM sections: the paper's accuracy table, accuracy per round, and adapter traffic."""
+    """The FedCoLLM sections: the paper's accuracy table, accuracy per round (left out when the runs
+    scored generations and no choices), and adapter traffic."""
+    parts: list[str] = _mc_markdown(runs, has_acc_plot) if _shows_mc(runs) else []
+    val_runs = [run for run in runs if run.distill_val]
+    if val_runs:
+        parts += ["## Co-tuning: server validation along distillation", ""]
+        parts += [
+            "Accuracy (%) / choice-level loss on the server's validation split (distill.val_fraction of the "
+            "public set, never trained on): at the start of each round's distillation (the SLM: the clients' "
+            "FedAvg average), after its last step, at its best scored step, and the step the round kept "
+            "(distill.keep).",
+            "",
+            _md_table(*distill_val_rows(val_runs)),
+            "",
+            "![Validation along distillation](plots/distill_validation.png)",
+            "",
+        ]
+
+    parts += ["## Co-tuning: communication", ""]
+    parts += [
+        "Bytes one client sends (up) or receives (down) per round, mean over rounds and clients, with "
+        "the share of the full SLM's size in brackets; total is over all clients and rounds. "
+        "Units are decimal (1 MB = 10^6 bytes).",
+        "",
+    ]
+    header, rows = comm_rows(runs)
+    parts += [_md_table(header, rows), ""]
+    return parts
+
+
+def _mc_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[str]:
+    """The paper's accuracy table and accuracy per round."""
     parts: list[str] = ["## Co-tuning: multiple-choice test accuracy", ""]
     parts += [
         "Accuracy (%) on the held-out test split at each run's final eval round; acc_norm normalises "
@@ -871,30 +1044,6 @@ def _cotuning_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[s
     if has_acc_plot:
         parts += ["![Test accuracy per round](plots/accuracy_per_round.png)", ""]
 
-    val_runs = [run for run in runs if run.distill_val]
-    if val_runs:
-        parts += ["## Co-tuning: server validation along distillation", ""]
-        parts += [
-            "Accuracy (%) / choice-level loss on the server's validation split (distill.val_fraction of the "
-            "public set, never trained on): at the start of each round's distillation (the SLM: the clients' "
-            "FedAvg average), after its last step, at its best scored step, and the step the round kept "
-            "(distill.keep).",
-            "",
-            _md_table(*distill_val_rows(val_runs)),
-            "",
-            "![Validation along distillation](plots/distill_validation.png)",
-            "",
-        ]
-
-    parts += ["## Co-tuning: communication", ""]
-    parts += [
-        "Bytes one client sends (up) or receives (down) per round, mean over rounds and clients, with "
-        "the share of the full SLM's size in brackets; total is over all clients and rounds. "
-        "Units are decimal (1 MB = 10^6 bytes).",
-        "",
-    ]
-    header, rows = comm_rows(runs)
-    parts += [_md_table(header, rows), ""]
     return parts
 
 

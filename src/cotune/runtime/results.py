@@ -8,7 +8,6 @@ is all a user needs (plus the offline model assets).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -20,12 +19,13 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from cotune.algorithms.ranks import rank_of
 from cotune.assets import ASSETS
 from cotune.config.loader import ConfigError, load_config
 from cotune.config.schema import ExperimentConfig, LoraSettings, ModelConfig, TaskColumns
+from cotune.evaluation.generation import greedy_decode, pad_token_id, stop_token_ids
 from cotune.evaluation.multiple_choice import MCExample, MCResult, evaluate_multiple_choice
 from cotune.models.adapter_check import AdapterSpec, check_adapter
 from cotune.models.loader import no_loading_bars
@@ -189,21 +189,6 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return [int(i) for i in ids]
 
 
-def generation_config(tuned: TunedModel, max_new_tokens: int) -> GenerationConfig:
-    """Greedy decoding from the model's own config (its stop tokens), without its sampling settings,
-    which greedy decoding ignores with a warning; the pad id falls back to the end-of-text id."""
-    config = copy.deepcopy(tuned.pool.model.generation_config)
-    tok = tuned.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad is None:
-        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    config.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None)
-    config.update(max_new_tokens=max_new_tokens, max_length=None, pad_token_id=pad)
-    if config.eos_token_id is None:
-        config.eos_token_id = tok.eos_token_id
-    return config
-
-
 def check_context(tuned: TunedModel, n_prompt: int, max_new_tokens: int) -> None:
     """Refuse a prompt plus continuation longer than the positions the model has."""
     limit = getattr(tuned.pool.model.config, "max_position_embeddings", None)
@@ -214,21 +199,24 @@ def check_context(tuned: TunedModel, n_prompt: int, max_new_tokens: int) -> None
         )
 
 
-@torch.no_grad()
 def generate(tuned: TunedModel, prompt: str, max_new_tokens: int = 64) -> str:
-    """Greedy continuation of `prompt` (reproducible: no sampling)."""
+    """Greedy continuation of `prompt` (reproducible: no sampling), by the decoding that scores
+    generation tasks (`greedy_decode`), stopping at the model's and the tokenizer's end tokens."""
     check_prompt(prompt)
     token_ids = prompt_ids(tuned.tokenizer, prompt)
     if not token_ids:
         raise ValueError("the prompt encodes to no tokens: give some text to continue")
     check_context(tuned, len(token_ids), max_new_tokens)
-    ids = torch.tensor([token_ids], dtype=torch.long, device=tuned.device)
-    out = tuned.pool.model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        generation_config=generation_config(tuned, max_new_tokens),
+    model, tok = tuned.pool.model, tuned.tokenizer
+    [new] = greedy_decode(
+        model,
+        [token_ids],
+        batch_size=1,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_token_ids(model, tok),
+        pad_id=pad_token_id(tok),
     )
-    return str(tuned.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return str(tok.decode(new, skip_special_tokens=True))
 
 
 COLUMN_FIELDS = tuple(TaskColumns.model_fields)
