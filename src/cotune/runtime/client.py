@@ -36,6 +36,19 @@ def windows_hash(windows: Rows) -> str:
     return h.hexdigest()[:16]
 
 
+def response_topk(logits: torch.Tensor, scored: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices), each (B, R, k): the top-k logits of each row's scored (response) positions,
+    moved to the front of the row in their order, R the most any row has; a row with fewer is filled
+    with zero values at index 0, which add nothing to a prediction distance (both clients' are equal
+    and carry no mass), so the distance per public example is that of the response positions alone."""
+    values, indices = logits.topk(k, dim=-1)
+    width = int(scored.sum(1).max()) if scored.numel() else 0
+    order = torch.argsort((~scored).to(torch.int8), dim=1, stable=True)[:, :width]
+    keep = torch.gather(scored, 1, order).unsqueeze(-1)
+    at = order.unsqueeze(-1).expand(-1, -1, k)
+    return torch.gather(values, 1, at) * keep, torch.gather(indices, 1, at) * keep
+
+
 @dataclass(frozen=True)
 class Decoding:
     """How a client decodes its test prompts (generation data): the ids that stop a response, the id
@@ -192,8 +205,8 @@ class ClientWork:
     def predict(self, batches: int, batch_size: int, k: int) -> Prediction:
         """Top-k logits of its adapter on the first `batches` public batches (lean trust evidence): at
         every position of token windows; of generation examples, only where a response token is
-        predicted (the batch's response positions in row order, as one (1, positions, k) sequence), so
-        the prompts, which every client is given alike, are not compared."""
+        predicted (`response_topk`), so the prompts, which every client is given alike, are not
+        compared."""
         public = self.public
         self.pool.activate(self.learner.slot)
         model = self.pool.model
@@ -204,11 +217,13 @@ class ClientWork:
             if isinstance(public, torch.Tensor):
                 ids = public[b * batch_size : (b + 1) * batch_size].to(device)
                 logits = model(input_ids=ids).logits.float()
+                vocab = logits.shape[-1]
+                values, indices = logits.topk(min(k, vocab), dim=-1)
             else:
                 inputs, target = lm_batch(public, b, batch_size, device)
-                logits = model(**inputs).logits[:, :-1].float()[target != IGNORE_INDEX].unsqueeze(0)
-            vocab = logits.shape[-1]
-            values, indices = logits.topk(min(k, vocab), dim=-1)
+                logits = model(**inputs).logits[:, :-1].float()
+                vocab = logits.shape[-1]
+                values, indices = response_topk(logits, target != IGNORE_INDEX, min(k, vocab))
             out.append((values.cpu(), indices.cpu()))
         return Prediction(out, vocab, windows_hash(public))
 
