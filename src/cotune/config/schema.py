@@ -190,12 +190,15 @@ class PartitionConfig(Section):
 
 
 class TaskColumns(Section):
-    """Where a task table keeps each field (parquet / CSV / JSON / arrow / save_to_disk, and .jsonl keys)."""
+    """Where a file of examples (a task's, or generation data's) keeps each field (parquet / CSV / JSON /
+    arrow / save_to_disk, and .jsonl keys)."""
 
     prompt: str = Field("prompt", description="the question")
     choices: str = Field("choices", description="the list of choices (a CSV holds it as JSON text)")
     answer: str = Field("answer", description="the right answer: its index or the choice itself")
-    label: str = Field("label", description="the example's label (optional; task.partition deals by it)")
+    label: str = Field(
+        "label", description="the example's label (optional; task.partition / data.partition deal by it)"
+    )
     response: str = Field(
         "response",
         description="generation, prompt layout: the reference response (the prompt is in 'prompt')",
