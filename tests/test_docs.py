@@ -41,7 +41,7 @@ def test_the_config_reference_lists_every_key_with_its_default():
     for key, default in [
         ("train.lr", "0.002"),
         ("data.sources[].corpus", "required"),
-        ("task.columns.prompt", "prompt"),
+        ("data.columns.prompt", "prompt"),  # task.columns: the same section (GenerationSettings)
         ("simulation.faults[].seconds", "0.0"),
         ("privacy.delta", "1e-05"),
     ]:

@@ -294,6 +294,27 @@ def test_flower_protocol_gives_the_embedded_results_bit_for_bit(corpus_dir, tmp_
     assert (p.PREDICT in types) == (strategy == "prediction")
 
 
+@pytest.mark.parametrize("strategy", ["validation", "prediction"])
+def test_personalized_generation_on_flower_gives_the_embedded_results_bit_for_bit(tmp_path, strategy):
+    """Generation data (data.kind generation): the same adapters, trust, response perplexities and test
+    generation scores through the ServerApp/ClientApp as embedded; the scores travel in EvalReport.gen."""
+    from tests.test_personalized_generation import gen_tree
+
+    cfg = config_from_dict(gen_tree(tmp_path, strategy={"name": strategy}))
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    flower = tmp_path / "flower"
+    assert max_adapter_diff(_adapters(embedded), _adapters(flower)) == 0.0
+    for kind in ("trust", "eval", "gen"):
+        ours, theirs = _records(embedded, kind), _records(flower, kind)
+        drop = {"wall_s", "time"}
+        assert [{k: v for k, v in r.items() if k not in drop} for r in ours] == [
+            {k: v for k, v in r.items() if k not in drop} for r in theirs
+        ], kind
+    assert len(_records(flower, "gen")) == 3 * cfg.federation.clients
+
+
 @pytest.mark.slow
 def test_evaluation_and_evidence_count_each_client_as_its_reply_arrives(corpus_dir, tmp_path):
     """The progress of evaluate / evaluate_peers / predict on Flower: on_done once per client whose reply

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cotune.evaluation.lm import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "DistillLoss",
@@ -45,7 +47,6 @@ __all__ = [
     "teacher_topk",
 ]
 
-IGNORE_INDEX = -100
 """Label value of positions that are not supervised (prompt, padding), as in transformers."""
 
 

@@ -193,9 +193,87 @@ class PartitionConfig(Section):
     alpha: PositiveFloat = Field(0.5, description="dirichlet concentration")
 
 
-class DataConfig(Section):
-    """The personalized family's text: where it comes from, how it is split across clients, its windows."""
+class TaskColumns(Section):
+    """Where a file of examples (a task's, or generation data's) keeps each field (parquet / CSV / JSON /
+    arrow / save_to_disk, and .jsonl keys)."""
 
+    prompt: str = Field("prompt", description="the question")
+    choices: str = Field("choices", description="the list of choices (a CSV holds it as JSON text)")
+    answer: str = Field("answer", description="the right answer: its index or the choice itself")
+    label: str = Field(
+        "label", description="the example's label (optional; task.partition / data.partition deal by it)"
+    )
+    response: str = Field(
+        "response",
+        description="generation, prompt layout: the reference response (the prompt is in 'prompt')",
+    )
+    instruction: str = Field("instruction", description="generation, Alpaca layout: the instruction")
+    input: str = Field(
+        "input", description="generation, Alpaca layout: the optional input, joined to the instruction"
+    )
+    output: str = Field("output", description="generation, Alpaca layout: the reference response")
+    messages: str = Field(
+        "messages",
+        description="generation, chat layout: the list of {role, content} turns (a CSV holds it as JSON "
+        "text); the last assistant turn is the response",
+    )
+
+
+TaskKind = Literal["multiple_choice", "generation"]
+GenLayout = Literal["auto", "prompt", "alpaca", "chat"]
+# the shipped generation task of each corpus (task.kind generation with task.source)
+GENERATION_CORPORA: dict[str, str] = {"bbc": "headline", "python": "docstring"}
+DEFAULT_MAX_NEW_TOKENS = 48
+DataKind = Literal["text", "generation"]
+
+
+class GenerationSettings(Section):
+    """How generation examples are read, formatted and decoded: the one definition a generation task
+    (`task`, FedCoLLM family) and a client's generation data (`data`, personalized family) share."""
+
+    max_chars: PositiveInt = Field(
+        600,
+        description="examples built from a corpus (task.source, data.sources): article text cut to this many "
+        "characters (on a word boundary; python docstring task: the function's code, by whole lines)",
+    )
+    columns: TaskColumns = Field(
+        default_factory=TaskColumns, description="the files' column (or key) for each field"
+    )
+    layout: GenLayout = Field(
+        "auto",
+        description="generation files: prompt {prompt, response}, alpaca {instruction, input, output} or "
+        "chat {messages}; auto: by the columns present (messages, else instruction, else prompt)",
+    )
+    chat_template: Literal["auto", "none"] = Field(
+        "auto",
+        description="generation: auto applies the tokenizer's chat template when it has one; none (or a "
+        "tokenizer without one): the plain format 'User:\\n<prompt>\\n\\nAssistant:\\n'",
+    )
+    max_new_tokens: PositiveInt = Field(
+        DEFAULT_MAX_NEW_TOKENS,
+        description="generation: the decoding budget, tokens generated at most per example",
+    )
+
+    def changed_generation_settings(self, every: bool = False) -> list[str]:
+        """The generation-only settings (layout, chat_template, max_new_tokens; `every`: max_chars and
+        columns too, which a multiple-choice task also reads) set away from their defaults: what a section
+        that holds no generation examples would ignore. Compared with the defaults, not model_fields_set:
+        a saved config.yaml spells out every field."""
+        names = ["layout", "chat_template", "max_new_tokens"] + (["max_chars", "columns"] if every else [])
+        fields = GenerationSettings.model_fields
+        return [k for k in names if getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+
+
+class DataConfig(GenerationSettings):
+    """The personalized family's data: where it comes from, how it is split across clients, and what a
+    client trains on (token windows of text, or generation examples)."""
+
+    kind: DataKind = Field(
+        "text",
+        description="text: documents packed into token windows (next-token loss on every token); generation: "
+        "(prompt, response) examples, the loss on the response only and judged by what the model generates "
+        "(data.sources bbc: headlines, python: docstrings; data.path / data.clients: generation files)",
+    )
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [SourceConfig(corpus="bbc")],
         min_length=1,
@@ -204,7 +282,11 @@ class DataConfig(Section):
     path: Path | None = Field(
         None, description="shortcut for your own data: replaces 'sources' by one files source at this path"
     )
-    seq_len: PositiveInt = Field(128, description="tokens per window (documents are packed, EOS-separated)")
+    seq_len: PositiveInt = Field(
+        128,
+        description="tokens per window (documents are packed, EOS-separated); generation: tokens per example "
+        "(prompt cut from the left, response from the right)",
+    )
     val_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="share of each client's documents for validation (validation trust)"
     )
@@ -215,16 +297,27 @@ class DataConfig(Section):
         description="share of each client's documents held out as its test set: never trained on and never "
         "seen by any trust evidence; reports score it (0: no test split, reports fall back to validation)",
     )
-    max_train_windows: PositiveInt | None = Field(None, description="cap per client")
-    max_val_windows: PositiveInt = Field(32, description="cap on each client's validation windows")
-    max_test_windows: PositiveInt = Field(32, description="cap on each client's test windows")
-    public_windows: int = Field(32, ge=0, description="shared public reference set (prediction trust)")
+    max_train_windows: PositiveInt | None = Field(
+        None, description="cap per client (generation: on its training examples)"
+    )
+    max_val_windows: PositiveInt = Field(
+        32, description="cap on each client's validation windows (generation: examples)"
+    )
+    max_test_windows: PositiveInt = Field(
+        32,
+        description="cap on each client's test windows (generation: test examples, each decoded and scored "
+        "on every evaluation round)",
+    )
+    public_windows: int = Field(
+        32, ge=0, description="shared public reference set (prediction trust; generation: examples)"
+    )
     partition: PartitionConfig = PartitionConfig()
     clients: list[Path] | None = Field(
         None,
         min_length=1,
         description="per-owner data: one .txt/.jsonl file or directory per client, each client's own "
-        "documents (what a Flower SuperNode's data-path is); replaces sources/path/partition",
+        "documents (generation: one generation file per client; what a Flower SuperNode's data-path is); "
+        "replaces sources/path/partition",
     )
     public: Path | None = Field(
         None, description="with data.clients: the public reference files (prediction trust needs them)"
@@ -260,6 +353,38 @@ class DataConfig(Section):
                 f"data.val_fraction ({self.val_fraction}) + data.test_fraction ({self.test_fraction}) "
                 "leave no documents to train on: keep their sum below 1"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _kind_fits_the_settings(self) -> DataConfig:
+        """Settings one data kind reads and the other would ignore, and sources without generation
+        examples. Compared with the defaults: a saved config.yaml spells out every field."""
+        if self.kind == "text":
+            unread = self.changed_generation_settings(every=True)
+            if unread:
+                raise ValueError(
+                    f"data.{', data.'.join(unread)} {'is' if len(unread) == 1 else 'are'} read by generation "
+                    "data only: set data.kind: generation, or remove it"
+                )
+            return self
+        if self.text_column != "text":
+            raise ValueError(
+                "data.text_column names the text of text data; generation files name their fields with "
+                "data.columns"
+            )
+        if self.path is None and self.clients is None:
+            for i, src in enumerate(self.sources):
+                if src.corpus == "files":
+                    raise ValueError(
+                        f"data.sources[{i}]: with data.kind generation a generation file is given as "
+                        "data.path (or one per client as data.clients)"
+                    )
+                if src.corpus not in GENERATION_CORPORA:
+                    raise ValueError(
+                        f"data.sources[{i}]: corpus '{src.corpus}' has no generation task (shipped: "
+                        f"{', '.join(f'{c} ({t})' for c, t in GENERATION_CORPORA.items())}); give your own "
+                        "generation file with data.path or data.clients"
+                    )
         return self
 
     def resolved_sources(self) -> list[SourceConfig]:
@@ -435,37 +560,7 @@ class LLMConfig(Section):
     lr: PositiveFloat | None = Field(None, description="LLM learning rate (default: train.lr)")
 
 
-class TaskColumns(Section):
-    """Where a task table keeps each field (parquet / CSV / JSON / arrow / save_to_disk, and .jsonl keys)."""
-
-    prompt: str = Field("prompt", description="the question")
-    choices: str = Field("choices", description="the list of choices (a CSV holds it as JSON text)")
-    answer: str = Field("answer", description="the right answer: its index or the choice itself")
-    label: str = Field("label", description="the example's label (optional; task.partition deals by it)")
-    response: str = Field(
-        "response",
-        description="generation, prompt layout: the reference response (the prompt is in 'prompt')",
-    )
-    instruction: str = Field("instruction", description="generation, Alpaca layout: the instruction")
-    input: str = Field(
-        "input", description="generation, Alpaca layout: the optional input, joined to the instruction"
-    )
-    output: str = Field("output", description="generation, Alpaca layout: the reference response")
-    messages: str = Field(
-        "messages",
-        description="generation, chat layout: the list of {role, content} turns (a CSV holds it as JSON "
-        "text); the last assistant turn is the response",
-    )
-
-
-TaskKind = Literal["multiple_choice", "generation"]
-GenLayout = Literal["auto", "prompt", "alpaca", "chat"]
-# the shipped generation task of each corpus (task.kind generation with task.source)
-GENERATION_CORPORA: dict[str, str] = {"bbc": "headline", "python": "docstring"}
-DEFAULT_MAX_NEW_TOKENS = 48
-
-
-class TaskConfig(Section):
+class TaskConfig(GenerationSettings):
     """The FedCoLLM family's task: multiple choice (a topic task or the user's file) or generation."""
 
     kind: TaskKind = Field(
@@ -485,11 +580,6 @@ class TaskConfig(Section):
         "columns (task.columns renames them)",
     )
     labels: list[str] | None = Field(None, description="choices of a topic task (default: every label)")
-    max_chars: PositiveInt = Field(
-        600,
-        description="a task from task.source: article text cut to this many characters (on a word "
-        "boundary; python docstring task: the function's code, by whole lines)",
-    )
     test_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="share held out as the test set (stratified)"
     )
@@ -498,9 +588,6 @@ class TaskConfig(Section):
         None, description="None/iid: the paper's split (train set into 1 public + K client parts)"
     )
     max_length: PositiveInt = Field(512, description="tokens per example (prompt cut from the left)")
-    columns: TaskColumns = Field(
-        default_factory=TaskColumns, description="the task file's column (or key) for each field"
-    )
     clients: list[Path] | None = Field(
         None,
         min_length=1,
@@ -509,20 +596,6 @@ class TaskConfig(Section):
     )
     public: Path | None = Field(None, description="with task.clients: the server's public set D_a (JSONL)")
     test: Path | None = Field(None, description="with task.clients: the held-out test set (JSONL)")
-    layout: GenLayout = Field(
-        "auto",
-        description="generation files: prompt {prompt, response}, alpaca {instruction, input, output} or "
-        "chat {messages}; auto: by the columns present (messages, else instruction, else prompt)",
-    )
-    chat_template: Literal["auto", "none"] = Field(
-        "auto",
-        description="generation: auto applies the tokenizer's chat template when it has one; none (or a "
-        "tokenizer without one): the plain format 'User:\\n<prompt>\\n\\nAssistant:\\n'",
-    )
-    max_new_tokens: PositiveInt = Field(
-        DEFAULT_MAX_NEW_TOKENS,
-        description="generation: the decoding budget, tokens generated at most per example",
-    )
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskConfig:
@@ -552,15 +625,7 @@ class TaskConfig(Section):
 
         Compared with the defaults, not model_fields_set: a saved config.yaml spells out every field."""
         if self.kind == "multiple_choice":
-            unread = [
-                k
-                for k, default in (
-                    ("layout", "auto"),
-                    ("chat_template", "auto"),
-                    ("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
-                )
-                if getattr(self, k) != default
-            ]
+            unread = self.changed_generation_settings()
             if unread:
                 raise ValueError(
                     f"task.{', task.'.join(unread)} {'is' if len(unread) == 1 else 'are'} read by generation "

@@ -14,7 +14,7 @@ import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cotune.config.schema import ExperimentConfig, SourceConfig, TaskConfig
+from cotune.config.schema import ExperimentConfig, GenerationSettings, SourceConfig, TaskConfig
 from cotune.data.corpora import jsonl_document, read_user_text
 from cotune.data.errors import DataError
 from cotune.data.files import MAX_TEXT_BYTES, no_files_message, path_problem, scan_folder
@@ -56,6 +56,13 @@ def data_problems(cfg: ExperimentConfig) -> list[str]:
                 out += task_problems(key, Path(path), task)
         return out
     data = cfg.data
+    if data.kind == "generation":  # generation files (data.sources are shipped tasks: nothing to read)
+        named = [("data.path", data.path), ("data.public", data.public)]
+        named += [(f"data.clients[{i}]", p) for i, p in enumerate(data.clients or [])]
+        for key, path in named:
+            if path is not None:
+                out += example_file_problems(key, Path(path), data, True, "data.columns")
+        return out
     if data.clients is not None:
         sources = [(f"data.clients[{i}]", p) for i, p in enumerate(data.clients)]
         sources += [("data.public", data.public)] if data.public is not None else []
@@ -117,35 +124,44 @@ def file_problems(f: Path, src: SourceConfig, setting: str) -> Iterator[str]:
 
 
 def task_problems(key: str, path: Path, task: TaskConfig) -> list[str]:
-    """Problems of one task file: its status, its kind (JSONL or a table), its columns or lines; a
-    generation task's file is read in its layout (task.layout, or found from the columns)."""
+    """Problems of one task file (a multiple-choice or a generation task's)."""
+    return example_file_problems(key, path, task, task.kind == "generation", "task.columns")
+
+
+def example_file_problems(
+    key: str, path: Path, settings: GenerationSettings, generation: bool, setting: str
+) -> list[str]:
+    """Problems of one file of examples (a task's, or a client's generation data): its status, its kind
+    (JSONL or a table), its columns or lines; generation examples are read in their layout
+    (`settings.layout`, or found from the columns). `setting`: the key that renames the columns."""
     problem = path_problem(path.expanduser())
     if problem is not None:
         return [f"{key}: {problem}"]
     path = path.expanduser()
-    columns = task.columns
-    generation = task.kind == "generation"
+    columns = settings.columns
     if is_table(path):
-        return [f"{key}: {p}" for p in table_problems(path, task_columns(path, task), "task.columns")]
+        wanted = example_columns(path, settings, generation)
+        return [f"{key}: {p}" for p in table_problems(path, wanted, setting)]
     if path.is_dir():
-        return [f"{key}: {path}: a folder, not a task file (.jsonl, a table or a save_to_disk folder)"]
+        what = "task file" if key.startswith("task") else "generation file"
+        return [f"{key}: {path}: a folder, not a {what} (.jsonl, a table or a save_to_disk folder)"]
 
     def parse(line: str, where: str) -> object:
         if generation:
-            return gen_line(line, where, columns, task.layout)
+            return gen_line(line, where, columns, settings.layout)
         return task_line(line, where, columns)
 
     return [f"{key}: {p}" for p in jsonl_problems(path, parse, True)]
 
 
-def task_columns(path: Path, task: TaskConfig) -> list[str]:
-    """The columns a task table needs: the multiple-choice fields, or those of its generation layout
-    (found from the header where that is cheap to read)."""
-    columns = task.columns
-    if task.kind != "generation":
+def example_columns(path: Path, settings: GenerationSettings, generation: bool) -> list[str]:
+    """The columns a table of examples needs: the multiple-choice fields, or those of its generation
+    layout (found from the header where that is cheap to read)."""
+    columns = settings.columns
+    if not generation:
         return [columns.prompt, columns.choices, columns.answer]
-    if task.layout != "auto":
-        return layout_columns(task.layout, columns)
+    if settings.layout != "auto":
+        return layout_columns(settings.layout, columns)
     try:
         names = table_columns(path)
     except DataError:

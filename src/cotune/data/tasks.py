@@ -23,9 +23,8 @@ from cotune.data.corpora import DataError, Document, load_source, read_user_text
 from cotune.data.files import path_problem
 from cotune.data.partition import partition as label_partition
 from cotune.data.tables import is_table, load_table, require_columns
+from cotune.evaluation.lm import IGNORE_INDEX
 from cotune.evaluation.multiple_choice import MCExample, encode_pair
-
-IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF models) skip
 
 
 @dataclass(frozen=True)

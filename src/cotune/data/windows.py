@@ -8,7 +8,7 @@ every client. Validation feeds the trust evidence, test only the reported figure
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,21 +18,29 @@ from cotune.config.schema import DataConfig, SourceConfig
 from cotune.data.corpora import DataError, Document, load_documents
 from cotune.data.files import owner_name
 from cotune.data.partition import partition
+from cotune.data.task_data import EncodedSet
+from cotune.evaluation.generation import GenRequest
 from cotune.seeds import numpy_rng, torch_generator
+
+# What a personalized client's split holds: token windows (n, seq_len) of text data, or generation
+# examples as an EncodedSet (prompt + response rows, labels -100 off the response: data.kind generation)
+Rows = torch.Tensor | EncodedSet
 
 
 @dataclass
 class ClientData:
-    train: torch.Tensor  # (n_train, seq_len) token ids
-    val: torch.Tensor  # (n_val, seq_len)
+    train: Rows  # (n_train, seq_len) token ids, or training examples
+    val: Rows  # (n_val, seq_len)
     label_counts: dict[str, int]
-    test: torch.Tensor | None = None  # (n_test, seq_len); None when data.test_fraction is 0
+    test: Rows | None = None  # (n_test, seq_len); None when data.test_fraction is 0
+    # generation data: the test examples as prompts to decode (the same examples as `test`, in order)
+    test_requests: list[GenRequest] = field(default_factory=list)
 
 
 @dataclass
 class FederatedData:
     clients: list[ClientData]
-    public: torch.Tensor  # (n_public, seq_len), shared reference set
+    public: Rows  # (n_public, seq_len), shared reference set
     label_names: list[str]
     mixtures: torch.Tensor  # clients x labels
 
@@ -125,16 +133,17 @@ def _take_public(order: list[int], lengths: list[int], tokens_needed: int) -> tu
 
 
 def split_documents(
-    doc_ids: list[int], cfg: DataConfig, client: int
+    doc_ids: list[int], cfg: DataConfig, client: int, unit: str = "document"
 ) -> tuple[list[int], list[int], list[int]]:
-    """(train, validation, test) documents of one client, from its shuffled documents: validation first
-    (as before test splits existed, so validation stays put), then test, the rest for training."""
+    """(train, validation, test) documents (generation data: examples, `unit`) of one client, from its
+    shuffled documents: validation first (as before test splits existed, so validation stays put), then
+    test, the rest for training; each at least one when its fraction is above 0."""
     n_val = max(1, round(cfg.val_fraction * len(doc_ids)))
     n_test = max(1, round(cfg.test_fraction * len(doc_ids))) if cfg.test_fraction > 0 else 0
     if len(doc_ids) - n_val - n_test < 1:
         splits = "train/validation/test" if n_test else "train/validation"
         raise DataError(
-            f"client {client} got {len(doc_ids)} document(s): too few for a {splits} split; use fewer "
+            f"client {client} got {len(doc_ids)} {unit}(s): too few for a {splits} split; use fewer "
             "clients, another partition, or more data" + (", or data.test_fraction: 0" if n_test else "")
         )
     return doc_ids[n_val + n_test :], doc_ids[:n_val], doc_ids[n_val : n_val + n_test]

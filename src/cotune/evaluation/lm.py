@@ -1,14 +1,47 @@
-"""Language-modelling evaluation: token-level loss, perplexity and next-token accuracy."""
+"""Language-modelling evaluation: token-level loss, perplexity and next-token accuracy.
+
+What is scored is either token windows (every next token counts) or prompt + response examples
+(`Examples`: the data layer's EncodedSet, right-padded rows whose labels are IGNORE_INDEX on the prompt
+and the padding), where only the labelled tokens count: the perplexity of the responses.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+IGNORE_INDEX = -100  # a target that is not scored (torch's cross-entropy skips it too)
+
+
+class Examples(Protocol):
+    """Rows of prompt + response with labels (the data layer's EncodedSet)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]: ...
+
+
+LMData = torch.Tensor | Examples  # token windows (n, seq_len), or labelled examples
+
+
+def lm_batch(
+    data: LMData, b: int, batch_size: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Batch `b`: the model's inputs and each position's next-token target (IGNORE_INDEX where none is
+    scored). Windows: every next token; examples: their labels, with the attention mask of the padding."""
+    if isinstance(data, torch.Tensor):
+        ids = data[b * batch_size : (b + 1) * batch_size].to(device)
+        return {"input_ids": ids}, ids[:, 1:]
+    rows = torch.arange(b * batch_size, min((b + 1) * batch_size, len(data)))
+    batch = data.batch(rows, device)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return inputs, batch["labels"][:, 1:]
 
 
 @dataclass(frozen=True)
@@ -22,13 +55,14 @@ class LMEval:
         return {"loss": self.loss, "ppl": self.ppl, "acc": self.acc, "tokens": self.tokens}
 
 
-def batch_count(windows: torch.Tensor, batch_size: int, max_batches: int | None) -> int:
+def batch_count(windows: LMData, batch_size: int, max_batches: int | None) -> int:
     n_batches = math.ceil(len(windows) / batch_size)
     return n_batches if max_batches is None else min(n_batches, max_batches)
 
 
 class TokenStats:
-    """Summed next-token loss, correct predictions and targets over batches."""
+    """Summed next-token loss, correct predictions and targets over batches; a target of IGNORE_INDEX
+    (a prompt or padding position of an example) is not counted."""
 
     def __init__(self) -> None:
         self.loss_sum, self.correct, self.count = 0.0, 0, 0
@@ -38,8 +72,9 @@ class TokenStats:
         self.loss_sum += F.cross_entropy(
             logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"
         ).item()
-        self.correct += int((logits.argmax(-1) == target).sum().item())
-        self.count += target.numel()
+        scored = target != IGNORE_INDEX
+        self.correct += int(((logits.argmax(-1) == target) & scored).sum().item())
+        self.count += int(scored.sum().item())
 
     def result(self) -> LMEval:
         if self.count == 0:
@@ -50,23 +85,22 @@ class TokenStats:
 
 
 @torch.no_grad()
-def evaluate_lm(
-    model: nn.Module, windows: torch.Tensor, batch_size: int, max_batches: int | None = None
-) -> LMEval:
-    """Mean over every predicted token (not over batches), so uneven batches weigh correctly."""
+def evaluate_lm(model: nn.Module, windows: LMData, batch_size: int, max_batches: int | None = None) -> LMEval:
+    """Mean over every predicted token (not over batches), so uneven batches weigh correctly; of
+    examples, over their response tokens only."""
     model.eval()
     device = next(model.parameters()).device
     stats = TokenStats()
     for b in range(batch_count(windows, batch_size, max_batches)):
-        ids = windows[b * batch_size : (b + 1) * batch_size].to(device)
-        stats.add(model(input_ids=ids).logits[:, :-1], ids[:, 1:])
+        inputs, target = lm_batch(windows, b, batch_size, device)
+        stats.add(model(**inputs).logits[:, :-1], target)
     return stats.result()
 
 
 @torch.no_grad()
 def evaluate_lm_through(
     model: nn.Module,
-    windows: torch.Tensor,
+    windows: LMData,
     batch_size: int,
     adapter_names: Sequence[str],
     max_batches: int | None = None,
@@ -79,10 +113,11 @@ def evaluate_lm_through(
     device = next(model.parameters()).device
     stats = [TokenStats() for _ in adapter_names]
     for b in range(batch_count(windows, batch_size, max_batches)):
-        ids = windows[b * batch_size : (b + 1) * batch_size].to(device)
-        rows = len(ids)
+        inputs, target = lm_batch(windows, b, batch_size, device)
+        rows = len(target)
         names = [name for name in adapter_names for _ in range(rows)]
-        logits = model(input_ids=ids.repeat(len(adapter_names), 1), adapter_names=names).logits[:, :-1]
+        repeated = {key: x.repeat(len(adapter_names), 1) for key, x in inputs.items()}
+        logits = model(**repeated, adapter_names=names).logits[:, :-1]
         for k, stat in enumerate(stats):
-            stat.add(logits[k * rows : (k + 1) * rows], ids[:, 1:])
+            stat.add(logits[k * rows : (k + 1) * rows], target)
     return [stat.result() for stat in stats]

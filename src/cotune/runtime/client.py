@@ -10,31 +10,63 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import torch
 
 from cotune.algorithms.ranks import rank_of
-from cotune.evaluation.lm import evaluate_lm, evaluate_lm_through
-from cotune.runtime.port import ClientInfo, EvalReport, PeerScores, Prediction, TrainReport
+from cotune.data.windows import Rows
+from cotune.evaluation.generation import Decode, GenRequest, evaluate_generation
+from cotune.evaluation.lm import IGNORE_INDEX, evaluate_lm, evaluate_lm_through, lm_batch
+from cotune.runtime.port import ClientInfo, EvalReport, GenScores, PeerScores, Prediction, TrainReport
 from cotune.state import AdapterState
 from cotune.training.learner import Learner, StepLog
 from cotune.training.together import train_together
 
 
-def windows_hash(windows: torch.Tensor) -> str:
-    """Identifies a set of token windows, so the server can check every client has the same public set."""
-    h = hashlib.sha256(str(tuple(windows.shape)).encode())
-    h.update(windows.to(torch.int64).contiguous().cpu().numpy().tobytes())
+def windows_hash(windows: Rows) -> str:
+    """Identifies a set of token windows (or examples: their tokens and which positions are scored), so
+    the server can check every client has the same public set and compares the same positions."""
+    parts = [windows] if isinstance(windows, torch.Tensor) else [windows.input_ids, windows.labels]
+    h = hashlib.sha256(str(tuple(parts[0].shape)).encode())
+    for t in parts:
+        h.update(t.to(torch.int64).contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def response_topk(logits: torch.Tensor, scored: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices), each (B, R, k): the top-k logits of each row's scored (response) positions,
+    moved to the front of the row in their order, R the most any row has; a row with fewer is filled
+    with zero values at index 0, which add nothing to a prediction distance (both clients' are equal
+    and carry no mass), so the distance per public example is that of the response positions alone."""
+    values, indices = logits.topk(k, dim=-1)
+    width = int(scored.sum(1).max()) if scored.numel() else 0
+    order = torch.argsort((~scored).to(torch.int8), dim=1, stable=True)[:, :width]
+    keep = torch.gather(scored, 1, order).unsqueeze(-1)
+    at = order.unsqueeze(-1).expand(-1, -1, k)
+    return torch.gather(values, 1, at) * keep, torch.gather(indices, 1, at) * keep
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a client decodes its test prompts (generation data): the ids that stop a response, the id
+    that pads a prompt, the tokenizer's decode, and the budget of new tokens."""
+
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    decode: Decode
+    max_new_tokens: int
 
 
 class ClientWork:
     """One client: its Learner (adapter slot, optimizer, schedule, data cursor) and its other data.
 
-    `val` (token windows) is what `evaluate` and `evaluate_peers` score, `test` what `evaluate` also
-    reports and nothing else reads (the trust never sees it); `public` gives the shared
+    `val` (token windows, or generation examples scored on their responses) is what `evaluate` and
+    `evaluate_peers` score, `test` what `evaluate` also reports and nothing else reads (the trust never
+    sees it); generation data adds `requests` (the test examples as prompts) that `evaluate` decodes with
+    `decoding` and scores, the texts never leaving the client; `public` gives the shared
     reference set for prediction trust when asked (built lazily: only that strategy needs it);
     `budget` is the client's own steps per round where it decides them (FedCoLLM's local_epochs
     depend on its data); `info` is its description for the server (`setup.client_info`).
@@ -45,14 +77,17 @@ class ClientWork:
         index: int,
         learner: Learner,
         *,
-        val: torch.Tensor | None = None,
-        test: torch.Tensor | None = None,
-        public: Callable[[], torch.Tensor] | None = None,
+        val: Rows | None = None,
+        test: Rows | None = None,
+        public: Callable[[], Rows] | None = None,
         eval_batch_size: int = 8,
         budget: int | None = None,
         info: ClientInfo,
+        requests: Sequence[GenRequest] = (),
+        decoding: Decoding | None = None,
     ) -> None:
         self.index, self.learner, self.val, self.test = index, learner, val, test
+        self.requests, self.decoding = list(requests), decoding
         self._public = public
         self.eval_batch_size, self.budget = eval_batch_size, budget
         self.info = info
@@ -62,7 +97,7 @@ class ClientWork:
         return self.learner.pool
 
     @cached_property
-    def public(self) -> torch.Tensor:
+    def public(self) -> Rows:
         windows = self._public() if self._public is not None else None
         if windows is None or len(windows) == 0:
             raise ValueError("prediction trust needs a public reference set: set data.public_windows > 0")
@@ -108,13 +143,32 @@ class ClientWork:
 
     def evaluate(self) -> EvalReport:
         """Loss, perplexity and next-token accuracy of its adapter on its validation windows, and on its
-        test windows when it has some."""
+        test windows when it has some (generation data: of the response tokens); and, with generation
+        data, the scores of what it generates for its test prompts."""
         self.pool.activate(self.learner.slot)
         val = evaluate_lm(self.pool.model, self._val(), self.eval_batch_size)
         test = None
         if self.test is not None and len(self.test):
             test = evaluate_lm(self.pool.model, self.test, self.eval_batch_size)
-        return EvalReport(val, test)
+        return EvalReport(val, test, gen=self.generate())
+
+    def generate(self) -> GenScores | None:
+        """Its adapter's greedy generations for its test prompts, scored (None without generation data).
+        The test split is already capped (data.max_test_windows), so every request is decoded."""
+        if not self.requests or self.decoding is None:
+            return None
+        d = self.decoding
+        self.pool.activate(self.learner.slot)
+        scores = evaluate_generation(
+            self.pool.model,
+            self.requests,
+            batch_size=self.eval_batch_size,
+            max_new_tokens=d.max_new_tokens,
+            stop_ids=d.stop_ids,
+            pad_id=d.pad_id,
+            decode=d.decode,
+        )
+        return GenScores(scores.n, scores.exact_match, scores.f1, scores.rouge_l, scores.ppl)
 
     def peer_perplexity(self, adapters: Sequence[Mapping[str, torch.Tensor]], val_batches: int) -> PeerScores:
         """Its row of P: the perplexity of each given adapter on its own validation windows."""
@@ -149,17 +203,27 @@ class ClientWork:
 
     @torch.no_grad()
     def predict(self, batches: int, batch_size: int, k: int) -> Prediction:
-        """Top-k logits of its adapter on the first `batches` public batches (lean trust evidence)."""
+        """Top-k logits of its adapter on the first `batches` public batches (lean trust evidence): at
+        every position of token windows; of generation examples, only where a response token is
+        predicted (`response_topk`), so the prompts, which every client is given alike, are not
+        compared."""
         public = self.public
         self.pool.activate(self.learner.slot)
         model = self.pool.model
         model.eval()
+        device = torch.device(self.learner.device)
         out, vocab = [], 0
         for b in range(min(batches, math.ceil(len(public) / batch_size))):
-            ids = public[b * batch_size : (b + 1) * batch_size].to(self.learner.device)
-            logits = model(input_ids=ids).logits.float()
-            vocab = logits.shape[-1]
-            values, indices = logits.topk(min(k, vocab), dim=-1)
+            if isinstance(public, torch.Tensor):
+                ids = public[b * batch_size : (b + 1) * batch_size].to(device)
+                logits = model(input_ids=ids).logits.float()
+                vocab = logits.shape[-1]
+                values, indices = logits.topk(min(k, vocab), dim=-1)
+            else:
+                inputs, target = lm_batch(public, b, batch_size, device)
+                logits = model(**inputs).logits[:, :-1].float()
+                vocab = logits.shape[-1]
+                values, indices = response_topk(logits, target != IGNORE_INDEX, min(k, vocab))
             out.append((values.cpu(), indices.cpu()))
         return Prediction(out, vocab, windows_hash(public))
 
@@ -173,7 +237,7 @@ class ClientWork:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.learner.load_state_dict(state)
 
-    def _val(self) -> torch.Tensor:
+    def _val(self) -> Rows:
         if self.val is None:
             raise ValueError("this client has no validation windows to evaluate on")
         return self.val

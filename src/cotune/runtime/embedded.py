@@ -16,11 +16,13 @@ from rich.console import Console
 
 from cotune.config.schema import ExperimentConfig
 from cotune.data.windows import FederatedData
+from cotune.runtime.client import Decoding
 from cotune.runtime.compose import fedcollm_loop, personalized_loop
 from cotune.runtime.inprocess import InProcessClients
 from cotune.runtime.rundir import RunFiles
 from cotune.runtime.setup import (
     adapter_pool,
+    decoding_of,
     fedcollm_pools,
     fedcollm_works,
     load_fedcollm_models,
@@ -55,9 +57,10 @@ def run_personalized(
     cfg = variants[0]
     base, tokenizer, device = load_model(cfg, console=console)
     data = load_windows(cfg, tokenizer, console)
+    decoding = decoding_of(cfg, base, tokenizer)
     for d, v, resumed in zip(dirs, variants, resume, strict=True):
         console.print(f"[bold]strategy {v.strategy.name}[/] -> {d}")
-        base = run_personalized_variant(v, d, base, data, device, console, resumed)
+        base = run_personalized_variant(v, d, base, data, device, console, resumed, decoding)
 
 
 def run_personalized_variant(
@@ -68,10 +71,12 @@ def run_personalized_variant(
     device: torch.device,
     console: Console,
     resume: bool = False,
+    decoding: Decoding | None = None,
 ) -> torch.nn.Module:
-    """One personalized run on a loaded base model and data split; gives the untouched base back."""
+    """One personalized run on a loaded base model and data split (generation data: its clients decode
+    their test prompts with `decoding`); gives the untouched base back."""
     pool = adapter_pool(cfg, base)
-    clients = InProcessClients(cfg, personalized_works(cfg, pool, data, device))
+    clients = InProcessClients(cfg, personalized_works(cfg, pool, data, device, decoding))
     try:
         personalized_loop(cfg, RunFiles(run_dir, cfg), pool, clients, console).run(resume)
     finally:

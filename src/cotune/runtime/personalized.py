@@ -25,11 +25,20 @@ from cotune.config.schema import ExperimentConfig
 from cotune.evaluation.lm import LMEval
 from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import wide_initialisation
-from cotune.records import CommRecord, EvalRecord, RoundRecord, RunEvent, Split, TrainRecord, TrustRecord
+from cotune.records import (
+    CommRecord,
+    EvalRecord,
+    GenRecord,
+    RoundRecord,
+    RunEvent,
+    Split,
+    TrainRecord,
+    TrustRecord,
+)
 from cotune.reporting.progress import Activity, Advance
 from cotune.runtime.membership import Membership
 from cotune.runtime.pipeline import AggregationPipeline, check_trained
-from cotune.runtime.port import ClientInfo, Clients, OnDone, Prediction
+from cotune.runtime.port import ClientInfo, Clients, GenScores, OnDone, Prediction
 from cotune.runtime.rounds import RoundTimes, run_rounds
 from cotune.runtime.rundir import RunFiles, client_name, load_adapter
 from cotune.seeds import torch_generator
@@ -151,7 +160,8 @@ class PersonalizedLoop:
     def evaluate(self, r: int) -> None:
         """Each present client's validation (and test) metrics, those not logged yet (a resumed round's),
         shown as a phase counted in clients."""
-        logged = {(e.client, e.split) for e in self.files.logged(EvalRecord, r)}
+        logged: set[tuple[int, str]] = {(e.client, e.split) for e in self.files.logged(EvalRecord, r)}
+        logged |= {(i, "gen") for i in self.generated(r)}
         present = self.members.present()
         clients = [i for i in present if any((i, split) not in logged for split in self.eval_splits(i))]
         # those the stopped run evaluated were sent their adapter too: the round's traffic counts them
@@ -161,10 +171,13 @@ class PersonalizedLoop:
             if clients:
                 self.evaluate_clients(r, clients, logged, lambda i: advance(note=client_name(i)))
 
-    def eval_splits(self, client: int) -> tuple[Literal["val", "test"], ...]:
-        """The splits a client's evaluation reports: validation, and test when it has test windows."""
+    def eval_splits(self, client: int) -> tuple[Literal["val", "test", "gen"], ...]:
+        """The splits a client's evaluation reports: validation, and test when it has test windows (with
+        generation data, "gen": its test generations too)."""
         info = self.members.joined.get(client)
-        return ("val", "test") if info is not None and info.test_windows else ("val",)
+        if info is None or not info.test_windows:
+            return ("val",)
+        return ("val", "test", "gen") if self.cfg.data.kind == "generation" else ("val", "test")
 
     def close_round(self, r: int, times: RoundTimes) -> tuple[RoundRecord, str]:
         """The round's traffic (its evaluation's messages included), then its record and console line:
@@ -186,6 +199,8 @@ class PersonalizedLoop:
         )
         text = f"train loss {sum(losses) / max(1, len(losses)):.3f}"
         text += f"  mean val ppl {mean_ppl:.2f}" if mean_ppl is not None else ""
+        rouge = [g.rouge_l for g in self.files.logged(GenRecord, r)]
+        text += f"  mean test ROUGE-L {sum(rouge) / len(rouge):.3f}" if rouge else ""
         return record, f"round {r}/{self.rounds}  step {step}  {text}  ({times.wall_s:.1f}s)"
 
     # ---- phases ---------------------------------------------------------------------------------------
@@ -323,9 +338,10 @@ class PersonalizedLoop:
         self, r: int, clients: list[int], logged: Set[tuple[int, str]], on_done: OnDone | None = None
     ) -> None:
         """Each of `clients`' validation (and test) loss and perplexity, logged unless in `logged` (a
-        resumed round's, by client and split)."""
+        resumed round's, by client and split); with generation data, its test generations' scores."""
         replies = self.clients.evaluate(r, self.send(clients), on_done)
         self.members.note_failures(r, "evaluate", replies)
+        generated = self.generated(r)
         for i, report in sorted(replies.ok.items()):
             splits: tuple[tuple[Literal["val", "test"], LMEval | None], ...] = (
                 ("val", report.val),
@@ -334,6 +350,26 @@ class PersonalizedLoop:
             for split, scores in splits:
                 if scores is not None and (i, split) not in logged:
                     self.files.log(self.eval_record(r, i, split, scores))
+            if report.gen is not None and i not in generated:
+                self.files.log(self.gen_record(r, i, report.gen))
+
+    def generated(self, r: int) -> set[int]:
+        """The clients whose test generations round r has logged (a resumed round's)."""
+        return {g.client for g in self.files.logged(GenRecord, r) if g.client is not None}
+
+    def gen_record(self, r: int, client: int, scores: GenScores) -> GenRecord:
+        """A client's test generations judged (its own adapter: `model` None), scores only."""
+        return GenRecord(
+            round=r,
+            step=self.step_at_end(r),
+            client=client,
+            split="test",
+            n=scores.n,
+            exact_match=scores.exact_match,
+            f1=scores.f1,
+            rouge_l=scores.rouge_l,
+            ppl=scores.ppl,
+        )
 
     def eval_record(self, r: int, client: int, split: Split, scores: LMEval) -> EvalRecord:
         return EvalRecord(

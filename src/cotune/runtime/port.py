@@ -59,13 +59,27 @@ class TrainReport:
 
 
 @dataclass(frozen=True)
+class GenScores:
+    """What a client's adapter generated for its test prompts, judged against the references (means over
+    `n` examples; `ppl` of the reference responses). Scores only: the generated text stays on the client."""
+
+    n: int
+    exact_match: float
+    f1: float
+    rouge_l: float
+    ppl: float
+
+
+@dataclass(frozen=True)
 class EvalReport:
     """A client's scores of the adapter it was sent: on its validation windows and, when it holds a test
-    split, on that (which nothing but the reports reads: the trust never sees it)."""
+    split, on that (which nothing but the reports reads: the trust never sees it). Generation data: the
+    perplexities are of the response tokens, and `gen` scores the test examples' generations."""
 
     val: LMEval
     test: LMEval | None = None
     extra: Extra = field(default_factory=dict)
+    gen: GenScores | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,7 @@ class ClientInfo:
     device: str
     examples: int | None = None  # FedCoLLM family: n_k, its FedAvg weight as it claims it
     own_data: bool = False  # trains on its own files (a SuperNode's data-path): n_k cannot be checked
-    train_windows: int | None = None  # personalized family: its token windows by split
+    train_windows: int | None = None  # personalized family: its token windows (generation: examples) by split
     val_windows: int | None = None
     test_windows: int | None = None
     label_names: tuple[str, ...] = ()  # its label mixture (the oracle's evidence, a report's client names)

@@ -20,18 +20,21 @@ from transformers import PreTrainedTokenizerBase
 from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
 from cotune.config.names import STRATEGY_SPECS
 from cotune.config.schema import ExperimentConfig, ModelConfig
+from cotune.data.client_examples import client_data
 from cotune.data.corpora import DataError
+from cotune.data.generation import gen_format
 from cotune.data.task_data import EncodedSet, TaskData, build_task_data
-from cotune.data.windows import ClientData, FederatedData, federated_data
+from cotune.data.windows import ClientData, FederatedData, Rows
+from cotune.evaluation.generation import pad_token_id, stop_token_ids
 from cotune.models.compat import check_same_tokenizer
 from cotune.models.loader import load_base_model, resolve_device, resolve_dtype
 from cotune.models.lora import AdapterPool
 from cotune.reporting.text import printable
-from cotune.runtime.client import ClientWork
+from cotune.runtime.client import ClientWork, Decoding
 from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER, Server
 from cotune.runtime.port import ClientInfo
 from cotune.runtime.rundir import client_name
-from cotune.runtime.simulated import garbage_data, is_garbage_attacker
+from cotune.runtime.simulated import garbage_data, garbage_examples, is_garbage_attacker
 from cotune.seeds import LLM_SLOT, SERVER_SLOT, stream_seed
 from cotune.training.learner import Learner
 
@@ -74,15 +77,32 @@ def load_windows(
     cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, console: Console
 ) -> FederatedData:
     with console.status("building client datasets"):
-        data = federated_data(cfg.data, cfg.federation.clients, tokenizer, cfg.run.seed)
+        data = client_data(cfg.data, cfg.federation.clients, tokenizer, cfg.run.seed)
+    unit = "windows" if cfg.data.kind == "text" else "examples"
     for i, c in enumerate(data.clients):
         labels = ", ".join(f"{printable(k)}:{v}" for k, v in sorted(c.label_counts.items()))  # owners' names
         test = "" if c.test is None else f" / {len(c.test)} test"
         console.print(
-            f"  client {i}: {len(c.train)} train / {len(c.val)} val{test} windows  ({labels})", markup=False
+            f"  client {i}: {len(c.train)} train / {len(c.val)} val{test} {unit}  ({labels})", markup=False
         )
-    console.print(f"  public reference set: {len(data.public)} windows of {cfg.data.seq_len} tokens")
+    console.print(f"  public reference set: {len(data.public)} {unit} of {cfg.data.seq_len} tokens")
     return data
+
+
+def decoding_of(
+    cfg: ExperimentConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
+) -> Decoding | None:
+    """How personalized clients decode their test prompts (generation data; None for text): greedy up to
+    data.max_new_tokens, stopping at the model's and tokenizer's end tokens and the token that closes a
+    response in the data's format (`gen_format`: EOS, or the chat template's end of turn)."""
+    if cfg.data.kind != "generation":
+        return None
+    stops = {*stop_token_ids(model, tokenizer), gen_format(tokenizer, cfg.data.chat_template).stop_id}
+
+    def decode(ids: list[int]) -> str:
+        return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+    return Decoding(tuple(sorted(stops)), pad_token_id(tokenizer), decode, cfg.data.max_new_tokens)
 
 
 def adapter_pool(
@@ -144,17 +164,22 @@ def personalized_work(
     index: int,
     pool: AdapterPool,
     data: ClientData,
-    public: Callable[[], torch.Tensor],
+    public: Callable[[], Rows],
     device: torch.device,
     labels: LabelMixture,
     own_data: bool = False,
     slot: str | None = None,
+    decoding: Decoding | None = None,
 ) -> ClientWork:
-    """Client `index` of personalized fine-tuning: its windows, its learner, its description."""
+    """Client `index` of personalized fine-tuning: its windows (or generation examples, with the
+    `decoding` of its test prompts), its learner, its description."""
     train = data.train
     if is_garbage_attacker(cfg, index):  # a simulated attacker trains on random tokens
         vocab = pool.model.get_input_embeddings().num_embeddings
-        train = garbage_data(cfg, index, train, vocab)
+        if isinstance(train, torch.Tensor):
+            train = garbage_data(cfg, index, train, vocab)
+        else:
+            train = garbage_examples(cfg, index, train, vocab)
     tcfg = cfg.train
     learner = Learner(
         pool,
@@ -174,17 +199,26 @@ def personalized_work(
         public=public,
         eval_batch_size=tcfg.eval_batch_size,
         info=client_info(index, device, windows=data, labels=labels, own_data=own_data),
+        requests=data.test_requests,
+        decoding=decoding,
     )
 
 
 def personalized_works(
-    cfg: ExperimentConfig, pool: AdapterPool, data: FederatedData, device: torch.device
+    cfg: ExperimentConfig,
+    pool: AdapterPool,
+    data: FederatedData,
+    device: torch.device,
+    decoding: Decoding | None = None,
 ) -> list[ClientWork]:
-    """Every client of the federated split as a ClientWork on `pool`'s slots."""
+    """Every client of the federated split as a ClientWork on `pool`'s slots (generation data: with the
+    `decoding` of `decoding_of`)."""
     if len(data.clients) != cfg.federation.clients:
         raise ValueError(f"data has {len(data.clients)} clients, config asks for {cfg.federation.clients}")
     return [
-        personalized_work(cfg, i, pool, c, lambda: data.public, device, LabelMixture.of_split(data, i))
+        personalized_work(
+            cfg, i, pool, c, lambda: data.public, device, LabelMixture.of_split(data, i), decoding=decoding
+        )
         for i, c in enumerate(data.clients)
     ]
 
@@ -250,8 +284,7 @@ def fedcollm_work(
 ) -> ClientWork:
     """Client `index` of the FedCoLLM family: its SLM slot, its private set D_k, its own budget."""
     if is_garbage_attacker(cfg, index):  # a simulated attacker trains on random answers
-        ids = garbage_data(cfg, index, data.input_ids, vocab, mask=data.attention_mask)
-        data = EncodedSet(ids, data.attention_mask, torch.where(data.labels != -100, ids, data.labels))
+        data = garbage_examples(cfg, index, data, vocab)
     budget = client_budget(cfg, len(data))
     learner = Learner(
         pool,

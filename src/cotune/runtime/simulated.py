@@ -30,6 +30,8 @@ from torch import Tensor
 
 from cotune.config.names import UPLOAD_ATTACKS, AttackKind
 from cotune.config.schema import ExperimentConfig, FaultConfig
+from cotune.data.task_data import EncodedSet
+from cotune.evaluation.lm import IGNORE_INDEX
 from cotune.seeds import torch_generator
 from cotune.state import AdapterState
 
@@ -117,6 +119,13 @@ def garbage_data(
 ) -> Tensor:
     """A `garbage_data` attacker's training tokens (the positions `mask` marks, or all), once, at setup."""
     return garbage_tokens(ids, vocab, torch_generator("garbage", cfg.run.seed, index), mask=mask)
+
+
+def garbage_examples(cfg: ExperimentConfig, index: int, data: EncodedSet, vocab: int) -> EncodedSet:
+    """A `garbage_data` attacker's examples: random tokens where the rows have tokens, trained on where
+    they were (the answer or the response): the same shapes and loss positions as the honest set."""
+    ids = garbage_data(cfg, index, data.input_ids, vocab, mask=data.attention_mask)
+    return EncodedSet(ids, data.attention_mask, torch.where(data.labels != IGNORE_INDEX, ids, data.labels))
 
 
 def claims_inflated(cfg: ExperimentConfig, client: int) -> bool:

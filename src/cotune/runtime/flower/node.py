@@ -22,22 +22,16 @@ import yaml
 from cotune.algorithms.fedcollm import check_payload
 from cotune.config.loader import config_from_dict
 from cotune.config.schema import ExperimentConfig
+from cotune.data.client_examples import client_data, own_client_data, public_file
 from cotune.data.corpora import load_documents
 from cotune.data.task_data import EncodedSet, build_task_data, owned_set
-from cotune.data.windows import (
-    ClientData,
-    FederatedData,
-    federated_data,
-    owner_data,
-    owner_source,
-    pack_windows,
-    tokenize,
-)
+from cotune.data.windows import ClientData, FederatedData, Rows, owner_source, pack_windows, tokenize
 from cotune.runtime.client import ClientWork
 from cotune.runtime.flower.node_state import NodeStateStore, default_state_dir
 from cotune.runtime.setup import (
     LabelMixture,
     adapter_pool,
+    decoding_of,
     fedcollm_work,
     load_model,
     personalized_work,
@@ -133,6 +127,7 @@ class Node:
         base, self.tokenizer, self.device = base_model(cfg)
         self.pool = adapter_pool(cfg, base, [self.index])
         if family == "personalized":
+            self.decoding = decoding_of(cfg, base, self.tokenizer)
             self.work = self.personalized_work()
         elif family == "fedcollm":
             self.work = fedcollm_work(
@@ -163,7 +158,7 @@ class Node:
         return prepared(
             "federated",
             key,
-            lambda: federated_data(cfg.data, cfg.federation.clients, self.tokenizer, cfg.run.seed),
+            lambda: client_data(cfg.data, cfg.federation.clients, self.tokenizer, cfg.run.seed),
         )
 
     @cached_property
@@ -171,13 +166,15 @@ class Node:
         if not self.settings.data_path:
             return self.federated.clients[self.index]
         # A real data owner: its own files, split as data.clients splits each owner's (the same function)
-        return owner_data(
+        return own_client_data(
             Path(self.settings.data_path), self.cfg.data, self.tokenizer, self.cfg.run.seed, self.index
         )
 
-    def public(self) -> torch.Tensor:
+    def public(self) -> Rows:
         """The public reference set (prediction trust); the server checks it is the same on every node."""
         dcfg = self.cfg.data
+        if self.settings.public_path and dcfg.kind == "generation":
+            return public_file(dcfg, self.tokenizer, self.settings.public_path)
         if self.settings.public_path:
             docs = load_documents([owner_source(self.settings.public_path, dcfg)])
             eos = self.tokenizer.eos_token_id
@@ -211,7 +208,17 @@ class Node:
     def personalized_work(self) -> ClientWork:
         data, own = self.windows, bool(self.settings.data_path)
         labels = LabelMixture.of_windows(data) if own else LabelMixture.of_split(self.federated, self.index)
-        return personalized_work(self.cfg, self.index, self.pool, data, self.public, self.device, labels, own)
+        return personalized_work(
+            self.cfg,
+            self.index,
+            self.pool,
+            data,
+            self.public,
+            self.device,
+            labels,
+            own,
+            decoding=self.decoding,
+        )
 
     # ---- state between messages ---------------------------------------------------------------------
     def adopt(self, state: AdapterState) -> None:
