@@ -9,7 +9,7 @@ import torch
 from cotune.config.schema import ModelConfig
 from cotune.data.generation import GenExample, gen_format, gen_requests
 from cotune.data.task_data import encode_generation
-from cotune.data.tasks import IGNORE_INDEX
+from cotune.evaluation.lm import IGNORE_INDEX
 from cotune.models.loader import load_base_model
 
 pytestmark = pytest.mark.integration
