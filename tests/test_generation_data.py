@@ -35,7 +35,8 @@ from cotune.data.generation import (
     shipped_task,
 )
 from cotune.data.task_data import build_task_data, encode_generation
-from cotune.data.tasks import IGNORE_INDEX, split_task
+from cotune.data.tasks import split_task
+from cotune.evaluation.lm import IGNORE_INDEX
 from cotune.models.tiny import EOS, build_tiny_model, byte_tokenizer
 
 CANARY = "CANARY-5d1e-private-reply"
