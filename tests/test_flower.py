@@ -928,9 +928,9 @@ def test_a_long_lived_node_process_loads_the_base_model_once(corpus_dir, tmp_pat
     import cotune.runtime.flower.node as node_module
 
     calls, splits = [], []
-    real, real_split = node_module.load_model, node_module.federated_data
+    real, real_split = node_module.load_model, node_module.client_data
     monkeypatch.setattr(node_module, "load_model", lambda cfg: calls.append(1) or real(cfg))
-    monkeypatch.setattr(node_module, "federated_data", lambda *a: splits.append(1) or real_split(*a))
+    monkeypatch.setattr(node_module, "client_data", lambda *a: splits.append(1) or real_split(*a))
     node_module.BASES.clear()
     node_module.PREPARED.clear()
     cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "validation"})
