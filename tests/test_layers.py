@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "cotune.runtime.simulated": 3,
     "cotune.runtime.membership": 3,
     "cotune.runtime.rounds": 3,
+    "cotune.runtime.traffic": 3,
     "cotune.runtime.claims": 3,
     "cotune.runtime.pipeline": 3,
     "cotune.runtime.port": 3,

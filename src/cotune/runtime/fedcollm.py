@@ -53,7 +53,6 @@ from cotune.evaluation.multiple_choice import (
 from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import AdapterPool
 from cotune.records import (
-    CommRecord,
     DistillRecord,
     DistillValRecord,
     GenRecord,
@@ -71,6 +70,7 @@ from cotune.runtime.pipeline import AggregationPipeline, check_trained
 from cotune.runtime.port import Clients
 from cotune.runtime.rounds import RoundTimes, run_rounds
 from cotune.runtime.rundir import RunFiles, client_name, load_adapter
+from cotune.runtime.traffic import Traffic
 from cotune.state import AdapterState, copied, state_bytes
 from cotune.training.distill import student_step, teacher_signal
 from cotune.training.learner import Learner
@@ -601,17 +601,12 @@ class FedCoLLMLoop:
         return updates, replies.mean
 
     def log_traffic(self, r: int, updates: dict[int, AdapterState], down: int) -> None:
-        for k, u in updates.items():
-            self.files.log(
-                CommRecord(
-                    round=r,
-                    client=k,
-                    bytes_up=state_bytes(u),
-                    bytes_down=down,
-                    full_slm_bytes=self.full_slm_bytes,
-                    ratio=state_bytes(u) / self.full_slm_bytes,
-                )
-            )
+        """theta down to each client that trained, its update back up."""
+        traffic = Traffic(self.full_slm_bytes)
+        traffic.down(dict.fromkeys(updates, down))
+        traffic.up({k: state_bytes(u) for k, u in updates.items()})
+        for comm in traffic.records(r):
+            self.files.log(comm)
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def evaluation_targets(self, r: int) -> list[tuple[Role, int | None]]:

@@ -10,7 +10,6 @@ client's adapter and asks its `Clients` port for the work.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Mapping, Set
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from cotune.runtime.pipeline import AggregationPipeline, check_trained
 from cotune.runtime.port import ClientInfo, Clients, GenScores, OnDone, Prediction
 from cotune.runtime.rounds import RoundTimes, run_rounds
 from cotune.runtime.rundir import RunFiles, client_name, load_adapter
+from cotune.runtime.traffic import Traffic
 from cotune.seeds import torch_generator
 from cotune.state import AdapterState, copied, state_bytes
 
@@ -89,9 +89,7 @@ class PersonalizedLoop:
     ) -> None:
         """`model_bytes`: the base model's size, what the traffic records compare each client's bytes to."""
         self.cfg, self.clients, self.files = cfg, clients, files
-        self.model_bytes = model_bytes
-        self.sent: Counter[int] = Counter()  # this round's bytes to and from each client
-        self.received: Counter[int] = Counter()
+        self.traffic = Traffic(model_bytes)  # this round's bytes to and from each client
         self.save_adapter = save_adapter
         self.console = console or Console(stderr=True)
         self.n = cfg.federation.clients
@@ -142,7 +140,7 @@ class PersonalizedLoop:
     def train(self, r: int) -> list[AdapterState]:
         """The round's local training, shown as a phase counted in steps; every client's adapter as the
         round started (what a rejected upload falls back to). The round's traffic counts start here."""
-        self.sent, self.received = Counter(), Counter()
+        self.traffic.new_round()
         total = self.steps_in_round(r) * len(self.members.active())
         with self.activity.phase(f"round {r}/{self.rounds} · training", total) as advance:
             return self.train_clients(
@@ -165,7 +163,7 @@ class PersonalizedLoop:
         present = self.members.present()
         clients = [i for i in present if any((i, split) not in logged for split in self.eval_splits(i))]
         # those the stopped run evaluated were sent their adapter too: the round's traffic counts them
-        self.sent.update({i: state_bytes(self.adapters[i]) for i in present if i not in clients})
+        self.traffic.down({i: state_bytes(self.adapters[i]) for i in present if i not in clients})
         what = "evaluation before training" if r == 0 else "evaluation"
         with self.activity.phase(f"round {r}/{self.rounds} · {what}", len(clients)) as advance:
             if clients:
@@ -184,7 +182,8 @@ class PersonalizedLoop:
         the mean training loss and, on evaluation rounds, the mean validation perplexity (from the
         round's logged records, so a resumed round reads what its stopped run logged)."""
         if not self.files.logged(CommRecord, r):
-            self.log_traffic(r)
+            for comm in self.traffic.records(r):
+                self.files.log(comm)
         losses = [t.loss for t in self.files.logged(TrainRecord, r)]
         ppls = [e.ppl for e in self.files.logged(EvalRecord, r) if e.split == "val"]
         mean_ppl = sum(ppls) / max(1, len(ppls)) if self.cfg.is_eval_round(r) else None
@@ -212,7 +211,7 @@ class PersonalizedLoop:
         trained = {i: (up.report.loss, up.adapter, round_start[i]) for i, up in replies.ok.items()}
         check_trained(self.cfg, r, trained)
         for i, up in sorted(replies.ok.items()):
-            self.received[i] += state_bytes(up.adapter)
+            self.traffic.up({i: state_bytes(up.adapter)})
             self.adapters[i] = up.adapter
             m = up.report
             self.files.log(
@@ -247,7 +246,7 @@ class PersonalizedLoop:
         predictions: dict[int, Prediction] | None = None
         if "perplexity" in need:  # every client receives every peer's adapter
             peers = {i: self.adapters[i] for i in sent}
-            self.sent.update({i: sum(state_bytes(a) for a in peers.values()) for i in sent})
+            self.traffic.down({i: sum(state_bytes(a) for a in peers.values()) for i in sent})
             replies = self.clients.evaluate_peers(r, peers, s.val_batches, done)
             self.members.note_failures(r, "evidence", replies)
             rows = {i: scores.ppl for i, scores in replies.ok.items()}
@@ -256,9 +255,7 @@ class PersonalizedLoop:
             got = self.clients.predict(r, self.send(sent), s.public_batches, bs, s.logits_topk, done)
             self.members.note_failures(r, "evidence", got)
             predictions = got.ok
-            self.received.update(
-                {i: sum(v.nbytes + k.nbytes for v, k in p.topk) for i, p in predictions.items()}
-            )
+            self.traffic.up({i: sum(v.nbytes + k.nbytes for v, k in p.topk) for i, p in predictions.items()})
         members = [i for i in sent if i in self.members.active()]
         ev = TrustEvidence(n_clients=len(members))
         if "adapters" in need:
@@ -325,7 +322,7 @@ class PersonalizedLoop:
             self.clients.set_base(self.base)
             # every client's base takes it, so each is counted once for it, in the round it is made (on
             # Flower a client not asked this round gets it with its next message)
-            self.sent.update({i: state_bytes(update) for i in range(self.n)})
+            self.traffic.down({i: state_bytes(update) for i in range(self.n)})
         if own is not None:
             self.adapters = [own] * self.n
         elif rule == "update":
@@ -386,20 +383,8 @@ class PersonalizedLoop:
     # ---- traffic --------------------------------------------------------------------------------------
     def send(self, clients: list[int]) -> dict[int, AdapterState]:
         """Each client's own adapter, as a message to it (counted in this round's traffic)."""
-        self.sent.update({i: state_bytes(self.adapters[i]) for i in clients})
+        self.traffic.down({i: state_bytes(self.adapters[i]) for i in clients})
         return {i: self.adapters[i] for i in clients}
-
-    def log_traffic(self, r: int) -> None:
-        for i in sorted(set(self.sent) | set(self.received)):
-            self.files.log(
-                CommRecord(
-                    round=r,
-                    client=i,
-                    bytes_up=self.received.get(i, 0),
-                    bytes_down=self.sent.get(i, 0),
-                    full_slm_bytes=self.model_bytes,
-                )
-            )
 
     # ---- state ----------------------------------------------------------------------------------------
     def checkpoint(self, r: int, scaffold: Mapping[str, Any]) -> None:
@@ -411,7 +396,7 @@ class PersonalizedLoop:
             "step": self.step_at_end(r),
             "clients": self.clients.state_dict(),
             # the round's traffic so far: a round resumed during its evaluation logs it whole
-            "traffic": {"sent": dict(self.sent), "received": dict(self.received)},
+            "traffic": self.traffic.state_dict(),
             **scaffold,
         }
         self.files.checkpoint(r, writers, state)
@@ -434,6 +419,5 @@ class PersonalizedLoop:
         if self.base is not None:
             self.clients.set_base(self.base)
         self.clients.load_state_dict(state["clients"])
-        traffic = state.get("traffic", {})  # checkpoints of older versions lack it
-        self.sent, self.received = Counter(traffic.get("sent", {})), Counter(traffic.get("received", {}))
+        self.traffic.load_state_dict(state.get("traffic", {}))
         return r, state

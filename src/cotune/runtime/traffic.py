@@ -1,0 +1,54 @@
+"""What one round sent to and received from each client, in bytes: the `comm` records of both loops.
+
+A loop counts a message where it builds it (an adapter sent to train, evaluate or rate peers, an upload,
+prediction logits) and logs the round's counts once, against the full (small) model's size; a checkpoint
+keeps the counts, so a round resumed during its evaluation logs its traffic whole.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from cotune.records import CommRecord
+
+
+class Traffic:
+    """Bytes to (`down`) and from (`up`) each client in the current round."""
+
+    def __init__(self, full_model_bytes: int) -> None:
+        self.full_model_bytes = full_model_bytes
+        self.sent: Counter[int] = Counter()
+        self.received: Counter[int] = Counter()
+
+    def new_round(self) -> None:
+        self.sent, self.received = Counter(), Counter()
+
+    def down(self, sizes: Mapping[int, int]) -> None:
+        """Messages to clients: bytes by client, added to the round's counts."""
+        self.sent.update(sizes)
+
+    def up(self, sizes: Mapping[int, int]) -> None:
+        """Messages from clients: bytes by client, added to the round's counts."""
+        self.received.update(sizes)
+
+    def records(self, round_: int) -> list[CommRecord]:
+        """One record per client that sent or received anything this round, by client index."""
+        return [
+            CommRecord(
+                round=round_,
+                client=i,
+                bytes_up=self.received.get(i, 0),
+                bytes_down=self.sent.get(i, 0),
+                full_slm_bytes=self.full_model_bytes,
+            )
+            for i in sorted(set(self.sent) | set(self.received))
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sent": dict(self.sent), "received": dict(self.received)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Counts saved by `state_dict` (checkpoints of older versions have none: an empty round)."""
+        self.sent, self.received = Counter(state.get("sent", {})), Counter(state.get("received", {}))
