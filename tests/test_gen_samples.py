@@ -192,3 +192,22 @@ def test_samples_cross_the_flower_codec_as_they_were_sent():
     assert decode(encode(report), EvalReport) == report
     bare = EvalReport(LMEval(1.0, 2.7, 0.5, 8), gen=GenScores(1, 0.0, 0.5, 0.25, 3.0))
     assert decode(encode(bare), EvalReport).gen.samples == ()  # type: ignore[union-attr]
+
+
+def test_shipped_personalized_samples_on_flower_are_the_embedded_ones(tmp_path):
+    """SuperNodes of the config's shipped data (no data-path of their own) send their samples in their
+    EvalReport: the same gen_sample records as embedded, through the real ClientApp in process."""
+    from tests.test_flower import InProcessGrid
+
+    from cotune.runtime.experiment import run_experiment
+    from cotune.runtime.flower.clients import ServerSettings
+    from cotune.runtime.flower.server_app import prepare_run_dir, run_server
+
+    cfg = config_from_dict(headlines_personalized(tmp_path))
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    flower = tmp_path / "flower"
+    prepare_run_dir(flower, cfg)
+    grid = InProcessGrid(cfg.federation.clients)
+    assert run_server(cfg, flower, grid, ServerSettings.from_config(cfg), say=lambda s: None) == "completed"
+    ours, theirs = records(embedded, "gen_sample"), records(flower, "gen_sample")
+    assert ours and ours == theirs
