@@ -33,6 +33,7 @@ from cotune.records import (
     EvalRecord,
     FaultRecord,
     GenRecord,
+    GenSampleRecord,
     McRecord,
     PrivacyClip,
     PrivacySpent,
@@ -141,6 +142,7 @@ RECORDS: list[Record] = [
     McRecord(round=0, model="slm", client=None, acc=0.5, acc_norm=0.55, n=20),
     GenRecord(round=1, n=8, exact_match=0.125, f1=0.5, rouge_l=0.25, ppl=9.5, model="slm", client=None),
     GenRecord(round=1, n=8, exact_match=0.0, f1=0.25, rouge_l=0.5, ppl=12.0, client=2, step=4),
+    GenSampleRecord(round=2, model="llm", example=0, prompt="p\n", reference="r", generated="g"),
     CommRecord(round=1, client=0, bytes_up=10, bytes_down=10, full_slm_bytes=1000, ratio=0.01),
     DistillRecord(
         round=1, step=2, slm_ce=1, slm_kd=0.5, llm_ce=1, llm_kd=0.4, teacher_bytes=64, topk=None, wall_s=0.1

@@ -155,6 +155,29 @@ class GenRecord(Record):
     step: Int | None = None
 
 
+SAMPLE_PROMPT_CHARS = 300  # a gen_sample's prompt: its start (an article's opening, a function's signature)
+SAMPLE_TEXT_CHARS = 200  # a gen_sample's reference or generation
+
+
+class GenSampleRecord(Record):
+    """One example of shipped public data shown with what a model generated for it, beside the `gen`
+    record of the same round, model and client (a few per model or client, at the run's final round).
+    Written only when the run's data is the shipped public data (`config.schema.shipped_generation`):
+    never for a user's own examples. Texts are cut to a bounded length when written; reports escape
+    them when shown (`SAMPLE_PROMPT_CHARS`, `SAMPLE_TEXT_CHARS`)."""
+
+    type: Literal["gen_sample"] = "gen_sample"
+    round: Int
+    example: Int  # its index in the evaluated split
+    prompt: str
+    reference: str
+    generated: str
+    split: Split = "test"
+    model: Role | None = None
+    client: Int | None = None
+    step: Int | None = None
+
+
 class CommRecord(Record):
     """One client's traffic in one round, against the full (small) model's size.
 
@@ -271,6 +294,7 @@ KINDS: dict[tuple[str, str | None], type[Record]] = {
     ("trust", None): TrustRecord,
     ("mc", None): McRecord,
     ("gen", None): GenRecord,
+    ("gen_sample", None): GenSampleRecord,
     ("comm", None): CommRecord,
     ("distill", None): DistillRecord,
     ("distill_val", None): DistillValRecord,

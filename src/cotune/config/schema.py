@@ -224,6 +224,16 @@ GenLayout = Literal["auto", "prompt", "alpaca", "chat"]
 # the shipped generation task of each corpus (task.kind generation with task.source)
 GENERATION_CORPORA: dict[str, str] = {"bbc": "headline", "python": "docstring"}
 DEFAULT_MAX_NEW_TOKENS = 48
+
+
+def shipped_generation(sources: list[SourceConfig]) -> bool:
+    """Whether generation examples built from `sources` are the shipped public data (each a corpus with a
+    shipped generation task, no path of the user's): the one rule for when a run may record and show a
+    few of its examples with what a model generated for them (`gen_sample` records). Anything a user
+    brings (a path, per-owner files, corpus files) is private and never shown."""
+    return bool(sources) and all(s.corpus in GENERATION_CORPORA and s.path is None for s in sources)
+
+
 DataKind = Literal["text", "generation"]
 
 
@@ -386,6 +396,13 @@ class DataConfig(GenerationSettings):
                         "generation file with data.path or data.clients"
                     )
         return self
+
+    @property
+    def shows_samples(self) -> bool:
+        """Generation examples from shipped corpora only (data.sources; not data.path / data.clients):
+        a few sample generations may be recorded and shown (`shipped_generation`)."""
+        generated = self.kind == "generation" and self.path is None and self.clients is None
+        return generated and shipped_generation(self.sources)
 
     def resolved_sources(self) -> list[SourceConfig]:
         if self.path is not None:
@@ -645,6 +662,12 @@ class TaskConfig(GenerationSettings):
                 "generation file with task.path"
             )
         return self
+
+    @property
+    def shows_samples(self) -> bool:
+        """A generation task built from a shipped corpus (task.source; not task.path / task.clients): a
+        few sample generations may be recorded and shown (`shipped_generation`)."""
+        return self.kind == "generation" and self.source is not None and shipped_generation([self.source])
 
 
 class DistillConfig(Section):

@@ -418,7 +418,7 @@ def encode_request(
     response_ids = [*tokenizer.encode(example.response, add_special_tokens=False), fmt.stop_id]
     n_prompt, n_response = fit_lengths(len(prompt_ids), len(response_ids), max_length)
     prompt_ids = prompt_ids[len(prompt_ids) - n_prompt :]
-    return GenRequest(tuple(prompt_ids), tuple(response_ids[:n_response]), example.response)
+    return GenRequest(tuple(prompt_ids), tuple(response_ids[:n_response]), example.response, example.prompt)
 
 
 def gen_requests(

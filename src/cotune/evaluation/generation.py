@@ -28,7 +28,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from rouge_score import rouge_scorer
 from torch import nn
 
 from cotune.evaluation.multiple_choice import keeps_kv_cache
+from cotune.records import SAMPLE_PROMPT_CHARS, SAMPLE_TEXT_CHARS
 
 OnDone = Callable[[int], None]  # examples finished by the batch just run: progress, in examples
 Decode = Callable[[list[int]], str]  # token ids -> text (a tokenizer's decode, special tokens skipped)
@@ -49,18 +50,22 @@ class GenRequest:
     `prompt_ids`: everything the model is given (chat template and generation prompt included, already
     cut to fit); `response_ids`: the reference response's tokens, closed by the stop token (EOS or the
     template's end-of-turn), which training learns and perplexity scores; `reference`: the response's
-    text, what generated text is compared with.
+    text, what generated text is compared with; `prompt`: the example's prompt text as the data gave it
+    (before any template), kept only to show a sample of shipped public data (`gen_samples`), and not
+    part of what makes two requests equal.
     """
 
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
     reference: str
+    prompt: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class GenEval:
     """Scores over `n` examples (each a mean over examples; `ppl` per response token) and the generated
-    texts in request order. The texts are data: never log or print them."""
+    texts in request order. The texts are data: never log or print them
+    (but for `gen_samples` of shipped public data)."""
 
     n: int
     exact_match: float
@@ -77,6 +82,43 @@ class GenEval:
             "rouge_l": self.rouge_l,
             "ppl": self.ppl,
         }
+
+
+@dataclass(frozen=True)
+class GenSample:
+    """One example shown with what a model generated for it: the prompt (its start), the reference
+    response and the generation, each cut to a bounded length (`gen_samples`). Only ever built from
+    shipped public data (`config.schema.shipped_generation`): a user's examples are never shown."""
+
+    example: int  # its index in the evaluated split
+    prompt: str
+    reference: str
+    generated: str
+
+
+SAMPLES = 3  # examples a run records with their generations, per model or client, at its final round
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` at most `limit` characters long, a cut one ending in "…"."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def gen_samples(
+    requests: Sequence[GenRequest], predictions: Sequence[str], count: int = SAMPLES
+) -> list[GenSample]:
+    """The first `count` evaluated examples (the split's order: the same examples for every model and
+    round) with their generations, each text cut (`SAMPLE_PROMPT_CHARS`, `SAMPLE_TEXT_CHARS`). The
+    caller decides whether the data may be shown at all."""
+    return [
+        GenSample(
+            i,
+            cut(req.prompt, SAMPLE_PROMPT_CHARS),
+            cut(req.reference, SAMPLE_TEXT_CHARS),
+            cut(generated, SAMPLE_TEXT_CHARS),
+        )
+        for i, (req, generated) in enumerate(zip(requests, predictions[:count], strict=False))
+    ]
 
 
 # ---- text scores ----------------------------------------------------------------------------------------

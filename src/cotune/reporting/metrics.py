@@ -32,6 +32,7 @@ from cotune.records import (
     DistillValRecord,
     EvalRecord,
     GenRecord,
+    GenSampleRecord,
     McRecord,
     PrivacySpent,
     RunEvent,
@@ -154,6 +155,9 @@ class RunSummary:
     # generated text judged (either family): one record per (round, split, model, client), the last logged
     # winning, sorted by (split, round, model, client) with the global model (client None) first
     gen: list[GenRecord] = field(default_factory=list)
+    # examples of shipped public data with the generations (written only for those runs), one per (split,
+    # round, model, client, example), the last logged winning, sorted by that key
+    gen_samples: list[GenSampleRecord] = field(default_factory=list)
 
     def client_label(self, client: int) -> str:
         return client_label(client, self.client_names)
@@ -299,6 +303,17 @@ class RunSummary:
         rounds = [rnd for by_round in self.gen_series().values() for rnd in by_round]
         return max(rounds) if rounds else None
 
+    def final_gen_samples(self) -> list[GenSampleRecord]:
+        """The samples of each (split, model, client) at its last round that has some, in key order."""
+
+        def who(rec: GenSampleRecord) -> tuple[str, str, int]:
+            return (rec.split, rec.model or "", -1 if rec.client is None else rec.client)
+
+        last: dict[tuple[str, str, int], int] = {}
+        for rec in self.gen_samples:
+            last[who(rec)] = max(last.get(who(rec), rec.round), rec.round)
+        return [rec for rec in self.gen_samples if rec.round == last[who(rec)]]
+
     def gen_curve(self, model: str | None) -> list[tuple[int, float]]:
         """(round, ROUGE-L of the global model, or the mean over clients) for each round of model."""
         by_round = self.gen_series().get(model, {})
@@ -379,6 +394,7 @@ def load_run(run_dir: Path) -> RunSummary:
     distill_val: dict[tuple[int, str, int], DistillValRecord] = {}
     distill: dict[int, DistillRecord] = {}
     gen: dict[tuple[str, int, str, int], GenRecord] = {}
+    samples: dict[tuple[str, int, str, int, int], GenSampleRecord] = {}
     run_strategy: str | None = None
     run_algorithm: str | None = None
     client_names: list[str] = []
@@ -400,6 +416,9 @@ def load_run(run_dir: Path) -> RunSummary:
                 distill[rec.round] = rec
             case GenRecord():
                 gen[(rec.split, rec.round, rec.model or "", -1 if rec.client is None else rec.client)] = rec
+            case GenSampleRecord():
+                who = -1 if rec.client is None else rec.client
+                samples[(rec.split, rec.round, rec.model or "", who, rec.example)] = rec
             case PrivacySpent():
                 if privacy is None or rec.round >= privacy.round:
                     privacy = rec
@@ -441,6 +460,7 @@ def load_run(run_dir: Path) -> RunSummary:
         distill_val=[distill_val[key] for key in sorted(distill_val)],
         distill=[distill[key] for key in sorted(distill)],
         gen=[gen[key] for key in sorted(gen)],
+        gen_samples=[samples[key] for key in sorted(samples)],
     )
 
 

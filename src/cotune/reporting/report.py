@@ -9,7 +9,8 @@ Personalized runs are compared by test perplexity (validation for runs without a
 trust matrices; FedCoLLM-family runs by multiple-choice test accuracy (cotuning_rows) and adapter
 traffic (comm_rows). A report over a mix of both has the sections of each, each over the runs it applies to.
 Runs of either family that scored generated text get the generation sections (gen_rows, gen_round_rows):
-scores only, never a generated or reference text.
+scores, and a few sample outputs (sample_rows) only from the `gen_sample` records a run on the shipped
+public data wrote; never a user's text.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 from cotune.caches import confine_caches
 from cotune.config.names import ROLES
 from cotune.layout import PLOTS_DIR, REPORT_FILE
-from cotune.records import CommRecord, DistillValRecord, GenRecord
+from cotune.records import SAMPLE_PROMPT_CHARS, SAMPLE_TEXT_CHARS, CommRecord, DistillValRecord, GenRecord
 from cotune.reporting.files import replace_atomically, write_text_atomically
 from cotune.reporting.metrics import (
     RunSummary,
@@ -436,7 +437,56 @@ def _gen_markdown(runs: Sequence[RunSummary], has_plot: bool) -> list[str]:
     ]
     if has_plot:
         parts += [f"![{split} ROUGE-L per round](plots/rouge_l_per_round.png)", ""]
-    return parts
+    return parts + _samples_markdown(runs)
+
+
+SAMPLE_HEADER = ("run", "model", "client", "round", "example", "prompt (start)", "reference", "generated")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#!~])")
+
+
+def sample_text(text: str, limit: int) -> str:
+    """A sample's text as one safe Markdown table cell: line breaks shown as ↵, control characters escaped
+    and the length bounded (`printable`), and Markdown's special characters backslash-escaped, so no
+    text (a model's output included) can format the report, embed an image or HTML, or break the table
+    (`_md_cell` escapes the pipes)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", printable(text.replace("\r\n", "\n").replace("\n", "↵ "), limit))
+
+
+def sample_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: each run's recorded samples (shipped public data only) at their final round."""
+    rows: list[list[str]] = []
+    for run, label in zip(runs, unique_labels(runs), strict=True):
+        for rec in run.final_gen_samples():
+            rows.append(
+                [
+                    label,
+                    _model_name(rec.model),
+                    "global" if rec.client is None else run.client_label(rec.client),
+                    str(rec.round),
+                    str(rec.example),
+                    sample_text(rec.prompt, SAMPLE_PROMPT_CHARS),
+                    sample_text(rec.reference, SAMPLE_TEXT_CHARS),
+                    sample_text(rec.generated, SAMPLE_TEXT_CHARS),
+                ]
+            )
+    return list(SAMPLE_HEADER), rows
+
+
+def _samples_markdown(runs: Sequence[RunSummary]) -> list[str]:
+    """A few test examples with what each model generated, for runs on the shipped public data (the only
+    runs that record them); nothing for any other run."""
+    header, rows = sample_rows(runs)
+    if not rows:
+        return []
+    return [
+        "## Generation: sample outputs",
+        "",
+        "The first test examples of the shipped public data (runs on a user's own data record none) with "
+        "each model's greedy generation at its final round; prompts and texts cut, line breaks shown as ↵.",
+        "",
+        _md_table(header, rows, align_right_from=len(header)),
+        "",
+    ]
 
 
 def _md_cell(text: str) -> str:

@@ -27,7 +27,7 @@ from cotune.layout import MLFLOW_DIR, TENSORBOARD_DIR
 from cotune.records import Record
 
 QUALIFIERS = ("model", "split", "phase", "event")  # fields that say which series a record belongs to
-IDENTIFIERS = ("type", "round", "step", "client", "time", "n", *QUALIFIERS)
+IDENTIFIERS = ("type", "round", "step", "client", "time", "n", "example", *QUALIFIERS)
 
 
 class TrackerError(ValueError, OrdinaryError):

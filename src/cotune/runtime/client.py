@@ -18,7 +18,7 @@ import torch
 
 from cotune.algorithms.ranks import rank_of
 from cotune.data.windows import Rows
-from cotune.evaluation.generation import Decode, GenRequest, evaluate_generation
+from cotune.evaluation.generation import Decode, GenRequest, evaluate_generation, gen_samples
 from cotune.evaluation.lm import IGNORE_INDEX, evaluate_lm, evaluate_lm_through, lm_batch
 from cotune.runtime.port import ClientInfo, EvalReport, GenScores, PeerScores, Prediction, TrainReport
 from cotune.state import AdapterState
@@ -52,12 +52,15 @@ def response_topk(logits: torch.Tensor, scored: torch.Tensor, k: int) -> tuple[t
 @dataclass(frozen=True)
 class Decoding:
     """How a client decodes its test prompts (generation data): the ids that stop a response, the id
-    that pads a prompt, the tokenizer's decode, and the budget of new tokens."""
+    that pads a prompt, the tokenizer's decode, and the budget of new tokens; `samples`, how many test
+    examples it sends back with their generations (0 unless its data is the shipped public data:
+    `setup.decoding_of`)."""
 
     stop_ids: tuple[int, ...]
     pad_id: int
     decode: Decode
     max_new_tokens: int
+    samples: int = 0
 
 
 class ClientWork:
@@ -66,7 +69,8 @@ class ClientWork:
     `val` (token windows, or generation examples scored on their responses) is what `evaluate` and
     `evaluate_peers` score, `test` what `evaluate` also reports and nothing else reads (the trust never
     sees it); generation data adds `requests` (the test examples as prompts) that `evaluate` decodes with
-    `decoding` and scores, the texts never leaving the client; `public` gives the shared
+    `decoding` and scores, the texts never leaving the client (but for `decoding.samples` examples of
+    shipped public data); `public` gives the shared
     reference set for prediction trust when asked (built lazily: only that strategy needs it);
     `budget` is the client's own steps per round where it decides them (FedCoLLM's local_epochs
     depend on its data); `info` is its description for the server (`setup.client_info`).
@@ -168,7 +172,8 @@ class ClientWork:
             pad_id=d.pad_id,
             decode=d.decode,
         )
-        return GenScores(scores.n, scores.exact_match, scores.f1, scores.rouge_l, scores.ppl)
+        samples = tuple(gen_samples(self.requests, scores.predictions, d.samples)) if d.samples else ()
+        return GenScores(scores.n, scores.exact_match, scores.f1, scores.rouge_l, scores.ppl, samples)
 
     def peer_perplexity(self, adapters: Sequence[Mapping[str, torch.Tensor]], val_batches: int) -> PeerScores:
         """Its row of P: the perplexity of each given adapter on its own validation windows."""

@@ -37,6 +37,7 @@ from cotune.evaluation.generation import (
     context_length,
     evaluate_generation,
     fit_context,
+    gen_samples,
     generation_count,
     length_order,
     pad_token_id,
@@ -56,6 +57,7 @@ from cotune.records import (
     DistillRecord,
     DistillValRecord,
     GenRecord,
+    GenSampleRecord,
     McRecord,
     Record,
     RoundRecord,
@@ -678,9 +680,13 @@ class FedCoLLMLoop:
     def log_gen(
         self, r: int, pool: AdapterPool, name: str, client: int | None, on_done: OnDone | None = None
     ) -> float:
-        """Adapter `name` generating for the test split, logged as a GenRecord of its scores (never the
-        generated texts: they may repeat what a client trained on); its ROUGE-L."""
-        res = self.scorer.generated(pool, name, self.generation_requests(), self.eval_cache, on_done)
+        """Adapter `name` generating for the test split, logged as a GenRecord of its scores (the generated
+        texts may repeat what a client trained on: only a task of shipped public data logs a few of them,
+        at the final round, `log_samples`); its ROUGE-L."""
+        requests = self.generation_requests()
+        res = self.scorer.generated(pool, name, requests, self.eval_cache, on_done)
+        if r == self.rounds:
+            self.log_samples(r, self.scorer.role(pool), client, requests, res)
         self.files.log(
             GenRecord(
                 round=r,
@@ -695,6 +701,30 @@ class FedCoLLMLoop:
             )
         )
         return res.rouge_l
+
+    def log_samples(
+        self, r: int, model: Role, client: int | None, requests: Sequence[GenRequest], res: GenEval
+    ) -> None:
+        """A few test examples with the model's generations (`gen_samples`), only when the task is built
+        from a shipped corpus (task.shows_samples): never a user's examples. Logged before the model's
+        GenRecord, so a resumed round that finds the scores finds the samples too."""
+        task = self.cfg.task
+        assert task is not None
+        if not task.shows_samples:
+            return
+        for sample in gen_samples(requests, res.predictions):
+            self.files.log(
+                GenSampleRecord(
+                    round=r,
+                    model=model,
+                    client=client,
+                    split="test",
+                    example=sample.example,
+                    prompt=sample.prompt,
+                    reference=sample.reference,
+                    generated=sample.generated,
+                )
+            )
 
     def log_mc(
         self, r: int, pool: AdapterPool, name: str, client: int | None, on_scored: OnScored | None = None

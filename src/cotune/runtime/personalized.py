@@ -21,13 +21,17 @@ from cotune.algorithms.personalized import TrustEvidence
 from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice, resize_rank
 from cotune.algorithms.trust import PredictionDistance
 from cotune.config.schema import ExperimentConfig
+from cotune.evaluation.generation import SAMPLES, cut
 from cotune.evaluation.lm import LMEval
 from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import wide_initialisation
 from cotune.records import (
+    SAMPLE_PROMPT_CHARS,
+    SAMPLE_TEXT_CHARS,
     CommRecord,
     EvalRecord,
     GenRecord,
+    GenSampleRecord,
     RoundRecord,
     RunEvent,
     Split,
@@ -348,11 +352,33 @@ class PersonalizedLoop:
                 if scores is not None and (i, split) not in logged:
                     self.files.log(self.eval_record(r, i, split, scores))
             if report.gen is not None and i not in generated:
+                self.log_samples(r, i, report.gen)
                 self.files.log(self.gen_record(r, i, report.gen))
 
     def generated(self, r: int) -> set[int]:
         """The clients whose test generations round r has logged (a resumed round's)."""
         return {g.client for g in self.files.logged(GenRecord, r) if g.client is not None}
+
+    def log_samples(self, r: int, client: int, scores: GenScores) -> None:
+        """The few examples a client sent with its generations, at the final round, only when this
+        server's config says the data is the shipped public data (data.shows_samples; a client sends
+        none otherwise). Logged before the client's GenRecord, so a resumed round that finds the scores
+        finds the samples too."""
+        if r != self.rounds or not self.cfg.data.shows_samples:
+            return
+        for sample in scores.samples[:SAMPLES]:
+            self.files.log(
+                GenSampleRecord(
+                    round=r,
+                    step=self.step_at_end(r),
+                    client=client,
+                    split="test",
+                    example=sample.example,
+                    prompt=cut(sample.prompt, SAMPLE_PROMPT_CHARS),
+                    reference=cut(sample.reference, SAMPLE_TEXT_CHARS),
+                    generated=cut(sample.generated, SAMPLE_TEXT_CHARS),
+                )
+            )
 
     def gen_record(self, r: int, client: int, scores: GenScores) -> GenRecord:
         """A client's test generations judged (its own adapter: `model` None), scores only."""

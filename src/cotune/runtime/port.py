@@ -15,6 +15,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
+from cotune.evaluation.generation import GenSample
 from cotune.evaluation.lm import LMEval
 from cotune.state import AdapterState
 
@@ -61,13 +62,16 @@ class TrainReport:
 @dataclass(frozen=True)
 class GenScores:
     """What a client's adapter generated for its test prompts, judged against the references (means over
-    `n` examples; `ppl` of the reference responses). Scores only: the generated text stays on the client."""
+    `n` examples; `ppl` of the reference responses). Scores only: the generated text stays on the client,
+    except `samples`, a few examples with their generations that a client sends only when its data is
+    the shipped public data (`Decoding.samples`; never with data of its own)."""
 
     n: int
     exact_match: float
     f1: float
     rouge_l: float
     ppl: float
+    samples: tuple[GenSample, ...] = ()
 
 
 @dataclass(frozen=True)

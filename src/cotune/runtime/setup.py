@@ -25,7 +25,7 @@ from cotune.data.corpora import DataError
 from cotune.data.generation import gen_format
 from cotune.data.task_data import EncodedSet, TaskData, build_task_data
 from cotune.data.windows import ClientData, FederatedData, Rows
-from cotune.evaluation.generation import pad_token_id, stop_token_ids
+from cotune.evaluation.generation import SAMPLES, pad_token_id, stop_token_ids
 from cotune.models.compat import check_same_tokenizer
 from cotune.models.loader import load_base_model, resolve_device, resolve_dtype
 from cotune.models.lora import AdapterPool
@@ -94,7 +94,9 @@ def decoding_of(
 ) -> Decoding | None:
     """How personalized clients decode their test prompts (generation data; None for text): greedy up to
     data.max_new_tokens, stopping at the model's and tokenizer's end tokens and the token that closes a
-    response in the data's format (`gen_format`: EOS, or the chat template's end of turn)."""
+    response in the data's format (`gen_format`: EOS, or the chat template's end of turn); a few test
+    examples sent back with their generations only when the data is the shipped public data
+    (data.shows_samples: a Flower node with its own data-path has data.path set, so never)."""
     if cfg.data.kind != "generation":
         return None
     stops = {*stop_token_ids(model, tokenizer), gen_format(tokenizer, cfg.data.chat_template).stop_id}
@@ -102,7 +104,8 @@ def decoding_of(
     def decode(ids: list[int]) -> str:
         return str(tokenizer.decode(ids, skip_special_tokens=True))
 
-    return Decoding(tuple(sorted(stops)), pad_token_id(tokenizer), decode, cfg.data.max_new_tokens)
+    samples = SAMPLES if cfg.data.shows_samples else 0
+    return Decoding(tuple(sorted(stops)), pad_token_id(tokenizer), decode, cfg.data.max_new_tokens, samples)
 
 
 def adapter_pool(
