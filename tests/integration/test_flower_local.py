@@ -195,10 +195,12 @@ def test_fedcollm_on_two_supernodes_gives_the_embedded_adapters(federation, tmp_
     assert len(_records(run_dir, "distill")) == 1 and len(_records(run_dir, "comm")) == 2
 
 
+@SHARED_FEDERATION
 def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
     federation, corpus_dir, tmp_path
 ):
-    """Runs last: it stops supernode-1 after round 1's checkpoint. With min_clients = all, round 2
+    """Runs last of the shared federation's tests (they run in file order on one xdist worker): it
+    stops supernode-1 after round 1's checkpoint. With min_clients = all, round 2
     cannot go on; the node is restarted and `cotune run --resume` ends with the embedded adapters."""
     cfg = _cfg(corpus_dir, tmp_path, "fedavg", rounds=2)
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
