@@ -25,7 +25,7 @@ import psutil
 from cotune.layout import FLWR_RUN_LOG, NODE_STATE_DIR
 from cotune.runtime.flower import FlowerRunError
 from cotune.runtime.flower.app import CONNECTION, Progress, flower_env, submit, write_connection
-from cotune.runtime.flower.pki import make_node_keys, make_server_files
+from cotune.runtime.flower.pki import NodeKeys, make_node_keys, make_server_files
 from cotune.runtime.flower.worker import WORKER_KEY
 
 
@@ -44,7 +44,7 @@ def wait_for_socket(path: Path, timeout: float, alive: Callable[[], bool]) -> No
             raise RuntimeError(f"the node worker meant to listen at {path} exited")
         if path.exists():
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise TimeoutError(f"no node worker listens at {path} after {timeout:g}s")
 
 
@@ -57,7 +57,7 @@ def wait_for_port(port: int, timeout: float, alive: Callable[[], bool]) -> None:
             s.settimeout(0.5)
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:g}s")
 
 
@@ -138,6 +138,9 @@ class LocalFederation:
         return proc
 
     def start(self, timeout: float = 60.0) -> None:
+        """The SuperLink and every SuperNode, side by side: the node workers import their libraries
+        while the SuperLink and the nodes start. start() returns once every worker listens, so no run
+        (none is submitted before) sends a node a message before its worker can answer."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         security = ["--insecure"]
@@ -156,33 +159,61 @@ class LocalFederation:
                 "--disable-runtime-dependency-installation",
             ],
         )
+        names = [f"supernode-{i}" for i in range(self.n_nodes)]
+        sockets = {name: self.spawn_worker(name) for name in names} if self.workers else {}
         wait_for_port(self.port, timeout, lambda: link.popen.poll() is None)
-        for i in range(self.n_nodes):
-            self.start_node(i)
+        keys = {name: make_node_keys(self.pki_dir, name) for name in names} if self.secure else {}
+        self.register({name: k.public for name, k in keys.items()})
+        for i, name in enumerate(names):
+            self.spawn_node(i, name, sockets.get(name), keys.get(name))
+        for name, path in sockets.items():
+            self.wait_for_worker(name, path)
 
     def start_node(self, i: int, name: str | None = None, register: bool = True, tls: bool = True) -> None:
-        """SuperNode `name` (default supernode-i) for partition i. In a secure federation it gets its
-        own key pair, registered unless `register` is False, and the CA unless `tls` is False (the
-        last two are how the tests show that strangers are refused)."""
+        """SuperNode `name` (default supernode-i) for partition i, with its node worker (unless the
+        federation has none) listening before the node starts: a node that joins a running federation
+        can get a message at once. In a secure federation it gets its own key pair, registered unless
+        `register` is False, and the CA unless `tls` is False (the last two are how the tests show
+        that strangers are refused)."""
         name = name or f"supernode-{i}"
+        worker = self.spawn_worker(name) if self.workers else None
+        keys = make_node_keys(self.pki_dir, name) if self.secure and tls else None
+        if keys is not None and register:
+            self.register({name: keys.public})  # while the worker imports
+        if worker is not None:
+            self.wait_for_worker(name, worker)
+        self.spawn_node(i, name, worker, keys)
+
+    def register(self, keys: Mapping[str, Path]) -> None:
+        """`flwr supernode register` for each node's public key, all at once (each is a `flwr` process)."""
+        env = flower_env(self.flwr_home)
+        running = {
+            name: subprocess.Popen(
+                ["flwr", "supernode", "register", str(public), CONNECTION],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for name, public in keys.items()
+        }
+        for name, proc in running.items():
+            said, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise FlowerRunError(f"registering {name}'s key failed: {said[-500:]}")
+
+    def spawn_node(self, i: int, name: str, worker: Path | None, keys: NodeKeys | None) -> None:
+        """The `flower-supernode` process `name` of partition i: with `worker` in its node config, and with
+        `keys` (registered or not) and the CA when given, plain text otherwise."""
         cfg: dict[str, str | int] = {"partition-id": i, "num-partitions": self.n_nodes}
         cfg["state-dir"] = str(self.work_dir / NODE_STATE_DIR)  # trainer states, kept for a resume
-        if self.workers:
-            cfg[WORKER_KEY] = str(self.start_worker(name))
+        if worker is not None:
+            cfg[WORKER_KEY] = str(worker)
         cfg.update(self.node_config(i) if self.node_config else {})
         pairs = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in cfg.items())
         security = ["--insecure"]
-        if self.secure and tls:
-            keys = make_node_keys(self.pki_dir, name)
-            if register:
-                done = subprocess.run(
-                    ["flwr", "supernode", "register", str(keys.public), CONNECTION],
-                    env=flower_env(self.flwr_home),
-                    capture_output=True,
-                    text=True,
-                )
-                if done.returncode != 0:
-                    raise FlowerRunError(f"registering {name}'s key failed: {done.stdout[-500:]}")
+        if keys is not None:
             security = ["--root-certificates", str(self.ca)]
             security += ["--auth-supernode-private-key", str(keys.private)]
             security += ["--auth-supernode-public-key", str(keys.public)]
@@ -200,15 +231,22 @@ class LocalFederation:
             ],
         )
 
-    def start_worker(self, node: str, timeout: float = 120.0) -> Path:
-        """The node worker of SuperNode `node` (`cotune flower worker`); returns its socket path."""
+    def spawn_worker(self, node: str) -> Path:
+        """Start the node worker of SuperNode `node` (`cotune flower worker`); returns the path of the
+        socket it will listen at once its imports are done (wait_for_worker)."""
         if self.socket_dir is None:
             self.socket_dir = Path(tempfile.mkdtemp(prefix="cotune-workers-"))  # 0700
         path = self.socket_dir / f"{node}.sock"
+        self._stop_one(f"{node}-worker")
+        path.unlink(missing_ok=True)  # a killed worker's socket file must not pass for the new one's
         cmd = [sys.executable, "-m", "cotune.cli.main", "flower", "worker", "--socket", str(path)]
-        worker = self._spawn(f"{node}-worker", cmd)
-        wait_for_socket(path, timeout, lambda: worker.popen.poll() is None)
+        self._spawn(f"{node}-worker", cmd)
         return path
+
+    def wait_for_worker(self, node: str, path: Path, timeout: float = 120.0) -> None:
+        """Until the node worker of `node` listens at `path` (an error if it exits first)."""
+        worker = self.processes[f"{node}-worker"]
+        wait_for_socket(path, timeout, lambda: worker.popen.poll() is None)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         """Stop one process (e.g. "supernode-1") and everything it started; a SuperNode's node worker
@@ -234,8 +272,14 @@ class LocalFederation:
         return found
 
     def close(self) -> None:
-        for name in sorted(self.processes, key=lambda n: n == "superlink"):  # nodes first, then the link
-            self.stop(name)
+        """Stop every process: the nodes and their workers all at once, then the SuperLink (a node that
+        stops tells its SuperLink; it need not wait for an unreachable one)."""
+        nodes = [name for name in self.processes if name != "superlink"]
+        for group in (nodes, ["superlink"]):
+            procs = [self.processes.pop(name) for name in group if name in self.processes]
+            _terminate_trees([proc.popen.pid for proc in procs], signal.SIGTERM, 15.0)
+            for proc in procs:
+                proc.popen.wait()
         if self.socket_dir is not None:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 
@@ -259,12 +303,19 @@ class LocalFederation:
 
 
 def _terminate_tree(pid: int, sig: int, timeout: float) -> None:
-    """Signal a process and all its descendants (found before any dies), then SIGKILL what is left."""
-    try:
-        root = psutil.Process(pid)
-        tree = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
+    _terminate_trees([pid], sig, timeout)
+
+
+def _terminate_trees(pids: Sequence[int], sig: int, timeout: float) -> None:
+    """Signal processes and all their descendants (found before any dies), then SIGKILL what is left
+    after `timeout` seconds: every tree at once, so a slow one does not make the others wait."""
+    tree: list[psutil.Process] = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            tree += [*root.children(recursive=True), root]
+        except psutil.NoSuchProcess:
+            continue
     for proc in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(sig)
