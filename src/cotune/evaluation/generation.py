@@ -23,6 +23,7 @@ All three text scores are averaged over examples.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
@@ -33,7 +34,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rouge_score import rouge_scorer
 from torch import nn
 
 from cotune.evaluation.multiple_choice import keeps_kv_cache
@@ -160,12 +160,18 @@ class WordTokenizer:
         return [t for t in self._SPLIT.split(text.lower()) if t]
 
 
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=WordTokenizer())
+@functools.cache
+def rouge_scorer() -> Any:
+    """The ROUGE-L scorer, built on first use: rouge-score imports nltk and scipy.stats (~1.7 s), which
+    every Flower process that imports this module but never scores text (workers, ClientApps) skips."""
+    from rouge_score import rouge_scorer as scorers
+
+    return scorers.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=WordTokenizer())
 
 
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F-measure (rouge-score's LCS, no stemmer); 0.0 when either side has no words."""
-    return float(_ROUGE.score(reference, prediction)["rougeL"].fmeasure)
+    return float(rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
 # ---- decoding -------------------------------------------------------------------------------------------
