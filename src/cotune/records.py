@@ -154,6 +154,13 @@ class GenRecord(Record):
     client: Int | None = None
     step: Int | None = None
 
+    @classmethod
+    def of(cls, scores: Any, **where: Any) -> GenRecord:
+        """The record of an evaluation's scores (anything with n, exact_match, f1, rouge_l and ppl:
+        `GenEval` on the server, a client's `GenScores`), placed by `where` (round, model, client...)."""
+        fields = ("n", "exact_match", "f1", "rouge_l", "ppl")
+        return cls(**{f: getattr(scores, f) for f in fields}, **where)
+
 
 SAMPLE_PROMPT_CHARS = 300  # a gen_sample's prompt: its start (an article's opening, a function's signature)
 SAMPLE_TEXT_CHARS = 200  # a gen_sample's reference or generation

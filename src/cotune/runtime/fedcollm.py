@@ -687,19 +687,7 @@ class FedCoLLMLoop:
         res = self.scorer.generated(pool, name, requests, self.eval_cache, on_done)
         if r == self.rounds:
             self.log_samples(r, self.scorer.role(pool), client, requests, res)
-        self.files.log(
-            GenRecord(
-                round=r,
-                model=self.scorer.role(pool),
-                client=client,
-                split="test",
-                n=res.n,
-                exact_match=res.exact_match,
-                f1=res.f1,
-                rouge_l=res.rouge_l,
-                ppl=res.ppl,
-            )
-        )
+        self.files.log(GenRecord.of(res, round=r, model=self.scorer.role(pool), client=client, split="test"))
         return res.rouge_l
 
     def log_samples(

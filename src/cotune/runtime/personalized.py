@@ -382,17 +382,7 @@ class PersonalizedLoop:
 
     def gen_record(self, r: int, client: int, scores: GenScores) -> GenRecord:
         """A client's test generations judged (its own adapter: `model` None), scores only."""
-        return GenRecord(
-            round=r,
-            step=self.step_at_end(r),
-            client=client,
-            split="test",
-            n=scores.n,
-            exact_match=scores.exact_match,
-            f1=scores.f1,
-            rouge_l=scores.rouge_l,
-            ppl=scores.ppl,
-        )
+        return GenRecord.of(scores, round=r, step=self.step_at_end(r), client=client, split="test")
 
     def eval_record(self, r: int, client: int, split: Split, scores: LMEval) -> EvalRecord:
         return EvalRecord(
