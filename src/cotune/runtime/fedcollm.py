@@ -100,6 +100,26 @@ def choice_nll(logliks: Sequence[Sequence[float]], answers: Sequence[int]) -> fl
     return total / max(1, len(answers))
 
 
+def cached(
+    cache: EvalCache,
+    key: Any,
+    pool: AdapterPool,
+    name: str,
+    compute: Callable[[], Any],
+    count: int,
+    on_done: OnDone | None,
+) -> Any:
+    """A scoring of adapter `name` kept in `cache` under `key` (model role, adapter weights, settings):
+    computed once with the adapter active; a result found counts its `count` items done at once, so a
+    progress phase still reaches its total."""
+    if key not in cache:
+        pool.activate(name)
+        cache[key] = compute()
+    elif on_done is not None:
+        on_done(count)
+    return cache[key]
+
+
 @dataclass(frozen=True)
 class ValScore:
     """A model on the server's validation split: accuracy (None: a generation task, which is not decoded
@@ -260,10 +280,10 @@ class Scorer:
         limit = task.max_test_examples
         settings = (task.max_length, task.chat_template, task.max_new_tokens, limit, t.eval_batch_size)
         key = ("gen", self.role(pool), adapter_digest(pool, name), *settings)
-        if key not in cache:
-            pool.activate(name)
-            tok = self.server.tokenizer
-            cache[key] = evaluate_generation(
+        tok = self.server.tokenizer
+
+        def compute() -> GenEval:
+            return evaluate_generation(
                 pool.model,
                 requests,
                 batch_size=t.eval_batch_size,
@@ -274,9 +294,8 @@ class Scorer:
                 max_examples=limit,
                 on_done=on_done,
             )
-        elif on_done is not None:
-            on_done(generation_count(requests, limit))
-        result = cache[key]
+
+        result = cached(cache, key, pool, name, compute, generation_count(requests, limit), on_done)
         assert isinstance(result, GenEval)
         return result
 
@@ -294,8 +313,8 @@ class Scorer:
         assert task is not None
         settings = (task.max_length, task.chat_template, t.eval_batch_size)
         key = ("loss", self.role(pool), adapter_digest(pool, name), *settings)
-        if key not in cache:
-            pool.activate(name)
+
+        def compute() -> ValScore:
             pad, size = pad_token_id(self.server.tokenizer), t.eval_batch_size
             order = length_order([len(r.prompt_ids) + len(r.response_ids) for r in requests])
             total, tokens = 0.0, 0
@@ -305,10 +324,9 @@ class Scorer:
                     total, tokens = total + loss, tokens + n
                 if on_done is not None:
                     on_done(len(chunk))
-            cache[key] = ValScore(None, total / max(1, tokens), len(requests))
-        elif on_done is not None:
-            on_done(len(requests))
-        result = cache[key]
+            return ValScore(None, total / max(1, tokens), len(requests))
+
+        result = cached(cache, key, pool, name, compute, len(requests), on_done)
         assert isinstance(result, ValScore)
         return result
 
@@ -326,9 +344,9 @@ class Scorer:
         t, task = self.cfg.train, self.cfg.task
         assert task is not None
         key = (self.role(pool), adapter_digest(pool, name), task.max_length, t.eval_batch_size)
-        if key not in cache:
-            pool.activate(name)
-            cache[key] = evaluate_multiple_choice(
+
+        def compute() -> MCResult:
+            return evaluate_multiple_choice(
                 pool.model,
                 self.server.tokenizer,
                 examples,
@@ -336,9 +354,8 @@ class Scorer:
                 max_length=task.max_length,
                 on_scored=on_scored,
             )
-        elif on_scored is not None:
-            on_scored(choice_count(examples))
-        result = cache[key]
+
+        result = cached(cache, key, pool, name, compute, choice_count(examples), on_scored)
         assert isinstance(result, MCResult)
         return result
 
