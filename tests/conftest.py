@@ -15,6 +15,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # for any of them, whatever the terminal says.
 os.environ["COLUMNS"] = "240"
 
+
+def share_the_cores_among_workers() -> None:
+    """Under pytest-xdist every worker (and the Flower, Ray and CLI processes it starts) would take a
+    torch thread per core: n workers on n cores then run n*n spinning threads, and the suite measured
+    far slower than with one core's share each. Set before torch is imported so child processes
+    inherit it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 0:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, str(share))
+
+
+share_the_cores_among_workers()
+
 WORDS = {
     "alpha": ["apple", "apricot", "avocado", "almond", "anchovy", "artichoke", "arugula"],
     "beta": ["banana", "blueberry", "broccoli", "basil", "barley", "beetroot", "brioche"],
@@ -41,6 +56,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         suffix = "@" + "_".join(names)
         if names and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
             item._id = type(item._id).parse(item.nodeid + suffix)
+    items[:] = slow_modules_first(items)
+
+
+def slow_modules_first(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The modules holding slow or integration tests first, each module kept whole (its module-scoped
+    fixtures are built once): xdist hands tests out in this order, so the long ones start while the
+    short ones can still fill the gaps at the end (longest first keeps the last worker from finishing
+    alone minutes after the other)."""
+    heavy = {
+        getattr(i, "module", None)
+        for i in items
+        if i.get_closest_marker("slow") or i.get_closest_marker("integration")
+    }
+    return sorted(
+        items, key=lambda i: getattr(i, "module", None) not in heavy
+    )  # stable: the order inside a module stays
 
 
 @pytest.fixture(autouse=True)

@@ -36,9 +36,12 @@ from cotune.runtime.flower.federation import LocalFederation
 from cotune.runtime.flower.outcome import check_outcome, run_outcome
 
 pytestmark = pytest.mark.slow
-# the tests on the module-scoped federation run on one xdist worker, so it starts once; the others (each
-# with a federation of its own) go to whichever worker is free
-SHARED_FEDERATION = pytest.mark.xdist_group("flower-federation")
+# The tests on the module-scoped federation are split in two xdist groups: each group runs on one worker,
+# which starts the federation once for it, and the two groups run side by side (one group of all of them
+# was the suite's longest path). The others (each with a federation of its own) go to whichever worker is
+# free.
+FEDERATION_A = pytest.mark.xdist_group("flower-federation-a")
+FEDERATION_B = pytest.mark.xdist_group("flower-federation-b")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,9 +136,12 @@ def _run(fed: LocalFederation, cfg, tmp_path: Path, **settings) -> Path:
     # both ways of starting a run (one round each: the way in is the claim); flora: every message is a fresh
     # process that merges the history kept on its node's disk into a freshly loaded base (two rounds: the
     # second merges the first's)
-    [("fedavg", "run_flower", 1), ("validation", "flwr run", 1), ("flora", "flwr run", 2)],
+    [
+        pytest.param("fedavg", "run_flower", 1, marks=FEDERATION_A),
+        pytest.param("validation", "flwr run", 1, marks=FEDERATION_A),
+        pytest.param("flora", "flwr run", 2, marks=FEDERATION_B),
+    ],
 )
-@SHARED_FEDERATION
 def test_two_supernodes_give_the_embedded_adapters(federation, corpus_dir, tmp_path, strategy, via, rounds):
     cfg = _cfg(corpus_dir, tmp_path, strategy, rounds)
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
@@ -164,7 +170,7 @@ def test_two_supernodes_give_the_embedded_adapters(federation, corpus_dir, tmp_p
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
 
 
-@SHARED_FEDERATION
+@FEDERATION_A
 def test_fedcollm_on_two_supernodes_gives_the_embedded_adapters(federation, tmp_path):
     """One round of examples/fedcollm-tiny.yaml (2 clients), through `cotune run --backend flower`:
     the LLM and its LoRA stay in the ServerApp."""
@@ -195,11 +201,11 @@ def test_fedcollm_on_two_supernodes_gives_the_embedded_adapters(federation, tmp_
     assert len(_records(run_dir, "distill")) == 1 and len(_records(run_dir, "comm")) == 2
 
 
-@SHARED_FEDERATION
+@FEDERATION_B
 def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
     federation, corpus_dir, tmp_path
 ):
-    """Runs last of the shared federation's tests (they run in file order on one xdist worker): it
+    """Runs last of its group's tests on the shared federation (file order, one xdist worker): it
     stops supernode-1 after round 1's checkpoint. With min_clients = all, round 2
     cannot go on; the node is restarted and `cotune run --resume` ends with the embedded adapters."""
     cfg = _cfg(corpus_dir, tmp_path, "fedavg", rounds=2)
