@@ -120,8 +120,10 @@ def strategy_spec(name: str) -> StrategySpec:
     return STRATEGY_SPECS[cast(StrategyName, name)]
 
 
-# SPEC A: FedCoLLM and the baselines it is judged against.
-FedCoLLMAlgorithm = Literal["fedcollm", "fedavg", "standalone", "centralized", "zero_shot"]
+# SPEC A: FedCoLLM and the baselines it is judged against. fedavg_ft is the control that isolates the
+# LLM's contribution: FedAvg, then the server's SLM steps on D_a exactly as FedCoLLM runs them but with
+# cross-entropy only (lambda = 0, no LLM loaded), under the same selection rule (distill.keep).
+FedCoLLMAlgorithm = Literal["fedcollm", "fedavg", "fedavg_ft", "standalone", "centralized", "zero_shot"]
 Algorithm = Literal["personalized", FedCoLLMAlgorithm]
 
 # The FedAvg step's aggregator (robustness.aggregator): one function each in algorithms.robust.AGGREGATORS.
