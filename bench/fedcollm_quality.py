@@ -1,10 +1,11 @@
 """FedCoLLM quality: SLM zero-shot / standalone / FedAvg / FedCoLLM and LLM zero-shot / centralized /
 FedCoLLM test accuracy on a multiple-choice task, over one or several seeds, with the paper's claims checked.
 
-Per seed, one `cotune run` of a FedCoLLM config with run.compare=[zero_shot, standalone, fedavg, centralized]
-(one model load, identical data splits and budgets), into runs/bench/<name>/[seed-<s>/]run* (gitignored);
-then the paper's table from cotune's own reporting code, per seed and as mean ± standard error over seeds,
-the FedCoLLM - FedAvg SLM difference paired by seed, and the server's validation split along each round's
+Per seed, one `cotune run` of a FedCoLLM config with run.compare=[zero_shot, standalone, fedavg, fedavg_ft,
+centralized] (one model load, identical data splits and budgets), into runs/bench/<name>/[seed-<s>/]run*
+(gitignored); then the paper's table from cotune's own reporting code, per seed and as mean ± standard
+error over seeds, the SLM differences FedCoLLM − FedAvg and FedCoLLM − fedavg_ft (the lambda = 0 control:
+what the LLM adds) paired by seed, and the server's validation split along each round's
 distillation (when distill.val_fraction > 0). The test split is only ever evaluated, never used to choose
 anything. Results are rewritten after every finished seed (a long sweep can be read while it runs). A
 killed sweep run again resumes each unfinished seed from its last round checkpoint and keeps finished
@@ -36,11 +37,13 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ALGORITHMS = ["fedcollm", "zero_shot", "standalone", "fedavg", "centralized"]
+ALGORITHMS = ["fedcollm", "zero_shot", "standalone", "fedavg", "fedavg_ft", "centralized"]
+CONTROL = "fedavg_ft"  # FedAvg + the server's SLM steps with lambda = 0: what the LLM adds, isolated
 FIGURES = [
     ("slm_zero_shot", "SLM zero-shot"),
     ("slm_standalone", "SLM standalone (mean over clients)"),
     ("slm_fedavg", "SLM FedAvg"),
+    ("slm_fedavg_ft", "SLM FedAvg + server fine-tuning (λ=0)"),
     ("slm_fedcollm", "SLM FedCoLLM"),
     ("llm_zero_shot", "LLM zero-shot"),
     ("llm_centralized", "LLM centralized"),
@@ -65,11 +68,14 @@ def ended(d: Path) -> bool:
 
 
 def seed_state(out: Path) -> str:
-    """'done' when every variant's run ended, 'partial' when the FedCoLLM run has a checkpoint to resume
-    from (a killed sweep), else 'new'."""
+    """'done' when every variant's run ended, 'control' when all but the lambda = 0 control did (a seed
+    run before the control existed: it runs alone, on the same config and seed), 'partial' when the
+    FedCoLLM run has a checkpoint to resume from (a killed sweep), else 'new'."""
 
     if all(ended(d) for d in dirs_for(out)):
         return "done"
+    if all(ended(d) for d in dirs_for(out) if not d.name.endswith(f".{CONTROL}")):
+        return "control"
     return "partial" if (out / "checkpoints").is_dir() else "new"
 
 
@@ -90,8 +96,16 @@ def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path, fr
     out.parent.mkdir(parents=True, exist_ok=True)
     with (out.parent / COMMITS).open("a") as f:  # which code ran (part of) this seed
         f.write(source_commit() + "\n")
+    control = out.with_name(f"{out.name}.{CONTROL}")
     if state == "partial":
         cmd = [*cotune_command(), "run", "--resume", str(out)]
+    elif state == "control" and (control / "checkpoints").is_dir():
+        cmd = [*cotune_command(), "run", "--resume", str(control)]
+    elif state == "control":
+        shutil.rmtree(control, ignore_errors=True)
+        seed_override = [] if seed is None else [f"run.seed={seed}"]
+        cmd = [*cotune_command(), "run", str(config), f"algorithm={CONTROL}", *overrides, *seed_override]
+        cmd += ["--out", str(control)]
     else:
         seed_override = [] if seed is None else [f"run.seed={seed}"]
         cmd = [
@@ -99,7 +113,7 @@ def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path, fr
             "run",
             str(config),
             "algorithm=fedcollm",
-            "run.compare=[zero_shot,standalone,fedavg,centralized]",
+            f"run.compare=[{','.join(ALGORITHMS[1:])}]",
             *overrides,
             *seed_override,
             "--out",
@@ -149,6 +163,25 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(var / k)
 
 
+def paired_by_seed(done: dict[Any, dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
+    """Figure a − figure b on each seed that has both (None: no such seed), with mean ± s.e. over them."""
+    diffs = {
+        s: v["accuracy"][a] - v["accuracy"][b]
+        for s, v in done.items()
+        if v["accuracy"].get(a) is not None and v["accuracy"].get(b) is not None
+    }
+    if not diffs:
+        return None
+    m, se = mean_se(list(diffs.values()))
+    return {
+        "mean": m,
+        "se_seeds": se,
+        "seeds": len(diffs),
+        "by_seed": list(diffs.values()),
+        "seed_ids": list(diffs),
+    }
+
+
 def collect_seed(out: Path) -> dict[str, Any] | None:
     """The figures of one seed's runs (None when its FedCoLLM run has no metrics yet)."""
     sys.path.insert(0, str(ROOT / "src"))
@@ -173,6 +206,7 @@ def collect_seed(out: Path) -> dict[str, Any] | None:
         "slm_zero_shot": acc(zs_run, "slm", zero=True),
         "slm_standalone": acc("standalone", "slm"),
         "slm_fedavg": acc("fedavg", "slm"),
+        "slm_fedavg_ft": acc(CONTROL, "slm"),
         "slm_fedcollm": acc("fedcollm", "slm"),
         "llm_zero_shot": acc(zs_run, "llm", zero=True),
         "llm_centralized": acc("centralized", "llm"),
@@ -300,19 +334,12 @@ def write_results(
 
     agg: dict[str, dict[str, Any]] = {}
     for key, _ in FIGURES:
-        vals = [v["accuracy"][key] for v in done.values() if v["accuracy"][key] is not None]
+        vals = [v["accuracy"][key] for v in done.values() if v["accuracy"].get(key) is not None]
         if vals:
             m, se = mean_se(vals)
             agg[key] = {"mean": m, "se_seeds": se, "seeds": len(vals), "se_test": binomial_se(m, n_test)}
-    diffs = [
-        v["accuracy"]["slm_fedcollm"] - v["accuracy"]["slm_fedavg"]
-        for v in done.values()
-        if v["accuracy"]["slm_fedcollm"] is not None and v["accuracy"]["slm_fedavg"] is not None
-    ]
-    paired = None
-    if diffs:
-        m, se = mean_se(diffs)
-        paired = {"mean": m, "se_seeds": se, "seeds": len(diffs), "by_seed": diffs}
+    paired = paired_by_seed(done, "slm_fedcollm", "slm_fedavg")
+    paired_control = paired_by_seed(done, "slm_fedcollm", "slm_fedavg_ft")  # what the LLM adds
 
     def mean_of(key: str) -> float | None:
         return agg[key]["mean"] if key in agg else None
@@ -336,18 +363,20 @@ def write_results(
     rows = []
     for key, label in FIGURES:
         a = agg.get(key)
-        cells = [pct(done[s]["accuracy"][key]) for s in shown_seeds]
+        cells = [pct(done[s]["accuracy"].get(key)) for s in shown_seeds]
         if a is None:
             rows.append([label, *cells, "—", "—"])
             continue
         se = "" if a["se_seeds"] is None else f" ± {100 * a['se_seeds']:.2f}"
         rows.append([label, *cells, f"{100 * a['mean']:.2f}{se}", pct(a["se_test"])])
-    if paired is not None:
-        cells = [f"{100 * d:+.2f}" for d in paired["by_seed"]]
-        se = "" if paired["se_seeds"] is None else f" ± {100 * paired['se_seeds']:.2f}"
-        rows.append(
-            ["SLM FedCoLLM − FedAvg (paired by seed)", *cells, f"{100 * paired['mean']:+.2f}{se}", ""]
-        )
+    for pair, label in ((paired, "FedAvg"), (paired_control, "control (λ=0)")):
+        if pair is not None:
+            diff = dict(zip(pair["seed_ids"], pair["by_seed"], strict=True))
+            cells = [f"{100 * diff[s]:+.2f}" if s in diff else "—" for s in shown_seeds]
+            se = "" if pair["se_seeds"] is None else f" ± {100 * pair['se_seeds']:.2f}"
+            rows.append(
+                [f"SLM FedCoLLM − {label} (paired by seed)", *cells, f"{100 * pair['mean']:+.2f}{se}", ""]
+            )
 
     shown = args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config
     budget = {
@@ -431,6 +460,7 @@ def write_results(
                 "test_examples": n_test,
                 "aggregate": agg,
                 "fedcollm_minus_fedavg_slm": paired,
+                "fedcollm_minus_control_slm": paired_control,
                 "claims": claims,
                 "per_seed": done,
                 "commits_by_seed": commits,

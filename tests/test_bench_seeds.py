@@ -43,3 +43,32 @@ def test_recorded_seeds_of_another_budget_are_dropped():
 def test_nothing_is_carried_without_a_run_of_this_invocation():
     bench = bench_module()
     assert bench.carried_seeds({"per_seed": {"0": figures(0)}}, {}) == {}
+
+
+def test_a_seed_run_before_the_control_existed_runs_the_control_alone(tmp_path):
+    """Seeds recorded without fedavg_ft (the lambda = 0 control) get it added, not rerun whole, and the
+    FedCoLLM − control pair counts only the seeds that have both figures."""
+    import json
+
+    import pytest
+
+    bench = bench_module()
+    out = tmp_path / "run"
+    end = json.dumps({"type": "run", "event": "end"}) + "\n"
+    for d in bench.dirs_for(out):
+        d.mkdir()
+        if not d.name.endswith(".fedavg_ft"):
+            (d / "metrics.jsonl").write_text(end)
+    assert bench.seed_state(out) == "control"
+    (out.with_name("run.fedavg_ft") / "metrics.jsonl").write_text(end)
+    assert bench.seed_state(out) == "done"
+    done = {
+        "0": {"accuracy": {"slm_fedcollm": 0.70, "slm_fedavg": 0.60}},
+        "1": {"accuracy": {"slm_fedcollm": 0.80, "slm_fedavg": 0.75, "slm_fedavg_ft": 0.78}},
+    }
+    control = bench.paired_by_seed(done, "slm_fedcollm", "slm_fedavg_ft")
+    assert control["seed_ids"] == ["1"] and control["by_seed"] == [pytest.approx(0.02)]
+    assert control["se_seeds"] is None
+    fedavg = bench.paired_by_seed(done, "slm_fedcollm", "slm_fedavg")
+    assert fedavg["mean"] == pytest.approx(0.075) and fedavg["seeds"] == 2
+    assert bench.paired_by_seed(done, "slm_fedavg_ft", "slm_fedavg")["seeds"] == 1
