@@ -68,6 +68,12 @@ class StrategySpec:
     tau: float = 1.0  # the default softmax temperature of its trust scores (strategy.tau)
     threshold: float = 0.0  # the default score threshold (strategy.threshold, selection: threshold)
 
+    @property
+    def exchanges(self) -> bool:
+        """Whether anything of a client travels: a strategy that keeps every adapter as trained and
+        measures nothing about the others (local) needs no message, so its traffic is zero."""
+        return self.mix != "keep" or bool(self.evidence)
+
 
 # ffa_lora / fedsa_lora share one of the two LoRA matrices: FFA-LoRA (arXiv 2403.12313) freezes every A at
 # the common initialisation and averages B, so the average of the products B A is exactly the product of

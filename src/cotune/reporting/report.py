@@ -1041,7 +1041,20 @@ def _ppl_markdown(
             _md_table(*client_traffic_rows(traffic), align_right_from=2),
             "",
         ]
+        quiet = [
+            label for run, label in zip(traffic, unique_labels(traffic), strict=True) if moves_nothing(run)
+        ]
+        if quiet:
+            parts += [
+                f"Nothing travels in {', '.join(quiet)}: each client keeps its own adapter (0 bytes).",
+                "",
+            ]
     return parts
+
+
+def moves_nothing(run: RunSummary) -> bool:
+    """Whether a run's traffic records are all zero (a strategy that exchanges nothing: local)."""
+    return all(r.bytes_up == 0 and r.bytes_down == 0 for r in run.comm)
 
 
 def _cotuning_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[str]:
