@@ -2,8 +2,10 @@
 FedCoLLM on the test split of a multiple-choice task (accuracy) or a generation task (task.kind generation:
 ROUGE-L, exact match, token F1 and the reference responses' perplexity), over one or several seeds.
 
-Per seed, one `cotune run` of a FedCoLLM config with run.compare=[zero_shot, standalone, fedavg, centralized]
-(one model load, identical data splits and budgets), into runs/bench/<name>/[seed-<s>/]run* (gitignored;
+Per seed, one `cotune run` of a FedCoLLM config with run.compare=[zero_shot, standalone, fedavg, fedavg_ft,
+centralized] (one model load, identical data splits and budgets; fedavg_ft is the lambda = 0 control: FedAvg
+plus FedCoLLM's server steps with cross-entropy only, so FedCoLLM − control is what the LLM adds),
+into runs/bench/<name>/[seed-<s>/]run* (gitignored;
 `--runs` elsewhere); then the paper's table from cotune's own reporting code, per seed and over seeds
 (`cotune.reporting.stats`: mean ± standard error; a t interval for generation), and the differences paired by
 seed: multiple choice, FedCoLLM - FedAvg on the SLM with the paper's claims checked on the means (the layout
@@ -53,11 +55,13 @@ from cotune.reporting.stats import (  # noqa: E402  (the one place of the statis
     summarize,
 )
 
-ALGORITHMS = ["fedcollm", "zero_shot", "standalone", "fedavg", "centralized"]
+ALGORITHMS = ["fedcollm", "zero_shot", "standalone", "fedavg", "fedavg_ft", "centralized"]
+CONTROL = "fedavg_ft"  # FedAvg + the server's SLM steps with lambda = 0: what the LLM adds, isolated
 FIGURES = [
     ("slm_zero_shot", "SLM zero-shot"),
     ("slm_standalone", "SLM standalone (mean over clients)"),
     ("slm_fedavg", "SLM FedAvg"),
+    ("slm_fedavg_ft", "SLM FedAvg + server fine-tuning (λ=0)"),
     ("slm_fedcollm", "SLM FedCoLLM"),
     ("llm_zero_shot", "LLM zero-shot"),
     ("llm_centralized", "LLM centralized"),
@@ -82,11 +86,14 @@ def ended(d: Path) -> bool:
 
 
 def seed_state(out: Path) -> str:
-    """'done' when every variant's run ended, 'partial' when the FedCoLLM run has a checkpoint to resume
-    from (a killed sweep), else 'new'."""
+    """'done' when every variant's run ended, 'control' when all but the lambda = 0 control did (a seed
+    run before the control existed: it runs alone, on the same config and seed), 'partial' when the
+    FedCoLLM run has a checkpoint to resume from (a killed sweep), else 'new'."""
 
     if all(ended(d) for d in dirs_for(out)):
         return "done"
+    if all(ended(d) for d in dirs_for(out) if not d.name.endswith(f".{CONTROL}")):
+        return "control"
     return "partial" if (out / "checkpoints").is_dir() else "new"
 
 
@@ -107,8 +114,16 @@ def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path, fr
     out.parent.mkdir(parents=True, exist_ok=True)
     with (out.parent / COMMITS).open("a") as f:  # which code ran (part of) this seed
         f.write(source_commit() + "\n")
+    control = out.with_name(f"{out.name}.{CONTROL}")
     if state == "partial":
         cmd = [*cotune_command(), "run", "--resume", str(out)]
+    elif state == "control" and (control / "checkpoints").is_dir():
+        cmd = [*cotune_command(), "run", "--resume", str(control)]
+    elif state == "control":
+        shutil.rmtree(control, ignore_errors=True)
+        seed_override = [] if seed is None else [f"run.seed={seed}"]
+        cmd = [*cotune_command(), "run", str(config), f"algorithm={CONTROL}", *overrides, *seed_override]
+        cmd += ["--out", str(control)]
     else:
         seed_override = [] if seed is None else [f"run.seed={seed}"]
         cmd = [
@@ -116,7 +131,7 @@ def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path, fr
             "run",
             str(config),
             "algorithm=fedcollm",
-            "run.compare=[zero_shot,standalone,fedavg,centralized]",
+            f"run.compare=[{','.join(ALGORITHMS[1:])}]",
             *overrides,
             *seed_override,
             "--out",
@@ -183,7 +198,10 @@ class Kind(NamedTuple):
 
 MULTIPLE_CHOICE = Kind(
     metrics=(Metric("accuracy", "test accuracy, %"),),
-    pairs=(("slm_fedcollm", "slm_fedavg", "SLM FedCoLLM − FedAvg (paired by seed)"),),
+    pairs=(
+        ("slm_fedcollm", "slm_fedavg", "SLM FedCoLLM − FedAvg (paired by seed)"),
+        ("slm_fedcollm", "slm_fedavg_ft", "SLM FedCoLLM − control (λ=0) (paired by seed)"),
+    ),
     intervals=False,
     plot=("accuracy_per_round", "accuracy"),
 )
@@ -196,6 +214,7 @@ GENERATION = Kind(
     ),
     pairs=(
         ("slm_fedcollm", "slm_fedavg", "SLM FedCoLLM − FedAvg"),
+        ("slm_fedcollm", "slm_fedavg_ft", "SLM FedCoLLM − control (λ=0)"),
         ("slm_fedcollm", "slm_standalone", "SLM FedCoLLM − standalone"),
         ("llm_fedcollm", "llm_zero_shot", "LLM FedCoLLM − LLM zero-shot"),
         ("llm_fedcollm", "llm_centralized", "LLM FedCoLLM − centralized"),
@@ -219,6 +238,7 @@ def figure_sources(algorithms: set[str]) -> dict[str, tuple[str, str, bool]]:
         "slm_zero_shot": (zs, "slm", True),
         "slm_standalone": ("standalone", "slm", False),
         "slm_fedavg": ("fedavg", "slm", False),
+        "slm_fedavg_ft": (CONTROL, "slm", False),
         "slm_fedcollm": ("fedcollm", "slm", False),
         "llm_zero_shot": (zs, "llm", True),
         "llm_centralized": ("centralized", "llm", False),
@@ -395,6 +415,8 @@ def metric_table(
     for key, label in FIGURES:
         cells = [pct((done[s].get(metric.key) or {}).get(key), metric.scale) for s in seeds]
         s = level(done, metric.key, key)
+        if s is None and key == f"slm_{CONTROL}":
+            continue  # results from before the control existed: no row rather than a row of dashes
         if s is None:
             rows.append([label, *cells, "—", *("—" for _ in extra)])
             continue
@@ -665,12 +687,19 @@ def mc_json(done: dict[str, dict[str, Any]], n_test: int | None, claims: dict[st
                 "seeds": s.n,
                 "se_test": binomial_se(s.mean, n_test),
             }
-    p = pair(done, "accuracy", "slm_fedcollm", "slm_fedavg")
-    paired = None
-    if p is not None:
+
+    def paired(b: str) -> dict[str, Any] | None:
+        p = pair(done, "accuracy", "slm_fedcollm", b)
+        if p is None:
+            return None
         s = p.summary
-        paired = {"mean": s.mean, "se_seeds": s.se, "seeds": s.n, "by_seed": list(p.by_seed.values())}
-    return {"aggregate": agg, "fedcollm_minus_fedavg_slm": paired, "claims": claims}
+        return {"mean": s.mean, "se_seeds": s.se, "seeds": s.n, "by_seed": list(p.by_seed.values())}
+
+    out = {"aggregate": agg, "fedcollm_minus_fedavg_slm": paired("slm_fedavg"), "claims": claims}
+    control = paired(f"slm_{CONTROL}")
+    if control is not None:  # what the LLM adds over the same server steps without it
+        out["fedcollm_minus_control_slm"] = control
+    return out
 
 
 def copy_plots(

@@ -257,6 +257,9 @@ def plot(result: dict, out_dir: Path) -> list[str]:
 
 
 def markdown(result: dict) -> str:
+    sys.path.insert(0, str(ROOT / "src"))
+    from cotune.config.names import strategy_spec
+
     lines = [
         f"Personalized collaborative fine-tuning, SmolLM2-135M-Instruct + LoRA ({result['machine']})",
         "",
@@ -304,6 +307,8 @@ def markdown(result: dict) -> str:
             wins = {ref: "-" if s == ref else f"{w[0]}/{w[1]}" for ref, w in r["wins"].items()}
             wall = f"{r['mean_round_wall_s']:.1f} s" if r["mean_round_wall_s"] else "-"
             traffic = " / ".join(human(x) for x in r["bytes_up_per_round"].values()) or "-"
+            if not strategy_spec(s).exchanges:  # local: runs before the fix logged its in-memory copies
+                traffic = "0 (nothing travels)"
             lines.append(
                 f"| {s} | {cell} | {wins.get('local', '-')} | {wins.get('fedavg', '-')} "
                 f"| {r['val_mean']:.2f} | {wall} | {traffic} |"

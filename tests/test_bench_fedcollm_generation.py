@@ -21,6 +21,7 @@ FIGURE_LABELS = [
     "SLM zero-shot",
     "SLM standalone (mean over clients)",
     "SLM FedAvg",
+    "SLM FedAvg + server fine-tuning (λ=0)",
     "SLM FedCoLLM",
     "LLM zero-shot",
     "LLM centralized",
@@ -28,6 +29,7 @@ FIGURE_LABELS = [
 ]
 PAIRS = [
     "SLM FedCoLLM − FedAvg",
+    "SLM FedCoLLM − control (λ=0)",
     "SLM FedCoLLM − standalone",
     "LLM FedCoLLM − LLM zero-shot",
     "LLM FedCoLLM − centralized",
@@ -65,17 +67,19 @@ def write_run(d: Path, algorithm: str, records: list[dict]) -> None:
 # s.e. 0.05, 1 df: the interval 0.15 ± 12.71 x 0.05 covers 0)
 FEDCOLLM = {0: 0.5, 1: 0.6}
 FEDAVG = {0: 0.4, 1: 0.4}
+CONTROL = {0: 0.45, 1: 0.5}  # FedAvg + the server steps with lambda = 0: FedCoLLM leads it by 0.05, 0.1
 
 
 def make_seed(bench, out: Path, seed: int) -> None:
-    """A seed's five runs: zero-shot 0.1 (SLM) / 0.3 (LLM); standalone clients 0.2 and 0.4 (mean 0.3); the
+    """A seed's six runs: zero-shot 0.1 (SLM) / 0.3 (LLM); standalone clients 0.2 and 0.4 (mean 0.3); the
     LLM 0.2 higher than zero-shot under FedCoLLM on every seed, and centralized equal to it."""
-    run, zero_shot, standalone, fedavg, centralized = bench.dirs_for(out)
+    run, zero_shot, standalone, fedavg, control, centralized = bench.dirs_for(out)
     zero = [gen(0, "slm", 0.1), gen(0, "llm", 0.3)]
     write_run(run, "fedcollm", [*zero, gen(2, "slm", FEDCOLLM[seed]), gen(2, "llm", 0.5, ppl=float("inf"))])
     write_run(zero_shot, "zero_shot", zero)
     write_run(standalone, "standalone", [zero[0], gen(2, "slm", 0.2, client=0), gen(2, "slm", 0.4, client=1)])
     write_run(fedavg, "fedavg", [zero[0], gen(2, "slm", FEDAVG[seed])])
+    write_run(control, "fedavg_ft", [zero[0], gen(2, "slm", CONTROL[seed])])
     write_run(centralized, "centralized", [zero[1], gen(2, "llm", 0.5)])
 
 
@@ -105,6 +109,7 @@ def test_generation_figures_over_seeds_and_paired_differences(bench, tmp_path):
         f"{low:+.2f} to {high:+.2f}",
         "not significant",
     ]
+    assert by_label["SLM FedCoLLM − control (λ=0)"][1:4] == ["+5.00", "+10.00", "+7.50 ± 2.50"]
     assert by_label["SLM FedCoLLM"][1:4] == ["50.00", "60.00", "55.00 ± 5.00"]
     assert by_label["LLM FedCoLLM − centralized"][-1] == "not significant"  # exactly 0 on both seeds
     # the LLM gains 0.2 on every seed: s.e. 0, an interval of one point, which excludes 0
@@ -182,6 +187,7 @@ def test_generation_sweep_end_to_end_with_two_seeds_resumes_a_killed_seed(tmp_pa
             "slm_zero_shot",
             "slm_standalone",
             "slm_fedavg",
+            "slm_fedavg_ft",
             "slm_fedcollm",
             "llm_zero_shot",
             "llm_centralized",

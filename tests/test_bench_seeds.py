@@ -43,3 +43,33 @@ def test_recorded_seeds_of_another_budget_are_dropped():
 def test_nothing_is_carried_without_a_run_of_this_invocation():
     bench = bench_module()
     assert bench.carried_seeds({"per_seed": {"0": figures(0)}}, {}) == {}
+
+
+def test_a_seed_run_before_the_control_existed_runs_the_control_alone(tmp_path):
+    """Seeds recorded without fedavg_ft (the lambda = 0 control) get it added, not rerun whole, and the
+    FedCoLLM − control pair counts only the seeds that have both figures."""
+    import json
+
+    import pytest
+
+    bench = bench_module()
+    out = tmp_path / "run"
+    end = json.dumps({"type": "run", "event": "end"}) + "\n"
+    for d in bench.dirs_for(out):
+        d.mkdir()
+        if not d.name.endswith(".fedavg_ft"):
+            (d / "metrics.jsonl").write_text(end)
+    assert bench.seed_state(out) == "control"
+    (out.with_name("run.fedavg_ft") / "metrics.jsonl").write_text(end)
+    assert bench.seed_state(out) == "done"
+    done = {
+        "0": {"accuracy": {"slm_fedcollm": 0.70, "slm_fedavg": 0.60}},
+        "1": {"accuracy": {"slm_fedcollm": 0.80, "slm_fedavg": 0.75, "slm_fedavg_ft": 0.78}},
+    }
+    control = bench.pair(done, "accuracy", "slm_fedcollm", "slm_fedavg_ft")
+    assert control.by_seed == {"1": pytest.approx(0.02)} and control.summary.se is None
+    fedavg = bench.pair(done, "accuracy", "slm_fedcollm", "slm_fedavg")
+    assert fedavg.summary.mean == pytest.approx(0.075) and fedavg.summary.n == 2
+    assert bench.pair(done, "accuracy", "slm_fedavg_ft", "slm_fedavg").summary.n == 1
+    json_out = bench.mc_json(done, 200, {})
+    assert json_out["fedcollm_minus_control_slm"]["by_seed"] == [pytest.approx(0.02)]

@@ -232,6 +232,20 @@ def test_cotuning_table(family: dict[str, Path]) -> None:
     ]
 
 
+def test_the_lambda_zero_control_gets_its_row_when_it_ran(family: dict[str, Path], tmp_path: Path) -> None:
+    """fedavg_ft (FedAvg + server fine-tuning, lambda = 0) has a row after FedAvg's when a run of it is
+    there, and none (not a row of "—") in a table without one."""
+    recs = [_mc(0, "slm", *SLM_ZS), _mc(1, "slm", 0.54, 0.55), _mc(2, "slm", 0.60, 0.61)]
+    recs += [_comm(r, c, 1_200_000, 1_200_000) for r in (1, 2) for c in range(3)]
+    control = _write_run(tmp_path / "runs", "fedavg_ft", "fedavg_ft", recs)
+    _, rows = cotuning_rows(load_runs([*family.values(), control]))
+    setting = "SLM FedAvg + server fine-tuning (λ=0)"
+    assert _row(rows, setting) == [setting, "60.00", "61.00", "fedavg_ft"]
+    assert [row[0] for row in rows].index(setting) == [row[0] for row in rows].index("SLM FedAvg") + 1
+    _, without = cotuning_rows(load_runs(list(family.values())))
+    assert setting not in [row[0] for row in without]
+
+
 def test_zero_shot_falls_back_to_round_0(family: dict[str, Path]) -> None:
     # no zero_shot run; standalone comes first but its round 0 is per client, so fedavg's global one is used
     runs = load_runs([family[k] for k in ("standalone", "fedavg", "fedcollm")])

@@ -27,10 +27,17 @@ class RoundPlan:
     distill: bool  # server runs mutual distillation SLM <-> LLM on the public set
     central_llm: bool  # the LLM adapter trains directly on all data (the centralized upper bound)
     trains: bool = True
+    # the server's SLM steps on D_a without the LLM (cross-entropy only, lambda = 0): the fedavg_ft control
+    fine_tune: bool = False
 
     @property
     def uses_llm(self) -> bool:
         return self.distill or self.central_llm
+
+    @property
+    def server_steps(self) -> bool:
+        """Whether the server trains theta on D_a after the average (with the LLM teaching, or not)."""
+        return self.distill or self.fine_tune
 
 
 PLANS: dict[FedCoLLMAlgorithm, RoundPlan] = {  # one per name in config.names.FEDCOLLM_ALGORITHMS
@@ -39,6 +46,9 @@ PLANS: dict[FedCoLLMAlgorithm, RoundPlan] = {  # one per name in config.names.FE
     ),
     "fedavg": RoundPlan(
         broadcast=True, local_training=True, aggregate=True, distill=False, central_llm=False
+    ),
+    "fedavg_ft": RoundPlan(
+        broadcast=True, local_training=True, aggregate=True, distill=False, central_llm=False, fine_tune=True
     ),
     "standalone": RoundPlan(
         broadcast=False, local_training=True, aggregate=False, distill=False, central_llm=False

@@ -68,6 +68,12 @@ class StrategySpec:
     tau: float = 1.0  # the default softmax temperature of its trust scores (strategy.tau)
     threshold: float = 0.0  # the default score threshold (strategy.threshold, selection: threshold)
 
+    @property
+    def exchanges(self) -> bool:
+        """Whether anything of a client travels: a strategy that keeps every adapter as trained and
+        measures nothing about the others (local) needs no message, so its traffic is zero."""
+        return self.mix != "keep" or bool(self.evidence)
+
 
 # ffa_lora / fedsa_lora share one of the two LoRA matrices: FFA-LoRA (arXiv 2403.12313) freezes every A at
 # the common initialisation and averages B, so the average of the products B A is exactly the product of
@@ -120,8 +126,10 @@ def strategy_spec(name: str) -> StrategySpec:
     return STRATEGY_SPECS[cast(StrategyName, name)]
 
 
-# SPEC A: FedCoLLM and the baselines it is judged against.
-FedCoLLMAlgorithm = Literal["fedcollm", "fedavg", "standalone", "centralized", "zero_shot"]
+# SPEC A: FedCoLLM and the baselines it is judged against. fedavg_ft is the control that isolates the
+# LLM's contribution: FedAvg, then the server's SLM steps on D_a exactly as FedCoLLM runs them but with
+# cross-entropy only (lambda = 0, no LLM loaded), under the same selection rule (distill.keep).
+FedCoLLMAlgorithm = Literal["fedcollm", "fedavg", "fedavg_ft", "standalone", "centralized", "zero_shot"]
 Algorithm = Literal["personalized", FedCoLLMAlgorithm]
 
 # The FedAvg step's aggregator (robustness.aggregator): one function each in algorithms.robust.AGGREGATORS.

@@ -118,10 +118,13 @@ COMM_HEADER = ["run", "rounds", "clients", "up / client / round", "down / client
 _TRAINED_ROWS = (
     ("SLM standalone", "slm", "standalone"),
     ("SLM FedAvg", "slm", "fedavg"),
+    ("SLM FedAvg + server fine-tuning (λ=0)", "slm", "fedavg_ft"),
     ("SLM FedCoLLM", "slm", "fedcollm"),
     ("LLM centralized", "llm", "centralized"),
     ("LLM FedCoLLM", "llm", "fedcollm"),
 )
+# Rows of controls outside the paper's table: shown only when such a run is there (no row of "—").
+_CONTROL_ALGORITHMS = ("fedavg_ft",)
 
 
 def _pct(value: float, std: float | None = None) -> str:
@@ -175,10 +178,11 @@ def cotuning_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]
     """Header and rows of the FedCoLLM paper's table: test accuracy of each model under each setting.
 
     Figures are percentages at each run's final usable round (RunSummary.final_mc); a setting with
-    several runs gets a row per run, a missing one a row of "—". Zero-shot comes from a zero_shot run,
-    else from round 0 of another run (named in the run column). Per-client figures (standalone) are
-    mean ± population std over clients. When FedCoLLM and centralized LLM figures both exist, a last row
-    gives FedCoLLM's LLM accuracy as a percent of centralized's (the paper's 97–99% claim).
+    several runs gets a row per run, a missing one a row of "—" (a missing control, fedavg_ft: no row).
+    Zero-shot comes from a zero_shot run, else from round 0 of another run (named in the run column).
+    Per-client figures (standalone) are mean ± population std over clients. When FedCoLLM and centralized
+    LLM figures both exist, a last row gives FedCoLLM's LLM accuracy as a percent of centralized's (the
+    paper's 97–99% claim).
     """
     runs = _cotuning_runs(runs)
     labels = unique_labels(runs)
@@ -193,7 +197,7 @@ def cotuning_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]
                 continue
             rows.append([setting, *_mc_cells(run, model, last), label])
             found = True
-        if not found:
+        if not found and algorithm not in _CONTROL_ALGORITHMS:
             rows.append([setting, MISSING, MISSING, MISSING])
 
     fedcollm = [(r, lab) for r, lab in zip(runs, labels, strict=True) if r.algorithm == "fedcollm"]
@@ -1037,7 +1041,20 @@ def _ppl_markdown(
             _md_table(*client_traffic_rows(traffic), align_right_from=2),
             "",
         ]
+        quiet = [
+            label for run, label in zip(traffic, unique_labels(traffic), strict=True) if moves_nothing(run)
+        ]
+        if quiet:
+            parts += [
+                f"Nothing travels in {', '.join(quiet)}: each client keeps its own adapter (0 bytes).",
+                "",
+            ]
     return parts
+
+
+def moves_nothing(run: RunSummary) -> bool:
+    """Whether a run's traffic records are all zero (a strategy that exchanges nothing: local)."""
+    return all(r.bytes_up == 0 and r.bytes_down == 0 for r in run.comm)
 
 
 def _cotuning_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[str]:

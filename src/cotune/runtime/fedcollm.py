@@ -74,7 +74,7 @@ from cotune.runtime.rounds import RoundTimes, run_rounds
 from cotune.runtime.rundir import RunFiles, client_name, load_adapter
 from cotune.runtime.traffic import Traffic
 from cotune.state import AdapterState, copied, state_bytes
-from cotune.training.distill import student_step, teacher_signal
+from cotune.training.distill import TeacherSignal, student_step, teacher_signal
 from cotune.training.learner import Learner
 from cotune.training.loop import Batch
 
@@ -366,7 +366,8 @@ class Scorer:
 
 class Distillation:
     """Step 4 of a FedCoLLM round: mutual distillation of theta (SLM) and omega (LLM) on the server's
-    public data D_a, both scored along the way on its validation split (`ValTrack`)."""
+    public data D_a, both scored along the way on its validation split (`ValTrack`). For the fedavg_ft
+    control (no LLM) the same SLM steps with cross-entropy alone (lambda = 0), scored and kept alike."""
 
     def __init__(
         self,
@@ -379,6 +380,8 @@ class Distillation:
     ) -> None:
         self.cfg, self.server, self.task, self.scorer = cfg, server, task, scorer
         self.log, self.activity = log, activity
+        self.with_llm = plan_of(cfg.algorithm).distill  # the LLM teaches and learns; else theta alone (CE)
+        self.roles: tuple[Role, ...] = ROLES if self.with_llm else ("slm",)
         self.vocab_size = len(server.tokenizer)
         self.val_cache: EvalCache = {}  # validation results, keyed as `Scorer.scored` keys
         self.val_requests: list[GenRequest] | None = None  # a generation task's validation split, encoded
@@ -386,16 +389,21 @@ class Distillation:
     def run(self, r: int) -> None:
         """Per batch an SLM step (the LLM teaches) then an LLM step (the SLM teaches); with order 'epoch'
         a full SLM pass then a full LLM pass. The server's validation split scores both models along the
-        way; with keep 'best' each ends the round with its best-scored adapter."""
+        way; with keep 'best' each ends the round with its best-scored adapter. Without the LLM (fedavg_ft)
+        only the SLM steps run, each as FedCoLLM's with lambda = 0."""
         s, d = self.server, self.cfg.distill
-        assert s.omega is not None
+        assert s.omega is not None or not self.with_llm
         if d.reset_optimizer:  # theta was just replaced by the average: last round's moments describe another
             s.theta.reset_optimizer()
-            s.omega.reset_optimizer()
+            if s.omega is not None:
+                s.omega.reset_optimizer()
         totals, t0 = DistillTotals(), time.perf_counter()
         order = self.distill_order(self.distill_batches())
-        with self.activity.phase(f"round {r} · mutual distillation", d.epochs * len(order)) as advance:
-            tracks = {role: self.val_track(r, role, advance) for role in ROLES}  # scores the round's start
+        what = "mutual distillation" if self.with_llm else "server fine-tuning (cross-entropy, λ = 0)"
+        with self.activity.phase(f"round {r} · {what}", d.epochs * len(order)) as advance:
+            tracks = {
+                role: self.val_track(r, role, advance) for role in self.roles
+            }  # scores the round's start
             for epoch in range(d.epochs):
                 if epoch:
                     order = self.distill_order(self.distill_batches())
@@ -413,21 +421,25 @@ class Distillation:
 
     def distill_order(self, batches: list[Batch]) -> list[tuple[Role, Batch]]:
         if self.cfg.distill.order == "batch":  # SLM step then LLM step on each batch
-            return [(role, b) for b in batches for role in ROLES]
-        return [(role, b) for role in ROLES for b in batches]  # a full SLM pass, then a full LLM pass
+            return [(role, b) for b in batches for role in self.roles]
+        return [(role, b) for role in self.roles for b in batches]  # a full SLM pass, then a full LLM pass
 
     def distill_step(self, role: Role, batch: Batch) -> tuple[float, float, int]:
-        """One step of `role` (student) against the other model (teacher): (ce, kd, teacher signal bytes)."""
+        """One step of `role` (student) against the other model (teacher): (ce, kd, teacher signal bytes).
+        Without the LLM (fedavg_ft) theta's step has no teacher: the same step, cross-entropy alone."""
         s, d = self.server, self.cfg.distill
-        assert s.llm is not None and s.omega is not None
-        if role == "slm":
-            student, teacher, learner = s.slm, s.llm, s.theta
-        else:
-            student, teacher, learner = s.llm, s.slm, s.omega
-        s.slm.activate(SERVER)
-        s.llm.activate(LLM_ADAPTER)
         assert isinstance(batch, Mapping)
-        signal = teacher_signal(teacher.model, batch, self.vocab_size, d.topk, d.kd_target)
+        s.slm.activate(SERVER)
+        if not self.with_llm:
+            student, learner, signal = s.slm, s.theta, TeacherSignal()
+        else:
+            assert s.llm is not None and s.omega is not None
+            if role == "slm":
+                student, teacher, learner = s.slm, s.llm, s.theta
+            else:
+                student, teacher, learner = s.llm, s.slm, s.omega
+            s.llm.activate(LLM_ADAPTER)
+            signal = teacher_signal(teacher.model, batch, self.vocab_size, d.topk, d.kd_target)
         with learner.rng.active():  # the student's dropout: its learner's own stream
             ce, kd = student_step(
                 student.model,
@@ -571,7 +583,7 @@ class FedCoLLMLoop:
                 )
             self.check(mean)
             self.server.slm.load_state(SERVER, mean)
-        if plan.distill:
+        if plan.server_steps:
             self.distill(r)
         if plan.central_llm:
             omega, steps = self.server.omega, self.server.central_steps
@@ -581,7 +593,8 @@ class FedCoLLMLoop:
             self.files.log(TrainRecord(model="llm", round=r, client=None, loss=loss, lr=omega.lr))
 
     def distill(self, r: int) -> None:
-        """4. mutual distillation on D_a (`Distillation`); the distilled theta is broadcast next round."""
+        """4. mutual distillation on D_a (`Distillation`; fedavg_ft: theta's steps alone, lambda = 0); the
+        theta it keeps is broadcast next round."""
         self.distillation.run(r)
 
     def train_clients(

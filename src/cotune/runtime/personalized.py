@@ -93,7 +93,8 @@ class PersonalizedLoop:
     ) -> None:
         """`model_bytes`: the base model's size, what the traffic records compare each client's bytes to."""
         self.cfg, self.clients, self.files = cfg, clients, files
-        self.traffic = Traffic(model_bytes)  # this round's bytes to and from each client
+        # this round's bytes to and from each client (local: zeros, nothing of a client travels)
+        self.traffic = Traffic(model_bytes, travels=cfg.strategy.spec.exchanges)
         self.save_adapter = save_adapter
         self.console = console or Console(stderr=True)
         self.n = cfg.federation.clients

@@ -15,10 +15,13 @@ from cotune.records import CommRecord
 
 
 class Traffic:
-    """Bytes to (`down`) and from (`up`) each client in the current round."""
+    """Bytes to (`down`) and from (`up`) each client in the current round. With `travels` False (a
+    strategy that exchanges nothing: local) every message counts 0 bytes: each client still gets its
+    record, of zeros, so a report can say that nothing travels."""
 
-    def __init__(self, full_model_bytes: int) -> None:
+    def __init__(self, full_model_bytes: int, travels: bool = True) -> None:
         self.full_model_bytes = full_model_bytes
+        self.travels = travels
         self.sent: Counter[int] = Counter()
         self.received: Counter[int] = Counter()
 
@@ -27,11 +30,15 @@ class Traffic:
 
     def down(self, sizes: Mapping[int, int]) -> None:
         """Messages to clients: bytes by client, added to the round's counts."""
-        self.sent.update(sizes)
+        self.sent.update(self.counted(sizes))
 
     def up(self, sizes: Mapping[int, int]) -> None:
         """Messages from clients: bytes by client, added to the round's counts."""
-        self.received.update(sizes)
+        self.received.update(self.counted(sizes))
+
+    def counted(self, sizes: Mapping[int, int]) -> dict[int, int]:
+        """What a message adds to the counts: its bytes, or 0 for every client when nothing travels."""
+        return dict(sizes) if self.travels else dict.fromkeys(sizes, 0)
 
     def records(self, round_: int) -> list[CommRecord]:
         """One record per client that sent or received anything this round, by client index."""

@@ -39,6 +39,11 @@ class TeacherSignal:
     choices: torch.Tensor | None = None  # (B, C): logits at the answer position, at the choices' first tokens
 
     @property
+    def empty(self) -> bool:
+        """No teacher at all (the fedavg_ft control): the student's step is cross-entropy alone."""
+        return all(t is None for t in (self.logits, self.values, self.indices, self.choices))
+
+    @property
     def nbytes(self) -> int:
         held = [t for t in (self.logits, self.values, self.indices, self.choices) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
@@ -70,6 +75,22 @@ def teacher_signal(
     return TeacherSignal(values=values, indices=indices)
 
 
+def kd_term(
+    logits: torch.Tensor, teacher: TeacherSignal, batch: Mapping[str, torch.Tensor], cfg: DistillConfig
+) -> torch.Tensor:
+    """KL(teacher || student) on the student's `logits`: over the choices, the full vocabulary or the
+    teacher's top-k, whichever signal the teacher sent."""
+    shifted, labels = shift_for_causal_lm(logits, batch["labels"])
+    mask = supervised_mask(labels)
+    if teacher.choices is not None:
+        student_choices = choice_logits(shifted, answer_positions(labels), batch["choices"])
+        return kd_kl_choices(student_choices, teacher.choices, temperature=cfg.temperature)
+    if teacher.logits is not None:
+        return kd_kl(shifted, teacher.logits, mask, temperature=cfg.temperature)
+    assert teacher.values is not None and teacher.indices is not None  # a top-k signal
+    return kd_kl_from_topk(shifted, teacher.values, teacher.indices, mask, temperature=cfg.temperature)
+
+
 def student_step(
     student: nn.Module,
     teacher: TeacherSignal,
@@ -80,21 +101,16 @@ def student_step(
     vocab_size: int,
     max_grad_norm: float | None,
 ) -> tuple[float, float]:
-    """One optimizer step of CE + lambda*KL(teacher || student); returns (ce, kd)."""
+    """One optimizer step of CE + lambda*KL(teacher || student); returns (ce, kd).
+
+    A teacher signal that holds nothing (`TeacherSignal()`: no teacher, the fedavg_ft control) makes it
+    the cross-entropy step alone (lambda = 0, kd reported as 0): the control runs this same step, so its
+    server steps differ from FedCoLLM's SLM side only by the KL term."""
     student.train()
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[..., :vocab_size]
     ce = task_ce(logits, batch["labels"])
-    shifted, labels = shift_for_causal_lm(logits, batch["labels"])
-    mask = supervised_mask(labels)
-    if teacher.choices is not None:
-        student_choices = choice_logits(shifted, answer_positions(labels), batch["choices"])
-        kd = kd_kl_choices(student_choices, teacher.choices, temperature=cfg.temperature)
-    elif teacher.logits is not None:
-        kd = kd_kl(shifted, teacher.logits, mask, temperature=cfg.temperature)
-    else:
-        assert teacher.values is not None and teacher.indices is not None  # a top-k signal
-        kd = kd_kl_from_topk(shifted, teacher.values, teacher.indices, mask, temperature=cfg.temperature)
-    (ce + cfg.lam * kd).backward()
+    kd = None if teacher.empty else kd_term(logits, teacher, batch, cfg)
+    (ce if kd is None else ce + cfg.lam * kd).backward()
     optimizer_step(optimizer, scheduler, max_grad_norm)
-    return ce.item(), kd.item()
+    return ce.item(), 0.0 if kd is None else kd.item()
