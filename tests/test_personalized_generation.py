@@ -236,3 +236,36 @@ def test_meaningless_generation_settings_are_refused(tmp_path, data, fragment):
     assert result.exit_code == 2, result.output
     assert fragment in " ".join(result.output.split())
     assert "model tiny" not in result.output
+
+
+def test_compare_variants_decode_round_zero_once_and_log_what_each_alone_logs(tmp_path, monkeypatch):
+    """Every variant of a comparison starts from the same base and adapters: each client's round-0
+    evaluation (perplexities and test generations) runs once, not once per variant, and every variant
+    logs the numbers it logs when run on its own. Later rounds (different adapters) are all evaluated."""
+    from cotune.runtime import client
+
+    calls: list[int] = []
+    real = client.evaluate_generation
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client, "evaluate_generation", counting)
+    cfg = config_from_dict(gen_tree(tmp_path, run={"compare": ["local", "fedavg"]}))
+    dirs = run_experiment(cfg, tmp_path / "runs" / "g")
+    # 4 clients: round 0 once; rounds 1 and 2 by each of the 3 variants
+    assert len(calls) == 4 + 3 * 2 * 4
+
+    def numbers(d: Path, kind: str) -> list[tuple]:
+        keep = ("round", "client", "split", "ppl", "loss", "rouge_l", "f1", "exact_match")
+        return sorted(tuple(m.get(k) for k in keep) for m in records(d, kind))
+
+    calls.clear()
+    alone = config_from_dict(gen_tree(tmp_path, strategy={"name": "fedavg"}, run={"name": "alone"}))
+    (single,) = run_experiment(alone, tmp_path / "runs" / "alone")
+    assert len(calls) == 3 * 4
+    for kind in ("gen", "eval"):
+        assert numbers(single, kind) == numbers(dirs[2], kind)  # run.compare's fedavg = fedavg alone
+        zero = [[x for x in numbers(d, kind) if x[0] == 0] for d in dirs]
+        assert zero[0] == zero[1] == zero[2]

@@ -158,8 +158,8 @@ def test_garbage_data_attacker_trains_on_random_tokens(corpus_dir, tmp_path, mon
     made = []
     real = embedded.personalized_works
 
-    def factory(cfg, pool, data, device, decoding=None):
-        made.append((real(cfg, pool, data, device, decoding), data))
+    def factory(cfg, pool, data, device, decoding=None, memo=None):
+        made.append((real(cfg, pool, data, device, decoding, memo), data))
         return made[-1][0]
 
     monkeypatch.setattr(embedded, "personalized_works", factory)

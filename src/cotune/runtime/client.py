@@ -21,7 +21,7 @@ from cotune.data.windows import Rows
 from cotune.evaluation.generation import Decode, GenRequest, evaluate_generation, gen_samples
 from cotune.evaluation.lm import IGNORE_INDEX, evaluate_lm, evaluate_lm_through, lm_batch
 from cotune.runtime.port import ClientInfo, EvalReport, GenScores, PeerScores, Prediction, TrainReport
-from cotune.state import AdapterState
+from cotune.state import AdapterState, state_digest
 from cotune.training.learner import Learner, StepLog
 from cotune.training.together import train_together
 
@@ -63,6 +63,12 @@ class Decoding:
     samples: int = 0
 
 
+# Evaluations kept across the variants of one embedded comparison (`run.compare`): they share the base
+# model and the data split, and every variant starts from the same adapters, so their round-0
+# evaluations are one evaluation (a quarter of a generation sweep's work, decoding included).
+EvalMemo = dict[tuple[int, str, int], EvalReport]
+
+
 class ClientWork:
     """One client: its Learner (adapter slot, optimizer, schedule, data cursor) and its other data.
 
@@ -73,7 +79,8 @@ class ClientWork:
     shipped public data); `public` gives the shared
     reference set for prediction trust when asked (built lazily: only that strategy needs it);
     `budget` is the client's own steps per round where it decides them (FedCoLLM's local_epochs
-    depend on its data); `info` is its description for the server (`setup.client_info`).
+    depend on its data); `info` is its description for the server (`setup.client_info`); `memo`, where
+    given, keeps its evaluations by adapter weights (`EvalMemo`).
     """
 
     def __init__(
@@ -89,8 +96,10 @@ class ClientWork:
         info: ClientInfo,
         requests: Sequence[GenRequest] = (),
         decoding: Decoding | None = None,
+        memo: EvalMemo | None = None,
     ) -> None:
         self.index, self.learner, self.val, self.test = index, learner, val, test
+        self.memo = memo
         self.requests, self.decoding = list(requests), decoding
         self._public = public
         self.eval_batch_size, self.budget = eval_batch_size, budget
@@ -148,13 +157,28 @@ class ClientWork:
     def evaluate(self) -> EvalReport:
         """Loss, perplexity and next-token accuracy of its adapter on its validation windows, and on its
         test windows when it has some (generation data: of the response tokens); and, with generation
-        data, the scores of what it generates for its test prompts."""
+        data, the scores of what it generates for its test prompts. An adapter the memo holds scores
+        for is not scored again."""
+        key = self.memo_key()
+        if key is not None and self.memo is not None and key in self.memo:
+            return self.memo[key]
         self.pool.activate(self.learner.slot)
         val = evaluate_lm(self.pool.model, self._val(), self.eval_batch_size)
         test = None
         if self.test is not None and len(self.test):
             test = evaluate_lm(self.pool.model, self.test, self.eval_batch_size)
-        return EvalReport(val, test, gen=self.generate())
+        report = EvalReport(val, test, gen=self.generate())
+        if key is not None and self.memo is not None:
+            self.memo[key] = report
+        return report
+
+    def memo_key(self) -> tuple[int, str, int] | None:
+        """Its evaluations' key in the memo: this client (its data), its adapter's weights, the batch
+        size (padding changes the last bits). None, nothing kept: no memo, or a base carrying a merged
+        update (FLoRA), which the adapter's weights do not show."""
+        if self.memo is None or self.pool.original:
+            return None
+        return (self.index, state_digest(self.adapter()), self.eval_batch_size)
 
     def generate(self) -> GenScores | None:
         """Its adapter's greedy generations for its test prompts, scored (None without generation data).

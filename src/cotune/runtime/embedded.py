@@ -16,7 +16,7 @@ from rich.console import Console
 
 from cotune.config.schema import ExperimentConfig
 from cotune.data.windows import FederatedData
-from cotune.runtime.client import Decoding
+from cotune.runtime.client import Decoding, EvalMemo
 from cotune.runtime.compose import fedcollm_loop, personalized_loop
 from cotune.runtime.inprocess import InProcessClients
 from cotune.runtime.rundir import RunFiles
@@ -58,9 +58,10 @@ def run_personalized(
     base, tokenizer, device = load_model(cfg, console=console)
     data = load_windows(cfg, tokenizer, console)
     decoding = decoding_of(cfg, base, tokenizer)
+    memo: EvalMemo = {}  # one base model and one split: an adapter scored by one variant is not rescored
     for d, v, resumed in zip(dirs, variants, resume, strict=True):
         console.print(f"[bold]strategy {v.strategy.name}[/] -> {d}")
-        base = run_personalized_variant(v, d, base, data, device, console, resumed, decoding)
+        base = run_personalized_variant(v, d, base, data, device, console, resumed, decoding, memo)
 
 
 def run_personalized_variant(
@@ -72,11 +73,13 @@ def run_personalized_variant(
     console: Console,
     resume: bool = False,
     decoding: Decoding | None = None,
+    memo: EvalMemo | None = None,
 ) -> torch.nn.Module:
     """One personalized run on a loaded base model and data split (generation data: its clients decode
-    their test prompts with `decoding`); gives the untouched base back."""
+    their test prompts with `decoding`; `memo`: evaluations kept across variants); gives the untouched
+    base back."""
     pool = adapter_pool(cfg, base)
-    clients = InProcessClients(cfg, personalized_works(cfg, pool, data, device, decoding))
+    clients = InProcessClients(cfg, personalized_works(cfg, pool, data, device, decoding, memo))
     try:
         personalized_loop(cfg, RunFiles(run_dir, cfg), pool, clients, console).run(resume)
     finally:

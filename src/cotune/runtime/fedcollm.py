@@ -13,7 +13,6 @@ teacher-forced response loss alone (no decoding inside the distillation loop).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,7 +72,7 @@ from cotune.runtime.port import Clients
 from cotune.runtime.rounds import RoundTimes, run_rounds
 from cotune.runtime.rundir import RunFiles, client_name, load_adapter
 from cotune.runtime.traffic import Traffic
-from cotune.state import AdapterState, copied, state_bytes
+from cotune.state import AdapterState, copied, state_bytes, state_digest
 from cotune.training.distill import TeacherSignal, student_step, teacher_signal
 from cotune.training.learner import Learner
 from cotune.training.loop import Batch
@@ -83,12 +82,8 @@ LLM_ADAPTER = "server-llm"  # the LLM's server-only LoRA (omega); never leaves t
 
 
 def adapter_digest(pool: AdapterPool, name: str) -> str:
-    """A fingerprint of one adapter's weights (bit-exact: two adapters match only if every value does)."""
-    h = hashlib.sha256()
-    for key, tensor in sorted(pool.state(name).items()):
-        h.update(key.encode())
-        h.update(tensor.float().cpu().numpy().tobytes())
-    return h.hexdigest()
+    """A fingerprint of one adapter's weights (`state_digest`)."""
+    return state_digest(pool.state(name))
 
 
 def choice_nll(logliks: Sequence[Sequence[float]], answers: Sequence[int]) -> float:

@@ -30,7 +30,7 @@ from cotune.models.compat import check_same_tokenizer
 from cotune.models.loader import load_base_model, resolve_device, resolve_dtype
 from cotune.models.lora import AdapterPool
 from cotune.reporting.text import printable
-from cotune.runtime.client import ClientWork, Decoding
+from cotune.runtime.client import ClientWork, Decoding, EvalMemo
 from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER, Server
 from cotune.runtime.port import ClientInfo
 from cotune.runtime.rundir import client_name
@@ -173,6 +173,7 @@ def personalized_work(
     own_data: bool = False,
     slot: str | None = None,
     decoding: Decoding | None = None,
+    memo: EvalMemo | None = None,
 ) -> ClientWork:
     """Client `index` of personalized fine-tuning: its windows (or generation examples, with the
     `decoding` of its test prompts), its learner, its description."""
@@ -204,6 +205,7 @@ def personalized_work(
         info=client_info(index, device, windows=data, labels=labels, own_data=own_data),
         requests=data.test_requests,
         decoding=decoding,
+        memo=memo,
     )
 
 
@@ -213,14 +215,23 @@ def personalized_works(
     data: FederatedData,
     device: torch.device,
     decoding: Decoding | None = None,
+    memo: EvalMemo | None = None,
 ) -> list[ClientWork]:
     """Every client of the federated split as a ClientWork on `pool`'s slots (generation data: with the
-    `decoding` of `decoding_of`)."""
+    `decoding` of `decoding_of`; `memo`: evaluations kept across the variants of a comparison)."""
     if len(data.clients) != cfg.federation.clients:
         raise ValueError(f"data has {len(data.clients)} clients, config asks for {cfg.federation.clients}")
     return [
         personalized_work(
-            cfg, i, pool, c, lambda: data.public, device, LabelMixture.of_split(data, i), decoding=decoding
+            cfg,
+            i,
+            pool,
+            c,
+            lambda: data.public,
+            device,
+            LabelMixture.of_split(data, i),
+            decoding=decoding,
+            memo=memo,
         )
         for i, c in enumerate(data.clients)
     ]
