@@ -174,7 +174,8 @@ def capped_source(src: SourceConfig) -> list[Document]:
 def read_documents(sources: Iterable[SourceConfig]) -> Deduped[Document]:
     """The documents of every source, in order, with exact duplicates (`duplicates.same_text`, across
     sources too) dropped before anything splits them: the first copy is kept, the others counted.
-    The cap (max_docs) applies first, so a cap's documents are the same with or without copies."""
+    The cap (max_docs) applies first: a capped label keeps its first max_docs documents less their copies
+    (as the shipped generation tasks always did), so a cap selects the same documents as before."""
     return dedupe((doc for src in sources for doc in capped_source(src)), lambda d: same_text(d.text))
 
 
