@@ -106,8 +106,8 @@ def test_validation_and_test_fractions_must_leave_training_documents():
 def test_too_few_documents_for_a_test_split_names_the_way_out(tmp_path):
     for label in ("a", "b"):
         (tmp_path / label).mkdir()
-        for i in range(2):
-            (tmp_path / label / f"{i}.txt").write_text("word " * 200)
+        for i in range(2):  # distinct documents: copies are dropped
+            (tmp_path / label / f"{i}.txt").write_text(f"{label}{i} " + "word " * 200)
     cfg = DataConfig(path=tmp_path, seq_len=16, public_windows=0)
     with pytest.raises(DataError, match="test_fraction: 0"):
         build_federated_data(cfg, 2, byte_tokenizer(), seed=0)

@@ -63,7 +63,8 @@ def owner(root: Path, name: str, n: int = 6, suffix: str = ".txt") -> Path:
     d = root / name
     d.mkdir(parents=True)
     for i in range(n):
-        (d / f"{i}{suffix}").write_text(" ".join(f"word{j % 17}" for j in range(80)))
+        # distinct documents (copies would be dropped as duplicates)
+        (d / f"{i}{suffix}").write_text(f"doc{i} " + " ".join(f"word{j % 17}" for j in range(80)))
     return d
 
 

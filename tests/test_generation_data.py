@@ -24,7 +24,7 @@ from cotune.data.generation import (
     HEADLINE_INSTRUCTION,
     NO_LABEL,
     GenExample,
-    dedupe,
+    dedupe_prompts,
     encode_request,
     fit_lengths,
     function_examples,
@@ -344,7 +344,7 @@ def test_headline_rule_and_duplicates() -> None:
         Document("No body at all", "tech", "bbc"),  # skipped: no body
         Document("Third\nshort", "sport", "bbc"),
     ]
-    built = dedupe(headline_examples(docs))
+    built = dedupe_prompts(headline_examples(docs))
     assert built.duplicates == 1
     assert built.examples == [
         GenExample(HEADLINE_INSTRUCTION + "Body of the first.", "Title one", "tech"),
@@ -402,7 +402,7 @@ def test_docstring_rule() -> None:
 def test_shipped_tasks_are_deterministic_and_labelled() -> None:
     bbc = SourceConfig(corpus="bbc", max_docs=30)
     first, second = shipped_task(bbc), shipped_task(bbc)
-    assert first == second and len(first.examples) + first.duplicates == 150
+    assert first == second and len(first.examples) + first.duplicates + first.duplicate_documents == 150
     assert sorted({e.label for e in first.examples}) == [
         "business",
         "entertainment",
@@ -419,8 +419,9 @@ def test_shipped_tasks_are_deterministic_and_labelled() -> None:
 
 def test_full_bbc_headlines_drop_duplicated_articles() -> None:
     built = shipped_task(SourceConfig(corpus="bbc"))
-    assert built.duplicates > 0 and len({e.prompt for e in built.examples}) == len(built.examples)
-    assert len(built.examples) + built.duplicates == 2225  # every BBC file has a title and a body
+    assert built.duplicate_documents > 0 and len({e.prompt for e in built.examples}) == len(built.examples)
+    # every BBC file has a title and a body
+    assert len(built.examples) + built.duplicates + built.duplicate_documents == 2225
 
 
 # --- task data --------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_a_saved_dataset_with_several_splits_asks_for_one(tmp_path, hf_cache):
 
 def test_per_owner_parquet_files(tmp_path, hf_cache):
     for owner in ("x", "y"):
-        datasets.Dataset.from_dict({"text": [f"{owner} " + "word " * 60 for _ in range(10)]}).to_parquet(
+        datasets.Dataset.from_dict({"text": [f"{owner} {i} " + "word " * 60 for i in range(10)]}).to_parquet(
             str(tmp_path / f"{owner}.parquet")
         )
     cfg = DataConfig(clients=[tmp_path / "x.parquet", tmp_path / "y.parquet"], seq_len=32, public_windows=0)

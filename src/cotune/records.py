@@ -56,6 +56,8 @@ class RunEvent(Record):
     clients: Int | None = None
     backend: str | None = None
     client_names: list[str] | None = None  # start: each client named by its data (e.g. its main label)
+    # start: duplicated {"documents": n, "examples": m} dropped before the split (None: not known here)
+    duplicates: dict[str, Int] | None = None
     round: Int | None = None  # stopped: the round in progress
     after_round: Int | None = None  # resume: the last completed round
     last_checkpoint: Int | None = None

@@ -29,7 +29,14 @@ from transformers import PreTrainedTokenizerBase
 from cotune.config.schema import DataConfig
 from cotune.data.errors import DataError
 from cotune.data.files import owner_name
-from cotune.data.generation import GenExample, gen_requests, load_gen_file, shipped_task, training_tensors
+from cotune.data.generation import (
+    GenExample,
+    GenTask,
+    gen_requests,
+    load_gen_file,
+    shipped_task,
+    training_tensors,
+)
 from cotune.data.partition import partition
 from cotune.data.task_data import EncodedSet
 from cotune.data.windows import ClientData, FederatedData, federated_data, owner_data, split_documents
@@ -48,14 +55,17 @@ def encoded(requests: Sequence[GenRequest], pad_id: int) -> EncodedSet:
     return EncodedSet(*training_tensors(requests, pad_id))
 
 
-def examples_of(cfg: DataConfig) -> list[GenExample]:
-    """Every example of the federation: data.path's generation file, else each source's shipped task."""
+def examples_of(cfg: DataConfig) -> GenTask:
+    """Every example of the federation: data.path's generation file, else each source's shipped task
+    (with the duplicates each dropped before the split)."""
     if cfg.path is not None:
-        return load_gen_file(cfg.path, cfg.columns, cfg.layout)
-    out: list[GenExample] = []
-    for source in cfg.sources:
-        out += shipped_task(source, cfg.max_chars).examples
-    return out
+        return GenTask(load_gen_file(cfg.path, cfg.columns, cfg.layout), 0)
+    tasks = [shipped_task(source, cfg.max_chars) for source in cfg.sources]
+    return GenTask(
+        [ex for task in tasks for ex in task.examples],
+        sum(task.duplicates for task in tasks),
+        sum(task.duplicate_documents for task in tasks),
+    )
 
 
 def requests_of(
@@ -91,7 +101,8 @@ def federated_examples(
     cfg: DataConfig, n_clients: int, tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> FederatedData:
     """The shared examples (data.sources or data.path): the public set first, the rest dealt by label."""
-    examples = examples_of(cfg)
+    task = examples_of(cfg)
+    examples = task.examples
     rng = numpy_rng("partition", seed)
     order = [int(i) for i in rng.permutation(len(examples))]
     n_public = min(cfg.public_windows, len(examples))
@@ -112,6 +123,8 @@ def federated_examples(
         public=public_set(cfg, tokenizer, [examples[i] for i in public]),
         label_names=part.label_names,
         mixtures=torch.tensor(part.mixtures, dtype=torch.float32),
+        duplicate_documents=task.duplicate_documents,
+        duplicates=task.duplicates,
     )
 
 

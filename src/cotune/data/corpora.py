@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cotune.config.schema import SourceConfig
+from cotune.data.duplicates import Deduped, dedupe, same_text
 from cotune.data.errors import DataError
 from cotune.data.files import data_files, read_regular_bytes
 from cotune.data.tables import is_saved_dataset, is_table, load_table, require_columns
@@ -150,8 +151,9 @@ def jsonl_document(line: str, where: str, text: str = "text", label: str = "labe
 LOADERS = {"bbc": _bbc, "wikipedia": _wikipedia, "python": _python, "files": _files}
 
 
-def load_source(src: SourceConfig) -> list[Document]:
-    """Documents of one source, filtered and capped per label (so a cap keeps every label)."""
+def capped_source(src: SourceConfig) -> list[Document]:
+    """Documents of one source, filtered and capped per label (so a cap keeps every label), duplicates
+    still in: `read_documents` drops them."""
     per_label: dict[str, list[Document]] = defaultdict(list)
     for doc in LOADERS[src.corpus](src):
         if not doc.text.strip():
@@ -169,5 +171,19 @@ def load_source(src: SourceConfig) -> list[Document]:
     return docs
 
 
+def read_documents(sources: Iterable[SourceConfig]) -> Deduped[Document]:
+    """The documents of every source, in order, with exact duplicates (`duplicates.same_text`, across
+    sources too) dropped before anything splits them: the first copy is kept, the others counted.
+    The cap (max_docs) applies first: a capped label keeps its first max_docs documents less their copies
+    (as the shipped generation tasks always did), so a cap selects the same documents as before."""
+    return dedupe((doc for src in sources for doc in capped_source(src)), lambda d: same_text(d.text))
+
+
+def load_source(src: SourceConfig) -> list[Document]:
+    """Documents of one source, filtered, capped per label, duplicates dropped (`read_documents`)."""
+    return read_documents([src]).items
+
+
 def load_documents(sources: Iterable[SourceConfig]) -> list[Document]:
-    return [doc for src in sources for doc in load_source(src)]
+    """Documents of every source, duplicates dropped (`read_documents`, which also gives their count)."""
+    return read_documents(sources).items

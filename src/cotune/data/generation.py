@@ -32,7 +32,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from cotune.config.schema import GenLayout, SourceConfig, TaskColumns
-from cotune.data.corpora import Document, load_source, read_user_text
+from cotune.data.corpora import Document, read_documents, read_user_text
+from cotune.data.duplicates import dedupe
 from cotune.data.errors import DataError
 from cotune.data.files import path_problem
 from cotune.data.tables import is_table, load_table, require_columns
@@ -233,25 +234,19 @@ DOCSTRING_INSTRUCTION = "Write the first line of the docstring of this Python fu
 
 @dataclass(frozen=True)
 class GenTask:
-    """A built generation task: its examples (duplicates dropped) and how many duplicates were dropped."""
+    """A built generation task: its examples, how many duplicated examples (same prompt) and duplicated
+    documents (`corpora.read_documents`) were dropped before any split."""
 
     examples: list[GenExample]
     duplicates: int
+    duplicate_documents: int = 0
 
 
-def dedupe(examples: Iterable[GenExample]) -> GenTask:
-    """Keep the first example of each prompt: a prompt seen twice (a duplicated document, a copied
-    function) would otherwise land in both a training and the test split."""
-    seen: set[str] = set()
-    kept: list[GenExample] = []
-    dropped = 0
-    for ex in examples:
-        if ex.prompt in seen:
-            dropped += 1
-            continue
-        seen.add(ex.prompt)
-        kept.append(ex)
-    return GenTask(kept, dropped)
+def dedupe_prompts(examples: Iterable[GenExample], duplicate_documents: int = 0) -> GenTask:
+    """Keep the first example of each prompt: two documents that differ only past the prompt's cut, or
+    a copied function, would otherwise land in both a training and the test split."""
+    built = dedupe(examples, lambda ex: ex.prompt)
+    return GenTask(built.items, built.duplicates, duplicate_documents)
 
 
 def headline_examples(docs: Sequence[Document], max_chars: int | None = 600) -> Iterator[GenExample]:
@@ -318,13 +313,14 @@ def docstring_examples(docs: Sequence[Document], max_chars: int | None = 600) ->
 
 
 def shipped_task(source: SourceConfig, max_chars: int | None = 600) -> GenTask:
-    """The generation task of a corpus (bbc: headlines, python: docstrings), duplicates dropped; the
+    """The generation task of a corpus (bbc: headlines, python: docstrings), duplicated documents and
+    prompts dropped; the
     same examples in the same order on every call (the corpora are read in sorted order)."""
-    docs = load_source(source)
+    docs = read_documents([source])
     if source.corpus == "bbc":
-        built = dedupe(headline_examples(docs, max_chars))
+        built = dedupe_prompts(headline_examples(docs.items, max_chars), docs.duplicates)
     elif source.corpus == "python":
-        built = dedupe(docstring_examples(docs, max_chars))
+        built = dedupe_prompts(docstring_examples(docs.items, max_chars), docs.duplicates)
     else:
         raise DataError(f"corpus '{source.corpus}' has no generation task (shipped: bbc, python)")
     if not built.examples:

@@ -22,6 +22,7 @@ from cotune.data.tasks import (
     encode_for_training,
     example_label,
     load_task_file,
+    source_task,
     split_task,
 )
 from cotune.evaluation.multiple_choice import MCExample, encode_pair
@@ -67,7 +68,10 @@ class TaskData(Generic[Example]):
     union: EncodedSet  # all client data + D_a (less its validation split): the centralized baseline's
     test: list[Example]  # held-out evaluation set
     public_val: list[Example] = field(default_factory=list)  # the server's validation split of D_a
-    duplicates: int = 0  # a shipped generation task: duplicated examples dropped before the split
+    # dropped before the split: duplicated documents (a task from a corpus) and examples (same prompt: a
+    # shipped generation task)
+    duplicate_documents: int = 0
+    duplicates: int = 0
 
     @property
     def client_sizes(self) -> list[int]:
@@ -176,7 +180,7 @@ def build_task_data(
     no algorithm trains on it (the centralized baseline's union leaves it out too); the client splits and
     the test split do not depend on it. A generation task splits as a multiple-choice one (by label)."""
     rng = numpy_rng("partition", seed)
-    duplicates = 0
+    duplicates = duplicate_documents = 0
     if cfg.clients is not None:
         splits = owned_splits(cfg)
     else:
@@ -184,13 +188,15 @@ def build_task_data(
         if cfg.kind == "generation" and cfg.source is not None:
             built = shipped_task(cfg.source, cfg.max_chars)
             examples, duplicates = built.examples, built.duplicates
+            duplicate_documents = built.duplicate_documents
         elif cfg.kind == "generation":
             assert cfg.path is not None
             examples = task_file(cfg, Path(cfg.path))
+        elif cfg.source is not None:
+            topic = source_task(cfg.source, labels=cfg.labels, max_chars=cfg.max_chars)
+            examples, duplicate_documents = topic.items, topic.duplicates
         else:
-            examples = build_task(
-                cfg.source, cfg.path, labels=cfg.labels, max_chars=cfg.max_chars, columns=cfg.columns
-            )
+            examples = build_task(path=cfg.path, columns=cfg.columns)
         splits = split_task(examples, n_clients, cfg.test_fraction, cfg.partition, rng)
     if not splits.public:
         raise DataError("the public set D_a is empty: FedCoLLM's server needs labelled public examples")
@@ -208,4 +214,5 @@ def build_task_data(
         test=test,
         public_val=public_val,
         duplicates=duplicates,
+        duplicate_documents=duplicate_documents,
     )

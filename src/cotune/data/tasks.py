@@ -19,7 +19,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from cotune.config.schema import PartitionConfig, SourceConfig, TaskColumns
-from cotune.data.corpora import DataError, Document, load_source, read_user_text
+from cotune.data.corpora import DataError, Document, read_documents, read_user_text
+from cotune.data.duplicates import Deduped
 from cotune.data.files import path_problem
 from cotune.data.partition import partition as label_partition
 from cotune.data.tables import is_table, load_table, require_columns
@@ -230,10 +231,23 @@ def build_task(
     if path is not None:
         return load_task_file(path, columns)
     assert source is not None
+    return source_task(source, labels=labels, max_chars=max_chars, prompt_language=prompt_language).items
+
+
+def source_task(
+    source: SourceConfig,
+    *,
+    labels: Sequence[str] | None = None,
+    max_chars: int | None = 600,
+    prompt_language: str = "en",
+) -> Deduped[TaskExample]:
+    """A topic task from a corpus source, and how many duplicated documents were dropped before it
+    (`corpora.read_documents`): one example per distinct document."""
     if prompt_language not in TOPIC_TEMPLATES:
         raise ValueError(f"no topic template for {prompt_language!r} (have {sorted(TOPIC_TEMPLATES)})")
-    docs = load_source(source)
-    return topic_task(docs, labels=labels, max_chars=max_chars, template=TOPIC_TEMPLATES[prompt_language])
+    docs = read_documents([source])
+    template = TOPIC_TEMPLATES[prompt_language]
+    return Deduped(topic_task(docs.items, labels, max_chars, template), docs.duplicates)
 
 
 # --- splits ---------------------------------------------------------------------------------------

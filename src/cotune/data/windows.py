@@ -8,14 +8,14 @@ every client. Validation feeds the trust evidence, test only the reported figure
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from cotune.config.schema import DataConfig, SourceConfig
-from cotune.data.corpora import DataError, Document, load_documents
+from cotune.data.corpora import DataError, Document, load_documents, read_documents
 from cotune.data.files import owner_name
 from cotune.data.partition import partition
 from cotune.data.task_data import EncodedSet
@@ -35,6 +35,7 @@ class ClientData:
     test: Rows | None = None  # (n_test, seq_len); None when data.test_fraction is 0
     # generation data: the test examples as prompts to decode (the same examples as `test`, in order)
     test_requests: list[GenRequest] = field(default_factory=list)
+    duplicate_documents: int = 0  # an owner's own files: its duplicated documents dropped before its split
 
 
 @dataclass
@@ -43,6 +44,9 @@ class FederatedData:
     public: Rows  # (n_public, seq_len), shared reference set
     label_names: list[str]
     mixtures: torch.Tensor  # clients x labels
+    # dropped before any split (`corpora.read_documents`, `generation.shipped_task`): counts, never text
+    duplicate_documents: int = 0
+    duplicates: int = 0  # generation examples with the same prompt
 
 
 CHUNK_CHARS = 1 << 16  # a longer text is tokenised piece by piece (fast tokenizers slow down and
@@ -152,7 +156,8 @@ def split_documents(
 def build_federated_data(
     cfg: DataConfig, n_clients: int, tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> FederatedData:
-    docs = load_documents(cfg.resolved_sources())
+    corpus = read_documents(cfg.resolved_sources())
+    docs = corpus.items
     token_lists = tokenize(docs, tokenizer)
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -184,6 +189,7 @@ def build_federated_data(
         public=public,
         label_names=part.label_names,
         mixtures=torch.tensor(part.mixtures, dtype=torch.float32),
+        duplicate_documents=corpus.duplicates,
     )
 
 
@@ -257,9 +263,10 @@ def owner_data(
     """A data owner's windows from its own files (data.clients, or a Flower node's data-path): split by
     document when it has enough documents, else by position within its text."""
     try:
-        docs = load_documents([owner_source(path, cfg, owner_name(path))])
+        corpus = read_documents([owner_source(path, cfg, owner_name(path))])
     except DataError as exc:
         raise DataError(f"client {client}: {exc}") from exc
+    docs = corpus.items
     if not docs:
         raise DataError(f"client {client} has no documents in {path}: give it text, .jsonl or table files")
     eos = tokenizer.eos_token_id
@@ -270,9 +277,8 @@ def owner_data(
     token_lists = tokenize(docs, tokenizer)
     n_split = 1 + (1 if cfg.test_fraction > 0 else 0)  # a document for validation (and one for test)
     enough = len(docs) > n_split + round((cfg.val_fraction + cfg.test_fraction) * len(docs))
-    if enough:
-        return client_windows(docs, token_lists, cfg, eos, client)
-    return positional_windows(docs, token_lists, cfg, eos, client)
+    split = client_windows if enough else positional_windows
+    return replace(split(docs, token_lists, cfg, eos, client), duplicate_documents=corpus.duplicates)
 
 
 def build_owned_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> FederatedData:
@@ -289,7 +295,8 @@ def build_owned_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
         if len(public) == 0:
             raise DataError(f"data.public has too little text for one public window of {cfg.seq_len} tokens")
     labels = [owner_name(p) for p in cfg.clients]
-    return FederatedData(clients=clients, public=public, label_names=labels, mixtures=torch.eye(len(clients)))
+    dropped = sum(c.duplicate_documents for c in clients)
+    return FederatedData(clients, public, labels, torch.eye(len(clients)), duplicate_documents=dropped)
 
 
 def federated_data(

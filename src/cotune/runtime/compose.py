@@ -7,6 +7,8 @@ they pass and in how many client slots their pool holds.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
@@ -20,6 +22,7 @@ from cotune.runtime.personalized import PersonalizedLoop
 from cotune.runtime.port import Clients
 from cotune.runtime.rundir import RunFiles
 from cotune.runtime.setup import fedcollm_server
+from cotune.state import AdapterState
 
 
 def has_client_step(cfg: ExperimentConfig) -> bool:
@@ -29,13 +32,21 @@ def has_client_step(cfg: ExperimentConfig) -> bool:
 
 
 def personalized_loop(
-    cfg: ExperimentConfig, files: RunFiles, pool: AdapterPool, clients: Clients, console: Console
+    cfg: ExperimentConfig,
+    files: RunFiles,
+    pool: AdapterPool,
+    clients: Clients,
+    console: Console,
+    dropped: dict[str, int] | None = None,
 ) -> PersonalizedLoop:
-    """The personalized loop: every client starts from the pool's initial adapter (its first slot's)."""
+    """The personalized loop: every client starts from the pool's initial adapter (its first slot's);
+    `dropped`: the data's duplicates dropped before the split, for the start record."""
     slot = pool.names[0]
-    return PersonalizedLoop(
-        cfg, clients, pool.initial, lambda s, d: pool.save(slot, d, s), files, console, pool.base_bytes()
-    )
+
+    def save(state: AdapterState, directory: Path) -> None:
+        pool.save(slot, directory, state)
+
+    return PersonalizedLoop(cfg, clients, pool.initial, save, files, console, pool.base_bytes(), dropped)
 
 
 def fedcollm_loop(

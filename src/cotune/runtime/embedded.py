@@ -81,7 +81,8 @@ def run_personalized_variant(
     pool = adapter_pool(cfg, base)
     clients = InProcessClients(cfg, personalized_works(cfg, pool, data, device, decoding, memo))
     try:
-        personalized_loop(cfg, RunFiles(run_dir, cfg), pool, clients, console).run(resume)
+        dropped = {"documents": data.duplicate_documents, "examples": data.duplicates}
+        personalized_loop(cfg, RunFiles(run_dir, cfg), pool, clients, console, dropped).run(resume)
     finally:
         base = pool.unload()
     return base

@@ -544,6 +544,9 @@ class FedCoLLMLoop:
     def client_names(self) -> list[str] | None:
         return None
 
+    def duplicates(self) -> dict[str, int] | None:
+        return {"documents": self.task.duplicate_documents, "examples": self.task.duplicates}
+
     def end_event(self) -> RunEvent:
         return RunEvent(event="end", algorithm=self.cfg.algorithm)
 

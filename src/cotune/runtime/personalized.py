@@ -90,9 +90,12 @@ class PersonalizedLoop:
         files: RunFiles,
         console: Console | None,
         model_bytes: int,
+        dropped: dict[str, int] | None = None,
     ) -> None:
-        """`model_bytes`: the base model's size, what the traffic records compare each client's bytes to."""
+        """`model_bytes`: the base model's size, what the traffic records compare each client's bytes to;
+        `dropped`: the data's duplicates dropped before the split, where this process built the data."""
         self.cfg, self.clients, self.files = cfg, clients, files
+        self.dropped = dropped
         # this round's bytes to and from each client (local: zeros, nothing of a client travels)
         self.traffic = Traffic(model_bytes, travels=cfg.strategy.spec.exchanges)
         self.save_adapter = save_adapter
@@ -127,6 +130,9 @@ class PersonalizedLoop:
             mixture, labels = (info.mixture, info.label_names) if info is not None else ((), ())
             names.append(labels[max(range(len(mixture)), key=mixture.__getitem__)] if mixture else "")
         return names
+
+    def duplicates(self) -> dict[str, int] | None:
+        return self.dropped
 
     # ---- the loop (its order: runtime/rounds.py) ----------------------------------------------------
     def run(self, resume: bool = False) -> None:

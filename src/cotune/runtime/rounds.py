@@ -68,6 +68,11 @@ class RoundLoop(Protocol[T]):
         """Each client named by its data, for the start record (None: not named)."""
         ...
 
+    def duplicates(self) -> dict[str, int] | None:
+        """Duplicated documents / examples dropped before the split, for the start record (None: this
+        process did not build the data, e.g. a Flower server of the personalized family)."""
+        ...
+
     def train(self, r: int) -> T:
         """The clients' local training of round r (the participants drawn, `members.active()`)."""
         ...
@@ -123,6 +128,7 @@ def started(loop: RoundLoop[T]) -> int:
             clients=cfg.federation.clients,
             backend=files.backend,
             client_names=loop.client_names(),
+            duplicates=loop.duplicates(),
         )
     )
     loop.checkpoint(0, scaffold_state(loop.members, 0.0))

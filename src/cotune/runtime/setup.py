@@ -86,6 +86,9 @@ def load_windows(
             f"  client {i}: {len(c.train)} train / {len(c.val)} val{test} {unit}  ({labels})", markup=False
         )
     console.print(f"  public reference set: {len(data.public)} {unit} of {cfg.data.seq_len} tokens")
+    dropped = duplicates_line(data.duplicate_documents, data.duplicates)
+    if dropped:
+        console.print(f"  data: {dropped}")
     return data
 
 
@@ -249,9 +252,18 @@ def load_task(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, console
     console.print(
         f"  task: {len(task.public)} public{val}, clients [{sizes}], {len(task.test)} test examples"
     )
-    if task.duplicates:  # a count, never the examples: they may be data
-        console.print(f"  task: {task.duplicates} duplicated examples dropped before the split (same prompt)")
+    dropped = duplicates_line(task.duplicate_documents, task.duplicates)
+    if dropped:
+        console.print(f"  task: {dropped}")
     return task
+
+
+def duplicates_line(documents: int, examples: int) -> str:
+    """What was dropped as duplicated before the split ("" when nothing): counts only, never the text,
+    which may be the user's data."""
+    parts = [f"{documents} duplicated document(s) (same text)"] if documents else []
+    parts += [f"{examples} duplicated example(s) (same prompt)"] if examples else []
+    return " and ".join(parts) + " dropped before the split" if parts else ""
 
 
 def load_fedcollm_models(
