@@ -10,7 +10,8 @@ trust matrices; FedCoLLM-family runs by multiple-choice test accuracy (cotuning_
 traffic (comm_rows). A report over a mix of both has the sections of each, each over the runs it applies to.
 Runs of either family that scored generated text get the generation sections (gen_rows, gen_round_rows):
 scores, and a few sample outputs (sample_rows) only from the `gen_sample` records a run on the shipped
-public data wrote; never a user's text.
+public data wrote; never a user's text. Runs of one setting on several seeds add the "Over seeds" section
+(`cotune.reporting.seeds`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from cotune.reporting.metrics import (
     load_runs,
     unique_labels,
 )
+from cotune.reporting.seeds import cli_tables as seed_tables
+from cotune.reporting.seeds import markdown as seeds_markdown
 from cotune.reporting.text import printable
 
 if TYPE_CHECKING:
@@ -316,6 +319,7 @@ def print_rows_for_cli(runs: Sequence[RunSummary]) -> list[tuple[str, list[str],
     gen_runs = _gen_runs(runs)
     if gen_runs:
         tables.append((gen_title(gen_runs), *gen_rows(gen_runs)))
+    tables += seed_tables(runs)
     return tables
 
 
@@ -886,6 +890,7 @@ def _report_markdown(
     gen_runs = _gen_runs(runs)
     if gen_runs:
         parts += _gen_markdown(gen_runs, has_gen_plot)
+    parts += seeds_markdown(runs, _md_table)
     parts += privacy_markdown(runs, labels)
     return "\n".join(parts).rstrip() + "\n"
 
