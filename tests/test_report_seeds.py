@@ -188,3 +188,12 @@ def test_fedcollm_family_accuracy_paired_significant(tmp_path: Path) -> None:
             "significant",
         ]
     ]
+
+
+def test_a_non_finite_seed_is_named_not_summarized(tmp_path: Path) -> None:
+    """A diverged run (infinite perplexity) leaves the setting without a summary; the report still renders."""
+    dirs = [personalized(tmp_path / f"a{s}", "validation", s, METHOD[s]) for s in METHOD]
+    dirs += [personalized(tmp_path / f"b{s}", "fedavg", s, [float("inf"), 1.0]) for s in (0, 1)]
+    ((_, rows), (_, pairs)) = seed_tables(dirs)
+    assert rows[1][-1] == "a value is not finite: no summary"
+    assert pairs[0][-2:] == ["a value is not finite: no summary", "—"]

@@ -304,7 +304,8 @@ def print_rows_for_cli(runs: Sequence[RunSummary]) -> list[tuple[str, list[str],
 
     The perplexity comparison when there are personalized runs, the co-tuning accuracy table and the
     traffic table (when any run logged traffic) when there are FedCoLLM-family runs; each over the
-    runs it applies to, so a mixed set prints both without columns of "—".
+    runs it applies to, so a mixed set prints both without columns of "—". Last, the "Over seeds" tables
+    when some setting ran on several seeds (`cotune.reporting.seeds`).
     """
     tables: list[tuple[str, list[str], list[list[str]]]] = []
     ppl_runs = _ppl_runs(runs)
