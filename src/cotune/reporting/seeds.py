@@ -26,6 +26,7 @@ from typing import Any
 from cotune.reporting.metrics import RunSummary, config_value
 from cotune.reporting.stats import Summary, paired_difference, seed_means, summarize
 from cotune.reporting.text import printable
+from cotune.reporting.trackers import flat
 
 # config keys that do not make a different setting: the seed, and where and with what the run was written
 NOT_SETTING = (("run", "seed"), ("run", "name"), ("run", "out_dir"), ("run", "compare"))
@@ -114,15 +115,9 @@ def _base_label(run: RunSummary) -> str:
     return printable(f"{method} ({model})" if model else str(method), limit=80)
 
 
-def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{dotted}."))
-        else:
-            out[dotted] = json.dumps(value, sort_keys=True, default=str)
-    return out
+def _flat(config: dict[str, Any]) -> dict[str, str]:
+    """Dotted key -> the value as JSON (`trackers.flat`, values made comparable as text)."""
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in flat(config).items()}
 
 
 def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
