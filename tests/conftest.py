@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -123,3 +125,13 @@ def tiny_tree(corpus_dir: Path, tmp_path: Path, **sections) -> dict:
     for key, value in sections.items():
         tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
     return tree
+
+
+def load_bench_script(path: Path, name: str) -> ModuleType:
+    """A bench/ script (not a package) imported as module `name`: its functions tested without running it.
+    Each test file gives its own name, so the modules (and what a test patches on them) stay apart."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

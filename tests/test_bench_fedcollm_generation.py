@@ -3,7 +3,6 @@ table in ROUGE-L, exact match, F1 and response perplexity, with the 95% t interv
 seed against each baseline with its verdict. Hand-written run directories (seconds), and one end-to-end
 sweep of two seeds with the tiny models that is then killed and resumed (slow)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import load_bench_script
 
 from cotune.reporting.stats import summarize
 
@@ -38,10 +38,7 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("fedcollm_quality_gen_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script(BENCH, "fedcollm_quality_gen_bench")
 
 
 def gen(rnd: int, model: str, rouge: float, client: int | None = None, ppl: float = 10.0) -> dict:

@@ -2,12 +2,12 @@
 is paired with each baseline by seed, a seed counts only when all four strategies finished it, and a sweep
 reruns only the seeds not finished (from scratch). Synthetic run directories: no model, seconds."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from tests.conftest import load_bench_script
 
 from cotune.reporting.stats import summarize
 
@@ -16,10 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "generation_quality.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("generation_quality_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script(BENCH, "generation_quality_bench")
 
 
 def write_run(d: Path, rouge: list[float], ppl: list[float], ended: bool = True) -> None:

@@ -1,17 +1,15 @@
 """bench/fedcollm_quality.py keeps the seeds its results file records when their runs are gone, so a sweep
 split over sessions (fresh clones) adds up to one table, and never mixes budgets in one mean."""
 
-import importlib.util
 from pathlib import Path
+
+from tests.conftest import load_bench_script
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "fedcollm_quality.py"
 
 
 def bench_module():
-    spec = importlib.util.spec_from_file_location("fedcollm_quality_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script(BENCH, "fedcollm_quality_bench")
 
 
 def figures(seed: int, lr: float = 1e-3, accuracy: float = 0.5) -> dict:
