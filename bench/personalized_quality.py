@@ -14,6 +14,7 @@ and one per-round plot per setting.
 
     .venv/bin/python bench/personalized_quality.py [--seeds 0 1 2] [--settings bbc-topic ...]
     .venv/bin/python bench/personalized_quality.py --collect-only    # tables/plots from finished runs
+    .venv/bin/python bench/personalized_quality.py --from-results    # statistics again from the JSON alone
     .venv/bin/python bench/personalized_quality.py --ranks 4 8 16 32 --seeds 0 1 2
 """
 
@@ -32,12 +33,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from cotune.reporting.stats import Summary, paired_difference, seed_means, summarize  # noqa: E402
+
 SETTINGS = ["bbc-topic", "bbc-mixed", "wiki-lang", "code-prose"]
 GROUP = ["local", "fedavg", "weight", "validation", "prediction"]  # one `cotune run` (run.compare)
 MAIN = "validation"  # the config's strategy.name; the rest of GROUP comes from its run.compare
 # The federated LoRA baselines of issue 16, each its own run on the same data and initialisation.
 SINGLES = ["ffa_lora", "fedsa_lora", "hetlora", "flexlora", "flora"]
 STRATEGIES = GROUP + SINGLES
+# The claim this table tests, declared before the runs (issue 31): validation trust against each other
+# strategy, paired by seed. No strategy is chosen on the test split.
+DECLARED = "validation"
+DECLARED_BASELINES = ("local", "fedavg")  # the claim's baselines; every other pair is exploratory
 # --ranks: clients of different LoRA ranks (one per client); only these strategies accept them.
 RANK_STRATEGIES = ["local", "hetlora", "flexlora", "flora", "validation", "prediction"]
 
@@ -117,7 +126,48 @@ def run_one(setting: str, seed: int, overrides: list[str], out: Path) -> float:
 def _stats(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summary_dict(s: Summary) -> dict:
+    return {"n": s.n, "mean": s.mean, "se": s.se, "low": s.low, "high": s.high, "confidence": s.confidence}
+
+
+def seed_statistics(strategies: dict[str, dict]) -> None:
+    """Add to each strategy's entry the statistics over seeds (clients averaged within their seed first:
+    they share the seed's partition and initialisation, so they are not independent samples): the seed
+    means, their summary (mean, standard error, 95% t interval on n_seeds - 1 df), the seeds on which it
+    beat local / fedavg, and for the declared method the difference to every other strategy paired by
+    seed, with its verdict. Works from the per-(seed, client) perplexities alone, so a results file
+    written before these statistics existed is re-rendered without its runs (`--from-results`)."""
+    means = {
+        s: seed_means({int(k): {int(c): p for c, p in pc.items()} for k, pc in r["final_ppl"].items()})
+        for s, r in strategies.items()
+        if r["final_ppl"]
+    }
+    for s, r in strategies.items():
+        m = means.get(s)
+        r["seed_means"] = {str(k): v for k, v in sorted(m.items())} if m else {}
+        r["summary"] = summary_dict(summarize([m[k] for k in sorted(m)])) if m else None
+        r["seeds_won"] = {
+            ref: [sum(m[k] < means[ref][k] for k in set(m) & set(means[ref])), len(set(m) & set(means[ref]))]
+            for ref in ("local", "fedavg")
+            if m and ref in means and ref != s
+        }
+        r.pop("wins", None)  # (seed, client) pairs counted as independent: replaced by seeds_won
+        r.pop("std_over_clients_and_seeds", None)
+        r.pop("std_of_seed_means", None)
+    if DECLARED not in means:
+        return
+    paired = {}
+    for other in [s for s in strategies if s != DECLARED and s in means]:
+        p = paired_difference(means[DECLARED], means[other])
+        paired[other] = {
+            "by_seed": {str(k): v for k, v in p.by_seed.items()},
+            "summary": summary_dict(p.summary),
+            "verdict": p.summary.verdict(),
+        }
+    strategies[DECLARED]["paired"] = paired
 
 
 def collect(settings: list[str], seeds: list[int], runs_root: Path, strategies: list[str]) -> dict:
@@ -157,33 +207,18 @@ def collect(settings: list[str], seeds: list[int], runs_root: Path, strategies: 
                     if m.get("type") == "comm":
                         up.setdefault(m["client"], []).append(m["bytes_up"])
             values = [p for per_client in final.values() for p in per_client.values()]
-            seed_means = [statistics.fmean(pc.values()) for pc in final.values() if pc]
             val_values = [p for per_client in final_val.values() for p in per_client.values()]
             per[s] = {
                 "final_ppl": {str(k): {str(c): p for c, p in v.items()} for k, v in final.items()},
                 "final_val_ppl": {str(k): {str(c): p for c, p in v.items()} for k, v in final_val.items()},
                 "mean": _stats(values)[0],
                 "val_mean": _stats(val_values)[0],
-                "std_over_clients_and_seeds": _stats(values)[1],
-                "std_of_seed_means": _stats(seed_means)[1],
                 "seeds": sorted(final),
                 "curves": {str(k): v for k, v in curves.items()},
                 "mean_round_wall_s": statistics.fmean(round_wall) if round_wall else None,
                 "bytes_up_per_round": {str(c): statistics.fmean(v) for c, v in sorted(up.items())},
             }
-        # wins: per (seed, client), strategy ppl strictly below the reference's
-        for s in strategies:
-            wins = {}
-            for ref in [r for r in ("local", "fedavg") if r in per]:
-                w = n = 0
-                for seed, pc in per[s]["final_ppl"].items():
-                    ref_pc = per[ref]["final_ppl"].get(seed, {})
-                    for c, p in pc.items():
-                        if c in ref_pc:
-                            n += 1
-                            w += p < ref_pc[c]
-                wins[ref] = [w, n]
-            per[s]["wins"] = wins
+        seed_statistics(per)
         out["settings"][setting] = {"strategies": per, "budget": budget}
     return out
 
@@ -246,7 +281,7 @@ def plot(result: dict, out_dir: Path) -> list[str]:
         ax.set_xlabel("round (0 = before training; round 1 includes the warmup steps)")
         ax.set_ylabel("mean test perplexity over clients")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(f"{setting}: mean over seeds (band: ±1 std over seeds)", fontsize=9)
+        ax.set_title(f"{setting}: mean over seeds (band: ±1 sample std over seeds)", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         name = f"{result['name']}_{setting}.png"
@@ -254,6 +289,24 @@ def plot(result: dict, out_dir: Path) -> list[str]:
         plt.close(fig)
         files.append(name)
     return files
+
+
+def as_summary(d: dict) -> Summary:
+    return Summary(d["n"], d["mean"], d["se"], d["low"], d["high"], d["confidence"])
+
+
+def level(d: dict | None) -> str:
+    """'mean ± se (95% CI low to high)' of a level (not a difference: no sign)."""
+    if d is None:
+        return "-"
+    s = as_summary(d)
+    if s.se is None or s.low is None or s.high is None:
+        return f"{s.mean:.2f}"
+    return f"{s.mean:.2f} ± {s.se:.2f} ({round(100 * s.confidence)}% CI {s.low:.2f} to {s.high:.2f})"
+
+
+def per_seed(values: dict[str, float]) -> str:
+    return ", ".join(f"{v:.2f}" for _, v in sorted(values.items(), key=lambda kv: int(kv[0])))
 
 
 def markdown(result: dict) -> str:
@@ -264,10 +317,16 @@ def markdown(result: dict) -> str:
         f"Personalized collaborative fine-tuning, SmolLM2-135M-Instruct + LoRA ({result['machine']})",
         "",
         "Final per-client **test** perplexity (each client's held-out documents: no training step and no "
-        "trust evidence saw them): mean ± std over all (seed, client) pairs [std of the per-seed client "
-        "means]; wins = (seed, client) pairs where the strategy's test perplexity is lower than local's / "
-        "fedavg's. Lower is better; best mean per setting in bold. `val ppl` is the mean on the validation "
-        "windows, which validation trust chose its weights on: its lead there is measured on data it used.",
+        "trust evidence saw them). Clients are averaged within their seed (they share its partition and "
+        "initialisation: not independent samples); `test ppl` is the mean over seeds ± its standard error "
+        "and the 95% t interval (n_seeds - 1 df); `seeds won` counts the seeds whose client mean is lower "
+        "than local's / fedavg's. Lower is better. The claim tested was declared before the runs: "
+        f"**{DECLARED} trust against {' and '.join(DECLARED_BASELINES)}**, paired by seed (second table; "
+        "'not significant' when the interval covers 0); its rows against the other strategies are "
+        "exploratory (each interval at 95%, no correction for multiple comparisons). No strategy is "
+        "chosen on the test split. `val ppl` is the mean on "
+        "the validation windows, which validation trust chose its weights on: its lead there is measured on "
+        "data it used.",
         "",
     ]
     for setting, body in result["settings"].items():
@@ -290,29 +349,43 @@ def markdown(result: dict) -> str:
             if b.get("ranks")
             else f"LoRA rank {b.get('rank')}",
             "",
-            "| strategy | final test ppl | wins vs local | wins vs fedavg | val ppl | mean round wall "
-            "| up / round, per client |",
-            "|---|---:|---:|---:|---:|---:|---|",
+            "| strategy | test ppl (mean over seeds ± s.e., 95% CI) | per seed | seeds won vs local "
+            "| vs fedavg | val ppl | mean round wall | up / round, per client |",
+            "|---|---|---|---:|---:|---:|---:|---|",
         ]
-        best = min(
-            (r["mean"] for r in body["strategies"].values() if not math.isnan(r["mean"])), default=None
-        )
         for s, r in body["strategies"].items():
             if not r["seeds"]:
-                lines.append(f"| {s} | not run | | | | |")
+                lines.append(f"| {s} | not run | | | | | | |")
                 continue
-            cell = f"{r['mean']:.2f} ± {r['std_over_clients_and_seeds']:.2f} [{r['std_of_seed_means']:.2f}]"
-            if best is not None and r["mean"] == best:
-                cell = f"**{cell}**"
-            wins = {ref: "-" if s == ref else f"{w[0]}/{w[1]}" for ref, w in r["wins"].items()}
+            won = {ref: f"{w[0]}/{w[1]}" for ref, w in r["seeds_won"].items()}
             wall = f"{r['mean_round_wall_s']:.1f} s" if r["mean_round_wall_s"] else "-"
             traffic = " / ".join(human(x) for x in r["bytes_up_per_round"].values()) or "-"
             if not strategy_spec(s).exchanges:  # local: runs before the fix logged its in-memory copies
                 traffic = "0 (nothing travels)"
             lines.append(
-                f"| {s} | {cell} | {wins.get('local', '-')} | {wins.get('fedavg', '-')} "
-                f"| {r['val_mean']:.2f} | {wall} | {traffic} |"
+                f"| {s} | {level(r['summary'])} | {per_seed(r['seed_means'])} | {won.get('local', '-')} "
+                f"| {won.get('fedavg', '-')} | {r['val_mean']:.2f} | {wall} | {traffic} |"
             )
+        paired = body["strategies"].get(DECLARED, {}).get("paired", {})
+        if paired:
+            lines += [
+                "",
+                f"| {DECLARED} − | test ppl difference (mean ± s.e., 95% CI) | per seed | verdict |",
+                "|---|---|---|---|",
+            ]
+            order = [o for o in DECLARED_BASELINES if o in paired] + [
+                o for o in paired if o not in DECLARED_BASELINES
+            ]
+            for other in order:
+                p = paired[other]
+                verdict = p["verdict"]
+                if verdict == "significant":
+                    verdict += f" ({DECLARED if p['summary']['mean'] < 0 else other} better)"
+                if other not in DECLARED_BASELINES:
+                    verdict += ", exploratory"
+                lines.append(
+                    f"| {other} | {as_summary(p['summary']).text(2)} | {per_seed(p['by_seed'])} | {verdict} |"
+                )
         lines += ["", f"![{setting}]({result['name']}_{setting}.png)", ""]
     return "\n".join(lines) + "\n"
 
@@ -331,6 +404,11 @@ def main() -> None:
         help="default: all nine (with --ranks: local hetlora flexlora validation prediction)",
     )
     ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument(
+        "--from-results",
+        action="store_true",
+        help="recompute the statistics, table and plots from the results JSON alone (no run directories)",
+    )
     ap.add_argument("--name", help="results file stem (default personalized_quality[_ranks])")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args()
@@ -338,6 +416,18 @@ def main() -> None:
     runs = args.runs or ROOT / "runs" / "bench" / ("pq-ranks" if args.ranks else "pq")
     strategies = args.strategies or (RANK_STRATEGIES if args.ranks else STRATEGIES)
     overrides = [*args.overrides, *([f"lora.ranks=[{','.join(map(str, args.ranks))}]"] if args.ranks else [])]
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    prev = out_dir / f"{name}.json"
+    if args.from_results:
+        result = json.loads(prev.read_text())
+        for body in result["settings"].values():
+            seed_statistics(body["strategies"])
+        result["plots"] = plot(result, out_dir)
+        prev.write_text(json.dumps(result, indent=2))
+        (out_dir / f"{name}.md").write_text(markdown(result))
+        print(markdown(result))
+        return
     t0 = time.perf_counter()
     timings = {} if args.collect_only else sweep(args.settings, args.seeds, runs, overrides, strategies)
     result = collect(args.settings, args.seeds, runs, strategies)
@@ -346,10 +436,7 @@ def main() -> None:
     result["sweep_seconds"] = None if args.collect_only else time.perf_counter() - t0
     result["run_seconds"] = timings
     result["command"] = " ".join(["python", "bench/personalized_quality.py", *sys.argv[1:]])
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
     result["plots"] = plot(result, out_dir)
-    prev = out_dir / f"{name}.json"
     if args.collect_only and prev.is_file():  # keep the sweep's own timings
         old = json.loads(prev.read_text())
         result["sweep_seconds"], result["run_seconds"] = old.get("sweep_seconds"), old.get("run_seconds", {})
