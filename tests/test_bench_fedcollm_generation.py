@@ -34,6 +34,7 @@ PAIRS = [
     "LLM FedCoLLM − LLM zero-shot",
     "LLM FedCoLLM − centralized",
 ]
+DECOMPOSITION = ["SLM control (λ=0) − FedAvg: the public labels' share"]  # shown, not claimed
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_generation_figures_over_seeds_and_paired_differences(bench, tmp_path):
     header, rows = bench.metric_table(bench.GENERATION, bench.GENERATION.metrics[0], done, 200)
     assert header == ["setting", "seed 0", "seed 1", "mean ± s.e. over seeds", "95% t interval", "verdict"]
     by_label = {r[0]: r for r in rows}
-    assert list(by_label) == FIGURE_LABELS + PAIRS
+    assert list(by_label) == FIGURE_LABELS + PAIRS + DECOMPOSITION
     expected = summarize([0.1, 0.2])
     low, high = 100 * expected.low, 100 * expected.high
     assert by_label["SLM FedCoLLM − FedAvg"] == [
@@ -107,6 +108,8 @@ def test_generation_figures_over_seeds_and_paired_differences(bench, tmp_path):
         "not significant",
     ]
     assert by_label["SLM FedCoLLM − control (λ=0)"][1:4] == ["+5.00", "+10.00", "+7.50 ± 2.50"]
+    # the two parts add up to FedCoLLM − FedAvg on every seed: 0.05 + 0.05, 0.1 + 0.1
+    assert by_label[DECOMPOSITION[0]][1:4] == ["+5.00", "+10.00", "+7.50 ± 2.50"]
     assert by_label["SLM FedCoLLM"][1:4] == ["50.00", "60.00", "55.00 ± 5.00"]
     assert by_label["LLM FedCoLLM − centralized"][-1] == "not significant"  # exactly 0 on both seeds
     # the LLM gains 0.2 on every seed: s.e. 0, an interval of one point, which excludes 0
@@ -121,6 +124,7 @@ def test_generation_figures_over_seeds_and_paired_differences(bench, tmp_path):
     )
     assert claims["SLM FedCoLLM − FedAvg (test ROUGE-L (×100))"].startswith("not significant")
     assert not any("perplexity" in k for k in claims)  # ROUGE-L and exact match are the claims
+    assert not any("public labels" in k for k in claims)  # the decomposition is shown, not claimed
 
 
 def tiny_config(path: Path) -> Path:
@@ -197,7 +201,7 @@ def test_generation_sweep_end_to_end_with_two_seeds_resumes_a_killed_seed(tmp_pa
     diffs = [per_seed[s]["ppl"]["slm_fedcollm"] - per_seed[s]["ppl"]["slm_fedavg"] for s in ("0", "1")]
     assert pair["by_seed"] == {"0": pytest.approx(diffs[0]), "1": pytest.approx(diffs[1])}
     assert pair["summary"]["low"] == pytest.approx(summarize(diffs).low)
-    assert set(res["paired"]["rouge_l"]) == set(PAIRS)
+    assert set(res["paired"]["rouge_l"]) == set(PAIRS + DECOMPOSITION)
     assert all(res["commits_by_seed"][s] for s in ("0", "1"))  # the code that ran each seed
 
     # seed 1 killed: centralized never started, fedavg stopped before its final evaluation

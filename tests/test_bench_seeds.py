@@ -71,3 +71,5 @@ def test_a_seed_run_before_the_control_existed_runs_the_control_alone(tmp_path):
     assert bench.pair(done, "accuracy", "slm_fedavg_ft", "slm_fedavg").summary.n == 1
     json_out = bench.mc_json(done, 200, {})
     assert json_out["fedcollm_minus_control_slm"]["by_seed"] == [pytest.approx(0.02)]
+    # the public labels' share: control − FedAvg on the seeds that have both (0.78 − 0.75)
+    assert json_out["control_minus_fedavg_slm"]["by_seed"] == [pytest.approx(0.03)]
