@@ -75,8 +75,15 @@ def final_val_ppl(d: Path, final_round: int | None) -> dict[int, float]:
 
 
 def sweep(
-    settings: list[str], seeds: list[int], runs_root: Path, overrides: list[str], strategies: list[str]
+    settings: list[str],
+    seeds: list[int],
+    runs_root: Path,
+    overrides: list[str],
+    strategies: list[str],
+    grouped: bool = True,
 ) -> dict:
+    """Run what is missing. With `grouped` (clients of one rank), the trust group's strategies asked for run
+    as one `cotune run` (run.compare: one model load, identical data and initialisation); the rest alone."""
     timings = {}
     for seed in seeds:  # seed-major: a sweep cut short still has every setting for the first seeds
         for setting in settings:
@@ -85,9 +92,10 @@ def sweep(
             if not todo:
                 print(f"[skip] {setting} seed {seed}: finished", flush=True)
                 continue
-            # GROUP runs as one `cotune run` when the config's own compare list applies (uniform ranks);
-            # every other strategy (and every run with --ranks) alone
-            group = [s for s in GROUP if s in strategies] if strategies == STRATEGIES else []
+            # the GROUP strategies asked for run as one `cotune run` (uniform ranks; its compare list cut to
+            # them when a subset is asked for); every other strategy (and every run with --ranks) alone
+            group = [s for s in GROUP if s in strategies] if grouped and MAIN in strategies else []
+            compare = [] if group == GROUP else [f"run.compare=[{','.join(s for s in group if s != MAIN)}]"]
             runs = ([("group", group)] if any(s in todo for s in group) else []) + [
                 (s, [s]) for s in todo if s not in group
             ]
@@ -95,7 +103,7 @@ def sweep(
                 for s in members:  # a half-finished run starts again from scratch
                     if dirs[s].exists():
                         subprocess.run(["rm", "-rf", str(dirs[s])], check=True)
-                alone = [] if name == "group" else [f"strategy.name={name}", "run.compare=[]"]
+                alone = compare if name == "group" else [f"strategy.name={name}", "run.compare=[]"]
                 out = dirs[MAIN] if name == "group" else dirs[name]
                 timings[f"{setting}/s{seed}/{name}"] = run_one(setting, seed, [*alone, *overrides], out)
     return timings
@@ -429,7 +437,11 @@ def main() -> None:
         print(markdown(result))
         return
     t0 = time.perf_counter()
-    timings = {} if args.collect_only else sweep(args.settings, args.seeds, runs, overrides, strategies)
+    timings = (
+        {}
+        if args.collect_only
+        else sweep(args.settings, args.seeds, runs, overrides, strategies, grouped=not args.ranks)
+    )
     result = collect(args.settings, args.seeds, runs, strategies)
     result["name"] = name
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores (shared), CPU, fp32, torch threads=1"
