@@ -15,7 +15,7 @@ from cotune.data.corpora import DataError
 from cotune.data.task_data import build_task_data, encode
 from cotune.models.tiny import byte_tokenizer
 from cotune.reporting.metrics import load_runs
-from cotune.reporting.report import distill_val_rows, write_report
+from cotune.reporting.report import distill_time_rows, distill_val_rows, write_report
 from cotune.runtime import fedcollm
 from cotune.runtime.experiment import run_experiment
 from cotune.runtime.fedcollm import ValScore, ValTrack, choice_nll
@@ -89,6 +89,12 @@ def test_both_models_are_scored_along_each_rounds_distillation(task_file, tmp_pa
     _, rows = distill_val_rows(load_runs([run_dir]))
     assert [(r[1], r[2]) for r in rows] == [("1", "SLM"), ("1", "LLM"), ("2", "SLM"), ("2", "LLM")]
     assert all(r[-1] == "step 3 (last)" for r in rows)
+    # what the scoring cost: a share of each round's distillation, in the record and the report
+    for d in records(run_dir, "distill"):
+        assert 0 < d["val_s"] <= d["wall_s"]
+    assert "of which validation scoring (s)" in report
+    _, rows = distill_time_rows(load_runs([run_dir]))
+    assert [r[1] for r in rows] == ["1", "2"] and all(r[-1].endswith("%") for r in rows)
 
 
 class ScoringSpy(fedcollm.FedCoLLMLoop):
@@ -176,6 +182,29 @@ def test_val_track_keeps_the_best_scored_step(keep_best):
         assert kept == 2 and pool.loaded == [2.0] and float(pool.weights["w"]) == 2.0
     else:
         assert kept is None and pool.loaded == [] and float(pool.weights["w"]) == 3.0
+
+
+def test_the_time_spent_scoring_is_counted_for_each_scoring_and_only_then(monkeypatch):
+    """val_every 2 over 3 steps: scorings at steps 0, 2 and 3 (finish); the clock advances 1 s per reading
+    outside a scoring and `cost` s inside one, so only the scorings' own seconds are summed."""
+    clock = [0.0]
+    cost = iter([2.0, 3.0, 5.0])
+
+    def perf_counter() -> float:
+        clock[0] += 1.0
+        return clock[0]
+
+    def score() -> ValScore:
+        clock[0] += next(cost)
+        return ValScore(0.5, 1.0, 4)
+
+    monkeypatch.setattr(fedcollm.time, "perf_counter", perf_counter)
+    track = ValTrack(None, "x", score, lambda s, v: None, 2, False)  # type: ignore[arg-type]
+    for _ in range(3):
+        track.after_step()
+    track.finish()
+    track.finish()  # the last step is already scored: nothing more
+    assert track.seconds == 3 * 1.0 + 2.0 + 3.0 + 5.0  # each scoring: its cost plus the closing reading
 
 
 def test_choice_nll_is_the_loss_of_the_right_choice_among_the_choices():

@@ -222,6 +222,7 @@ class DistillRecord(Record):
     teacher_bytes: Int
     topk: Int | None
     wall_s: Float
+    val_s: Float | None = None  # of wall_s, the seconds spent scoring the server's validation split
     slm_kept: Int | None = None  # the distillation step whose theta the round kept (None: the last)
     llm_kept: Int | None = None  # the same for omega
 

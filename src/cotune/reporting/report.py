@@ -685,6 +685,20 @@ def _plot_accuracy_per_round(runs: Sequence[RunSummary], labels: Sequence[str], 
     return True
 
 
+def distill_time_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """Per run and round: the distillation's wall time and the seconds of it spent scoring the server's
+    validation split (what keep 'best' and the validation curve cost; distill.val_every trades it)."""
+    header = ["run", "round", "distillation (s)", "of which validation scoring (s)", "share"]
+    rows = []
+    for run, label in zip(runs, unique_labels(runs), strict=True):
+        for d in run.distill:
+            if d.val_s is None:  # a run written before the split was recorded
+                continue
+            share = f"{100 * d.val_s / d.wall_s:.0f}%" if d.wall_s > 0 else "-"
+            rows.append([label, str(d.round), f"{d.wall_s:.1f}", f"{d.val_s:.1f}", share])
+    return header, rows
+
+
 def distill_val_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
     """Per run, round and model: the server's validation accuracy (%) and choice-level loss (a generation
     task: its response loss alone) at the start of the round's distillation, after its last step, at its
@@ -1082,6 +1096,16 @@ def _cotuning_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[s
             "![Validation along distillation](plots/distill_validation.png)",
             "",
         ]
+        header, rows = distill_time_rows(val_runs)
+        if rows:
+            parts += [
+                "What the scoring costs: each round's distillation wall time and the part of it spent "
+                "scoring the validation split (every `distill.val_every` steps and after the last; a "
+                "model's weights already scored are not scored again).",
+                "",
+                _md_table(header, rows),
+                "",
+            ]
 
     parts += ["## Co-tuning: communication", ""]
     parts += [

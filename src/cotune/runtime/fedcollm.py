@@ -146,13 +146,16 @@ class ValTrack:
         self.pool, self.name, self.score, self.log = pool, name, score, log
         self.every, self.keep_best = every, keep_best
         self.steps, self.scored_at = 0, -1
+        self.seconds = 0.0  # spent scoring: the selection's share of the round's distillation
         self.best: tuple[ValScore, int, AdapterState | None] | None = None
         self.score_now()
 
     def score_now(self) -> None:
         if self.score is None or self.scored_at == self.steps:
             return
+        t0 = time.perf_counter()
         v = self.score()
+        self.seconds += time.perf_counter() - t0
         self.scored_at = self.steps
         self.log(self.steps, v)
         if self.best is None or v.better_than(self.best[0]):
@@ -192,7 +195,7 @@ class DistillTotals:
         self.teacher_bytes = max(self.teacher_bytes, nbytes)
 
     def record(
-        self, r: int, topk: int | None, wall_s: float, kept: Mapping[Role, int | None]
+        self, r: int, topk: int | None, wall_s: float, kept: Mapping[Role, int | None], val_s: float
     ) -> DistillRecord:
         m = {k: v / max(1, self.steps[k[:3]]) for k, v in self.sums.items()}
         return DistillRecord(
@@ -205,6 +208,7 @@ class DistillTotals:
             teacher_bytes=self.teacher_bytes,
             topk=topk,
             wall_s=wall_s,
+            val_s=val_s,
             slm_kept=kept.get("slm"),
             llm_kept=kept.get("llm"),
         )
@@ -408,7 +412,8 @@ class Distillation:
                     tracks[role].after_step()
                     advance(note=f"{role.upper()} ce {ce:.3f} kd {kd:.3f}")
             kept = {role: track.finish() for role, track in tracks.items()}
-        self.log(totals.record(r, d.topk, time.perf_counter() - t0, kept))
+        val_s = sum(track.seconds for track in tracks.values())
+        self.log(totals.record(r, d.topk, time.perf_counter() - t0, kept, val_s))
 
     def distill_batches(self) -> list[Batch]:
         """One pass over D_a: the public batches of this round, from theta's data cursor."""
