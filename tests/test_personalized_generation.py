@@ -86,12 +86,13 @@ def test_local_fedavg_validation_and_prediction_trust_run_on_generation_data(tmp
         assert {(e["split"], e["round"]) for e in evals} == {
             (s, r) for s in ("val", "test") for r in range(3)
         }
-        # the test perplexity is the generation scorer's reference perplexity: the same response tokens
+        # the test perplexity is the generation scorer's reference perplexity: the same response tokens,
+        # scored once
         for g in gens:
             (e,) = [
                 e for e in evals if (e["round"], e["client"], e["split"]) == (g["round"], g["client"], "test")
             ]
-            assert e["ppl"] == pytest.approx(g["ppl"], rel=1e-4)
+            assert e["ppl"] == g["ppl"]
         assert len(records(d, "trust")) == 2
         text = (d / "metrics.jsonl").read_text()
         assert CANARY not in text and CANARY[::-1] not in text  # no prompt, response or generated text
@@ -144,6 +145,39 @@ def test_response_perplexity_by_hand(works):
     requests = data.clients[0].test_requests
     test = evaluate_lm(model, data.clients[0].test, batch_size=4)
     assert test.ppl == pytest.approx(perplexity(response_nll(model, requests, batch_size=2)), rel=1e-5)
+
+
+def test_a_client_evaluation_encodes_nothing_and_scores_its_test_responses_once(works, monkeypatch):
+    """Each test example is tokenised once, when the data is built: a client's evaluation encodes no text
+    (decoding and scoring share the encoded requests), and the references' perplexity of its generation
+    scores is its test split's, not a second teacher-forced pass over the same prompts and responses."""
+    from transformers import PreTrainedTokenizerBase
+
+    from cotune.evaluation import generation
+
+    cfg, data, (work, *_) = works
+    _, tokenizer, _ = load_model(cfg, console=Console(quiet=True))
+    calls: list[str] = []
+
+    def counted(owner: type, name: str) -> None:
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    counted(generation, "response_nll")
+    for owner in {type(tokenizer), PreTrainedTokenizerBase}:
+        for name in ("encode", "__call__", "apply_chat_template"):
+            if name in vars(owner):
+                counted(owner, name)
+    report = work.evaluate()
+    assert report.test is not None and report.gen is not None
+    assert report.gen.n == len(data.clients[0].test_requests) > 0
+    assert report.gen.ppl == report.test.ppl  # one figure, exactly: the same response tokens scored once
+    assert calls == []
 
 
 def test_prediction_trust_compares_the_response_positions_only(works):
