@@ -486,6 +486,23 @@ def test_owned_generation_files(tmp_path: Path) -> None:
     )
 
 
+def test_a_saved_task_clients_config_loads_back(tmp_path: Path) -> None:
+    """A run's config.yaml spells out task.partition and task.test_fraction at their defaults: with
+    task.clients it must load back (resume, cotune eval, the config a Flower ServerApp sends its nodes);
+    either set away from its default beside task.clients is still refused."""
+    from cotune.config import ConfigError, config_from_dict, dump_config
+
+    files = [gen_file(tmp_path / f"c{i}.jsonl", 6) for i in range(2)]
+    public, test = gen_file(tmp_path / "pub.jsonl", 4), gen_file(tmp_path / "test.jsonl", 4)
+    cfg = config_from_dict(gen_tree(tmp_path, files, public, test))
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+    for extra in ({"test_fraction": 0.3}, {"partition": {"kind": "iid"}}):
+        t = gen_tree(tmp_path, files, public, test)
+        t["task"] |= extra
+        with pytest.raises(ConfigError, match=r"task\.clients is already split by owner"):
+            config_from_dict(t)
+
+
 def test_a_template_that_refuses_a_conversation_is_a_data_error_without_its_text() -> None:
     tok = chatml_tokenizer()
     tok.chat_template = (
