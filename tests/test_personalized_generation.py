@@ -303,3 +303,51 @@ def test_compare_variants_decode_round_zero_once_and_log_what_each_alone_logs(tm
         assert numbers(single, kind) == numbers(dirs[2], kind)  # run.compare's fedavg = fedavg alone
         zero = [[x for x in numbers(d, kind) if x[0] == 0] for d in dirs]
         assert zero[0] == zero[1] == zero[2]
+
+
+# ---- resume ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["decoding", "logging"])
+def test_a_run_stopped_during_a_generation_evaluation_resumes_to_the_same_records_and_adapters(
+    tmp_path, monkeypatch, where
+):
+    """Stopped in round 1's evaluation while the second client decodes its test prompts (nothing of the
+    round's evaluation logged), or after its validation and test records were logged but before its
+    generation scores: the resumed run completes the round (no record logged twice) and ends with the
+    uninterrupted run's records and adapters."""
+    from safetensors.torch import load_file
+    from tests.test_round_scaffold import Stopped, check_stopped_and_resumed, stop_in
+
+    from cotune.runtime import client, personalized
+    from cotune.runtime.checkpoint import latest_checkpoint
+
+    def cfg(name: str):
+        data = {"test_fraction": 0.3, "max_test_windows": 2}  # two test examples per client to decode
+        return config_from_dict(gen_tree(tmp_path, run={"name": name}, data=data))
+
+    (full,) = run_experiment(cfg("full"))
+    part = tmp_path / "runs" / "part"
+    if where == "logging":
+        stop_in(monkeypatch, personalized.PersonalizedLoop, "gen_record", 1, 2)
+    else:
+        real, seen = client.evaluate_generation, []
+
+        def stopping(*args, **kwargs):
+            seen.append(1)
+            if len(seen) == 4 + 2:  # round 0: the 4 clients; round 1: the second client
+                raise Stopped
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(client, "evaluate_generation", stopping)
+    check_stopped_and_resumed(monkeypatch, personalized.PersonalizedLoop, cfg("part"), part, full, 2)
+    gens = [(g["round"], g["client"]) for g in records(part, "gen")]
+    evals = [(e["round"], e["client"], e["split"]) for e in records(part, "eval")]
+    assert len(gens) == len(set(gens)) == 3 * 4 and len(evals) == len(set(evals)) == 3 * 4 * 2
+    assert all(g["n"] == 2 for g in records(part, "gen"))
+
+    def adapters(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+        dirs = sorted(latest_checkpoint(run_dir)[1].glob("client-*"))
+        return {d.name: load_file(str(d / "adapter_model.safetensors")) for d in dirs}
+
+    ours, theirs = adapters(part), adapters(full)
+    assert ours.keys() == theirs.keys() and len(ours) == 4
+    assert all(torch.equal(ours[c][k], theirs[c][k]) for c in ours for k in ours[c])
