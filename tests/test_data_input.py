@@ -283,3 +283,24 @@ def test_owner_tables_name_their_text_column(corpus_dir: Path, tmp_path: Path, n
 def test_data_text_column_without_owners_is_refused(corpus_dir: Path, tmp_path: Path) -> None:
     code, out = run(tmp_path, tiny_tree(corpus_dir, tmp_path), "data.text_column=body")
     assert code == 2 and "data.text_column" in out and "needs data.clients" in " ".join(out.split()), out
+
+
+def test_a_saved_per_owner_config_loads_back_and_shared_data_settings_are_still_refused(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A run's config.yaml spells out every setting (data.sources, data.partition at their defaults): with
+    data.clients it must load back (resume, cotune eval / generate, the config a Flower ServerApp sends
+    its SuperNodes); a data.sources or data.path set beside data.clients is still refused."""
+    from cotune.config import ConfigError, config_from_dict, dump_config, load_config
+
+    owners = [str(corpus_dir / "alpha"), str(corpus_dir / "beta")]
+    t = tiny_tree(corpus_dir, tmp_path, federation={"clients": 2})
+    del t["data"]["path"]
+    t["data"]["clients"] = owners
+    cfg = config_from_dict(t)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(cfg))
+    assert load_config(saved) == cfg
+    for extra in ({"path": str(corpus_dir / "alpha")}, {"sources": [{"corpus": "files", "path": owners[0]}]}):
+        with pytest.raises(ConfigError, match=r"data\.clients gives every client its own data"):
+            config_from_dict({**t, "data": {**t["data"], **extra}})

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import random
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -225,6 +226,45 @@ def test_supernodes_with_their_own_generation_files(gen_file, tmp_path):
     assert [r["client"] for r in _records(tmp_path / "run", "train")] == [0, 1, 2]
     assert {g["round"] for g in _records(tmp_path / "run", "gen")} == {0, 1}
     assert CANARY not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_supernodes_with_their_own_generation_files_give_the_task_clients_results(gen_file, tmp_path):
+    """Per-owner generation data (task.clients): each SuperNode reads its own JSONL (data-path) as
+    embedded task.clients reads that owner's file; adapters and records are the embedded run's bit for
+    bit. (The ServerApp builds the config's task split, docs/flower.md; a node's own-data claim n_k is
+    bounded by federation.max_examples, so FedAvg weighs by it as embedded does.)"""
+    pytest.importorskip("flwr")
+    from tests.test_flower import InProcessGrid, _adapters, _records, _run_flower_in_process, max_adapter_diff
+
+    lines = gen_file.read_text().splitlines()
+    parts = {name: lines[k::5] for k, name in enumerate(("owner0", "owner1", "owner2", "public", "test"))}
+    files = {name: tmp_path / f"{name}.jsonl" for name in parts}
+    for name, rows in parts.items():
+        files[name].write_text("\n".join(rows) + "\n")
+    owners = [files[f"owner{i}"] for i in range(3)]
+    task = {"clients": [str(o) for o in owners], "public": str(files["public"]), "test": str(files["test"])}
+    tree_ = gen_tree(gen_file, tmp_path, "fedcollm", federation={"rounds": 1, "max_examples": 12}, task=task)
+    del tree_["task"]["path"], tree_["task"]["test_fraction"]
+    cfg = config_from_dict(tree_)
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+
+    grid = InProcessGrid(3)
+    node_disk = tmp_path / "nodes"
+    node_disk.mkdir()
+    for ctx in grid.contexts.values():
+        own = owners[int(ctx.node_config["partition-id"])]
+        ctx.node_config["data-path"] = str(shutil.copy(own, node_disk / own.name))
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    flower = tmp_path / "flower"
+    assert max_adapter_diff(_adapters(embedded, pattern="*"), _adapters(flower, pattern="*")) == 0.0
+    for kind, keys in [
+        ("gen", ("round", "model", "client", "n", "exact_match", "f1", "rouge_l", "ppl")),
+        ("train", ("round", "client", "loss", "lr")),
+        ("distill", ("round", "slm_kd", "llm_kd", "slm_kept", "llm_kept")),
+    ]:
+        rows = [[{k: r[k] for k in keys} for r in _records(d, kind)] for d in (embedded, flower)]
+        assert rows[0] == rows[1] and rows[0], kind
+    assert CANARY not in (flower / "metrics.jsonl").read_text()
 
 
 # ---- cotune eval -------------------------------------------------------------------------------------

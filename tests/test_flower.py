@@ -315,6 +315,49 @@ def test_personalized_generation_on_flower_gives_the_embedded_results_bit_for_bi
     assert len(_records(flower, "gen")) == 3 * cfg.federation.clients
 
 
+def _same_records(embedded: Path, flower: Path, kinds: Iterable[str]) -> None:
+    """The records of each kind equal in both runs but for their timings."""
+    drop = {"wall_s", "time", "tokens_per_s"}
+    for kind in kinds:
+        ours, theirs = _records(embedded, kind), _records(flower, kind)
+        assert [{k: v for k, v in r.items() if k not in drop} for r in ours] == [
+            {k: v for k, v in r.items() if k not in drop} for r in theirs
+        ], kind
+
+
+@pytest.mark.parametrize("strategy", ["validation", "prediction"])
+def test_nodes_with_their_own_generation_files_give_the_embedded_per_owner_results(tmp_path, strategy):
+    """Per-owner generation data: each SuperNode reads its own JSONL (data-path) and the public file
+    (public-path) and splits it as embedded data.clients splits that owner's file; the adapters, trust,
+    perplexities and test generation scores are the embedded run's bit for bit, and no node reads the
+    config's data.clients (those paths need not exist on a node)."""
+    from tests.test_personalized_generation import CANARY, LABELS, gen_tree, write_examples
+
+    owners = [write_examples(tmp_path / f"owner{i}.jsonl", 6, (lab,)) for i, lab in enumerate(LABELS)]
+    public = write_examples(tmp_path / "public.jsonl", 2)
+    tree = gen_tree(tmp_path, strategy={"name": strategy})
+    del tree["data"]["path"]
+    tree["data"] |= {"clients": [str(o) for o in owners], "public": str(public)}
+    cfg = config_from_dict(tree)
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+
+    grid = InProcessGrid(cfg.federation.clients)
+    for ctx in grid.contexts.values():
+        own = owners[int(ctx.node_config["partition-id"])]
+        ctx.node_config["data-path"] = str(shutil.copy(own, tmp_path / f"node-{own.name}"))  # its disk
+        ctx.node_config["public-path"] = str(shutil.copy(public, tmp_path / f"node-{own.stem}-public.jsonl"))
+    moved = tmp_path / "server-side"  # the config's owner files are not where the nodes are
+    moved.mkdir()
+    for path in (*owners, public):
+        path.rename(moved / path.name)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    flower = tmp_path / "flower"
+    assert max_adapter_diff(_adapters(embedded), _adapters(flower)) == 0.0
+    _same_records(embedded, flower, ("trust", "eval", "gen", "train"))
+    assert len(_records(flower, "gen")) == 3 * cfg.federation.clients
+    assert CANARY not in (flower / "metrics.jsonl").read_text()
+
+
 @pytest.mark.slow
 def test_evaluation_and_evidence_count_each_client_as_its_reply_arrives(corpus_dir, tmp_path):
     """The progress of evaluate / evaluate_peers / predict on Flower: on_done once per client whose reply

@@ -115,6 +115,30 @@ def test_a_csv_table_in_each_layout(tmp_path: Path) -> None:
     assert load_gen_file(alpaca) == [GenExample("Sum\n\none two", "three")]
 
 
+def test_csv_cells_that_look_numeric_stay_the_text_they_are(tmp_path: Path) -> None:
+    """A CSV has no types: "42", "3.14", "007", "NA" in a text column are read as written (pandas would
+    make numbers of the first three, a missing value of the last, and the rows were refused); labels too.
+    Typed formats keep their types: a number where a text belongs is refused by row, never quoted."""
+    pytest.importorskip("datasets")
+    f = tmp_path / "numbers.csv"
+    f.write_text("prompt,response,label\nSix times seven?,42,1\nPi?,3.14,2\nZip?,007,\nSay it,NA,1\n")
+    assert load_gen_file(f) == [
+        GenExample("Six times seven?", "42", "1"),
+        GenExample("Pi?", "3.14", "2"),
+        GenExample("Zip?", "007"),
+        GenExample("Say it", "NA", "1"),
+    ]
+    alpaca = tmp_path / "alpaca.csv"
+    alpaca.write_text("instruction,input,output\n7,,8\n")
+    assert load_gen_file(alpaca) == [GenExample("7", "8")]
+    typed = tmp_path / "typed.json"
+    typed.write_text(json.dumps([{"prompt": CANARY, "response": 42}]))
+    with pytest.raises(DataError) as err:
+        load_gen_file(typed)
+    assert f"{typed} row 1: 'response' must be a string, not int" in str(err.value)
+    assert CANARY not in str(err.value)
+
+
 # --- bad rows ---------------------------------------------------------------------------------------
 
 
@@ -460,6 +484,23 @@ def test_owned_generation_files(tmp_path: Path) -> None:
     assert (
         [len(c) for c in data.clients] == [6, 6] and len(data.test) == 4 and data.splits.labels == ["a", "b"]
     )
+
+
+def test_a_saved_task_clients_config_loads_back(tmp_path: Path) -> None:
+    """A run's config.yaml spells out task.partition and task.test_fraction at their defaults: with
+    task.clients it must load back (resume, cotune eval, the config a Flower ServerApp sends its nodes);
+    either set away from its default beside task.clients is still refused."""
+    from cotune.config import ConfigError, config_from_dict, dump_config
+
+    files = [gen_file(tmp_path / f"c{i}.jsonl", 6) for i in range(2)]
+    public, test = gen_file(tmp_path / "pub.jsonl", 4), gen_file(tmp_path / "test.jsonl", 4)
+    cfg = config_from_dict(gen_tree(tmp_path, files, public, test))
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+    for extra in ({"test_fraction": 0.3}, {"partition": {"kind": "iid"}}):
+        t = gen_tree(tmp_path, files, public, test)
+        t["task"] |= extra
+        with pytest.raises(ConfigError, match=r"task\.clients is already split by owner"):
+            config_from_dict(t)
 
 
 def test_a_template_that_refuses_a_conversation_is_a_data_error_without_its_text() -> None:

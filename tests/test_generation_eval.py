@@ -359,6 +359,18 @@ def test_max_examples_bounds_the_evaluation(tok, model):
         evaluate_generation(model, [], stop_ids=[], pad_id=0, decode=tok.decode)
 
 
+def test_a_reference_perplexity_the_caller_scored_is_taken_as_it_is(tok, model):
+    """The caller's figure for these very requests replaces the second teacher-forced pass; the text
+    scores stay as they are, and a figure over all requests cannot stand for the first few."""
+    requests = _requests(tok)
+    kwargs = {"max_new_tokens": 3, "stop_ids": [], "pad_id": tok.pad_token_id, "decode": tok.decode}
+    scored = evaluate_generation(model, requests, **kwargs)
+    given = evaluate_generation(model, requests, reference_ppl=12.5, **kwargs)
+    assert given.ppl == 12.5 and given.predictions == scored.predictions and given.rouge_l == scored.rouge_l
+    with pytest.raises(ValueError, match="reference_ppl"):
+        evaluate_generation(model, requests, reference_ppl=12.5, max_examples=2, **kwargs)
+
+
 def test_stop_and_pad_ids(tok, model):
     from types import SimpleNamespace
 

@@ -86,12 +86,13 @@ def test_local_fedavg_validation_and_prediction_trust_run_on_generation_data(tmp
         assert {(e["split"], e["round"]) for e in evals} == {
             (s, r) for s in ("val", "test") for r in range(3)
         }
-        # the test perplexity is the generation scorer's reference perplexity: the same response tokens
+        # the test perplexity is the generation scorer's reference perplexity: the same response tokens,
+        # scored once
         for g in gens:
             (e,) = [
                 e for e in evals if (e["round"], e["client"], e["split"]) == (g["round"], g["client"], "test")
             ]
-            assert e["ppl"] == pytest.approx(g["ppl"], rel=1e-4)
+            assert e["ppl"] == g["ppl"]
         assert len(records(d, "trust")) == 2
         text = (d / "metrics.jsonl").read_text()
         assert CANARY not in text and CANARY[::-1] not in text  # no prompt, response or generated text
@@ -144,6 +145,39 @@ def test_response_perplexity_by_hand(works):
     requests = data.clients[0].test_requests
     test = evaluate_lm(model, data.clients[0].test, batch_size=4)
     assert test.ppl == pytest.approx(perplexity(response_nll(model, requests, batch_size=2)), rel=1e-5)
+
+
+def test_a_client_evaluation_encodes_nothing_and_scores_its_test_responses_once(works, monkeypatch):
+    """Each test example is tokenised once, when the data is built: a client's evaluation encodes no text
+    (decoding and scoring share the encoded requests), and the references' perplexity of its generation
+    scores is its test split's, not a second teacher-forced pass over the same prompts and responses."""
+    from transformers import PreTrainedTokenizerBase
+
+    from cotune.evaluation import generation
+
+    cfg, data, (work, *_) = works
+    _, tokenizer, _ = load_model(cfg, console=Console(quiet=True))
+    calls: list[str] = []
+
+    def counted(owner: type, name: str) -> None:
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    counted(generation, "response_nll")
+    for owner in {type(tokenizer), PreTrainedTokenizerBase}:
+        for name in ("encode", "__call__", "apply_chat_template"):
+            if name in vars(owner):
+                counted(owner, name)
+    report = work.evaluate()
+    assert report.test is not None and report.gen is not None
+    assert report.gen.n == len(data.clients[0].test_requests) > 0
+    assert report.gen.ppl == report.test.ppl  # one figure, exactly: the same response tokens scored once
+    assert calls == []
 
 
 def test_prediction_trust_compares_the_response_positions_only(works):
@@ -269,3 +303,51 @@ def test_compare_variants_decode_round_zero_once_and_log_what_each_alone_logs(tm
         assert numbers(single, kind) == numbers(dirs[2], kind)  # run.compare's fedavg = fedavg alone
         zero = [[x for x in numbers(d, kind) if x[0] == 0] for d in dirs]
         assert zero[0] == zero[1] == zero[2]
+
+
+# ---- resume ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["decoding", "logging"])
+def test_a_run_stopped_during_a_generation_evaluation_resumes_to_the_same_records_and_adapters(
+    tmp_path, monkeypatch, where
+):
+    """Stopped in round 1's evaluation while the second client decodes its test prompts (nothing of the
+    round's evaluation logged), or after its validation and test records were logged but before its
+    generation scores: the resumed run completes the round (no record logged twice) and ends with the
+    uninterrupted run's records and adapters."""
+    from safetensors.torch import load_file
+    from tests.test_round_scaffold import Stopped, check_stopped_and_resumed, stop_in
+
+    from cotune.runtime import client, personalized
+    from cotune.runtime.checkpoint import latest_checkpoint
+
+    def cfg(name: str):
+        data = {"test_fraction": 0.3, "max_test_windows": 2}  # two test examples per client to decode
+        return config_from_dict(gen_tree(tmp_path, run={"name": name}, data=data))
+
+    (full,) = run_experiment(cfg("full"))
+    part = tmp_path / "runs" / "part"
+    if where == "logging":
+        stop_in(monkeypatch, personalized.PersonalizedLoop, "gen_record", 1, 2)
+    else:
+        real, seen = client.evaluate_generation, []
+
+        def stopping(*args, **kwargs):
+            seen.append(1)
+            if len(seen) == 4 + 2:  # round 0: the 4 clients; round 1: the second client
+                raise Stopped
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(client, "evaluate_generation", stopping)
+    check_stopped_and_resumed(monkeypatch, personalized.PersonalizedLoop, cfg("part"), part, full, 2)
+    gens = [(g["round"], g["client"]) for g in records(part, "gen")]
+    evals = [(e["round"], e["client"], e["split"]) for e in records(part, "eval")]
+    assert len(gens) == len(set(gens)) == 3 * 4 and len(evals) == len(set(evals)) == 3 * 4 * 2
+    assert all(g["n"] == 2 for g in records(part, "gen"))
+
+    def adapters(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+        dirs = sorted(latest_checkpoint(run_dir)[1].glob("client-*"))
+        return {d.name: load_file(str(d / "adapter_model.safetensors")) for d in dirs}
+
+    ours, theirs = adapters(part), adapters(full)
+    assert ours.keys() == theirs.keys() and len(ours) == 4
+    assert all(torch.equal(ours[c][k], theirs[c][k]) for c in ours for k in ours[c])

@@ -116,3 +116,18 @@ def test_fedcollm_evaluation_counts_choices_and_validation_shows_in_distillation
         assert ends[f"round {r}/2 · evaluation on the test split"] == (scored, scored)
     distilling = [x for x in lines if x.startswith("round 1 · mutual distillation: ")]
     assert any(re.search(r"· (SLM|LLM) validation \d+/\d+ choices$", x) for x in distilling)
+
+
+def test_personalized_evaluation_on_generation_data_counts_the_decoded_examples(tmp_path, monkeypatch):
+    """With generation data a round's evaluation is counted in the test examples the clients decode
+    (each client's test split, capped by data.max_test_windows), not in clients."""
+    from tests.test_personalized_generation import gen_tree
+
+    tree_ = gen_tree(tmp_path, data={"test_fraction": 0.3, "max_test_windows": 2})
+    lines = _piped_run(tree_, tmp_path, monkeypatch)
+    ends = _phase_ends(lines)
+    gens = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["type"] == "gen"]
+    for r, what in ((0, "evaluation before training"), (1, "evaluation"), (2, "evaluation")):
+        decoded = sum(g["n"] for g in gens if g["round"] == r)
+        assert decoded == 4 * 2  # 4 clients, each 2 test examples (the cap): more than the clients
+        assert ends[f"round {r}/2 · {what}"] == (decoded, decoded)

@@ -348,7 +348,14 @@ class DataConfig(GenerationSettings):
                     "(a source names its own: data.sources[].text_column)"
                 )
             return self
-        shared = sorted(k for k in ("sources", "path", "partition") if k in self.model_fields_set)
+        # compared with the defaults, not model_fields_set: a saved config.yaml (a resumed run's, the
+        # config a Flower ServerApp sends its nodes) spells out every field
+        fields = DataConfig.model_fields
+        shared = [
+            k
+            for k in ("partition", "path", "sources")
+            if getattr(self, k) != fields[k].get_default(call_default_factory=True)
+        ]
         if shared:
             raise ValueError(
                 f"data.clients gives every client its own data, so data.{', data.'.join(shared)} would be "
@@ -631,7 +638,9 @@ class TaskConfig(GenerationSettings):
                 "with task.clients, FedCoLLM's server needs its own data: task.public (D_a, the public set "
                 "it distils on) and task.test (the held-out set every result is scored on)"
             )
-        split = sorted(k for k in ("partition", "test_fraction") if k in self.model_fields_set)
+        # compared with the defaults, not model_fields_set: a saved config.yaml spells out every field
+        fields = TaskConfig.model_fields
+        split = [k for k in ("partition", "test_fraction") if getattr(self, k) != fields[k].get_default()]
         if split:
             raise ValueError(f"task.clients is already split by owner: remove task.{', task.'.join(split)}")
         return self

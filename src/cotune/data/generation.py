@@ -182,7 +182,8 @@ def gen_rows(path: Path, columns: TaskColumns, layout: GenLayout) -> Iterator[tu
     """(where, item) of every row: a JSONL line's text (where: file:line), or a table row with the layout
     found from the table's columns (where: file row N)."""
     if is_table(path):
-        table = load_table(path)
+        text = [columns.prompt, columns.response, columns.instruction, columns.input, columns.output]
+        table = load_table(path, text=[*text, columns.label])  # a CSV's "42" is a response, not a number
         kind = row_layout(table.column_names, columns) if layout == "auto" else layout
         require_columns(table, layout_columns(kind, columns), path, f"{kind} layout (task.columns)")
         for n, row in enumerate(table, 1):

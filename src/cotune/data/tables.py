@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +86,21 @@ def build_folder() -> Iterator[str]:
         yield cache
 
 
-def load_table(path: Path) -> Any:
+def load_table(path: Path, text: Sequence[str] = ()) -> Any:
     """The rows of one table file or saved dataset, in memory (a `datasets.Dataset`); a file that does
-    not parse is an error naming the file and the format, never its content."""
+    not parse is an error naming the file and the format, never its content.
+
+    A CSV cell has no type: pandas would read a column of "42", "3.14", "007" as numbers (and "NA",
+    "None", "null" as missing). The columns named in `text` are read as the text they hold, every cell as
+    written but an empty one, which is missing; the other columns as pandas infers them. Typed formats
+    (parquet, JSON, arrow) keep their own types."""
     path = Path(path).expanduser()
     ds_lib = _datasets()
     kind = "save_to_disk folder" if is_saved_dataset(path) else TABLE_SUFFIXES.get(path.suffix.lower())
     if kind is None or not (path.is_file() or is_saved_dataset(path)):
         raise DataError(f"{path} is not a parquet, CSV, JSON or arrow file, nor a save_to_disk folder")
     try:
-        return read_table(ds_lib, path, kind)
+        return read_table(ds_lib, path, kind, csv_text_options(text))
     except (ValueError, OSError, ds_lib.exceptions.DatasetsError) as exc:
         if isinstance(exc, DataError):
             raise
@@ -104,7 +109,19 @@ def load_table(path: Path) -> Any:
         ) from None
 
 
-def read_table(ds_lib: Any, path: Path, kind: str) -> Any:
+def csv_text_options(text: Sequence[str]) -> dict[str, Any]:
+    """pandas' CSV options that read the `text` columns as written, an empty cell as missing
+    (`load_table`); none for no column."""
+    if not text:
+        return {}
+    return {
+        "converters": dict.fromkeys(text, str),
+        "keep_default_na": False,
+        "na_values": {column: [""] for column in text},
+    }
+
+
+def read_table(ds_lib: Any, path: Path, kind: str, csv_options: dict[str, Any] | None = None) -> Any:
     if kind == "save_to_disk folder":
         loaded = ds_lib.load_from_disk(str(path), keep_in_memory=True)
         if isinstance(loaded, ds_lib.DatasetDict):
@@ -118,9 +135,11 @@ def read_table(ds_lib: Any, path: Path, kind: str) -> Any:
     if kind == "arrow":
         return ds_lib.Dataset.from_file(str(path), in_memory=True)
     with build_folder() as cache:
-        reader = {"parquet": ds_lib.Dataset.from_parquet, "csv": ds_lib.Dataset.from_csv}.get(
-            kind, ds_lib.Dataset.from_json
-        )
+        if kind == "csv":
+            return ds_lib.Dataset.from_csv(
+                str(path), cache_dir=cache, keep_in_memory=True, **(csv_options or {})
+            )
+        reader = ds_lib.Dataset.from_parquet if kind == "parquet" else ds_lib.Dataset.from_json
         return reader(str(path), cache_dir=cache, keep_in_memory=True)
 
 

@@ -392,18 +392,24 @@ def evaluate_generation(
     decode: Decode,
     max_examples: int | None = None,
     on_done: OnDone | None = None,
+    reference_ppl: float | None = None,
 ) -> GenEval:
     """Greedy generations for the first `max_examples` requests (all when None) scored against their
     references (exact match, F1, ROUGE-L: means over examples) and the references' perplexity.
 
     Each batch is decoded and its references scored before the next, and `on_done(n)` is called after
     each with the n examples it finished (they add up to `generation_count(requests, max_examples)`).
+    `reference_ppl`: the references' perplexity when the caller has scored these very requests already
+    (a personalized client's test split: `evaluate_lm` on the rows encoded from them), taken as it is
+    instead of a second teacher-forced pass over every prompt and response.
     """
     chosen = list(requests if max_examples is None else requests[:max_examples])
     if not chosen:
         raise ValueError("nothing to evaluate: no generation examples")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if reference_ppl is not None and len(chosen) < len(requests):
+        raise ValueError("reference_ppl covers every request: it cannot stand for the first max_examples")
     predictions: list[str] = [""] * len(chosen)
     nlls: list[tuple[float, int]] = [(0.0, 0)] * len(chosen)
     order = length_order([len(r.prompt_ids) for r in chosen])
@@ -418,9 +424,13 @@ def evaluate_generation(
             stop_ids=stop_ids,
             pad_id=pad_id,
         )
-        scores = response_nll(model, batch, batch_size=len(batch), pad_id=pad_id)
-        for i, tokens, nll in zip(chunk, outs, scores, strict=True):
-            predictions[i], nlls[i] = decode(tokens), nll
+        if reference_ppl is None:
+            for i, nll in zip(
+                chunk, response_nll(model, batch, batch_size=len(batch), pad_id=pad_id), strict=True
+            ):
+                nlls[i] = nll
+        for i, tokens in zip(chunk, outs, strict=True):
+            predictions[i] = decode(tokens)
         if on_done is not None:
             on_done(len(chunk))
     n = len(chosen)
@@ -431,7 +441,7 @@ def evaluate_generation(
         exact_match=sum(exact_match(p, r) for p, r in pairs) / n,
         f1=sum(token_f1(p, r) for p, r in pairs) / n,
         rouge_l=sum(rouge_l(p, r) for p, r in pairs) / n,
-        ppl=perplexity(nlls),
+        ppl=perplexity(nlls) if reference_ppl is None else reference_ppl,
         predictions=predictions,
     )
 

@@ -167,7 +167,7 @@ class ClientWork:
         test = None
         if self.test is not None and len(self.test):
             test = evaluate_lm(self.pool.model, self.test, self.eval_batch_size)
-        report = EvalReport(val, test, gen=self.generate())
+        report = EvalReport(val, test, gen=self.generate(None if test is None else test.ppl))
         if key is not None and self.memo is not None:
             self.memo[key] = report
         return report
@@ -180,9 +180,12 @@ class ClientWork:
             return None
         return (self.index, state_digest(self.adapter()), self.eval_batch_size)
 
-    def generate(self) -> GenScores | None:
+    def generate(self, reference_ppl: float | None = None) -> GenScores | None:
         """Its adapter's greedy generations for its test prompts, scored (None without generation data).
-        The test split is already capped (data.max_test_windows), so every request is decoded."""
+        The test split is already capped (data.max_test_windows), so every request is decoded.
+        `reference_ppl`: the test split's perplexity `evaluate` has just scored on the rows encoded from
+        these same requests (response tokens only), which the generation scores report as theirs rather
+        than run every prompt and response through the model a second time."""
         if not self.requests or self.decoding is None:
             return None
         d = self.decoding
@@ -195,6 +198,7 @@ class ClientWork:
             stop_ids=d.stop_ids,
             pad_id=d.pad_id,
             decode=d.decode,
+            reference_ppl=reference_ppl,
         )
         samples = tuple(gen_samples(self.requests, scores.predictions, d.samples)) if d.samples else ()
         return GenScores(scores.n, scores.exact_match, scores.f1, scores.rouge_l, scores.ppl, samples)

@@ -168,7 +168,8 @@ class PersonalizedLoop:
 
     def evaluate(self, r: int) -> None:
         """Each present client's validation (and test) metrics, those not logged yet (a resumed round's),
-        shown as a phase counted in clients."""
+        shown as a phase counted in clients, or with generation data in the test examples they decode
+        (`eval_units`)."""
         logged: set[tuple[int, str]] = {(e.client, e.split) for e in self.files.logged(EvalRecord, r)}
         logged |= {(i, "gen") for i in self.generated(r)}
         present = self.members.present()
@@ -176,9 +177,26 @@ class PersonalizedLoop:
         # those the stopped run evaluated were sent their adapter too: the round's traffic counts them
         self.traffic.down({i: state_bytes(self.adapters[i]) for i in present if i not in clients})
         what = "evaluation before training" if r == 0 else "evaluation"
-        with self.activity.phase(f"round {r}/{self.rounds} · {what}", len(clients)) as advance:
+        units = self.eval_units(clients)
+        with self.activity.phase(f"round {r}/{self.rounds} · {what}", sum(units.values())) as advance:
             if clients:
-                self.evaluate_clients(r, clients, logged, lambda i: advance(note=client_name(i)))
+                self.evaluate_clients(r, clients, logged, lambda i: advance(units[i], note=client_name(i)))
+
+    def eval_units(self, clients: list[int]) -> dict[int, int]:
+        """What each client's evaluation counts in the progress display, once its answer is in (the unit
+        every transport can count): with generation data, the test examples it decodes (its test split,
+        capped by data.max_test_windows: decoding is what takes the time); else, or when none of them
+        decodes anything, one per client."""
+        if self.cfg.data.kind == "generation":
+            examples = {i: self.test_examples(i) for i in clients}
+            if any(examples.values()):
+                return examples
+        return dict.fromkeys(clients, 1)
+
+    def test_examples(self, client: int) -> int:
+        """The test examples a client described (`ClientInfo.test_windows`; 0 when it has none)."""
+        info = self.members.joined.get(client)
+        return (info.test_windows or 0) if info is not None else 0
 
     def eval_splits(self, client: int) -> tuple[Literal["val", "test", "gen"], ...]:
         """The splits a client's evaluation reports: validation, and test when it has test windows (with

@@ -104,8 +104,10 @@ def node_config(config_yaml: str, settings: NodeSettings) -> ExperimentConfig:
         value = getattr(settings, key)
         if value and not Path(value).expanduser().exists():
             raise ValueError(f"{key.replace('_', '-')} {value!r} does not exist on this SuperNode")
-    if settings.data_path and "data" in tree:  # personalized: the server's data paths need not exist
-        tree["data"] = {**tree["data"], "path": settings.data_path}  # here, this owner brings its own
+    # personalized: the server's data paths need not exist here, this owner brings its own (the node
+    # reads it from `settings.data_path`); with data.clients the node is one of those owners, as it is
+    if settings.data_path and "data" in tree and not (tree["data"] or {}).get("clients"):
+        tree["data"] = {**tree["data"], "path": settings.data_path}
     cfg = config_from_dict(tree, "(sent by the ServerApp)")
     clients = cfg.federation.clients
     if settings.num_partitions is not None and settings.num_partitions != clients:
