@@ -1,0 +1,258 @@
+"""Compressed exchanges: how an adapter (or a round's update) is encoded to travel, and decoded.
+
+Codecs (`federation.compress.codec`), each a pure function pair on one tensor, with the exact size of
+what it sends:
+
+- `fp16`, `bf16`: 2 bytes a weight.
+- `int8`: per block of `block` weights, a float32 scale s = absmax / 127 and each weight as round(x / s)
+  in int8: n + 4 * ceil(n / block) bytes; the error of a weight is at most s / 2.
+- `nf4`: QLoRA's NormalFloat-4 code book (16 levels at normal quantiles, exact 0, in [-1, 1]), per block a
+  float32 absmax and each weight as the index of the level nearest x / absmax, two indices a byte:
+  ceil(n / 2) + 4 * ceil(n / block) bytes; the error of a weight is at most half the widest gap between
+  levels times the block's absmax (`NF4_MAX_ERROR`).
+
+A round's update (upload - what the client was sent) can also be sparsified (`topk`): each tensor sends its
+ceil(topk * n) largest-magnitude entries, their values through the codec and their positions as int32.
+What a lossy encoding drops is kept by the client (`error feedback`: Seide et al. 2014, Karimireddy et al.
+2019) and added to its next update, so over the rounds the server receives the sum of the true updates,
+up to the last residual (`compress_update`).
+
+Pure: tensors in, tensors out; the runtime decides where an adapter leaves and keeps the residual.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cotune.config.names import Codec
+from cotune.state import AdapterState
+
+__all__ = [
+    "NF4_LEVELS",
+    "NF4_MAX_ERROR",
+    "Compression",
+    "Encoded",
+    "compress_update",
+    "decode",
+    "encode",
+    "encoded_size",
+    "roundtrip_state",
+    "state_size",
+]
+
+# QLoRA (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 table): the 16 NormalFloat-4 levels.
+NF4_LEVELS: tuple[float, ...] = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+# the largest |x / absmax - nearest level|: half the widest gap between neighbouring levels
+NF4_MAX_ERROR: float = max(b - a for a, b in itertools.pairwise(NF4_LEVELS)) / 2
+
+INDEX_BYTES = 4  # a sparsified entry's position (int32)
+SCALE_BYTES = 4  # a block's scale or absmax (float32)
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How updates travel: the codec, its block size (int8 / nf4) and the share of an update's entries
+    sent (`topk`; None: all). `error_feedback`: the client keeps what the encoding dropped and adds it to
+    its next update."""
+
+    codec: Codec = "none"
+    block: int = 64
+    topk: float | None = None
+    error_feedback: bool = True
+
+    @property
+    def off(self) -> bool:
+        """Nothing changes on the wire: every adapter travels as it is, in float32."""
+        return self.codec == "none" and self.topk is None
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tensor as it travels: the payload tensors (their raw bytes are what is sent) and the shape to
+    rebuild; `indices`, for a sparsified update, the positions of the sent entries (int32)."""
+
+    codec: Codec
+    shape: tuple[int, ...]
+    parts: tuple[Tensor, ...]
+    indices: Tensor | None = None
+    numel: int = field(default=0)  # how many values the parts encode (all, or the k sent)
+
+    @property
+    def nbytes(self) -> int:
+        """The exact bytes of the payload (values, scales, positions)."""
+        sizes = [t.numel() * t.element_size() for t in self.parts]
+        if self.indices is not None:
+            sizes.append(self.indices.numel() * self.indices.element_size())
+        return sum(sizes)
+
+
+# ---- one flat vector through a codec ------------------------------------------------------------------
+
+
+def encode_values(x: Tensor, codec: Codec, block: int) -> tuple[Tensor, ...]:
+    """The payload of a flat float vector."""
+    x = x.detach().float().flatten()
+    if codec == "none":
+        return (x.clone(),)
+    if codec == "fp16":
+        return (x.to(torch.float16),)
+    if codec == "bf16":
+        return (x.to(torch.bfloat16),)
+    blocks = blocked(x, block)
+    absmax = blocks.abs().amax(dim=1)
+    if codec == "int8":
+        scale = absmax / 127
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(blocks / safe.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        return (q.flatten()[: x.numel()], scale)
+    if codec == "nf4":
+        safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        levels = torch.tensor(NF4_LEVELS)
+        midpoints = (levels[1:] + levels[:-1]) / 2  # the nearest level's index, without an n x 16 table
+        idx = torch.bucketize((blocks / safe.unsqueeze(1)).flatten(), midpoints)
+        idx = idx[: x.numel()].to(torch.uint8)
+        if idx.numel() % 2:
+            idx = torch.cat([idx, idx.new_zeros(1)])
+        packed = idx[0::2] | (idx[1::2] << 4)
+        return (packed, absmax)
+    raise ValueError(f"unknown codec {codec!r}")
+
+
+def decode_values(parts: tuple[Tensor, ...], codec: Codec, block: int, n: int) -> Tensor:
+    """The flat float32 vector of n values a payload encodes."""
+    if codec in ("none", "fp16", "bf16"):
+        return parts[0].float()
+    if codec == "int8":
+        q, scale = parts
+        return (blocked(q.float(), block) * scale.unsqueeze(1)).flatten()[:n]
+    if codec == "nf4":
+        packed, absmax = parts
+        idx = torch.stack([packed & 0x0F, packed >> 4], dim=1).flatten()[:n].long()
+        values = torch.tensor(NF4_LEVELS)[idx]
+        return (blocked(values, block) * absmax.unsqueeze(1)).flatten()[:n]
+    raise ValueError(f"unknown codec {codec!r}")
+
+
+def blocked(x: Tensor, block: int) -> Tensor:
+    """x as rows of `block` values, the last row padded with zeros."""
+    pad = (-x.numel()) % block
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad)])
+    return x.view(-1, block)
+
+
+def values_size(n: int, codec: Codec, block: int) -> int:
+    """The exact bytes `encode_values` sends for n values (computed from the sizes alone)."""
+    if n == 0:
+        return 0
+    blocks = math.ceil(n / block)
+    return {
+        "none": 4 * n,
+        "fp16": 2 * n,
+        "bf16": 2 * n,
+        "int8": n + SCALE_BYTES * blocks,
+        "nf4": math.ceil(n / 2) + SCALE_BYTES * blocks,
+    }[codec]
+
+
+# ---- one tensor, optionally sparsified ----------------------------------------------------------------
+
+
+def kept(n: int, topk: float | None) -> int:
+    """How many of n entries a sparsified tensor sends: ceil(topk * n), at least 1 (all without topk)."""
+    return n if topk is None else min(n, max(1, math.ceil(topk * n)))
+
+
+def encode(t: Tensor, spec: Compression, sparsify: bool = False) -> Encoded:
+    """`t` as it travels; `sparsify`: only its `spec.topk` largest-magnitude entries (ties: first)."""
+    flat = t.detach().float().flatten()
+    shape, n = tuple(t.shape), flat.numel()
+    if sparsify and spec.topk is not None:
+        k = kept(n, spec.topk)
+        order = torch.argsort(flat.abs(), descending=True, stable=True)[:k]
+        positions = order.sort().values
+        parts = encode_values(flat[positions], spec.codec, spec.block)
+        return Encoded(spec.codec, shape, parts, positions.to(torch.int32), k)
+    return Encoded(spec.codec, shape, encode_values(flat, spec.codec, spec.block), None, n)
+
+
+def decode(enc: Encoded, block: int) -> Tensor:
+    """The float32 tensor an `Encoded` stands for (zeros where a sparsified tensor sent nothing)."""
+    values = decode_values(enc.parts, enc.codec, block, enc.numel)
+    if enc.indices is None:
+        return values.view(enc.shape)
+    out = torch.zeros(math.prod(enc.shape))
+    out[enc.indices.long()] = values
+    return out.view(enc.shape)
+
+
+def encoded_size(shape: tuple[int, ...], spec: Compression, sparsify: bool = False) -> int:
+    """The exact bytes `encode` sends for a tensor of `shape`, from the shape alone (what a loop counts
+    for a message without encoding it again)."""
+    n = math.prod(shape)
+    if sparsify and spec.topk is not None:
+        k = kept(n, spec.topk)
+        return values_size(k, spec.codec, spec.block) + INDEX_BYTES * k
+    return values_size(n, spec.codec, spec.block)
+
+
+def state_size(state: Mapping[str, Tensor], spec: Compression, sparsify: bool = False) -> int:
+    """The bytes an adapter (`sparsify`: an update) costs on the wire under `spec`."""
+    return sum(encoded_size(tuple(t.shape), spec, sparsify) for t in state.values())
+
+
+# ---- whole adapters ------------------------------------------------------------------------------------
+
+
+def roundtrip_state(state: Mapping[str, Tensor], spec: Compression) -> AdapterState:
+    """What a receiver decodes of an adapter sent whole (no sparsification), in each tensor's dtype and
+    device: the adapter a client holds after the server's reply reached it."""
+    return {
+        k: decode(encode(t, spec), spec.block).to(device=t.device, dtype=t.dtype) for k, t in state.items()
+    }
+
+
+def compress_update(
+    delta: Mapping[str, Tensor], residual: Mapping[str, Tensor] | None, spec: Compression
+) -> tuple[AdapterState, AdapterState | None, int]:
+    """A client's round update through the wire: (what the server decodes, the new residual, bytes sent).
+
+    With error feedback the update sent is delta + the residual of the rounds before, and what the
+    encoding drops of it is the new residual; without, the residual is None and what is dropped is lost.
+    """
+    sent: AdapterState = {}
+    carry: AdapterState = {}
+    nbytes = 0
+    for k, d in delta.items():
+        u = d.detach().float()
+        if spec.error_feedback and residual is not None and k in residual:
+            u = u + residual[k].to(u.device).float()
+        enc = encode(u, spec, sparsify=True)
+        nbytes += enc.nbytes
+        got = decode(enc, spec.block).to(u.device)
+        sent[k] = got
+        carry[k] = u - got
+    return sent, (carry if spec.error_feedback else None), nbytes
