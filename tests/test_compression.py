@@ -3,8 +3,14 @@ feedback making the sum of what was sent follow the sum of the true updates."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+from tests.conftest import tiny_tree
+from tests.test_cotuning import task_file, tree  # noqa: F401  (task_file is a fixture)
+from typer.testing import CliRunner
 
 from cotune.algorithms.compression import (
     NF4_LEVELS,
@@ -17,6 +23,10 @@ from cotune.algorithms.compression import (
     roundtrip_state,
     state_size,
 )
+from cotune.algorithms.fedcollm import PLANS
+from cotune.cli.main import app
+from cotune.config.names import EXCHANGING_ALGORITHMS
+from cotune.config.schema import ExperimentConfig
 
 
 def sample(n: int, seed: int = 0) -> torch.Tensor:
@@ -144,3 +154,50 @@ def test_compress_update_counts_the_bytes_sent():
     assert nbytes == (10 + 4 + 40) + (5 + 4 + 20) == state_size(delta, spec, sparsify=True)
     assert residual is not None and set(residual) == {"a", "b"}
     assert float(residual["a"].abs().sum()) > 0  # what top-k dropped is kept
+
+
+# ---- the config: meaningless settings refused before any work, through the CLI -------------------------
+
+
+def refused(tmp_path: Path, tree: dict, *overrides: str) -> str:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["run", str(path), *overrides, "--out", str(out / "x")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.iterdir())  # nothing started
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["federation.compress.block=32"], "federation.compress.block 32: codec 'none' has no blocks"),
+        (["federation.compress.codec=fp16", "federation.compress.block=32"], "codec 'fp16' has no blocks"),
+        (["federation.compress.error_feedback=false"], "nothing is dropped to feed back"),
+        (["federation.compress.topk=1.5"], "federation.compress.topk"),
+        (["federation.compress.codec=zip"], "federation.compress.codec"),
+        (["federation.compress=int8", "strategy.name=local"], "local exchange(s) no adapter"),
+    ],
+)
+def test_meaningless_compress_settings_are_refused(tmp_path, corpus_dir, overrides, fragment):
+    text = refused(tmp_path, tiny_tree(corpus_dir, tmp_path), *overrides)
+    assert "error:" in text and fragment in text
+
+
+def test_compress_with_secure_aggregation_is_refused(tmp_path, task_file):  # noqa: F811
+    text = refused(
+        tmp_path, tree(task_file, tmp_path), "federation.compress=int8", "federation.secure_aggregation=true"
+    )
+    assert "SecAgg+ sends its own" in text
+
+
+def test_the_config_reads_a_codec_alone():
+    cfg = ExperimentConfig(federation={"compress": "nf4"})  # type: ignore[arg-type]
+    assert Compression.of(cfg) == Compression(codec="nf4")
+    assert Compression.of(ExperimentConfig()).off
+
+
+def test_exchanging_algorithms_are_the_plans_that_aggregate():
+    assert set(EXCHANGING_ALGORITHMS) == {a for a, plan in PLANS.items() if plan.aggregate}

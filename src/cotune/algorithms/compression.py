@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from cotune.config.names import Codec
+from cotune.config.schema import CompressConfig, ExperimentConfig
 from cotune.state import AdapterState
 
 __all__ = [
@@ -82,6 +83,12 @@ class Compression:
     block: int = 64
     topk: float | None = None
     error_feedback: bool = True
+
+    @classmethod
+    def of(cls, settings: CompressConfig | ExperimentConfig) -> Compression:
+        """The run's `federation.compress`."""
+        c = settings.federation.compress if isinstance(settings, ExperimentConfig) else settings
+        return cls(codec=c.codec, block=c.block, topk=c.topk, error_feedback=c.error_feedback)
 
     @property
     def off(self) -> bool:
