@@ -1056,11 +1056,8 @@ class ExperimentConfig(Section):
                 "federation.compress with federation.secure_aggregation: SecAgg+ sends its own masked, "
                 "quantized vectors, not the codec's; use one of the two"
             )
-        variants = (
-            [self.algorithm, *self.run.compare]
-            if self.is_cotuning
-            else [self.strategy.name, *self.run.compare]
-        )
+        first: str = self.algorithm if self.is_cotuning else self.strategy.name
+        variants = [first, *self.run.compare]
         if self.is_cotuning:
             exchanging = [a for a in variants if a in EXCHANGING_ALGORITHMS]
         else:
