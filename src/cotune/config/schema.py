@@ -1057,9 +1057,9 @@ class ExperimentConfig(Section):
                 "quantized vectors, not the codec's; use one of the two"
             )
         first: str = self.algorithm if self.is_cotuning else self.strategy.name
-        variants = [first, *self.run.compare]
+        variants: list[str] = [first, *self.run.compare]
         if self.is_cotuning:
-            exchanging = [a for a in variants if a in EXCHANGING_ALGORITHMS]
+            exchanging: list[str] = [a for a in variants if a in EXCHANGING_ALGORITHMS]
         else:
             exchanging = [s for s in variants if strategy_spec(s).exchanges]
         if not exchanging:
