@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from cotune.config.names import Codec
-from cotune.config.schema import CompressConfig, ExperimentConfig
+from cotune.config.schema import ExperimentConfig
 from cotune.state import AdapterState
 
 __all__ = [
@@ -85,9 +85,12 @@ class Compression:
     error_feedback: bool = True
 
     @classmethod
-    def of(cls, settings: CompressConfig | ExperimentConfig) -> Compression:
-        """The run's `federation.compress`."""
-        c = settings.federation.compress if isinstance(settings, ExperimentConfig) else settings
+    def of(cls, cfg: ExperimentConfig) -> Compression:
+        """The run's `federation.compress`; off where the run exchanges nothing (a `run.compare` sibling
+        such as local or standalone)."""
+        c = cfg.federation.compress
+        if not cfg.exchanges:
+            return cls()
         return cls(codec=c.codec, block=c.block, topk=c.topk, error_feedback=c.error_feedback)
 
     @property

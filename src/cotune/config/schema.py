@@ -915,6 +915,16 @@ class ExperimentConfig(Section):
         return r % self.run.eval_every == 0 or r == self.federation.rounds
 
     @property
+    def exchanges(self) -> bool:
+        """Whether adapters travel between the server and the clients in this run (not in its
+        `run.compare` siblings): what `federation.compress` needs to have any effect."""
+        return self.variant_exchanges(self.algorithm if self.is_cotuning else self.strategy.name)
+
+    def variant_exchanges(self, name: str) -> bool:
+        """Whether the strategy (personalized) or algorithm (FedCoLLM family) `name` exchanges adapters."""
+        return name in EXCHANGING_ALGORITHMS if self.is_cotuning else strategy_spec(name).exchanges
+
+    @property
     def is_cotuning(self) -> bool:
         """The FedCoLLM family (SPEC A) rather than personalized fine-tuning (SPEC B)."""
         return self.family == "fedcollm"
@@ -1058,11 +1068,7 @@ class ExperimentConfig(Section):
             )
         first: str = self.algorithm if self.is_cotuning else self.strategy.name
         variants: list[str] = [first, *self.run.compare]
-        if self.is_cotuning:
-            exchanging: list[str] = [a for a in variants if a in EXCHANGING_ALGORITHMS]
-        else:
-            exchanging = [s for s in variants if strategy_spec(s).exchanges]
-        if not exchanging:
+        if not any(self.variant_exchanges(v) for v in variants):
             raise ValueError(
                 f"federation.compress: {', '.join(variants)} exchange(s) no adapter, so there is nothing to "
                 "compress; remove federation.compress"

@@ -125,8 +125,9 @@ def train(message: Message, context: Context) -> Message:
         adopt_sent(node, message)
         report = node.work.train(job.steps)  # None (FedCoLLM): its own budget (local_epochs: its data)
         save(node, job)
+        # its upload: the adapter, or with federation.compress what the server decodes of its update
         return reply(
-            message, {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.REPORT: p.encode(report)}
+            message, {p.ADAPTER: p.tensors_to_record(node.work.upload()), p.REPORT: p.encode(report)}
         )
 
 

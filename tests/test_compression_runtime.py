@@ -1,0 +1,129 @@
+"""Compressed exchanges in a run (federation.compress): off is today's run, bit for bit; with a codec the
+comm records count the encoded bytes, both transports give the same adapters, and a client's
+error-feedback residual survives a resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tests.conftest import tiny_tree
+from tests.test_cotuning import task_file, tree  # noqa: F401  (task_file is a fixture)
+
+from cotune.algorithms.compression import Compression, state_size
+from cotune.config import config_from_dict
+from cotune.reporting.metrics import read_metrics
+from cotune.runtime.checkpoint import latest_checkpoint
+from cotune.runtime.experiment import resume_experiment, run_experiment
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+def adapters(run_dir: Path, pattern: str = "client-*") -> dict[str, dict[str, torch.Tensor]]:
+    found = latest_checkpoint(run_dir)
+    assert found is not None
+    dirs = [d for d in sorted(found[1].glob(pattern)) if d.is_dir()]
+    return {d.name: load_file(str(d / "adapter_model.safetensors")) for d in dirs}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[c][k], b[c][k]) for c in a for k in a[c])
+
+
+def comm(run_dir: Path) -> list[dict]:
+    keys = ("round", "client", "bytes_up", "bytes_down")
+    return [{k: m[k] for k in keys} for m in read_metrics(run_dir / "metrics.jsonl") if m["type"] == "comm"]
+
+
+def personalized(corpus_dir: Path, tmp_path: Path, name: str, **federation):
+    fed = {"rounds": 2, "local_steps": 2, "warmup_steps": 2, **federation}
+    return config_from_dict(tiny_tree(corpus_dir, tmp_path, run={"name": name, "threads": 1}, federation=fed))
+
+
+def test_compress_none_is_todays_run_bit_for_bit(corpus_dir, tmp_path):
+    """An explicit `compress: none` changes no adapter and no byte count."""
+    (plain,) = run_experiment(personalized(corpus_dir, tmp_path, "plain"))
+    (explicit,) = run_experiment(personalized(corpus_dir, tmp_path, "none", compress="none"))
+    assert same(adapters(plain), adapters(explicit))
+    assert comm(plain) == comm(explicit)
+
+
+def test_comm_records_count_the_encoded_bytes(corpus_dir, tmp_path):
+    """fedavg sends each client its adapter twice a round (to train, to evaluate) and takes its update
+    once: int8 with 64-weight blocks down, top-10% int8 up, each exactly as the codec sends it."""
+    (plain,) = run_experiment(personalized(corpus_dir, tmp_path, "plain"))
+    spec = Compression(codec="int8", block=64, topk=0.1)
+    (packed,) = run_experiment(
+        personalized(corpus_dir, tmp_path, "int8", compress={"codec": "int8", "topk": 0.1})
+    )
+    adapter = adapters(packed)["client-00"]
+    whole, update = state_size(adapter, spec), state_size(adapter, spec, sparsify=True)
+    raw = sum(t.numel() * 4 for t in adapter.values())
+    rows = comm(packed)
+    assert rows and all(r["bytes_down"] == 2 * whole and r["bytes_up"] == update for r in rows)
+    assert all(r["bytes_up"] == raw for r in comm(plain))
+    assert update < raw / 6  # (tiny tensors of 64 weights: a scale and int32 positions weigh much)
+    assert not same(adapters(plain), adapters(packed))  # lossy indeed
+
+
+@pytest.mark.slow
+def test_the_residual_is_client_state_a_resumed_run_continues_it(corpus_dir, tmp_path):
+    """Top-k with error feedback: a run resumed from round 1 ends with the uninterrupted run's adapters,
+    because each client's residual is checkpointed with its optimizer (without it round 2's updates
+    would differ)."""
+    fed = {"rounds": 3, "compress": {"codec": "int8", "topk": 0.05}}
+    (full,) = run_experiment(personalized(corpus_dir, tmp_path, "full", **fed))
+    (part,) = run_experiment(personalized(corpus_dir, tmp_path, "part", **fed))
+    for r in (2, 3):
+        shutil.rmtree(part / "checkpoints" / f"round-{r:04d}")
+    resume_experiment(part)
+    assert same(adapters(full), adapters(part))
+
+
+# ---- both transports --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "validation"])
+def test_int8_on_flower_gives_the_embedded_adapters(corpus_dir, tmp_path, strategy):
+    pytest.importorskip("flwr")
+    from tests.test_flower import InProcessGrid, _run_flower_in_process
+
+    cfg = config_from_dict(
+        tiny_tree(
+            corpus_dir,
+            tmp_path,
+            run={"threads": 1},
+            strategy={"name": strategy},
+            federation={"compress": {"codec": "int8", "topk": 0.2}},
+        )
+    )
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    assert same(adapters(embedded), adapters(tmp_path / "flower"))
+    assert comm(embedded) == comm(tmp_path / "flower")
+
+
+@pytest.mark.parametrize("codec", ["int8", "nf4"])
+def test_fedcollm_fedavg_compressed_on_flower_gives_the_embedded_adapters(task_file, tmp_path, codec):  # noqa: F811
+    pytest.importorskip("flwr")
+    from tests.test_flower import InProcessGrid, _run_flower_in_process
+
+    fed = {"compress": {"codec": codec, "block": 32, "topk": 0.25}}
+    cfg = config_from_dict(tree(task_file, tmp_path, "fedavg", run={"threads": 1}, federation=fed))
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    ours, theirs = adapters(embedded, "*"), adapters(tmp_path / "flower", "*")
+    assert "server" in ours and same(ours, theirs)
+    rows = comm(embedded)
+    assert rows == comm(tmp_path / "flower")
+    spec = Compression(codec=codec, block=32, topk=0.25)
+    theta = ours["server"]
+    assert all(r["bytes_down"] == state_size(theta, spec) for r in rows)
+    assert all(r["bytes_up"] == state_size(theta, spec, sparsify=True) for r in rows)
