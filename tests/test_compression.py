@@ -20,8 +20,10 @@ from cotune.algorithms.compression import (
     decode,
     encode,
     encoded_size,
+    packed,
     roundtrip_state,
     state_size,
+    unpacked,
 )
 from cotune.algorithms.fedcollm import PLANS
 from cotune.cli.main import app
@@ -130,9 +132,10 @@ def drift(spec: Compression, rounds: int = 60) -> float:
     base = sample(200, 7)
     for r in range(rounds):
         delta = base + 0.1 * sample(200, 100 + r)
-        sent, residual, _ = compress_update({"w": delta}, residual, spec)
+        sent = compress_update({"w": delta}, residual, spec)
+        residual = sent.residual
         true_sum += delta
-        sent_sum += sent["w"]
+        sent_sum += sent.decoded["w"]
     return float((sent_sum - true_sum).norm() / true_sum.norm())
 
 
@@ -150,10 +153,29 @@ def test_error_feedback_makes_the_sent_sum_converge(codec):
 def test_compress_update_counts_the_bytes_sent():
     spec = Compression(codec="int8", block=64, topk=0.1)
     delta = {"a": sample(100), "b": sample(50, 1)}
-    _, residual, nbytes = compress_update(delta, None, spec)
-    assert nbytes == (10 + 4 + 40) + (5 + 4 + 20) == state_size(delta, spec, sparsify=True)
-    assert residual is not None and set(residual) == {"a", "b"}
-    assert float(residual["a"].abs().sum()) > 0  # what top-k dropped is kept
+    sent = compress_update(delta, None, spec)
+    assert sent.nbytes == (10 + 4 + 40) + (5 + 4 + 20) == state_size(delta, spec, sparsify=True)
+    assert sent.residual is not None and set(sent.residual) == {"a", "b"}
+    assert float(sent.residual["a"].abs().sum()) > 0  # what top-k dropped is kept
+    # as a transport carries it: named tensors of exactly those bytes, decoded by the receiver
+    tensors = packed(sent.payload)
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == sent.nbytes
+    got = unpacked(tensors, delta, spec)
+    assert all(torch.equal(got[k], sent.decoded[k]) for k in delta)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "nf4"])
+def test_a_payload_of_another_adapter_is_refused(codec):
+    spec = Compression(codec=codec, block=16, topk=0.5)
+    delta = {"a": sample(40), "b": sample(20, 1)}
+    tensors = packed(compress_update(delta, None, spec).payload)
+    wrong_shape = {"a": sample(48), "b": sample(20, 1)}
+    with pytest.raises(ValueError, match="another size"):
+        unpacked(tensors, wrong_shape, spec)
+    with pytest.raises((ValueError, KeyError)):
+        unpacked({k: v for k, v in tensors.items() if not k.startswith("b")}, delta, spec)
+    with pytest.raises(ValueError, match="does not have"):
+        unpacked(tensors, {"a": delta["a"]}, spec)
 
 
 # ---- the config: meaningless settings refused before any work, through the CLI -------------------------

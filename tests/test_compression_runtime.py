@@ -106,7 +106,25 @@ def test_int8_on_flower_gives_the_embedded_adapters(corpus_dir, tmp_path, strate
     grid = InProcessGrid(cfg.federation.clients)
     assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
     assert same(adapters(embedded), adapters(tmp_path / "flower"))
-    assert comm(embedded) == comm(tmp_path / "flower")
+    rows = comm(embedded)
+    assert rows == comm(tmp_path / "flower")
+    # what a node sends back is the encoded update, of exactly the bytes the comm records count
+    assert uploaded_bytes(grid) == [r["bytes_up"] for r in rows]
+
+
+def uploaded_bytes(grid) -> list[int]:
+    """The payload bytes of every train reply's update, in order; a reply with an adapter fails."""
+    from cotune.runtime.flower import protocol as p
+
+    out = []
+    for reply in grid.replies:
+        records = reply.content.array_records
+        assert p.ADAPTER not in records
+        if p.UPDATE in records:
+            out.append(
+                sum(t.numel() * t.element_size() for t in p.record_to_tensors(records[p.UPDATE]).values())
+            )
+    return out
 
 
 @pytest.mark.parametrize("codec", ["int8", "nf4"])
@@ -123,6 +141,7 @@ def test_fedcollm_fedavg_compressed_on_flower_gives_the_embedded_adapters(task_f
     assert "server" in ours and same(ours, theirs)
     rows = comm(embedded)
     assert rows == comm(tmp_path / "flower")
+    assert uploaded_bytes(grid) == [r["bytes_up"] for r in rows]
     spec = Compression(codec=codec, block=32, topk=0.25)
     theta = ours["server"]
     assert all(r["bytes_down"] == state_size(theta, spec) for r in rows)

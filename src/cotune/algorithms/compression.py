@@ -39,12 +39,16 @@ __all__ = [
     "NF4_MAX_ERROR",
     "Compression",
     "Encoded",
+    "SentUpdate",
+    "applied",
     "compress_update",
     "decode",
     "encode",
     "encoded_size",
+    "packed",
     "roundtrip_state",
     "state_size",
+    "unpacked",
 ]
 
 # QLoRA (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 table): the 16 NormalFloat-4 levels.
@@ -245,24 +249,88 @@ def roundtrip_state(state: Mapping[str, Tensor], spec: Compression) -> AdapterSt
     }
 
 
+@dataclass(frozen=True)
+class SentUpdate:
+    """A client's round update through the wire: its payload by key, what the server decodes of it, and
+    the residual the client keeps (None without error feedback)."""
+
+    payload: dict[str, Encoded]
+    decoded: AdapterState
+    residual: AdapterState | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.payload.values())
+
+
 def compress_update(
     delta: Mapping[str, Tensor], residual: Mapping[str, Tensor] | None, spec: Compression
-) -> tuple[AdapterState, AdapterState | None, int]:
-    """A client's round update through the wire: (what the server decodes, the new residual, bytes sent).
-
-    With error feedback the update sent is delta + the residual of the rounds before, and what the
-    encoding drops of it is the new residual; without, the residual is None and what is dropped is lost.
-    """
+) -> SentUpdate:
+    """Encode a client's round update. With error feedback the update sent is delta + the residual of
+    the rounds before, and what the encoding drops of it is the new residual; without, what is dropped
+    is lost."""
+    payload: dict[str, Encoded] = {}
     sent: AdapterState = {}
     carry: AdapterState = {}
-    nbytes = 0
     for k, d in delta.items():
         u = d.detach().float()
         if spec.error_feedback and residual is not None and k in residual:
             u = u + residual[k].to(u.device).float()
-        enc = encode(u, spec, sparsify=True)
-        nbytes += enc.nbytes
-        got = decode(enc, spec.block).to(u.device)
-        sent[k] = got
-        carry[k] = u - got
-    return sent, (carry if spec.error_feedback else None), nbytes
+        payload[k] = encode(u, spec, sparsify=True)
+        sent[k] = decode(payload[k], spec.block).to(u.device)
+        carry[k] = u - sent[k]
+    return SentUpdate(payload, sent, carry if spec.error_feedback else None)
+
+
+def applied(reference: Mapping[str, Tensor], update: Mapping[str, Tensor]) -> AdapterState:
+    """reference + a decoded update, in the reference's dtype: the upload as the server sees it (the one
+    sum both ends compute, so a node's and the server's are the same bits)."""
+    return {k: (ref.float() + update[k].to(ref.device)).to(ref.dtype) for k, ref in reference.items()}
+
+
+# ---- the payload as named tensors (a transport's message) -------------------------------------------------
+PART = "::part"  # a payload tensor's name: the adapter key, then PART and its index (or INDICES)
+INDICES = "::indices"
+
+
+def packed(payload: Mapping[str, Encoded]) -> dict[str, Tensor]:
+    """An update's payload as named tensors, what a transport carries (its bytes: `SentUpdate.nbytes`)."""
+    out: dict[str, Tensor] = {}
+    for key, enc in payload.items():
+        out.update({f"{key}{PART}{j}": part for j, part in enumerate(enc.parts)})
+        if enc.indices is not None:
+            out[f"{key}{INDICES}"] = enc.indices
+    return out
+
+
+def unpacked(
+    tensors: Mapping[str, Tensor], reference: Mapping[str, Tensor], spec: Compression
+) -> AdapterState:
+    """The update a `packed` payload encodes, for the adapter `reference` it was taken from (its keys and
+    shapes); a payload of other keys, or parts of other sizes, is refused (ValueError)."""
+    out: AdapterState = {}
+    for key, ref in reference.items():
+        parts = tuple(tensors[name] for j in range(2) if (name := f"{key}{PART}{j}") in tensors)
+        indices = tensors.get(f"{key}{INDICES}")
+        n = ref.numel()
+        numel = kept(n, spec.topk) if indices is not None else n
+        if not parts:
+            raise ValueError(f"a compressed update without its payload for {key}")
+        sizes = tuple(p.numel() for p in parts) + (() if indices is None else (indices.numel(),))
+        expected = encode_sizes(numel, spec) + (() if indices is None else (numel,))
+        if sizes != expected:
+            raise ValueError(f"a compressed update of another size for {key}")
+        enc = Encoded(spec.codec, tuple(ref.shape), parts, indices, numel)
+        out[key] = decode(enc, spec.block).to(ref.device)
+    extra = {name.split("::")[0] for name in tensors} - set(reference)
+    if extra:
+        raise ValueError(f"a compressed update with {len(extra)} tensor(s) the adapter does not have")
+    return out
+
+
+def encode_sizes(n: int, spec: Compression) -> tuple[int, ...]:
+    """How many elements each payload part of n values has (what `unpacked` checks a message by)."""
+    if spec.codec in ("none", "fp16", "bf16"):
+        return (n,)
+    blocks = math.ceil(n / spec.block)
+    return (n, blocks) if spec.codec == "int8" else (math.ceil(n / 2), blocks)

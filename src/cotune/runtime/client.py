@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cotune.algorithms.compression import Compression, compress_update
+from cotune.algorithms.compression import Compression, Encoded, applied, compress_update
 from cotune.algorithms.ranks import rank_of
 from cotune.algorithms.robust import update_delta
 from cotune.data.windows import Rows
@@ -109,6 +109,7 @@ class ClientWork:
         self.residual: AdapterState | None = None  # what the encoding dropped of its updates so far
         self.start: AdapterState | None = None  # its adapter as the round's training began (as sent)
         self.encoded: AdapterState | None = None  # the round's upload as the server decodes it
+        self.payload: dict[str, Encoded] | None = None  # the round's update as it travels
         self.requests, self.decoding = list(requests), decoding
         self._public = public
         self.eval_batch_size, self.budget = eval_batch_size, budget
@@ -141,7 +142,7 @@ class ClientWork:
     def begin_update(self) -> None:
         """Before its local steps: what it was sent, the reference its update is taken from."""
         if self.compression is not None:
-            self.start, self.encoded = copied(self.adapter()), None
+            self.start, self.encoded, self.payload = copied(self.adapter()), None, None
 
     def finish_update(self) -> None:
         """After its local steps, the one place an update leaves a client: encoded (with the residual of
@@ -150,9 +151,9 @@ class ClientWork:
         spec, start = self.compression, self.start
         if spec is None or start is None:
             return
-        delta = update_delta(self.adapter(), start)
-        sent, self.residual, _ = compress_update(delta, self.residual, spec)
-        self.encoded = {k: (start[k].float() + sent[k]).to(start[k].dtype) for k in start}
+        sent = compress_update(update_delta(self.adapter(), start), self.residual, spec)
+        self.residual, self.payload = sent.residual, sent.payload
+        self.encoded = applied(start, sent.decoded)
         self.start = None
 
     def adopt(self, state: Mapping[str, torch.Tensor]) -> None:

@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from cotune.algorithms.compression import Compression, applied, unpacked
 from cotune.algorithms.ranks import rank_of, rank_slice
 from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
@@ -243,7 +244,10 @@ class FlowerClients:
         job = replace(self.job(round_), steps=steps)
         bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
         device = next(iter(next(iter(adapters.values())).values())).device  # the loop's adapters' device
-        got = decoded(self.exchange(round_, p.TRAIN, bodies), lambda body: upload(body, device))
+        spec = Compression.of(self.cfg)
+        got = decoded_each(
+            self.exchange(round_, p.TRAIN, bodies), lambda i, body: upload(body, device, adapters[i], spec)
+        )
         for i in got.ok:
             self.note_trained(i, round_)
         return TrainReplies(got.ok, got.failed)
@@ -346,18 +350,35 @@ def report(body: RecordDict, kind: type[R]) -> R:
     return p.decode(body.config_records[p.REPORT], kind)
 
 
-def upload(body: RecordDict, device: torch.device) -> Upload:
-    """A train reply: the trained adapter (moved to `device`) and its report."""
-    state = {k: v.to(device) for k, v in p.record_to_tensors(body.array_records[p.ADAPTER]).items()}
+def upload(body: RecordDict, device: torch.device, sent: AdapterState, spec: Compression) -> Upload:
+    """A train reply: the trained adapter (moved to `device`) and its report. With federation.compress
+    the node sends its encoded update instead, and the upload is the adapter it was `sent` plus that
+    update decoded (the sum the node computed too)."""
+    if spec.off:
+        state = {k: v.to(device) for k, v in p.record_to_tensors(body.array_records[p.ADAPTER]).items()}
+    else:
+        if p.UPDATE not in body.array_records:
+            raise ValueError(
+                "a train reply without its compressed update (a node of another cotune version?)"
+            )
+        reference = {k: v.to(device) for k, v in sent.items()}
+        state = applied(
+            reference, unpacked(p.record_to_tensors(body.array_records[p.UPDATE]), reference, spec)
+        )
     return Upload(state, report(body, TrainReport))
 
 
 def decoded(got: Replies[RecordDict], decode: Callable[[RecordDict], R]) -> Replies[R]:
     """Each reply's payload; a reply that does not decode makes its client a failed one (named why)."""
+    return decoded_each(got, lambda i, body: decode(body))
+
+
+def decoded_each(got: Replies[RecordDict], decode: Callable[[int, RecordDict], R]) -> Replies[R]:
+    """`decoded`, with each reply's client index given to `decode`."""
     out: Replies[R] = Replies(failed=dict(got.failed))
     for i, body in got.ok.items():
         try:
-            out.ok[i] = decode(body)
+            out.ok[i] = decode(i, body)
         except (ValueError, KeyError) as e:
             out.failed[i] = f"unreadable reply: {e}"
     return out

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, contextmanager
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from cotune.algorithms.compression import packed
 from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice
 from cotune.runtime.flower import protocol as p
 from cotune.runtime.flower import secagg
@@ -125,9 +126,13 @@ def train(message: Message, context: Context) -> Message:
         adopt_sent(node, message)
         report = node.work.train(job.steps)  # None (FedCoLLM): its own budget (local_epochs: its data)
         save(node, job)
-        # its upload: the adapter, or with federation.compress what the server decodes of its update
+        payload = node.work.payload  # with federation.compress, its round update as encoded
+        if payload is not None:
+            return reply(
+                message, {p.UPDATE: p.tensors_to_record(packed(payload)), p.REPORT: p.encode(report)}
+            )
         return reply(
-            message, {p.ADAPTER: p.tensors_to_record(node.work.upload()), p.REPORT: p.encode(report)}
+            message, {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.REPORT: p.encode(report)}
         )
 
 

@@ -37,6 +37,9 @@ PREDICT = "query.predict"  # prediction trust: top-k logits of the local adapter
 # ---- record keys ------------------------------------------------------------------------------------
 JOB = "cotune.job"  # ConfigRecord: algorithm family, config YAML + fingerprint, round, action arguments
 ADAPTER = "cotune.adapter"  # ArrayRecord: one adapter, keyed as a saved peft adapter
+# ArrayRecord: a trained client's round update as federation.compress encodes it (compression.packed), in
+# place of its adapter: the server adds it to the adapter it sent
+UPDATE = "cotune.update"
 PEER_PREFIX = "cotune.peer."  # ArrayRecord per peer adapter: cotune.peer.<client index>
 REPORT = "cotune.report"  # ConfigRecord: a reply's typed payload (`encode`): report or description
 LOGITS = "cotune.logits"  # ArrayRecord: <batch>.values / <batch>.indices of the top-k logits
