@@ -99,6 +99,19 @@ def test_nf4_error_bound_and_levels():
     assert (y - x).abs().max() > 0  # lossy indeed
 
 
+@pytest.mark.parametrize("codec", ["none", "fp16", "bf16", "int8", "nf4"])
+def test_every_codec_is_idempotent(codec):
+    """What a receiver decodes encodes again to the same payload and decodes to the same bits, so the
+    server can keep an adapter as its clients decode it and send it again (on Flower, encoded)."""
+    spec = Compression(codec=codec, block=16)
+    for seed in range(20):
+        x = sample(1000, seed) * (10.0 ** (seed % 7 - 3))
+        x[:16] = 0.0  # an all-zero block
+        once = decode(encode(x, spec), 16)
+        twice = decode(encode(once, spec), 16)
+        assert torch.equal(once, twice), seed
+
+
 def test_topk_keeps_the_largest_entries():
     x = torch.tensor([0.1, -5.0, 0.2, 3.0, -0.05, 0.0])
     y = decode(encode(x, Compression(topk=0.3), sparsify=True), 64)  # ceil(1.8) = 2 entries, float32

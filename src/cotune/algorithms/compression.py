@@ -4,12 +4,17 @@ Codecs (`federation.compress.codec`), each a pure function pair on one tensor, w
 what it sends:
 
 - `fp16`, `bf16`: 2 bytes a weight.
-- `int8`: per block of `block` weights, a float32 scale s = absmax / 127 and each weight as round(x / s)
-  in int8: n + 4 * ceil(n / block) bytes; the error of a weight is at most s / 2.
+- `int8`: per block of `block` weights, its float32 absmax and each weight as q = round(127 x / absmax) in
+  int8, decoded as (q / 127) * absmax: n + 4 * ceil(n / block) bytes; the error of a weight is at most half
+  a step, absmax / 254.
 - `nf4`: QLoRA's NormalFloat-4 code book (16 levels at normal quantiles, exact 0, in [-1, 1]), per block a
   float32 absmax and each weight as the index of the level nearest x / absmax, two indices a byte:
   ceil(n / 2) + 4 * ceil(n / block) bytes; the error of a weight is at most half the widest gap between
   levels times the block's absmax (`NF4_MAX_ERROR`).
+
+Every codec is idempotent: what one decodes encodes again to the same payload (a block's largest weight
+decodes to exactly its absmax: q = ±127 gives ±1 times it, as NF4's level ±1 does), so an adapter kept as
+its receivers decode it can be sent again, encoded, and arrive with the same bits.
 
 A round's update (upload - what the client was sent) can also be sparsified (`topk`): each tensor sends its
 ceil(topk * n) largest-magnitude entries, their values through the codec and their positions as int32.
@@ -138,10 +143,9 @@ def encode_values(x: Tensor, codec: Codec, block: int) -> tuple[Tensor, ...]:
     blocks = blocked(x, block)
     absmax = blocks.abs().amax(dim=1)
     if codec == "int8":
-        scale = absmax / 127
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(blocks / safe.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-        return (q.flatten()[: x.numel()], scale)
+        safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        q = torch.round(blocks / safe.unsqueeze(1) * 127).clamp_(-127, 127).to(torch.int8)
+        return (q.flatten()[: x.numel()], absmax)
     if codec == "nf4":
         safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
         levels = torch.tensor(NF4_LEVELS)
@@ -160,8 +164,8 @@ def decode_values(parts: tuple[Tensor, ...], codec: Codec, block: int, n: int) -
     if codec in ("none", "fp16", "bf16"):
         return parts[0].float()
     if codec == "int8":
-        q, scale = parts
-        return (blocked(q.float(), block) * scale.unsqueeze(1)).flatten()[:n]
+        q, absmax = parts
+        return (blocked(q.float() / 127, block) * absmax.unsqueeze(1)).flatten()[:n]
     if codec == "nf4":
         packed, absmax = parts
         idx = torch.stack([packed & 0x0F, packed >> 4], dim=1).flatten()[:n].long()
