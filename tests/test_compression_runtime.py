@@ -103,13 +103,32 @@ def test_int8_on_flower_gives_the_embedded_adapters(corpus_dir, tmp_path, strate
         )
     )
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
-    grid = InProcessGrid(cfg.federation.clients)
+    sent: list[int] = []
+    grid = InProcessGrid(cfg.federation.clients, watch_downlink(sent))
     assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
     assert same(adapters(embedded), adapters(tmp_path / "flower"))
     rows = comm(embedded)
     assert rows == comm(tmp_path / "flower")
-    # what a node sends back is the encoded update, of exactly the bytes the comm records count
+    # what travels is encoded, of exactly the bytes the comm records count: each update a node sends
+    # back, and every adapter the server sends (their shapes beside them are framing)
     assert uploaded_bytes(grid) == [r["bytes_up"] for r in rows]
+    assert sum(sent) == sum(r["bytes_down"] for r in rows)
+
+
+def watch_downlink(sent: list[int]):
+    """A fate that answers normally and adds each message's adapter payload bytes to `sent`."""
+    from cotune.runtime.flower import protocol as p
+
+    def fate(i: int, msg) -> None:
+        if p.JOB in msg.content and p.job_of(msg).round == 0:  # round 0's evaluation: no comm records
+            return
+        for name, record in msg.content.array_records.items():
+            if name == p.ADAPTER or name.startswith(p.PEER_PREFIX):
+                tensors = p.record_to_tensors(record)
+                assert any(k.endswith("::shape") for k in tensors)  # encoded, not float32
+                sent.append(sum(t.numel() * t.element_size() for k, t in tensors.items() if "::part" in k))
+
+    return fate
 
 
 def uploaded_bytes(grid) -> list[int]:
@@ -135,13 +154,15 @@ def test_fedcollm_fedavg_compressed_on_flower_gives_the_embedded_adapters(task_f
     fed = {"compress": {"codec": codec, "block": 32, "topk": 0.25}}
     cfg = config_from_dict(tree(task_file, tmp_path, "fedavg", run={"threads": 1}, federation=fed))
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
-    grid = InProcessGrid(cfg.federation.clients)
+    sent: list[int] = []
+    grid = InProcessGrid(cfg.federation.clients, watch_downlink(sent))
     assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
     ours, theirs = adapters(embedded, "*"), adapters(tmp_path / "flower", "*")
     assert "server" in ours and same(ours, theirs)
     rows = comm(embedded)
     assert rows == comm(tmp_path / "flower")
     assert uploaded_bytes(grid) == [r["bytes_up"] for r in rows]
+    assert sum(sent) == sum(r["bytes_down"] for r in rows)
     spec = Compression(codec=codec, block=32, topk=0.25)
     theta = ours["server"]
     assert all(r["bytes_down"] == state_size(theta, spec) for r in rows)

@@ -51,9 +51,11 @@ __all__ = [
     "encode",
     "encoded_size",
     "packed",
+    "packed_adapter",
     "roundtrip_state",
     "state_size",
     "unpacked",
+    "unpacked_adapter",
 ]
 
 # QLoRA (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 table): the 16 NormalFloat-4 levels.
@@ -330,6 +332,35 @@ def unpacked(
     if extra:
         raise ValueError(f"a compressed update with {len(extra)} tensor(s) the adapter does not have")
     return out
+
+
+SHAPE = "::shape"  # a whole adapter's tensor shape (int64), beside its payload
+
+
+def packed_adapter(state: Mapping[str, Tensor], spec: Compression) -> dict[str, Tensor]:
+    """An adapter sent whole (the server's reply), encoded, as named tensors with each tensor's shape
+    (framing: not counted in `state_size`). Float32 tensors only: another dtype (a bf16 pool) travels as
+    it is, since its decoded values were cast and need not encode to the same bits again."""
+    if any(t.dtype != torch.float32 for t in state.values()):
+        return dict(state)
+    out: dict[str, Tensor] = {}
+    for key, t in state.items():
+        out.update(packed({key: encode(t, spec)}))
+        out[f"{key}{SHAPE}"] = torch.tensor(t.shape, dtype=torch.int64)
+    return out
+
+
+def unpacked_adapter(tensors: Mapping[str, Tensor], spec: Compression) -> AdapterState:
+    """The adapter a `packed_adapter` message encodes (or the adapter itself, sent as it is)."""
+    if not any(name.endswith(SHAPE) for name in tensors):
+        return dict(tensors)
+    shapes = {
+        name[: -len(SHAPE)]: tuple(int(d) for d in t.tolist())
+        for name, t in tensors.items()
+        if name.endswith(SHAPE)
+    }
+    reference = {key: torch.empty(shape) for key, shape in shapes.items()}
+    return unpacked({k: v for k, v in tensors.items() if not k.endswith(SHAPE)}, reference, spec)
 
 
 def encode_sizes(n: int, spec: Compression) -> tuple[int, ...]:

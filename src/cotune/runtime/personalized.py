@@ -261,7 +261,8 @@ class PersonalizedLoop:
         rows: dict[int, tuple[float, ...]] | None = None
         predictions: dict[int, Prediction] | None = None
         if "perplexity" in need:  # every client receives every peer's adapter
-            peers = {i: self.adapters[i] for i in sent}
+            # the uploads, forwarded as the codec's receivers decode them (as they are without compression)
+            peers = dict(zip(sent, self.replied([self.adapters[i] for i in sent]), strict=True))
             self.traffic.down({i: sum(self.traffic.adapter_bytes(a) for a in peers.values()) for i in sent})
             replies = self.clients.evaluate_peers(r, peers, s.val_batches, done)
             self.members.note_failures(r, "evidence", replies)
@@ -341,8 +342,8 @@ class PersonalizedLoop:
             # every client's base takes it, so each is counted once for it, in the round it is made (on
             # Flower a client not asked this round gets it with its next message)
             self.traffic.down({i: self.traffic.adapter_bytes(update) for i in range(self.n)})
-        if own is not None:
-            self.adapters = [own] * self.n
+        if own is not None:  # kept as the clients decode it (sent again, encoded, it arrives the same)
+            self.adapters = self.replied([own]) * self.n
         elif rule == "update":
             fresh = wide_initialisation(
                 self.adapters[0], self.cfg.lora.max_rank, torch_generator("flora", self.cfg.run.seed, r)
@@ -426,9 +427,10 @@ class PersonalizedLoop:
         return [done[id(a)] for a in adapters]
 
     def send(self, clients: list[int]) -> dict[int, AdapterState]:
-        """Each client's own adapter, as a message to it (counted in this round's traffic)."""
+        """Each client's own adapter, as a message to it (counted in this round's traffic), as the client
+        decodes it (the same values again for a reply the loop keeps decoded; an upload, re-encoded)."""
         self.traffic.down({i: self.traffic.adapter_bytes(self.adapters[i]) for i in clients})
-        return {i: self.adapters[i] for i in clients}
+        return dict(zip(clients, self.replied([self.adapters[i] for i in clients]), strict=True))
 
     # ---- state ----------------------------------------------------------------------------------------
     def checkpoint(self, r: int, scaffold: Mapping[str, Any]) -> None:

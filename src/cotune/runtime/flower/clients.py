@@ -78,6 +78,7 @@ class FlowerClients:
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg, self.grid, self.family = cfg, grid, family
+        self.compression = Compression.of(cfg)  # how adapters travel (federation.compress)
         self.settings = settings or ServerSettings.from_config(cfg)
         self.say = say or (lambda text: print(text, flush=True))
         self.config_yaml = dump_config(cfg)
@@ -242,11 +243,14 @@ class FlowerClients:
         if secure_weights is not None:
             return self.secure_train(round_, adapters, secure_weights)
         job = replace(self.job(round_), steps=steps)
-        bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        bodies = {
+            i: self.body(i, job, {p.ADAPTER: p.adapter_record(a, self.compression)})
+            for i, a in adapters.items()
+        }
         device = next(iter(next(iter(adapters.values())).values())).device  # the loop's adapters' device
-        spec = Compression.of(self.cfg)
         got = decoded_each(
-            self.exchange(round_, p.TRAIN, bodies), lambda i, body: upload(body, device, adapters[i], spec)
+            self.exchange(round_, p.TRAIN, bodies),
+            lambda i, body: upload(body, device, adapters[i], self.compression),
         )
         for i in got.ok:
             self.note_trained(i, round_)
@@ -290,7 +294,10 @@ class FlowerClients:
         self, round_: int, adapters: Mapping[int, AdapterState], on_done: OnDone | None = None
     ) -> Replies[EvalReport]:
         job = self.job(round_)
-        bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        bodies = {
+            i: self.body(i, job, {p.ADAPTER: p.adapter_record(a, self.compression)})
+            for i, a in adapters.items()
+        }
         got = self.exchange(round_, p.EVALUATE, bodies, on_done)
         return decoded(got, lambda body: report(body, EvalReport))
 
@@ -301,7 +308,7 @@ class FlowerClients:
         val_batches: int,
         on_done: OnDone | None = None,
     ) -> Replies[PeerScores]:
-        peers = {f"{p.PEER_PREFIX}{j}": p.tensors_to_record(a) for j, a in adapters.items()}
+        peers = {f"{p.PEER_PREFIX}{j}": p.adapter_record(a, self.compression) for j, a in adapters.items()}
         job = replace(self.job(round_), peers=p.PeerArgs(tuple(adapters), val_batches))
         bodies = {i: self.body(i, job, peers) for i in adapters}
         got = self.exchange(round_, p.EVALUATE_PEERS, bodies, on_done)
@@ -318,7 +325,10 @@ class FlowerClients:
     ) -> Replies[Prediction]:
         """A node predicts with the adapter it holds, which is the one the loop holds for it."""
         job = replace(self.job(round_), predict=p.PredictArgs(batches, batch_size, k))
-        bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        bodies = {
+            i: self.body(i, job, {p.ADAPTER: p.adapter_record(a, self.compression)})
+            for i, a in adapters.items()
+        }
         return decoded(self.exchange(round_, p.PREDICT, bodies, on_done), p.prediction_of)
 
     def note_trained(self, client: int, round_: int) -> None:

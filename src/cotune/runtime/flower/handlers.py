@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, contextmanager
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from cotune.algorithms.compression import packed
+from cotune.algorithms.compression import Compression, packed
 from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice
 from cotune.runtime.flower import protocol as p
 from cotune.runtime.flower import secagg
@@ -109,7 +109,7 @@ def reply(message: Message, records: dict[str, ArrayRecord | ConfigRecord]) -> M
 
 def adopt_sent(node: Node, message: Message) -> None:
     if p.ADAPTER in message.content.array_records:
-        node.adopt(p.record_to_tensors(message.content.array_records[p.ADAPTER]))
+        node.adopt(p.adapter_of(message.content.array_records[p.ADAPTER], Compression.of(node.cfg)))
 
 
 @node_app.query("describe")
@@ -150,7 +150,8 @@ def evaluate_peers(message: Message, context: Context) -> Message:
         if asked is None:
             raise ValueError("an evaluate.peers message without its peers")
         records = message.content.array_records
-        adapters = [p.record_to_tensors(records[f"{p.PEER_PREFIX}{j}"]) for j in asked.peers]
+        spec = Compression.of(node.cfg)
+        adapters = [p.adapter_of(records[f"{p.PEER_PREFIX}{j}"], spec) for j in asked.peers]
         row = node.work.peer_perplexity(adapters, asked.val_batches)
         return reply(message, {p.REPORT: p.encode(row)})
 
