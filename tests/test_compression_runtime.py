@@ -167,3 +167,18 @@ def test_fedcollm_fedavg_compressed_on_flower_gives_the_embedded_adapters(task_f
     theta = ours["server"]
     assert all(r["bytes_down"] == state_size(theta, spec) for r in rows)
     assert all(r["bytes_up"] == state_size(theta, spec, sparsify=True) for r in rows)
+
+
+def test_clients_trained_together_encode_their_updates_as_alone(corpus_dir, tmp_path):
+    """federation.parallel_clients: each client of a shared step still encodes its own update."""
+    fed = {"compress": {"codec": "nf4", "block": 16, "topk": 0.3}}
+    (alone,) = run_experiment(personalized(corpus_dir, tmp_path, "alone", **fed))
+    (together,) = run_experiment(personalized(corpus_dir, tmp_path, "together", parallel_clients=2, **fed))
+    plain = personalized(corpus_dir, tmp_path, "plain", parallel_clients=2)
+    (uncompressed,) = run_experiment(plain)
+    assert comm(alone) == comm(together)
+    a, b = adapters(alone), adapters(together)
+    assert (
+        max(float((a[c][k] - b[c][k]).abs().max()) for c in a for k in a[c]) < 1e-5
+    )  # shared steps' rounding
+    assert not same(adapters(uncompressed), b)
