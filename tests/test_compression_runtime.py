@@ -17,6 +17,7 @@ from tests.test_cotuning import task_file, tree  # noqa: F401  (task_file is a f
 from cotune.algorithms.compression import Compression, state_size
 from cotune.config import config_from_dict
 from cotune.reporting.metrics import read_metrics
+from cotune.reporting.report import write_report
 from cotune.runtime.checkpoint import latest_checkpoint
 from cotune.runtime.experiment import resume_experiment, run_experiment
 
@@ -182,3 +183,13 @@ def test_clients_trained_together_encode_their_updates_as_alone(corpus_dir, tmp_
         max(float((a[c][k] - b[c][k]).abs().max()) for c in a for k in a[c]) < 1e-5
     )  # shared steps' rounding
     assert not same(adapters(uncompressed), b)
+
+
+def test_the_report_names_each_compressed_runs_encoding(corpus_dir, tmp_path):
+    fed = {"compress": {"codec": "int8", "topk": 0.1}}
+    (run,) = run_experiment(personalized(corpus_dir, tmp_path, "int8", **fed))
+    text = write_report([run]).read_text()
+    assert "Compressed exchanges (federation.compress; bytes as encoded)" in text
+    assert "int8, 64-weight blocks, the top 10% of each update with error feedback" in text
+    (plain,) = run_experiment(personalized(corpus_dir, tmp_path, "plain"))
+    assert "Compressed exchanges" not in write_report([plain]).read_text()
