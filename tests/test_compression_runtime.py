@@ -193,3 +193,32 @@ def test_the_report_names_each_compressed_runs_encoding(corpus_dir, tmp_path):
     assert "int8, 64-weight blocks, the top 10% of each update with error feedback" in text
     (plain,) = run_experiment(personalized(corpus_dir, tmp_path, "plain"))
     assert "Compressed exchanges" not in write_report([plain]).read_text()
+
+
+@pytest.mark.slow
+def test_a_compressed_flower_run_resumes_with_each_nodes_residual(corpus_dir, tmp_path):
+    """On Flower the residual lives on each node's disk with its optimizer state: a ServerApp that died in
+    round 3 resumes (fresh node contexts) and ends with the uninterrupted embedded run's adapters."""
+    pytest.importorskip("flwr")
+    from tests.test_flower import (
+        InProcessGrid,
+        ServerKilled,
+        _killed_in_round,
+        _resume_in_process,
+        _run_flower_in_process,
+    )
+
+    cfg = config_from_dict(
+        tiny_tree(
+            corpus_dir,
+            tmp_path,
+            run={"threads": 1},
+            federation={"rounds": 3, "compress": {"codec": "int8", "topk": 0.05}},
+        )
+    )
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    run_dir = tmp_path / "flower"
+    with pytest.raises(ServerKilled):  # in round 3, after some nodes trained it
+        _run_flower_in_process(cfg, run_dir, InProcessGrid(4, _killed_in_round(3)))
+    assert _resume_in_process(cfg, run_dir, InProcessGrid(4, run_id=8)) == "completed"
+    assert same(adapters(embedded), adapters(run_dir))
