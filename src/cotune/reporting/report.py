@@ -1098,9 +1098,12 @@ def _cotuning_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[s
 
 
 def compression_note(run: RunSummary) -> str | None:
-    """How a run's adapters travelled, when compressed (`federation.compress`), else None."""
+    """How a run's adapters travelled, when compressed (`federation.compress`), else None (also for a
+    run whose config names a codec but that moved nothing: the local main run of a comparison)."""
     c = config_value(run.config, "federation.compress")
     if not isinstance(c, Mapping) or (c.get("codec", "none") == "none" and c.get("topk") is None):
+        return None
+    if not run.comm or moves_nothing(run):
         return None
     codec = str(c.get("codec", "none"))
     what = {"none": "float32 values", "fp16": "fp16", "bf16": "bf16"}.get(
