@@ -136,6 +136,13 @@ Algorithm = Literal["personalized", FedCoLLMAlgorithm]
 Aggregator = Literal["mean", "median", "trimmed_mean"]
 # The FedAvg step's client weights (federation.weighting): n_k (local examples) or uniform.
 Weighting = Literal["examples", "uniform"]
+# How an adapter travels (federation.compress.codec): as it is (float32), half precision, 8 bits per weight
+# with a float32 scale per block, or 4-bit NF4 levels (QLoRA) with a float32 absmax per block
+Codec = Literal["none", "fp16", "bf16", "int8", "nf4"]
+BLOCK_CODECS: Final[frozenset[str]] = frozenset({"int8", "nf4"})  # the codecs that read a block size
+# The FedCoLLM-family algorithms whose clients exchange adapters with the server (algorithms.fedcollm.PLANS'
+# rows with `aggregate`): the others have nothing to compress
+EXCHANGING_ALGORITHMS: Final[tuple[FedCoLLMAlgorithm, ...]] = ("fedcollm", "fedavg", "fedavg_ft")
 # Which trust scores a personalized client's softmax keeps (strategy.selection; algorithms.trust).
 Selection = Literal["all", "topk", "threshold"]
 # The FedCoLLM family's two models: the small one every client trains, the server's large one. Within a

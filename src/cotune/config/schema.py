@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from cotune.config.names import (
+    BLOCK_CODECS,
+    EXCHANGING_ALGORITHMS,
     FAMILY_FEDERATION_FIELDS,
     FAMILY_SECTIONS,
     FEDCOLLM_ALGORITHMS,
@@ -22,6 +24,7 @@ from cotune.config.names import (
     Aggregator,
     Algorithm,
     AttackKind,
+    Codec,
     Family,
     FaultKind,
     Selection,
@@ -441,6 +444,62 @@ class TrainConfig(Section):
         return self
 
 
+DEFAULT_BLOCK = 64
+
+
+class CompressConfig(Section):
+    """How adapters travel between the server and the clients (off by default: float32, as trained).
+
+    Written as a mapping, or as a codec's name alone (`compress: int8`, `compress: none`)."""
+
+    codec: Codec = Field(
+        "none",
+        description="none (float32), fp16, bf16, int8 (a float32 scale per block) or nf4 (QLoRA's 4-bit "
+        "NormalFloat levels, a float32 absmax per block): both directions, the server's reply and each "
+        "client's update",
+    )
+    block: PositiveInt = Field(
+        DEFAULT_BLOCK, description="int8 / nf4: weights per block sharing one scale (4 bytes each)"
+    )
+    topk: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="send only this fraction of each tensor of a client's round update, its largest entries "
+        "(values through the codec, positions as int32); the server's reply is never sparsified",
+    )
+    error_feedback: bool = Field(
+        True,
+        description="each client keeps what the encoding dropped of its update and adds it to the next "
+        "(its own state, checkpointed with its optimizer)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _codec_alone(cls, data: Any) -> Any:
+        """`compress: int8` stands for `compress: {codec: int8}`."""
+        return {"codec": data} if isinstance(data, str) else data
+
+    @property
+    def off(self) -> bool:
+        return self.codec == "none" and self.topk is None
+
+    @model_validator(mode="after")
+    def _settings_it_reads(self) -> CompressConfig:
+        # compared with the defaults, not model_fields_set: a saved config.yaml spells out every field
+        if self.block != DEFAULT_BLOCK and self.codec not in BLOCK_CODECS:
+            raise ValueError(
+                f"federation.compress.block {self.block}: codec {self.codec!r} has no blocks; set codec "
+                f"int8 or nf4, or remove block"
+            )
+        if not self.error_feedback and self.off:
+            raise ValueError(
+                "federation.compress.error_feedback false: compression is off (codec none, no topk), so "
+                "nothing is dropped to feed back; set a codec or topk, or remove it"
+            )
+        return self
+
+
 class FederationConfig(Section):
     """The federation's schedule: clients, rounds, who takes part and how long they may take."""
 
@@ -493,6 +552,11 @@ class FederationConfig(Section):
         False,
         description="flower backend, fedcollm/fedavg algorithms: the FedAvg step runs SecAgg+ (the server "
         "sees only the weighted mean of the uploads); the embedded runtime computes the same mean in clear",
+    )
+    compress: CompressConfig = Field(
+        CompressConfig(),
+        description="compressed exchanges (codec, block, topk, error_feedback); the comm records count the "
+        "encoded bytes",
     )
 
     @property
@@ -860,6 +924,16 @@ class ExperimentConfig(Section):
         return r % self.run.eval_every == 0 or r == self.federation.rounds
 
     @property
+    def exchanges(self) -> bool:
+        """Whether adapters travel between the server and the clients in this run (not in its
+        `run.compare` siblings): what `federation.compress` needs to have any effect."""
+        return self.variant_exchanges(self.algorithm if self.is_cotuning else self.strategy.name)
+
+    def variant_exchanges(self, name: str) -> bool:
+        """Whether the strategy (personalized) or algorithm (FedCoLLM family) `name` exchanges adapters."""
+        return name in EXCHANGING_ALGORITHMS if self.is_cotuning else strategy_spec(name).exchanges
+
+    @property
     def is_cotuning(self) -> bool:
         """The FedCoLLM family (SPEC A) rather than personalized fine-tuning (SPEC B)."""
         return self.family == "fedcollm"
@@ -937,6 +1011,7 @@ class ExperimentConfig(Section):
         if self.federation.min_clients is not None and self.federation.min_clients > n:
             raise ValueError(f"federation.min_clients {self.federation.min_clients} > federation.clients {n}")
         self._check_parallel_clients()
+        self._check_compress()
         self._check_owned_data()
         self._check_ranks()
         return self
@@ -989,6 +1064,23 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "prediction trust compares the clients on a public reference set: with data.clients, give "
                 "it as data.public (the same files for every client)"
+            )
+
+    def _check_compress(self) -> None:
+        """Compression needs an exchange to compress, and one the server decodes itself (not SecAgg+'s)."""
+        if self.federation.compress.off:
+            return
+        if self.federation.secure_aggregation:
+            raise ValueError(
+                "federation.compress with federation.secure_aggregation: SecAgg+ sends its own masked, "
+                "quantized vectors, not the codec's; use one of the two"
+            )
+        first: str = self.algorithm if self.is_cotuning else self.strategy.name
+        variants: list[str] = [first, *self.run.compare]
+        if not any(self.variant_exchanges(v) for v in variants):
+            raise ValueError(
+                f"federation.compress: {', '.join(variants)} exchange(s) no adapter, so there is nothing to "
+                "compress; remove federation.compress"
             )
 
     def _check_parallel_clients(self) -> None:

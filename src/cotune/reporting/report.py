@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -1069,6 +1069,7 @@ def _ppl_markdown(
                 f"Nothing travels in {', '.join(quiet)}: each client keeps its own adapter (0 bytes).",
                 "",
             ]
+        parts += compression_lines(traffic)
     return parts
 
 
@@ -1116,7 +1117,38 @@ def _cotuning_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[s
     ]
     header, rows = comm_rows(runs)
     parts += [_md_table(header, rows), ""]
+    parts += compression_lines(runs)
     return parts
+
+
+def compression_note(run: RunSummary) -> str | None:
+    """How a run's adapters travelled, when compressed (`federation.compress`), else None (also for a
+    run whose config names a codec but that moved nothing: the local main run of a comparison)."""
+    c = config_value(run.config, "federation.compress")
+    if not isinstance(c, Mapping) or (c.get("codec", "none") == "none" and c.get("topk") is None):
+        return None
+    if not run.comm or moves_nothing(run):
+        return None
+    codec = str(c.get("codec", "none"))
+    what = {"none": "float32 values", "fp16": "fp16", "bf16": "bf16"}.get(
+        codec, f"{codec}, {c.get('block')}-weight blocks"
+    )
+    if c.get("topk") is not None:
+        what += f", the top {100 * float(c['topk']):.3g}% of each update"
+        what += " with error feedback" if c.get("error_feedback", True) else " without error feedback"
+    return what
+
+
+def compression_lines(runs: Sequence[RunSummary]) -> list[str]:
+    """A line naming each compressed run's encoding (its bytes are the encoded payload's)."""
+    notes = [
+        f"{label}: {note}"
+        for run, label in zip(runs, unique_labels(runs), strict=True)
+        if (note := compression_note(run)) is not None
+    ]
+    if not notes:
+        return []
+    return [f"Compressed exchanges (federation.compress; bytes as encoded): {'; '.join(notes)}.", ""]
 
 
 def _mc_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[str]:

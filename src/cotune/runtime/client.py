@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
+from cotune.algorithms.compression import Compression, Encoded, applied, compress_update
 from cotune.algorithms.ranks import rank_of
+from cotune.algorithms.robust import update_delta
 from cotune.data.windows import Rows
 from cotune.evaluation.generation import Decode, GenRequest, evaluate_generation, gen_samples
 from cotune.evaluation.lm import IGNORE_INDEX, evaluate_lm, evaluate_lm_through, lm_batch
 from cotune.runtime.port import ClientInfo, EvalReport, GenScores, PeerScores, Prediction, TrainReport
-from cotune.state import AdapterState, state_digest
+from cotune.state import AdapterState, copied, state_digest
 from cotune.training.learner import Learner, StepLog
 from cotune.training.together import train_together
 
@@ -80,7 +82,9 @@ class ClientWork:
     reference set for prediction trust when asked (built lazily: only that strategy needs it);
     `budget` is the client's own steps per round where it decides them (FedCoLLM's local_epochs
     depend on its data); `info` is its description for the server (`setup.client_info`); `memo`, where
-    given, keeps its evaluations by adapter weights (`EvalMemo`).
+    given, keeps its evaluations by adapter weights (`EvalMemo`); `compression`, where on
+    (`federation.compress`), how its round update leaves it (`upload`), the error-feedback residual it
+    keeps being part of its trainer state.
     """
 
     def __init__(
@@ -97,9 +101,15 @@ class ClientWork:
         requests: Sequence[GenRequest] = (),
         decoding: Decoding | None = None,
         memo: EvalMemo | None = None,
+        compression: Compression | None = None,
     ) -> None:
         self.index, self.learner, self.val, self.test = index, learner, val, test
         self.memo = memo
+        self.compression = compression if compression is not None and not compression.off else None
+        self.residual: AdapterState | None = None  # what the encoding dropped of its updates so far
+        self.start: AdapterState | None = None  # its adapter as the round's training began (as sent)
+        self.encoded: AdapterState | None = None  # the round's upload as the server decodes it
+        self.payload: dict[str, Encoded] | None = None  # the round's update as it travels
         self.requests, self.decoding = list(requests), decoding
         self._public = public
         self.eval_batch_size, self.budget = eval_batch_size, budget
@@ -122,8 +132,29 @@ class ClientWork:
 
     def upload(self) -> AdapterState:
         """Its adapter as it is now, not copied (N simulated clients hold no second copy of their uploads):
-        valid until this client's slot is written again, by its next exchange."""
+        valid until this client's slot is written again, by its next exchange. With compression, what
+        the server decodes of the round's update: the adapter it was sent + the decoded update."""
+        if self.encoded is not None:
+            return self.encoded
         return self.pool.view(self.learner.slot)
+
+    # ---- the round's update on the wire (federation.compress) -----------------------------------------
+    def begin_update(self) -> None:
+        """Before its local steps: what it was sent, the reference its update is taken from."""
+        if self.compression is not None:
+            self.start, self.encoded, self.payload = copied(self.adapter()), None, None
+
+    def finish_update(self) -> None:
+        """After its local steps, the one place an update leaves a client: encoded (with the residual of
+        its earlier rounds under error feedback), and what the server will decode of it kept as the
+        upload; the new residual stays here."""
+        spec, start = self.compression, self.start
+        if spec is None or start is None:
+            return
+        sent = compress_update(update_delta(self.adapter(), start), self.residual, spec)
+        self.residual, self.payload = sent.residual, sent.payload
+        self.encoded = applied(start, sent.decoded)
+        self.start = None
 
     def adopt(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load `state` in place (the optimizer keeps pointing at the same parameters)."""
@@ -134,7 +165,10 @@ class ClientWork:
     def train(self, steps: int | None = None, on_step: Callable[[float], None] | None = None) -> TrainReport:
         """Local steps on its own data (`steps`, else its own budget); the round's training metrics."""
         n = self.steps(steps)
-        return self.train_report(self.learner.train(n, on_step), n)
+        self.begin_update()
+        log = self.learner.train(n, on_step)
+        self.finish_update()
+        return self.train_report(log, n)
 
     def steps(self, steps: int | None) -> int:
         """The round's `steps`, else the client's own budget."""
@@ -265,15 +299,26 @@ class ClientWork:
 
     # ---- trainer state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return self.learner.state_dict()
+        """Its learner's state, and under error feedback the residual it has not sent yet."""
+        state = self.learner.state_dict()
+        if self.residual is not None:
+            state[RESIDUAL] = {k: v.detach().cpu() for k, v in self.residual.items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.learner.load_state_dict(state)
+        residual = state.get(RESIDUAL)
+        self.residual = (
+            None if residual is None else {k: v.to(self.learner.device) for k, v in residual.items()}
+        )
+        self.learner.load_state_dict({k: v for k, v in state.items() if k != RESIDUAL})
 
     def _val(self) -> Rows:
         if self.val is None:
             raise ValueError("this client has no validation windows to evaluate on")
         return self.val
+
+
+RESIDUAL = "compression_residual"  # the error-feedback residual's key in a client's trainer state
 
 
 def train_works_together(
@@ -282,5 +327,9 @@ def train_works_together(
     """The local steps of several clients of one adapter pool as shared forward/backward passes
     (federation.parallel_clients): each ends as if it had trained alone; its metrics as `train`'s."""
     budgets = [work.steps(steps) for work in works]
+    for work in works:
+        work.begin_update()
     logs = train_together([work.learner for work in works], budgets, on_step)
+    for work in works:
+        work.finish_update()
     return [work.train_report(log, n) for work, log, n in zip(works, logs, budgets, strict=True)]

@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
+from cotune.algorithms.compression import Compression, roundtrip_state
 from cotune.algorithms.fedcollm import check_payload, fedavg_weights, plan_of
 from cotune.config.names import ROLES, Role
 from cotune.config.schema import ExperimentConfig
@@ -72,7 +73,7 @@ from cotune.runtime.port import Clients
 from cotune.runtime.rounds import RoundTimes, run_rounds
 from cotune.runtime.rundir import RunFiles, client_name, load_adapter
 from cotune.runtime.traffic import Traffic
-from cotune.state import AdapterState, copied, state_bytes, state_digest
+from cotune.state import AdapterState, copied, state_digest
 from cotune.training.distill import TeacherSignal, student_step, teacher_signal
 from cotune.training.learner import Learner
 from cotune.training.loop import Batch
@@ -517,6 +518,7 @@ class FedCoLLMLoop:
             raise ValueError(f"algorithm '{cfg.algorithm}' needs the server LLM")
         self.n = cfg.federation.clients
         self.full_slm_bytes = server.slm.base_bytes()
+        self.compression = Compression.of(cfg)  # federation.compress: how theta and the updates travel
         initial = server.slm.state(SERVER)
         self.slm_shapes = {k: v.shape for k, v in initial.items()}
         self.client_adapters: dict[int, AdapterState] = {k: dict(initial) for k in range(self.n)}
@@ -567,6 +569,8 @@ class FedCoLLMLoop:
         payload = self.server.slm.state(SERVER) if self.plan.broadcast else None
         if payload is not None:
             self.check(payload)
+            if not self.compression.off:  # the server's reply leaves it encoded: what the clients decode
+                payload = roundtrip_state(payload, self.compression)
         if not self.plan.local_training:
             return Trained(payload, {}, None)
         return Trained(payload, *self.train_clients(r, payload))
@@ -578,7 +582,7 @@ class FedCoLLMLoop:
         if plan.local_training and plan.aggregate:
             assert payload is not None
             updates, mean = trained.updates, trained.mean
-            self.log_traffic(r, updates, state_bytes(payload))
+            self.log_traffic(r, updates, payload)
             if mean is None:
                 ks = sorted(updates)
                 mean = self.pipeline.fedavg(
@@ -635,11 +639,11 @@ class FedCoLLMLoop:
             self.files.log(TrainRecord(model="slm", round=r, client=k, loss=up.report.loss, lr=up.report.lr))
         return updates, replies.mean
 
-    def log_traffic(self, r: int, updates: dict[int, AdapterState], down: int) -> None:
-        """theta down to each client that trained, its update back up."""
-        traffic = Traffic(self.full_slm_bytes)
-        traffic.down(dict.fromkeys(updates, down))
-        traffic.up({k: state_bytes(u) for k, u in updates.items()})
+    def log_traffic(self, r: int, updates: dict[int, AdapterState], payload: AdapterState) -> None:
+        """theta down to each client that trained, its update back up (as encoded, with compression)."""
+        traffic = Traffic(self.full_slm_bytes, compression=self.compression)
+        traffic.down(dict.fromkeys(updates, traffic.adapter_bytes(payload)))
+        traffic.up({k: traffic.update_bytes(u) for k, u in updates.items()})
         for comm in traffic.records(r):
             self.files.log(comm)
 

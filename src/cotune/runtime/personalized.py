@@ -10,13 +10,14 @@ client's adapter and asks its `Clients` port for the work.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from rich.console import Console
 
+from cotune.algorithms.compression import Compression, roundtrip_state
 from cotune.algorithms.personalized import TrustEvidence
 from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice, resize_rank
 from cotune.algorithms.trust import PredictionDistance
@@ -46,7 +47,7 @@ from cotune.runtime.rounds import RoundTimes, run_rounds
 from cotune.runtime.rundir import RunFiles, client_name, load_adapter
 from cotune.runtime.traffic import Traffic
 from cotune.seeds import torch_generator
-from cotune.state import AdapterState, copied, state_bytes
+from cotune.state import AdapterState, copied
 
 SaveAdapter = Callable[[AdapterState, Path], None]  # writes one adapter in PEFT format
 # The evidence that takes an exchange with every client (one answer each): the aggregation's progress unit
@@ -97,7 +98,8 @@ class PersonalizedLoop:
         self.cfg, self.clients, self.files = cfg, clients, files
         self.dropped = dropped
         # this round's bytes to and from each client (local: zeros, nothing of a client travels)
-        self.traffic = Traffic(model_bytes, travels=cfg.strategy.spec.exchanges)
+        self.compression = Compression.of(cfg)
+        self.traffic = Traffic(model_bytes, travels=cfg.strategy.spec.exchanges, compression=self.compression)
         self.save_adapter = save_adapter
         self.console = console or Console(stderr=True)
         self.n = cfg.federation.clients
@@ -106,6 +108,7 @@ class PersonalizedLoop:
             dict(initial) if cfg.lora.ranks is None else resize_rank(initial, cfg.lora.rank_of(i))
             for i in range(self.n)
         ]
+        self.adapters = self.replied(self.adapters)  # they reach the clients as the codec encodes them
         # FLoRA: the aggregates merged into every client's base so far, stacked (None: the original base)
         self.merging = cfg.strategy.spec.merge != "none"
         self.base: AdapterState | None = None
@@ -175,7 +178,9 @@ class PersonalizedLoop:
         present = self.members.present()
         clients = [i for i in present if any((i, split) not in logged for split in self.eval_splits(i))]
         # those the stopped run evaluated were sent their adapter too: the round's traffic counts them
-        self.traffic.down({i: state_bytes(self.adapters[i]) for i in present if i not in clients})
+        self.traffic.down(
+            {i: self.traffic.adapter_bytes(self.adapters[i]) for i in present if i not in clients}
+        )
         what = "evaluation before training" if r == 0 else "evaluation"
         units = self.eval_units(clients)
         with self.activity.phase(f"round {r}/{self.rounds} · {what}", sum(units.values())) as advance:
@@ -240,7 +245,7 @@ class PersonalizedLoop:
         trained = {i: (up.report.loss, up.adapter, round_start[i]) for i, up in replies.ok.items()}
         check_trained(self.cfg, r, trained)
         for i, up in sorted(replies.ok.items()):
-            self.traffic.up({i: state_bytes(up.adapter)})
+            self.traffic.up({i: self.traffic.update_bytes(up.adapter)})
             self.adapters[i] = up.adapter
             m = up.report
             self.files.log(
@@ -274,8 +279,9 @@ class PersonalizedLoop:
         rows: dict[int, tuple[float, ...]] | None = None
         predictions: dict[int, Prediction] | None = None
         if "perplexity" in need:  # every client receives every peer's adapter
-            peers = {i: self.adapters[i] for i in sent}
-            self.traffic.down({i: sum(state_bytes(a) for a in peers.values()) for i in sent})
+            # the uploads, forwarded as the codec's receivers decode them (as they are without compression)
+            peers = dict(zip(sent, self.replied([self.adapters[i] for i in sent]), strict=True))
+            self.traffic.down({i: sum(self.traffic.adapter_bytes(a) for a in peers.values()) for i in sent})
             replies = self.clients.evaluate_peers(r, peers, s.val_batches, done)
             self.members.note_failures(r, "evidence", replies)
             rows = {i: scores.ppl for i, scores in replies.ok.items()}
@@ -315,12 +321,14 @@ class PersonalizedLoop:
         mixed = self.pipeline.personalized(
             r, self.n, answered, uploads, [round_start[i] for i in answered], evidence
         )
-        for i, state in zip(mixed.members, mixed.adapters, strict=True):
+        replies = self.replied(mixed.adapters)  # the server's reply leaves it encoded (federation.compress)
+        for i, state in zip(mixed.members, replies, strict=True):
             self.adapters[i] = state
         for i in set(answered) - set(mixed.members):  # its upload (lost during the evidence) outlives the
-            self.adapters[i] = copied(self.adapters[i])  # exchange it came from: keep a copy (Clients.train)
+            kept = copied(self.adapters[i])  # exchange it came from: keep a copy (Clients.train)
+            self.adapters[i] = kept if self.adapters[i] is round_start[i] else self.replied([kept])[0]
         if self.merging:
-            self.merge(r, mixed.adapters[0] if mixed.members else None)
+            self.merge(r, replies[0] if mixed.members else None)
         full = torch.eye(self.n)  # clients left out keep their own adapter: identity rows
         if mixed.members:
             idx = torch.tensor(mixed.members)
@@ -351,14 +359,16 @@ class PersonalizedLoop:
             self.clients.set_base(self.base)
             # every client's base takes it, so each is counted once for it, in the round it is made (on
             # Flower a client not asked this round gets it with its next message)
-            self.traffic.down({i: state_bytes(update) for i in range(self.n)})
-        if own is not None:
-            self.adapters = [own] * self.n
+            self.traffic.down({i: self.traffic.adapter_bytes(update) for i in range(self.n)})
+        if own is not None:  # kept as the clients decode it (sent again, encoded, it arrives the same)
+            self.adapters = self.replied([own]) * self.n
         elif rule == "update":
             fresh = wide_initialisation(
                 self.adapters[0], self.cfg.lora.max_rank, torch_generator("flora", self.cfg.run.seed, r)
             )
-            self.adapters = [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
+            self.adapters = self.replied(
+                [resize_rank(fresh, self.cfg.lora.rank_of(i)) for i in range(self.n)]
+            )
 
     def evaluate_clients(
         self, r: int, clients: list[int], logged: Set[tuple[int, str]], on_done: OnDone | None = None
@@ -422,10 +432,23 @@ class PersonalizedLoop:
         )
 
     # ---- traffic --------------------------------------------------------------------------------------
+    def replied(self, adapters: Sequence[AdapterState]) -> list[AdapterState]:
+        """Adapters as the clients decode them from the server's reply (`federation.compress`; off: as
+        they are). The loop keeps these, so every later message of an adapter (training, evaluation,
+        peers) carries the same values; adapters shared by several clients (one trust row) stay shared."""
+        if self.compression.off:
+            return list(adapters)
+        done: dict[int, AdapterState] = {}
+        for a in adapters:
+            if id(a) not in done:
+                done[id(a)] = roundtrip_state(a, self.compression)
+        return [done[id(a)] for a in adapters]
+
     def send(self, clients: list[int]) -> dict[int, AdapterState]:
-        """Each client's own adapter, as a message to it (counted in this round's traffic)."""
-        self.traffic.down({i: state_bytes(self.adapters[i]) for i in clients})
-        return {i: self.adapters[i] for i in clients}
+        """Each client's own adapter, as a message to it (counted in this round's traffic), as the client
+        decodes it (the same values again for a reply the loop keeps decoded; an upload, re-encoded)."""
+        self.traffic.down({i: self.traffic.adapter_bytes(self.adapters[i]) for i in clients})
+        return dict(zip(clients, self.replied([self.adapters[i] for i in clients]), strict=True))
 
     # ---- state ----------------------------------------------------------------------------------------
     def checkpoint(self, r: int, scaffold: Mapping[str, Any]) -> None:

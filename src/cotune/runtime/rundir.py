@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cotune.config.loader import NO_DEFAULT, dump_config, load_config, setting_default
-from cotune.config.schema import ExperimentConfig
+from cotune.config.schema import CompressConfig, ExperimentConfig
 from cotune.errors import OrdinaryError
 from cotune.layout import ADAPTER_WEIGHTS, CONFIG_FILE, LOCK_FILE, METRICS_FILE, STATE_FILE
 from cotune.models.adapter_check import AdapterSpec, adapter_problem
@@ -202,6 +202,9 @@ def variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
         update["algorithm"] = name
     else:
         update["strategy"] = cfg.strategy.model_copy(update={"name": name})
+    if not cfg.variant_exchanges(name) and cfg.federation.compress != CompressConfig():
+        # nothing travels in it: its config says compression is off
+        update["federation"] = cfg.federation.model_copy(update={"compress": CompressConfig()})
     return cfg.model_copy(update=update, deep=True)
 
 

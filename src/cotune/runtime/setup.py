@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
+from cotune.algorithms.compression import Compression
 from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
 from cotune.config.names import STRATEGY_SPECS
 from cotune.config.schema import ExperimentConfig, ModelConfig
@@ -209,6 +210,7 @@ def personalized_work(
         requests=data.test_requests,
         decoding=decoding,
         memo=memo,
+        compression=Compression.of(cfg),
     )
 
 
@@ -323,7 +325,7 @@ def fedcollm_work(
         frozen=STRATEGY_SPECS["ffa_lora"].frozen_parts if cfg.federation.ffa_lora else (),
     )
     info = client_info(index, device, examples=len(data), own_data=own_data)
-    return ClientWork(index, learner, budget=budget, info=info)
+    return ClientWork(index, learner, budget=budget, info=info, compression=Compression.of(cfg))
 
 
 def fedcollm_works(

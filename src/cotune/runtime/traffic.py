@@ -2,7 +2,9 @@
 
 A loop counts a message where it builds it (an adapter sent to train, evaluate or rate peers, an upload,
 prediction logits) and logs the round's counts once, against the full (small) model's size; a checkpoint
-keeps the counts, so a round resumed during its evaluation logs its traffic whole.
+keeps the counts, so a round resumed during its evaluation logs its traffic whole. With
+`federation.compress`, an adapter counts the bytes its encoding sends (`adapter_bytes`, `update_bytes`:
+exact, from the tensors' shapes); otherwise its raw tensor data, as always.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from torch import Tensor
+
+from cotune.algorithms.compression import Compression, state_size
 from cotune.records import CommRecord
+from cotune.state import state_bytes
 
 
 class Traffic:
@@ -19,9 +25,12 @@ class Traffic:
     strategy that exchanges nothing: local) every message counts 0 bytes: each client still gets its
     record, of zeros, so a report can say that nothing travels."""
 
-    def __init__(self, full_model_bytes: int, travels: bool = True) -> None:
+    def __init__(
+        self, full_model_bytes: int, travels: bool = True, compression: Compression | None = None
+    ) -> None:
         self.full_model_bytes = full_model_bytes
         self.travels = travels
+        self.compression = compression if compression is not None and not compression.off else None
         self.sent: Counter[int] = Counter()
         self.received: Counter[int] = Counter()
 
@@ -35,6 +44,16 @@ class Traffic:
     def up(self, sizes: Mapping[int, int]) -> None:
         """Messages from clients: bytes by client, added to the round's counts."""
         self.received.update(self.counted(sizes))
+
+    def adapter_bytes(self, state: Mapping[str, Tensor]) -> int:
+        """An adapter the server sends whole (its reply): encoded by the codec, never sparsified."""
+        return state_bytes(state) if self.compression is None else state_size(state, self.compression)
+
+    def update_bytes(self, state: Mapping[str, Tensor]) -> int:
+        """A client's upload: its round update, encoded (and sparsified, with topk)."""
+        if self.compression is None:
+            return state_bytes(state)
+        return state_size(state, self.compression, sparsify=True)
 
     def counted(self, sizes: Mapping[int, int]) -> dict[int, int]:
         """What a message adds to the counts: its bytes, or 0 for every client when nothing travels."""

@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from cotune.algorithms.compression import Compression, applied, unpacked
 from cotune.algorithms.ranks import rank_of, rank_slice
 from cotune.config.loader import dump_config
 from cotune.config.schema import ExperimentConfig
@@ -77,6 +78,7 @@ class FlowerClients:
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg, self.grid, self.family = cfg, grid, family
+        self.compression = Compression.of(cfg)  # how adapters travel (federation.compress)
         self.settings = settings or ServerSettings.from_config(cfg)
         self.say = say or (lambda text: print(text, flush=True))
         self.config_yaml = dump_config(cfg)
@@ -241,9 +243,15 @@ class FlowerClients:
         if secure_weights is not None:
             return self.secure_train(round_, adapters, secure_weights)
         job = replace(self.job(round_), steps=steps)
-        bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        bodies = {
+            i: self.body(i, job, {p.ADAPTER: p.adapter_record(a, self.compression)})
+            for i, a in adapters.items()
+        }
         device = next(iter(next(iter(adapters.values())).values())).device  # the loop's adapters' device
-        got = decoded(self.exchange(round_, p.TRAIN, bodies), lambda body: upload(body, device))
+        got = decoded_each(
+            self.exchange(round_, p.TRAIN, bodies),
+            lambda i, body: upload(body, device, adapters[i], self.compression),
+        )
         for i in got.ok:
             self.note_trained(i, round_)
         return TrainReplies(got.ok, got.failed)
@@ -286,7 +294,10 @@ class FlowerClients:
         self, round_: int, adapters: Mapping[int, AdapterState], on_done: OnDone | None = None
     ) -> Replies[EvalReport]:
         job = self.job(round_)
-        bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        bodies = {
+            i: self.body(i, job, {p.ADAPTER: p.adapter_record(a, self.compression)})
+            for i, a in adapters.items()
+        }
         got = self.exchange(round_, p.EVALUATE, bodies, on_done)
         return decoded(got, lambda body: report(body, EvalReport))
 
@@ -297,7 +308,7 @@ class FlowerClients:
         val_batches: int,
         on_done: OnDone | None = None,
     ) -> Replies[PeerScores]:
-        peers = {f"{p.PEER_PREFIX}{j}": p.tensors_to_record(a) for j, a in adapters.items()}
+        peers = {f"{p.PEER_PREFIX}{j}": p.adapter_record(a, self.compression) for j, a in adapters.items()}
         job = replace(self.job(round_), peers=p.PeerArgs(tuple(adapters), val_batches))
         bodies = {i: self.body(i, job, peers) for i in adapters}
         got = self.exchange(round_, p.EVALUATE_PEERS, bodies, on_done)
@@ -314,7 +325,10 @@ class FlowerClients:
     ) -> Replies[Prediction]:
         """A node predicts with the adapter it holds, which is the one the loop holds for it."""
         job = replace(self.job(round_), predict=p.PredictArgs(batches, batch_size, k))
-        bodies = {i: self.body(i, job, {p.ADAPTER: p.tensors_to_record(a)}) for i, a in adapters.items()}
+        bodies = {
+            i: self.body(i, job, {p.ADAPTER: p.adapter_record(a, self.compression)})
+            for i, a in adapters.items()
+        }
         return decoded(self.exchange(round_, p.PREDICT, bodies, on_done), p.prediction_of)
 
     def note_trained(self, client: int, round_: int) -> None:
@@ -346,18 +360,35 @@ def report(body: RecordDict, kind: type[R]) -> R:
     return p.decode(body.config_records[p.REPORT], kind)
 
 
-def upload(body: RecordDict, device: torch.device) -> Upload:
-    """A train reply: the trained adapter (moved to `device`) and its report."""
-    state = {k: v.to(device) for k, v in p.record_to_tensors(body.array_records[p.ADAPTER]).items()}
+def upload(body: RecordDict, device: torch.device, sent: AdapterState, spec: Compression) -> Upload:
+    """A train reply: the trained adapter (moved to `device`) and its report. With federation.compress
+    the node sends its encoded update instead, and the upload is the adapter it was `sent` plus that
+    update decoded (the sum the node computed too)."""
+    if spec.off:
+        state = {k: v.to(device) for k, v in p.record_to_tensors(body.array_records[p.ADAPTER]).items()}
+    else:
+        if p.UPDATE not in body.array_records:
+            raise ValueError(
+                "a train reply without its compressed update (a node of another cotune version?)"
+            )
+        reference = {k: v.to(device) for k, v in sent.items()}
+        state = applied(
+            reference, unpacked(p.record_to_tensors(body.array_records[p.UPDATE]), reference, spec)
+        )
     return Upload(state, report(body, TrainReport))
 
 
 def decoded(got: Replies[RecordDict], decode: Callable[[RecordDict], R]) -> Replies[R]:
     """Each reply's payload; a reply that does not decode makes its client a failed one (named why)."""
+    return decoded_each(got, lambda i, body: decode(body))
+
+
+def decoded_each(got: Replies[RecordDict], decode: Callable[[int, RecordDict], R]) -> Replies[R]:
+    """`decoded`, with each reply's client index given to `decode`."""
     out: Replies[R] = Replies(failed=dict(got.failed))
     for i, body in got.ok.items():
         try:
-            out.ok[i] = decode(body)
+            out.ok[i] = decode(i, body)
         except (ValueError, KeyError) as e:
             out.failed[i] = f"unreadable reply: {e}"
     return out

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, contextmanager
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from cotune.algorithms.compression import Compression, packed
 from cotune.algorithms.ranks import flora_stack, rank_of, rank_slice
 from cotune.runtime.flower import protocol as p
 from cotune.runtime.flower import secagg
@@ -108,7 +109,7 @@ def reply(message: Message, records: dict[str, ArrayRecord | ConfigRecord]) -> M
 
 def adopt_sent(node: Node, message: Message) -> None:
     if p.ADAPTER in message.content.array_records:
-        node.adopt(p.record_to_tensors(message.content.array_records[p.ADAPTER]))
+        node.adopt(p.adapter_of(message.content.array_records[p.ADAPTER], Compression.of(node.cfg)))
 
 
 @node_app.query("describe")
@@ -125,6 +126,11 @@ def train(message: Message, context: Context) -> Message:
         adopt_sent(node, message)
         report = node.work.train(job.steps)  # None (FedCoLLM): its own budget (local_epochs: its data)
         save(node, job)
+        payload = node.work.payload  # with federation.compress, its round update as encoded
+        if payload is not None:
+            return reply(
+                message, {p.UPDATE: p.tensors_to_record(packed(payload)), p.REPORT: p.encode(report)}
+            )
         return reply(
             message, {p.ADAPTER: p.tensors_to_record(node.work.adapter()), p.REPORT: p.encode(report)}
         )
@@ -144,7 +150,8 @@ def evaluate_peers(message: Message, context: Context) -> Message:
         if asked is None:
             raise ValueError("an evaluate.peers message without its peers")
         records = message.content.array_records
-        adapters = [p.record_to_tensors(records[f"{p.PEER_PREFIX}{j}"]) for j in asked.peers]
+        spec = Compression.of(node.cfg)
+        adapters = [p.adapter_of(records[f"{p.PEER_PREFIX}{j}"], spec) for j in asked.peers]
         row = node.work.peer_perplexity(adapters, asked.val_batches)
         return reply(message, {p.REPORT: p.encode(row)})
 

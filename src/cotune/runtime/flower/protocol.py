@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from cotune.algorithms.compression import Compression, packed_adapter, unpacked_adapter
 from cotune.runtime.port import Prediction
 
 # ---- message types: "<category>" or "<category>.<action>" (Flower routes on both) ------------------
@@ -37,6 +38,9 @@ PREDICT = "query.predict"  # prediction trust: top-k logits of the local adapter
 # ---- record keys ------------------------------------------------------------------------------------
 JOB = "cotune.job"  # ConfigRecord: algorithm family, config YAML + fingerprint, round, action arguments
 ADAPTER = "cotune.adapter"  # ArrayRecord: one adapter, keyed as a saved peft adapter
+# ArrayRecord: a trained client's round update as federation.compress encodes it (compression.packed), in
+# place of its adapter: the server adds it to the adapter it sent
+UPDATE = "cotune.update"
 PEER_PREFIX = "cotune.peer."  # ArrayRecord per peer adapter: cotune.peer.<client index>
 REPORT = "cotune.report"  # ConfigRecord: a reply's typed payload (`encode`): report or description
 LOGITS = "cotune.logits"  # ArrayRecord: <batch>.values / <batch>.indices of the top-k logits
@@ -62,6 +66,18 @@ def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     }
     data = save_tensors(numbered)
     return ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(data),), stype=SAFETENSORS, data=data)})
+
+
+def adapter_record(state: Mapping[str, torch.Tensor], spec: Compression) -> ArrayRecord:
+    """An adapter the server sends: as it is, or with federation.compress its encoding (whole, with each
+    tensor's shape), which the node decodes to the same bits the server keeps (every codec is idempotent)."""
+    return tensors_to_record(state if spec.off else packed_adapter(state, spec))
+
+
+def adapter_of(record: ArrayRecord, spec: Compression) -> dict[str, torch.Tensor]:
+    """The adapter an `adapter_record` carries."""
+    tensors = record_to_tensors(record)
+    return tensors if spec.off else unpacked_adapter(tensors, spec)
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
