@@ -198,6 +198,7 @@ def collect(settings: list[str], seeds: list[int], runs_root: Path, strategies: 
             curves: dict[int, list[tuple[int, float]]] = {}
             round_wall: list[float] = []
             up: dict[int, list[float]] = {}  # client -> bytes it sent per round (runs that log traffic)
+            down: dict[int, list[float]] = {}  # client -> bytes it received per round
             for seed in complete:
                 d = run_dirs(runs_root, setting, seed, strategies)[s]
                 run = load_run(d)
@@ -214,6 +215,7 @@ def collect(settings: list[str], seeds: list[int], runs_root: Path, strategies: 
                 for m in records:
                     if m.get("type") == "comm":
                         up.setdefault(m["client"], []).append(m["bytes_up"])
+                        down.setdefault(m["client"], []).append(m["bytes_down"])
             values = [p for per_client in final.values() for p in per_client.values()]
             val_values = [p for per_client in final_val.values() for p in per_client.values()]
             per[s] = {
@@ -225,6 +227,7 @@ def collect(settings: list[str], seeds: list[int], runs_root: Path, strategies: 
                 "curves": {str(k): v for k, v in curves.items()},
                 "mean_round_wall_s": statistics.fmean(round_wall) if round_wall else None,
                 "bytes_up_per_round": {str(c): statistics.fmean(v) for c, v in sorted(up.items())},
+                "bytes_down_per_round": {str(c): statistics.fmean(v) for c, v in sorted(down.items())},
             }
         seed_statistics(per)
         out["settings"][setting] = {"strategies": per, "budget": budget}
