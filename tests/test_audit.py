@@ -97,6 +97,24 @@ def test_a_model_that_memorised_its_documents_gives_them_away(memorised, capsys)
     assert not any(word in shown for words in WORDS.values() for word in words)  # no document text
 
 
+@pytest.mark.slow
+def test_each_client_is_audited_with_its_own_adapter(memorised):
+    """The audit loads the base once and switches adapters: client 1's figures are those of client 1's
+    adapter loaded on its own (not client 0's, still active), and differ from client 0's on its data."""
+    from cotune.data.client_examples import client_data
+    from cotune.runtime.audit import audit_client, plan_audit, run_audit
+    from cotune.runtime.results import open_tuned
+
+    plan = plan_audit(memorised, 4)
+    together = {r.client: r.audit for r in run_audit(plan)}
+    alone = open_tuned(memorised, client=1)
+    cfg = alone.cfg
+    data = client_data(cfg.data, cfg.federation.clients, alone.tokenizer, cfg.run.seed)
+    assert audit_client(alone, 1, data.clients[1], 4) == together[1]
+    other = open_tuned(memorised, client=0)
+    assert audit_client(other, 1, data.clients[1], 4) != together[1]
+
+
 def copied_run(untrained: Path, tmp_path: Path, edit=None) -> Path:
     """A copy of the untrained run, its config.yaml changed by `edit` (a function of the tree)."""
     run_dir = tmp_path / "copy"
