@@ -115,6 +115,29 @@ def test_each_client_is_audited_with_its_own_adapter(memorised):
     assert audit_client(other, 1, data.clients[1], 4) != together[1]
 
 
+@pytest.mark.slow
+def test_the_reference_is_the_base_without_any_adapter(memorised):
+    """The calibrated attack's reference losses are the untrained model's: those of the round-0 adapter
+    (the LoRA initialisation, B = 0), not the trained adapter's."""
+    import torch
+
+    from cotune.data.client_examples import client_data
+    from cotune.evaluation.lm import example_losses
+    from cotune.runtime.audit import losses_of
+    from cotune.runtime.results import Adapter, open_tuned, switch_adapter
+
+    tuned = open_tuned(memorised, client=0)
+    cfg = tuned.cfg
+    train = client_data(cfg.data, cfg.federation.clients, tuned.tokenizer, cfg.run.seed).clients[0].train
+    rows = torch.arange(len(train))
+    losses = losses_of(tuned, train, rows)
+    first = sorted((memorised / CHECKPOINTS_DIR).iterdir())[0] / "client-00"
+    untrained = switch_adapter(tuned, Adapter(cfg, "client-00", first))
+    base = example_losses(untrained.pool.model, train, rows, 4)
+    assert torch.allclose(losses.reference, base, rtol=1e-5)
+    assert (losses.target < losses.reference).all()  # it memorised every training window
+
+
 def copied_run(untrained: Path, tmp_path: Path, edit=None) -> Path:
     """A copy of the untrained run, its config.yaml changed by `edit` (a function of the tree)."""
     run_dir = tmp_path / "copy"

@@ -87,7 +87,9 @@ def refuse_unrebuildable(run_dir: Path, cfg: ExperimentConfig) -> None:
     if cfg.is_cotuning:
         raise RunDirError(
             f"{run_dir} is a FedCoLLM-family run ({cfg.algorithm}): cotune audit reads personalized runs "
-            "only (their clients hold held-out documents of their own to compare the training ones with)"
+            "only. Their clients hold held-out documents of their own; a FedCoLLM client has none, and the "
+            "shared test set differs from a client's data in its labels, so comparing them would measure "
+            "that skew, not membership"
         )
     if cfg.data.test_fraction == 0:
         raise RunDirError(
