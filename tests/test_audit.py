@@ -221,3 +221,31 @@ def test_refuses_a_fedcollm_run(tmp_path, capsys):
 @pytest.mark.slow
 def test_refuses_no_examples(untrained, capsys):
     assert audit(untrained, "--max-examples", "0") == 2
+
+
+@pytest.mark.slow
+def test_audits_generation_data_without_quoting_it(tmp_path, capsys):
+    """Generation examples (data.kind generation): members and non-members are the clients' training and
+    test examples, scored on their response tokens; none of their text reaches the output or audit.json."""
+    from tests.test_personalized_generation import CANARY as PLANTED
+    from tests.test_personalized_generation import gen_tree
+
+    tree = gen_tree(
+        tmp_path,
+        data={"test_fraction": 0.3, "max_test_windows": 4},
+        federation={"rounds": 1, "local_steps": 1, "warmup_steps": 1},
+        strategy={"name": "fedavg"},
+    )
+    config = tmp_path / "gen.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    with pytest.raises(SystemExit) as exit_:
+        cli(["run", str(config)])
+    assert exit_.value.code == 0
+    capsys.readouterr()
+    run_dir = tmp_path / "runs" / "g"
+    assert audit(run_dir) == 0
+    captured = capsys.readouterr()
+    report = (run_dir / AUDIT_FILE).read_text()
+    assert PLANTED not in captured.out + captured.err + report
+    clients = json.loads(report)["clients"]
+    assert len(clients) == 4 and all(c["members"] == c["nonmembers"] >= 1 for c in clients)
