@@ -422,7 +422,7 @@ def audit(
     """Membership inference on each client's adapter: its training documents against its held-out ones,
     by the loss-threshold and the reference-calibrated attacks (ROC AUC, TPR at 1% FPR); writes
     audit.json. Only counts and figures are shown, never a document's text."""
-    from cotune.runtime.audit import plan_audit, run_audit, write_audit
+    from cotune.runtime.audit import FIGURES, mean_of, plan_audit, run_audit, write_audit
 
     session.run_dir = None
     try:
@@ -430,28 +430,19 @@ def audit(
     except OrdinaryError as e:
         _fail(str(e))
     results = run_audit(plan, err)
-    table = Table(title=f"membership inference, {plan.cfg.strategy.name} ({len(results)} clients)")
-    for h in (
-        "client",
-        "members",
-        "non-members",
-        "loss AUC",
-        "loss TPR@1%FPR",
-        "calib. AUC",
-        "calib. TPR@1%FPR",
-    ):
+    table = Table(
+        title=f"membership inference, {plan.cfg.strategy.name} ({len(results)} clients)",
+        caption="in: training examples (members); out: held-out ones; TPR at 1% FPR",
+    )
+    for h in ("client", "in", "out", "loss AUC", "loss TPR", "calibrated AUC", "calibrated TPR"):
         table.add_column(h, justify="right")
     for r in results:
         a = r.audit
-        table.add_row(
-            str(r.client),
-            str(a.members),
-            str(a.nonmembers),
-            f"{a.loss.auc:.3f}",
-            f"{a.loss.tpr_at_1pct_fpr:.3f}",
-            f"{a.calibrated.auc:.3f}",
-            f"{a.calibrated.tpr_at_1pct_fpr:.3f}",
-        )
+        figures = (a.loss.auc, a.loss.tpr_at_1pct_fpr, a.calibrated.auc, a.calibrated.tpr_at_1pct_fpr)
+        table.add_row(str(r.client), str(a.members), str(a.nonmembers), *(f"{x:.3f}" for x in figures))
+    if len(results) > 1:
+        means = [mean_of(results, attack, figure) for attack, figure in FIGURES]
+        table.add_row("mean", "", "", *(f"{x:.3f}" for x in means), style="bold")
     out.print(table)
     for k, why in sorted(plan.skipped.items()):
         say(f"client {k} not audited: {why}")

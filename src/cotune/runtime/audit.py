@@ -44,6 +44,8 @@ from cotune.runtime.simulated import is_garbage_attacker
 
 DEFAULT_MAX_EXAMPLES = 256  # members (and as many non-members) per client
 REFERENCE = "the run's base model without any adapter (zero-shot)"
+ATTACKS = ("loss", "calibrated")  # MembershipAudit's fields, in the order they are shown
+FIGURES = tuple((attack, figure) for attack in ATTACKS for figure in ("auc", "tpr_at_1pct_fpr"))
 
 
 @dataclass(frozen=True)
@@ -189,8 +191,8 @@ def audit_document(plan: AuditPlan, results: Sequence[ClientAudit]) -> dict[str,
         "clients": [{"client": r.client, **r.audit.as_dict()} for r in results],
         "skipped": [{"client": k, "reason": why} for k, why in sorted(plan.skipped.items())],
         "mean": {
-            attack: {figure: mean_of(results, attack, figure) for figure in ("auc", "tpr_at_1pct_fpr")}
-            for attack in ("loss", "calibrated")
+            attack: {figure: mean_of(results, attack, figure) for a, figure in FIGURES if a == attack}
+            for attack in ATTACKS
         },
     }
 
