@@ -161,6 +161,18 @@ def refused(run_dir: Path, capsys, *options: str) -> str:
     return captured.err
 
 
+@pytest.mark.slow
+def test_a_garbage_data_attacker_is_skipped_and_said_so(untrained, tmp_path, capsys):
+    """It trained on random tokens, not on its documents: its row would say nothing about them."""
+    attack = {"simulation": {"attack": {"clients": [1], "kind": "garbage_data"}}}
+    run_dir = copied_run(untrained, tmp_path, lambda tree: tree.update(attack))
+    assert audit(run_dir, "--max-examples", "8") == 0
+    assert "client 1 not audited: a simulated garbage_data attacker" in capsys.readouterr().out
+    report = json.loads((run_dir / AUDIT_FILE).read_text())
+    assert [c["client"] for c in report["clients"]] == [0]
+    assert [s["client"] for s in report["skipped"]] == [1]
+
+
 def test_refuses_what_is_not_a_run_directory(tmp_path, capsys):
     assert "does not exist" in refused(tmp_path / "nowhere", capsys)
     bad = tmp_path / "bad"

@@ -35,11 +35,12 @@ from cotune.runtime.results import (
     Adapter,
     RunDirError,
     TunedModel,
-    find_adapter,
+    checkpoint_adapters,
     load_tuned,
     run_config,
     switch_adapter,
 )
+from cotune.runtime.rundir import client_name
 from cotune.runtime.simulated import is_garbage_attacker
 
 DEFAULT_MAX_EXAMPLES = 256  # members (and as many non-members) per client
@@ -77,9 +78,11 @@ def plan_audit(run_dir: Path, max_examples: int = DEFAULT_MAX_EXAMPLES) -> Audit
         for k in range(cfg.federation.clients)
         if is_garbage_attacker(cfg, k)
     }
-    adapters = {k: find_adapter(run_dir, k) for k in range(cfg.federation.clients) if k not in skipped}
-    if not adapters:
+    clients = [k for k in range(cfg.federation.clients) if k not in skipped]
+    if not clients:
         raise RunDirError(f"{run_dir}: every client is a simulated attacker; no client's adapter to audit")
+    found = checkpoint_adapters(run_dir, cfg, [client_name(k) for k in clients])
+    adapters = dict(zip(clients, found, strict=True))
     check_data(cfg)  # the run's data files are still there and readable
     return AuditPlan(run_dir, cfg, adapters, skipped, max_examples)
 

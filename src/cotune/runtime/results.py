@@ -138,16 +138,25 @@ def find_adapter(
     """Where the named adapter lies in the run's newest intact checkpoint (no model is loaded)."""
     cfg = run_config(run_dir)
     name = adapter_name(cfg, client, server, llm)
+    return checkpoint_adapters(run_dir, cfg, [name])[0]
+
+
+def checkpoint_adapters(run_dir: Path, cfg: ExperimentConfig, names: Sequence[str]) -> list[Adapter]:
+    """Where adapters `names` lie in the run's newest intact checkpoint, found once for all of them (a
+    checkpoint's state is read whole to check it)."""
     found = newest_intact(run_dir)
     if found is None or found[0] < 0:
         raise RunDirError(
             f"{run_dir} has no intact checkpoint to take the adapter from (the run stopped before its "
             "first round was saved, or its checkpoints are damaged): run it again, or `cotune run --resume`"
         )
-    adapter_dir = found[1] / name
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise RunDirError(f"{run_dir}: its checkpoint round {found[0]} holds no adapter {name!r}")
-    return Adapter(cfg, name, adapter_dir)
+    adapters = []
+    for name in names:
+        adapter_dir = found[1] / name
+        if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+            raise RunDirError(f"{run_dir}: its checkpoint round {found[0]} holds no adapter {name!r}")
+        adapters.append(Adapter(cfg, name, adapter_dir))
+    return adapters
 
 
 def open_tuned(
