@@ -53,6 +53,7 @@ LAYERS: dict[str, int] = {
     "cotune.runtime.backends": 7,
     "cotune.runtime.embedded": 7,
     "cotune.runtime.results": 7,
+    "cotune.runtime.audit": 7,
     "cotune.runtime.flower.server_app": 7,
     "cotune.runtime.flower.deploy": 7,
     "cotune.runtime.flower.app": 7,

@@ -11,6 +11,7 @@ opens):
         <adapter>/adapter_config.json           ADAPTER_CONFIG   }
         state.pt                                STATE_FILE: round, fingerprint, RNG, trainer states
     <run_dir>/report.md, plots/                 REPORT_FILE, PLOTS_DIR
+    <run_dir>/audit.json                        AUDIT_FILE: `cotune audit`'s membership inference
     <run_dir>/tensorboard/, mlruns/             TENSORBOARD_DIR, MLFLOW_DIR (run.loggers)
     <run_dir>/flower/                           FLOWER_DIR: a Flower run's logs and node states
         flwr-run.log, simulation.log, node-state/   FLWR_RUN_LOG, SIMULATION_LOG, NODE_STATE_DIR
@@ -30,6 +31,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
+AUDIT_FILE = "audit.json"
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlruns"
 FLOWER_DIR = "flower"

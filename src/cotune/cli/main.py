@@ -412,6 +412,43 @@ def export(
     out.print(f"{kind}: {path}", markup=False, highlight=False)
 
 
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="a personalized run directory")],
+    max_examples: Annotated[
+        int, typer.Option("--max-examples", min=1, help="members (and as many non-members) per client")
+    ] = 256,
+) -> None:
+    """Membership inference on each client's adapter: its training documents against its held-out ones,
+    by the loss-threshold and the reference-calibrated attacks (ROC AUC, TPR at 1% FPR); writes
+    audit.json. Only counts and figures are shown, never a document's text."""
+    from cotune.runtime.audit import FIGURES, mean_of, plan_audit, run_audit, write_audit
+
+    session.run_dir = None
+    try:
+        plan = plan_audit(run_dir, max_examples)
+    except OrdinaryError as e:
+        _fail(str(e))
+    results = run_audit(plan, err)
+    table = Table(
+        title=f"membership inference, {plan.cfg.strategy.name} ({len(results)} clients)",
+        caption="in: training examples (members); out: held-out ones; TPR at 1% FPR",
+    )
+    for h in ("client", "in", "out", "loss AUC", "loss TPR", "calibrated AUC", "calibrated TPR"):
+        table.add_column(h, justify="right")
+    for r in results:
+        a = r.audit
+        figures = (a.loss.auc, a.loss.tpr_at_1pct_fpr, a.calibrated.auc, a.calibrated.tpr_at_1pct_fpr)
+        table.add_row(str(r.client), str(a.members), str(a.nonmembers), *(f"{x:.3f}" for x in figures))
+    if len(results) > 1:
+        means = [mean_of(results, attack, figure) for attack, figure in FIGURES]
+        table.add_row("mean", "", "", *(f"{x:.3f}" for x in means), style="bold")
+    out.print(table)
+    for k, why in sorted(plan.skipped.items()):
+        say(f"client {k} not audited: {why}")
+    say(f"audit: {write_audit(plan, results)}")
+
+
 @flower_app.command("app-dir")
 def flower_app_dir(path: Annotated[Path, typer.Argument(help="directory to write")]) -> None:
     """Write the Flower App (pyproject.toml) for `flwr run DIR <connection>` against your own SuperLink."""

@@ -34,11 +34,19 @@ def lm_batch(
     data: LMData, b: int, batch_size: int, device: torch.device
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Batch `b`: the model's inputs and each position's next-token target (IGNORE_INDEX where none is
-    scored). Windows: every next token; examples: their labels, with the attention mask of the padding."""
-    if isinstance(data, torch.Tensor):
-        ids = data[b * batch_size : (b + 1) * batch_size].to(device)
-        return {"input_ids": ids}, ids[:, 1:]
+    scored), as `rows_batch` gives them for rows b * batch_size onwards."""
     rows = torch.arange(b * batch_size, min((b + 1) * batch_size, len(data)))
+    return rows_batch(data, rows, device)
+
+
+def rows_batch(
+    data: LMData, rows: torch.Tensor, device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Rows `rows` as one batch: the model's inputs and each position's next-token target. Windows: every
+    next token; examples: their labels, with the attention mask of the padding."""
+    if isinstance(data, torch.Tensor):
+        ids = data[rows].to(device)
+        return {"input_ids": ids}, ids[:, 1:]
     batch = data.batch(rows, device)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     return inputs, batch["labels"][:, 1:]
@@ -121,3 +129,22 @@ def evaluate_lm_through(
         for k, stat in enumerate(stats):
             stat.add(logits[k * rows : (k + 1) * rows], target)
     return [stat.result() for stat in stats]
+
+
+@torch.no_grad()
+def example_losses(model: nn.Module, data: LMData, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Each row's mean next-token loss (float64, on the CPU), over its scored tokens only: what a
+    membership-inference attack reads per example (`evaluation.membership_inference`). A row with no
+    scored token (an example whose response was cut off entirely) gets NaN, for the caller to leave out."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for start in range(0, len(rows), batch_size):
+        inputs, target = rows_batch(data, rows[start : start + batch_size], device)
+        logits = model(**inputs).logits[:, :-1].float()
+        token_loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (rows, positions)
+        scored = target != IGNORE_INDEX
+        total = (token_loss * scored).sum(1).double()
+        count = scored.sum(1).double()
+        out.append((total / count).cpu())  # 0 / 0: NaN
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

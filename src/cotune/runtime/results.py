@@ -138,16 +138,25 @@ def find_adapter(
     """Where the named adapter lies in the run's newest intact checkpoint (no model is loaded)."""
     cfg = run_config(run_dir)
     name = adapter_name(cfg, client, server, llm)
+    return checkpoint_adapters(run_dir, cfg, [name])[0]
+
+
+def checkpoint_adapters(run_dir: Path, cfg: ExperimentConfig, names: Sequence[str]) -> list[Adapter]:
+    """Where adapters `names` lie in the run's newest intact checkpoint, found once for all of them (a
+    checkpoint's state is read whole to check it)."""
     found = newest_intact(run_dir)
     if found is None or found[0] < 0:
         raise RunDirError(
             f"{run_dir} has no intact checkpoint to take the adapter from (the run stopped before its "
             "first round was saved, or its checkpoints are damaged): run it again, or `cotune run --resume`"
         )
-    adapter_dir = found[1] / name
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise RunDirError(f"{run_dir}: its checkpoint round {found[0]} holds no adapter {name!r}")
-    return Adapter(cfg, name, adapter_dir)
+    adapters = []
+    for name in names:
+        adapter_dir = found[1] / name
+        if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+            raise RunDirError(f"{run_dir}: its checkpoint round {found[0]} holds no adapter {name!r}")
+        adapters.append(Adapter(cfg, name, adapter_dir))
+    return adapters
 
 
 def open_tuned(
@@ -170,11 +179,30 @@ def load_tuned(adapter: Adapter, console: Console | None = None) -> TunedModel:
     check_adapter(file, state)
     base, tokenizer, device = load_model(cfg, model_cfg, console)
     pool = AdapterPool(base, lora, [name], [rank_of(state)])  # clients may differ in rank (lora.ranks)
-    check_adapter(file, state, AdapterSpec.of(pool.view(name)))
-    pool.load_state(name, {k: v.to(device) for k, v in state.items()})
-    pool.activate(name)
-    pool.model.eval()
+    activate_checked(pool, name, file, state, device)
     return TunedModel(pool, tokenizer, device, cfg, adapter_dir)
+
+
+def activate_checked(
+    pool: AdapterPool, slot: str, file: Path, state: Mapping[str, torch.Tensor], device: torch.device
+) -> None:
+    """`state` (read from `file`) into `slot`, once its shapes are checked against the slot, made the
+    adapter the model runs, in evaluation mode."""
+    check_adapter(file, state, AdapterSpec.of(pool.view(slot)))
+    pool.load_state(slot, {k: v.to(device) for k, v in state.items()})
+    pool.activate(slot)
+    pool.model.eval()
+
+
+def switch_adapter(tuned: TunedModel, adapter: Adapter) -> TunedModel:
+    """`tuned` running another adapter of the same base (e.g. the next client's), in a spare slot of its
+    rank: the base model is loaded once for a command that reads several adapters (`cotune audit`)."""
+    if adapter_spec(adapter.cfg, adapter.name) != adapter_spec(tuned.cfg, tuned.adapter_dir.name):
+        raise ValueError(f"adapter {adapter.name!r} is not on the base model that is loaded")
+    state, file = load_adapter(adapter.adapter_dir), adapter.adapter_dir / ADAPTER_WEIGHTS
+    check_adapter(file, state)
+    activate_checked(tuned.pool, tuned.pool.scratch(rank_of(state)), file, state, tuned.device)
+    return TunedModel(tuned.pool, tuned.tokenizer, tuned.device, tuned.cfg, adapter.adapter_dir)
 
 
 def check_prompt(prompt: str) -> None:
