@@ -1,0 +1,79 @@
+"""FedCoLLM with an LLM of another tokenizer than the SLM's (tiny models: one token per byte against a
+tokenizer with merges), embedded: mutual distillation across the tokenizers, its coverage records, and
+each model evaluated with its own tokenizer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tests.test_cotuning import records, task_file, tree  # noqa: F401  (task_file is a fixture)
+
+from cotune.config import config_from_dict
+from cotune.data.task_data import build_task_data, with_llm_encoding
+from cotune.models.tiny import byte_tokenizer, merged_tokenizer
+from cotune.runtime.experiment import run_experiment
+
+MERGES_LLM = {"tokenizer": "merges"}
+
+
+def cross_tree(task_file, tmp_path, **extra):  # noqa: F811
+    t = tree(task_file, tmp_path, **extra)
+    t["llm"]["model"]["tiny"] = {**t["llm"]["model"]["tiny"], **MERGES_LLM}
+    return t
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """The vocabulary map is cached under $COTUNE_CACHE: this test's own folder."""
+    monkeypatch.setenv("COTUNE_CACHE", str(tmp_path / "cache"))
+
+
+def test_the_llm_encoding_holds_the_same_examples_row_for_row(task_file, tmp_path):  # noqa: F811
+    cfg = config_from_dict(cross_tree(task_file, tmp_path))
+    assert cfg.task is not None
+    slm, llm = byte_tokenizer(), merged_tokenizer()
+    task = build_task_data(cfg.task, 3, slm, 0, 0.2)
+    with_llm_encoding(cfg.task, task, llm)
+    assert task.llm_public is not None and task.llm_union is not None
+    assert len(task.llm_public) == len(task.public) and len(task.llm_union) == len(task.union)
+    rows = torch.tensor([3, 0, 5])
+    a, b = task.public.batch(rows, torch.device("cpu")), task.llm_public.batch(rows, torch.device("cpu"))
+    assert a["rows"].tolist() == [3, 0, 5]
+    for i in range(3):  # the same answer text under both tokenizers
+        sa = a["labels"][i][a["labels"][i] >= 0][:-1]  # less the EOS
+        sb = b["labels"][i][b["labels"][i] >= 0][:-1]
+        assert slm.decode(sa) == llm.decode(sb)
+        assert len(sb) <= len(sa)
+
+
+@pytest.mark.slow
+def test_fedcollm_runs_across_tokenizers_with_coverage_records(task_file, tmp_path):  # noqa: F811
+    cfg = config_from_dict(cross_tree(task_file, tmp_path, distill={"topk": 8}))
+    (run_dir,) = run_experiment(cfg)
+    align = records(run_dir, "align")
+    assert sorted((a["round"], a["model"]) for a in align) == [(1, "llm"), (1, "slm"), (2, "llm"), (2, "slm")]
+    for a in align:
+        assert a["positions"] > 0 and 0.0 < a["exact_share"] <= 1.0
+        assert 0.0 < a["carried_share"] <= 1.0 + 1e-6
+        assert a["carried_share"] + a["unmatched_share"] == pytest.approx(1.0, abs=1e-5)
+    by_model = {a["model"]: a for a in align if a["round"] == 1}
+    assert by_model["slm"]["vocab_matched"] < 1.0  # the LLM's merged tokens have no match in bytes
+    assert by_model["llm"]["vocab_matched"] == 1.0  # every byte is a token of the LLM
+    distill = records(run_dir, "distill")
+    assert len(distill) == 2
+    for d in distill:
+        assert all(math.isfinite(d[k]) for k in ("slm_ce", "slm_kd", "llm_ce", "llm_kd"))
+        assert d["slm_kd"] > 0.0 and d["llm_kd"] > 0.0
+    mc = records(run_dir, "mc")
+    assert {(m["round"], m["model"]) for m in mc} == {(r, m) for r in (0, 1, 2) for m in ("slm", "llm")}
+
+
+@pytest.mark.slow
+def test_centralized_llm_trains_on_its_own_encoding(task_file, tmp_path):  # noqa: F811
+    cfg = config_from_dict(cross_tree(task_file, tmp_path, algorithm="centralized"))
+    (run_dir,) = run_experiment(cfg)
+    train = [t for t in records(run_dir, "train") if t["model"] == "llm"]
+    assert train and all(math.isfinite(t["loss"]) for t in train)
+    assert not records(run_dir, "align")
