@@ -5,15 +5,20 @@ each model evaluated with its own tokenizer."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tests.test_cotuning import records, task_file, tree  # noqa: F401  (task_file is a fixture)
 
 from cotune.config import config_from_dict
+from cotune.data.generation import GenExample
 from cotune.data.task_data import build_task_data, with_llm_encoding
 from cotune.models.tiny import byte_tokenizer, merged_tokenizer
+from cotune.models.vocab_map import build_bridge
 from cotune.runtime.experiment import run_experiment
+from cotune.runtime.fedcollm import Scorer, Server
 
 MERGES_LLM = {"tokenizer": "merges"}
 
@@ -77,3 +82,47 @@ def test_centralized_llm_trains_on_its_own_encoding(task_file, tmp_path):  # noq
     train = [t for t in records(run_dir, "train") if t["model"] == "llm"]
     assert train and all(math.isfinite(t["loss"]) for t in train)
     assert not records(run_dir, "align")
+
+
+@pytest.mark.slow
+def test_a_generation_task_across_tokenizers(tmp_path):
+    """Headlines: the LLM of another tokenizer is distilled, validated and decodes with its own tokenizer."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "fedcollm-headlines-tiny.yaml"
+    tree_ = yaml.safe_load(path.read_text())
+    tree_["llm"]["model"]["tiny"]["tokenizer"] = "merges"
+    tree_["device"] = "cpu"
+    tree_["task"]["max_test_examples"] = 4
+    tree_["federation"] = {"clients": 2, "rounds": 1, "local_steps": 1}
+    tree_["distill"]["max_steps"] = 2
+    tree_["run"] = {"seed": 0, "out_dir": str(tmp_path / "runs"), "name": "g"}
+    (run_dir,) = run_experiment(config_from_dict(tree_))
+    align = records(run_dir, "align")
+    assert {a["model"] for a in align} == {"slm", "llm"}
+    assert all(a["positions"] > 0 and a["exact_share"] > 0 for a in align)
+    gen = [g for g in records(run_dir, "gen") if g["split"] == "test"]
+    assert {(g["round"], g["model"]) for g in gen} == {(r, m) for r in (0, 1) for m in ("slm", "llm")}
+    val = records(run_dir, "distill_val")
+    assert {v["model"] for v in val} == {"slm", "llm"} and all(math.isfinite(v["nll"]) for v in val)
+
+
+def test_each_model_is_evaluated_with_its_own_tokenizer(tmp_path):
+    """The server's scorer encodes the LLM's requests (and multiple-choice examples) with the LLM's
+    tokenizer when it has another, the SLM's with the SLM's; with one tokenizer, both with it."""
+    slm, llm = byte_tokenizer(), merged_tokenizer()
+    bridge = build_bridge(slm, llm, cache_dir=tmp_path)
+    cfg = config_from_dict(cross_tree(Path(__file__), tmp_path, task={"kind": "generation"}))
+    examples = [GenExample(prompt="the cat and the dog", response="they sing")]
+
+    def scorer(bridge_):
+        server = Server(None, None, None, None, slm, 0, 0, bridge_)  # type: ignore[arg-type]
+        return server, Scorer(cfg, server)
+
+    server, s = scorer(bridge)
+    assert server.tokenizer_of("llm") is llm and server.tokenizer_of("slm") is slm
+    as_llm = s.requests(examples, to_decode=False, role="llm")[0]
+    as_slm = s.requests(examples, to_decode=False, role="slm")[0]
+    assert llm.decode(as_llm.prompt_ids) == slm.decode(as_slm.prompt_ids)
+    assert len(as_llm.prompt_ids) < len(as_slm.prompt_ids)  # merged pairs: fewer tokens
+    server, s = scorer(None)
+    assert server.tokenizer_of("llm") is slm
+    assert s.requests(examples, to_decode=False, role="llm")[0].prompt_ids == as_slm.prompt_ids

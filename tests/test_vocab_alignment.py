@@ -164,8 +164,8 @@ def test_loss_pairs_only_aligned_positions() -> None:
         carried = carry_topk(values[rows, t_at], indices[rows, t_at], torch.from_numpy(to_student))
         return float(carried_kl(student[rows, s_at], carried))
 
-    assert pairs.student.tolist() == [1, 3, 4, 5] and pairs.teacher.tolist() == [3, 4, 5, 6]
     assert loss(pairs.rows, pairs.student, pairs.teacher) < 1e-3
+    assert pairs.student.tolist() == [1, 3, 4, 5] and pairs.teacher.tolist() == [3, 4, 5, 6]
     in_order = torch.tensor([1, 2, 3, 4]), torch.tensor([3, 4, 5, 6])
     assert loss(torch.zeros(4, dtype=torch.long), *in_order) > 10.0
     assert pairs.coverage.exact == 3 and pairs.coverage.merged == 1 and pairs.coverage.positions == 5
