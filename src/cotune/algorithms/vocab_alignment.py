@@ -26,9 +26,10 @@ one student id add up. The matched mass is the *carried share* c of the position
 its *unmatched share*; the carried distribution sums to c (mass conservation).
 
 The fallback for the unmatched mass, ONE rule: drop it and renormalise over the carried mass (the
-KL target is q / c), the rule the top-k path already applies to the teacher's tail beyond k, and the
-one exact-match vocabulary mapping uses (e.g. Wan et al. 2024, FuseLLM, for its exact matches).
-A position with c = 0 carries nothing and takes no KD term (it is counted, see `Coverage`).
+KL target is q / c), the rule the same-tokenizer top-k path already applies to the teacher's tail
+beyond k. The map is exact matching only, FuseLLM's "EM" token alignment (Wan et al., ICLR 2024)
+without its minimum-edit-distance fallback. A position with c = 0 carries nothing and takes no KD term
+(it is counted, see `Coverage`).
 """
 
 from __future__ import annotations
