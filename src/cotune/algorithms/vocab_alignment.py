@@ -4,7 +4,11 @@ tensors in, no tokenizer objects; `models/vocab_map.py` builds the inputs from t
 
 What crosses. Both models read the same text, each tokenised by its own tokenizer. Each token is
 known by its bytes (its tokenizer's space / byte markers undone, `models/vocab_map.token_pieces`), so
-a token sequence has byte spans: token i covers [start_i, end_i) of the text's bytes.
+a token sequence has byte spans: token i covers [start_i, end_i) of the text's bytes. Spans come from
+the tokens' own bytes rather than a fast tokenizer's offset mapping: training rows are token ids (built
+through chat templates and the prompt / answer split), not one text, and byte-level tokenizers' offset
+mappings trim each word's leading space (`trim_offsets`) and give both halves of a split character the
+same span. `align_spans` takes any increasing spans, an offset mapping's included.
 
 Position alignment (`align_spans`). A *common boundary* is a byte offset where a token of each side
 ends (and no token of either side straddles it). The text between two consecutive common boundaries
