@@ -11,7 +11,9 @@ import pytest
 import torch
 import yaml
 from tests.test_cotuning import records, task_file, tree  # noqa: F401  (task_file is a fixture)
+from typer.testing import CliRunner
 
+from cotune.cli.main import app
 from cotune.config import config_from_dict
 from cotune.data.generation import GenExample
 from cotune.data.task_data import build_task_data, with_llm_encoding
@@ -126,3 +128,17 @@ def test_each_model_is_evaluated_with_its_own_tokenizer(tmp_path):
     server, s = scorer(None)
     assert server.tokenizer_of("llm") is slm
     assert s.requests(examples, to_decode=False, role="llm")[0].prompt_ids == as_slm.prompt_ids
+
+
+@pytest.mark.slow
+def test_cli_runs_a_pair_of_tokenizers_and_says_what_the_map_covers(task_file, tmp_path):  # noqa: F811
+    """`cotune run` with an LLM of another tokenizer: exit 0 (it was refused before), the map's coverage
+    on the console, align records in the run's metrics."""
+    t = cross_tree(task_file, tmp_path, federation={"clients": 3, "rounds": 1, "local_steps": 1})
+    path = tmp_path / "cross.yaml"
+    path.write_text(yaml.safe_dump(t))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "tokenizers differ" in text and "of the SLM's tokens" in text and "error" not in text
+    assert records(tmp_path / "out", "align")
