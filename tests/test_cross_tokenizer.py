@@ -19,6 +19,8 @@ from cotune.data.generation import GenExample
 from cotune.data.task_data import build_task_data, with_llm_encoding
 from cotune.models.tiny import byte_tokenizer, merged_tokenizer
 from cotune.models.vocab_map import build_bridge
+from cotune.reporting.metrics import load_run
+from cotune.reporting.report import align_rows, write_report
 from cotune.runtime.experiment import run_experiment
 from cotune.runtime.fedcollm import Scorer, Server
 
@@ -75,6 +77,12 @@ def test_fedcollm_runs_across_tokenizers_with_coverage_records(task_file, tmp_pa
         assert d["slm_kd"] > 0.0 and d["llm_kd"] > 0.0
     mc = records(run_dir, "mc")
     assert {(m["round"], m["model"]) for m in mc} == {(r, m) for r in (0, 1, 2) for m in ("slm", "llm")}
+    run = load_run(run_dir)
+    assert [(a.round, a.model) for a in run.align] == [(1, "llm"), (1, "slm"), (2, "llm"), (2, "slm")]
+    header, rows = align_rows([run])
+    assert len(rows) == 4 and header[4] == "exact" and rows[0][2] == "LLM"
+    report = write_report([run_dir], tmp_path / "report").read_text()
+    assert "## Co-tuning across tokenizers" in report
 
 
 @pytest.mark.slow
