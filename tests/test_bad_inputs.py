@@ -68,11 +68,12 @@ def _case(name: str, tmp_path: Path, corpus_dir: Path, task: Path) -> tuple[list
         small.mkdir()
         (small / "a.txt").write_text("just a few words")
         return ["run", str(_write(tmp_path, exp)), f"data.path={small}"], "too little text"
-    if name == "tokenizer-mismatch":
+    if name == "choices-across-tokenizers":
         other = _other_tokenizer_model(tmp_path)
         t = tree(task, tmp_path)
         t["llm"]["model"] = {"name": str(other)}
-        return ["run", str(_write(tmp_path, t))], "have different tokenizers"
+        t["distill"] = {"kd_target": "choices"}
+        return ["run", str(_write(tmp_path, t))], "differ between the SLM's and the LLM's tokenizers"
     if name == "lora-target":
         return (
             ["run", str(_write(tmp_path, exp)), "lora.target_modules=[q_proj,no_such_proj]"],
@@ -99,7 +100,7 @@ CASES = [
     "missing-model-path",
     "unknown-model",
     "too-little-text",
-    "tokenizer-mismatch",
+    "choices-across-tokenizers",
     "lora-target",
     "simulation-client",
     "dp-with-median",

@@ -708,6 +708,31 @@ def test_fedcollm_family_on_flower_gives_the_embedded_results_bit_for_bit(
         assert saved["adapter"].keys() == ours["client-00"].keys()
 
 
+@pytest.mark.slow
+def test_fedcollm_across_tokenizers_on_flower_gives_the_embedded_results_bit_for_bit(
+    task_file,  # noqa: F811
+    tmp_path,
+    node_state_in_tmp,
+    monkeypatch,
+):
+    """An LLM of another tokenizer lives in the ServerApp only: the nodes train the SLM as ever, and the
+    server's distillation across tokenizers gives the embedded adapters and alignment figures."""
+    monkeypatch.setenv("COTUNE_CACHE", str(tmp_path / "cache"))  # the vocabulary map's cache
+    t = tree(task_file, tmp_path, "fedcollm", run={"threads": 1})
+    t["llm"]["model"]["tiny"]["tokenizer"] = "merges"
+    cfg = config_from_dict(t)
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    flower = tmp_path / "flower"
+    ours, theirs = _adapters(embedded, pattern="*"), _adapters(flower, pattern="*")
+    assert "server-llm" in ours and max_adapter_diff(ours, theirs) == 0.0
+    keys = ("round", "model", "positions", "exact_share", "carried_share", "unmatched_share")
+    rows = [[{k: r[k] for k in keys} for r in _records(d, "align")] for d in (embedded, flower)]
+    assert rows[0] and rows[0] == rows[1]
+    assert sorted({t for _, t in grid.sent}) == [p.DESCRIBE, p.TRAIN]
+
+
 def test_fedcollm_nodes_hold_the_slm_only_and_refuse_other_payloads(task_file, tmp_path):  # noqa: F811
     from cotune.runtime.flower.node import Node, NodeSettings
 

@@ -27,6 +27,7 @@ from cotune.config.names import (
 )
 from cotune.records import (
     KINDS,
+    AlignRecord,
     CommRecord,
     DistillRecord,
     DistillValRecord,
@@ -148,6 +149,21 @@ RECORDS: list[Record] = [
         round=1, step=2, slm_ce=1, slm_kd=0.5, llm_ce=1, llm_kd=0.4, teacher_bytes=64, topk=None, wall_s=0.1
     ),
     DistillValRecord(round=1, model="slm", step=0, acc=0.5, nll=0.9, n=12),
+    AlignRecord(
+        round=1,
+        model="slm",
+        positions=40,
+        paired=36,
+        exact_share=0.8,
+        merged=4,
+        unaligned=0,
+        carried_share=0.9,
+        unmatched_share=0.1,
+        empty=0,
+        vocab_matched=0.26,
+        map_digest="0123abcd",
+        map_s=1.4,
+    ),
     FaultRecord(event="client_dropped", round=1, phase="train", client=1, reason="took too long"),
     PrivacyClip(round=1, clients=[0, 1], update_norms=[0.5, 2.0], clipped=1, clip_norm=1.0),
     PrivacySpent(

@@ -227,6 +227,32 @@ class DistillRecord(Record):
     llm_kept: Int | None = None  # the same for omega
 
 
+class AlignRecord(Record):
+    """One round's distillation across tokenizers (an LLM of another tokenizer than the SLM's), for one
+    student `model` (its teacher: the other): of the student's `positions` supervised tokens on D_a,
+    `exact_share` had a span agreeing with one teacher token, `merged` began a group of several (also
+    paired), `unaligned` were in no group (the texts differ); at the `paired` positions the teacher's
+    top-k mass carried into the student's vocabulary on average (`carried_share`), the mass on tokens the
+    student lacks (`unmatched_share`, dropped), and the positions with nothing carried (`empty`);
+    `vocab_matched`: the share of the teacher's vocabulary with an exact match in the student's; the
+    map's digest and the seconds it took to build (or read)."""
+
+    type: Literal["align"] = "align"
+    round: Int
+    model: Role
+    positions: Int
+    paired: Int
+    exact_share: Float
+    merged: Int
+    unaligned: Int
+    carried_share: Float
+    unmatched_share: Float
+    empty: Int
+    vocab_matched: Float
+    map_digest: str
+    map_s: Float
+
+
 class DistillValRecord(Record):
     """One model scored on the server's validation split (carved from D_a) during a round's distillation.
 
@@ -308,6 +334,7 @@ KINDS: dict[tuple[str, str | None], type[Record]] = {
     ("comm", None): CommRecord,
     ("distill", None): DistillRecord,
     ("distill_val", None): DistillValRecord,
+    ("align", None): AlignRecord,
     ("fault", None): FaultRecord,
     ("privacy", "clip"): PrivacyClip,
     ("privacy", "spent"): PrivacySpent,

@@ -61,6 +61,11 @@ class TinyModelConfig(Section):
         "layer cost, e.g. 49152 for a SmolLM2-shaped benchmark model",
     )
     seed: int = Field(0, description="seed of the random weights")
+    tokenizer: Literal["bytes", "merges"] = Field(
+        "bytes",
+        description="'bytes': one token per byte; 'merges': the same bytes with some letter pairs merged "
+        "(another tokenizer, for a FedCoLLM pair of different tokenizers)",
+    )
 
     @model_validator(mode="after")
     def _attention_shape(self) -> TinyModelConfig:

@@ -39,6 +39,9 @@ class EncodedSet:
     # (N, C): the first token of each of the example's choices, -1 where it has fewer; only for the
     # public set (distillation over the choices, distill.kd_target 'choices')
     choices: torch.Tensor | None = None
+    # each batch also names its rows ("rows", on the CPU): the same examples encoded by another tokenizer
+    # (`with_llm_encoding`) are found by them
+    rows: bool = False
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -54,6 +57,8 @@ class EncodedSet:
         }
         if self.choices is not None:
             out["choices"] = self.choices[idx].to(device)
+        if self.rows:
+            out["rows"] = idx.cpu()
         return out
 
 
@@ -72,6 +77,10 @@ class TaskData(Generic[Example]):
     # shipped generation task)
     duplicate_documents: int = 0
     duplicates: int = 0
+    # an LLM of another tokenizer (`with_llm_encoding`): the public set and the union encoded by it, row
+    # for row as `public` and `union`
+    llm_public: EncodedSet | None = None
+    llm_union: EncodedSet | None = None
 
     @property
     def client_sizes(self) -> list[int]:
@@ -167,6 +176,17 @@ def owned_splits(cfg: TaskConfig) -> TaskSplits[Any]:
     parts: list[list[Any]] = [public, test, *clients]
     labels = sorted({example_label(ex) for part in parts for ex in part})
     return TaskSplits(public=public, clients=clients, test=test, labels=labels)
+
+
+def with_llm_encoding(cfg: TaskConfig, task: TaskData[Any], tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give `task` the public set and the union encoded by the LLM's own `tokenizer` (an LLM of another
+    tokenizer than the SLM's): the same examples in the same rows, so a public batch's "rows" (now named
+    in every batch of `task.public`) find the LLM's encoding of its examples."""
+    public = task.splits.public[: len(task.splits.public) - len(task.public_val)]
+    union = [ex for part in [public, *task.splits.clients] for ex in part]
+    task.llm_public = encode_task_set(cfg, tokenizer, public)
+    task.llm_union = encode_task_set(cfg, tokenizer, union)
+    task.public.rows = True
 
 
 def build_task_data(

@@ -1,4 +1,5 @@
-"""Checks that two models can teach each other: FedCoLLM distils logits token by token."""
+"""Whether two models share a tokenizer (FedCoLLM's own path) and what distillation across tokenizers
+cannot do (`models/vocab_map`, `algorithms/vocab_alignment`: what it can)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,21 @@ from cotune.errors import OrdinaryError
 
 
 class TokenizerMismatchError(ValueError, OrdinaryError):
-    """The LLM and the SLM do not share a tokenizer, so their logits are not comparable."""
+    """A setting that needs the LLM and the SLM to share a tokenizer, with two tokenizers."""
 
 
-def check_same_tokenizer(
-    slm: PreTrainedTokenizerBase, llm: PreTrainedTokenizerBase, names: tuple[str, str]
-) -> None:
-    a, b = slm.get_vocab(), llm.get_vocab()
-    if a == b:
-        return
-    only_a = len(set(a) - set(b))
-    only_b = len(set(b) - set(a))
-    moved = sum(1 for t in set(a) & set(b) if a[t] != b[t])
-    raise TokenizerMismatchError(
-        f"the SLM ({names[0]}, {len(a)} tokens) and the LLM ({names[1]}, {len(b)} tokens) have different "
-        f"tokenizers ({only_a} tokens only in the SLM, {only_b} only in the LLM, {moved} with other ids); "
-        "FedCoLLM distils per-token distributions and needs models of one tokenizer family "
-        "(e.g. qwen2.5-coder-1.5b-instruct with qwen2.5-coder-0.5b-instruct)"
-    )
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers have one vocabulary (the same token at every id): FedCoLLM's own path."""
+    return bool(a.get_vocab() == b.get_vocab())
+
+
+def check_cross_tokenizer(kd_target: str) -> None:
+    """Distillation across tokenizers carries distributions over the vocabulary; the choices' first
+    tokens are each tokenizer's own, so distill.kd_target 'choices' needs one tokenizer."""
+    if kd_target == "choices":
+        raise TokenizerMismatchError(
+            "distill.kd_target 'choices' compares the models' logits at the choices' first tokens, which "
+            "differ between the SLM's and the LLM's tokenizers (model, llm.model); use "
+            "distill.kd_target 'vocab' (positions aligned by their text, the teacher's top-k carried "
+            "through the vocabulary map)"
+        )

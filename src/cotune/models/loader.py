@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from cotune.assets import ASSETS, cache_root, fetch, get_asset
 from cotune.errors import OrdinaryError
-from cotune.models.tiny import build_tiny_model, byte_tokenizer
+from cotune.models.tiny import build_tiny_model, tiny_tokenizer
 
 if TYPE_CHECKING:
     from cotune.config.schema import ModelConfig
@@ -211,7 +211,7 @@ def _load_by_name(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     tokenizer: PreTrainedTokenizerBase
     if name == "tiny":
-        tokenizer = byte_tokenizer()
+        tokenizer = tiny_tokenizer(cfg.tiny.tokenizer)
         return build_tiny_model(cfg.tiny, len(tokenizer)), tokenizer, "tiny random Llama"
     if name in ASSETS:
         asset = get_asset(name)

@@ -27,6 +27,7 @@ import yaml
 from cotune.config.names import PERSONALIZED, family_of
 from cotune.layout import CONFIG_FILE, METRICS_FILE
 from cotune.records import (
+    AlignRecord,
     CommRecord,
     DistillRecord,
     DistillValRecord,
@@ -166,6 +167,8 @@ class RunSummary:
     # and each round's distillation summary (which step each model kept), sorted by round
     distill_val: list[DistillValRecord] = field(default_factory=list)
     distill: list[DistillRecord] = field(default_factory=list)
+    # FedCoLLM with an LLM of another tokenizer: each round's alignment figures per student, by (round, model)
+    align: list[AlignRecord] = field(default_factory=list)
 
     @property
     def dp_enabled(self) -> bool:
@@ -393,6 +396,7 @@ def load_run(run_dir: Path) -> RunSummary:
     comm: dict[tuple[int, int], CommRecord] = {}
     distill_val: dict[tuple[int, str, int], DistillValRecord] = {}
     distill: dict[int, DistillRecord] = {}
+    align: dict[tuple[int, str], AlignRecord] = {}
     gen: dict[tuple[str, int, str, int], GenRecord] = {}
     samples: dict[tuple[str, int, str, int, int], GenSampleRecord] = {}
     run_strategy: str | None = None
@@ -414,6 +418,8 @@ def load_run(run_dir: Path) -> RunSummary:
                 distill_val[(rec.round, rec.model, rec.step)] = rec
             case DistillRecord():
                 distill[rec.round] = rec
+            case AlignRecord():
+                align[(rec.round, rec.model)] = rec
             case GenRecord():
                 gen[(rec.split, rec.round, rec.model or "", -1 if rec.client is None else rec.client)] = rec
             case GenSampleRecord():
@@ -459,6 +465,7 @@ def load_run(run_dir: Path) -> RunSummary:
         privacy=privacy,
         distill_val=[distill_val[key] for key in sorted(distill_val)],
         distill=[distill[key] for key in sorted(distill)],
+        align=[align[key] for key in sorted(align)],
         gen=[gen[key] for key in sorted(gen)],
         gen_samples=[samples[key] for key in sorted(samples)],
     )

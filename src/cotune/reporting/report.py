@@ -734,6 +734,29 @@ def distill_val_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[s
     return header, rows
 
 
+def align_rows(runs: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """Per run, round and student model (an LLM of another tokenizer): what the distillation across the
+    tokenizers covered (`AlignRecord`)."""
+    header = ["run", "round", "student", "positions", "exact", "merged", "unaligned", "carried", "unmatched"]
+    rows = []
+    for run, label in zip(runs, unique_labels(runs), strict=True):
+        for a in run.align:
+            rows.append(
+                [
+                    label,
+                    str(a.round),
+                    a.model.upper(),
+                    str(a.positions),
+                    _pct(a.exact_share),
+                    str(a.merged),
+                    str(a.unaligned),
+                    _pct(a.carried_share),
+                    _pct(a.unmatched_share),
+                ]
+            )
+    return header, rows
+
+
 def _plot_distill_validation(runs: Sequence[RunSummary], labels: Sequence[str], path: Path) -> bool:
     """Validation accuracy (a generation task: response loss) along each round's distillation (round r
     spans r-1..r on the x axis), SLM solid, LLM dashed, one colour per run; a star marks the step each
@@ -1107,6 +1130,20 @@ def _cotuning_markdown(runs: Sequence[RunSummary], has_acc_plot: bool) -> list[s
                 _md_table(header, rows),
                 "",
             ]
+
+    align_runs = [run for run in runs if run.align]
+    if align_runs:
+        parts += ["## Co-tuning across tokenizers", ""]
+        parts += [
+            "The LLM has another tokenizer than the SLM: per round and student model, its supervised "
+            "positions on the public set, the share (%) whose span agrees with one teacher token (exact), "
+            "the groups of several tokens merged where the splits differ (each pairs its first tokens), "
+            "positions in no group (the texts differ), and the mean share (%) of the teacher's top-k "
+            "probability mass carried into the student's vocabulary (the unmatched rest is dropped).",
+            "",
+            _md_table(*align_rows(align_runs)),
+            "",
+        ]
 
     parts += ["## Co-tuning: communication", ""]
     parts += [

@@ -17,6 +17,7 @@ from cotune.algorithms.fedcollm import plan_of
 from cotune.config.schema import ExperimentConfig
 from cotune.data.task_data import TaskData
 from cotune.models.lora import AdapterPool
+from cotune.models.vocab_map import TokenizerBridge
 from cotune.runtime.fedcollm import EvalCache, FedCoLLMLoop
 from cotune.runtime.personalized import PersonalizedLoop
 from cotune.runtime.port import Clients
@@ -59,9 +60,11 @@ def fedcollm_loop(
     clients: Clients,
     console: Console,
     eval_cache: EvalCache | None = None,
+    bridge: TokenizerBridge | None = None,
 ) -> FedCoLLMLoop:
     """The FedCoLLM-family loop: the server's learners (theta; omega on the LLM pool, when the plan uses
-    it) on `pools` (`setup.fedcollm_pools`), the clients behind `clients`."""
+    it) on `pools` (`setup.fedcollm_pools`), the clients behind `clients`; `bridge`: an LLM of another
+    tokenizer (`setup.load_fedcollm_models`)."""
     slm, llm = pools
-    server = fedcollm_server(cfg, slm, llm, task, tokenizer, device)
+    server = fedcollm_server(cfg, slm, llm, task, tokenizer, device, bridge)
     return FedCoLLMLoop(cfg, clients, server, task, files, console, eval_cache)

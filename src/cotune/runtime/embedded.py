@@ -93,17 +93,17 @@ def run_fedcollm_family(
 ) -> None:
     """FedCoLLM and its baselines: load the SLM (and the LLM once, if any variant needs it)."""
     cfg = variants[0]
-    slm_base, llm_base, tokenizer, device = load_fedcollm_models(
+    slm_base, llm_base, tokenizer, device, bridge = load_fedcollm_models(
         cfg, console, any(needs_llm(v) for v in variants)
     )
-    task = load_task(cfg, tokenizer, console)
+    task = load_task(cfg, tokenizer, console, bridge)
     eval_cache: dict = {}  # one base model per role and one test split: scores carry across variants
     for d, v, resumed in zip(dirs, variants, resume, strict=True):
         console.print(f"[bold]algorithm {v.algorithm}[/] -> {d}")
         slm, llm = fedcollm_pools(v, slm_base, llm_base)
         clients = InProcessClients(v, fedcollm_works(v, slm, task, device, len(tokenizer)))
         loop = fedcollm_loop(
-            v, RunFiles(d, v), (slm, llm), task, tokenizer, device, clients, console, eval_cache
+            v, RunFiles(d, v), (slm, llm), task, tokenizer, device, clients, console, eval_cache, bridge
         )
         loop.run(resumed)
         slm_base = slm.unload()

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cotune.algorithms.compression import Compression, roundtrip_state
 from cotune.algorithms.fedcollm import check_payload, fedavg_weights, plan_of
+from cotune.algorithms.vocab_alignment import Coverage
 from cotune.config.names import ROLES, Role
 from cotune.config.schema import ExperimentConfig
 from cotune.data.generation import gen_requests
@@ -53,7 +54,9 @@ from cotune.evaluation.multiple_choice import (
 )
 from cotune.models.adapter_check import AdapterSpec
 from cotune.models.lora import AdapterPool
+from cotune.models.vocab_map import TokenizerBridge
 from cotune.records import (
+    AlignRecord,
     DistillRecord,
     DistillValRecord,
     GenRecord,
@@ -74,7 +77,7 @@ from cotune.runtime.rounds import RoundTimes, run_rounds
 from cotune.runtime.rundir import RunFiles, client_name, load_adapter
 from cotune.runtime.traffic import Traffic
 from cotune.state import AdapterState, copied, state_digest
-from cotune.training.distill import TeacherSignal, student_step, teacher_signal
+from cotune.training.distill import TeacherSignal, crossed_signal, student_step, teacher_signal
 from cotune.training.learner import Learner
 from cotune.training.loop import Batch
 
@@ -227,6 +230,11 @@ class Server:
     tokenizer: PreTrainedTokenizerBase
     central_steps: int  # the centralized baseline's LLM steps per round
     distill_batches: int  # distillation batches per pass over D_a
+    bridge: TokenizerBridge | None = None  # an LLM of another tokenizer: its tokenizer and the map to it
+
+    def tokenizer_of(self, role: Role) -> PreTrainedTokenizerBase:
+        """The tokenizer `role`'s model reads: each model its own."""
+        return self.bridge.llm_tokenizer if role == "llm" and self.bridge is not None else self.tokenizer
 
 
 @dataclass(frozen=True)
@@ -251,14 +259,16 @@ class Scorer:
         self.cfg, self.server = cfg, server
         self.generation = cfg.task is not None and cfg.task.kind == "generation"
 
-    def requests(self, examples: Sequence[Any], to_decode: bool = True) -> list[GenRequest]:
+    def requests(
+        self, examples: Sequence[Any], to_decode: bool = True, role: Role = "slm"
+    ) -> list[GenRequest]:
         """Generation examples as the evaluator takes them: encoded as training encodes them (template,
-        `fit_lengths`); `to_decode`, each prompt then cut from the left to leave room for
-        task.max_new_tokens in the shorter context of the server's models (the SLM and the LLM are
-        given the same prompts)."""
+        `fit_lengths`) by `role`'s tokenizer; `to_decode`, each prompt then cut from the left to leave
+        room for task.max_new_tokens in the shorter context of the server's models (the SLM and the LLM
+        are given the same prompts)."""
         task, s = self.cfg.task, self.server
         assert task is not None
-        encoded = gen_requests(s.tokenizer, examples, task.max_length, task.chat_template)
+        encoded = gen_requests(s.tokenizer_of(role), examples, task.max_length, task.chat_template)
         if not to_decode:
             return encoded
         limits = [context_length(p.model) for p in (s.slm, s.llm) if p is not None]
@@ -280,7 +290,7 @@ class Scorer:
         limit = task.max_test_examples
         settings = (task.max_length, task.chat_template, task.max_new_tokens, limit, t.eval_batch_size)
         key = ("gen", self.role(pool), adapter_digest(pool, name), *settings)
-        tok = self.server.tokenizer
+        tok = self.server.tokenizer_of(self.role(pool))
 
         def compute() -> GenEval:
             return evaluate_generation(
@@ -315,7 +325,7 @@ class Scorer:
         key = ("loss", self.role(pool), adapter_digest(pool, name), *settings)
 
         def compute() -> ValScore:
-            pad, size = pad_token_id(self.server.tokenizer), t.eval_batch_size
+            pad, size = pad_token_id(self.server.tokenizer_of(self.role(pool))), t.eval_batch_size
             order = length_order([len(r.prompt_ids) + len(r.response_ids) for r in requests])
             total, tokens = 0.0, 0
             for start in range(0, len(order), size):
@@ -348,7 +358,7 @@ class Scorer:
         def compute() -> MCResult:
             return evaluate_multiple_choice(
                 pool.model,
-                self.server.tokenizer,
+                self.server.tokenizer_of(self.role(pool)),
                 examples,
                 batch_size=t.eval_batch_size,
                 max_length=task.max_length,
@@ -384,7 +394,8 @@ class Distillation:
         self.roles: tuple[Role, ...] = ROLES if self.with_llm else ("slm",)
         self.vocab_size = len(server.tokenizer)
         self.val_cache: EvalCache = {}  # validation results, keyed as `Scorer.scored` keys
-        self.val_requests: list[GenRequest] | None = None  # a generation task's validation split, encoded
+        self.val_requests: dict[Role, list[GenRequest]] = {}  # a generation task's validation split, encoded
+        self.coverage: dict[Role, Coverage] = {}  # a round's alignment figures by student (another tokenizer)
 
     def run(self, r: int) -> None:
         """Per batch an SLM step (the LLM teaches) then an LLM step (the SLM teaches); with order 'epoch'
@@ -415,6 +426,33 @@ class Distillation:
             kept = {role: track.finish() for role, track in tracks.items()}
         val_s = sum(track.seconds for track in tracks.values())
         self.log(totals.record(r, d.topk, time.perf_counter() - t0, kept, val_s))
+        self.log_coverage(r)
+
+    def log_coverage(self, r: int) -> None:
+        """The round's alignment figures (an LLM of another tokenizer), one record per student model."""
+        bridge = self.server.bridge
+        if bridge is None:
+            return
+        slm_matched, llm_matched = bridge.vocab.matched()
+        for role, cov in sorted(self.coverage.items()):
+            self.log(
+                AlignRecord(
+                    round=r,
+                    model=role,
+                    positions=cov.positions,
+                    paired=cov.paired,
+                    exact_share=cov.exact_share,
+                    merged=cov.merged,
+                    unaligned=cov.unaligned,
+                    carried_share=cov.carried_share,
+                    unmatched_share=cov.unmatched_share,
+                    empty=cov.empty,
+                    vocab_matched=slm_matched if role == "llm" else llm_matched,
+                    map_digest=bridge.vocab.digest,
+                    map_s=bridge.seconds,
+                )
+            )
+        self.coverage = {}
 
     def distill_batches(self) -> list[Batch]:
         """One pass over D_a: the public batches of this round, from theta's data cursor."""
@@ -440,7 +478,10 @@ class Distillation:
             else:
                 student, teacher, learner = s.llm, s.slm, s.omega
             s.llm.activate(LLM_ADAPTER)
-            signal = teacher_signal(teacher.model, batch, self.vocab_size, d.topk, d.kd_target)
+            if s.bridge is not None:  # another tokenizer: each model reads its own encoding of the batch
+                signal, batch = self.crossed(role, teacher.model, batch)
+            else:
+                signal = teacher_signal(teacher.model, batch, self.vocab_size, d.topk, d.kd_target)
         with learner.rng.active():  # the student's dropout: its learner's own stream
             ce, kd = student_step(
                 student.model,
@@ -449,10 +490,46 @@ class Distillation:
                 learner.optimizer,
                 learner.scheduler,
                 d,
-                self.vocab_size,
+                self.vocab_of(role),
                 self.cfg.train.max_grad_norm,
             )
         return ce, kd, signal.nbytes
+
+    def vocab_of(self, role: Role) -> int:
+        """The logits' columns `role`'s model is trained over: its tokenizer's vocabulary."""
+        return len(self.server.tokenizer_of(role))
+
+    def crossed(
+        self, role: Role, teacher: torch.nn.Module, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[TeacherSignal, Mapping[str, torch.Tensor]]:
+        """The teacher's signal for `role` (student) when the LLM has another tokenizer, and the student's
+        batch: the public batch as the SLM's encoding (`batch`, whose "rows" name its examples) and the
+        LLM's (`task.llm_public`), paired by their text (`training.distill.crossed_signal`); its coverage
+        summed into the round's."""
+        bridge, d, public = self.server.bridge, self.cfg.distill, self.task.llm_public
+        assert bridge is not None and public is not None
+        slm_batch: Mapping[str, torch.Tensor] = batch
+        llm_batch: Mapping[str, torch.Tensor] = public.batch(batch["rows"], batch["input_ids"].device)
+        if role == "slm":
+            pieces, to_student, student_batch, teacher_batch = (
+                (bridge.slm_pieces, bridge.llm_pieces),
+                bridge.llm_to_slm,
+                slm_batch,
+                llm_batch,
+            )
+        else:
+            pieces, to_student, student_batch, teacher_batch = (
+                (bridge.llm_pieces, bridge.slm_pieces),
+                bridge.slm_to_llm,
+                llm_batch,
+                slm_batch,
+            )
+        teacher_vocab = self.vocab_of("llm" if role == "slm" else "slm")
+        signal, cov = crossed_signal(
+            teacher, teacher_batch, student_batch, pieces, to_student, teacher_vocab, d.topk, d.temperature
+        )
+        self.coverage.setdefault(role, Coverage()).add(cov)
+        return signal, student_batch
 
     def val_track(self, r: int, role: Role, advance: Advance) -> ValTrack:
         """`role`'s validation track; a scoring shows on the distillation phase (its count is in steps)
@@ -486,11 +563,11 @@ class Distillation:
         """Accuracy and choice-level loss of adapter `name` on the server's validation split (generation:
         the teacher-forced response loss, no accuracy); weights already scored are not rescored (omega
         starts a round as the last one kept)."""
-        examples = self.task.public_val
+        examples, role = self.task.public_val, self.scorer.role(pool)
         if self.scorer.generation:
-            if self.val_requests is None:
-                self.val_requests = self.scorer.requests(examples, to_decode=False)  # scored as trained
-            return self.scorer.response_loss(pool, name, self.val_requests, self.val_cache, on_scored)
+            if role not in self.val_requests:  # scored as trained
+                self.val_requests[role] = self.scorer.requests(examples, to_decode=False, role=role)
+            return self.scorer.response_loss(pool, name, self.val_requests[role], self.val_cache, on_scored)
         res = self.scorer.scored(pool, name, examples, self.val_cache, on_scored)
         return ValScore(res.acc, choice_nll(res.logliks, [ex.answer for ex in examples]), res.n)
 
@@ -528,7 +605,7 @@ class FedCoLLMLoop:
         self.activity = Activity(self.console)
         self.scorer = Scorer(cfg, server)
         self.distillation = Distillation(cfg, server, task, self.scorer, files.log, self.activity)
-        self.test_requests: list[GenRequest] | None = None  # a generation task's test split, encoded once
+        self.test_requests: dict[Role, list[GenRequest]] = {}  # a generation task's test split, encoded once
 
     def check(self, payload: dict[str, torch.Tensor] | Any) -> None:
         """Only the SLM adapter travels: refuse anything else (above all the server's LLM LoRA)."""
@@ -675,11 +752,11 @@ class FedCoLLMLoop:
             return generation_count(self.generation_requests(), task.max_test_examples)
         return choice_count(self.task.test)
 
-    def generation_requests(self) -> list[GenRequest]:
-        """The test split as generation requests (encoded on first use)."""
-        if self.test_requests is None:
-            self.test_requests = self.scorer.requests(self.task.test)
-        return self.test_requests
+    def generation_requests(self, role: Role = "slm") -> list[GenRequest]:
+        """The test split as generation requests for `role`'s model (encoded by its tokenizer, once)."""
+        if role not in self.test_requests:
+            self.test_requests[role] = self.scorer.requests(self.task.test, role=role)
+        return self.test_requests[role]
 
     def evaluate(self, r: int) -> None:
         """The held-out test split scored for whatever this algorithm trains (multiple-choice accuracy, or
@@ -720,7 +797,7 @@ class FedCoLLMLoop:
         """Adapter `name` generating for the test split, logged as a GenRecord of its scores (the generated
         texts may repeat what a client trained on: only a task of shipped public data logs a few of them,
         at the final round, `log_samples`); its ROUGE-L."""
-        requests = self.generation_requests()
+        requests = self.generation_requests(self.scorer.role(pool))
         res = self.scorer.generated(pool, name, requests, self.eval_cache, on_done)
         if r == self.rounds:
             self.log_samples(r, self.scorer.role(pool), client, requests, res)

@@ -24,12 +24,13 @@ from cotune.config.schema import ExperimentConfig, ModelConfig
 from cotune.data.client_examples import client_data
 from cotune.data.corpora import DataError
 from cotune.data.generation import gen_format
-from cotune.data.task_data import EncodedSet, TaskData, build_task_data
+from cotune.data.task_data import EncodedSet, TaskData, build_task_data, with_llm_encoding
 from cotune.data.windows import ClientData, FederatedData, Rows
 from cotune.evaluation.generation import SAMPLES, pad_token_id, stop_token_ids
-from cotune.models.compat import check_same_tokenizer
+from cotune.models.compat import check_cross_tokenizer, same_tokenizer
 from cotune.models.loader import load_base_model, resolve_device, resolve_dtype
 from cotune.models.lora import AdapterPool
+from cotune.models.vocab_map import TokenizerBridge, build_bridge
 from cotune.reporting.text import printable
 from cotune.runtime.client import ClientWork, Decoding, EvalMemo
 from cotune.runtime.fedcollm import LLM_ADAPTER, SERVER, Server
@@ -243,12 +244,21 @@ def personalized_works(
 
 
 # ---- FedCoLLM family ----------------------------------------------------------------------------------
-def load_task(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, console: Console) -> TaskData:
+def load_task(
+    cfg: ExperimentConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    console: Console,
+    bridge: TokenizerBridge | None = None,
+) -> TaskData:
+    """The task's splits encoded by the SLM's tokenizer (and, with a `bridge` to an LLM of another
+    tokenizer, the public set and the union by the LLM's too)."""
     assert cfg.task is not None
     with console.status("building the task splits"):
         task = build_task_data(
             cfg.task, cfg.federation.clients, tokenizer, cfg.run.seed, cfg.distill.val_fraction
         )
+        if bridge is not None:
+            with_llm_encoding(cfg.task, task, bridge.llm_tokenizer)
     sizes = ", ".join(str(n) for n in task.client_sizes)
     val = f" (+ {len(task.public_val)} server validation)" if task.public_val else ""
     console.print(
@@ -270,15 +280,32 @@ def duplicates_line(documents: int, examples: int) -> str:
 
 def load_fedcollm_models(
     cfg: ExperimentConfig, console: Console, with_llm: bool
-) -> tuple[torch.nn.Module, torch.nn.Module | None, PreTrainedTokenizerBase, torch.device]:
-    """The SLM base and, when asked, the LLM base (checked to share the SLM's tokenizer)."""
+) -> tuple[
+    torch.nn.Module, torch.nn.Module | None, PreTrainedTokenizerBase, torch.device, TokenizerBridge | None
+]:
+    """The SLM base and, when asked, the LLM base; when the LLM's tokenizer is not the SLM's, the bridge
+    between them (`models/vocab_map`: the vocabulary map, built once per pair and cached), else None."""
     slm_base, tokenizer, device = load_model(cfg, console=console)
-    llm_base = None
+    llm_base, bridge = None, None
     if with_llm:
         assert cfg.llm is not None
         llm_base, llm_tokenizer, _ = load_model(cfg, cfg.llm.model, console)
-        check_same_tokenizer(tokenizer, llm_tokenizer, (cfg.model.name, cfg.llm.model.name))
-    return slm_base, llm_base, tokenizer, device
+        if not same_tokenizer(tokenizer, llm_tokenizer):
+            check_cross_tokenizer(cfg.distill.kd_target)
+            bridge = build_bridge(tokenizer, llm_tokenizer)
+            console.print(bridge_line(bridge))
+    return slm_base, llm_base, tokenizer, device, bridge
+
+
+def bridge_line(bridge: TokenizerBridge) -> str:
+    """What the vocabulary map between the two tokenizers covers, for the console."""
+    slm, llm = bridge.vocab.matched()
+    how = "read from the cache" if bridge.vocab.cached else "built"
+    return (
+        f"  tokenizers differ: {slm:.1%} of the SLM's tokens and {llm:.1%} of the LLM's have an exact match "
+        f"in the other vocabulary (map {bridge.vocab.digest[:12]} {how} in {bridge.seconds:.1f}s); "
+        "mutual distillation aligns positions by their text and carries each teacher's top-k through it"
+    )
 
 
 def client_budget(cfg: ExperimentConfig, n_examples: int) -> int:
@@ -355,8 +382,10 @@ def fedcollm_server(
     task: TaskData,
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
+    bridge: TokenizerBridge | None = None,
 ) -> Server:
-    """The server's learners: theta on D_a, and omega on D_a (distillation) or on all data (centralized)."""
+    """The server's learners: theta on D_a, and omega on D_a (distillation) or on all data (centralized);
+    with a `bridge` (an LLM of another tokenizer), omega's data is the LLM's own encoding of them."""
     t, seed, rounds = cfg.train, cfg.run.seed, cfg.federation.rounds
     multiple_choice = cfg.task is not None and cfg.task.kind == "multiple_choice"
     if cfg.distill.kd_target == "choices" and plan_of(cfg.algorithm).distill and multiple_choice:
@@ -382,7 +411,7 @@ def fedcollm_server(
             omega = Learner(
                 llm,
                 LLM_ADAPTER,
-                task.union,
+                task.union if task.llm_union is None else task.llm_union,
                 lt,
                 central * rounds,
                 stream_seed("learner", seed, LLM_SLOT),
@@ -392,11 +421,11 @@ def fedcollm_server(
             omega = Learner(  # its own seed: its dropout stream differs from theta's
                 llm,
                 LLM_ADAPTER,
-                task.public,
+                task.public if task.llm_public is None else task.llm_public,
                 lt,
                 per_round * rounds,
                 stream_seed("learner", seed, LLM_SLOT),
                 device,
                 accumulate=False,
             )
-    return Server(slm, llm, theta, omega, tokenizer, central, batches)
+    return Server(slm, llm, theta, omega, tokenizer, central, batches, bridge)

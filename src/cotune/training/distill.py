@@ -8,7 +8,7 @@ with `topk`, only the teacher's k largest logits per position are kept.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,14 @@ from cotune.algorithms.distillation import (
     task_ce,
     teacher_topk,
 )
+from cotune.algorithms.vocab_alignment import (
+    Carried,
+    Coverage,
+    carried_coverage,
+    carried_kl,
+    carry_topk,
+    pair_positions,
+)
 from cotune.config.schema import DistillConfig
 from cotune.training.loop import optimizer_step
 
@@ -37,16 +45,23 @@ class TeacherSignal:
     values: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     choices: torch.Tensor | None = None  # (B, C): logits at the answer position, at the choices' first tokens
+    # a teacher of another tokenizer: its top-k carried into the student's vocabulary at the paired
+    # positions, and those positions in the student's shifted logits (rows, positions)
+    carried: Carried | None = None
+    at: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def held(self) -> list[torch.Tensor]:
+        carried = [] if self.carried is None else [self.carried.ids, self.carried.probs]
+        return [t for t in (self.logits, self.values, self.indices, self.choices) if t is not None] + carried
 
     @property
     def empty(self) -> bool:
         """No teacher at all (the fedavg_ft control): the student's step is cross-entropy alone."""
-        return all(t is None for t in (self.logits, self.values, self.indices, self.choices))
+        return not self.held()
 
     @property
     def nbytes(self) -> int:
-        held = [t for t in (self.logits, self.values, self.indices, self.choices) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.numel() * t.element_size() for t in self.held())
 
 
 @torch.no_grad()
@@ -75,6 +90,33 @@ def teacher_signal(
     return TeacherSignal(values=values, indices=indices)
 
 
+@torch.no_grad()
+def crossed_signal(
+    teacher: nn.Module,
+    teacher_batch: Mapping[str, torch.Tensor],
+    student_batch: Mapping[str, torch.Tensor],
+    pieces: tuple[Sequence[bytes], Sequence[bytes]],
+    to_student: torch.Tensor,
+    teacher_vocab: int,
+    topk: int | None,
+    temperature: float,
+) -> tuple[TeacherSignal, Coverage]:
+    """A teacher of another tokenizer (`algorithms/vocab_alignment`): both models' batches hold the same
+    examples, each encoded by its tokenizer; the predictions are paired by their text (`pair_positions`,
+    `pieces` = (student's, teacher's) bytes by id) and the teacher's top-k (all of its vocabulary without
+    `topk`) at each paired position carried into the student's vocabulary through `to_student`."""
+    teacher.eval()
+    ids, mask = teacher_batch["input_ids"], teacher_batch["attention_mask"]
+    logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1, :teacher_vocab]
+    pairs = pair_positions(student_batch["labels"][:, 1:], teacher_batch["labels"][:, 1:], *pieces)
+    at_teacher = logits[pairs.rows.to(logits.device), pairs.teacher.to(logits.device)]
+    values, indices = teacher_topk(at_teacher, topk or teacher_vocab)
+    carried = carry_topk(values, indices, to_student, temperature)
+    device = student_batch["labels"].device
+    at = (pairs.rows.to(device), pairs.student.to(device))
+    return TeacherSignal(carried=carried, at=at), carried_coverage(pairs, carried)
+
+
 def kd_term(
     logits: torch.Tensor, teacher: TeacherSignal, batch: Mapping[str, torch.Tensor], cfg: DistillConfig
 ) -> torch.Tensor:
@@ -82,6 +124,9 @@ def kd_term(
     teacher's top-k, whichever signal the teacher sent."""
     shifted, labels = shift_for_causal_lm(logits, batch["labels"])
     mask = supervised_mask(labels)
+    if teacher.carried is not None:
+        assert teacher.at is not None
+        return carried_kl(shifted[teacher.at], teacher.carried, temperature=cfg.temperature)
     if teacher.choices is not None:
         student_choices = choice_logits(shifted, answer_positions(labels), batch["choices"])
         return kd_kl_choices(student_choices, teacher.choices, temperature=cfg.temperature)

@@ -90,10 +90,10 @@ def server_loop(
     """The family's round loop (`runtime/compose.py`, as in process) with the SuperNodes as its clients."""
     files = RunFiles(run_dir, cfg, backend=CLIENTS_ON_FLOWER)
     if cfg.is_cotuning:  # the LLM and its LoRA only ever exist here, in the ServerApp
-        slm_base, llm_base, tokenizer, device = load_fedcollm_models(cfg, console, needs_llm(cfg))
-        task = load_task(cfg, tokenizer, console)
+        slm_base, llm_base, tokenizer, device, bridge = load_fedcollm_models(cfg, console, needs_llm(cfg))
+        task = load_task(cfg, tokenizer, console, bridge)
         pools = fedcollm_pools(cfg, slm_base, llm_base)
-        return fedcollm_loop(cfg, files, pools, task, tokenizer, device, clients, console)
+        return fedcollm_loop(cfg, files, pools, task, tokenizer, device, clients, console, bridge=bridge)
     # personalized: the server only needs the initial adapter every client starts from (on its CPU)
     base, _, _ = load_model(cfg, console=console, device=torch.device("cpu"))
     return personalized_loop(cfg, files, adapter_pool(cfg, base, [0]), clients, console)
