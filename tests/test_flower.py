@@ -44,6 +44,7 @@ from tests.test_cotuning import task_file, tree  # noqa: F401  (task_file: the F
 from cotune.algorithms.ranks import rank_of
 from cotune.algorithms.trust import PredictionDistance
 from cotune.config import config_from_dict, dump_config
+from cotune.records import CLOCK_FIELDS
 from cotune.reporting.metrics import read_metrics
 from cotune.runtime.checkpoint import latest_checkpoint, list_checkpoints
 from cotune.runtime.experiment import run_experiment
@@ -308,7 +309,7 @@ def test_personalized_generation_on_flower_gives_the_embedded_results_bit_for_bi
     assert max_adapter_diff(_adapters(embedded), _adapters(flower)) == 0.0
     for kind in ("trust", "eval", "gen"):
         ours, theirs = _records(embedded, kind), _records(flower, kind)
-        drop = {"wall_s", "time"}
+        drop = CLOCK_FIELDS
         assert [{k: v for k, v in r.items() if k not in drop} for r in ours] == [
             {k: v for k, v in r.items() if k not in drop} for r in theirs
         ], kind
@@ -317,7 +318,7 @@ def test_personalized_generation_on_flower_gives_the_embedded_results_bit_for_bi
 
 def _same_records(embedded: Path, flower: Path, kinds: Iterable[str]) -> None:
     """The records of each kind equal in both runs but for their timings."""
-    drop = {"wall_s", "time", "tokens_per_s"}
+    drop = CLOCK_FIELDS
     for kind in kinds:
         ours, theirs = _records(embedded, kind), _records(flower, kind)
         assert [{k: v for k, v in r.items() if k not in drop} for r in ours] == [

@@ -12,13 +12,14 @@ from tests.conftest import tiny_tree
 from tests.test_cotuning import task_file, tree  # noqa: F401  (task_file is a fixture)
 
 from cotune.config import config_from_dict
+from cotune.records import CLOCK_FIELDS
 from cotune.reporting.metrics import read_metrics
 from cotune.runtime import fedcollm, personalized
 from cotune.runtime.checkpoint import latest_checkpoint
 from cotune.runtime.experiment import resume_experiment, run_experiment
 
 HOOKS = ("restore", "train", "aggregate", "checkpoint", "evaluate", "close_round")
-CLOCK = {"time", "wall_s", "train_s", "tokens_per_s"}  # what differs between two identical runs
+CLOCK = CLOCK_FIELDS  # what differs between two identical runs
 
 
 class Stopped(RuntimeError):

@@ -34,6 +34,11 @@ def now() -> float:
     return time.time()
 
 
+# Record fields that measure time (wall clock, throughput, build time): two runs that compute the same
+# thing differ only in these, so comparisons of runs (resume, transports) leave them out.
+CLOCK_FIELDS = frozenset({"time", "wall_s", "train_s", "tokens_per_s", "val_s", "map_s"})
+
+
 class Record(BaseModel):
     """One line of metrics.jsonl. Unknown fields are ignored on reading (newer writers may add some);
     the fields a report does not need default to None, so runs written before a field existed still read."""
