@@ -159,6 +159,27 @@ def source_commit() -> str:
     return (head or "unknown") + ("+changes" if dirty.strip() else "")
 
 
+def provenance(script: str) -> dict[str, str]:
+    """Where a result came from: the machine, torch and Python versions, the commit, the command line."""
+    import torch
+
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), CPU, fp32",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": source_commit(),
+        "command": " ".join(["python", f"bench/{script}", *sys.argv[1:]]),
+    }
+
+
+def save_results(results_dir: Path, name: str, result: dict[str, Any], text: str) -> None:
+    """results_dir/name.json and name.md (the Markdown also printed)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (results_dir / f"{name}.md").write_text(text)
+    print(text)
+
+
 def seed_commits(out: Path) -> list[str]:
     path = out.parent / COMMITS
     return list(dict.fromkeys(path.read_text().split())) if path.is_file() else []

@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,7 +38,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 
-from fedcollm_quality import source_commit  # noqa: E402  (one definition of "which code ran")
+from fedcollm_quality import provenance, save_results, source_commit  # noqa: E402  (one definition of "which code ran")
 
 from cotune.reporting.metrics import load_run  # noqa: E402
 from cotune.reporting.stats import Summary, paired_difference, seed_means, summarize  # noqa: E402
@@ -343,25 +342,16 @@ def main() -> None:
         "overrides", nargs="*", help="dotted overrides for every run (smoke tests: model.name=tiny)"
     )
     args = ap.parse_intermixed_args()
-    import torch
 
     t0 = time.perf_counter()
     timings = {} if args.collect_only else sweep(args.settings, args.seeds, args.runs, args.overrides)
     result = collect(args.settings, args.seeds, args.runs)
     result.update(
-        machine=f"{platform.machine()}, {os.cpu_count()} cores (shared), CPU, fp32",
-        torch=torch.__version__,
-        python=platform.python_version(),
-        commit=source_commit(),
-        command=" ".join(["python", "bench/generation_quality.py", *sys.argv[1:]]),
+        **provenance("generation_quality.py"),
         invocation_seconds=time.perf_counter() - t0,
         run_seconds=run_seconds(args.results / f"{NAME}.json", timings, result),
     )
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{NAME}.json").write_text(json.dumps(result, indent=2))
-    text = markdown(result)
-    (args.results / f"{NAME}.md").write_text(text)
-    print(text)
+    save_results(args.results, NAME, result, markdown(result))
 
 
 if __name__ == "__main__":

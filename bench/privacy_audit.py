@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 
-from fedcollm_quality import source_commit  # noqa: E402  (one definition of "which code ran")
+from fedcollm_quality import provenance, save_results, source_commit  # noqa: E402  (one definition of "which code ran")
 
 from cotune.reporting.metrics import load_run, read_metrics  # noqa: E402
 from cotune.reporting.stats import seed_means, summarize  # noqa: E402
@@ -302,7 +301,6 @@ def main() -> None:
         "overrides", nargs="*", help="dotted overrides for every run (smoke tests: model.name=tiny)"
     )
     args = ap.parse_intermixed_args()
-    import torch
 
     levels: list[float | None] = [None, *args.epsilons]
     t0 = time.perf_counter()
@@ -311,19 +309,11 @@ def main() -> None:
     )
     result = collect(levels, args.seeds, args.runs)
     result.update(
-        machine=f"{platform.machine()}, {os.cpu_count()} cores (shared), CPU, fp32",
-        torch=torch.__version__,
-        python=platform.python_version(),
-        commit=source_commit(),
-        command=" ".join(["python", "bench/privacy_audit.py", *sys.argv[1:]]),
+        **provenance("privacy_audit.py"),
         invocation_seconds=time.perf_counter() - t0,
         timings=timings,
     )
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{NAME}.json").write_text(json.dumps(result, indent=2))
-    text = markdown(result)
-    (args.results / f"{NAME}.md").write_text(text)
-    print(text)
+    save_results(args.results, NAME, result, markdown(result))
 
 
 if __name__ == "__main__":
