@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+
+from personalized_quality import sweep_by_name  # noqa: E402  (one way to run a personalized sweep)
 
 from cotune.reporting.stats import Summary  # noqa: E402
 
@@ -57,15 +59,10 @@ def name_of(m: int) -> str:
     return f"budget_sweep_x{m}"
 
 
-def run_multiple(setting: str, m: int, seeds: list[int], collect_only: bool) -> None:
-    """One personalized_quality sweep (or its collection) at multiple m."""
-    cmd = [sys.executable, str(HERE / "personalized_quality.py"), "--settings", setting]
-    cmd += ["--strategies", *STRATEGIES, "--seeds", *map(str, seeds), "--name", name_of(m)]
-    cmd += ["--runs", str(ROOT / "runs" / "bench" / "budget" / f"x{m}")]
-    cmd += ["--collect-only"] if collect_only else []
-    cmd += overrides(m)
-    print(f"[x{m}] {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+def run_multiple(setting: str, m: int, seeds: list[int], collect_only: bool) -> dict:
+    """One personalized_quality sweep (or its collection) at multiple m: its results."""
+    runs = ROOT / "runs" / "bench" / "budget" / f"x{m}"
+    return sweep_by_name(name_of(m), [setting], STRATEGIES, seeds, runs, overrides(m), collect_only)
 
 
 def side_by_side(results: dict[int, dict], setting: str) -> dict:
@@ -120,7 +117,10 @@ def markdown(table: dict) -> str:
 
 
 def plot(table: dict, path: Path) -> None:
-    """The paired differences against iterations (log scale), with their 95% intervals as error bars."""
+    """The paired differences against iterations (log scale), with their 95% intervals as error bars;
+    nothing before a multiple has finished."""
+    if not table["multiples"]:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,13 +162,8 @@ def main() -> None:
     if any(m < 1 for m in args.multiples):
         ap.error("--multiples must be positive integers")
     out_dir = HERE / "results"
-    for m in args.multiples:  # smallest first: a sweep cut short still has the cheap multiples
-        run_multiple(args.setting, m, args.seeds, args.collect_only)
-    results = {
-        m: json.loads((out_dir / f"{name_of(m)}.json").read_text())
-        for m in args.multiples
-        if (out_dir / f"{name_of(m)}.json").is_file()
-    }
+    # smallest first: a sweep cut short still has the cheap multiples
+    results = {m: run_multiple(args.setting, m, args.seeds, args.collect_only) for m in args.multiples}
     table = side_by_side(results, args.setting)
     table["command"] = " ".join(["python", "bench/budget_sweep.py", *sys.argv[1:]])
     (out_dir / "budget_sweep.json").write_text(json.dumps(table, indent=2))

@@ -36,6 +36,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+
+from personalized_quality import sweep_by_name  # noqa: E402  (one way to run a personalized sweep)
 
 from cotune.reporting.metrics import read_metrics  # noqa: E402
 from cotune.reporting.stats import Summary, paired_difference, summarize  # noqa: E402
@@ -55,16 +58,11 @@ FEDAVG_CONFIG = HERE / "configs" / "fedcollm-qwen-bbc.yaml"
 
 # ---------------------------------------------------------------------------------- personalized family
 def personalized(codec: str, settings: list[str], seeds: list[int], collect_only: bool) -> dict[str, Any]:
-    """One personalized_quality sweep (or its collection) with the codec; its results file."""
-    name = f"compression_{codec}"
-    cmd = [sys.executable, str(HERE / "personalized_quality.py"), "--settings", *settings]
-    cmd += ["--strategies", *PERSONALIZED, "--seeds", *map(str, seeds), "--name", name]
-    cmd += ["--runs", str(ROOT / "runs" / "bench" / "compress" / codec)]
-    cmd += ["--collect-only"] if collect_only else []
-    cmd += CODECS[codec]
-    print(f"[{codec}] {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    return json.loads((HERE / "results" / f"{name}.json").read_text())
+    """One personalized_quality sweep (or its collection) with the codec: its results."""
+    runs = ROOT / "runs" / "bench" / "compress" / codec
+    return sweep_by_name(
+        f"compression_{codec}", settings, PERSONALIZED, seeds, runs, CODECS[codec], collect_only
+    )
 
 
 def personalized_points(result: dict[str, Any], setting: str, strategy: str) -> dict[str, Any] | None:

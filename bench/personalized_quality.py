@@ -109,6 +109,26 @@ def sweep(
     return timings
 
 
+def sweep_by_name(
+    name: str,
+    settings: list[str],
+    strategies: list[str],
+    seeds: list[int],
+    runs: Path,
+    overrides: list[str],
+    collect_only: bool = False,
+) -> dict:
+    """A sweep of this script run for another bench script (its own run directories and results file,
+    resumable like any): the results it wrote."""
+    cmd = [sys.executable, str(HERE / "personalized_quality.py"), "--settings", *settings]
+    cmd += ["--strategies", *strategies, "--seeds", *map(str, seeds), "--name", name, "--runs", str(runs)]
+    cmd += ["--collect-only"] if collect_only else []
+    cmd += overrides
+    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads((HERE / "results" / f"{name}.json").read_text())
+
+
 def run_one(setting: str, seed: int, overrides: list[str], out: Path) -> float:
     """One `cotune run` of a setting's config; returns its wall seconds."""
     cmd = [

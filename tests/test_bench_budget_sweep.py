@@ -69,3 +69,13 @@ def test_a_multiple_without_a_seed_finished_by_every_strategy_is_left_out(sweep,
         {1: result(pq, 1.0), 8: partial, 16: result(pq, 1.0, setting="other")}, "wiki-lang"
     )
     assert list(table["multiples"]) == ["1"]
+
+
+def test_the_plot_waits_for_a_finished_multiple(sweep, pq, tmp_path):
+    empty = sweep.side_by_side({}, "wiki-lang")
+    sweep.plot(empty, tmp_path / "none.png")  # log scale with no point would raise
+    assert not (tmp_path / "none.png").exists()
+    sweep.plot(
+        sweep.side_by_side({1: result(pq, 0.5), 4: result(pq, 2.0)}, "wiki-lang"), tmp_path / "two.png"
+    )
+    assert (tmp_path / "two.png").is_file()
