@@ -229,10 +229,12 @@ def test_supernodes_with_their_own_generation_files(gen_file, tmp_path):
 
 
 def test_supernodes_with_their_own_generation_files_give_the_task_clients_results(gen_file, tmp_path):
-    """Per-owner generation data (task.clients): each SuperNode reads its own JSONL (data-path) as
-    embedded task.clients reads that owner's file; adapters and records are the embedded run's bit for
-    bit. (The ServerApp builds the config's task split, docs/flower.md; a node's own-data claim n_k is
-    bounded by federation.max_examples, so FedAvg weighs by it as embedded does.)"""
+    """Per-owner generation data (task.clients): each SuperNode reads its own JSONL, through its data-path
+    or the config's task.clients entry, as embedded task.clients reads that owner's file; adapters and
+    records are the embedded run's bit for bit. Neither the ServerApp nor a node reads another owner's
+    file: owners 1 and 2 are moved off the config's paths before the Flower run (node 0 reads its file
+    there). A node's own-data claim n_k is bounded by federation.max_examples, so FedAvg weighs by it as
+    embedded does."""
     pytest.importorskip("flwr")
     from tests.test_flower import InProcessGrid, _adapters, _records, _run_flower_in_process, max_adapter_diff
 
@@ -252,8 +254,9 @@ def test_supernodes_with_their_own_generation_files_give_the_task_clients_result
     node_disk = tmp_path / "nodes"
     node_disk.mkdir()
     for ctx in grid.contexts.values():
-        own = owners[int(ctx.node_config["partition-id"])]
-        ctx.node_config["data-path"] = str(shutil.copy(own, node_disk / own.name))
+        k = int(ctx.node_config["partition-id"])
+        if k:  # owners 1 and 2: only on their own node's disk
+            ctx.node_config["data-path"] = str(shutil.move(owners[k], node_disk / owners[k].name))
     assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
     flower = tmp_path / "flower"
     assert max_adapter_diff(_adapters(embedded, pattern="*"), _adapters(flower, pattern="*")) == 0.0

@@ -161,16 +161,18 @@ def owned_set(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, path: Path) -
     return encode_task_set(cfg, tokenizer, task_file(cfg, path))
 
 
-def owned_splits(cfg: TaskConfig) -> TaskSplits[Any]:
+def owned_splits(cfg: TaskConfig, owners: bool = True) -> TaskSplits[Any]:
     """Per-owner data (task.clients): every client's own task file, the server's public set and
-    the held-out test set from their own files; errors name the file (and line)."""
+    the held-out test set from their own files; errors name the file (and line). Without `owners` (a
+    Flower ServerApp: each owner's file is on its own SuperNode) the clients' parts are left empty."""
     assert cfg.clients is not None and cfg.public is not None and cfg.test is not None
     clients: list[list[Any]] = []
-    for c, path in enumerate(cfg.clients):
+    for c, path in enumerate(cfg.clients if owners else []):
         examples = task_file(cfg, Path(path))
         if not examples:
             raise DataError(f"client {c}'s task file {path} has no examples")
         clients.append(examples)
+    clients = clients if owners else [[] for _ in cfg.clients]
     public = task_file(cfg, Path(cfg.public))
     test = task_file(cfg, Path(cfg.test))
     parts: list[list[Any]] = [public, test, *clients]
@@ -195,14 +197,16 @@ def build_task_data(
     tokenizer: PreTrainedTokenizerBase,
     seed: int,
     public_val_fraction: float = 0.0,
+    owners: bool = True,
 ) -> TaskData[Any]:
     """The task's splits, tokenized. `public_val_fraction` of D_a becomes the server's validation split:
     no algorithm trains on it (the centralized baseline's union leaves it out too); the client splits and
-    the test split do not depend on it. A generation task splits as a multiple-choice one (by label)."""
+    the test split do not depend on it. A generation task splits as a multiple-choice one (by label).
+    Without `owners`, per-owner files (task.clients) are not read: the clients' parts are empty."""
     rng = numpy_rng("partition", seed)
     duplicates = duplicate_documents = 0
     if cfg.clients is not None:
-        splits = owned_splits(cfg)
+        splits = owned_splits(cfg, owners)
     else:
         examples: list[Any]
         if cfg.kind == "generation" and cfg.source is not None:

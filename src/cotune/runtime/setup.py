@@ -249,17 +249,20 @@ def load_task(
     tokenizer: PreTrainedTokenizerBase,
     console: Console,
     bridge: TokenizerBridge | None = None,
+    owners: bool = True,
 ) -> TaskData:
     """The task's splits encoded by the SLM's tokenizer (and, with a `bridge` to an LLM of another
-    tokenizer, the public set and the union by the LLM's too)."""
+    tokenizer, the public set and the union by the LLM's too). Without `owners` (the Flower ServerApp)
+    the owners' own files (task.clients) are not read: they are on the SuperNodes."""
     assert cfg.task is not None
     with console.status("building the task splits"):
         task = build_task_data(
-            cfg.task, cfg.federation.clients, tokenizer, cfg.run.seed, cfg.distill.val_fraction
+            cfg.task, cfg.federation.clients, tokenizer, cfg.run.seed, cfg.distill.val_fraction, owners
         )
         if bridge is not None:
             with_llm_encoding(cfg.task, task, bridge.llm_tokenizer)
-    sizes = ", ".join(str(n) for n in task.client_sizes)
+    own_files = cfg.task.clients is not None and not owners
+    sizes = "each on its own SuperNode" if own_files else ", ".join(str(n) for n in task.client_sizes)
     val = f" (+ {len(task.public_val)} server validation)" if task.public_val else ""
     console.print(
         f"  task: {len(task.public)} public{val}, clients [{sizes}], {len(task.test)} test examples"

@@ -139,7 +139,7 @@ class Node:
                 self.task_data,
                 self.device,
                 len(self.tokenizer),
-                own_data=bool(settings.data_path),
+                own_data=self.own_data,
             )
         else:
             raise ValueError(f"this cotune ClientApp does not implement the {family!r} family")
@@ -147,6 +147,13 @@ class Node:
         self.rng_restored = False
 
     # ---- data ------------------------------------------------------------------------------------------
+    @property
+    def own_data(self) -> bool:
+        """Trains on files the server does not read (a data-path, or its task.clients file): its n_k is
+        its own claim, not a part of a split the server can check."""
+        task = self.cfg.task
+        return bool(self.settings.data_path) or (task is not None and task.clients is not None)
+
     @cached_property
     def federated(self) -> FederatedData:
         """The config's federated split (the demo: every node builds it and keeps its own partition)."""
@@ -195,6 +202,8 @@ class Node:
         assert task is not None
         if self.settings.data_path:
             return owned_set(task, self.tokenizer, Path(self.settings.data_path))
+        if task.clients is not None:  # per-owner files: this node reads its own, never the others'
+            return owned_set(task, self.tokenizer, Path(task.clients[self.index]))
         cfg = self.cfg
         key = [
             task.model_dump(mode="json"),

@@ -91,7 +91,7 @@ def server_loop(
     files = RunFiles(run_dir, cfg, backend=CLIENTS_ON_FLOWER)
     if cfg.is_cotuning:  # the LLM and its LoRA only ever exist here, in the ServerApp
         slm_base, llm_base, tokenizer, device, bridge = load_fedcollm_models(cfg, console, needs_llm(cfg))
-        task = load_task(cfg, tokenizer, console, bridge)
+        task = load_task(cfg, tokenizer, console, bridge, owners=False)  # owners' files stay on their nodes
         pools = fedcollm_pools(cfg, slm_base, llm_base)
         return fedcollm_loop(cfg, files, pools, task, tokenizer, device, clients, console, bridge=bridge)
     # personalized: the server only needs the initial adapter every client starts from (on its CPU)
