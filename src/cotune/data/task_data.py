@@ -166,13 +166,11 @@ def owned_splits(cfg: TaskConfig, owners: bool = True) -> TaskSplits[Any]:
     the held-out test set from their own files; errors name the file (and line). Without `owners` (a
     Flower ServerApp: each owner's file is on its own SuperNode) the clients' parts are left empty."""
     assert cfg.clients is not None and cfg.public is not None and cfg.test is not None
-    clients: list[list[Any]] = []
+    clients: list[list[Any]] = [[] for _ in cfg.clients]
     for c, path in enumerate(cfg.clients if owners else []):
-        examples = task_file(cfg, Path(path))
-        if not examples:
+        clients[c] = task_file(cfg, Path(path))
+        if not clients[c]:
             raise DataError(f"client {c}'s task file {path} has no examples")
-        clients.append(examples)
-    clients = clients if owners else [[] for _ in cfg.clients]
     public = task_file(cfg, Path(cfg.public))
     test = task_file(cfg, Path(cfg.test))
     parts: list[list[Any]] = [public, test, *clients]
