@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -64,7 +65,7 @@ from cotune.runtime.flower.server_app import (
     run_server,
     server_loop,
 )
-from cotune.runtime.flower.worker import WORKER_KEY, NodeWorker, WorkerError, forward
+from cotune.runtime.flower.worker import WORKER_KEY, NodeWorker, WorkerError, forward, run_worker
 from cotune.runtime.port import ClientInfo
 from cotune.runtime.rundir import ResumeError, is_flower_run
 from cotune.training.loop import make_optimizer, make_scheduler
@@ -1272,17 +1273,60 @@ def test_the_clientapp_imports_no_torch_when_a_worker_does_the_work():
     assert done.stdout.strip() == "False"
 
 
-@pytest.mark.slow
-def test_cli_worker_refuses_a_path_that_is_not_a_socket(tmp_path):
+def test_cli_worker_refuses_a_path_that_is_not_a_socket_before_its_heavy_imports(tmp_path):
+    """The refusal comes at once: the worker listens (checking the path) before it imports torch."""
     precious = tmp_path / "data.csv"
     precious.write_text("a,b\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "cotune.cli.main", "flower", "worker", "--socket", str(precious)],
-        capture_output=True,
-        text=True,
+    code = (
+        "import sys\nfrom cotune.cli.main import cli\ntry:\n"
+        f"    cli(['flower', 'worker', '--socket', {str(precious)!r}])\n"
+        "finally:\n    print('torch imported:', 'torch' in sys.modules)"
     )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2 and "error:" in done.stderr and "not a socket" in done.stderr
+    assert "torch imported: False" in done.stdout, done.stdout
     assert precious.read_text() == "a,b\n"
+
+
+def test_a_message_sent_while_the_worker_loads_its_app_waits_and_is_answered(tmp_path):
+    """run_worker listens before it loads the app: a ClientApp that connects during the imports is
+    answered once they are done; an app that fails to load leaves no socket behind."""
+    path = tmp_path / "w.sock"
+    loading, reply = threading.Event(), {}
+
+    def slow_app() -> Callable[[Message, Context], Message]:
+        loading.set()
+        time.sleep(0.5)  # the imports
+        return lambda message, context: Message(RecordDict(), reply_to=message)
+
+    ctx = next(iter(InProcessGrid(1).contexts.values()))
+    msg = Message(RecordDict(), dst_node_id=ctx.node_id, message_type=p.TRAIN)
+    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+
+    def ask_then_stop() -> None:
+        try:
+            assert loading.wait(10)  # the worker listens and is loading its app: the message waits for it
+            reply["got"] = forward(str(path), msg, ctx, timeout=10)
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # the worker's Ctrl-C (also when the above failed)
+
+    asker = threading.Thread(target=ask_then_stop)
+    asker.start()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_worker(path, slow_app)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        asker.join(10)
+    assert reply["got"].metadata.reply_to_message_id == msg.metadata.message_id and not path.exists()
+
+    def broken() -> Callable[[Message, Context], Message]:
+        raise ImportError("no torch")
+
+    with pytest.raises(ImportError):
+        run_worker(path, broken)
+    assert not path.exists()
 
 
 # ---- why a Flower run did not complete: the cause in the CLI's error, with what to do ------------------

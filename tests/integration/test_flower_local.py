@@ -249,10 +249,10 @@ def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
 def test_a_secure_federation_admits_only_its_members(tmp_path):
     """TLS (a CA made here) and SuperNode authentication on 127.0.0.1: the registered nodes run a
     round; a node with an unregistered key and a node without the CA are refused; so is a `flwr`
-    client without the CA. No node workers here: every message's work runs in the fresh ClientApp
-    process Flower starts for it (the other tests here go through workers). The round is FedCoLLM's
-    fedavg (examples/fedcollm-tiny.yaml), which evaluates on the server: two exchanges (which client
-    is each node, local training), so two fresh processes per node."""
+    client without the CA. The members' work goes through node workers, as in the other tests here
+    (the ClientApp's own path without a worker runs in every Flower simulation test, where each Ray
+    actor does the work in its own process). The round is FedCoLLM's fedavg (examples/fedcollm-tiny.yaml),
+    which evaluates on the server: two exchanges (which client is each node, local training)."""
     import json
     import subprocess
 
@@ -267,9 +267,9 @@ def test_a_secure_federation_admits_only_its_members(tmp_path):
     ]
     cfg = load_config(ROOT / "examples" / "fedcollm-tiny.yaml", overrides)
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
-    with LocalFederation(CLIENTS, tmp_path / "secure", secure=True, workers=False) as fed:
-        fed.start_node(1, name="stranger", register=False)  # its key is not registered
-        fed.start_node(1, name="no-ca", tls=False)  # plain text to a TLS SuperLink
+    with LocalFederation(CLIENTS, tmp_path / "secure", secure=True) as fed:
+        fed.start_node(1, name="stranger", register=False, worker=False)  # its key is not registered
+        fed.start_node(1, name="no-ca", tls=False, worker=False)  # plain text to a TLS SuperLink
         try:
             (run_dir,) = run_experiment(
                 cfg,

@@ -471,10 +471,14 @@ def flower_worker(
     from cotune.runtime.flower import require_flwr
 
     require_flwr()  # an OrdinaryError without the flower extra: the error boundary prints it
-    from cotune.runtime.flower.handlers import node_app
-    from cotune.runtime.flower.worker import run_worker
+    from cotune.runtime.flower.worker import App, run_worker
 
-    run_worker(socket_path, node_app)
+    def load_node_app() -> App:
+        from cotune.runtime.flower.handlers import node_app  # torch, transformers, peft: seconds
+
+        return node_app
+
+    run_worker(socket_path, load_node_app)
 
 
 @flower_app.command("outcome")

@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 def wait_for_socket(path: Path, timeout: float, alive: Callable[[], bool]) -> None:
-    """Until a node worker listens at `path` (it creates the socket once its imports are done)."""
+    """Until a node worker listens at `path` (it listens before its heavy imports: run_worker)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive():
@@ -139,8 +139,8 @@ class LocalFederation:
 
     def start(self, timeout: float = 60.0) -> None:
         """The SuperLink and every SuperNode, side by side: the node workers import their libraries
-        while the SuperLink and the nodes start. start() returns once every worker listens, so no run
-        (none is submitted before) sends a node a message before its worker can answer."""
+        while the SuperLink, the nodes and a run's ServerApp start. start() returns once every worker
+        listens; a message that reaches a worker still importing waits for it (run_worker)."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         security = ["--insecure"]
@@ -169,20 +169,22 @@ class LocalFederation:
         for name, path in sockets.items():
             self.wait_for_worker(name, path)
 
-    def start_node(self, i: int, name: str | None = None, register: bool = True, tls: bool = True) -> None:
+    def start_node(
+        self, i: int, name: str | None = None, register: bool = True, tls: bool = True, worker: bool = True
+    ) -> None:
         """SuperNode `name` (default supernode-i) for partition i, with its node worker (unless the
-        federation has none) listening before the node starts: a node that joins a running federation
-        can get a message at once. In a secure federation it gets its own key pair, registered unless
-        `register` is False, and the CA unless `tls` is False (the last two are how the tests show
-        that strangers are refused)."""
+        federation has none, or `worker` is False) listening before the node starts: a node that joins a
+        running federation can get a message at once. In a secure federation it gets its own key pair,
+        registered unless `register` is False, and the CA unless `tls` is False (how the tests show that
+        strangers are refused: such a node never gets a message, so it needs no worker)."""
         name = name or f"supernode-{i}"
-        worker = self.spawn_worker(name) if self.workers else None
+        socket_path = self.spawn_worker(name) if self.workers and worker else None
         keys = make_node_keys(self.pki_dir, name) if self.secure and tls else None
         if keys is not None and register:
             self.register({name: keys.public})  # while the worker imports
-        if worker is not None:
-            self.wait_for_worker(name, worker)
-        self.spawn_node(i, name, worker, keys)
+        if socket_path is not None:
+            self.wait_for_worker(name, socket_path)
+        self.spawn_node(i, name, socket_path, keys)
 
     def register(self, keys: Mapping[str, Path]) -> None:
         """`flwr supernode register` for each node's public key, all at once (each is a `flwr` process)."""
@@ -233,7 +235,7 @@ class LocalFederation:
 
     def spawn_worker(self, node: str) -> Path:
         """Start the node worker of SuperNode `node` (`cotune flower worker`); returns the path of the
-        socket it will listen at once its imports are done (wait_for_worker)."""
+        socket it listens at within a second, before its heavy imports (wait_for_worker)."""
         if self.socket_dir is None:
             self.socket_dir = Path(tempfile.mkdtemp(prefix="cotune-workers-"))  # 0700
         path = self.socket_dir / f"{node}.sock"

@@ -206,11 +206,17 @@ class NodeWorker:
     """Answers messages at a socket path, one at a time, until `stop()` (the CLI: SIGTERM / SIGINT)."""
 
     def __init__(
-        self, path: Path, app: App, log: Callable[[str], None] = print, io_timeout: float = IO_TIMEOUT
+        self,
+        path: Path,
+        app: App,
+        log: Callable[[str], None] = print,
+        io_timeout: float = IO_TIMEOUT,
+        server: socket.socket | None = None,
     ) -> None:
+        """`server`: the socket already listening at `path` (run_worker opens it first), else opened here."""
         self.path, self.app, self.log = path.expanduser().absolute(), app, log
         self.io_timeout = io_timeout  # for reading a request and sending a reply; the work itself has none
-        self.server = open_socket(self.path)
+        self.server = server if server is not None else open_socket(self.path)
         self.server.settimeout(0.5)  # how often serve_forever looks at the stop flag
         self.stopping = False
 
@@ -249,9 +255,20 @@ class NodeWorker:
         self.log(f"{what} in {time.perf_counter() - start:.2f} s")
 
 
-def run_worker(path: Path, app: App) -> None:
-    """The `cotune flower worker` process: serve until SIGTERM / SIGINT."""
-    worker = NodeWorker(path, app, log=lambda line: print(line, flush=True))
+def run_worker(path: Path, load_app: Callable[[], App]) -> None:
+    """The `cotune flower worker` process: listen first, then load the app, then serve until SIGTERM /
+    SIGINT. Listening first refuses a bad --socket path at once rather than after seconds of imports
+    (torch, transformers, peft), and lets the SuperNode start while they run: a message that arrives
+    meanwhile waits in the socket's backlog (its ClientApp sends within IO_TIMEOUT, far more than
+    the imports take) and is answered once the app is loaded."""
+    server = open_socket(path)
+    try:
+        app = load_app()
+    except BaseException:
+        server.close()
+        path.expanduser().absolute().unlink(missing_ok=True)
+        raise
+    worker = NodeWorker(path, app, log=lambda line: print(line, flush=True), server=server)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stop())
     worker.serve_forever()
