@@ -227,3 +227,65 @@ def test_the_fedcollm_family_uploads_no_logits_to_protect(task_file, tmp_path, c
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "(FedCoLLM family) uploads none" in err
+
+
+# ---- the audit of the evidence ------------------------------------------------------------------------
+def test_the_attacker_reads_the_loss_of_the_true_tokens_off_the_uploaded_top_k():
+    from cotune.evaluation.membership_inference import evidence_losses
+
+    values = torch.tensor([[[2.0, 1.0, 0.0], [3.0, 3.0, 3.0], [1.0, 0.0, -1.0]]])  # (1, 3 positions, k=3)
+    indices = torch.tensor([[[7, 4, 9], [1, 2, 3], [5, 6, 8]]])
+    targets = torch.tensor([[4, 0, -100]])  # position 1's target is not among its k; position 2 unscored
+    logz = math.log(math.exp(2) + math.exp(1) + 1)
+    first = logz - 1.0  # -log softmax at token 4 (value 1)
+    second = math.log(3)  # not sent: the smallest value stands in for it (all equal: log 3)
+    got = evidence_losses(values, indices, targets)
+    assert got.tolist() == pytest.approx([(first + second) / 2])
+    assert math.isnan(float(evidence_losses(values, indices, torch.full((1, 3), -100))[0]))
+
+
+@pytest.fixture(scope="module")
+def memorised_predictions(corpus_dir, tmp_path_factory):
+    """Two clients that memorise their 8 training windows (prediction trust keeping each to itself,
+    `selection: topk`, `topk: 1`) and protect their evidence with sigma_e = 1 (seeded)."""
+    tmp = tmp_path_factory.mktemp("memorised-evidence")
+    tree = tiny_tree(
+        corpus_dir,
+        tmp,
+        model={"tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}},
+        lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+        data={"max_train_windows": 8, "max_test_windows": 16, "test_fraction": 0.3},
+        train={"lr": 1e-2},
+        federation={"clients": 2, "rounds": 1, "local_steps": 80, "warmup_steps": 1},
+        strategy={"name": "prediction", "selection": "topk", "topk": 1, "logits_topk": 16},
+        privacy={"evidence_clip": 1.0, "evidence_noise_multiplier": 1.0, "seed": 0},
+    )
+    config = tmp / "c.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    with pytest.raises(SystemExit) as exit_:
+        cli(["run", str(config)])
+    assert exit_.value.code == 0
+    return tmp / "runs" / "t"
+
+
+@pytest.mark.slow
+def test_the_audit_finds_members_in_unprotected_evidence_and_not_in_protected(memorised_predictions, capsys):
+    import json
+
+    from cotune.layout import AUDIT_FILE
+
+    run_dir = memorised_predictions
+    with pytest.raises(SystemExit) as exit_:
+        cli(["audit", str(run_dir)])
+    assert exit_.value.code == 0
+    report = json.loads((run_dir / AUDIT_FILE).read_text())
+    assert report["evidence"]["protection"] == {"evidence_clip": 1.0, "evidence_noise_multiplier": 1.0}
+    for client in report["clients"]:
+        evidence = client["evidence"]
+        assert evidence["members"] == evidence["nonmembers"] == 8
+        assert client["loss"]["auc"] > 0.9  # the adapter memorised its windows
+        assert evidence["unprotected"]["auc"] > 0.9  # and its uploaded logits give them away
+        assert abs(evidence["protected"]["auc"] - 0.5) < 0.25  # protected: near a coin
+        assert evidence["protected"]["auc"] < evidence["unprotected"]["auc"] - 0.2
+    out = capsys.readouterr().out
+    assert "uploaded top-k logits" in out

@@ -156,12 +156,13 @@ class EvidenceProtection:
             return None
         return cls(p.evidence_clip, p.evidence_noise_multiplier, p.seed)
 
-    def generator(self, round_: int, client: int) -> torch.Generator:
-        """The noise stream of one client's release in one round (the `privacy` stream, its own instance)."""
+    def generator(self, at: tuple[object, ...]) -> torch.Generator:
+        """The noise of one release, an instance of the `privacy` stream: `at` is (round, ("evidence",
+        client)) for a client's upload in a round."""
         if self.seed is None:
             return fresh_generator()
-        return torch_generator("privacy", self.seed, round_, ("evidence", client))
+        return torch_generator("privacy", self.seed, *at)
 
-    def protect(self, values: Sequence[Tensor], round_: int, client: int) -> list[Tensor]:
-        """`protect_topk` of this client's release in `round_`."""
-        return protect_topk(values, self.clip, self.noise_multiplier, self.generator(round_, client))
+    def protect(self, values: Sequence[Tensor], at: tuple[object, ...]) -> list[Tensor]:
+        """`protect_topk` of one release, its noise the instance `at` of the `privacy` stream."""
+        return protect_topk(values, self.clip, self.noise_multiplier, self.generator(at))

@@ -97,14 +97,14 @@ def release_topk(
     k: int,
     device: torch.device,
     protection: EvidenceProtection | None = None,
-    at: tuple[int, int] = (0, 0),
+    at: tuple[object, ...] = (),
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
     """What a client uploads for prediction trust with `model`'s active adapter on `public`'s rows
     `batches`: each batch's top-k (values, indices) on the CPU, and the vocabulary size. At every
     position of token windows; of generation examples, only where a response token is predicted
     (`response_topk`), so the prompts, which every client is given alike, are not compared. With
     `protection`, on the base model's top-k tokens, clipped and noised as one release
-    (`EvidenceProtection.protect`, its noise stream that of `at`: (round, client))."""
+    (`EvidenceProtection.protect`, its noise the instance `at` of the `privacy` stream)."""
     out, vocab = [], 0
     for rows in batches:
         inputs, target = rows_batch(public, rows, device)
@@ -121,7 +121,7 @@ def release_topk(
             values, indices = response_topk(logits, scored, min(k, vocab), base)
         out.append((values.cpu(), indices.cpu()))
     if protection is not None:
-        protected = protection.protect([v for v, _ in out], *at)
+        protected = protection.protect([v for v, _ in out], at)
         out = [(v, i) for v, (_, i) in zip(protected, out, strict=True)]
     return out, vocab
 
@@ -372,7 +372,8 @@ class ClientWork:
         model.eval()
         device = torch.device(self.learner.device)
         rows = release_batches(public, batches, batch_size)
-        out, vocab = release_topk(model, public, rows, k, device, self.evidence, (round_, self.index))
+        at = (round_, ("evidence", self.index))  # its own noise in each round
+        out, vocab = release_topk(model, public, rows, k, device, self.evidence, at)
         return Prediction(out, vocab, windows_hash(public))
 
     def describe(self) -> ClientInfo:
