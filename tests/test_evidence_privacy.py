@@ -244,6 +244,18 @@ def test_the_attacker_reads_the_loss_of_the_true_tokens_off_the_uploaded_top_k()
     assert math.isnan(float(evidence_losses(values, indices, torch.full((1, 3), -100))[0]))
 
 
+def test_the_rank_attack_reads_the_true_tokens_rank_whatever_the_scale():
+    from cotune.evaluation.membership_inference import evidence_ranks
+
+    values = torch.tensor([[[2.0, 1.0, 0.0], [3.0, 3.0, 1.0], [1.0, 0.0, -1.0]]])
+    indices = torch.tensor([[[7, 4, 9], [1, 2, 3], [5, 6, 8]]])
+    targets = torch.tensor([[4, 2, 0]])  # rank 2; rank 1 (a tie at the top); not sent: 0
+    expected = (1 / 2 + 1 + 0) / 3
+    assert evidence_ranks(values, indices, targets).tolist() == pytest.approx([expected])
+    clipped = clip_positions(values, 0.01)  # centred and rescaled: the same ranks
+    assert evidence_ranks(clipped, indices, targets).tolist() == pytest.approx([expected])
+
+
 @pytest.fixture(scope="module")
 def memorised_predictions(corpus_dir, tmp_path_factory):
     """Two clients that memorise their 8 training windows (prediction trust keeping each to itself,
@@ -284,8 +296,9 @@ def test_the_audit_finds_members_in_unprotected_evidence_and_not_in_protected(me
         evidence = client["evidence"]
         assert evidence["members"] == evidence["nonmembers"] == 8
         assert client["loss"]["auc"] > 0.9  # the adapter memorised its windows
-        assert evidence["unprotected"]["auc"] > 0.9  # and its uploaded logits give them away
-        assert abs(evidence["protected"]["auc"] - 0.5) < 0.25  # protected: near a coin
-        assert evidence["protected"]["auc"] < evidence["unprotected"]["auc"] - 0.2
+        for attack in ("loss", "rank"):
+            sent, kept = evidence["unprotected"][attack]["auc"], evidence["protected"][attack]["auc"]
+            assert sent > 0.9  # its uploaded logits give its windows away
+            assert abs(kept - 0.5) < 0.25 and kept < sent - 0.2  # protected: near a coin
     out = capsys.readouterr().out
     assert "uploaded top-k logits" in out

@@ -449,15 +449,15 @@ def audit(
     if evidence:
         table = Table(
             title="membership inference on the uploaded top-k logits (prediction trust's evidence)",
-            caption="members and non-members planted in the public set; protected: as privacy.evidence_clip",
+            caption="members and non-members planted in the public set; protected: as privacy.evidence_clip; "
+            "TPR at 1% FPR in audit.json",
         )
-        for h in ("client", "in", "out", "AUC", "TPR", "protected AUC", "protected TPR"):
+        for h in ("client", "in", "out", "loss AUC", "rank AUC", "protected: loss AUC", "rank AUC"):
             table.add_column(h, justify="right")
         for k, sent in evidence:
-            shown = [sent.unprotected.auc, sent.unprotected.tpr_at_1pct_fpr]
-            cells = [f"{x:.3f}" for x in shown]
+            cells = [f"{sent.unprotected.loss.auc:.3f}", f"{sent.unprotected.rank.auc:.3f}"]
             kept = sent.protected
-            cells += ["—", "—"] if kept is None else [f"{kept.auc:.3f}", f"{kept.tpr_at_1pct_fpr:.3f}"]
+            cells += ["—", "—"] if kept is None else [f"{kept.loss.auc:.3f}", f"{kept.rank.auc:.3f}"]
             table.add_row(str(k), str(sent.members), str(sent.nonmembers), *cells)
         out.print(table)
     for k, why in sorted(plan.skipped.items()):

@@ -87,6 +87,19 @@ def evidence_losses(values: torch.Tensor, indices: torch.Tensor, targets: torch.
     return torch.where(count > 0, total / count.clamp_min(1), math.nan)
 
 
+def evidence_ranks(values: torch.Tensor, indices: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's mean reciprocal rank of its true next tokens among an uploaded release's k values (0
+    where a target is not among them; rank 1 + the values strictly above it), shapes as
+    `evidence_losses`: a score that neither a shift nor a rescaling of a position's values changes, so
+    clipping alone does not blunt it (higher: member); NaN for a row with no scored position."""
+    hit = indices == targets.unsqueeze(-1)  # (B, T, k)
+    above = (values.unsqueeze(-2) > values.unsqueeze(-1)).sum(-1)  # per value: how many are larger
+    reciprocal = (hit / (above + 1).double()).sum(-1)
+    scored = targets != IGNORE_INDEX
+    count = scored.sum(1)
+    return torch.where(count > 0, (reciprocal * scored).sum(1) / count.clamp_min(1), math.nan)
+
+
 @dataclass(frozen=True)
 class AttackResult:
     """One attack's figures on one client."""

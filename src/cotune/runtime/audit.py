@@ -41,6 +41,7 @@ from cotune.evaluation.membership_inference import (
     Losses,
     MembershipAudit,
     evidence_losses,
+    evidence_ranks,
 )
 from cotune.layout import AUDIT_FILE, METRICS_FILE
 from cotune.records import RunEvent, parse_record
@@ -77,14 +78,26 @@ class AuditPlan:
 
 
 @dataclass(frozen=True)
+class EvidenceAttacks:
+    """Both attacks on one client's uploaded logits: the loss they give the true tokens (`evidence_losses`)
+    and the true tokens' reciprocal rank among them (`evidence_ranks`: blind to clipping's rescaling)."""
+
+    loss: AttackResult
+    rank: AttackResult
+
+    def as_dict(self) -> dict[str, object]:
+        return {"loss": self.loss.as_dict(), "rank": self.rank.as_dict()}
+
+
+@dataclass(frozen=True)
 class EvidenceAudit:
-    """The attack on one client's uploaded top-k logits (prediction trust): its members and non-members
-    planted in the public set, scored as sent unprotected and as the run protects them (None: it does not)."""
+    """The attacks on one client's uploaded top-k logits (prediction trust): its members and non-members
+    planted in the public set, sent unprotected and as the run protects them (None: it does not)."""
 
     members: int
     nonmembers: int
-    unprotected: AttackResult
-    protected: AttackResult | None
+    unprotected: EvidenceAttacks
+    protected: EvidenceAttacks | None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -176,42 +189,48 @@ def losses_of(tuned: TunedModel, data: Rows, rows: torch.Tensor) -> Losses:
 
 def evidence_scores(
     tuned: TunedModel, data: Rows, rows: torch.Tensor, protection: EvidenceProtection | None, at: object
-) -> torch.Tensor:
-    """Each row's attack score (-loss) from the top-k logits the active adapter would upload with the
-    row planted in the public set, in releases of the run's public size (`release_topk`; `at` names
-    the noise of these releases, apart from the run's)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's scores (-loss, reciprocal rank) from the top-k logits the active adapter would upload
+    with the row planted in the public set, in releases of the run's public size (`release_topk`; `at`
+    names the noise of these releases, apart from the run's)."""
     cfg = tuned.cfg
     size, per = cfg.train.eval_batch_size, cfg.strategy.public_batches * cfg.train.eval_batch_size
-    scores = []
+    losses, ranks = [], []
     for n, start in enumerate(range(0, len(rows), per)):
         chunk = rows[start : start + per]
         batches = [chunk[b : b + size] for b in range(0, len(chunk), size)]
-        sent, _ = release_topk(
-            tuned.pool.model,
-            data,
-            batches,
-            cfg.strategy.logits_topk,
-            tuned.device,
-            protection,
-            ("audit", at, n),
-        )
-        targets = release_targets(data, batches)
-        scores += [-evidence_losses(v, i, t) for (v, i), t in zip(sent, targets, strict=True)]
-    return torch.cat(scores)
+        k, model = cfg.strategy.logits_topk, tuned.pool.model
+        sent, _ = release_topk(model, data, batches, k, tuned.device, protection, ("audit", at, n))
+        for (v, i), t in zip(sent, release_targets(data, batches), strict=True):
+            losses.append(-evidence_losses(v, i, t))
+            ranks.append(evidence_ranks(v, i, t))
+    return torch.cat(losses), torch.cat(ranks)
+
+
+def evidence_attack(
+    tuned: TunedModel,
+    client: int,
+    members: Rows,
+    nonmembers: Rows,
+    n: int,
+    protection: EvidenceProtection | None,
+) -> EvidenceAttacks:
+    """The attacks on one client's uploaded logits (n members and n non-members), sent with `protection`."""
+    rows_m, rows_n = spread_rows(len(members), n), spread_rows(len(nonmembers), n)
+    m = evidence_scores(tuned, members, rows_m, protection, ("members", client))
+    o = evidence_scores(tuned, nonmembers, rows_n, protection, ("nonmembers", client))
+    results = [AttackResult.of(a[torch.isfinite(a)], b[torch.isfinite(b)]) for a, b in zip(m, o, strict=True)]
+    return EvidenceAttacks(*results)
 
 
 def audit_evidence(tuned: TunedModel, client: int, members: Rows, nonmembers: Rows, n: int) -> EvidenceAudit:
-    """The evidence attack on one client (n members and n non-members), unprotected and as protected."""
-    rows_m, rows_n = spread_rows(len(members), n), spread_rows(len(nonmembers), n)
-
-    def attack(protection: EvidenceProtection | None) -> AttackResult:
-        m = evidence_scores(tuned, members, rows_m, protection, ("members", client))
-        o = evidence_scores(tuned, nonmembers, rows_n, protection, ("nonmembers", client))
-        return AttackResult.of(m[torch.isfinite(m)], o[torch.isfinite(o)])
-
+    """The evidence attack on one client, unprotected and as the run protects its uploads."""
     protection = EvidenceProtection.of(tuned.cfg)
-    protected = attack(protection) if protection is not None else None
-    return EvidenceAudit(len(rows_m), len(rows_n), attack(None), protected)
+    protected = None
+    if protection is not None:
+        protected = evidence_attack(tuned, client, members, nonmembers, n, protection)
+    unprotected = evidence_attack(tuned, client, members, nonmembers, n, None)
+    return EvidenceAudit(min(n, len(members)), min(n, len(nonmembers)), unprotected, protected)
 
 
 def uploads_logits(cfg: ExperimentConfig) -> bool:
