@@ -183,6 +183,19 @@ def test_off_there_is_no_protection_and_on_it_is_the_configured_one(corpus_dir, 
     )
 
 
+def test_a_compare_sibling_that_uploads_no_logits_is_saved_without_the_protection(corpus_dir, tmp_path):
+    from cotune.runtime.results import run_config
+
+    privacy = {"evidence_clip": 1.0, "evidence_noise_multiplier": 1.0, "seed": 2}
+    tree = tiny_tree(corpus_dir, tmp_path, strategy={"name": "prediction"}, run={"compare": ["fedavg"]})
+    cfg = config_from_dict({**tree, "privacy": privacy})
+    main, sibling = run_experiment(cfg)
+    assert run_config(main).privacy.evidence_clip == 1.0
+    saved = run_config(sibling)  # its config.yaml validates: a resume or an audit can read it
+    assert saved.strategy.name == "fedavg" and not saved.privacy.protects_evidence
+    assert saved.privacy.seed is None and _records(sibling, "privacy") == []
+
+
 # ---- refusals at the CLI ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("sections", "says"),
