@@ -16,7 +16,8 @@ interval: `reporting.stats`). Run directories go to runs/bench/evidence/s<seed> 
 run is not rerun). Written to bench/results/evidence_audit.{json,md}.
 
     .venv/bin/python bench/evidence_audit.py [--seeds 0 1 2] [--sigmas 0 0.1 0.3 1 3] [--clip 1]
-    .venv/bin/python bench/evidence_audit.py --config bench/configs/pq-bbc-topic.yaml strategy.name=prediction
+    .venv/bin/python bench/evidence_audit.py --config bench/configs/evidence-audit-smollm2.yaml --seeds 0 \
+        --runs runs/bench/evidence-smollm2 --name evidence_audit_smollm2
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def main() -> None:
     ap.add_argument("--max-examples", type=int, default=64, help="members (and non-members) per client")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench" / "evidence")
     ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--name", default=NAME, help="the results' file name (one per setting config)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every run")
     args = ap.parse_intermixed_args()
 
@@ -163,7 +165,7 @@ def main() -> None:
         **provenance("evidence_audit.py"),
         "invocation_seconds": time.perf_counter() - t0,
     }
-    save_results(args.results, NAME, result, markdown(result))
+    save_results(args.results, args.name, result, markdown(result))
 
 
 if __name__ == "__main__":
