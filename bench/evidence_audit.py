@@ -1,9 +1,10 @@
 """What prediction trust's uploaded top-k logits reveal, unprotected and protected (issue 33 item 4).
 
 For each seed, one run of the setting config (default bench/configs/evidence-audit-tiny.yaml: a tiny random
-model, 2 BBC clients that memorise 16 training windows each, prediction trust keeping each client's own
-adapter: the worst case for the evidence, a model that knows its members by heart). Then, for each
-client, the attacks `cotune audit` makes on the uploaded logits (`runtime.audit.evidence_attack`: its
+model, 2 BBC clients that overfit 16 training windows each, prediction trust keeping each client's own
+adapter; bench/configs/evidence-audit-smollm2.yaml: the same on SmolLM2, whose LoRA memorises them).
+Then, for each client, the attacks `cotune audit` makes on the uploaded logits
+(`runtime.audit.evidence_attack`: its
 training windows and as many held-out ones planted in the public set, sent as the client sends its
 evidence; scored by the loss the upload gives their true tokens, and by the true tokens' reciprocal
 rank among the sent values, which clipping's rescaling does not blunt), sent unprotected and protected
