@@ -1,16 +1,16 @@
 """What prediction trust's uploaded top-k logits reveal, unprotected and protected (issue 33 item 4).
 
-For each seed, one run of the setting config (default bench/configs/evidence-audit-tiny.yaml: a tiny random
-model, 2 BBC clients that overfit 16 training windows each, prediction trust keeping each client's own
-adapter; bench/configs/evidence-audit-smollm2.yaml: the same on SmolLM2, whose LoRA memorises them).
+For each seed, one run of the setting config (default bench/configs/evidence-audit-tiny.yaml: a tiny
+random model, 2 BBC clients that overfit 16 training windows each, prediction trust keeping each client's
+own adapter; bench/configs/evidence-audit-smollm2.yaml: the same on SmolLM2, whose LoRA memorises them).
 Then, for each client, the attacks `cotune audit` makes on the uploaded logits
-(`runtime.audit.evidence_attack`: its
-training windows and as many held-out ones planted in the public set, sent as the client sends its
-evidence; scored by the loss the upload gives their true tokens, and by the true tokens' reciprocal
-rank among the sent values, which clipping's rescaling does not blunt), sent unprotected and protected
-with `privacy.evidence_clip` C_e (default 1) at each `privacy.evidence_noise_multiplier` sigma_e (default
-0, i.e. clipping alone, 0.1, 0.3, 1, 3), next to the adapter's own loss attack. For each sigma_e, the
-evidence's epsilon after the run's rounds (`algorithms.privacy.epsilon_spent`, q = 1, delta 1e-5).
+(`runtime.audit.evidence_attack`: its training windows and as many held-out ones planted in the public
+set, sent as the client sends its evidence; scored by the loss the upload gives their true tokens, and by
+the true tokens' reciprocal rank among the sent values, which clipping's rescaling does not blunt), sent
+unprotected and protected with `privacy.evidence_clip` C_e (default 1) at each
+`privacy.evidence_noise_multiplier` sigma_e (default 0, i.e. clipping alone, 0.1, 0.3, 1, 3), next to the
+adapter's own loss attack. For each sigma_e, the evidence's epsilon after the run's rounds
+(`algorithms.privacy.epsilon_spent`, q = 1, delta 1e-5).
 
 Collected per sigma_e: AUC and TPR at 1% FPR averaged over a seed's clients, then over seeds (mean, t
 interval: `reporting.stats`). Run directories go to runs/bench/evidence/s<seed> (gitignored; a finished
