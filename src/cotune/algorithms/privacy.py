@@ -151,8 +151,7 @@ class EvidenceProtection:
     def of(cls, cfg: ExperimentConfig) -> EvidenceProtection | None:
         """The run's `privacy.evidence_clip`, where its strategy uploads logits (None: unprotected)."""
         p = cfg.privacy
-        uploads_logits = not cfg.is_cotuning and "prediction_distance" in cfg.strategy.spec.evidence
-        if p.evidence_clip is None or not uploads_logits:
+        if p.evidence_clip is None or not cfg.uploads_logits:
             return None
         return cls(p.evidence_clip, p.evidence_noise_multiplier, p.seed)
 

@@ -966,6 +966,16 @@ class ExperimentConfig(Section):
         return name in EXCHANGING_ALGORITHMS if self.is_cotuning else strategy_spec(name).exchanges
 
     @property
+    def uploads_logits(self) -> bool:
+        """Whether this run's clients send their top-k logits on the public set (prediction trust): what
+        `privacy.evidence_clip` protects."""
+        return self.variant_uploads_logits(self.strategy.name)
+
+    def variant_uploads_logits(self, name: str) -> bool:
+        """Whether the strategy `name` sends each client's top-k logits (never a FedCoLLM algorithm)."""
+        return not self.is_cotuning and "prediction_distance" in strategy_spec(name).evidence
+
+    @property
     def is_cotuning(self) -> bool:
         """The FedCoLLM family (SPEC A) rather than personalized fine-tuning (SPEC B)."""
         return self.family == "fedcollm"
@@ -1126,7 +1136,7 @@ class ExperimentConfig(Section):
                 f"'{self.algorithm}' (FedCoLLM family) uploads none: remove privacy.evidence_clip"
             )
         variants = [self.strategy.name, *self.run.compare]
-        if not any("prediction_distance" in strategy_spec(v).evidence for v in variants):
+        if not any(self.variant_uploads_logits(v) for v in variants):
             raise ValueError(
                 f"privacy.evidence_clip protects the top-k logits prediction trust uploads; strategy "
                 f"{', '.join(variants)} upload(s) none: use strategy.name prediction or remove "

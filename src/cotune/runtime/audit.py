@@ -233,11 +233,6 @@ def audit_evidence(tuned: TunedModel, client: int, members: Rows, nonmembers: Ro
     return EvidenceAudit(min(n, len(members)), min(n, len(nonmembers)), unprotected, protected)
 
 
-def uploads_logits(cfg: ExperimentConfig) -> bool:
-    """The run's strategy sends each client's top-k logits on the public set (prediction trust)."""
-    return not cfg.is_cotuning and "prediction_distance" in cfg.strategy.spec.evidence
-
-
 def audit_client(tuned: TunedModel, client: int, data: ClientData, max_examples: int) -> MembershipAudit:
     """One client: its training rows against as many of its test rows (at most `max_examples` each)."""
     test = data.test
@@ -264,7 +259,7 @@ def run_audit(plan: AuditPlan, console: Console | None = None) -> list[ClientAud
             tuned = switch_adapter(tuned, plan.adapters[k])
         audit = audit_client(tuned, k, data.clients[k], plan.max_examples)
         evidence = None
-        if uploads_logits(cfg):
+        if cfg.uploads_logits:
             own = data.clients[k]
             assert own.test is not None  # audit_client refused a client without one
             n = min(len(own.train), len(own.test), plan.max_examples)  # as audit_client does
@@ -311,7 +306,7 @@ def audit_document(plan: AuditPlan, results: Sequence[ClientAudit]) -> dict[str,
                     else None
                 ),
             }
-            if uploads_logits(cfg)
+            if cfg.uploads_logits
             else None
         ),
         "clients": [

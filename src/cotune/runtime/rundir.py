@@ -23,7 +23,6 @@ import yaml
 from safetensors.torch import load_file
 
 from cotune.config.loader import NO_DEFAULT, dump_config, load_config, setting_default
-from cotune.config.names import strategy_spec
 from cotune.config.schema import DEFAULT_DELTA, CompressConfig, ExperimentConfig
 from cotune.errors import OrdinaryError
 from cotune.layout import ADAPTER_WEIGHTS, CONFIG_FILE, LOCK_FILE, METRICS_FILE, STATE_FILE
@@ -206,8 +205,7 @@ def variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     if not cfg.variant_exchanges(name) and cfg.federation.compress != CompressConfig():
         # nothing travels in it: its config says compression is off
         update["federation"] = cfg.federation.model_copy(update={"compress": CompressConfig()})
-    uploads_logits = not cfg.is_cotuning and "prediction_distance" in strategy_spec(name).evidence
-    if cfg.privacy.protects_evidence and not uploads_logits:  # nothing to protect: its config says so
+    if cfg.privacy.protects_evidence and not cfg.variant_uploads_logits(name):  # nothing to protect there
         off: dict = {"evidence_clip": None, "evidence_noise_multiplier": 0.0}
         if not cfg.privacy.enabled:  # nor any other privacy setting read
             off |= {"delta": DEFAULT_DELTA, "seed": None}
