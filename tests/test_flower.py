@@ -296,6 +296,20 @@ def test_flower_protocol_gives_the_embedded_results_bit_for_bit(corpus_dir, tmp_
     assert (p.PREDICT in types) == (strategy == "prediction")
 
 
+def test_protected_evidence_on_flower_gives_the_embedded_results_bit_for_bit(corpus_dir, tmp_path):
+    """privacy.evidence_clip: each node clips and noises its logits itself, its noise that of the round
+    the message names and its own client (a seeded `privacy` stream), so trust and adapters match."""
+    privacy = {"evidence_clip": 2.0, "evidence_noise_multiplier": 0.5, "seed": 4}
+    cfg = _cfg(corpus_dir, tmp_path, strategy={"name": "prediction"}, privacy=privacy)
+    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
+    grid = InProcessGrid(cfg.federation.clients)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    flower = tmp_path / "flower"
+    assert max_adapter_diff(_adapters(embedded), _adapters(flower)) == 0.0
+    _same_records(embedded, flower, ("trust", "privacy"))
+    assert len({str(r["matrix"]) for r in _records(flower, "trust")}) == 2  # each round its own noise
+
+
 @pytest.mark.parametrize("strategy", ["validation", "prediction"])
 def test_personalized_generation_on_flower_gives_the_embedded_results_bit_for_bit(tmp_path, strategy):
     """Generation data (data.kind generation): the same adapters, trust, response perplexities and test

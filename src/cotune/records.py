@@ -325,6 +325,11 @@ class PrivacySpent(Record):
     clip_norm: Float | None
     sample_rate: Float
     noise: str
+    # protected trust evidence (privacy.evidence_clip): its bound, noise multiplier and its own epsilon
+    # (epsilon above composes it with the adapters' releases)
+    evidence_clip: Float | None = None
+    evidence_noise_multiplier: Float | None = None
+    evidence_epsilon: Float | None = None
 
 
 KINDS: dict[tuple[str, str | None], type[Record]] = {

@@ -420,8 +420,9 @@ def audit(
     ] = 256,
 ) -> None:
     """Membership inference on each client's adapter: its training documents against its held-out ones,
-    by the loss-threshold and the reference-calibrated attacks (ROC AUC, TPR at 1% FPR); writes
-    audit.json. Only counts and figures are shown, never a document's text."""
+    by the loss-threshold and the reference-calibrated attacks (ROC AUC, TPR at 1% FPR), and for
+    prediction trust on the top-k logits it uploads (unprotected, and as privacy.evidence_clip protects
+    them); writes audit.json. Only counts and figures are shown, never a document's text."""
     from cotune.runtime.audit import FIGURES, mean_of, plan_audit, run_audit, write_audit
 
     session.run_dir = None
@@ -444,6 +445,21 @@ def audit(
         means = [mean_of(results, attack, figure) for attack, figure in FIGURES]
         table.add_row("mean", "", "", *(f"{x:.3f}" for x in means), style="bold")
     out.print(table)
+    evidence = [(r.client, r.evidence) for r in results if r.evidence is not None]
+    if evidence:
+        table = Table(
+            title="membership inference on the uploaded top-k logits (prediction trust's evidence)",
+            caption="members and non-members planted in the public set; protected: as privacy.evidence_clip; "
+            "TPR at 1% FPR in audit.json",
+        )
+        for h in ("client", "in", "out", "loss AUC", "rank AUC", "protected: loss AUC", "rank AUC"):
+            table.add_column(h, justify="right")
+        for k, sent in evidence:
+            cells = [f"{sent.unprotected.loss.auc:.3f}", f"{sent.unprotected.rank.auc:.3f}"]
+            kept = sent.protected
+            cells += ["—", "—"] if kept is None else [f"{kept.loss.auc:.3f}", f"{kept.rank.auc:.3f}"]
+            table.add_row(str(k), str(sent.members), str(sent.nonmembers), *cells)
+        out.print(table)
     for k, why in sorted(plan.skipped.items()):
         say(f"client {k} not audited: {why}")
     say(f"audit: {write_audit(plan, results)}")

@@ -834,21 +834,41 @@ class PrivacyConfig(Section):
     seed: int | None = Field(
         None, description="seed of the noise (reproducible runs); None: fresh OS entropy every round"
     )
+    evidence_clip: PositiveFloat | None = Field(
+        None,
+        description="prediction trust: L2 bound C_e on the top-k logits a client uploads in a round (on the "
+        "base model's top-k tokens, each position's values centred and clipped to C_e/sqrt(positions)); "
+        "None: sent as computed",
+    )
+    evidence_noise_multiplier: float = Field(
+        0.0, ge=0.0, description="noise std on those logits = evidence_noise_multiplier x C_e (client-side)"
+    )
 
     @property
     def enabled(self) -> bool:
         return self.clip_norm is not None
 
     @property
+    def protects_evidence(self) -> bool:
+        """The uploaded top-k logits (prediction trust) are clipped (and noised) before leaving a client."""
+        return self.evidence_clip is not None
+
+    @property
     def no_guarantee(self) -> str | None:
         """Clipping without noise bounds each client's influence (a robustness measure, also used to
         measure update norms) but gives no privacy: the warning a run prints then, else None."""
-        if self.clip_norm is None or self.noise_multiplier > 0:
-            return None
-        return (
-            "privacy.clip_norm without privacy.noise_multiplier clips updates but gives NO differential "
-            "privacy guarantee (epsilon is unbounded); set privacy.noise_multiplier > 0 for one"
-        )
+        if self.clip_norm is not None and self.noise_multiplier == 0:
+            return (
+                "privacy.clip_norm without privacy.noise_multiplier clips updates but gives NO differential "
+                "privacy guarantee (epsilon is unbounded); set privacy.noise_multiplier > 0 for one"
+            )
+        if self.evidence_clip is not None and self.evidence_noise_multiplier == 0:
+            return (
+                "privacy.evidence_clip without privacy.evidence_noise_multiplier clips the uploaded logits "
+                "but gives them NO differential privacy guarantee; set privacy.evidence_noise_multiplier > 0 "
+                "for one"
+            )
+        return None
 
     @model_validator(mode="after")
     def _noise_needs_clipping(self) -> PrivacyConfig:
@@ -856,13 +876,20 @@ class PrivacyConfig(Section):
             raise ValueError(
                 "privacy.noise_multiplier needs privacy.clip_norm (the noise is calibrated to it)"
             )
+        if self.evidence_noise_multiplier > 0 and self.evidence_clip is None:
+            raise ValueError(
+                "privacy.evidence_noise_multiplier needs privacy.evidence_clip (the noise is calibrated "
+                "to it)"
+            )
         # compared with the defaults, not model_fields_set: a saved config.yaml spells out every field
         changed = {"delta": self.delta != DEFAULT_DELTA, "seed": self.seed is not None}
-        unread = sorted(k for k, v in changed.items() if v and self.clip_norm is None)
+        off = self.clip_norm is None and self.evidence_clip is None
+        unread = sorted(k for k, v in changed.items() if v and off)
         if unread:
             raise ValueError(
-                f"privacy.{' and privacy.'.join(unread)} without privacy.clip_norm: differential privacy is "
-                "off, so nothing reads it; set privacy.clip_norm (and noise_multiplier) or remove it"
+                f"privacy.{' and privacy.'.join(unread)} without privacy.clip_norm or "
+                "privacy.evidence_clip: differential privacy is off, so nothing reads it; set "
+                "privacy.clip_norm (and noise_multiplier) or remove it"
             )
         return self
 
@@ -939,6 +966,16 @@ class ExperimentConfig(Section):
         return name in EXCHANGING_ALGORITHMS if self.is_cotuning else strategy_spec(name).exchanges
 
     @property
+    def uploads_logits(self) -> bool:
+        """Whether this run's clients send their top-k logits on the public set (prediction trust): what
+        `privacy.evidence_clip` protects."""
+        return self.variant_uploads_logits(self.strategy.name)
+
+    def variant_uploads_logits(self, name: str) -> bool:
+        """Whether the strategy `name` sends each client's top-k logits (never a FedCoLLM algorithm)."""
+        return not self.is_cotuning and "prediction_distance" in strategy_spec(name).evidence
+
+    @property
     def is_cotuning(self) -> bool:
         """The FedCoLLM family (SPEC A) rather than personalized fine-tuning (SPEC B)."""
         return self.family == "fedcollm"
@@ -994,7 +1031,7 @@ class ExperimentConfig(Section):
                 "privacy.clip_norm (differential privacy) needs robustness.aggregator 'mean': the noise is "
                 "calibrated to the sensitivity of a (weighted) mean"
             )
-        if self.privacy.enabled and self.privacy.delta >= 1.0 / n:
+        if (self.privacy.enabled or self.privacy.protects_evidence) and self.privacy.delta >= 1.0 / n:
             raise ValueError(
                 f"privacy.delta {self.privacy.delta:g} >= 1/federation.clients (1/{n}): a mechanism that "
                 "publishes one whole client's update with probability delta would meet that guarantee; "
@@ -1017,6 +1054,7 @@ class ExperimentConfig(Section):
             raise ValueError(f"federation.min_clients {self.federation.min_clients} > federation.clients {n}")
         self._check_parallel_clients()
         self._check_compress()
+        self._check_evidence_protection()
         self._check_owned_data()
         self._check_ranks()
         return self
@@ -1086,6 +1124,23 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"federation.compress: {', '.join(variants)} exchange(s) no adapter, so there is nothing to "
                 "compress; remove federation.compress"
+            )
+
+    def _check_evidence_protection(self) -> None:
+        """privacy.evidence_clip protects the top-k logits prediction trust uploads: a run must send some."""
+        if not self.privacy.protects_evidence:
+            return
+        if self.is_cotuning:
+            raise ValueError(
+                f"privacy.evidence_clip protects the top-k logits prediction trust uploads; algorithm "
+                f"'{self.algorithm}' (FedCoLLM family) uploads none: remove privacy.evidence_clip"
+            )
+        variants = [self.strategy.name, *self.run.compare]
+        if not any(self.variant_uploads_logits(v) for v in variants):
+            raise ValueError(
+                f"privacy.evidence_clip protects the top-k logits prediction trust uploads; strategy "
+                f"{', '.join(variants)} upload(s) none: use strategy.name prediction or remove "
+                "privacy.evidence_clip and privacy.evidence_noise_multiplier"
             )
 
     def _check_parallel_clients(self) -> None:

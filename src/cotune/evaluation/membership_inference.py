@@ -19,9 +19,12 @@ what a confident attacker gets, the figure Carlini et al. argue for).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
+
+from cotune.evaluation.lm import IGNORE_INDEX
 
 LOW_FPR = 0.01  # the false-positive rate the TPR is read at
 
@@ -67,6 +70,34 @@ def check_scores(members: torch.Tensor, nonmembers: torch.Tensor) -> tuple[torch
     if not (torch.isfinite(m).all() and torch.isfinite(n).all()):
         raise ValueError("membership scores must be finite (leave out examples without a scored token)")
     return m, n
+
+
+def evidence_losses(values: torch.Tensor, indices: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's mean loss of its true next tokens as read off an uploaded top-k release alone (the
+    attack on prediction trust's evidence): values and indices (B, T, k), targets (B, T), IGNORE_INDEX
+    where a position has none. The loss of a position is -log softmax over its k values at the target's,
+    the smallest of them standing in for a target not among the k (the most the release says of it); a
+    row with no scored position gets NaN, for the caller to leave out."""
+    logp = torch.log_softmax(values.double(), dim=-1)
+    hit = indices == targets.unsqueeze(-1)
+    at_target = torch.where(hit.any(-1), (logp * hit).sum(-1), logp.min(-1).values)
+    scored = targets != IGNORE_INDEX
+    count = scored.sum(1)
+    total = (-at_target * scored).sum(1)
+    return torch.where(count > 0, total / count.clamp_min(1), math.nan)
+
+
+def evidence_ranks(values: torch.Tensor, indices: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's mean reciprocal rank of its true next tokens among an uploaded release's k values (0
+    where a target is not among them; rank 1 + the values strictly above it), shapes as
+    `evidence_losses`: a score that neither a shift nor a rescaling of a position's values changes, so
+    clipping alone does not blunt it (higher: member); NaN for a row with no scored position."""
+    hit = indices == targets.unsqueeze(-1)  # (B, T, k)
+    above = (values.unsqueeze(-2) > values.unsqueeze(-1)).sum(-1)  # per value: how many are larger
+    reciprocal = (hit / (above + 1).double()).sum(-1)
+    scored = targets != IGNORE_INDEX
+    count = scored.sum(1)
+    return torch.where(count > 0, (reciprocal * scored).sum(1) / count.clamp_min(1), math.nan)
 
 
 @dataclass(frozen=True)

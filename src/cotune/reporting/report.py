@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING
 from cotune.caches import confine_caches
 from cotune.config.names import ROLES
 from cotune.layout import PLOTS_DIR, REPORT_FILE
-from cotune.records import SAMPLE_PROMPT_CHARS, SAMPLE_TEXT_CHARS, CommRecord, DistillValRecord, GenRecord
+from cotune.records import (
+    SAMPLE_PROMPT_CHARS,
+    SAMPLE_TEXT_CHARS,
+    CommRecord,
+    DistillValRecord,
+    GenRecord,
+    PrivacySpent,
+)
 from cotune.reporting.files import replace_atomically, write_text_atomically
 from cotune.reporting.metrics import (
     RunSummary,
@@ -942,6 +949,7 @@ PRIVACY_HEADER = [
     "sample rate q",
     "rounds",
     "noise",
+    "evidence ε",
 ]
 ACCOUNTANT = "Opacus RDP accountant (client level: one step per aggregation round)"
 
@@ -965,6 +973,7 @@ def privacy_rows(runs: Sequence[RunSummary], labels: Sequence[str]) -> list[list
                     MISSING,
                     "0",
                     MISSING,
+                    MISSING,
                 ]
             )
             continue
@@ -979,9 +988,19 @@ def privacy_rows(runs: Sequence[RunSummary], labels: Sequence[str]) -> list[list
                 f"{spent.sample_rate:.3g}",
                 str(spent.round),
                 spent.noise,
+                evidence_epsilon(spent),
             ]
         )
     return rows
+
+
+def evidence_epsilon(spent: PrivacySpent) -> str:
+    """The privacy spent by prediction trust's protected logits alone ('—': sent unprotected)."""
+    if spent.evidence_clip is None:
+        return MISSING
+    if spent.evidence_epsilon is None:
+        return "∞ (clipped, no noise)"
+    return _fmt(spent.evidence_epsilon)
 
 
 def privacy_markdown(runs: Sequence[RunSummary], labels: Sequence[str]) -> list[str]:
@@ -994,8 +1013,10 @@ def privacy_markdown(runs: Sequence[RunSummary], labels: Sequence[str]) -> list[
         "",
         "Client-level DP (DP-FedAvg): each client's update clipped to L2 norm ≤ C, Gaussian noise of "
         "std σ·C on the sum. ε is the privacy spent at δ after the rounds shown, computed by the "
-        f"{ACCOUNTANT} with sample rate q (clients asked per round / clients). Only adapter updates are "
-        "covered: trust evidence (peer perplexities, public-set predictions) is not noised.",
+        f"{ACCOUNTANT} with sample rate q (clients asked per round / clients). Peer perplexities "
+        "(validation trust) are not noised; prediction trust's uploaded logits are where "
+        "privacy.evidence_clip is set (each client clips them to C_e and adds noise σ_e·C_e): ε then "
+        "charges both releases of a round, and the evidence's own ε is shown beside it.",
         "",
         _md_table(PRIVACY_HEADER, rows, align_right_from=1),
         "",

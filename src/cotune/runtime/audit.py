@@ -7,6 +7,14 @@ config.yaml by the code the run used (`data.client_examples.client_data`: the sa
 seed), so nothing of the run needs to have been kept but its config and checkpoints. The reference
 model of the calibrated attack is the same base without any adapter (the zero-shot model).
 
+Prediction trust also uploads each client's top-k logits on the public set (the evidence), a second
+channel. Its attack plants the client's members and non-members in the public set: each is sent as
+the client sends its evidence (`runtime.client.release_topk`, in releases of the run's public size,
+`strategy.public_batches` x `train.eval_batch_size` rows, so a protected position has the run's
+clipping bound), and the server scores each row by the loss its uploaded logits give the row's true
+tokens (`evidence_losses`; lower: member). Without protection that is nearly the adapter's own loss
+on the row; with the run's `privacy.evidence_clip` (and noise) it is what the protected upload leaves.
+
 Only counts and figures are printed or written (audit.json), never the text of an example.
 """
 
@@ -21,16 +29,25 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from cotune.algorithms.privacy import EvidenceProtection
 from cotune.config.schema import ExperimentConfig
 from cotune.data.client_examples import client_data
 from cotune.data.preflight import check_data
 from cotune.data.windows import ClientData, Rows
 from cotune.evaluation.lm import example_losses
-from cotune.evaluation.membership_inference import LOW_FPR, Losses, MembershipAudit
+from cotune.evaluation.membership_inference import (
+    LOW_FPR,
+    AttackResult,
+    Losses,
+    MembershipAudit,
+    evidence_losses,
+    evidence_ranks,
+)
 from cotune.layout import AUDIT_FILE, METRICS_FILE
 from cotune.records import RunEvent, parse_record
 from cotune.reporting.files import write_text_atomically
 from cotune.reporting.metrics import read_metrics
+from cotune.runtime.client import release_targets, release_topk
 from cotune.runtime.results import (
     Adapter,
     RunDirError,
@@ -61,9 +78,41 @@ class AuditPlan:
 
 
 @dataclass(frozen=True)
+class EvidenceAttacks:
+    """Both attacks on one client's uploaded logits: the loss they give the true tokens (`evidence_losses`)
+    and the true tokens' reciprocal rank among them (`evidence_ranks`: blind to clipping's rescaling)."""
+
+    loss: AttackResult
+    rank: AttackResult
+
+    def as_dict(self) -> dict[str, object]:
+        return {"loss": self.loss.as_dict(), "rank": self.rank.as_dict()}
+
+
+@dataclass(frozen=True)
+class EvidenceAudit:
+    """The attacks on one client's uploaded top-k logits (prediction trust): its members and non-members
+    planted in the public set, sent unprotected and as the run protects them (None: it does not)."""
+
+    members: int
+    nonmembers: int
+    unprotected: EvidenceAttacks
+    protected: EvidenceAttacks | None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "members": self.members,
+            "nonmembers": self.nonmembers,
+            "unprotected": self.unprotected.as_dict(),
+            "protected": None if self.protected is None else self.protected.as_dict(),
+        }
+
+
+@dataclass(frozen=True)
 class ClientAudit:
     client: int
     audit: MembershipAudit
+    evidence: EvidenceAudit | None = None  # strategies that upload logits
 
 
 def plan_audit(run_dir: Path, max_examples: int = DEFAULT_MAX_EXAMPLES) -> AuditPlan:
@@ -138,6 +187,52 @@ def losses_of(tuned: TunedModel, data: Rows, rows: torch.Tensor) -> Losses:
     return Losses(target, reference)
 
 
+def evidence_scores(
+    tuned: TunedModel, data: Rows, rows: torch.Tensor, protection: EvidenceProtection | None, at: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's scores (-loss, reciprocal rank) from the top-k logits the active adapter would upload
+    with the row planted in the public set, in releases of the run's public size (`release_topk`; `at`
+    names the noise of these releases, apart from the run's)."""
+    cfg = tuned.cfg
+    size, per = cfg.train.eval_batch_size, cfg.strategy.public_batches * cfg.train.eval_batch_size
+    losses, ranks = [], []
+    for n, start in enumerate(range(0, len(rows), per)):
+        chunk = rows[start : start + per]
+        batches = [chunk[b : b + size] for b in range(0, len(chunk), size)]
+        k, model = cfg.strategy.logits_topk, tuned.pool.model
+        sent, _ = release_topk(model, data, batches, k, tuned.device, protection, ("audit", at, n))
+        for (v, i), t in zip(sent, release_targets(data, batches), strict=True):
+            losses.append(-evidence_losses(v, i, t))
+            ranks.append(evidence_ranks(v, i, t))
+    return torch.cat(losses), torch.cat(ranks)
+
+
+def evidence_attack(
+    tuned: TunedModel,
+    client: int,
+    members: Rows,
+    nonmembers: Rows,
+    n: int,
+    protection: EvidenceProtection | None,
+) -> EvidenceAttacks:
+    """The attacks on one client's uploaded logits (n members and n non-members), sent with `protection`."""
+    rows_m, rows_n = spread_rows(len(members), n), spread_rows(len(nonmembers), n)
+    m = evidence_scores(tuned, members, rows_m, protection, ("members", client))
+    o = evidence_scores(tuned, nonmembers, rows_n, protection, ("nonmembers", client))
+    results = [AttackResult.of(a[torch.isfinite(a)], b[torch.isfinite(b)]) for a, b in zip(m, o, strict=True)]
+    return EvidenceAttacks(*results)
+
+
+def audit_evidence(tuned: TunedModel, client: int, members: Rows, nonmembers: Rows, n: int) -> EvidenceAudit:
+    """The evidence attack on one client, unprotected and as the run protects its uploads."""
+    protection = EvidenceProtection.of(tuned.cfg)
+    protected = None
+    if protection is not None:
+        protected = evidence_attack(tuned, client, members, nonmembers, n, protection)
+    unprotected = evidence_attack(tuned, client, members, nonmembers, n, None)
+    return EvidenceAudit(min(n, len(members)), min(n, len(nonmembers)), unprotected, protected)
+
+
 def audit_client(tuned: TunedModel, client: int, data: ClientData, max_examples: int) -> MembershipAudit:
     """One client: its training rows against as many of its test rows (at most `max_examples` each)."""
     test = data.test
@@ -162,7 +257,14 @@ def run_audit(plan: AuditPlan, console: Console | None = None) -> list[ClientAud
     for k in clients:
         if k != clients[0]:
             tuned = switch_adapter(tuned, plan.adapters[k])
-        results.append(ClientAudit(k, audit_client(tuned, k, data.clients[k], plan.max_examples)))
+        audit = audit_client(tuned, k, data.clients[k], plan.max_examples)
+        evidence = None
+        if cfg.uploads_logits:
+            own = data.clients[k]
+            assert own.test is not None  # audit_client refused a client without one
+            n = min(len(own.train), len(own.test), plan.max_examples)  # as audit_client does
+            evidence = audit_evidence(tuned, k, own.train, own.test, n)
+        results.append(ClientAudit(k, audit, evidence))
     return results
 
 
@@ -191,7 +293,30 @@ def audit_document(plan: AuditPlan, results: Sequence[ClientAudit]) -> dict[str,
         "reference": REFERENCE,
         "max_examples": plan.max_examples,
         "low_fpr": LOW_FPR,
-        "clients": [{"client": r.client, **r.audit.as_dict()} for r in results],
+        "evidence": (
+            {
+                "planted": "each client's members and non-members sent as its public-set top-k logits, "
+                "in releases of the run's public size; score: -loss of the row's true tokens from them",
+                "protection": (
+                    {
+                        "evidence_clip": privacy.evidence_clip,
+                        "evidence_noise_multiplier": privacy.evidence_noise_multiplier,
+                    }
+                    if privacy.protects_evidence
+                    else None
+                ),
+            }
+            if cfg.uploads_logits
+            else None
+        ),
+        "clients": [
+            {
+                "client": r.client,
+                **r.audit.as_dict(),
+                **({"evidence": r.evidence.as_dict()} if r.evidence is not None else {}),
+            }
+            for r in results
+        ],
         "skipped": [{"client": k, "reason": why} for k, why in sorted(plan.skipped.items())],
         "mean": {
             attack: {figure: mean_of(results, attack, figure) for a, figure in FIGURES if a == attack}

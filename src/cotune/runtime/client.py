@@ -15,13 +15,15 @@ from functools import cached_property
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from cotune.algorithms.compression import Compression, Encoded, applied, compress_update
+from cotune.algorithms.privacy import EvidenceProtection
 from cotune.algorithms.ranks import rank_of
 from cotune.algorithms.robust import update_delta
 from cotune.data.windows import Rows
 from cotune.evaluation.generation import Decode, GenRequest, evaluate_generation, gen_samples
-from cotune.evaluation.lm import IGNORE_INDEX, evaluate_lm, evaluate_lm_through, lm_batch
+from cotune.evaluation.lm import IGNORE_INDEX, evaluate_lm, evaluate_lm_through, rows_batch
 from cotune.runtime.port import ClientInfo, EvalReport, GenScores, PeerScores, Prediction, TrainReport
 from cotune.state import AdapterState, copied, state_digest
 from cotune.training.learner import Learner, StepLog
@@ -38,17 +40,106 @@ def windows_hash(windows: Rows) -> str:
     return h.hexdigest()[:16]
 
 
-def response_topk(logits: torch.Tensor, scored: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices), each (B, R, k): the top-k logits of each row's scored (response) positions,
-    moved to the front of the row in their order, R the most any row has; a row with fewer is filled
-    with zero values at index 0, which add nothing to a prediction distance (both clients' are equal
-    and carry no mass), so the distance per public example is that of the response positions alone."""
-    values, indices = logits.topk(k, dim=-1)
+def top_values(
+    logits: torch.Tensor, k: int, support: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices): the top-k of `logits`; with `support` (other logits of the same positions: the
+    base model's, for protected evidence), `logits` at the top-k tokens of `support`, so which tokens are
+    sent does not depend on the client's adapter."""
+    if support is None:
+        return logits.topk(k, dim=-1)
+    indices = support.topk(k, dim=-1).indices
+    return logits.gather(-1, indices), indices
+
+
+def responses_first(x: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """x (B, T, k) with each row's scored positions moved to the front in their order, (B, R, k), R the
+    most any row has; a row with fewer is filled with zeros."""
     width = int(scored.sum(1).max()) if scored.numel() else 0
     order = torch.argsort((~scored).to(torch.int8), dim=1, stable=True)[:, :width]
     keep = torch.gather(scored, 1, order).unsqueeze(-1)
-    at = order.unsqueeze(-1).expand(-1, -1, k)
-    return torch.gather(values, 1, at) * keep, torch.gather(indices, 1, at) * keep
+    at = order.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    return torch.gather(x, 1, at) * keep
+
+
+def response_topk(
+    logits: torch.Tensor, scored: torch.Tensor, k: int, support: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices), each (B, R, k): the top-k logits of each row's scored (response) positions
+    (`top_values`, on `support`'s top-k where given), moved to the front of the row (`responses_first`);
+    a row with fewer is filled with zero values at index 0, which add nothing to a prediction distance
+    (both clients' are equal and carry no mass), so the distance per public example is that of the
+    response positions alone."""
+    values, indices = top_values(logits, k, support)
+    return responses_first(values, scored), responses_first(indices, scored)
+
+
+def public_logits(
+    model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], responses: bool
+) -> torch.Tensor:
+    """float32 logits of a public batch: at every position of token windows; of generation examples
+    (`responses`), those that predict a next token (the last predicts none)."""
+    logits = model(**inputs).logits
+    return (logits[:, :-1] if responses else logits).float()
+
+
+def release_batches(public: Rows, batches: int, batch_size: int) -> list[torch.Tensor]:
+    """The rows of the first `batches` public batches, batch by batch: what prediction trust is sent on."""
+    n = min(batches, math.ceil(len(public) / batch_size))
+    return [torch.arange(b * batch_size, min((b + 1) * batch_size, len(public))) for b in range(n)]
+
+
+@torch.no_grad()
+def release_topk(
+    model: torch.nn.Module,
+    public: Rows,
+    batches: Sequence[torch.Tensor],
+    k: int,
+    device: torch.device,
+    protection: EvidenceProtection | None = None,
+    at: tuple[object, ...] = (),
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """What a client uploads for prediction trust with `model`'s active adapter on `public`'s rows
+    `batches`: each batch's top-k (values, indices) on the CPU, and the vocabulary size. At every
+    position of token windows; of generation examples, only where a response token is predicted
+    (`response_topk`), so the prompts, which every client is given alike, are not compared. With
+    `protection`, on the base model's top-k tokens, clipped and noised as one release
+    (`EvidenceProtection.protect`, its noise the instance `at` of the `privacy` stream)."""
+    out, vocab = [], 0
+    for rows in batches:
+        inputs, target = rows_batch(public, rows, device)
+        scored = None if isinstance(public, torch.Tensor) else target != IGNORE_INDEX
+        logits = public_logits(model, inputs, scored is not None)
+        base = None
+        if protection is not None:
+            with model.disable_adapter():  # type: ignore[operator]
+                base = public_logits(model, inputs, scored is not None)
+        vocab = logits.shape[-1]
+        if scored is None:
+            values, indices = top_values(logits, min(k, vocab), base)
+        else:
+            values, indices = response_topk(logits, scored, min(k, vocab), base)
+        out.append((values.cpu(), indices.cpu()))
+    if protection is not None:
+        protected = protection.protect([v for v, _ in out], at)
+        out = [(v, i) for v, (_, i) in zip(protected, out, strict=True)]
+    return out, vocab
+
+
+def release_targets(public: Rows, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each released position's true next token (IGNORE_INDEX where none: a window's last position, a
+    filler of `response_topk`), laid out as `release_topk`'s values: what an attacker who knows the
+    public rows compares a release with (the privacy audit of the evidence)."""
+    out = []
+    for rows in batches:
+        target = rows_batch(public, rows, torch.device("cpu"))[1]
+        if isinstance(public, torch.Tensor):
+            out.append(F.pad(target, (0, 1), value=IGNORE_INDEX))
+            continue
+        scored = target != IGNORE_INDEX
+        first = responses_first(torch.stack([target, scored.long()], -1), scored)
+        out.append(torch.where(first[..., 1] > 0, first[..., 0], IGNORE_INDEX))
+    return out
 
 
 @dataclass(frozen=True)
@@ -84,7 +175,8 @@ class ClientWork:
     depend on its data); `info` is its description for the server (`setup.client_info`); `memo`, where
     given, keeps its evaluations by adapter weights (`EvalMemo`); `compression`, where on
     (`federation.compress`), how its round update leaves it (`upload`), the error-feedback residual it
-    keeps being part of its trainer state.
+    keeps being part of its trainer state; `evidence`, where on (`privacy.evidence_clip`), how it
+    protects the top-k logits it uploads (`predict`).
     """
 
     def __init__(
@@ -102,6 +194,7 @@ class ClientWork:
         decoding: Decoding | None = None,
         memo: EvalMemo | None = None,
         compression: Compression | None = None,
+        evidence: EvidenceProtection | None = None,
     ) -> None:
         self.index, self.learner, self.val, self.test = index, learner, val, test
         self.memo = memo
@@ -114,6 +207,7 @@ class ClientWork:
         self._public = public
         self.eval_batch_size, self.budget = eval_batch_size, budget
         self.info = info
+        self.evidence = evidence
 
     @property
     def pool(self):  # the AdapterPool holding this client's slot
@@ -269,29 +363,17 @@ class ClientWork:
         return PeerScores(tuple(row))
 
     @torch.no_grad()
-    def predict(self, batches: int, batch_size: int, k: int) -> Prediction:
-        """Top-k logits of its adapter on the first `batches` public batches (lean trust evidence): at
-        every position of token windows; of generation examples, only where a response token is
-        predicted (`response_topk`), so the prompts, which every client is given alike, are not
-        compared."""
+    def predict(self, batches: int, batch_size: int, k: int, round_: int = 0) -> Prediction:
+        """Top-k logits of its adapter on the first `batches` public batches (lean trust evidence,
+        `release_topk`): protected, where `evidence` says so, before they leave the client."""
         public = self.public
         self.pool.activate(self.learner.slot)
         model = self.pool.model
         model.eval()
         device = torch.device(self.learner.device)
-        out, vocab = [], 0
-        for b in range(min(batches, math.ceil(len(public) / batch_size))):
-            if isinstance(public, torch.Tensor):
-                ids = public[b * batch_size : (b + 1) * batch_size].to(device)
-                logits = model(input_ids=ids).logits.float()
-                vocab = logits.shape[-1]
-                values, indices = logits.topk(min(k, vocab), dim=-1)
-            else:
-                inputs, target = lm_batch(public, b, batch_size, device)
-                logits = model(**inputs).logits[:, :-1].float()
-                vocab = logits.shape[-1]
-                values, indices = response_topk(logits, target != IGNORE_INDEX, min(k, vocab))
-            out.append((values.cpu(), indices.cpu()))
+        rows = release_batches(public, batches, batch_size)
+        at = (round_, ("evidence", self.index))  # its own noise in each round
+        out, vocab = release_topk(model, public, rows, k, device, self.evidence, at)
         return Prediction(out, vocab, windows_hash(public))
 
     def describe(self) -> ClientInfo:

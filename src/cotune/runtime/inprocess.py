@@ -189,7 +189,7 @@ class InProcessClients:
         replies: Replies[Prediction] = Replies()
         for i, state in adapters.items():
             self.works[i].adopt(state)
-            replies.ok[i] = self.works[i].predict(batches, batch_size, k)
+            replies.ok[i] = self.works[i].predict(batches, batch_size, k, round_)
             if on_done is not None:
                 on_done(i)
         return replies

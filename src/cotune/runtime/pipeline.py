@@ -10,12 +10,16 @@ robustness.aggregator) is decided here, not by flags tested inside the loops.
   a `FaultRecord` (event update_rejected).
 * Client-level DP: every accepted update is clipped to `privacy.clip_norm`; Gaussian noise goes on
   the mean (fedavg, where one draw covers everyone) or on each upload (trust mixing, where clients
-  take different weighted sums); epsilon is logged after each aggregation.
+  take different weighted sums); epsilon is logged after each aggregation. With protected trust
+  evidence (`privacy.evidence_clip`: the clients clip and noise their uploaded top-k logits themselves,
+  `ClientWork.predict`), the epsilon charges both releases of a round as one composed Gaussian mechanism
+  (`algorithms.privacy.composed_noise_multiplier`), and the evidence's own epsilon is logged beside it.
 * `require`: too few accepted uploads stops the run cleanly (`quorum.TooFewClients`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +27,14 @@ import torch
 
 from cotune.algorithms.fedcollm import aggregate_slm, fedavg_weights
 from cotune.algorithms.personalized import TrustEvidence, aggregate
-from cotune.algorithms.privacy import add_gaussian_noise, clip_uploads, epsilon_spent, noise_std
+from cotune.algorithms.privacy import (
+    EvidenceProtection,
+    add_gaussian_noise,
+    clip_uploads,
+    composed_noise_multiplier,
+    epsilon_spent,
+    noise_std,
+)
 from cotune.algorithms.robust import screen_updates
 from cotune.config.names import STRATEGY_SPECS
 from cotune.config.schema import ExperimentConfig
@@ -84,6 +95,7 @@ class AggregationPipeline:
         self.cfg, self.log = cfg, log
         self.privacy = cfg.privacy
         self.robustness = cfg.robustness
+        self.evidence = EvidenceProtection.of(cfg)  # the clients' protection of their uploaded logits
 
     # ---- the shared front: screening and clipping ---------------------------------------------------
     def screen(
@@ -162,9 +174,9 @@ class AggregationPipeline:
         if self.privacy.enabled and central:
             noised = self.noise(round_, shared_only(mixed[0], part), 1.0 / len(mixed))
             mixed = [{**m, **{k: v.clone() for k, v in noised.items()}} for m in mixed]
-        if self.privacy.enabled:
+        if self.privacy.enabled or self.evidence is not None:
             where = "central: on the mean of clipped updates" if central else "on each clipped upload"
-            self.log_spent(round_, where)
+            self.log_spent(round_, where if self.privacy.enabled else "none on the adapters")
         return Mixed(members, trust, mixed)
 
     # ---- FedCoLLM: the FedAvg step -------------------------------------------------------------------
@@ -215,19 +227,36 @@ class AggregationPipeline:
         return add_gaussian_noise(state, std, self.generator(round_, stream))
 
     def log_spent(self, round_: int, noise: str) -> None:
-        """Epsilon after `round_` aggregations at privacy.delta, q the chance a client takes part in one."""
-        p = self.privacy
+        """Epsilon after `round_` aggregations at privacy.delta, q the chance a client takes part in one.
+
+        With protected evidence every round releases two Gaussian mechanisms of the same sampled clients'
+        data, the adapter update and the top-k logits, charged as their composition; epsilon stays
+        unbounded (None) while the adapters go without DP, and `evidence_epsilon` is the logits' alone."""
+        p, ev = self.privacy, self.evidence
         fed = self.cfg.federation
         q = fed.sampled_per_round / fed.clients  # partial participation amplifies privacy
-        eps = epsilon_spent(p.noise_multiplier, q, round_, p.delta)
+        sigmas = [p.noise_multiplier] if p.enabled else []
+        if ev is not None:
+            sigmas.append(ev.noise_multiplier)
+            noise += f"; evidence: on each client's logits (C_e {ev.clip:g}, σ_e {ev.noise_multiplier:g})"
+        eps = epsilon_spent(composed_noise_multiplier(*sigmas), q, round_, p.delta) if p.enabled else math.inf
+        ev_eps = epsilon_spent(ev.noise_multiplier, q, round_, p.delta) if ev is not None else None
         self.log(
             PrivacySpent(
                 round=round_,
-                epsilon=eps if eps != float("inf") else None,
+                epsilon=finite(eps),
                 delta=p.delta,
                 noise_multiplier=p.noise_multiplier,
                 clip_norm=p.clip_norm,
                 sample_rate=q,
                 noise=noise,
+                evidence_clip=None if ev is None else ev.clip,
+                evidence_noise_multiplier=None if ev is None else ev.noise_multiplier,
+                evidence_epsilon=None if ev_eps is None else finite(ev_eps),
             )
         )
+
+
+def finite(epsilon: float) -> float | None:
+    """An epsilon as a record holds it: None for an unbounded one."""
+    return None if math.isinf(epsilon) else epsilon

@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cotune.config.loader import NO_DEFAULT, dump_config, load_config, setting_default
-from cotune.config.schema import CompressConfig, ExperimentConfig
+from cotune.config.schema import DEFAULT_DELTA, CompressConfig, ExperimentConfig
 from cotune.errors import OrdinaryError
 from cotune.layout import ADAPTER_WEIGHTS, CONFIG_FILE, LOCK_FILE, METRICS_FILE, STATE_FILE
 from cotune.models.adapter_check import AdapterSpec, adapter_problem
@@ -205,6 +205,11 @@ def variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     if not cfg.variant_exchanges(name) and cfg.federation.compress != CompressConfig():
         # nothing travels in it: its config says compression is off
         update["federation"] = cfg.federation.model_copy(update={"compress": CompressConfig()})
+    if cfg.privacy.protects_evidence and not cfg.variant_uploads_logits(name):  # nothing to protect there
+        off: dict = {"evidence_clip": None, "evidence_noise_multiplier": 0.0}
+        if not cfg.privacy.enabled:  # nor any other privacy setting read
+            off |= {"delta": DEFAULT_DELTA, "seed": None}
+        update["privacy"] = cfg.privacy.model_copy(update=off)
     return cfg.model_copy(update=update, deep=True)
 
 

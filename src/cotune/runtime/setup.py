@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cotune.algorithms.compression import Compression
 from cotune.algorithms.fedcollm import distill_batches, local_steps, plan_of
+from cotune.algorithms.privacy import EvidenceProtection
 from cotune.config.names import STRATEGY_SPECS
 from cotune.config.schema import ExperimentConfig, ModelConfig
 from cotune.data.client_examples import client_data
@@ -212,6 +213,7 @@ def personalized_work(
         decoding=decoding,
         memo=memo,
         compression=Compression.of(cfg),
+        evidence=EvidenceProtection.of(cfg),
     )
 
 

@@ -163,7 +163,7 @@ def predict(message: Message, context: Context) -> Message:
         a = job.predict
         if a is None:
             raise ValueError("a query.predict message without its arguments")
-        pred = node.work.predict(a.batches, a.batch_size, a.k)
+        pred = node.work.predict(a.batches, a.batch_size, a.k, job.round)
         return reply(message, p.prediction_records(pred))
 
 
