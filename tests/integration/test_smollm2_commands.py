@@ -2,9 +2,10 @@
 
 The tiny model has no chat template, so only a real model shows that `generate` works (it did not with
 transformers 5); the exports must load with peft / transformers on the base others would use.
-The Flower paths run here too, on Flower's simulation engine (the deployment's processes on the tiny model
-are in test_flower_local.py): the same run gives the same adapters. It is the suite's one Ray cluster:
-4 virtual nodes on 2 actors (so an actor serves several nodes), 2 rounds of validation trust.
+The Flower transport runs here too, in this process (the real ServerApp loop and ClientApp through the
+in-process grid of tests/test_flower.py): the same run gives the same adapters. Flower's processes and Ray
+run on the tiny model (test_flower_local.py, test_flower_simulation.py): what they add does not depend on
+the model, and a SmolLM2 run there would repeat their start-ups.
 """
 
 from __future__ import annotations
@@ -29,24 +30,22 @@ from cotune.runtime.results import open_tuned
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("smollm2-commands")]
 
 NAME = "smollm2-135m-instruct"
-TOPICS = ["business", "entertainment", "politics", "sports"]  # one client each
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """The quickstart with tiny budgets: 4 clients (one BBC topic each), 2 rounds of 2 local steps,
-    32-token windows, validation trust (~a minute)."""
+    """The quickstart with tiny budgets: 2 clients, 1 round of 1 local step, 32-token windows (~a minute)."""
     tmp = tmp_path_factory.mktemp("smollm2-commands")
     tree = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     tree["device"] = "cpu"
     tree["data"].update(
-        sources=[{"corpus": "bbc", "labels": TOPICS, "max_docs": 12}],
+        sources=[{"corpus": "bbc", "labels": ["business", "politics"], "max_docs": 12}],
         seq_len=32, max_train_windows=8, max_val_windows=2, max_test_windows=2, public_windows=2,
     )  # fmt: skip
     tree["train"].update(batch_size=2, eval_batch_size=2)
-    tree["federation"] = {"clients": 4, "rounds": 2, "local_steps": 2, "warmup_steps": 0}
+    tree["federation"] = {"clients": 2, "rounds": 1, "local_steps": 2, "warmup_steps": 0}
     tree["run"]["compare"] = []
     config = tmp / "smol.yaml"
     config.write_text(yaml.safe_dump(tree))
@@ -123,57 +122,15 @@ def test_assets_list_and_verify(capsys):
     assert code == 0 and f"{NAME}: intact" in text, text
 
 
-@pytest.fixture(scope="module")
-def simulated(run_dir, tmp_path_factory) -> tuple[Path, str]:
-    """`cotune run --backend flower-simulation --client-cpus 1` of the same SmolLM2 config, output piped:
-    4 virtual nodes on 2 Ray actors (2 cores). Returns (run dir, what the terminal got)."""
-    import subprocess
-    import sys
+def test_flower_gives_the_embedded_adapters(run_dir, tmp_path):
+    """The same SmolLM2 config through Flower's ServerApp loop and ClientApp (in process): every client's
+    adapter equals the embedded run's (the same algorithm code, only the transport differs)."""
+    from tests.test_flower import InProcessGrid, _adapters, _run_flower_in_process, max_adapter_diff
 
-    pytest.importorskip("ray")
-    out = tmp_path_factory.mktemp("simulation") / "sim"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cotune.cli.main",
-        "run",
-        str(run_dir.parent / "smol.yaml"),
-        "--out",
-        str(out),
-    ]
-    done = subprocess.run(
-        [*cmd, "--backend", "flower-simulation", "--client-cpus", "1"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    said = done.stdout + done.stderr
-    assert done.returncode == 0, said[-3000:]
-    return out, said
+    from cotune.config import load_config
 
-
-def test_flower_simulation_gives_the_embedded_adapters(run_dir, simulated):
-    """Every client's adapter after each round equals the embedded run's (the same algorithm code, only the
-    transport differs), with each node's state kept on disk between rounds as a real SuperNode keeps it."""
-    from safetensors.torch import load_file
-
-    from cotune.reporting.metrics import load_run
-
-    sim, _ = simulated
-    assert load_run(sim).ended and (sim / "flower" / "node-state").is_dir()
-    for round_dir in ("round-0001", "round-0002"):
-        for client in ("client-00", "client-01", "client-02", "client-03"):
-            adapter = f"checkpoints/{round_dir}/{client}/adapter_model.safetensors"
-            embedded, simulated_ = load_file(str(run_dir / adapter)), load_file(str(sim / adapter))
-            assert embedded.keys() == simulated_.keys()
-            assert all(torch.equal(embedded[k], simulated_[k]) for k in embedded), (round_dir, client)
-
-
-def test_the_terminal_gets_cotunes_lines_not_flowers_warnings_or_colour_codes(simulated):
-    """`cotune run --backend flower-simulation`, output piped: no deprecation notices, no warnings of
-    Flower or Ray, no ANSI escape codes; they are kept in RUN_DIR/flower/simulation.log."""
-    sim, said = simulated
-    assert "round 2/2" in said  # cotune's own progress is there
-    for noise in ("DeprecationWarning", "FutureWarning", "DEPRECATED FEATURE", "\x1b[", "flwr: "):
-        assert noise not in said, (noise, said[-3000:])
-    assert "DEPRECATED FEATURE" in (sim / "flower" / "simulation.log").read_text()
+    cfg = load_config(str(run_dir.parent / "smol.yaml"), [])
+    grid = InProcessGrid(cfg.federation.clients)
+    assert _run_flower_in_process(cfg, tmp_path / "flower", grid) == "completed"
+    ours, theirs = _adapters(run_dir), _adapters(tmp_path / "flower")
+    assert sorted(ours) == ["client-00", "client-01"] and max_adapter_diff(ours, theirs) == 0.0
