@@ -280,6 +280,19 @@ def test_ctrl_c_says_the_run_can_be_resumed(capsys, corpus_dir, tmp_path, monkey
     assert cotune(capsys, "run", "--resume", out)[0] == 0
 
 
+def test_ctrl_c_outside_a_run_says_nothing_of_rounds(capsys, tmp_path, monkeypatch):
+    """A command that runs no experiment (here a node worker) answers Ctrl-C with one word, not with
+    what of a run is kept."""
+    import cotune.runtime.flower.worker as worker
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker, "run_worker", interrupted)
+    code, text = cotune(capsys, "flower", "worker", "--socket", tmp_path / "w.sock")
+    assert code == 130 and text.strip() == "interrupted", text
+
+
 @pytest.mark.parametrize(
     ("error", "fragment"),
     [

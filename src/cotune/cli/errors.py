@@ -134,9 +134,11 @@ def report_failure(exc: BaseException, console: Console, debug: bool) -> int:
     return BUG_EXIT
 
 
-def report_interrupt(console: Console, run_dir: Path | None) -> int:
-    """Ctrl-C: one line saying what is kept and how to go on."""
-    if run_dir is not None and (run_dir / CHECKPOINTS_DIR).is_dir():
+def report_interrupt(console: Console, run_dir: Path | None, running: bool) -> int:
+    """Ctrl-C: one line; for a run (`running`), what of it is kept and how to go on."""
+    if not running:
+        console.print("interrupted", highlight=False)
+    elif run_dir is not None and (run_dir / CHECKPOINTS_DIR).is_dir():
         console.print(
             f"interrupted: every completed round is kept; continue with `cotune run --resume {run_dir}`",
             highlight=False,

@@ -78,6 +78,7 @@ class Session:
     """What the error boundary needs to know about this invocation."""
 
     debug: bool = False
+    running: bool = False  # a `cotune run`: its Ctrl-C message says what of the run is kept
     run_dir: Path | None = None  # the run directory being written, for the Ctrl-C message
 
 
@@ -87,16 +88,16 @@ T = TypeVar("T")
 
 def cli(argv: list[str] | None = None) -> NoReturn:
     """The `cotune` console script: the commands, inside one error boundary (cli/errors.py)."""
-    session.debug, session.run_dir = False, None
+    session.debug, session.running, session.run_dir = False, False, None
     try:
         code = app(args=argv, standalone_mode=False, prog_name="cotune")
         if code == INTERRUPTED_EXIT:  # typer answers Ctrl-C with this code and no word: say what is kept
-            code = report_interrupt(err, session.run_dir)
+            code = report_interrupt(err, session.run_dir, session.running)
     except click.ClickException as e:  # usage errors: click's own one-line message
         e.show()
         code = e.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):
-        code = report_interrupt(err, session.run_dir)
+        code = report_interrupt(err, session.run_dir, session.running)
     except Exception as e:
         code = report_failure(e, err, session.debug)
     raise SystemExit(code if isinstance(code, int) else 0)
@@ -188,6 +189,7 @@ def run(
     """
     from cotune.config import load_config
 
+    session.running = True
     given = {
         "superlink": superlink,
         "root_certificates": root_certificates,
