@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 
+from fedcollm_quality import run_cotune  # noqa: E402  (one way to run a cotune command)
 from personalized_quality import sweep_by_name  # noqa: E402  (one way to run a personalized sweep)
 
 from cotune.reporting.metrics import read_metrics  # noqa: E402
@@ -99,8 +98,7 @@ def run_fedavg(codec: str, seed: int) -> None:
     cmd += ["--resume", str(d)] if resume else [str(FEDAVG_CONFIG), "algorithm=fedavg", f"run.seed={seed}"]
     cmd += [] if resume else [*CODECS[codec], "--out", str(d)]
     print(f"[run] {' '.join(cmd)}", flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    run_cotune(cmd)
 
 
 def fedavg_point(d: Path) -> tuple[float, float] | None:

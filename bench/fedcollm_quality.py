@@ -139,9 +139,14 @@ def run_seed(config: Path, overrides: list[str], seed: int | None, out: Path, fr
         ]
     print("[run]", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
+    run_cotune(cmd)
+    return time.perf_counter() - t0
+
+
+def run_cotune(cmd: list[str]) -> None:
+    """Run a `cotune` command line from the repository root, this source tree first on the PYTHONPATH."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    return time.perf_counter() - t0
 
 
 COMMITS = "cotune_commits.txt"

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 
 from fedcollm_quality import (  # noqa: E402  (one definition of a run's state, provenance and saving)
+    COMMITS,
     GENERATION,
     cotune_command,
     ended,
@@ -43,6 +42,7 @@ from fedcollm_quality import (  # noqa: E402  (one definition of a run's state, 
     mc_figures,
     mean_se_text,
     provenance,
+    run_cotune,
     save_results,
     source_commit,
 )
@@ -82,11 +82,10 @@ def run_variant(
         cmd = [*cotune_command(), "run", str(config), f"algorithm={algorithm}", "run.compare=[]"]
         cmd += [*lam_override, *overrides, f"run.seed={seed}", "--out", str(d)]
     d.parent.mkdir(parents=True, exist_ok=True)
-    with (d.parent / "cotune_commits.txt").open("a") as f:
+    with (d.parent / COMMITS).open("a") as f:
         f.write(source_commit() + "\n")
     print("[run]", " ".join(cmd), flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    run_cotune(cmd)
     return True
 
 
