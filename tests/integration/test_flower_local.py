@@ -1,9 +1,11 @@
-"""A real Flower deployment on 127.0.0.1: one SuperLink and two SuperNodes (free ports, insecure mode,
-no runtime dependency installation), the tiny personalized config for two rounds (fedavg and
-validation trust) and the tiny FedCoLLM config for one round, compared with the embedded runtime;
-then a SuperNode is stopped mid-run. Each SuperNode has a node worker, except in the secure
-federation's test (fresh ClientApp processes do the work there). Every process started here (and every child
-Flower started: SuperExec, ServerApp, ClientApp) is stopped at the end, also when a test fails.
+"""A real Flower deployment on 127.0.0.1: one SuperLink and two SuperNodes (free ports, no runtime
+dependency installation), compared with the embedded runtime. Group A's federation is secure (TLS with a
+CA made here, only registered nodes admitted): validation trust for one round, and strangers refused.
+Group B's is insecure: FLoRA for two rounds through `flwr run`, with a SuperNode stopped after the first
+and the run resumed. `cotune run --backend flower` starts a federation of its own for one round of the
+tiny FedCoLLM config. Each SuperNode has a node worker (the ClientApp's own path without one runs on every
+Ray actor of the simulation tests). Every process started here (and every child Flower started:
+SuperExec, ServerApp, ClientApp) is stopped at the end, also when a test fails.
 """
 
 from __future__ import annotations
@@ -51,9 +53,7 @@ CLIENTS = 2
 TOLERANCE = 1e-6
 
 
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    fed = LocalFederation(CLIENTS, tmp_path_factory.mktemp("federation"))
+def _shared(fed: LocalFederation):
     seen: set[int] = set()
     try:
         fed.start()
@@ -63,6 +63,18 @@ def federation(tmp_path_factory):
         seen |= fed.pids()
         fed.close()
     assert not _alive(seen), f"processes left running: {_alive(seen)}"
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """Group B's: insecure (plain text, any node admitted), as a demo or a private network has it."""
+    yield from _shared(LocalFederation(CLIENTS, tmp_path_factory.mktemp("federation")))
+
+
+@pytest.fixture(scope="module")
+def secure_federation(tmp_path_factory):
+    """Group A's: TLS with a CA made here, and only SuperNodes whose key was registered admitted."""
+    yield from _shared(LocalFederation(CLIENTS, tmp_path_factory.mktemp("secure"), secure=True))
 
 
 def _alive(pids: set[int]) -> list[int]:
@@ -131,84 +143,48 @@ def _run(fed: LocalFederation, cfg, tmp_path: Path, **settings) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize(
-    ("strategy", "via", "rounds"),
-    # both ways of starting a run (one round each: the way in is the claim); flora: every message is a fresh
-    # process that merges the history kept on its node's disk into a freshly loaded base (two rounds: the
-    # second merges the first's)
-    [
-        pytest.param("fedavg", "run_flower", 1, marks=FEDERATION_A),
-        pytest.param("validation", "flwr run", 1, marks=FEDERATION_A),
-        pytest.param("flora", "flwr run", 2, marks=FEDERATION_B),
-    ],
-)
-def test_two_supernodes_give_the_embedded_adapters(federation, corpus_dir, tmp_path, strategy, via, rounds):
-    cfg = _cfg(corpus_dir, tmp_path, strategy, rounds)
+@FEDERATION_A
+def test_two_supernodes_give_the_embedded_adapters(secure_federation, corpus_dir, tmp_path):
+    """One round of validation trust (every kind of exchange a personalized round has: training, the peers'
+    adapters scored, evaluation) through what `cotune run CONFIG --backend flower --superlink HOST:PORT
+    --root-certificates CA` calls, over TLS to registered nodes: the embedded run's adapters, trust and
+    perplexities. (`flwr run` on the app directory, the other way in, is group B's.)"""
+    federation = secure_federation
+    cfg = _cfg(corpus_dir, tmp_path, "validation", rounds=1)
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
     t0 = time.perf_counter()
-    if via == "run_flower":  # what `cotune run CONFIG --backend flower --superlink HOST:PORT` calls
-        try:
-            (run_dir,) = run_experiment(
-                cfg,
-                tmp_path / "flower",
-                backend="flower",
-                options=FlowerOptions(superlink=federation.address, timeout=900),
-            )
-        except FlowerRunError as e:
-            pytest.fail(f"{e}\n{federation.logs()}")
-    else:
-        run_dir = _run(federation, cfg, tmp_path)
-        check_outcome(run_dir)
+    try:
+        (run_dir,) = run_experiment(
+            cfg,
+            tmp_path / "flower",
+            backend="flower",
+            options=FlowerOptions(superlink=federation.address, root_certificates=federation.ca, timeout=900),
+        )
+    except FlowerRunError as e:
+        pytest.fail(f"{e}\n{federation.logs()}")
     diff = max_adapter_diff(_adapters(embedded), _adapters(run_dir))
     print(
-        f"\n{strategy}: Flower run {time.perf_counter() - t0:.0f}s, max |adapter diff| vs embedded {diff:.3g}"
+        f"\nvalidation: Flower run {time.perf_counter() - t0:.0f}s, max |adapter diff| vs embedded {diff:.3g}"
     )
     assert diff <= TOLERANCE
-    for a, b in zip(_records(embedded, "trust"), _records(run_dir, "trust"), strict=True):
+    trust = [_records(d, "trust") for d in (embedded, run_dir)]
+    assert trust[0] and len(trust[0]) == len(trust[1])
+    for a, b in zip(*trust, strict=True):
         torch.testing.assert_close(torch.tensor(a["matrix"]), torch.tensor(b["matrix"]), atol=1e-6, rtol=0)
     ppl = [[r["ppl"] for r in _records(d, "eval")] for d in (embedded, run_dir)]
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
-
-
-@FEDERATION_A
-def test_fedcollm_on_two_supernodes_gives_the_embedded_adapters(federation, tmp_path):
-    """One round of examples/fedcollm-tiny.yaml (2 clients), through `cotune run --backend flower`:
-    the LLM and its LoRA stay in the ServerApp."""
-    from typer.testing import CliRunner
-
-    from cotune.cli.main import app
-
-    config = str(ROOT / "examples" / "fedcollm-tiny.yaml")
-    overrides = ["federation.clients=2", "federation.rounds=1", "run.threads=1", "device=cpu"]
-    (embedded,) = run_experiment(load_config(config, overrides), tmp_path / "embedded")
-    t0 = time.perf_counter()
-    run_dir = tmp_path / "flower"
-    args = ["run", config, *overrides, "--out", str(run_dir), "--backend", "flower"]
-    result = CliRunner().invoke(app, [*args, "--superlink", federation.address])
-    if result.exit_code != 0:
-        pytest.fail(f"cotune run exited {result.exit_code}: {result.output}\n{federation.logs()}")
-    assert (run_dir / "report.md").is_file()
-    ours, theirs = _adapters(embedded, pattern="*"), _adapters(run_dir, pattern="*")
-    assert {"client-00", "client-01", "server", "server-llm"} <= set(theirs)
-    diff = max_adapter_diff(ours, theirs)
-    print(
-        f"\nfedcollm: Flower run {time.perf_counter() - t0:.0f}s, max |adapter diff| vs embedded {diff:.3g}"
-    )
-    assert diff <= TOLERANCE
-    keys = ("round", "model", "client", "acc", "acc_norm")
-    mc = [[{k: r[k] for k in keys} for r in _records(d, "mc")] for d in (embedded, run_dir)]
-    assert mc[0] == mc[1]
-    assert len(_records(run_dir, "distill")) == 1 and len(_records(run_dir, "comm")) == 2
 
 
 @FEDERATION_B
 def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
     federation, corpus_dir, tmp_path
 ):
-    """Runs last of its group's tests on the shared federation (file order, one xdist worker): it
-    stops supernode-1 after round 1's checkpoint. With min_clients = all, round 2
-    cannot go on; the node is restarted and `cotune run --resume` ends with the embedded adapters."""
-    cfg = _cfg(corpus_dir, tmp_path, "fedavg", rounds=2)
+    """FLoRA for two rounds on the plain-text federation; supernode-1 is stopped after round 1's checkpoint.
+    With min_clients = all, round 2 cannot go on; the node is restarted and `cotune run --resume` ends with
+    the uninterrupted embedded run's adapters. FLoRA because its round 2 asks the most of a node: the
+    restarted node's new worker rebuilds the base from a freshly loaded model plus the merged history kept on
+    its disk (the SuperNode's state-dir)."""
+    cfg = _cfg(corpus_dir, tmp_path, "flora", rounds=2)
     (embedded,) = run_experiment(cfg, tmp_path / "embedded")
     run_dir = tmp_path / "flower"
 
@@ -244,77 +220,86 @@ def test_a_supernode_that_disconnects_stops_the_run_and_the_run_resumes_exactly(
     print(f"\nresumed Flower run {time.perf_counter() - t0:.0f}s, max |adapter diff| vs embedded {diff:.3g}")
     assert diff <= TOLERANCE
     assert [r for r, _ in list_checkpoints(run_dir)][-1] == 2
+    evals = [_records(d, "eval") for d in (embedded, run_dir)]
+    assert [r["round"] for r in evals[0]] == [r["round"] for r in evals[1]]
+    assert [r["ppl"] for r in evals[0]] == pytest.approx(
+        [r["ppl"] for r in evals[1]], rel=1e-6
+    )  # merged base
 
 
-def test_a_secure_federation_admits_only_its_members(tmp_path):
-    """TLS (a CA made here) and SuperNode authentication on 127.0.0.1: the registered nodes run a
-    round; a node with an unregistered key and a node without the CA are refused; so is a `flwr`
-    client without the CA. The members' work goes through node workers, as in the other tests here
-    (the ClientApp's own path without a worker runs in every Flower simulation test, where each Ray
-    actor does the work in its own process). The round is FedCoLLM's fedavg (examples/fedcollm-tiny.yaml),
-    which evaluates on the server: two exchanges (which client is each node, local training)."""
+@FEDERATION_A
+def test_a_secure_federation_admits_only_its_members(secure_federation, tmp_path):
+    """TLS (a CA made here) and SuperNode authentication on 127.0.0.1: a node with an unregistered key and a
+    node without the CA are refused, each after it tried; so is a `flwr` client without the CA; only the
+    registered members are online. The members' round over this federation is the other test of its
+    group, equal to the embedded run."""
     import json
     import subprocess
 
     from cotune.runtime.flower.app import CONNECTION, flower_env, write_connection
 
-    overrides = [
-        "algorithm=fedavg",
-        "federation.clients=2",
-        "federation.rounds=1",
-        "run.threads=1",
-        "device=cpu",
-    ]
-    cfg = load_config(ROOT / "examples" / "fedcollm-tiny.yaml", overrides)
-    (embedded,) = run_experiment(cfg, tmp_path / "embedded")
-    with LocalFederation(CLIENTS, tmp_path / "secure", secure=True) as fed:
-        fed.start_node(1, name="stranger", register=False, worker=False)  # its key is not registered
-        fed.start_node(1, name="no-ca", tls=False, worker=False)  # plain text to a TLS SuperLink
-        try:
-            (run_dir,) = run_experiment(
-                cfg,
-                tmp_path / "flower",
-                backend="flower",
-                options=FlowerOptions(superlink=fed.address, root_certificates=fed.ca),
-            )
-        except FlowerRunError as e:
-            pytest.fail(f"{e}\n{fed.logs()}")
-        ours, theirs = _adapters(embedded, pattern="*"), _adapters(run_dir, pattern="*")
-        assert {"client-00", "client-01", "server"} <= set(theirs)
-        assert max_adapter_diff(ours, theirs) <= TOLERANCE
+    fed = secure_federation
+    fed.start_node(1, name="stranger", register=False, worker=False)  # its key is not registered
+    fed.start_node(1, name="no-ca", tls=False, worker=False)  # plain text to a TLS SuperLink
+    plain = tmp_path / "plain-home"  # the Control API refuses a client that does not verify it
+    write_connection(plain, fed.address, insecure=True)
+    ls = ["flwr", "supernode", "ls", CONNECTION]
+    refused = subprocess.Popen(
+        ls, env=flower_env(plain), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    tried = {"stranger": "Failed to activate SuperNode", "no-ca": "Connection attempt failed"}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(
+        said in (fed.work_dir / f"{name}.log").read_text(errors="replace") for name, said in tried.items()
+    ):
+        time.sleep(0.2)
+    for name, said in tried.items():
+        log = (fed.work_dir / f"{name}.log").read_text(errors="replace")
+        assert said in log, f"{name} never tried to connect:\n{log[-2000:]}"
+        assert "SuperNode ID" not in log  # never admitted
+
+    def online() -> int:
         listed = subprocess.run(
-            ["flwr", "supernode", "ls", CONNECTION, "--format", "json"],
+            [*ls, "--format", "json"],
             env=flower_env(fed.flwr_home),
             capture_output=True,
             text=True,
             check=True,
         )
         nodes = json.loads(listed.stdout[listed.stdout.index("{") :])["nodes"]
-        assert sum(n["status"] == "online" for n in nodes) == CLIENTS  # the two members only
-        assert "SuperNode ID" not in (fed.work_dir / "stranger.log").read_text()
-        assert "SuperNode ID" not in (fed.work_dir / "no-ca.log").read_text()
-        plain = tmp_path / "plain-home"  # the Control API refuses a client that does not verify it
-        write_connection(plain, fed.address, insecure=True)
-        refused = subprocess.run(
-            ["flwr", "supernode", "ls", CONNECTION], env=flower_env(plain), capture_output=True, text=True
-        )
-        assert refused.returncode != 0
+        return sum(n["status"] == "online" for n in nodes)
+
+    while (count := online()) < CLIENTS and time.monotonic() < deadline:  # the members may still be joining
+        time.sleep(0.5)
+    assert count == CLIENTS  # the two members only
+    assert refused.wait(timeout=60) != 0  # the strangers are stopped with the federation, at the group's end
 
 
-def test_cli_backend_flower_streams_the_rounds_to_the_terminal(tmp_path):
-    """`cotune run --backend flower` (a local federation), output piped: the ServerApp's lines (nodes,
-    rounds) reach the terminal while it runs, without colour codes or the outcome marker. The run is
-    one round of FedCoLLM's fedavg (examples/fedcollm-tiny.yaml), which evaluates on the server: two
-    exchanges with the nodes, the fewest a run has."""
+def test_cli_backend_flower_runs_fedcollm_on_its_own_federation_and_streams_the_rounds(tmp_path):
+    """`cotune run --backend flower` with no SuperLink given starts a local federation of its own (the
+    demo), output piped: one round of examples/fedcollm-tiny.yaml (2 clients) gives the embedded run's
+    adapters and figures, the LLM and its LoRA staying in the ServerApp, and the ServerApp's lines (nodes,
+    rounds) reach the terminal while it runs, without colour codes or the outcome marker."""
     import subprocess
     import sys
 
     config = str(ROOT / "examples" / "fedcollm-tiny.yaml")
-    overrides = ["algorithm=fedavg", f"federation.clients={CLIENTS}", "federation.rounds=1", "run.threads=1"]
-    cmd = [sys.executable, "-m", "cotune.cli.main", "run", config, *overrides, "device=cpu"]
-    cmd += ["--out", str(tmp_path / "r"), "--backend", "flower"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    overrides = [f"federation.clients={CLIENTS}", "federation.rounds=1", "run.threads=1", "device=cpu"]
+    (embedded,) = run_experiment(load_config(config, overrides), tmp_path / "embedded")
+    run_dir = tmp_path / "flower"
+    cmd = [sys.executable, "-m", "cotune.cli.main", "run", config, *overrides]
+    done = subprocess.run(
+        [*cmd, "--out", str(run_dir), "--backend", "flower"], capture_output=True, text=True, timeout=600
+    )
     said = done.stdout + done.stderr
     assert done.returncode == 0, said[-3000:]
     assert f"{CLIENTS} SuperNode(s) connected" in said and "round 1/1" in said, said[-3000:]
     assert "\x1b[" not in said and "cotune-outcome:" not in said
+    assert (run_dir / "report.md").is_file()
+    ours, theirs = _adapters(embedded, pattern="*"), _adapters(run_dir, pattern="*")
+    assert {"client-00", "client-01", "server", "server-llm"} <= set(theirs)
+    assert max_adapter_diff(ours, theirs) <= TOLERANCE
+    keys = ("round", "model", "client", "acc", "acc_norm")
+    mc = [[{k: r[k] for k in keys} for r in _records(d, "mc")] for d in (embedded, run_dir)]
+    assert mc[0] == mc[1]
+    assert len(_records(run_dir, "distill")) == 1 and len(_records(run_dir, "comm")) == 2
