@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	# every process of the tests would compile transformers, peft and flwr again).
 	$(BIN)/python -m pip install -q torch==2.13.0 uv
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[dev,flower,simulation,trackers,datasets,docs]'
+	# the editable install's own sources too (every Flower, CLI and worker process of the tests imports them)
+	$(BIN)/python -m compileall -q src
 	touch $(STAMP)
 
 setup: $(STAMP)
