@@ -3,9 +3,9 @@ dependency installation), compared with the embedded runtime. Group A's federati
 CA made here, only registered nodes admitted): validation trust for one round, and strangers refused.
 Group B's is insecure: FLoRA for two rounds through `flwr run`, with a SuperNode stopped after the first
 and the run resumed. `cotune run --backend flower` starts a federation of its own for one round of the
-tiny FedCoLLM config. Each SuperNode has a node worker (the ClientApp's own path without one runs on every
-Ray actor of the simulation tests). Every process started here (and every child Flower started:
-SuperExec, ServerApp, ClientApp) is stopped at the end, also when a test fails.
+tiny FedCoLLM config, its LLM of another tokenizer. Each SuperNode has a node worker (the ClientApp's own
+path without one runs on every Ray actor of the simulation tests). Every process started here (and every
+child Flower started: SuperExec, ServerApp, ClientApp) is stopped at the end, also when a test fails.
 """
 
 from __future__ import annotations
@@ -275,16 +275,19 @@ def test_a_secure_federation_admits_only_its_members(secure_federation, tmp_path
     assert refused.wait(timeout=60) != 0  # the strangers are stopped with the federation, at the group's end
 
 
-def test_cli_backend_flower_runs_fedcollm_on_its_own_federation_and_streams_the_rounds(tmp_path):
+def test_cli_backend_flower_runs_fedcollm_on_its_own_federation_and_streams_the_rounds(tmp_path, monkeypatch):
     """`cotune run --backend flower` with no SuperLink given starts a local federation of its own (the
-    demo), output piped: one round of examples/fedcollm-tiny.yaml (2 clients) gives the embedded run's
-    adapters and figures, the LLM and its LoRA staying in the ServerApp, and the ServerApp's lines (nodes,
-    rounds) reach the terminal while it runs, without colour codes or the outcome marker."""
+    demo), output piped: one round of examples/fedcollm-tiny.yaml (2 clients) with an LLM of another
+    tokenizer gives the embedded run's adapters, figures and alignment, the LLM, its LoRA and the vocabulary
+    map staying in the ServerApp, and the ServerApp's lines (nodes, rounds) reach the terminal while it runs,
+    without colour codes or the outcome marker."""
     import subprocess
     import sys
 
+    monkeypatch.setenv("COTUNE_CACHE", str(tmp_path / "cache"))  # the vocabulary map's, built once
     config = str(ROOT / "examples" / "fedcollm-tiny.yaml")
     overrides = [f"federation.clients={CLIENTS}", "federation.rounds=1", "run.threads=1", "device=cpu"]
+    overrides += ["llm.model.tiny.tokenizer=merges"]
     (embedded,) = run_experiment(load_config(config, overrides), tmp_path / "embedded")
     run_dir = tmp_path / "flower"
     cmd = [sys.executable, "-m", "cotune.cli.main", "run", config, *overrides]
@@ -303,3 +306,6 @@ def test_cli_backend_flower_runs_fedcollm_on_its_own_federation_and_streams_the_
     mc = [[{k: r[k] for k in keys} for r in _records(d, "mc")] for d in (embedded, run_dir)]
     assert mc[0] == mc[1]
     assert len(_records(run_dir, "distill")) == 1 and len(_records(run_dir, "comm")) == 2
+    keys = ("round", "model", "positions", "exact_share", "carried_share", "unmatched_share")
+    align = [[{k: r[k] for k in keys} for r in _records(d, "align")] for d in (embedded, run_dir)]
+    assert align[0] and align[0] == align[1]  # across tokenizers, on the ServerApp as embedded
