@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "cotune.errors": 0,
     "cotune.layout": 0,
     "cotune.seeds": 0,
+    "cotune.process": 0,
     "cotune.models": 1,
     "cotune.data": 1,
     "cotune.evaluation": 1,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from rich.text import Text
 from cotune.cli.errors import INTERRUPTED_EXIT, print_error, report_failure, report_interrupt
 from cotune.errors import OrdinaryError
 from cotune.layout import CONFIG_FILE
+from cotune.process import prepare_process
 from cotune.reporting.text import printable_lines
 from cotune.runtime.backends import (  # no heavy imports: the CLI still validates a config in a blink
     EMBEDDED,
@@ -116,9 +115,7 @@ def main(
     ] = False,
 ) -> None:
     session.debug = debug
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    prepare_process()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 

@@ -11,13 +11,13 @@ import importlib.util
 import os
 
 from cotune.errors import OrdinaryError
+from cotune.process import prepare_process
 
 # No traffic to flower.ai from any process that imports this package (telemetry and the CLI update
 # check are on by default in flwr); set before flwr is imported by the submodules.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+prepare_process()  # also in the ServerApp and ClientApp processes Flower starts, which never run the CLI
 
 __all__ = ["FLOWER_ENV", "FlowerRunError", "require_flwr"]
 
