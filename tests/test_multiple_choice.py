@@ -102,6 +102,26 @@ def test_requests_with_identical_inputs_share_one_forward(tok, model):
         torch.testing.assert_close(torch.tensor(score), _manual_loglik(model, ctx, cont))
 
 
+def test_a_transformers_model_computes_logits_at_the_scored_positions_only(tok, model):
+    """The vocabulary projection runs on each row's continuation positions, not on every position of
+    the batch (a quarter of a small model's forward, and a (batch, length, vocabulary) tensor never
+    made); the scores are those of the full logits bit for bit, rows of different lengths and spans
+    sharing a batch."""
+    questions = ["Which letter comes first?\nAnswer:", "Pick the vowel in this much longer question:"]
+    requests = [encode_pair(tok, q, c) for q in questions for c in ["A", "B", "C", "D"]]
+    requests += [encode_pair(tok, "Hello", " there"), encode_pair(tok, "Other", " one two")]
+    rows: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[1]))
+    try:
+        scores = score_requests(model, requests, batch_size=4)
+    finally:
+        hook.remove()
+    full = score_requests(CountingModel(model), requests, batch_size=4)  # no transformers config
+    assert scores == full
+    longest = max(len(c) + len(k) - 1 for c, k in requests)
+    assert rows and max(rows) < longest // 2, rows
+
+
 def test_score_requests_restores_training_mode(tok):
     model = build_tiny_model(TinyModelConfig(), len(tok)).train()
     score_requests(model, _requests(tok)[:2])

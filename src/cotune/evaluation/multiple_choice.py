@@ -148,6 +148,7 @@ def score_requests(
     distinct = list(inputs.items())
     order = sorted(range(len(distinct)), key=lambda u: (-len(distinct[u][0]), u))
     device = next(model.parameters()).device
+    only_scored = keeps_kv_cache(model)  # a transformers model computes logits at the scored positions only
     was_training = model.training
     model.eval()
     try:
@@ -159,12 +160,20 @@ def score_requests(
             for row, (tokens, _) in enumerate(batch):
                 ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
                 mask[row, : len(tokens)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            # each row's scored positions: the last `span` (its longest continuation) of its real tokens
+            wanted = [
+                range(len(tokens) - max(len(windows[i][1]) for i in users), len(tokens))
+                for tokens, users in batch
+            ]
+            scored = sorted({p for positions in wanted for p in positions})
+            column = {p: c for c, p in enumerate(scored)} if only_scored else {p: p for p in range(width)}
+            kept = {"logits_to_keep": torch.tensor(scored, device=device)} if only_scored else {}
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kept).logits
             served: list[int] = []
             sums: list[torch.Tensor] = []
-            for row, (tokens, users) in enumerate(batch):
-                span = max(len(windows[i][1]) for i in users)
-                logprobs = torch.log_softmax(logits[row, len(tokens) - span : len(tokens)].float(), dim=-1)
+            for row, ((_, users), positions) in enumerate(zip(batch, wanted, strict=True)):
+                span = len(positions)
+                logprobs = torch.log_softmax(logits[row, [column[p] for p in positions]].float(), dim=-1)
                 for i in users:
                     continuation = windows[i][1]
                     target = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
