@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-from peft import get_peft_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cotune.config.schema import LoraSettings, ModelConfig, SourceConfig
+from mc_shared_context import model_with_fresh_adapter  # the model as the MC scoring benches load it
+
+from cotune.config.schema import SourceConfig
 from cotune.data.tasks import build_task
 from cotune.evaluation import multiple_choice as mc
-from cotune.models.loader import load_base_model
-from cotune.models.lora import lora_config
 
 
 def main() -> None:
@@ -33,11 +34,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    model, tok = load_base_model(ModelConfig(name=args.model), torch.device("cpu"), torch.float32)
-    model = get_peft_model(
-        model, lora_config(LoraSettings(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
-    )
+    model, tok = model_with_fresh_adapter(args.model)
     examples = build_task(SourceConfig(corpus="bbc", max_docs=20), max_chars=400)[: args.examples]
     transformers_model = mc.keeps_kv_cache
     runs: dict[str, list[float]] = {"scored positions": [], "every position": []}
